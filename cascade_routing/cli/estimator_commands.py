@@ -1,0 +1,9 @@
+"""`cascade-routing` subcommands of the estimator stage."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add this stage's subcommands (each sets `func`)."""

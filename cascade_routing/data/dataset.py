@@ -1,0 +1,199 @@
+"""The canonical routing dataset: for N queries and M models, each model's answer quality and cost.
+
+Everything downstream (policies, estimators, serving) consumes a :class:`RoutingDataset`.
+Arrays are numpy on purpose (this layer does I/O); the engine converts to torch tensors.
+
+Invariants enforced at construction (violations raise :class:`DatasetError` naming the field,
+row and model):
+- ``models`` are unique, non-empty strings, and are stored ordered by mean cost (cheapest first);
+  every per-model array is permuted with them.
+- ``quality`` is float [N, M], finite, in [0, 1]; ``cost`` is float [N, M], finite, >= 0 (USD).
+- ``responses`` (optional) is an object array [N, M] of ``str`` (or ``None`` when missing).
+- ``features`` (optional) maps a name to a finite float array [N, M] (e.g. ``logprob_confidence``,
+  ``tokens_in``, ``tokens_out``, ``latency_ms``).
+- ``tasks`` (optional) is one label per query; ``query_ids`` are unique.
+- N >= 1 and M >= 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class DatasetError(ValueError):
+    """Raised when routing data is malformed; the message names the file, row, model or field."""
+
+
+def _first_bad_cell(mask: np.ndarray) -> tuple[int, int]:
+    rows, cols = np.nonzero(mask)
+    return int(rows[0]), int(cols[0])
+
+
+@dataclass
+class RoutingDataset:
+    """Per-query outcomes of M models on N queries. See the module docstring for the contract."""
+
+    queries: list[str]
+    models: list[str]
+    quality: np.ndarray
+    cost: np.ndarray
+    responses: np.ndarray | None = None
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    tasks: list[str] | None = None
+    query_ids: list[str] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    name: str = "dataset"
+
+    def __post_init__(self) -> None:
+        self.queries = [str(q) for q in self.queries]
+        self.models = list(self.models)
+        self.quality = np.asarray(self.quality, dtype=np.float64)
+        self.cost = np.asarray(self.cost, dtype=np.float64)
+        n, m = len(self.queries), len(self.models)
+        where = f"dataset {self.name!r}"
+        if n == 0:
+            raise DatasetError(f"{where}: empty dataset (no queries)")
+        if m == 0:
+            raise DatasetError(f"{where}: no models")
+        for i, model in enumerate(self.models):
+            if not isinstance(model, str) or not model:
+                raise DatasetError(f"{where}: model name #{i} is not a non-empty string: {model!r}")
+        seen: set[str] = set()
+        for model in self.models:
+            if model in seen:
+                raise DatasetError(f"{where}: duplicate model name {model!r}")
+            seen.add(model)
+        for fname, arr in (("quality", self.quality), ("cost", self.cost)):
+            if arr.shape != (n, m):
+                raise DatasetError(
+                    f"{where}: field {fname!r} has shape {arr.shape}, expected (N={n}, M={m})"
+                )
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                r, c = _first_bad_cell(bad)
+                raise DatasetError(
+                    f"{where}: field {fname!r} has a non-finite value {arr[r, c]!r} at row {r}, "
+                    f"model {self.models[c]!r} ({int(bad.sum())} such cells)"
+                )
+        bad = (self.quality < 0) | (self.quality > 1)
+        if bad.any():
+            r, c = _first_bad_cell(bad)
+            raise DatasetError(
+                f"{where}: field 'quality' must lie in [0, 1]; row {r}, model {self.models[c]!r} "
+                f"has {self.quality[r, c]!r}"
+            )
+        bad = self.cost < 0
+        if bad.any():
+            r, c = _first_bad_cell(bad)
+            raise DatasetError(
+                f"{where}: field 'cost' must be >= 0; row {r}, model {self.models[c]!r} "
+                f"has {self.cost[r, c]!r}"
+            )
+        if self.responses is not None:
+            self.responses = np.asarray(self.responses, dtype=object)
+            if self.responses.shape != (n, m):
+                raise DatasetError(
+                    f"{where}: field 'responses' has shape {self.responses.shape}, expected ({n}, {m})"
+                )
+        features = {}
+        for key, arr in self.features.items():
+            arr = np.asarray(arr, dtype=np.float64)
+            if arr.shape != (n, m):
+                raise DatasetError(
+                    f"{where}: feature {key!r} has shape {arr.shape}, expected ({n}, {m})"
+                )
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                r, c = _first_bad_cell(bad)
+                raise DatasetError(
+                    f"{where}: feature {key!r} has a non-finite value at row {r}, "
+                    f"model {self.models[c]!r}"
+                )
+            features[key] = arr
+        self.features = features
+        if self.tasks is not None:
+            self.tasks = [str(t) for t in self.tasks]
+            if len(self.tasks) != n:
+                raise DatasetError(f"{where}: {len(self.tasks)} task labels for {n} queries")
+        if self.query_ids is None:
+            self.query_ids = [str(i) for i in range(n)]
+        else:
+            self.query_ids = [str(q) for q in self.query_ids]
+            if len(self.query_ids) != n:
+                raise DatasetError(f"{where}: {len(self.query_ids)} query ids for {n} queries")
+            if len(set(self.query_ids)) != n:
+                dup = next(q for q in self.query_ids if self.query_ids.count(q) > 1)
+                raise DatasetError(f"{where}: duplicate query id {dup!r}")
+        self._sort_models_by_mean_cost()
+
+    def _sort_models_by_mean_cost(self) -> None:
+        order = np.argsort(self.cost.mean(axis=0), kind="stable")
+        if (order == np.arange(len(order))).all():
+            return
+        self.models = [self.models[i] for i in order]
+        self.quality = self.quality[:, order]
+        self.cost = self.cost[:, order]
+        if self.responses is not None:
+            self.responses = self.responses[:, order]
+        self.features = {k: v[:, order] for k, v in self.features.items()}
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.queries)
+
+    @property
+    def num_models(self) -> int:
+        return len(self.models)
+
+    def __len__(self) -> int:
+        return self.num_queries
+
+    def model_index(self, name: str) -> int:
+        """Column of model ``name``; raises :class:`DatasetError` listing the known models."""
+        try:
+            return self.models.index(name)
+        except ValueError:
+            raise DatasetError(
+                f"dataset {self.name!r}: unknown model {name!r}; known models: {self.models}"
+            ) from None
+
+    def subset(self, rows: np.ndarray | list[int], name: str | None = None) -> "RoutingDataset":
+        """Rows ``rows`` (indices into this dataset), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            raise DatasetError(f"dataset {self.name!r}: subset selects no rows")
+        return RoutingDataset(
+            queries=[self.queries[i] for i in rows],
+            models=list(self.models),
+            quality=self.quality[rows],
+            cost=self.cost[rows],
+            responses=None if self.responses is None else self.responses[rows],
+            features={k: v[rows] for k, v in self.features.items()},
+            tasks=None if self.tasks is None else [self.tasks[i] for i in rows],
+            query_ids=[self.query_ids[i] for i in rows],  # type: ignore[index]
+            metadata=dict(self.metadata),
+            name=name or self.name,
+        )
+
+    def select_models(self, names: list[str]) -> "RoutingDataset":
+        """Keep only the models ``names`` (re-sorted by mean cost)."""
+        if not names:
+            raise DatasetError(f"dataset {self.name!r}: select_models needs at least one model")
+        cols = [self.model_index(n) for n in names]
+        if len(set(cols)) != len(cols):
+            raise DatasetError(f"dataset {self.name!r}: duplicate model in selection {names}")
+        return RoutingDataset(
+            queries=list(self.queries),
+            models=[self.models[c] for c in cols],
+            quality=self.quality[:, cols],
+            cost=self.cost[:, cols],
+            responses=None if self.responses is None else self.responses[:, cols],
+            features={k: v[:, cols] for k, v in self.features.items()},
+            tasks=None if self.tasks is None else list(self.tasks),
+            query_ids=list(self.query_ids),  # type: ignore[arg-type]
+            metadata=dict(self.metadata),
+            name=self.name,
+        )

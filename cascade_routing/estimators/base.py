@@ -1,0 +1,71 @@
+"""The estimator interface every policy, simulation and server consumes.
+
+An estimator is *bound* to a table of queries (a dataset split, or the single query a server is
+answering) and is addressed by row index, so that the engine never sees text:
+
+- ``QualityEstimator.estimate(queries, ran) -> QualityEstimate``: for row indices ``queries``
+  (long [B]) and the state ``ran`` (bool [B, M], which models have already run for each query),
+  the estimated quality of *every* model given what has been observed: ``mean`` [B, M] and an
+  uncertainty, either ``std`` [B, M] (independent Gaussians) or ``cov`` [B, M, M].
+  Models that have run carry their post-hoc estimate (uncertainty ~0 when the answer is known).
+- ``CostEstimator.estimate(queries, ran) -> Tensor`` [B, M]: estimated cost in USD of every model;
+  exact for models in ``ran``.
+
+This module is pure torch: no Lightning, no transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class QualityEstimate:
+    """Gaussian belief over each model's quality: mean [B, M] and std [B, M] or cov [B, M, M]."""
+
+    mean: Tensor
+    std: Tensor | None = None
+    cov: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.mean.dim() != 2:
+            raise ValueError(f"QualityEstimate.mean must be [B, M], got shape {tuple(self.mean.shape)}")
+        if self.std is not None and self.std.shape != self.mean.shape:
+            raise ValueError(
+                f"QualityEstimate.std shape {tuple(self.std.shape)} != mean shape {tuple(self.mean.shape)}"
+            )
+        if self.cov is not None and self.cov.shape != (*self.mean.shape, self.mean.shape[-1]):
+            raise ValueError(f"QualityEstimate.cov must be [B, M, M], got {tuple(self.cov.shape)}")
+
+    @property
+    def has_uncertainty(self) -> bool:
+        return self.std is not None or self.cov is not None
+
+    def to(self, device: torch.device | str) -> "QualityEstimate":
+        return QualityEstimate(
+            self.mean.to(device),
+            None if self.std is None else self.std.to(device),
+            None if self.cov is None else self.cov.to(device),
+        )
+
+
+@runtime_checkable
+class QualityEstimator(Protocol):
+    """Quality belief given the ran-state. ``models`` names the M columns, cheapest first."""
+
+    models: list[str]
+
+    def estimate(self, queries: Tensor, ran: Tensor) -> QualityEstimate: ...
+
+
+@runtime_checkable
+class CostEstimator(Protocol):
+    """Estimated USD cost of every model [B, M]; exact for models already run."""
+
+    models: list[str]
+
+    def estimate(self, queries: Tensor, ran: Tensor) -> Tensor: ...

@@ -1,0 +1,26 @@
+"""Shared test setup: offline everything, the real data mirror via the documented setting."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_RAW = REPO_ROOT.parent / "shared" / "data" / "raw"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("CASCADE_ROUTING_DATA_DIR", str(SHARED_RAW))
+
+
+@pytest.fixture(scope="session")
+def raw_data_dir() -> Path:
+    """The local mirror laid out like ``shared/data/raw`` (the CASCADE_ROUTING_DATA_DIR setting)."""
+    path = Path(os.environ["CASCADE_ROUTING_DATA_DIR"])
+    if not path.is_dir():
+        pytest.fail(f"CASCADE_ROUTING_DATA_DIR={path} is not a folder; tests need the data mirror")
+    return path
