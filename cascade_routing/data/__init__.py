@@ -1,5 +1,19 @@
-"""Data layer: the canonical RoutingDataset, converters for public outcome data, fetching."""
+"""Data layer: the canonical RoutingDataset, converters for public outcome data, fetching.
+
+Entry points: :func:`load_dataset` (a registered name such as ``"routerbench-subset"`` or a saved
+dataset folder), :func:`fetch`, :func:`list_datasets`, :class:`RoutingDataset` (``split``,
+``save``/``load``, ``subset``, ``select_models``).
+"""
 
 from cascade_routing.data.dataset import DatasetError, RoutingDataset
+from cascade_routing.data.fetch import ChecksumError
+from cascade_routing.data.registry import fetch, list_datasets, load_dataset
 
-__all__ = ["DatasetError", "RoutingDataset"]
+__all__ = [
+    "ChecksumError",
+    "DatasetError",
+    "RoutingDataset",
+    "fetch",
+    "list_datasets",
+    "load_dataset",
+]

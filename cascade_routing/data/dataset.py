@@ -17,7 +17,9 @@ row and model):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,7 +77,7 @@ class RoutingDataset:
             if bad.any():
                 r, c = _first_bad_cell(bad)
                 raise DatasetError(
-                    f"{where}: field {fname!r} has a non-finite value {arr[r, c]!r} at row {r}, "
+                    f"{where}: field {fname!r} has a non-finite value {float(arr[r, c])!r} at row {r}, "
                     f"model {self.models[c]!r} ({int(bad.sum())} such cells)"
                 )
         bad = (self.quality < 0) | (self.quality > 1)
@@ -83,14 +85,14 @@ class RoutingDataset:
             r, c = _first_bad_cell(bad)
             raise DatasetError(
                 f"{where}: field 'quality' must lie in [0, 1]; row {r}, model {self.models[c]!r} "
-                f"has {self.quality[r, c]!r}"
+                f"has {float(self.quality[r, c])!r}"
             )
         bad = self.cost < 0
         if bad.any():
             r, c = _first_bad_cell(bad)
             raise DatasetError(
                 f"{where}: field 'cost' must be >= 0; row {r}, model {self.models[c]!r} "
-                f"has {self.cost[r, c]!r}"
+                f"has {float(self.cost[r, c])!r}"
             )
         if self.responses is not None:
             self.responses = np.asarray(self.responses, dtype=object)
@@ -197,3 +199,47 @@ class RoutingDataset:
             metadata=dict(self.metadata),
             name=self.name,
         )
+
+    # ------------------------------------------------------------------ splits
+    def split(
+        self, fractions: dict[str, float], seed: int = 0, stratify: bool = True
+    ) -> dict[str, "RoutingDataset"]:
+        """Seeded random partition of the queries into named parts.
+
+        ``fractions`` maps a split name to its share of the queries; shares must be positive and
+        sum to 1 (within 1e-6). With ``stratify`` and task labels present, each task is split
+        separately with the same fractions (largest-remainder rounding, so every task keeps its
+        proportions up to one query), then the parts are concatenated. Every split gets at least
+        one query (an error says so if that is impossible). The parts are disjoint and together
+        cover every query; the same ``seed`` gives the same partition. Each part is named
+        ``"<name>/<split>"`` and keeps the metadata, with ``metadata["split"]`` set.
+        """
+        from cascade_routing.data.splits import partition_indices
+
+        parts = partition_indices(
+            num_rows=self.num_queries,
+            fractions=fractions,
+            groups=self.tasks if (stratify and self.tasks is not None) else None,
+            seed=seed,
+            where=f"dataset {self.name!r}",
+        )
+        out: dict[str, RoutingDataset] = {}
+        for split_name, rows in parts.items():
+            part = self.subset(rows, name=f"{self.name}/{split_name}")
+            part.metadata = dict(self.metadata, split=split_name, split_seed=seed)
+            out[split_name] = part
+        return out
+
+    # -------------------------------------------------------------- save / load
+    def save(self, path: "str | os.PathLike[str]") -> "Path":
+        """Write the dataset to folder ``path`` (see :mod:`cascade_routing.data.storage`)."""
+        from cascade_routing.data.storage import save_dataset
+
+        return save_dataset(self, path)
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike[str]") -> "RoutingDataset":
+        """Read a folder written by :meth:`save`; malformed folders raise :class:`DatasetError`."""
+        from cascade_routing.data.storage import load_dataset_folder
+
+        return load_dataset_folder(path)

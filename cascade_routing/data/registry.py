@@ -1,0 +1,148 @@
+"""Named datasets: where their files come from, how they are converted, and the converted cache.
+
+``load_dataset(name_or_path)`` accepts a registered name (see :func:`list_datasets`) or the path of
+a folder written by :meth:`RoutingDataset.save`. For a name, the raw files are obtained with
+:func:`cascade_routing.data.fetch.fetch_files` (the ``CASCADE_ROUTING_DATA_DIR`` mirror when set,
+else a verified download), converted once, and the result is cached as a saved dataset under
+``<cache>/converted/<name>-v<converter version>`` (``<cache>`` = ``$XDG_CACHE_HOME/cascade-routing``);
+bump a spec's ``version`` whenever its converter's output changes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from cascade_routing.data.checksums import SHA256
+from cascade_routing.data.dataset import DatasetError, RoutingDataset
+from cascade_routing.data.fetch import RemoteFile, cache_root, fetch_files
+from cascade_routing.data.storage import is_dataset_folder, load_dataset_folder
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named dataset: upstream repository, pinned commit, the files it needs, its converter."""
+
+    name: str
+    description: str
+    folder: str  # source folder under the raw root (as in shared/data/raw)
+    repo: str
+    commit: str
+    paths: tuple[str, ...]
+    convert: Callable[[Path], RoutingDataset]  # gets <raw root>/<folder>
+    version: int = 1
+
+    @property
+    def files(self) -> list[RemoteFile]:
+        table = SHA256[self.folder]
+        return [RemoteFile(self.folder, self.repo, self.commit, p, table[p]) for p in self.paths]
+
+
+def _routerbench_subset(folder: Path) -> RoutingDataset:
+    from cascade_routing.data.converters.routerbench import convert_routerbench
+
+    return convert_routerbench(
+        [folder / p for p in _ROUTERBENCH_PATHS], name="routerbench-subset"
+    )
+
+
+_ROUTERBENCH_PATHS = tuple(sorted(SHA256["routerbench_subset_routerdc"]))
+
+_REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register(spec: DatasetSpec) -> None:
+    """Add a named dataset (used by this module; available to plugins)."""
+    _REGISTRY[spec.name] = spec
+
+
+register(
+    DatasetSpec(
+        name="routerbench-subset",
+        description="RouterBench rows (ARC-Challenge, MBPP, Winogrande) as re-split by RouterDC; "
+        "11 models, 0/1 quality, USD cost per query, responses",
+        folder="routerbench_subset_routerdc",
+        repo="shuhao02/RouterDC",
+        commit="0e63989c5bf4363330b8a4616386e3f7f116d9f8",
+        paths=_ROUTERBENCH_PATHS,
+        convert=_routerbench_subset,
+    )
+)
+
+
+def get_spec(name: str) -> DatasetSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise DatasetError(
+            f"unknown dataset {name!r}: not a registered name ({', '.join(sorted(_REGISTRY))}) "
+            "and not a saved dataset folder"
+        ) from None
+
+
+def list_datasets() -> list[DatasetSpec]:
+    """The registered datasets, by name."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def converted_path(name: str) -> Path:
+    spec = get_spec(name)
+    return cache_root() / "converted" / f"{spec.name}-v{spec.version}"
+
+
+def fetch(
+    name: str,
+    *,
+    client: httpx.Client | None = None,
+    progress: bool = True,
+    refresh: bool = False,
+) -> Path:
+    """Obtain (download or local mirror), verify, convert and cache dataset ``name``.
+
+    Returns the folder of the converted dataset (loadable with :meth:`RoutingDataset.load`).
+    The raw files are verified on every call; ``refresh`` re-converts even if cached.
+    """
+    spec = get_spec(name)
+    root = fetch_files(spec.files, client=client, progress=progress)
+    target = converted_path(name)
+    if is_dataset_folder(target) and not refresh:
+        return target
+    dataset = spec.convert(root / spec.folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        dataset.save(tmp)
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; its copy is equivalent
+            pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_dataset(name_or_path: str | os.PathLike[str], *, progress: bool = True) -> RoutingDataset:
+    """A :class:`RoutingDataset` from a registered name or a saved dataset folder."""
+    path = Path(name_or_path)
+    if is_dataset_folder(path):
+        return load_dataset_folder(path)
+    key = str(name_or_path)
+    if key in _REGISTRY:
+        return load_dataset_folder(fetch(key, progress=progress))
+    if path.exists():
+        raise DatasetError(
+            f"{path}: not a saved dataset folder (needs metadata.json and data.parquet); "
+            "to bring a CSV/JSONL/Parquet table use cascade_routing.data.import_table / "
+            "`cascade-routing data import`"
+        )
+    get_spec(key)  # raises the unknown-name error listing the registered names
+    raise AssertionError("unreachable")

@@ -1,0 +1,161 @@
+"""The on-disk format of a :class:`~cascade_routing.data.dataset.RoutingDataset`.
+
+A dataset is a folder with two files:
+
+``data.parquet`` — one row per query, columns:
+  - ``query_id`` (string), ``query`` (string), ``task`` (string; only if the dataset has tasks);
+  - ``quality::<model>`` and ``cost::<model>`` (float64) for every model;
+  - ``response::<model>`` (string, null where missing; only if the dataset has responses);
+  - ``feature::<feature>::<model>`` (float64) for every feature and model.
+
+``metadata.json`` — ``{"format": "cascade-routing-dataset", "format_version": 1, "name": ...,
+"num_queries": N, "models": [...] (cheapest first), "features": [...], "has_responses": bool,
+"has_tasks": bool, "metadata": {...}}``. Columns are looked up by the names listed here, so model
+names may contain any character. Both files are plain and readable by pandas/polars/duckdb.
+
+:func:`load_dataset_folder` checks the format tag and version, that every listed column exists
+with the expected row count, and then re-runs the dataset's own validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cascade_routing.data.dataset import DatasetError, RoutingDataset
+
+FORMAT_TAG = "cascade-routing-dataset"
+FORMAT_VERSION = 1
+TABLE_FILE = "data.parquet"
+META_FILE = "metadata.json"
+
+
+def _col(kind: str, model: str, feature: str | None = None) -> str:
+    return f"{kind}::{feature}::{model}" if feature is not None else f"{kind}::{model}"
+
+
+def save_dataset(ds: RoutingDataset, path: str | os.PathLike[str]) -> Path:
+    """Write ``ds`` to folder ``path`` (created if needed; existing files are overwritten)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise DatasetError(f"cannot save dataset {ds.name!r}: {folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        meta_text = json.dumps(
+            {
+                "format": FORMAT_TAG,
+                "format_version": FORMAT_VERSION,
+                "name": ds.name,
+                "num_queries": ds.num_queries,
+                "models": ds.models,
+                "features": sorted(ds.features),
+                "has_responses": ds.responses is not None,
+                "has_tasks": ds.tasks is not None,
+                "metadata": ds.metadata,
+            },
+            indent=2,
+            sort_keys=False,
+        )
+    except TypeError as err:
+        raise DatasetError(f"dataset {ds.name!r}: metadata is not JSON-serialisable: {err}") from None
+    columns: dict[str, Any] = {
+        "query_id": pa.array(ds.query_ids, type=pa.string()),
+        "query": pa.array(ds.queries, type=pa.string()),
+    }
+    if ds.tasks is not None:
+        columns["task"] = pa.array(ds.tasks, type=pa.string())
+    for j, model in enumerate(ds.models):
+        columns[_col("quality", model)] = pa.array(ds.quality[:, j], type=pa.float64())
+        columns[_col("cost", model)] = pa.array(ds.cost[:, j], type=pa.float64())
+        if ds.responses is not None:
+            cells = [None if r is None else str(r) for r in ds.responses[:, j]]
+            columns[_col("response", model)] = pa.array(cells, type=pa.string())
+        for feat in sorted(ds.features):
+            columns[_col("feature", model, feat)] = pa.array(ds.features[feat][:, j], type=pa.float64())
+    table = pa.table(columns)
+    tmp = folder / (TABLE_FILE + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, folder / TABLE_FILE)
+    (folder / META_FILE).write_text(meta_text + "\n", encoding="utf-8")
+    return folder
+
+
+def is_dataset_folder(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a folder holding both files of the format."""
+    p = Path(path)
+    return p.is_dir() and (p / META_FILE).is_file() and (p / TABLE_FILE).is_file()
+
+
+def load_dataset_folder(path: str | os.PathLike[str]) -> RoutingDataset:
+    """Read a folder written by :func:`save_dataset`, validating it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a dataset folder (expected a folder with {META_FILE} and {TABLE_FILE})")
+    meta_path, table_path = folder / META_FILE, folder / TABLE_FILE
+    for p in (meta_path, table_path):
+        if not p.is_file():
+            raise DatasetError(f"{folder}: missing {p.name} (not a saved cascade-routing dataset)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{meta_path}: not valid JSON: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_TAG:
+        raise DatasetError(f"{meta_path}: 'format' is not {FORMAT_TAG!r}; not a cascade-routing dataset")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{meta_path}: format_version {meta.get('format_version')!r} is not supported "
+            f"(this library reads version {FORMAT_VERSION})"
+        )
+    for key, kind in (("models", list), ("features", list), ("name", str), ("num_queries", int)):
+        if not isinstance(meta.get(key), kind):
+            raise DatasetError(f"{meta_path}: field {key!r} missing or not a {kind.__name__}")
+    try:
+        table = pq.read_table(table_path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DatasetError(f"{table_path}: cannot read Parquet table: {err}") from None
+    n = table.num_rows
+    if n != meta["num_queries"]:
+        raise DatasetError(f"{table_path}: {n} rows but {meta_path.name} says num_queries={meta['num_queries']}")
+    names = set(table.column_names)
+
+    def column(name: str) -> list[Any]:
+        if name not in names:
+            raise DatasetError(f"{table_path}: missing column {name!r}")
+        return table.column(name).to_pylist()
+
+    def numeric(name: str) -> np.ndarray:
+        values = column(name)
+        if any(v is None for v in values):
+            row = next(i for i, v in enumerate(values) if v is None)
+            raise DatasetError(f"{table_path}: column {name!r} has a missing value at row {row}")
+        return np.asarray(values, dtype=np.float64)
+
+    models: list[str] = meta["models"]
+    quality = np.stack([numeric(_col("quality", m)) for m in models], axis=1) if models else np.zeros((n, 0))
+    cost = np.stack([numeric(_col("cost", m)) for m in models], axis=1) if models else np.zeros((n, 0))
+    responses = None
+    if meta.get("has_responses"):
+        responses = np.empty((n, len(models)), dtype=object)
+        for j, m in enumerate(models):
+            responses[:, j] = column(_col("response", m))
+    features = {
+        f: np.stack([numeric(_col("feature", m, f)) for m in models], axis=1) for f in meta["features"]
+    }
+    return RoutingDataset(
+        queries=column("query"),
+        models=models,
+        quality=quality,
+        cost=cost,
+        responses=responses,
+        features=features,
+        tasks=column("task") if meta.get("has_tasks") else None,
+        query_ids=column("query_id"),
+        metadata=meta.get("metadata") or {},
+        name=meta["name"],
+    )
