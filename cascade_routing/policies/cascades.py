@@ -1,0 +1,104 @@
+"""Cascades: run the models in their fixed order (cheapest first, the dataset's model order).
+
+- :class:`ThresholdCascade` (the classic baseline): always run model 0; after running model j,
+  continue iff its post-hoc mean ``q̂_j < 1 − λ`` (λ may differ per step: the caller passes the λ of
+  the current step). The answer is the last model run.
+- :class:`OptimalCascade`: cascade routing restricted to prefixes of the order. After running
+  models 0..t−1 (t >= 0), consider prefixes P_k = {0..k}, k >= t−1 (k = t−1 means stop, only when
+  t >= 1), with ``value(P_k) = E[max_{j<=k} q_j] − λ Σ_{j=t..k} c_j``; run model t iff the best k >= t
+  (ties: the shorter prefix). E[max] uses the same fixed draws as :class:`CascadeRouting`.
+  The answer is the run model with the highest post-hoc mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.policies.base import Policy, PolicyError, check_inputs
+from cascade_routing.policies.supermodels import normal_draws, quality_samples
+
+
+def _prefix_length(ran: Tensor) -> Tensor:
+    """Number of models run per row; raises if the ran set is not a prefix of the model order."""
+    t = ran.sum(1)
+    expected = torch.arange(ran.shape[1], device=ran.device)[None, :] < t[:, None]
+    if not bool((expected == ran).all()):
+        row = int((expected != ran).any(1).nonzero()[0, 0])
+        raise PolicyError(f"a cascade needs the ran set to be a prefix of the model order; row {row} is not")
+    return t
+
+
+class ThresholdCascade(Policy):
+    """Continue while the last run model's post-hoc mean is below 1 − λ; answer = last model run."""
+
+    name = "threshold_cascade"
+
+    def __init__(self, max_depth: int | None = None) -> None:
+        self.max_depth = max_depth
+
+    def __repr__(self) -> str:
+        return f"ThresholdCascade(max_depth={self.max_depth})"
+
+    def max_steps(self, num_models: int) -> int:
+        return num_models if self.max_depth is None else min(self.max_depth, num_models)
+
+    def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float, **_) -> Tensor:
+        lam = check_inputs(estimate, cost, ran, lam)
+        b, m = ran.shape
+        t = _prefix_length(ran)
+        last = (t - 1).clamp_min(0)
+        last_q = estimate.mean.gather(1, last[:, None]).squeeze(1)
+        go_on = (t == 0) | (last_q < 1 - lam)
+        go_on &= t < self.max_steps(m)
+        return torch.where(go_on, t, torch.full_like(t, -1))
+
+    def select(self, estimate: QualityEstimate, ran: Tensor) -> Tensor:
+        t = ran.sum(1)
+        return t - 1  # -1 where nothing ran
+
+
+class OptimalCascade(Policy):
+    """Cascade routing over prefixes of the model order (see module docstring)."""
+
+    name = "optimal_cascade"
+
+    def __init__(self, max_depth: int | None = None, num_samples: int = 128, seed: int = 0,
+                 tie_tol: float = 1e-6) -> None:
+        self.max_depth = max_depth
+        self.num_samples = num_samples
+        self.seed = seed
+        self.tie_tol = tie_tol
+
+    def __repr__(self) -> str:
+        return f"OptimalCascade(max_depth={self.max_depth}, num_samples={self.num_samples}, seed={self.seed})"
+
+    def max_steps(self, num_models: int) -> int:
+        return num_models if self.max_depth is None else min(self.max_depth, num_models)
+
+    def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float, **_) -> Tensor:
+        lam = check_inputs(estimate, cost, ran, lam)
+        b, m = ran.shape
+        t = _prefix_length(ran)
+        depth = self.max_steps(m)
+        z = normal_draws(self.num_samples, m, self.seed, cost.device, estimate.mean.dtype)
+        x = quality_samples(estimate.mean, z, estimate.std, estimate.cov)  # [B, M, K]
+        emax = torch.empty_like(estimate.mean)  # [B, M]: E[max of prefix 0..k]
+        running = x[:, 0, :]
+        emax[:, 0] = running.mean(-1)
+        for j in range(1, m):
+            running = torch.maximum(running, x[:, j, :])
+            emax[:, j] = running.mean(-1)
+        k = torch.arange(m, device=cost.device)[None, :]
+        added = torch.where(k >= t[:, None], cost, torch.zeros_like(cost)).cumsum(1)
+        values = emax - lam[:, None] * added
+        allowed = (k >= (t[:, None] - 1).clamp_min(0)) & (k < depth)
+        allowed &= ~((k == t[:, None] - 1) & (t[:, None] == 0))
+        values = values.masked_fill(~allowed, -math.inf)
+        near = values >= values.amax(1, keepdim=True) - self.tie_tol
+        best_k = torch.where(near, k.expand(b, m), torch.full_like(k.expand(b, m), m)).argmin(1)
+        go_on = (best_k >= t) & (t < depth)
+        return torch.where(go_on, t, torch.full_like(t, -1))

@@ -1,0 +1,187 @@
+"""Supermodel tables and the expected maximum of Gaussian quality beliefs.
+
+A *supermodel* is a set of models; its quality is ``E[max_{m in S} q_m]`` under the Gaussian
+belief of the quality estimator, its cost the sum of its members' costs.
+
+Expected max is computed with fixed quasi-random normal draws ``z`` [K, M]: scrambled Sobol points
+mapped through the inverse normal CDF, made antithetic (``z`` and ``-z``) so that every column has
+mean exactly zero up to rounding (a one-model supermodel then has expected max equal to its mean).
+Samples of the qualities are ``mean + std * z`` (independent beliefs) or ``mean + z @ L^T`` with
+``L = cholesky(cov + jitter * I)`` (correlated beliefs). For every subset the sample max is built
+level by level: ``max(S) = max(max(S without its largest member), q_largest)``, so each subset costs
+one elementwise maximum over the K draws.
+
+Pure torch; no Lightning, no transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import combinations
+
+import torch
+from torch import Tensor
+
+MAX_EXHAUSTIVE_SUPERMODELS = 2**12
+
+
+def count_supermodels(num_models: int, max_depth: int | None = None) -> int:
+    """Number of non-empty subsets of ``num_models`` models with at most ``max_depth`` members."""
+    depth = num_models if max_depth is None else min(max_depth, num_models)
+    return sum(math.comb(num_models, k) for k in range(1, depth + 1))
+
+
+@dataclass(frozen=True)
+class SubsetTable:
+    """All subsets of ``n`` slots with at most ``r`` members, ordered by size (level).
+
+    ``members`` bool [S, n] (row 0 is the empty set); ``levels[k]`` = (start, stop) rows of the
+    subsets with k members. Within level k the subsets are grouped by their largest slot j
+    (increasing), and inside group j they follow the order of level k-1 restricted to subsets whose
+    largest slot is < j, which is a *prefix* of level k-1 (of length ``prefix[k][j]``). Hence
+    ``max(S) = max(max(S without j), x_j)`` is, for group j, one broadcast maximum of a prefix slice
+    of level k-1 with x_j: no gathers. ``minus[s, j]`` is the row of subset s without slot j (-1 if
+    j is not a member).
+    """
+
+    n: int
+    r: int
+    members: Tensor
+    levels: tuple[tuple[int, int], ...]
+    prefix: tuple[tuple[int, ...], ...]
+    minus: Tensor
+
+
+@lru_cache(maxsize=256)
+def _subset_table_cpu(n: int, r: int) -> SubsetTable:
+    r = max(0, min(r, n))
+    subsets: list[tuple[int, ...]] = [()]
+    levels = [(0, 1)]
+    prefix: list[tuple[int, ...]] = [()]
+    prev: list[tuple[int, ...]] = [()]
+    for _k in range(1, r + 1):
+        start = len(subsets)
+        cur: list[tuple[int, ...]] = []
+        counts = []
+        for j in range(n):
+            parents = [p for p in prev if (p[-1] if p else -1) < j]
+            counts.append(len(parents))
+            cur.extend(p + (j,) for p in parents)
+        subsets.extend(cur)
+        levels.append((start, len(subsets)))
+        prefix.append(tuple(counts))
+        prev = cur
+    index = {s: i for i, s in enumerate(subsets)}
+    members = torch.zeros(len(subsets), n, dtype=torch.bool)
+    minus = torch.full((len(subsets), n), -1, dtype=torch.long)
+    for i, s in enumerate(subsets):
+        for j in s:
+            members[i, j] = True
+            minus[i, j] = index[tuple(x for x in s if x != j)]
+    return SubsetTable(n, r, members, tuple(levels), tuple(prefix), minus)
+
+
+_DEVICE_TABLES: dict[tuple[int, int, str], SubsetTable] = {}
+
+
+def subset_table(n: int, r: int, device: torch.device | str = "cpu") -> SubsetTable:
+    """Cached :class:`SubsetTable` for ``n`` slots and at most ``r`` members on ``device``."""
+    key = (n, max(0, min(r, n)), str(torch.device(device)))
+    table = _DEVICE_TABLES.get(key)
+    if table is None:
+        cpu = _subset_table_cpu(key[0], key[1])
+        table = SubsetTable(cpu.n, cpu.r, cpu.members.to(device), cpu.levels, cpu.prefix, cpu.minus.to(device))
+        _DEVICE_TABLES[key] = table
+    return table
+
+
+def supermodel_table(num_models: int, max_depth: int | None = None) -> Tensor:
+    """All non-empty supermodels of ``num_models`` models with at most ``max_depth`` members: bool [S, M]."""
+    depth = num_models if max_depth is None else max_depth
+    return _subset_table_cpu(num_models, depth).members[1:].clone()
+
+
+@lru_cache(maxsize=32)
+def _normal_draws_cpu(num_samples: int, num_models: int, seed: int) -> Tensor:
+    if num_samples < 2 or num_samples % 2:
+        raise ValueError(f"num_samples must be an even number >= 2 (antithetic draws), got {num_samples}")
+    engine = torch.quasirandom.SobolEngine(dimension=num_models, scramble=True, seed=seed)
+    u = engine.draw(num_samples // 2, dtype=torch.float64)
+    u = u.clamp(1e-12, 1 - 1e-12)
+    z = torch.special.ndtri(u)
+    return torch.cat([z, -z], dim=0)
+
+
+def normal_draws(
+    num_samples: int, num_models: int, seed: int = 0, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Fixed antithetic scrambled-Sobol standard normal draws z [K, M] (same seed, same draws)."""
+    return _normal_draws_cpu(num_samples, num_models, seed).to(device=device, dtype=dtype)
+
+
+def quality_samples(
+    mean: Tensor, z: Tensor, std: Tensor | None = None, cov: Tensor | None = None,
+    jitter: float = 1e-9,
+) -> Tensor:
+    """Samples of the qualities [B, M, K] from the belief (mean [B, M], std [B, M] or cov [B, M, M]).
+
+    ``std``: ``mean + std * z``. ``cov``: ``mean + z @ L^T`` with ``L = cholesky(cov + jitter I)``
+    (the jitter is scaled by the largest diagonal entry). Neither: the mean, repeated.
+    """
+    b, m = mean.shape
+    k = z.shape[0]
+    if cov is not None:
+        eye = torch.eye(m, dtype=cov.dtype, device=cov.device)
+        scale = cov.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1.0)[:, None, None]
+        chol, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
+        if bool((info != 0).any()):
+            row = int((info != 0).nonzero()[0, 0])
+            raise ValueError(f"quality covariance of row {row} is not positive semi-definite")
+        # samples[b, m, k] = mean[b, m] + sum_j L[b, m, j] z[k, j]
+        return mean[:, :, None] + torch.einsum("bmj,kj->bmk", chol.to(z.dtype), z)
+    if std is not None:
+        return mean[:, :, None] + std[:, :, None] * z.T[None, :, :]
+    return mean[:, :, None].expand(b, m, k)
+
+
+def expected_max_table(free_samples: Tensor, base: Tensor | None, table: SubsetTable) -> Tensor:
+    """E[max] for every subset of ``table`` joined with a base set: [B, S].
+
+    ``free_samples`` [B, n, K] are the samples of the n candidate models; ``base`` [B, K] is the
+    sample max over models already in every supermodel (the models that ran), or None (empty base;
+    the empty subset then gets -inf). Row s of the result is ``E[max(base, max_{j in s} x_j)]``.
+    """
+    b, n, k = free_samples.shape
+    s_total = table.members.shape[0]
+    out = torch.empty(b, s_total, dtype=free_samples.dtype, device=free_samples.device)
+    if base is None:
+        out[:, 0] = -math.inf
+        prev = None
+    else:
+        out[:, 0] = base.mean(-1)
+        prev = base[:, None, :]
+    for level in range(1, table.r + 1):
+        start, stop = table.levels[level]
+        if prev is None:  # level 1 without a base: the samples themselves
+            cur = free_samples
+        else:
+            cur = torch.empty(b, stop - start, k, dtype=free_samples.dtype, device=free_samples.device)
+            off = 0
+            for j, count in enumerate(table.prefix[level]):
+                if count:
+                    torch.maximum(prev[:, :count, :], free_samples[:, j:j + 1, :], out=cur[:, off:off + count, :])
+                    off += count
+        out[:, start:stop] = cur.mean(-1)
+        prev = cur
+    return out
+
+
+def expected_max(mean: Tensor, std: Tensor | None = None, cov: Tensor | None = None,
+                 num_samples: int = 128, seed: int = 0) -> Tensor:
+    """E[max_m q_m] of one Gaussian belief per row (mean [B, M]) with the engine's fixed draws: [B]."""
+    z = normal_draws(num_samples, mean.shape[1], seed, mean.device, mean.dtype)
+    x = quality_samples(mean, z, std, cov)
+    return x.amax(1).mean(-1)
