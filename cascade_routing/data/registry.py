@@ -76,6 +76,28 @@ register(
 )
 
 
+def _rational(folder: Path) -> RoutingDataset:
+    from cascade_routing.data.converters.rational import convert_rational
+
+    return convert_rational(folder, name="rational-llm-cascades")
+
+
+_RATIONAL_PATHS = tuple(sorted(p for p in SHA256["rational_llm_cascades"] if "/chain_results/" in p))
+
+register(
+    DatasetSpec(
+        name="rational-llm-cascades",
+        description="Zellinger & Thomson chain results: 9 models joined per query (MMLU, MedMCQA, "
+        "TriviaQA, TruthfulQA, GSM8K-train); 0/1 quality, USD cost, tokens, latency, log-prob confidence",
+        folder="rational_llm_cascades",
+        repo="mzelling/rational-llm-cascades",
+        commit="0d9c8610de48960420ec2352855555a8c1e2c52f",
+        paths=_RATIONAL_PATHS,
+        convert=_rational,
+    )
+)
+
+
 def get_spec(name: str) -> DatasetSpec:
     try:
         return _REGISTRY[name]
