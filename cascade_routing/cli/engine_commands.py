@@ -1,9 +1,44 @@
-"""`cascade-routing` subcommands of the engine stage."""
+"""`cascade-routing` subcommands of the engine stage.
+
+- ``cascade-routing reproduce routerbench [--out DIR] [--quick] [--seed S] [--num-samples K]``:
+  the paper's RouterBench experiment, wrapping
+  :func:`cascade_routing.evaluation.reproduce.reproduce_routerbench`.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from cascade_routing.evaluation.reproduce import reproduce_routerbench
+
+    dataset = None
+    if args.dataset != "routerbench-subset":
+        from cascade_routing.data import load_dataset
+
+        dataset = load_dataset(args.dataset)
+    result = reproduce_routerbench(
+        out_dir=args.out, dataset=dataset, seed=args.seed, quick=args.quick,
+        num_samples=args.num_samples, num_resamples=args.resamples, progress=not args.no_progress,
+    )
+    print(f"wrote {result.out_dir}/results.csv, table.md, curves.png in {result.seconds:.1f} s")
+    return 0
+
+
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this stage's subcommands (each sets `func`)."""
+    rep = subparsers.add_parser("reproduce", help="reproduce an experiment of the paper")
+    rep_sub = rep.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    rb = rep_sub.add_parser(
+        "routerbench",
+        help="Table 1: routing / cascades / cascade routing with synthetic estimators on RouterBench",
+    )
+    rb.add_argument("--out", default="reproduce_routerbench", help="output folder (CSV, markdown table, PNG)")
+    rb.add_argument("--dataset", default="routerbench-subset", help="dataset name or folder")
+    rb.add_argument("--seed", type=int, default=0)
+    rb.add_argument("--num-samples", type=int, default=128, help="quasi-random draws for E[max]")
+    rb.add_argument("--resamples", type=int, default=500, help="bootstrap resamples for the CI")
+    rb.add_argument("--quick", action="store_true", help="first pool, low noise, 4 budgets per pair")
+    rb.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rb.set_defaults(func=_reproduce)

@@ -140,15 +140,17 @@ def fit_lambda(
     def run(scale: float):
         return simulate(policy, quality_estimator, cost_estimator, q, c, scale * v, uniforms, rows, cache)
 
+    slack = 1e-9 * budget + 1e-15  # float rounding of mean costs
+    budget_cmp = budget + slack
     res0 = run(0.0)
-    if res0.mean_cost <= budget:
+    if res0.mean_cost <= budget_cmp:
         return FittedLambda(0.0 * v, 0.0 * v, 0.0, budget, res0.mean_cost, res0.mean_quality,
                             {"iterations": 0})
     lo, res_lo = 0.0, res0
     hi = 1.0 / max(float(c.mean()), 1e-12)
     res_hi = run(hi)
     grow = 0
-    while res_hi.mean_cost > budget:
+    while res_hi.mean_cost > budget_cmp:
         lo, res_lo = hi, res_hi
         hi *= 4.0
         grow += 1
@@ -160,12 +162,12 @@ def fit_lambda(
     while it < max_iter and hi - lo > rel_tol * hi:
         mid = 0.5 * (lo + hi)
         res = run(mid)
-        if res.mean_cost > budget:
+        if res.mean_cost > budget_cmp:
             lo, res_lo = mid, res
         else:
             hi, res_hi = mid, res
         it += 1
-    gamma = _budget_gamma(res_lo.cost, res_hi.cost, uniforms, budget)
+    gamma = _budget_gamma(res_lo.cost, res_hi.cost, uniforms, budget_cmp)
     use_low = uniforms < gamma
     mix_cost = float(torch.where(use_low, res_lo.cost, res_hi.cost).mean())
     mix_quality = float(torch.where(use_low, res_lo.quality, res_hi.quality).mean())

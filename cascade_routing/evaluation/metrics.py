@@ -1,0 +1,86 @@
+"""Quality–cost curves and the paper's AUC.
+
+- :func:`nondominated_models`: models sorted by mean cost, keeping each model whose mean quality
+  is strictly above every cheaper kept model.
+- :func:`sweep_budgets`: ``per_pair`` budgets evenly spaced (``linspace``, endpoints included, shared
+  endpoints once) between the mean costs of each consecutive pair of non-dominated models.
+- :func:`auc`: area under the linearly interpolated curve through the (cost, quality) points on
+  ``[c_min, c_max]`` (cheapest and most expensive model's mean cost), extended flat to the right of the
+  last point and starting at ``(c_min, q_lowest)`` (the lowest single-model quality) on the left,
+  divided by ``c_max − c_min``, ×100.
+- :func:`linear_interpolation_curve`: the baseline that mixes consecutive non-dominated models.
+- :func:`bootstrap_auc`: percentile 95% CI over resampled test queries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def nondominated_models(mean_cost: np.ndarray, mean_quality: np.ndarray) -> np.ndarray:
+    """Indices of non-dominated models, cheapest first."""
+    order = np.argsort(mean_cost, kind="stable")
+    keep, best = [], -np.inf
+    for i in order:
+        if mean_quality[i] > best:
+            keep.append(int(i))
+            best = mean_quality[i]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def sweep_budgets(mean_cost: np.ndarray, mean_quality: np.ndarray, per_pair: int = 10) -> np.ndarray:
+    """Budgets between consecutive non-dominated models (see module docstring)."""
+    nd = nondominated_models(mean_cost, mean_quality)
+    costs = mean_cost[nd]
+    if len(nd) == 1:
+        return costs.copy()
+    parts = [np.linspace(costs[i], costs[i + 1], per_pair) for i in range(len(nd) - 1)]
+    out = [parts[0]] + [p[1:] for p in parts[1:]]
+    return np.concatenate(out)
+
+
+def auc(costs: np.ndarray, qualities: np.ndarray, c_min: float, c_max: float, q_lowest: float) -> float:
+    """The paper's AUC (×100) of the curve through points (costs[i], qualities[i]); see module docstring."""
+    costs = np.asarray(costs, dtype=np.float64)
+    qualities = np.asarray(qualities, dtype=np.float64)
+    if c_max <= c_min:
+        raise ValueError(f"AUC needs c_max > c_min, got [{c_min}, {c_max}]")
+    order = np.argsort(costs, kind="stable")
+    x = np.concatenate([[c_min], costs[order]])
+    y = np.concatenate([[q_lowest], qualities[order]])
+    keep = x >= c_min  # points left of c_min are not part of the domain
+    keep[0] = True
+    x, y = x[keep], y[keep]
+    grid = np.union1d(x[(x >= c_min) & (x <= c_max)], [c_min, c_max])
+    vals = np.interp(grid, x, y)  # flat beyond the last point
+    area = np.trapezoid(vals, grid) if hasattr(np, "trapezoid") else np.trapz(vals, grid)
+    return float(100.0 * area / (c_max - c_min))
+
+
+def linear_interpolation_curve(mean_cost: np.ndarray, mean_quality: np.ndarray, budgets: np.ndarray
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """(cost, quality) of the baseline mixing consecutive non-dominated models at each budget."""
+    nd = nondominated_models(mean_cost, mean_quality)
+    c, q = mean_cost[nd], mean_quality[nd]
+    b = np.clip(budgets, c[0], c[-1])
+    return b, np.interp(b, c, q)
+
+
+def bootstrap_auc(
+    per_query_cost: np.ndarray, per_query_quality: np.ndarray, c_min: float, c_max: float,
+    q_lowest: float, num_resamples: int = 500, seed: int = 0, level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile CI of the AUC when the N test queries are resampled with replacement.
+
+    ``per_query_cost``/``per_query_quality`` are [P, N]: the realised cost/quality of each query at
+    each of the P curve points (budgets). The reference costs/quality (c_min, c_max, q_lowest) are
+    held fixed.
+    """
+    rng = np.random.default_rng(seed)
+    p, n = per_query_cost.shape
+    values = np.empty(num_resamples)
+    for r in range(num_resamples):
+        counts = np.bincount(rng.integers(0, n, n), minlength=n) / n
+        values[r] = auc(per_query_cost @ counts, per_query_quality @ counts, c_min, c_max, q_lowest)
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))

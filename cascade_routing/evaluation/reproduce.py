@@ -1,0 +1,197 @@
+"""The paper's RouterBench experiment (Table 1, synthetic estimators) on the RouterBench subset.
+
+Protocol: for each pool ({mixtral-8x7b, gpt-3.5-turbo-1106, gpt-4-1106}, {WizardLM-13B, mixtral-8x7b,
+gpt-3.5-turbo-1106, claude-v2, gpt-4-1106}, all 11 models) and noise level (low / medium / high),
+split the queries 5% fit / 95% test (seeded, stratified by task), build the synthetic estimators
+(noise recalibrated on the fit rows), and for each strategy (linear interpolation, routing, threshold
+cascade, optimal cascade, cascade routing with max_depth 5, force_order off) sweep the budgets,
+refitting λ per budget on the fit rows; report AUC (×100) with a bootstrap 95% CI.
+Writes ``results.csv``, ``table.md`` and ``curves.png`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cascade_routing.estimators.synthetic import synthetic_estimators
+from cascade_routing.evaluation.metrics import sweep_budgets
+from cascade_routing.evaluation.plots import plot_curves
+from cascade_routing.evaluation.sweep import SweepResult, budget_sweep, linear_interpolation_sweep
+from cascade_routing.policies import CascadeRouting, OptimalCascade, Routing, ThresholdCascade
+
+PAPER_POOLS: dict[str, list[str]] = {
+    "3 models": ["mixtral-8x7b", "gpt-3.5-turbo-1106", "gpt-4-1106"],
+    "5 models": ["WizardLM-13B", "mixtral-8x7b", "gpt-3.5-turbo-1106", "claude-v2", "gpt-4-1106"],
+    "11 models": [],  # all models of the dataset
+}
+NOISE_LEVELS = ("low", "medium", "high")
+STRATEGIES = ("linear_interpolation", "routing", "threshold_cascade", "optimal_cascade", "cascade_routing")
+
+
+def resolve_models(available: list[str], wanted: list[str]) -> list[str]:
+    """Map short names to dataset names: an exact match, else the unique name starting with it."""
+    out = []
+    for w in wanted:
+        if w in available:
+            out.append(w)
+            continue
+        hits = [a for a in available if a.startswith(w)]
+        if len(hits) != 1:
+            raise ValueError(f"model {w!r} matches {hits or 'nothing'} among the dataset's models {available}")
+        out.append(hits[0])
+    return out
+
+
+def make_policy(strategy: str, num_samples: int = 128, seed: int = 0):
+    if strategy == "routing":
+        return Routing()
+    if strategy == "threshold_cascade":
+        return ThresholdCascade()
+    if strategy == "optimal_cascade":
+        return OptimalCascade(num_samples=num_samples, seed=seed)
+    if strategy == "cascade_routing":
+        return CascadeRouting(max_depth=5, force_order=False, num_samples=num_samples, seed=seed)
+    raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+
+
+@dataclass
+class ReproduceResult:
+    rows: list[dict]
+    curves: dict[str, list[SweepResult]]
+    seconds: float
+    out_dir: Path | None
+
+
+def reproduce_routerbench(
+    out_dir: str | Path | None = "reproduce_routerbench",
+    dataset=None,
+    pools: dict[str, list[str]] | None = None,
+    noise_levels: tuple[str, ...] = NOISE_LEVELS,
+    strategies: tuple[str, ...] = STRATEGIES,
+    fit_fraction: float = 0.05,
+    budgets_per_pair: int = 10,
+    num_resamples: int = 500,
+    num_samples: int = 128,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+    console=None,
+) -> ReproduceResult:
+    """Run the protocol (module docstring); ``quick``: first pool and low noise only, 4 budgets per
+    pair, 100 bootstrap resamples. ``dataset``: a RoutingDataset (default: ``routerbench-subset``)."""
+    from cascade_routing.data.splits import partition_indices
+
+    t0 = time.perf_counter()
+    if dataset is None:
+        from cascade_routing.data import load_dataset
+
+        dataset = load_dataset("routerbench-subset")
+    pools = dict(PAPER_POOLS if pools is None else pools)
+    if quick:
+        pools = dict(list(pools.items())[:1])
+        noise_levels = noise_levels[:1]
+        budgets_per_pair = min(budgets_per_pair, 4)
+        num_resamples = min(num_resamples, 100)
+    split = partition_indices(dataset.num_queries, {"fit": fit_fraction, "test": 1 - fit_fraction},
+                              groups=dataset.tasks, seed=seed)
+    fit_rows, test_rows = split["fit"], split["test"]
+    jobs = [(p, n, s) for p in pools for n in noise_levels for s in strategies]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="reproduce routerbench", unit="sweep")
+    rows: list[dict] = []
+    curves: dict[str, list[SweepResult]] = {}
+    for pool_name, wanted in pools.items():
+        names = resolve_models(dataset.models, wanted) if wanted else list(dataset.models)
+        data = dataset.select_models(names)
+        test_q, test_c = data.quality[test_rows], data.cost[test_rows]
+        budgets = sweep_budgets(test_c.mean(0), test_q.mean(0), budgets_per_pair)
+        for noise in noise_levels:
+            qe, ce = synthetic_estimators(data, noise, fit_rows, seed)
+            panel = curves.setdefault(f"{pool_name}, {noise} noise", [])
+            for strategy in strategies:
+                t1 = time.perf_counter()
+                if strategy == "linear_interpolation":
+                    res = linear_interpolation_sweep(test_q, test_c, budgets, num_resamples, seed)
+                else:
+                    res = budget_sweep(make_policy(strategy, num_samples, seed), qe, ce, data.quality, data.cost,
+                                       fit_rows, test_rows, budgets, texts=data.queries, strategy=strategy,
+                                       num_resamples=num_resamples, seed=seed)
+                panel.append(res)
+                rows.append({"pool": pool_name, "models": len(names), "noise": noise, "strategy": strategy,
+                             "auc": round(res.auc, 3), "ci_low": round(res.ci[0], 3), "ci_high": round(res.ci[1], 3),
+                             "budgets": len(budgets), "raised_budgets": res.raised_budgets,
+                             "seconds": round(time.perf_counter() - t1, 2)})
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    out = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "results.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / "table.md").write_text(format_table_markdown(rows))
+        plot_curves(curves, out / "curves.png")
+    print_table(rows, console)
+    return ReproduceResult(rows, curves, seconds, out)
+
+
+def _table_cells(rows: list[dict]):
+    cols = []
+    for r in rows:
+        key = (r["pool"], r["noise"])
+        if key not in cols:
+            cols.append(key)
+    strategies = []
+    for r in rows:
+        if r["strategy"] not in strategies:
+            strategies.append(r["strategy"])
+    cell = {(r["strategy"], r["pool"], r["noise"]): r for r in rows}
+    return cols, strategies, cell
+
+
+def format_table_markdown(rows: list[dict]) -> str:
+    """Table 1 layout: one row per strategy, one column per (pool, noise); AUC [95% CI]."""
+    cols, strategies, cell = _table_cells(rows)
+    head = "| strategy | " + " | ".join(f"{p}, {n}" for p, n in cols) + " |"
+    sep = "|---|" + "---|" * len(cols)
+    lines = [head, sep]
+    for s in strategies:
+        vals = []
+        for p, n in cols:
+            r = cell.get((s, p, n))
+            vals.append("" if r is None else f"{r['auc']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]")
+        lines.append(f"| {s} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[dict], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cols, strategies, cell = _table_cells(rows)
+    table = Table(title="RouterBench subset, synthetic estimators: AUC ×100 (95% bootstrap CI)")
+    table.add_column("strategy")
+    for p, n in cols:
+        table.add_column(f"{p}\n{n}", justify="right")
+    for s in strategies:
+        vals = []
+        for p, n in cols:
+            r = cell.get((s, p, n))
+            best = r is not None and r["auc"] == max(cell[(t, p, n)]["auc"] for t in strategies if (t, p, n) in cell)
+            txt = "" if r is None else f"{r['auc']:.2f}\n[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+            vals.append(f"[bold]{txt}[/bold]" if best else txt)
+        table.add_row(s, *vals)
+    (console or Console()).print(table)
