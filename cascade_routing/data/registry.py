@@ -98,6 +98,39 @@ register(
 )
 
 
+def _routellm(kind: str) -> Callable[[Path], RoutingDataset]:
+    def convert(folder: Path) -> RoutingDataset:
+        from cascade_routing.data.converters import routellm
+
+        fn = {"mmlu": routellm.convert_routellm_mmlu, "gsm8k": routellm.convert_routellm_gsm8k,
+              "mt-bench": routellm.convert_routellm_mt_bench}[kind]
+        return fn(folder, name=f"routellm-{kind}")
+
+    return convert
+
+
+_ROUTELLM = SHA256["routellm"]
+for _kind, _paths, _desc in (
+    ("mmlu", [p for p in _ROUTELLM if p.startswith("routellm/evals/mmlu/")],
+     "RouteLLM MMLU: 14,042 questions x {Mixtral-8x7B, GPT-4-1106}, 0/1 quality, cost from prices x estimated tokens"),
+    ("gsm8k", ["routellm/evals/gsm8k/gsm8k_responses.csv", "routellm/evals/gsm8k/contaminated_prompts.jsonl"],
+     "RouteLLM GSM8K: 1,319 questions x 2 models with responses, 0/1 quality, cost from prices x estimated tokens"),
+    ("mt-bench", [p for p in _ROUTELLM if p.startswith("routellm/evals/mt_bench/")],
+     "RouteLLM MT-Bench: 80 questions x 2 turns x 2 models, quality = (judge score - 1) / 9"),
+):
+    register(
+        DatasetSpec(
+            name=f"routellm-{_kind}",
+            description=_desc,
+            folder="routellm",
+            repo="lm-sys/RouteLLM",
+            commit="0b64fdafe049e596a3f5657c219329f24af24198",
+            paths=tuple(sorted(_paths)),
+            convert=_routellm(_kind),
+        )
+    )
+
+
 def get_spec(name: str) -> DatasetSpec:
     try:
         return _REGISTRY[name]
