@@ -194,4 +194,4 @@ def print_table(rows: list[dict], console=None) -> None:
             txt = "" if r is None else f"{r['auc']:.2f}\n[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
             vals.append(f"[bold]{txt}[/bold]" if best else txt)
         table.add_row(s, *vals)
-    (console or Console()).print(table)
+    (console or Console(width=max(120, 24 + 18 * len(cols)))).print(table)
