@@ -1,9 +1,100 @@
-"""`cascade-routing` subcommands of the data stage."""
+"""`cascade-routing data ...`: list, fetch, describe and import datasets.
+
+Each subcommand wraps a public function of :mod:`cascade_routing.data`:
+``list`` -> :func:`~cascade_routing.data.list_datasets`, ``fetch`` -> :func:`~cascade_routing.data.fetch`,
+``describe`` -> :func:`~cascade_routing.data.describe.summarize` of :func:`~cascade_routing.data.load_dataset`,
+``import`` -> :func:`~cascade_routing.data.importer.import_table` + :meth:`RoutingDataset.save`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=120)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from cascade_routing.data.registry import converted_path, list_datasets
+
+    table = Table(title="Registered datasets (cascade-routing data fetch NAME)")
+    for col in ("name", "description", "origin", "cached"):
+        table.add_column(col, overflow="fold")
+    for spec in list_datasets():
+        cached = "yes" if (converted_path(spec.name) / "metadata.json").is_file() else "no"
+        table.add_row(spec.name, spec.description, f"github.com/{spec.repo}@{spec.commit[:10]} ({len(spec.paths)} files)", cached)
+    _console().print(table)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from cascade_routing.data import RoutingDataset, fetch
+
+    folder = fetch(args.name, progress=not args.quiet, refresh=args.refresh)
+    ds = RoutingDataset.load(folder)
+    report = ds.metadata.get("conversion_report", {})
+    print(f"{args.name}: {ds.num_queries} queries x {ds.num_models} models -> {folder}")
+    if report.get("summary"):
+        print(report["summary"])
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from cascade_routing.data import load_dataset
+    from cascade_routing.data.describe import render_summary, summarize
+
+    summary = summarize(load_dataset(args.dataset, progress=not args.quiet))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _console().print(render_summary(summary))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from cascade_routing.data.describe import render_summary, summarize
+    from cascade_routing.data.importer import import_table
+
+    ds = import_table(args.file, args.mapping, name=args.name)
+    out = Path(args.output) if args.output else Path(f"{Path(args.file).stem}-dataset")
+    ds.save(out)
+    _console().print(render_summary(summarize(ds)))
+    print(f"saved to {out} (load with cascade_routing.data.load_dataset({str(out)!r}))")
+    return 0
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this stage's subcommands (each sets `func`)."""
+    data = subparsers.add_parser("data", help="list, fetch, describe and import routing datasets")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    p = sub.add_parser("list", help="the registered datasets and their public origins")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("fetch", help="download (or read CASCADE_ROUTING_DATA_DIR), verify, convert and cache")
+    p.add_argument("name", help="a registered dataset name (see `data list`)")
+    p.add_argument("--refresh", action="store_true", help="convert again even if a converted copy is cached")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("describe", help="per-model mean quality and cost, oracle quality, N, tasks")
+    p.add_argument("dataset", help="a registered name or a saved dataset folder")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("import", help="a CSV/JSONL/Parquet table + column mapping -> a saved dataset folder")
+    p.add_argument("file", help="the table (.csv, .jsonl or .parquet), one row per query")
+    p.add_argument("--mapping", required=True,
+                   help="YAML/JSON file or inline YAML/JSON: columns for query, models' quality/cost/... "
+                        "(format: see cascade_routing.data.importer)")
+    p.add_argument("--output", "-o", help="folder to write (default: <file stem>-dataset)")
+    p.add_argument("--name", help="dataset name (default: mapping 'name' or the file stem)")
+    p.set_defaults(func=cmd_import)

@@ -110,7 +110,10 @@ def download_file(
                     bar.update(len(chunk))
     except httpx.HTTPError as err:
         part.unlink(missing_ok=True)
-        raise DatasetError(f"download of {url} failed: {err}") from None
+        raise DatasetError(
+            f"download of {url} failed: {err} (offline? set {DATA_DIR_ENV} to a local folder laid out "
+            "like shared/data/raw)"
+        ) from None
     except BaseException:
         part.unlink(missing_ok=True)
         raise
