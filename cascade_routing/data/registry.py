@@ -4,12 +4,16 @@
 a folder written by :meth:`RoutingDataset.save`. For a name, the raw files are obtained with
 :func:`cascade_routing.data.fetch.fetch_files` (the ``CASCADE_ROUTING_DATA_DIR`` mirror when set,
 else a verified download), converted once, and the result is cached as a saved dataset under
-``<cache>/converted/<name>-v<converter version>`` (``<cache>`` = ``$XDG_CACHE_HOME/cascade-routing``);
-bump a spec's ``version`` whenever its converter's output changes.
+``<cache>/converted/<name>-v<version>-<fingerprint>`` (``<cache>`` = ``$XDG_CACHE_HOME/cascade-routing``;
+the fingerprint hashes the converter's source files and the raw checksums, so an upgraded
+converter never reads a stale cache).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -36,6 +40,8 @@ class DatasetSpec:
     commit: str
     paths: tuple[str, ...]
     convert: Callable[[Path], RoutingDataset]  # gets <raw root>/<folder>
+    converter_modules: tuple[str, ...] = ()  # their source is part of the cache key
+    extra_key: Callable[[], bytes] | None = None  # other inputs of the conversion (e.g. prices)
     version: int = 1
 
     @property
@@ -72,6 +78,7 @@ register(
         commit="0e63989c5bf4363330b8a4616386e3f7f116d9f8",
         paths=_ROUTERBENCH_PATHS,
         convert=_routerbench_subset,
+        converter_modules=("cascade_routing.data.converters.routerbench",),
     )
 )
 
@@ -94,6 +101,7 @@ register(
         commit="0d9c8610de48960420ec2352855555a8c1e2c52f",
         paths=_RATIONAL_PATHS,
         convert=_rational,
+        converter_modules=("cascade_routing.data.converters.rational", "cascade_routing.data.safe_pickle"),
     )
 )
 
@@ -107,6 +115,12 @@ def _routellm(kind: str) -> Callable[[Path], RoutingDataset]:
         return fn(folder, name=f"routellm-{kind}")
 
     return convert
+
+
+def _prices_key() -> bytes:
+    from cascade_routing.data.converters.routellm import load_prices
+
+    return json.dumps(load_prices(), sort_keys=True).encode()
 
 
 _ROUTELLM = SHA256["routellm"]
@@ -127,6 +141,8 @@ for _kind, _paths, _desc in (
             commit="0b64fdafe049e596a3f5657c219329f24af24198",
             paths=tuple(sorted(_paths)),
             convert=_routellm(_kind),
+            converter_modules=("cascade_routing.data.converters.routellm",),
+            extra_key=_prices_key,
         )
     )
 
@@ -146,9 +162,36 @@ def list_datasets() -> list[DatasetSpec]:
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
+_COMMON_MODULES = (
+    "cascade_routing.data.dataset",
+    "cascade_routing.data.storage",
+    "cascade_routing.data.converters.common",
+)
+
+
+def converter_fingerprint(spec: DatasetSpec) -> str:
+    """First 10 hex digits of SHA-256 over the converter's source files (and the raw checksums).
+
+    Part of the converted-cache folder name, so a changed converter never serves a stale cache.
+    """
+    digest = hashlib.sha256()
+    for module in (*_COMMON_MODULES, *spec.converter_modules):
+        found = importlib.util.find_spec(module)
+        origin = found.origin if found else None
+        digest.update(module.encode())
+        if origin and Path(origin).is_file():
+            digest.update(Path(origin).read_bytes())
+    for f in spec.files:
+        digest.update(f"{f.path}={f.sha256}".encode())
+    if spec.extra_key is not None:
+        digest.update(spec.extra_key())
+    return digest.hexdigest()[:10]
+
+
 def converted_path(name: str) -> Path:
+    """``<cache>/converted/<name>-v<version>-<converter fingerprint>``."""
     spec = get_spec(name)
-    return cache_root() / "converted" / f"{spec.name}-v{spec.version}"
+    return cache_root() / "converted" / f"{spec.name}-v{spec.version}-{converter_fingerprint(spec)}"
 
 
 def fetch(
