@@ -145,3 +145,12 @@ def test_local_mirror_equals_download(offline_cache: Path, monkeypatch: pytest.M
     local = get_spec(NAME).convert(offline_cache / "routellm")
     np.testing.assert_array_equal(downloaded.quality, local.quality)
     assert downloaded.query_ids == local.query_ids
+
+
+def test_damaged_converted_cache_is_rebuilt(offline_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_ROUTING_DATA_DIR", str(offline_cache))
+    folder = fetch(NAME, progress=False)
+    (folder / "data.parquet").write_bytes(b"garbage")
+    ds = load_dataset(NAME, progress=False)
+    assert ds.num_queries == 160
+    assert RoutingDataset.load(folder).num_queries == 160

@@ -216,10 +216,12 @@ def fetch(
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
     try:
         dataset.save(tmp)
+        if is_dataset_folder(target) and not refresh:  # another process converted it meanwhile
+            return target
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
         try:
-            os.replace(tmp, target)
+            os.replace(tmp, target)  # atomic: readers never see a half-written folder
         except OSError:  # another process won the race; its copy is equivalent
             pass
     finally:
@@ -235,7 +237,11 @@ def load_dataset(name_or_path: str | os.PathLike[str], *, progress: bool = True)
         return load_dataset_folder(path)
     key = str(name_or_path)
     if key in _REGISTRY:
-        return load_dataset_folder(fetch(key, progress=progress))
+        folder = fetch(key, progress=progress)
+        try:
+            return load_dataset_folder(folder)
+        except DatasetError:  # a damaged cache entry: convert again from the verified raw files
+            return load_dataset_folder(fetch(key, progress=progress, refresh=True))
     if path.exists():
         raise DatasetError(
             f"{path}: not a saved dataset folder (needs metadata.json and data.parquet); "
