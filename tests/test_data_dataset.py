@@ -28,7 +28,6 @@ def _assert_same(a: RoutingDataset, b: RoutingDataset) -> None:
 # ------------------------------------------------------------------- save / load
 def test_save_load_round_trip(tmp_path: Path) -> None:
     ds = tiny_dataset()
-    assert ds.responses[0, 0] is None or ds.responses[0, 1] is None or True
     folder = ds.save(tmp_path / "tiny")
     assert sorted(p.name for p in folder.iterdir()) == ["data.parquet", "metadata.json"]
     back = RoutingDataset.load(folder)

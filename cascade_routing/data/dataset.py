@@ -13,6 +13,10 @@ row and model):
   ``tokens_in``, ``tokens_out``, ``latency_ms``).
 - ``tasks`` (optional) is one label per query; ``query_ids`` are unique.
 - N >= 1 and M >= 1.
+
+Operations: ``subset`` (rows), ``select_models``, ``split`` (seeded, stratified by task; see
+:mod:`cascade_routing.data.splits`), ``save``/``load`` (a folder with ``data.parquet`` and
+``metadata.json``; see :mod:`cascade_routing.data.storage`).
 """
 
 from __future__ import annotations
