@@ -197,6 +197,42 @@ class CascadeRouting(Policy):
         slot = torch.where(chosen, key, torch.full_like(key, math.inf)).argmin(1)
         return torch.where(chosen.any(1), free_t[slot], torch.full_like(slot, -1))
 
+    def candidates(self, estimate: QualityEstimate, cost: Tensor, state: int, cache: dict | None = None,
+                   rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """For queries all in ran-state ``state``: (emax [b, C], added cost [b, C], action long [b, C]) of
+        every candidate supermodel; action = the model run next if it is chosen (-1 = stop); not
+        allowed candidates have emax -inf. Used by the smooth relaxation (no λ here)."""
+        b, m = estimate.mean.shape
+        dev = cost.device
+        depth = self.max_steps(m)
+        ran_models = [j for j in range(m) if state >> j & 1]
+        free = [j for j in range(m) if not state >> j & 1]
+        if self.force_order and ran_models:
+            free = [j for j in free if j > max(ran_models)]
+        r = depth - len(ran_models)
+        if self.greedy:
+            r = min(r, 1)
+        if not free or r <= 0:
+            zero = torch.zeros(b, 1, dtype=estimate.mean.dtype, device=dev)
+            return zero, zero.clone(), torch.full((b, 1), -1, dtype=torch.long, device=dev)
+        z = normal_draws(self.num_samples, m, self.seed, dev, estimate.mean.dtype)
+        table = subset_table(len(free), r, dev)
+        idx = torch.arange(b, device=dev)
+        if cache is not None and rows is not None:
+            emax = _cached_emax(self, cache, state, rows, lambda sel: self._emax(
+                estimate, idx[sel], ran_models, free, table, z))
+        else:
+            emax = self._emax(estimate, idx, ran_models, free, table, z)
+        free_t = torch.tensor(free, dtype=torch.long, device=dev)
+        cost_free = cost[:, free_t]
+        added = cost_free @ table.members.to(cost_free.dtype).T
+        key = (torch.arange(len(free), device=dev, dtype=cost_free.dtype).expand_as(cost_free)
+               if self.force_order else cost_free)
+        masked = torch.where(table.members[None], key[:, None, :], torch.full_like(key[:, None, :], math.inf))
+        slot = masked.argmin(2)  # [b, S]
+        action = torch.where(table.members.any(1)[None], free_t[slot], torch.full_like(slot, -1))
+        return emax, added, action
+
     def _pruned(self, emax: Tensor, cost_free: Tensor, lam: Tensor, table) -> Tensor:
         """bool [b, S]: supermodels with a member whose marginal gain is below λ·cost by > tie_tol."""
         minus = table.minus  # [S, n]

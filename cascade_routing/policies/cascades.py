@@ -102,3 +102,28 @@ class OptimalCascade(Policy):
         best_k = torch.where(near, k.expand(b, m), torch.full_like(k.expand(b, m), m)).argmin(1)
         go_on = (best_k >= t) & (t < depth)
         return torch.where(go_on, t, torch.full_like(t, -1))
+
+    def candidates(self, estimate: QualityEstimate, cost: Tensor, state: int, **_) -> tuple[Tensor, Tensor, Tensor]:
+        """(emax [b, M], added [b, M], action [b, M]) of the prefixes for queries in ran-state ``state``
+        (a prefix); disallowed prefixes have emax -inf. See :meth:`CascadeRouting.candidates`."""
+        b, m = estimate.mean.shape
+        t = bin(state).count("1")
+        if state != (1 << t) - 1:
+            raise PolicyError(f"a cascade needs the ran set to be a prefix of the model order; state {state:b} is not")
+        depth = self.max_steps(m)
+        z = normal_draws(self.num_samples, m, self.seed, cost.device, estimate.mean.dtype)
+        x = quality_samples(estimate.mean, z, estimate.std, estimate.cov)
+        emax = torch.empty_like(estimate.mean)
+        running = x[:, 0, :]
+        emax[:, 0] = running.mean(-1)
+        for j in range(1, m):
+            running = torch.maximum(running, x[:, j, :])
+            emax[:, j] = running.mean(-1)
+        k = torch.arange(m, device=cost.device)[None, :].expand(b, m)
+        added = torch.where(k >= t, cost, torch.zeros_like(cost)).cumsum(1)
+        allowed = (k >= max(t - 1, 0)) & (k < max(depth, t))
+        if t >= depth:
+            allowed = k == t - 1
+        emax = emax.masked_fill(~allowed, -math.inf)
+        action = torch.where(k >= t, torch.full_like(k, t), torch.full_like(k, -1))
+        return emax, added, action

@@ -1,0 +1,164 @@
+"""A smooth relaxation of the whole multi-step policy, differentiable in per-step λ, and tuning of λ.
+
+Relaxation: instead of taking the argmax over candidate supermodels, a query in ran-state s at step
+t picks candidate S with probability ``softmax_S((emax_S − λ_t·added_S) / τ)`` and then runs the
+next model of S (or stops). The probability of each ran-state is carried through the steps, per
+query, so the expected quality (of the answer selected at the stopping state) and the expected cost
+(true costs of the models run) are differentiable functions of λ. As τ → 0 the softmax becomes the
+argmax and both converge to the exact policy (without ties). Approximation for large pools: state
+branches whose probability for a query falls below ``min_mass`` stop there (their mass is kept, it
+stops early), so the number of states visited stays bounded.
+
+Tuning (:func:`tune_step_lambdas`): λ_t = exp(θ_t), Adam on θ for the Lagrangian
+``−Q + μ (C/B − 1)`` with dual ascent on μ >= 0 and τ annealed geometrically; the result is used as a
+λ *shape* and refitted exactly (bisection on its scale + γ mix) by
+:func:`cascade_routing.policies.fitting.fit_lambda`. :func:`random_search_step_lambdas` is the
+derivative-free comparison with the same number of policy evaluations (one relaxed forward+backward
+pass = one exact simulation = one evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cascade_routing.policies.base import PolicyError
+from cascade_routing.policies.fitting import FittedLambda, fit_lambda
+
+
+def relaxed_quality_cost(policy, quality_estimator, cost_estimator, quality, cost, lam: Tensor, tau: float,
+                         rows: Tensor | None = None, cache: dict | None = None, min_mass: float = 1e-6
+                         ) -> tuple[Tensor, Tensor]:
+    """(expected mean quality, expected mean cost), differentiable in ``lam`` [T] (step t uses lam[min(t, T-1)])."""
+    if tau <= 0:
+        raise PolicyError(f"temperature τ must be > 0, got {tau}")
+    y = torch.as_tensor(np.asarray(quality), dtype=torch.float64)
+    c = torch.as_tensor(np.asarray(cost), dtype=torch.float64)
+    n, m = y.shape
+    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    lam = lam.reshape(-1)
+    if cache is None:
+        cache = {}
+    states: dict[int, Tensor] = {0: torch.ones(n, dtype=torch.float64)}
+    exp_q = torch.zeros((), dtype=torch.float64)
+    exp_c = torch.zeros((), dtype=torch.float64)
+    steps = policy.max_steps(m)
+    for step in range(steps + 1):
+        new: dict[int, Tensor] = {}
+        lam_t = lam[min(step, lam.numel() - 1)]
+        for state, p in states.items():
+            alive = (p.detach() > min_mass).nonzero().squeeze(1)
+            if alive.numel() == 0:
+                continue
+            ran = torch.zeros(alive.numel(), m, dtype=torch.bool)
+            for j in range(m):
+                if state >> j & 1:
+                    ran[:, j] = True
+            est = quality_estimator.estimate(rows[alive], ran)
+            answer = policy.select(est, ran)
+            q_ans = y[alive, answer.clamp_min(0)] * (answer >= 0)
+            pa = p[alive]
+            if step == steps:
+                exp_q = exp_q + (pa * q_ans).sum()
+                continue
+            c_est = cost_estimator.estimate(rows[alive], ran).to(torch.float64)
+            key = ("relax", state)
+            if key not in cache:
+                cache[key] = {}
+            emax, added, action = policy.candidates(est, c_est.to(est.mean.dtype), state, cache=cache[key],
+                                                    rows=rows[alive])
+            values = emax.to(torch.float64) - lam_t * added.to(torch.float64)
+            probs = torch.softmax(values / tau, dim=1)
+            act = torch.zeros(alive.numel(), m + 1, dtype=torch.float64).scatter_add(1, action + 1, probs)
+            exp_q = exp_q + (pa * act[:, 0] * q_ans).sum()
+            for a in range(m):
+                pr = act[:, a + 1]
+                if not bool((pr.detach() > 0).any()):
+                    continue
+                move = pa * pr
+                exp_c = exp_c + (move * c[alive, a]).sum()
+                nxt = state | (1 << a)
+                full = torch.zeros(n, dtype=torch.float64).index_add(0, alive, move)
+                new[nxt] = new[nxt] + full if nxt in new else full
+        # mass below min_mass stops where it is
+        for state, p in states.items():
+            small = (p.detach() <= min_mass) & (p.detach() > 0)
+            if bool(small.any()):
+                idx = small.nonzero().squeeze(1)
+                ran = torch.zeros(idx.numel(), m, dtype=torch.bool)
+                for j in range(m):
+                    if state >> j & 1:
+                        ran[:, j] = True
+                if state:
+                    answer = policy.select(quality_estimator.estimate(rows[idx], ran), ran)
+                    exp_q = exp_q + (p[idx] * y[idx, answer.clamp_min(0)] * (answer >= 0)).sum()
+        states = new
+        if not states:
+            break
+    return exp_q / n, exp_c / n
+
+
+def _exact(policy, qe, ce, quality, cost, lam, rows, uniforms, cache):
+    from cascade_routing.evaluation.simulate import simulate
+
+    return simulate(policy, qe, ce, quality, cost, lam, uniforms, rows, cache)
+
+
+def tune_step_lambdas(policy, quality_estimator, cost_estimator, quality, cost, budget: float, evaluations: int = 40,
+                      rows: Tensor | None = None, uniforms: Tensor | None = None, tau_start: float = 0.05,
+                      tau_end: float = 1e-3, lr: float = 0.1, init: FittedLambda | None = None,
+                      min_mass: float = 1e-4) -> tuple[FittedLambda, dict]:
+    """Per-step λ by gradient through the relaxation (module docstring); returns the exactly refitted
+    FittedLambda and a log. ``init``: a constant-λ fit to start from (default: fitted here)."""
+    steps = policy.max_steps(np.asarray(quality).shape[1])
+    cache: dict = {}
+    if init is None:
+        init = fit_lambda(policy, quality_estimator, cost_estimator, quality, cost, budget, uniforms=uniforms,
+                          rows=rows, cache=cache)
+    lam0 = max(float(init.lam_high.mean()), 1e-6)
+    theta = torch.full((steps,), math.log(lam0), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    mu = 1.0
+    log = []
+    for i in range(evaluations):
+        tau = tau_start * (tau_end / tau_start) ** (i / max(1, evaluations - 1))
+        q, c = relaxed_quality_cost(policy, quality_estimator, cost_estimator, quality, cost, theta.exp(), tau,
+                                    rows, cache, min_mass)
+        viol = c / budget - 1
+        loss = -q + mu * viol
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mu = max(0.0, mu + 0.5 * float(viol.detach()))
+        log.append({"tau": tau, "quality": float(q.detach()), "cost": float(c.detach()), "mu": mu})
+    shape = theta.detach().exp()
+    fitted = fit_lambda(policy, quality_estimator, cost_estimator, quality, cost, budget, uniforms=uniforms,
+                        rows=rows, shape=shape / shape.max(), cache=cache)
+    return fitted, {"log": log, "shape": shape.tolist()}
+
+
+def random_search_step_lambdas(policy, quality_estimator, cost_estimator, quality, cost, budget: float,
+                               evaluations: int = 40, rows: Tensor | None = None, uniforms: Tensor | None = None,
+                               sigma: float = 0.5, seed: int = 0, init: FittedLambda | None = None
+                               ) -> tuple[FittedLambda, dict]:
+    """Derivative-free baseline: log-normal perturbations of the constant λ, one exact simulation each;
+    keep the best quality with cost <= budget; refit exactly like :func:`tune_step_lambdas`."""
+    steps = policy.max_steps(np.asarray(quality).shape[1])
+    cache: dict = {}
+    if init is None:
+        init = fit_lambda(policy, quality_estimator, cost_estimator, quality, cost, budget, uniforms=uniforms,
+                          rows=rows, cache=cache)
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.full((steps,), max(float(init.lam_high.mean()), 1e-6), dtype=torch.float64)
+    best_shape, best_q = base, -math.inf
+    for _ in range(evaluations):
+        cand = base * torch.exp(sigma * torch.randn(steps, generator=gen, dtype=torch.float64))
+        res = _exact(policy, quality_estimator, cost_estimator, quality, cost, cand, rows, uniforms, cache)
+        if res.mean_cost <= budget and res.mean_quality > best_q:
+            best_shape, best_q = cand, res.mean_quality
+    fitted = fit_lambda(policy, quality_estimator, cost_estimator, quality, cost, budget, uniforms=uniforms,
+                        rows=rows, shape=best_shape / best_shape.max(), cache=cache)
+    return fitted, {"shape": best_shape.tolist(), "best_quality": best_q}
