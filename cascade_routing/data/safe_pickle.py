@@ -113,7 +113,7 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
             return RestrictedUnpickler(handle, source=str(p)).load()
         except UnsafePickleError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        except Exception as err:  # noqa: BLE001 - only allow-listed code ran; report any failure clearly
             raise DatasetError(f"{p}: corrupt or unsupported pickle: {type(err).__name__}: {err}") from None
 
 
@@ -123,5 +123,5 @@ def safe_loads(data: bytes, source: str = "<bytes>") -> Any:
         return RestrictedUnpickler(io.BytesIO(data), source=source).load()
     except UnsafePickleError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+    except Exception as err:  # noqa: BLE001 - only allow-listed code ran; report any failure clearly
         raise DatasetError(f"{source}: corrupt or unsupported pickle: {type(err).__name__}: {err}") from None
