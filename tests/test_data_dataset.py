@@ -153,3 +153,35 @@ def test_unknown_model_name() -> None:
 def test_empty_dataset() -> None:
     with pytest.raises(DatasetError, match="empty dataset"):
         RoutingDataset(queries=[], models=["x"], quality=np.zeros((0, 1)), cost=np.zeros((0, 1)))
+
+
+def test_split_invariants_random_instances() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n = int(rng.integers(3, 200))
+        k = int(rng.integers(2, 4))
+        raw = rng.uniform(0.05, 1.0, size=k)
+        fr = {f"s{i}": float(x) for i, x in enumerate(raw / raw.sum())}
+        fr[f"s{k - 1}"] = 1.0 - sum(v for key, v in fr.items() if key != f"s{k - 1}")
+        tasks = [f"t{int(t)}" for t in rng.integers(0, int(rng.integers(1, 8)), size=n)]
+        ds = RoutingDataset(queries=[f"q{i}" for i in range(n)], models=["m"], quality=np.zeros((n, 1)),
+                            cost=np.zeros((n, 1)), tasks=tasks)
+        parts = ds.split(fr, seed=trial)
+        ids = [q for p in parts.values() for q in p.query_ids]
+        assert sorted(ids, key=int) == [str(i) for i in range(n)], "disjoint and covering"
+        for name, part in parts.items():
+            assert part.num_queries >= 1
+            assert abs(part.num_queries - fr[name] * n) <= 1 + (1 if n * min(fr.values()) < 1 else 0)
+
+
+def test_load_rejects_non_numeric_column(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tiny_dataset().save(tmp_path / "d")
+    table = pq.read_table(folder / "data.parquet")
+    idx = table.column_names.index("cost::model-1")
+    table = table.set_column(idx, "cost::model-1", pa.array(["x"] * table.num_rows))
+    pq.write_table(table, folder / "data.parquet")
+    with pytest.raises(DatasetError, match="column 'cost::model-1' is not numeric"):
+        RoutingDataset.load(folder)

@@ -134,7 +134,10 @@ def load_dataset_folder(path: str | os.PathLike[str]) -> RoutingDataset:
         if any(v is None for v in values):
             row = next(i for i, v in enumerate(values) if v is None)
             raise DatasetError(f"{table_path}: column {name!r} has a missing value at row {row}")
-        return np.asarray(values, dtype=np.float64)
+        try:
+            return np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{table_path}: column {name!r} is not numeric") from None
 
     models: list[str] = meta["models"]
     quality = np.stack([numeric(_col("quality", m)) for m in models], axis=1) if models else np.zeros((n, 0))
