@@ -98,10 +98,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     quality, cost, qe, ce = make_problem(args.queries, args.models)
-    for est in (qe, ce):  # move the bound tables to the device
-        for name in ("before", "after", "sigma", "exact"):
-            if hasattr(est, name):
-                setattr(est, name, getattr(est, name).to(dev))
+    qe.to(dev), ce.to(dev)
     policy = CascadeRouting(max_depth=args.depth, num_samples=args.samples)
 
     def run():

@@ -176,3 +176,25 @@ def test_reproduce_quick_on_small_dataset(tmp_path):
     assert set(aucs) == {"linear_interpolation", "routing", "threshold_cascade", "optimal_cascade",
                          "cascade_routing"}
     assert all(0 < a <= 100 for a in aucs.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_equals_gpu(data):
+    quality, cost, _, _ = data
+    models = [f"m{i}" for i in range(quality.shape[1])]
+    runs = []
+    for dev in ("cpu", "cuda"):
+        qe = SyntheticQualityEstimator(quality, models, "medium", np.arange(100), 0, dtype=torch.float64).to(dev)
+        ce = SyntheticCostEstimator(cost, models, "medium", np.arange(100), 0, dtype=torch.float64).to(dev)
+        runs.append(simulate(CascadeRouting(max_depth=3), qe, ce, quality, cost, 300.0))
+    assert torch.equal(runs[0].ran, runs[1].ran) and torch.equal(runs[0].answer, runs[1].answer)
+
+
+def test_reproduce_cli_quick_on_routerbench(raw_data_dir, tmp_path):
+    from cascade_routing.cli import main
+
+    rc = main(["reproduce", "routerbench", "--out", str(tmp_path), "--quick", "--no-progress", "--resamples", "50"])
+    assert rc == 0
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5  # header + 5 strategies (3-model pool, low noise)
+    assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -96,6 +96,13 @@ class SyntheticQualityEstimator:
         std = torch.where(ran, torch.zeros_like(mean), self.sigma.expand_as(mean))
         return QualityEstimate(mean, std=std)
 
+    def to(self, device):
+        """Move the bound tables to ``device`` (in place); returns self."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
 
 class SyntheticCostEstimator:
     """Exact cost once run; before, ground truth + noise recalibrated per model, clamped at 0."""
@@ -117,6 +124,13 @@ class SyntheticCostEstimator:
         q = queries.to(self.exact.device)
         return torch.where(ran.to(self.exact.device), self.exact[q], self.before[q])
 
+    def to(self, device):
+        """Move the bound tables to ``device`` (in place); returns self."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
 
 class OracleQualityEstimator:
     """The exact quality of every model (std 0), whatever ran."""
@@ -129,6 +143,13 @@ class OracleQualityEstimator:
         mean = self.quality[queries.to(self.quality.device)]
         return QualityEstimate(mean, std=torch.zeros_like(mean))
 
+    def to(self, device):
+        """Move the bound tables to ``device`` (in place); returns self."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
 
 class OracleCostEstimator:
     """The exact cost of every model, whatever ran."""
@@ -139,6 +160,13 @@ class OracleCostEstimator:
 
     def estimate(self, queries: Tensor, ran: Tensor) -> Tensor:
         return self.cost[queries.to(self.cost.device)]
+
+    def to(self, device):
+        """Move the bound tables to ``device`` (in place); returns self."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
 
 
 def synthetic_estimators(dataset, noise: str | NoiseLevel = "low", fit_rows=None, seed: int = 0,
