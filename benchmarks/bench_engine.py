@@ -1,8 +1,8 @@
 """Benchmark: batched cascade-routing decisions vs a plain per-query pure-Python implementation.
 
 Setup: 4,096 queries × 11 models, synthetic estimators with uncertainty (medium noise, independent
-Gaussians), cascade routing with max_depth 5, 128 antithetic Sobol draws, float64 (so both
-implementations see the same numbers). The batched engine simulates every query to the end; each
+Gaussians), cascade routing with max_depth 5, 128 antithetic Sobol draws; run once in float64
+and once in float32 (the baseline always computes in Python floats from the same inputs and draws). The batched engine simulates every query to the end; each
 (query, step) decision is a *query-step*. The baseline is the same algorithm written per query in
 plain Python (itertools over supermodels, loops over the draws): it replays a random subsample of
 the engine's recorded (query, state) decisions, must return identical decisions (asserted), and its
@@ -27,14 +27,14 @@ from cascade_routing.policies import CascadeRouting
 from cascade_routing.policies.supermodels import normal_draws
 
 
-def make_problem(n: int, m: int, seed: int = 0):
+def make_problem(n: int, m: int, seed: int = 0, dtype: torch.dtype = torch.float64):
     rng = np.random.default_rng(seed)
     quality = (rng.random((n, m)) < np.linspace(0.4, 0.9, m)).astype(float)
     cost = np.geomspace(1e-4, 5e-3, m)[None, :] * rng.uniform(0.7, 1.3, (n, m))
     models = [f"model{i}" for i in range(m)]
     fit = np.arange(min(n, 500))
-    qe = SyntheticQualityEstimator(quality, models, "medium", fit, seed, dtype=torch.float64)
-    ce = SyntheticCostEstimator(cost, models, "medium", fit, seed, dtype=torch.float64)
+    qe = SyntheticQualityEstimator(quality, models, "medium", fit, seed, dtype=dtype)
+    ce = SyntheticCostEstimator(cost, models, "medium", fit, seed, dtype=dtype)
     return quality, cost, qe, ce
 
 
@@ -95,9 +95,15 @@ def main() -> None:
     ap.add_argument("--baseline-steps", type=int, default=40)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", default="float64,float32")
     args = ap.parse_args()
+    for dtype in args.dtypes.split(","):
+        bench(args, getattr(torch, dtype))
+
+
+def bench(args, dtype: torch.dtype) -> None:
     dev = torch.device(args.device)
-    quality, cost, qe, ce = make_problem(args.queries, args.models)
+    quality, cost, qe, ce = make_problem(args.queries, args.models, dtype=dtype)
     qe.to(dev), ce.to(dev)
     policy = CascadeRouting(max_depth=args.depth, num_samples=args.samples)
 
@@ -117,7 +123,7 @@ def main() -> None:
     query_steps = int((runs + (runs < args.depth).long()).sum())
     engine_t = min(times)
     engine_rate = query_steps / engine_t
-    print(f"engine ({dev}): {args.queries} queries x {args.models} models, depth {args.depth}, K={args.samples}: "
+    print(f"[{dtype}] engine ({dev}): {args.queries} queries x {args.models} models, depth {args.depth}, K={args.samples}: "
           f"{query_steps} query-steps in {engine_t:.3f} s (best of {args.repeats}) = {engine_rate:,.0f} query-steps/s; "
           f"mean models run {runs.double().mean():.2f}")
 
@@ -128,21 +134,22 @@ def main() -> None:
     assert len(events) == query_steps, (len(events), query_steps)
     rnd = random.Random(0)
     sample = rnd.sample(events, min(args.baseline_steps, len(events)))
-    z = normal_draws(args.samples, args.models, policy.seed, dtype=torch.float64).tolist()
+    z = normal_draws(args.samples, args.models, policy.seed, dtype=dtype).double().tolist()
     t0 = time.perf_counter()
     mismatches = 0
     for s, i in sample:
         mean, std, c, ran, lam, out = rec.log[s]
-        got = baseline_decide(mean[i].tolist(), std[i].tolist(), c[i].tolist(), ran[i].tolist(), float(lam[i]), z,
+        got = baseline_decide(mean[i].double().tolist(), std[i].double().tolist(), c[i].double().tolist(),
+                              ran[i].tolist(), float(lam[i]), z,
                               args.depth)
         mismatches += int(got != int(out[i]))
     base_t = (time.perf_counter() - t0) / len(sample)
     assert mismatches == 0, f"{mismatches} of {len(sample)} baseline decisions differ from the engine"
     base_rate = 1.0 / base_t
-    print(f"baseline (pure Python, per query): {base_t * 1e3:.2f} ms per query-step over {len(sample)} sampled "
+    print(f"[{dtype}] baseline (pure Python, per query): {base_t * 1e3:.2f} ms per query-step over {len(sample)} sampled "
           f"query-steps (identical decisions) = {base_rate:,.1f} query-steps/s; "
           f"extrapolated total {base_t * query_steps:.0f} s")
-    print(f"speed-up: {engine_rate / base_rate:,.0f}x")
+    print(f"[{dtype}] speed-up: {engine_rate / base_rate:,.0f}x")
 
 
 if __name__ == "__main__":

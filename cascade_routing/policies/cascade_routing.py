@@ -64,7 +64,7 @@ class CascadeRouting(Policy):
         seed: int = 0,
         prune: bool = False,
         tie_tol: float = 1e-6,
-        chunk_bytes: int = 2**28,
+        chunk_bytes: int = 2**25,
         max_supermodels: int = MAX_EXHAUSTIVE_SUPERMODELS,
     ) -> None:
         if max_depth is not None and max_depth < 1:
@@ -111,8 +111,8 @@ class CascadeRouting(Policy):
         rows: Tensor | None = None,
     ) -> Tensor:
         """Next model per query (-1 = stop). ``cache``/``rows``: optional memo of E[max] tables keyed by
-        ran-state, valid only while the estimator is deterministic in (row, ran); ``rows`` are the
-        queries' row ids in the estimator's table (used as cache keys)."""
+        (ran-state, row), valid only while the estimator is deterministic in (row, ran); ``rows`` are
+        the queries' row ids in the estimator's table."""
         lam = check_inputs(estimate, cost, ran, lam)
         b, m = estimate.mean.shape
         self.check_pool(m)
@@ -120,82 +120,95 @@ class CascadeRouting(Policy):
         out = torch.full((b,), -1, dtype=torch.long, device=cost.device)
         if b == 0:
             return out
-        states = ran_states(ran)
         steps = ran.sum(1)
         active = steps < depth
-        if not bool(active.any()):
-            return out
-        uniq = torch.unique(states[active])
-        z = None
-        for state in uniq.tolist():
-            idx = torch.nonzero(active & (states == state)).squeeze(1)
-            ran_models = [j for j in range(m) if state >> j & 1]
-            free = [j for j in range(m) if not state >> j & 1]
-            if self.force_order and ran_models:
-                free = [j for j in free if j > max(ran_models)]
-            r = depth - len(ran_models)
-            if self.greedy:
-                r = min(r, 1)
-            if not free or r <= 0:
+        for t in torch.unique(steps[active]).tolist():
+            idx = torch.nonzero(active & (steps == t)).squeeze(1)
+            group = self._group(estimate, cost, ran, idx, t, cache, rows)
+            if group is None:
                 continue
-            if z is None:
-                z = normal_draws(self.num_samples, m, self.seed, cost.device, estimate.mean.dtype)
-            out[idx] = self._decide_state(estimate, cost, lam, idx, ran_models, free, r, z, state, cache, rows)
+            emax, added, invalid, free_idx, table = group
+            values = emax - lam[idx, None] * added
+            values = values.masked_fill(invalid, -math.inf)
+            if self.prune:
+                cost_free = cost[idx].gather(1, free_idx)
+                values = values.masked_fill(self._pruned(emax, cost_free, lam[idx], table), -math.inf)
+            best_val = values.amax(1, keepdim=True)
+            near = values >= best_val - self.tie_tol
+            best = torch.where(near, added, torch.full_like(added, math.inf)).argmin(1)  # least added cost
+            out[idx] = self._next_model(table.members[best], cost[idx].gather(1, free_idx), free_idx)
         return out
 
-    def _emax(self, estimate: QualityEstimate, idx: Tensor, ran_models: list[int], free: list[int],
-              table, z: Tensor) -> Tensor:
-        """E[max] [len(idx), S] of ran ∪ s for every subset s of ``free`` in ``table``, chunked."""
-        dev = estimate.mean.device
-        free_t = torch.tensor(free, dtype=torch.long, device=dev)
-        ran_t = torch.tensor(ran_models, dtype=torch.long, device=dev)
-        widest = max(stop - start for start, stop in table.levels)
-        per_row = max(1, widest * z.shape[0] * estimate.mean.element_size() * 3)
-        chunk = max(1, self.chunk_bytes // per_row)
-        parts = []
-        for lo in range(0, len(idx), chunk):
-            sub = idx[lo:lo + chunk]
-            mean = estimate.mean[sub]
-            std = None if estimate.std is None else estimate.std[sub]
-            cov = None if estimate.cov is None else estimate.cov[sub]
-            if cov is None:
-                # independent beliefs: only the needed columns are sampled
-                cols = torch.cat([ran_t, free_t])
-                x = quality_samples(mean[:, cols], z[:, cols], None if std is None else std[:, cols])
-                base = x[:, : len(ran_models)].amax(1) if ran_models else None
-                xf = x[:, len(ran_models):]
-            else:
-                x = quality_samples(mean, z, std, cov)
-                base = x.index_select(1, ran_t).amax(1) if ran_models else None
-                xf = x.index_select(1, free_t)
-            parts.append(expected_max_table(xf.contiguous(), base, table))
-        return torch.cat(parts, 0)
-
-    def _decide_state(self, estimate, cost, lam, idx, ran_models, free, r, z, state, cache, rows) -> Tensor:
-        dev = cost.device
-        table = subset_table(len(free), r, dev)
-        if cache is not None and rows is not None:
-            emax = _cached_emax(self, cache, state, rows[idx], lambda sel: self._emax(
-                estimate, idx[sel], ran_models, free, table, z))
-        else:
-            emax = self._emax(estimate, idx, ran_models, free, table, z)
-        free_t = torch.tensor(free, dtype=torch.long, device=dev)
-        cost_free = cost[idx][:, free_t]  # [b, n]
-        members = table.members.to(cost_free.dtype)  # [S, n]
-        added = cost_free @ members.T  # [b, S]
-        values = emax - lam[idx, None] * added
-        if self.prune:
-            values = values.masked_fill(self._pruned(emax, cost_free, lam[idx], table), -math.inf)
-        best_val = values.amax(1, keepdim=True)
-        near = values >= best_val - self.tie_tol
-        best = torch.where(near, added, torch.full_like(added, math.inf)).argmin(1)  # least added cost
-        chosen = table.members[best]  # [b, n]
+    def _next_model(self, chosen: Tensor, cost_free: Tensor, free_idx: Tensor) -> Tensor:
+        """The model run next for chosen subsets (bool [b, n] over the free slots); -1 if empty."""
         if self.force_order:
-            key = torch.arange(len(free), device=dev, dtype=cost_free.dtype).expand_as(cost_free)
+            key = free_idx.to(cost_free.dtype)
         else:
             key = cost_free
         slot = torch.where(chosen, key, torch.full_like(key, math.inf)).argmin(1)
-        return torch.where(chosen.any(1), free_t[slot], torch.full_like(slot, -1))
+        nxt = free_idx.gather(1, slot[:, None]).squeeze(1)
+        return torch.where(chosen.any(1), nxt, torch.full_like(nxt, -1))
+
+    def _group(self, estimate, cost, ran, idx, t, cache, rows):
+        """For rows ``idx`` that all ran ``t`` models: (emax [b, S], added cost [b, S], invalid [b, S],
+        free_idx [b, n], table) over the subsets of each row's not-yet-run models (in index order),
+        or None if no row can run another model."""
+        b_all, m = ran.shape
+        depth = self.max_steps(m)
+        n = m - t
+        r = depth - t
+        if self.greedy:
+            r = min(r, 1)
+        if n <= 0 or r <= 0:
+            return None
+        dev = cost.device
+        order = torch.argsort(ran[idx].to(torch.int8), dim=1, stable=True)  # free models first, by index
+        free_idx, ran_idx = order[:, :n], order[:, n:]
+        table = subset_table(n, r, dev)
+        members_f = table.members.to(cost.dtype)
+        z = normal_draws(self.num_samples, m, self.seed, dev, estimate.mean.dtype)
+        if cache is not None and rows is not None:
+            states = ran_states(ran[idx])
+            emax = _cached_emax(cache, states, rows[idx], lambda sel: self._emax(
+                estimate, idx[sel], free_idx[sel], ran_idx[sel], table, z))
+        else:
+            emax = self._emax(estimate, idx, free_idx, ran_idx, table, z)
+        added = cost[idx].gather(1, free_idx) @ members_f.T
+        if self.force_order and t > 0:
+            bad_slot = free_idx < ran_idx.amax(1, keepdim=True)
+            invalid = (bad_slot.to(cost.dtype) @ members_f.T) > 0
+        else:
+            invalid = torch.zeros_like(emax, dtype=torch.bool)
+        return emax, added, invalid, free_idx, table
+
+    def _emax(self, estimate: QualityEstimate, idx: Tensor, free_idx: Tensor, ran_idx: Tensor, table,
+              z: Tensor) -> Tensor:
+        """E[max] [len(idx), S] of ran ∪ s for every subset s of each row's free models, chunked."""
+        widest = max(stop - start for start, stop in table.levels)
+        per_row = max(1, widest * z.shape[0] * estimate.mean.element_size() * 3)
+        chunk = max(1, self.chunk_bytes // per_row)
+        zt = z.T  # [M, K]
+        has_base = ran_idx.shape[1] > 0
+        parts = []
+        for lo in range(0, len(idx), chunk):
+            sub = idx[lo:lo + chunk]
+            f_idx, r_idx = free_idx[lo:lo + chunk], ran_idx[lo:lo + chunk]
+            mean = estimate.mean[sub]
+            if estimate.cov is None:
+                # independent beliefs: sample only the needed columns, each row its own columns
+                std = estimate.std[sub] if estimate.std is not None else torch.zeros_like(mean)
+                xf = mean.gather(1, f_idx)[:, :, None] + std.gather(1, f_idx)[:, :, None] * zt[f_idx]
+                base = None
+                if has_base:
+                    xr = mean.gather(1, r_idx)[:, :, None] + std.gather(1, r_idx)[:, :, None] * zt[r_idx]
+                    base = xr.amax(1)
+            else:
+                x = quality_samples(mean, z, None, estimate.cov[sub])  # [c, M, K]
+                k = x.shape[2]
+                xf = x.gather(1, f_idx[:, :, None].expand(-1, -1, k))
+                base = x.gather(1, r_idx[:, :, None].expand(-1, -1, k)).amax(1) if has_base else None
+            parts.append(expected_max_table(xf.contiguous(), base, table))
+        return torch.cat(parts, 0)
 
     def candidates(self, estimate: QualityEstimate, cost: Tensor, state: int, cache: dict | None = None,
                    rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -204,33 +217,24 @@ class CascadeRouting(Policy):
         allowed candidates have emax -inf. Used by the smooth relaxation (no λ here)."""
         b, m = estimate.mean.shape
         dev = cost.device
-        depth = self.max_steps(m)
-        ran_models = [j for j in range(m) if state >> j & 1]
-        free = [j for j in range(m) if not state >> j & 1]
-        if self.force_order and ran_models:
-            free = [j for j in free if j > max(ran_models)]
-        r = depth - len(ran_models)
-        if self.greedy:
-            r = min(r, 1)
-        if not free or r <= 0:
+        ran = torch.zeros(b, m, dtype=torch.bool, device=dev)
+        for j in range(m):
+            if state >> j & 1:
+                ran[:, j] = True
+        t = bin(state).count("1")
+        idx = torch.arange(b, device=dev)
+        group = self._group(estimate, cost, ran, idx, t, cache, rows) if t < self.max_steps(m) else None
+        if group is None:
             zero = torch.zeros(b, 1, dtype=estimate.mean.dtype, device=dev)
             return zero, zero.clone(), torch.full((b, 1), -1, dtype=torch.long, device=dev)
-        z = normal_draws(self.num_samples, m, self.seed, dev, estimate.mean.dtype)
-        table = subset_table(len(free), r, dev)
-        idx = torch.arange(b, device=dev)
-        if cache is not None and rows is not None:
-            emax = _cached_emax(self, cache, state, rows, lambda sel: self._emax(
-                estimate, idx[sel], ran_models, free, table, z))
-        else:
-            emax = self._emax(estimate, idx, ran_models, free, table, z)
-        free_t = torch.tensor(free, dtype=torch.long, device=dev)
-        cost_free = cost[:, free_t]
-        added = cost_free @ table.members.to(cost_free.dtype).T
-        key = (torch.arange(len(free), device=dev, dtype=cost_free.dtype).expand_as(cost_free)
-               if self.force_order else cost_free)
-        masked = torch.where(table.members[None], key[:, None, :], torch.full_like(key[:, None, :], math.inf))
-        slot = masked.argmin(2)  # [b, S]
-        action = torch.where(table.members.any(1)[None], free_t[slot], torch.full_like(slot, -1))
+        emax, added, invalid, free_idx, table = group
+        emax = emax.masked_fill(invalid, -math.inf)
+        s = table.members.shape[0]
+        chosen = table.members[None].expand(b, s, -1)
+        cost_free = cost.gather(1, free_idx)
+        key = free_idx.to(cost.dtype) if self.force_order else cost_free
+        slot = torch.where(chosen, key[:, None, :], torch.full_like(key[:, None, :], math.inf)).argmin(2)
+        action = torch.where(table.members.any(1)[None], free_idx.gather(1, slot), torch.full_like(slot, -1))
         return emax, added, action
 
     def _pruned(self, emax: Tensor, cost_free: Tensor, lam: Tensor, table) -> Tensor:
@@ -243,15 +247,13 @@ class CascadeRouting(Policy):
         return bad.any(2)
 
 
-def _cached_emax(policy: CascadeRouting, cache: dict, state: int, row_ids: Tensor, compute) -> Tensor:
-    """E[max] rows for ``row_ids`` from ``cache[state]``, computing only rows not yet stored."""
-    entry = cache.get(state)
-    if entry is None:
-        entry = cache[state] = {}
-    missing = [i for i, r in enumerate(row_ids.tolist()) if r not in entry]
+def _cached_emax(cache: dict, states: Tensor, row_ids: Tensor, compute) -> Tensor:
+    """E[max] rows from ``cache[(state, row)]``, computing (in one call) only the pairs not yet stored."""
+    keys = list(zip(states.tolist(), row_ids.tolist()))
+    missing = [i for i, key in enumerate(keys) if key not in cache]
     if missing:
         sel = torch.tensor(missing, dtype=torch.long, device=row_ids.device)
         fresh = compute(sel)
         for i, val in zip(missing, fresh):
-            entry[int(row_ids[i])] = val
-    return torch.stack([entry[r] for r in row_ids.tolist()])
+            cache[keys[i]] = val
+    return torch.stack([cache[key] for key in keys])
