@@ -198,3 +198,19 @@ def test_reproduce_cli_quick_on_routerbench(raw_data_dir, tmp_path):
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 5  # header + 5 strategies (3-model pool, low noise)
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_reproduce_full_protocol_orders_strategies(raw_data_dir, tmp_path):
+    """The whole Table-1 protocol (about a minute on 2 cores): cascade routing beats routing and the
+    linear interpolation baseline in every (pool, noise) cell."""
+    from cascade_routing.evaluation.reproduce import reproduce_routerbench
+
+    res = reproduce_routerbench(tmp_path, progress=False, num_resamples=50)
+    cells = {}
+    for r in res.rows:
+        cells.setdefault((r["pool"], r["noise"]), {})[r["strategy"]] = r["auc"]
+    assert len(cells) == 9
+    for key, aucs in cells.items():
+        assert aucs["cascade_routing"] >= aucs["routing"], key
+        assert aucs["cascade_routing"] > aucs["linear_interpolation"], key
