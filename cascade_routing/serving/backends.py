@@ -1,0 +1,359 @@
+"""OpenAI-compatible chat-completions backends, one per model, configured from a YAML file.
+
+YAML layout (see ``configs/backends.example.yaml``)::
+
+    defaults:                 # optional; every key may be overridden per model
+      timeout_s: 60           # per attempt (connect + read)
+      max_retries: 2          # extra attempts after the first, on 5xx / 429 / timeout / connection error
+      backoff_s: 0.5          # wait before retry k (k = 0, 1, ...) is backoff_s * 2**k
+      max_concurrency: 32     # requests in flight to this model at once (an asyncio semaphore)
+      logprobs: false         # ask the endpoint for token log-probs (feature ``logprob_confidence``)
+    models:
+      - name: gpt-4o-mini                     # the model's name in the checkpoint / router
+        base_url: https://api.openai.com/v1   # POST {base_url}/chat/completions
+        model_id: gpt-4o-mini                 # the ``model`` field sent to the endpoint
+        api_key_env: OPENAI_API_KEY           # name of the env var holding the key (optional)
+        price_per_1m_input_tokens: 0.15       # USD; or price_per_input_token
+        price_per_1m_output_tokens: 0.60      # USD; or price_per_output_token
+
+Cost of one answer (USD) = ``prompt_tokens * price_in + completion_tokens * price_out`` from the
+endpoint's real ``usage``. A backend configured with ``trust_reported_cost: true`` (the replay
+backend writes this) takes the cost from the response's ``x_cost_usd`` field instead when present.
+
+Features of an answer (the names used project-wide): ``tokens_in``, ``tokens_out``, ``latency_ms``
+(wall time of the successful attempt) and, when the endpoint returns log-probs,
+``logprob_confidence`` = exp(mean token log-prob) of the answer. A response may carry
+``x_recorded_features`` (the replay backend does): those values override the measured ones, so a
+replay reproduces the recorded dataset exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import httpx
+import yaml
+
+FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence")
+
+
+class BackendConfigError(ValueError):
+    """The backends YAML is malformed; the message names the file, model and field."""
+
+
+class BackendError(RuntimeError):
+    """A backend could not produce an answer (after retries); ``reason`` is a short code."""
+
+    def __init__(self, model: str, reason: str, detail: str, attempts: int) -> None:
+        super().__init__(f"backend {model!r} failed ({reason}) after {attempts} attempt(s): {detail}")
+        self.model = model
+        self.reason = reason
+        self.detail = detail
+        self.attempts = attempts
+
+
+@dataclass
+class Answer:
+    """One model's answer to one query, with its real cost and the features the estimators read."""
+
+    model: str
+    text: str
+    cost: float
+    features: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)
+    latency_ms: float = 0.0
+    attempts: int = 1
+    raw: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One model's endpoint. Prices are USD per token."""
+
+    name: str
+    base_url: str
+    model_id: str
+    price_in: float
+    price_out: float
+    api_key_env: str | None = None
+    timeout_s: float = 60.0
+    max_retries: int = 2
+    backoff_s: float = 0.5
+    max_concurrency: int = 32
+    logprobs: bool = False
+    trust_reported_cost: bool = False
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+_DEFAULTS: dict[str, Any] = {
+    "timeout_s": 60.0,
+    "max_retries": 2,
+    "backoff_s": 0.5,
+    "max_concurrency": 32,
+    "logprobs": False,
+    "trust_reported_cost": False,
+}
+_KNOWN = {
+    "name", "base_url", "model_id", "api_key_env", "price_per_input_token", "price_per_output_token",
+    "price_per_1m_input_tokens", "price_per_1m_output_tokens", "extra_body", *_DEFAULTS,
+}
+
+
+def _price(entry: Mapping[str, Any], kind: str, where: str) -> float:
+    per_token = entry.get(f"price_per_{kind}_token")
+    per_million = entry.get(f"price_per_1m_{kind}_tokens")
+    if (per_token is None) == (per_million is None):
+        raise BackendConfigError(
+            f"{where}: give exactly one of price_per_{kind}_token or price_per_1m_{kind}_tokens"
+        )
+    value = per_token if per_token is not None else per_million
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise BackendConfigError(f"{where}: {kind} price {value!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise BackendConfigError(f"{where}: {kind} price must be a finite number >= 0, got {value}")
+    return value if per_token is not None else value / 1e6
+
+
+def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendConfig]:
+    """Validate a parsed backends document (see module docstring); returns name -> config."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("models"), list) or not data["models"]:
+        raise BackendConfigError(f"{source}: expected a mapping with a non-empty list 'models'")
+    defaults = dict(_DEFAULTS)
+    user_defaults = data.get("defaults") or {}
+    if not isinstance(user_defaults, Mapping):
+        raise BackendConfigError(f"{source}: 'defaults' must be a mapping")
+    unknown = set(user_defaults) - set(_DEFAULTS)
+    if unknown:
+        raise BackendConfigError(f"{source}: unknown key(s) in defaults: {sorted(unknown)}")
+    defaults.update(user_defaults)
+    configs: dict[str, BackendConfig] = {}
+    for i, entry in enumerate(data["models"]):
+        where = f"{source}: models[{i}]"
+        if not isinstance(entry, Mapping):
+            raise BackendConfigError(f"{where}: expected a mapping, got {type(entry).__name__}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise BackendConfigError(f"{where}: 'name' must be a non-empty string")
+        where = f"{source}: model {name!r}"
+        unknown = set(entry) - _KNOWN
+        if unknown:
+            raise BackendConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+        if name in configs:
+            raise BackendConfigError(f"{where}: duplicate model name")
+        base_url = entry.get("base_url")
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise BackendConfigError(f"{where}: 'base_url' must be an http(s) URL, got {base_url!r}")
+        settings = {k: entry.get(k, defaults[k]) for k in _DEFAULTS}
+        try:
+            timeout_s = float(settings["timeout_s"])
+            max_retries = int(settings["max_retries"])
+            backoff_s = float(settings["backoff_s"])
+            max_concurrency = int(settings["max_concurrency"])
+        except (TypeError, ValueError) as err:
+            raise BackendConfigError(f"{where}: bad numeric setting: {err}") from None
+        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1:
+            raise BackendConfigError(
+                f"{where}: need timeout_s > 0, max_retries >= 0, backoff_s >= 0, max_concurrency >= 1"
+            )
+        configs[name] = BackendConfig(
+            name=name,
+            base_url=base_url,
+            model_id=str(entry.get("model_id", name)),
+            price_in=_price(entry, "input", where),
+            price_out=_price(entry, "output", where),
+            api_key_env=entry.get("api_key_env"),
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            max_concurrency=max_concurrency,
+            logprobs=bool(settings["logprobs"]),
+            trust_reported_cost=bool(settings["trust_reported_cost"]),
+            extra_body=dict(entry.get("extra_body") or {}),
+        )
+    return configs
+
+
+def load_backend_configs(path: "str | os.PathLike[str]") -> dict[str, BackendConfig]:
+    """Read and validate a backends YAML file (see module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backends file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise BackendConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_backends(data, source=str(path))
+
+
+def _logprob_confidence(choice: Mapping[str, Any]) -> float | None:
+    """exp(mean token log-prob) of the answer, from OpenAI's ``choices[0].logprobs.content``."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, Mapping):
+        return None
+    content = logprobs.get("content")
+    if not isinstance(content, list) or not content:
+        return None
+    values = [tok.get("logprob") for tok in content if isinstance(tok, Mapping)]
+    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return None
+    return math.exp(sum(values) / len(values))
+
+
+class Backend:
+    """Async client of one OpenAI-compatible endpoint, with a concurrency limit and retries."""
+
+    def __init__(self, config: BackendConfig, client: httpx.AsyncClient) -> None:
+        self.config = config
+        self._client = client
+        self._semaphore = asyncio.Semaphore(config.max_concurrency)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.config.api_key_env:
+            key = os.environ.get(self.config.api_key_env)
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _parse(self, body: Any, latency_ms: float, attempts: int) -> Answer:
+        cfg = self.config
+        try:
+            choice = body["choices"][0]
+            text = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise BackendError(cfg.name, "bad_response", "no choices[0].message.content", attempts) from None
+        if not isinstance(text, str):
+            raise BackendError(cfg.name, "bad_response", "message content is not a string", attempts)
+        usage = body.get("usage") or {}
+        tokens_in = int(usage.get("prompt_tokens") or 0)
+        tokens_out = int(usage.get("completion_tokens") or 0)
+        cost = tokens_in * cfg.price_in + tokens_out * cfg.price_out
+        reported = body.get("x_cost_usd")
+        if cfg.trust_reported_cost and isinstance(reported, (int, float)) and math.isfinite(reported):
+            cost = float(reported)
+        features: dict[str, float] = {
+            "tokens_in": float(tokens_in),
+            "tokens_out": float(tokens_out),
+            "latency_ms": float(latency_ms),
+        }
+        confidence = _logprob_confidence(choice)
+        if confidence is not None:
+            features["logprob_confidence"] = confidence
+        recorded = body.get("x_recorded_features")
+        if isinstance(recorded, Mapping):
+            for key, value in recorded.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    features[str(key)] = float(value)
+        return Answer(
+            model=cfg.name,
+            text=text,
+            cost=float(cost),
+            features=features,
+            usage={"prompt_tokens": tokens_in, "completion_tokens": tokens_out},
+            latency_ms=latency_ms,
+            attempts=attempts,
+            raw=body,
+        )
+
+    async def complete(self, messages: list[dict[str, Any]], **params: Any) -> Answer:
+        """POST the chat to the endpoint; retry 5xx/429/timeouts/connection errors with backoff.
+
+        Raises :class:`BackendError` when every attempt failed or on a non-retryable 4xx.
+        """
+        cfg = self.config
+        payload: dict[str, Any] = {**cfg.extra_body, **params, "model": cfg.model_id, "messages": messages}
+        payload["stream"] = False
+        if cfg.logprobs:
+            payload["logprobs"] = True
+        attempts = 0
+        reason, detail = "unknown", ""
+        async with self._semaphore:
+            for attempt in range(cfg.max_retries + 1):
+                if attempt:
+                    await asyncio.sleep(cfg.backoff_s * 2 ** (attempt - 1))
+                attempts += 1
+                start = time.perf_counter()
+                try:
+                    response = await self._client.post(
+                        cfg.url, json=payload, headers=self._headers(), timeout=cfg.timeout_s
+                    )
+                except httpx.TimeoutException as err:
+                    reason, detail = "timeout", f"{type(err).__name__} after {cfg.timeout_s}s"
+                    continue
+                except httpx.TransportError as err:
+                    reason, detail = "connection_error", f"{type(err).__name__}: {err}"
+                    continue
+                latency_ms = (time.perf_counter() - start) * 1000.0
+                if response.status_code >= 500 or response.status_code == 429:
+                    reason, detail = f"http_{response.status_code}", response.text[:200]
+                    continue
+                if response.status_code >= 400:
+                    raise BackendError(cfg.name, f"http_{response.status_code}", response.text[:200], attempts)
+                try:
+                    body = response.json()
+                except ValueError:
+                    raise BackendError(cfg.name, "bad_response", "body is not JSON", attempts) from None
+                return self._parse(body, latency_ms, attempts)
+        raise BackendError(cfg.name, reason, detail, attempts)
+
+
+class BackendPool:
+    """The backends of all models, sharing one ``httpx.AsyncClient``. Use as an async context manager."""
+
+    def __init__(
+        self,
+        configs: Mapping[str, BackendConfig],
+        client: httpx.AsyncClient | None = None,
+        max_connections: int = 512,
+    ) -> None:
+        if not configs:
+            raise BackendConfigError("no backends configured")
+        self.configs = dict(configs)
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        )
+        self.backends = {name: Backend(cfg, self._client) for name, cfg in self.configs.items()}
+
+    @classmethod
+    def from_yaml(cls, path: "str | os.PathLike[str]", **kwargs: Any) -> "BackendPool":
+        return cls(load_backend_configs(path), **kwargs)
+
+    def __contains__(self, model: str) -> bool:
+        return model in self.backends
+
+    def __getitem__(self, model: str) -> Backend:
+        try:
+            return self.backends[model]
+        except KeyError:
+            raise KeyError(f"no backend configured for model {model!r}; have {sorted(self.backends)}") from None
+
+    async def complete(self, model: str, messages: list[dict[str, Any]], **params: Any) -> Answer:
+        return await self[model].complete(messages, **params)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> "BackendPool":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()

@@ -1,0 +1,55 @@
+"""The parts of a :class:`~cascade_routing.serving.router.CascadeRouter` read from an estimator artifact.
+
+``router_parts(path, strategy)`` loads the artifact (:func:`cascade_routing.estimators.artifact.
+load_artifact`) and returns the policy for ``strategy`` (built exactly as when λ was fitted, by
+``cascade_routing.estimators.export.make_policy``), the binder (``artifact.bind``), the fitted λ
+table ``{budget: FittedLambda}`` of that strategy, the model names (cheapest first) and prices.
+
+Features handed to the bound estimators: ``tokens_in``, ``tokens_out``, ``latency_ms``, ``cost``
+(the exact cost of a run model), plus ``logprob_confidence`` when the artifact's training data had
+it (``data_config["features"]`` when stored, else the dataset it names). Override with
+``feature_names=``. A backend that should feed ``logprob_confidence`` needs ``logprobs: true``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cascade_routing.serving.router import DEFAULT_FEATURES
+
+BASE_FEATURES: tuple[str, ...] = (*DEFAULT_FEATURES, "cost")
+_DATASETS_WITH_CONFIDENCE = {"rational-llm-cascades"}
+
+
+def artifact_feature_names(artifact: Any) -> tuple[str, ...]:
+    """Feature names the artifact's estimators were trained with (see module docstring)."""
+    config = getattr(artifact, "data_config", {}) or {}
+    stored = config.get("features")
+    if isinstance(stored, (list, tuple)):
+        return tuple(dict.fromkeys([*BASE_FEATURES, *map(str, stored)]))
+    if config.get("dataset") in _DATASETS_WITH_CONFIDENCE:
+        return (*BASE_FEATURES, "logprob_confidence")
+    return BASE_FEATURES
+
+
+def router_parts(path: "str | os.PathLike[str]", strategy: str = "cascade_routing",
+                 policy_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for :class:`CascadeRouter` (all but ``budget``) from the artifact at ``path``."""
+    from cascade_routing.estimators.artifact import ArtifactError, load_artifact
+    from cascade_routing.estimators.export import make_policy
+
+    artifact = load_artifact(path)
+    table = artifact.fitted.get(strategy)
+    if not table:
+        raise ArtifactError(
+            f"checkpoint {str(path)!r} has no fitted λ for strategy {strategy!r}; it has {sorted(artifact.fitted)}"
+        )
+    return {
+        "policy": make_policy(strategy, **(policy_kwargs or {})),
+        "binder": artifact.bind,
+        "fitted": table,
+        "models": list(artifact.models),
+        "prices": artifact.prices,
+        "feature_names": artifact_feature_names(artifact),
+    }

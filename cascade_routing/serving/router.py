@@ -1,0 +1,456 @@
+"""``CascadeRouter``: a fitted policy + bound estimators driving real models, one query at a time.
+
+The router makes exactly the decisions of :func:`cascade_routing.evaluation.simulate` for the same
+policy, estimators and fitted λ:
+
+- the estimators are bound to the query (``binder(queries, responses, features, tasks)``), with a
+  ``responses`` object array [B, M] and a ``features`` dict of float arrays [B, M] that the router
+  fills *in place* as answers arrive (the bound estimators read a cell only where it ran);
+- at step t (t = number of models that answered so far), query i uses
+  ``λ = fitted.lam_for(t, u_i < gamma)`` with ``u_i = query_uniforms([text_i])``;
+- ``policy.decide(estimate, cost.to(mean.dtype), ran, λ)`` gives the next model (-1 = stop), and
+  at the end ``policy.select(estimate, ran)`` the answer model.
+
+Failed models (an endpoint that is down, times out or returns 5xx after its retries) are REMOVED
+FROM THE CANDIDATE SET for that query: the policy then decides over the remaining models only (the
+columns of the estimate, cost and ``ran`` of the failed models are dropped before ``decide`` /
+``select``, and indices are mapped back). A failed model gave no information, so the estimators
+see it as not run. With no failures this is exactly the offline decision; with failures it is the
+decision the policy would make on the pool without those models. If no model can answer,
+:class:`NoModelAvailableError` is raised (the server maps it to HTTP 502).
+
+``answers`` in the step API map a model name to an :class:`Answer`, the answer text (``str``), or
+``None`` for "attempted and failed".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cascade_routing.estimators.base import CostEstimator, QualityEstimate, QualityEstimator
+from cascade_routing.serving.backends import Answer, BackendError
+
+Binder = Callable[..., "tuple[QualityEstimator, CostEstimator]"]
+"""``bind(queries: list[str], responses: object ndarray [B, M], features: dict[str, float ndarray
+[B, M]] | None, tasks: list[str] | None) -> (QualityEstimator, CostEstimator)``."""
+
+DEFAULT_FEATURES: tuple[str, ...] = ("tokens_in", "tokens_out", "latency_ms")
+
+
+class RouterError(ValueError):
+    """Bad input to the router (unknown model, budget without a fitted λ, ...)."""
+
+
+class NoModelAvailableError(RuntimeError):
+    """Every candidate model failed for this query; ``failures`` lists what happened."""
+
+    def __init__(self, query: str, failures: list[dict[str, Any]]) -> None:
+        names = ", ".join(f"{f['model']} ({f['reason']})" for f in failures) or "none attempted"
+        super().__init__(f"no model could answer the query; failures: {names}")
+        self.query = query
+        self.failures = failures
+
+
+class _FittedLike(Protocol):
+    gamma: float
+    budget: float | None
+
+    def lam_for(self, step: int, use_low: Tensor) -> Tensor: ...
+
+
+class _CompleteFn(Protocol):
+    async def complete(self, model: str, messages: list[dict[str, Any]], **params: Any) -> Answer: ...
+
+
+@dataclass
+class StepTrace:
+    """One decision: the belief it was based on and what happened to the chosen model."""
+
+    step: int
+    lam: float
+    estimate_mean: dict[str, float]
+    estimate_std: dict[str, float] | None
+    cost_estimate: dict[str, float]
+    model: str | None = None  # None = stop
+    status: str = "stop"  # "ok", "failed" or "stop"
+    cost: float = 0.0
+    latency_ms: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class RouteResult:
+    """The outcome of :meth:`CascadeRouter.route` for one query."""
+
+    query: str
+    text: str
+    model: str
+    models_run: list[str]  # models that answered, in run order
+    attempted: list[str]  # every model called (including failed ones), in order
+    costs: dict[str, float]  # per answered model, USD
+    total_cost: float
+    steps: list[StepTrace]
+    failures: list[dict[str, Any]]
+    budget: float | None
+    final_estimate: dict[str, float]
+    answers: dict[str, Answer] = field(default_factory=dict, repr=False)
+    backend_ms: float = 0.0  # time spent awaiting backends
+    routing_ms: float = 0.0  # everything else (binding, estimating, deciding)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in {"answers", "query", "text"}}
+        out["usage"] = {m: a.usage for m, a in self.answers.items()}
+        return out
+
+
+class _State:
+    """One batch of queries bound to the estimators, with arrays filled in place as answers arrive."""
+
+    def __init__(self, router: "CascadeRouter", queries: list[str], tasks: list[str] | None) -> None:
+        m = len(router.models)
+        b = len(queries)
+        self.queries = queries
+        self.responses = np.full((b, m), None, dtype=object)
+        self.features = {name: np.zeros((b, m), dtype=np.float64) for name in router.feature_names}
+        self.ran = torch.zeros(b, m, dtype=torch.bool)  # answered
+        self.failed = torch.zeros(b, m, dtype=torch.bool)
+        self.rows = torch.arange(b)
+        self.qe, self.ce = router.binder(queries, self.responses, self.features or None, tasks)
+        self.use_low: Tensor | None = None
+
+    def record(self, row: int, m: int, answer: Answer | str | None) -> None:
+        if answer is None:
+            self.failed[row, m] = True
+            return
+        if isinstance(answer, str):
+            self.responses[row, m] = answer
+        else:
+            self.responses[row, m] = answer.text
+            for name, arr in self.features.items():
+                if name in answer.features:
+                    arr[row, m] = answer.features[name]
+                elif name == "cost":
+                    arr[row, m] = answer.cost
+        self.ran[row, m] = True
+
+
+class CascadeRouter:
+    """A policy with fitted λ and an estimator binder, serving queries (see module docstring).
+
+    ``fitted``: one fitted λ (``FittedLambda``) or a table ``{budget: FittedLambda}``; ``budget``
+    picks the default entry of the table. A per-call ``budget`` uses the entry for the largest
+    fitted budget <= the requested one (a :class:`RouterError` if there is none).
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        binder: Binder,
+        fitted: "_FittedLike | Mapping[float, _FittedLike]",
+        models: Sequence[str],
+        prices: Mapping[str, Any] | None = None,
+        budget: float | None = None,
+        feature_names: Sequence[str] = DEFAULT_FEATURES,
+        name: str = "cascade-routing",
+        uniforms: Callable[[list[str]], Tensor] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.binder = binder
+        self.models = list(models)
+        if not self.models or len(set(self.models)) != len(self.models):
+            raise RouterError(f"models must be a non-empty list of unique names, got {self.models}")
+        self.prices = dict(prices or {})
+        self.feature_names = tuple(feature_names)
+        self.name = name
+        if uniforms is None:
+            from cascade_routing.policies.fitting import query_uniforms as uniforms
+        self._uniforms = uniforms
+        if hasattr(fitted, "lam_for"):
+            key = budget if budget is not None else getattr(fitted, "budget", None)
+            self.fitted_table: dict[float | None, _FittedLike] = {key: fitted}  # type: ignore[dict-item]
+            self.default_budget = key
+        else:
+            table = {float(b): f for b, f in dict(fitted).items()}  # type: ignore[union-attr]
+            if not table:
+                raise RouterError("the fitted λ table is empty")
+            self.fitted_table = table  # type: ignore[assignment]
+            if budget is None:
+                if len(table) != 1:
+                    raise RouterError(f"pass budget=...; fitted budgets: {sorted(table)}")
+                budget = next(iter(table))
+            self.default_budget = float(budget)
+            self.fitted_for(self.default_budget)  # validate now
+        self._index = {m: i for i, m in enumerate(self.models)}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: "str | os.PathLike[str]",
+        budget: float,
+        strategy: str = "cascade_routing",
+        name: str = "cascade-routing",
+        **kwargs: Any,
+    ) -> "CascadeRouter":
+        """Load an estimator artifact and build the router for ``strategy`` at ``budget``."""
+        from cascade_routing.serving.checkpoint import router_parts
+
+        parts = router_parts(path, strategy)
+        return cls(budget=budget, name=name, **{**parts, **kwargs})
+
+    # ------------------------------------------------------------------ λ
+    @property
+    def budgets(self) -> list[float]:
+        return sorted(b for b in self.fitted_table if b is not None)
+
+    def fitted_for(self, budget: float | None) -> tuple[float | None, _FittedLike]:
+        """(budget used, fitted λ) for a requested budget; see the class docstring."""
+        if budget is None:
+            budget = self.default_budget
+            if budget in self.fitted_table:
+                return budget, self.fitted_table[budget]
+        if budget in self.fitted_table:
+            return budget, self.fitted_table[budget]
+        below = [b for b in self.budgets if b <= float(budget) * (1 + 1e-9)]
+        if not below:
+            raise RouterError(
+                f"no fitted λ for budget {budget}: the smallest fitted budget is "
+                f"{self.budgets[0] if self.budgets else None} (fitted: {self.budgets})"
+            )
+        return below[-1], self.fitted_table[below[-1]]
+
+    # ------------------------------------------------------------------ core
+    def _state(self, queries: list[str], answers_list: Sequence[Mapping[str, Any]] | None,
+               tasks: list[str] | None) -> _State:
+        state = _State(self, queries, tasks)
+        for row, answers in enumerate(answers_list or []):
+            for model, answer in answers.items():
+                if model not in self._index:
+                    raise RouterError(f"unknown model {model!r} in answers; router models: {self.models}")
+                state.record(row, self._index[model], answer)
+        return state
+
+    def _beliefs(self, state: _State, rows: Tensor) -> tuple[QualityEstimate, Tensor]:
+        est = state.qe.estimate(state.rows[rows], state.ran[rows].to(_device(state)))
+        cost = state.ce.estimate(state.rows[rows].to(est.mean.device), state.ran[rows].to(est.mean.device))
+        return est, cost.to(est.mean.dtype)
+
+    def _decide(self, state: _State, rows: Tensor, fitted: _FittedLike
+                ) -> tuple[Tensor, QualityEstimate, Tensor, Tensor]:
+        """Next model index (-1 = stop) for ``rows``, plus the beliefs and λ used."""
+        if state.use_low is None:
+            state.use_low = self._uniforms(state.queries) < fitted.gamma
+        est, cost = self._beliefs(state, rows)
+        out = torch.full((len(rows),), -1, dtype=torch.long)
+        lams = torch.zeros(len(rows), dtype=torch.float64)
+        for local, cols in _groups(state.failed[rows]):
+            sub_rows = rows[local]
+            ran = state.ran[sub_rows][:, cols]
+            steps = ran.sum(1)
+            if len(cols) == 0:
+                continue
+            sub_est = _columns(est, local, cols)
+            sub_cost = cost[local][:, cols]
+            for t in torch.unique(steps).tolist():
+                at = (steps == t).nonzero().squeeze(1)
+                lam = fitted.lam_for(int(t), state.use_low[sub_rows[at]]).to(
+                    device=sub_est.mean.device, dtype=sub_est.mean.dtype)
+                nxt = self.policy.decide(_rows(sub_est, at), sub_cost[at], ran[at].to(sub_est.mean.device), lam).cpu()
+                cols_t = torch.as_tensor(cols, dtype=torch.long)
+                mapped = torch.where(nxt >= 0, cols_t[nxt.clamp_min(0)], nxt)
+                out[local[at]] = mapped
+                lams[local[at]] = lam.double().cpu()
+        return out, est, cost, lams
+
+    def _select(self, state: _State, rows: Tensor) -> tuple[Tensor, QualityEstimate]:
+        est, _ = self._beliefs(state, rows)
+        out = torch.full((len(rows),), -1, dtype=torch.long)
+        for local, cols in _groups(state.failed[rows]):
+            if len(cols) == 0:
+                continue
+            ran = state.ran[rows[local]][:, cols]
+            choice = self.policy.select(_columns(est, local, cols), ran.to(est.mean.device)).cpu()
+            cols_t = torch.as_tensor(cols, dtype=torch.long)
+            out[local] = torch.where(choice >= 0, cols_t[choice.clamp_min(0)], choice)
+        return out, est
+
+    # ------------------------------------------------------------------ step API
+    def next_models(self, queries: Sequence[str], answers_list: Sequence[Mapping[str, Any]] | None = None,
+                    budget: float | None = None, tasks: list[str] | None = None) -> list[str | None]:
+        """For each query, the model to run next given the answers so far (None = stop)."""
+        queries = list(queries)
+        if answers_list is not None and len(answers_list) != len(queries):
+            raise RouterError(f"{len(answers_list)} answer dicts for {len(queries)} queries")
+        _, fitted = self.fitted_for(budget)
+        state = self._state(queries, answers_list, tasks)
+        nxt, *_ = self._decide(state, torch.arange(len(queries)), fitted)
+        return [None if i < 0 else self.models[i] for i in nxt.tolist()]
+
+    def next_model(self, query: str, answers: Mapping[str, Any] | None = None,
+                   budget: float | None = None, task: str | None = None) -> str | None:
+        """The model to run next for ``query`` given ``answers`` so far, or None to stop."""
+        return self.next_models([query], [answers or {}], budget, None if task is None else [task])[0]
+
+    def select_batch(self, queries: Sequence[str], answers_list: Sequence[Mapping[str, Any]],
+                     tasks: list[str] | None = None) -> list[str]:
+        """For each query, the model whose answer to return (the policy's ``select``)."""
+        queries = list(queries)
+        if len(answers_list) != len(queries):
+            raise RouterError(f"{len(answers_list)} answer dicts for {len(queries)} queries")
+        state = self._state(queries, answers_list, tasks)
+        choice, _ = self._select(state, torch.arange(len(queries)))
+        out = []
+        for q, c in zip(queries, choice.tolist()):
+            if c < 0:
+                raise NoModelAvailableError(q, [])
+            out.append(self.models[c])
+        return out
+
+    def select(self, query: str, answers: Mapping[str, Any], task: str | None = None) -> str:
+        """The model whose answer to return for ``query`` (raises if no model answered)."""
+        return self.select_batch([query], [answers], None if task is None else [task])[0]
+
+    # ------------------------------------------------------------------ full loop
+    async def route(
+        self,
+        query: str,
+        backends: "_CompleteFn | Mapping[str, Callable[..., Awaitable[Answer | str]]]",
+        messages: list[dict[str, Any]] | None = None,
+        budget: float | None = None,
+        task: str | None = None,
+        **params: Any,
+    ) -> RouteResult:
+        """Drive the policy on ``query`` against live ``backends`` until it stops; see module docstring.
+
+        ``backends``: an object with ``async complete(model, messages, **params) -> Answer`` (e.g.
+        :class:`~cascade_routing.serving.backends.BackendPool`) or a mapping model -> async callable
+        ``(messages, **params) -> Answer | str``. ``messages`` default to one user message ``query``.
+        """
+        start = time.perf_counter()
+        backend_s = 0.0
+        used_budget, fitted = self.fitted_for(budget)
+        messages = messages if messages is not None else [{"role": "user", "content": query}]
+        state = self._state([query], None, None if task is None else [task])
+        row = torch.zeros(1, dtype=torch.long)
+        steps: list[StepTrace] = []
+        failures: list[dict[str, Any]] = []
+        answers: dict[str, Answer] = {}
+        attempted: list[str] = []
+        for step in range(2 * len(self.models) + 1):  # each step adds a ran or failed model
+            nxt, est, cost, lam = self._decide(state, row, fitted)
+            trace = StepTrace(step, float(lam[0]), *_belief_dicts(self.models, est, cost))
+            steps.append(trace)
+            m = int(nxt[0])
+            if m < 0:
+                break
+            model = self.models[m]
+            trace.model = model
+            attempted.append(model)
+            t0 = time.perf_counter()
+            try:
+                answer = await _call(backends, model, messages, params)
+            except BackendError as err:
+                answer, trace.error = None, str(err)
+                failures.append({"model": model, "reason": err.reason, "detail": err.detail,
+                                 "attempts": err.attempts})
+            except KeyError as err:
+                answer, trace.error = None, str(err)
+                failures.append({"model": model, "reason": "no_backend", "detail": str(err), "attempts": 0})
+            backend_s += time.perf_counter() - t0
+            if answer is None:
+                trace.status = "failed"
+            else:
+                if isinstance(answer, str):
+                    answer = Answer(model=model, text=answer, cost=0.0)
+                trace.status, trace.cost, trace.latency_ms = "ok", answer.cost, answer.latency_ms
+                answers[model] = answer
+            state.record(0, m, answer)
+        else:  # pragma: no cover - the policy must stop once every model ran or failed
+            raise RuntimeError(f"policy {self.policy!r} did not stop within {2 * len(self.models) + 1} steps")
+        choice, est = self._select(state, row)
+        c = int(choice[0])
+        if c < 0:
+            raise NoModelAvailableError(query, failures)
+        model = self.models[c]
+        mean = est.mean[0].double().cpu().tolist()
+        costs = {name: a.cost for name, a in answers.items()}
+        total = time.perf_counter() - start
+        return RouteResult(
+            query=query,
+            text=answers[model].text,
+            model=model,
+            models_run=list(answers),
+            attempted=attempted,
+            costs=costs,
+            total_cost=float(sum(costs.values())),
+            steps=steps,
+            failures=failures,
+            budget=used_budget,
+            final_estimate=dict(zip(self.models, mean)),
+            answers=answers,
+            backend_ms=backend_s * 1000.0,
+            routing_ms=(total - backend_s) * 1000.0,
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+def _device(state: _State) -> torch.device:
+    return torch.device("cpu")
+
+
+async def _call(backends: Any, model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+                ) -> Answer | str:
+    if hasattr(backends, "complete"):
+        return await backends.complete(model, messages, **params)
+    if model not in backends:
+        raise KeyError(f"no backend for model {model!r}")
+    return await backends[model](messages, **params)
+
+
+def _groups(failed: Tensor) -> list[tuple[Tensor, list[int]]]:
+    """Rows grouped by their failed-model pattern: (row positions, candidate columns)."""
+    if not bool(failed.any()):
+        return [(torch.arange(failed.shape[0]), list(range(failed.shape[1])))]
+    patterns: dict[tuple[bool, ...], list[int]] = {}
+    for i, pattern in enumerate(failed.tolist()):
+        patterns.setdefault(tuple(pattern), []).append(i)
+    return [
+        (torch.tensor(rows, dtype=torch.long), [j for j, f in enumerate(pattern) if not f])
+        for pattern, rows in patterns.items()
+    ]
+
+
+def _columns(est: QualityEstimate, rows: Tensor, cols: list[int]) -> QualityEstimate:
+    """The estimate restricted to ``rows`` and the model columns ``cols`` (cov: rows and columns)."""
+    c = torch.as_tensor(cols, dtype=torch.long, device=est.mean.device)
+    r = rows.to(est.mean.device)
+    mean = est.mean[r][:, c]
+    std = None if est.std is None else est.std[r][:, c]
+    cov = None if est.cov is None else est.cov[r][:, c][:, :, c]
+    return QualityEstimate(mean, std, cov)
+
+
+def _rows(est: QualityEstimate, rows: Tensor) -> QualityEstimate:
+    r = rows.to(est.mean.device)
+    return QualityEstimate(est.mean[r], None if est.std is None else est.std[r],
+                           None if est.cov is None else est.cov[r])
+
+
+def _belief_dicts(models: list[str], est: QualityEstimate, cost: Tensor
+                  ) -> tuple[dict[str, float], dict[str, float] | None, dict[str, float]]:
+    mean = est.mean[0].double().cpu().tolist()
+    if est.std is not None:
+        std = est.std[0].double().cpu().tolist()
+    elif est.cov is not None:
+        std = torch.diagonal(est.cov[0]).clamp_min(0).sqrt().double().cpu().tolist()
+    else:
+        std = None
+    return (dict(zip(models, mean)), None if std is None else dict(zip(models, std)),
+            dict(zip(models, cost[0].double().cpu().tolist())))

@@ -1,0 +1,130 @@
+"""Small stand-ins for the serving tests: a synthetic dataset with recorded answers and a
+text-bound estimator pair implementing the ``cascade_routing.estimators.base`` protocols.
+
+The stand-in estimators read ``responses``/``features`` only where ``ran`` (like the learned ones),
+so the same binder serves offline simulation (bound to a whole split) and the live router (bound to
+one query, arrays filled in place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.estimators.base import QualityEstimate
+
+MODELS = ["small", "medium", "large"]
+PRICE_OUT = {"small": 1e-6, "medium": 5e-6, "large": 2.5e-5}  # USD per output token
+PRICE_IN = {"small": 2e-7, "medium": 1e-6, "large": 5e-6}
+
+
+def _unit(text: str, salt: str) -> float:
+    """A deterministic number in [0, 1) from text (stable across processes)."""
+    h = hashlib.sha256(f"{salt}|{text}".encode()).digest()[:8]
+    return int.from_bytes(h, "big") / 2.0**64
+
+
+def synthetic_dataset(n: int = 60, seed: int = 0) -> RoutingDataset:
+    """N queries, 3 models; quality 0/1 (bigger models better), recorded answers contain
+    'CORRECT'/'WRONG', token counts and costs = tokens x prices, a log-prob confidence."""
+    rng = np.random.default_rng(seed)
+    queries = [f"Question {i}: what is {i} plus {i * 7 % 13}?" for i in range(n)]
+    p_correct = np.array([0.45, 0.65, 0.85])
+    quality = (rng.random((n, 3)) < p_correct).astype(np.float64)
+    tokens_in = np.array([[len(q) // 4 + 5] * 3 for q in queries], dtype=np.float64)
+    tokens_out = rng.integers(5, 60, size=(n, 3)).astype(np.float64)
+    price_in = np.array([PRICE_IN[m] for m in MODELS])
+    price_out = np.array([PRICE_OUT[m] for m in MODELS])
+    cost = tokens_in * price_in + tokens_out * price_out
+    responses = np.empty((n, 3), dtype=object)
+    for i in range(n):
+        for j, m in enumerate(MODELS):
+            verdict = "CORRECT" if quality[i, j] else "WRONG"
+            responses[i, j] = f"{m} says {verdict} answer {i} " + "x" * int(tokens_out[i, j])
+    confidence = np.clip(0.5 * quality + 0.5 * rng.random((n, 3)), 0, 1)
+    return RoutingDataset(
+        queries=queries, models=list(MODELS), quality=quality, cost=cost, responses=responses,
+        features={"tokens_in": tokens_in, "tokens_out": tokens_out, "logprob_confidence": confidence,
+                  "latency_ms": rng.uniform(50, 500, size=(n, 3))},
+        tasks=["arith"] * n, name="synthetic-serving",
+    )
+
+
+class TextQualityEstimator:
+    """Ex-ante: mean from a hash of (query, model) scaled by model size, std 0.25.
+    Post-hoc for run models: 0.95 if the answer says CORRECT else 0.05 (blended with the
+    log-prob confidence when given), std 0.02; other models shift towards the run answers."""
+
+    def __init__(self, queries, responses, features):
+        self.models = list(MODELS)
+        self.queries = list(queries)
+        self.responses = responses
+        self.features = features or {}
+        prior = np.array([[0.3 + 0.2 * j + 0.3 * _unit(q, m) for j, m in enumerate(MODELS)] for q in self.queries])
+        self.prior = torch.tensor(prior, dtype=torch.float64)
+
+    def estimate(self, queries, ran):
+        rows = queries.tolist()
+        mean = self.prior[queries].clone()
+        std = torch.full_like(mean, 0.25)
+        conf = self.features.get("logprob_confidence")
+        for b, i in enumerate(rows):
+            seen = []
+            for j in range(len(self.models)):
+                if bool(ran[b, j]):
+                    good = "CORRECT" in str(self.responses[i, j])
+                    q = 0.95 if good else 0.05
+                    if conf is not None:
+                        q = 0.8 * q + 0.2 * float(conf[i, j])
+                    mean[b, j] = q
+                    std[b, j] = 0.02
+                    seen.append(q)
+            if seen:
+                shift = 0.2 * (sum(seen) / len(seen) - 0.5)
+                for j in range(len(self.models)):
+                    if not bool(ran[b, j]):
+                        mean[b, j] = (mean[b, j] + shift).clamp(0, 1)
+                        std[b, j] = 0.2
+        return QualityEstimate(mean, std)
+
+
+class TextCostEstimator:
+    """Unrun: price_in x (chars / 4 + 5) + price_out x 30; run: the exact ``features['cost']`` or
+    the token features x prices."""
+
+    def __init__(self, queries, features):
+        self.models = list(MODELS)
+        self.queries = list(queries)
+        self.features = features or {}
+
+    def estimate(self, queries, ran):
+        out = torch.zeros(len(queries), len(self.models), dtype=torch.float64)
+        for b, i in enumerate(queries.tolist()):
+            for j, m in enumerate(self.models):
+                if bool(ran[b, j]) and "cost" in self.features:
+                    out[b, j] = float(self.features["cost"][i, j])
+                elif bool(ran[b, j]) and "tokens_out" in self.features:
+                    out[b, j] = (PRICE_IN[m] * self.features["tokens_in"][i, j]
+                                 + PRICE_OUT[m] * self.features["tokens_out"][i, j])
+                else:
+                    out[b, j] = PRICE_IN[m] * (len(self.queries[i]) // 4 + 5) + PRICE_OUT[m] * 30
+        return out
+
+
+def bind(queries, responses=None, features=None, tasks=None):
+    """The stand-in binder with the artifact's ``bind`` signature."""
+    n = len(queries)
+    if responses is None:
+        responses = np.full((n, len(MODELS)), None, dtype=object)
+    return TextQualityEstimator(queries, responses, features), TextCostEstimator(queries, features)
+
+
+def offline_features(ds: RoutingDataset) -> dict[str, np.ndarray]:
+    """What offline simulation hands the binder: the recorded features plus the exact cost."""
+    return {**ds.features, "cost": ds.cost}
+
+
+FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence", "cost")

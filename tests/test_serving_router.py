@@ -1,0 +1,163 @@
+"""CascadeRouter: step API, batch API and the async loop agree with the offline simulation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from cascade_routing.evaluation import simulate
+from cascade_routing.policies import CascadeRouting, FittedLambda, Routing, ThresholdCascade, fit_lambda, query_uniforms
+from cascade_routing.serving import Answer, BackendError, CascadeRouter, NoModelAvailableError, RouterError
+from tests.serving_helpers import FEATURE_NAMES, MODELS, bind, offline_features, synthetic_dataset
+
+POLICIES = {
+    "routing": Routing,
+    "threshold_cascade": ThresholdCascade,
+    "cascade_routing": lambda: CascadeRouting(num_samples=64),
+}
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return synthetic_dataset(40)
+
+
+def _fitted(ds, policy, budget):
+    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
+    return fit_lambda(policy, qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
+
+
+def _offline(ds, policy, fitted):
+    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
+    return simulate(policy, qe, ce, ds.quality, ds.cost, fitted, query_uniforms(ds.queries))
+
+
+def _answer(ds, i, j):
+    m = ds.models[j]
+    return Answer(model=m, text=ds.responses[i, j], cost=float(ds.cost[i, j]),
+                  features={k: float(v[i, j]) for k, v in ds.features.items()})
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_step_api_matches_simulation(ds, name):
+    policy = POLICIES[name]()
+    budget = float(ds.cost.mean(0)[1])
+    fitted = _fitted(ds, policy, budget)
+    sim = _offline(ds, policy, fitted)
+    router = CascadeRouter(policy, bind, fitted, ds.models, feature_names=FEATURE_NAMES)
+    runs = sim.num_run
+    assert len(set(sim.answer.tolist())) > 1, "the budget should make the policy use several models"
+    if name != "routing":
+        assert int(runs.max()) > 1, "some query should run more than one model"
+    for i, q in enumerate(ds.queries):
+        answers: dict = {}
+        order = []
+        while (model := router.next_model(q, answers)) is not None:
+            j = ds.model_index(model)
+            assert model not in answers
+            answers[model] = _answer(ds, i, j)
+            order.append(j)
+        expected = [j for j in sim.order[i].tolist() if j >= 0]
+        assert order == expected, f"query {i}: router ran {order}, simulation {expected}"
+        assert ds.model_index(router.select(q, answers)) == int(sim.answer[i])
+
+
+def test_batch_equals_single(ds):
+    policy = CascadeRouting(num_samples=64)
+    fitted = _fitted(ds, policy, float(ds.cost.mean(0)[1]))
+    router = CascadeRouter(policy, bind, fitted, ds.models, feature_names=FEATURE_NAMES)
+    answers_list = [{ds.models[0]: _answer(ds, i, 0)} if i % 2 else {} for i in range(len(ds.queries))]
+    batch = router.next_models(ds.queries, answers_list)
+    single = [router.next_model(q, a) for q, a in zip(ds.queries, answers_list)]
+    assert batch == single
+    ran = [a if a else {ds.models[2]: _answer(ds, i, 2)} for i, a in enumerate(answers_list)]
+    assert router.select_batch(ds.queries, ran) == [router.select(q, a) for q, a in zip(ds.queries, ran)]
+
+
+def test_failed_model_is_removed_from_candidates(ds):
+    policy = Routing()
+    # λ = 0: routing picks the model with the highest ex-ante mean (the large model mostly)
+    router = CascadeRouter(policy, bind, FittedLambda(torch.zeros(1), torch.zeros(1)), ds.models,
+                           feature_names=FEATURE_NAMES)
+    for q in ds.queries[:10]:
+        first = router.next_model(q, {})
+        second = router.next_model(q, {first: None})
+        assert second is not None and second != first
+        third = router.next_model(q, {first: None, second: None})
+        assert third not in (first, second, None)
+        assert router.next_model(q, {m: None for m in MODELS}) is None
+        with pytest.raises(NoModelAvailableError):
+            router.select(q, {m: None for m in MODELS})
+        # routing after a fallback answered: stop, answer from the model that answered
+        assert router.next_model(q, {first: None, second: "medium says CORRECT"}) is None
+        assert router.select(q, {first: None, second: "x CORRECT"}) == second
+
+
+def test_threshold_cascade_skips_failed_model_and_never_answers_with_it(ds):
+    router = CascadeRouter(ThresholdCascade(), bind, FittedLambda(torch.zeros(1), torch.zeros(1)), ds.models,
+                           feature_names=FEATURE_NAMES)
+    q = ds.queries[0]
+    assert router.next_model(q, {}) == "small"
+    assert router.next_model(q, {"small": None}) == "medium"  # the cascade goes on without "small"
+    assert router.select(q, {"small": None, "medium": "WRONG", "large": None}) == "medium"
+
+
+def test_budget_table_lookup(ds):
+    policy = Routing()
+    table = {1e-4: FittedLambda(torch.tensor([5.0]), torch.tensor([5.0])),
+             1e-3: FittedLambda(torch.tensor([1.0]), torch.tensor([1.0]))}
+    router = CascadeRouter(policy, bind, table, ds.models, budget=1e-3)
+    assert router.fitted_for(None)[0] == 1e-3
+    assert router.fitted_for(5e-4)[0] == 1e-4  # largest fitted budget <= requested
+    assert router.fitted_for(1.0)[0] == 1e-3
+    with pytest.raises(RouterError, match="smallest fitted budget"):
+        router.fitted_for(1e-6)
+    with pytest.raises(RouterError, match="pass budget"):
+        CascadeRouter(policy, bind, table, ds.models)
+    with pytest.raises(RouterError, match="unknown model"):
+        router.next_model(ds.queries[0], {"nope": "x"})
+
+
+def test_route_matches_simulation_and_falls_back(ds):
+    policy = CascadeRouting(num_samples=64)
+    fitted = _fitted(ds, policy, float(ds.cost.mean(0)[1]))
+    sim = _offline(ds, policy, fitted)
+    router = CascadeRouter(policy, bind, fitted, ds.models, feature_names=FEATURE_NAMES)
+    row = {q: i for i, q in enumerate(ds.queries)}
+    down: set[str] = set()
+
+    def backend(j):
+        async def call(messages, **_):
+            if ds.models[j] in down:
+                raise BackendError(ds.models[j], "http_500", "simulated", 2)
+            return _answer(ds, row[messages[-1]["content"]], j)
+        return call
+
+    backends = {m: backend(j) for j, m in enumerate(ds.models)}
+
+    async def run_all():
+        return [await router.route(q, backends) for q in ds.queries]
+
+    results = asyncio.run(run_all())
+    for i, res in enumerate(results):
+        expected = [ds.models[j] for j in sim.order[i].tolist() if j >= 0]
+        assert res.models_run == expected
+        assert res.model == ds.models[int(sim.answer[i])]
+        assert res.total_cost == pytest.approx(float(sim.cost[i]), rel=1e-12)
+        assert res.text == ds.responses[i, int(sim.answer[i])]
+        assert len(res.steps) == len(expected) + 1 and res.steps[-1].model is None
+        assert set(res.steps[0].estimate_mean) == set(ds.models)
+        assert res.routing_ms >= 0 and res.backend_ms >= 0
+
+    # the model the policy wants first is down: it is recorded and another model answers
+    first = results[0].models_run[0]
+    down.add(first)
+    res = asyncio.run(router.route(ds.queries[0], backends))
+    assert res.failures and res.failures[0]["model"] == first and first not in res.models_run
+    assert res.models_run and res.model != first and res.attempted[0] == first
+    down.update(ds.models)
+    with pytest.raises(NoModelAvailableError) as err:
+        asyncio.run(router.route(ds.queries[0], backends))
+    assert {f["model"] for f in err.value.failures} == set(ds.models)
