@@ -128,3 +128,40 @@ def offline_features(ds: RoutingDataset) -> dict[str, np.ndarray]:
 
 
 FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence", "cost")
+
+
+class ServingStack:
+    """Replay backend + cascade-routing server, each a uvicorn thread on 127.0.0.1 (real sockets).
+
+    ``failures`` {model: "down" | "500" | "slow"} is applied to the replay and the backends document
+    (a "down" model's base_url points at a closed port). Bounded start/stop (10 s each).
+    """
+
+    def __init__(self, ds, router, failures=None, timeout_s=5.0, max_retries=1, latency_ms=0.0,
+                 slow_ms=3000.0, budget=None, max_concurrency=64):
+        from cascade_routing.serving.backends import BackendPool, parse_backends
+        from cascade_routing.serving.replay import backends_document, create_replay_app
+        from cascade_routing.serving.server import BackgroundServer, create_app
+
+        failures = dict(failures or {})
+        self.replay_app = create_replay_app(ds, latency_ms=latency_ms, failures=failures, slow_ms=slow_ms)
+        self.replay = BackgroundServer(self.replay_app).start()
+        try:
+            doc = backends_document(ds, self.replay.url, failures=failures, timeout_s=timeout_s,
+                                    max_retries=max_retries, backoff_s=0.01, max_concurrency=max_concurrency)
+            self.app = create_app(router, BackendPool(parse_backends(doc, "replay")), budget)
+            self.server = BackgroundServer(self.app).start()
+        except BaseException:
+            self.replay.stop()
+            raise
+        self.url = self.server.url
+
+    def close(self):
+        self.server.stop()
+        self.replay.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

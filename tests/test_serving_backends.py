@@ -1,0 +1,190 @@
+"""Backends YAML validation, cost from real usage, retries/backoff, timeouts, concurrency limit."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import httpx
+import pytest
+import yaml
+
+from cascade_routing.serving.backends import (
+    BackendConfigError,
+    BackendError,
+    BackendPool,
+    load_backend_configs,
+    parse_backends,
+)
+
+
+def _doc(**entry):
+    base = {"name": "m", "base_url": "http://upstream/v1", "price_per_input_token": 1e-6,
+            "price_per_output_token": 2e-6}
+    base.update(entry)
+    return {"defaults": {"timeout_s": 1, "max_retries": 2, "backoff_s": 0.001}, "models": [base]}
+
+
+def _ok(content="hi", prompt=10, completion=20, **extra):
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop", **extra.pop("choice", {})}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion}, **extra}
+
+
+def _pool(doc, handler):
+    return BackendPool(parse_backends(doc), client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+
+
+def test_example_config_parses():
+    from pathlib import Path
+
+    configs = load_backend_configs(Path(__file__).resolve().parents[1] / "configs" / "backends.example.yaml")
+    assert configs and all(c.price_out >= 0 for c in configs.values())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"price_per_input_token": None}, "exactly one of price_per_input_token"),
+    ({"price_per_1m_input_tokens": 1.0}, "exactly one of price_per_input_token"),
+    ({"price_per_output_token": -1}, "must be a finite number >= 0"),
+    ({"base_url": "ftp://x"}, "must be an http"),
+    ({"colour": "red"}, "unknown key"),
+    ({"name": ""}, "'name' must be a non-empty string"),
+    ({"timeout_s": 0}, "timeout_s > 0"),
+])
+def test_bad_config_names_the_problem(change, message):
+    doc = _doc(**change)
+    doc["models"][0] = {k: v for k, v in doc["models"][0].items() if v is not None}
+    with pytest.raises(BackendConfigError, match=message):
+        parse_backends(doc, "b.yaml")
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_backend_configs(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [\n")
+    with pytest.raises(BackendConfigError, match="not valid YAML"):
+        load_backend_configs(bad)
+    dup = tmp_path / "dup.yaml"
+    doc = _doc()
+    doc["models"].append(dict(doc["models"][0]))
+    dup.write_text(yaml.safe_dump(doc))
+    with pytest.raises(BackendConfigError, match="duplicate"):
+        load_backend_configs(dup)
+
+
+def test_per_million_prices_and_cost_from_usage(monkeypatch):
+    seen = {}
+
+    def handler(request):
+        seen["auth"] = request.headers.get("authorization")
+        seen["body"] = request.read()
+        return httpx.Response(200, json=_ok(prompt=1000, completion=500, x_cost_usd=123.0))
+
+    monkeypatch.setenv("TEST_KEY", "sk-test")
+    doc = _doc(price_per_input_token=None, price_per_output_token=None, price_per_1m_input_tokens=3.0,
+               price_per_1m_output_tokens=15.0, api_key_env="TEST_KEY", model_id="upstream-name")
+    doc["models"][0] = {k: v for k, v in doc["models"][0].items() if v is not None}
+
+    async def go():
+        async with _pool(doc, handler) as pool:
+            return await pool.complete("m", [{"role": "user", "content": "q"}], temperature=0)
+
+    ans = asyncio.run(go())
+    assert ans.cost == pytest.approx(1000 * 3e-6 + 500 * 15e-6)  # reported cost not trusted by default
+    assert ans.features["tokens_in"] == 1000 and ans.features["tokens_out"] == 500
+    assert seen["auth"] == "Bearer sk-test"
+    assert b'"model":"upstream-name"' in seen["body"].replace(b" ", b"")
+
+
+def test_trusted_reported_cost_recorded_features_and_logprobs():
+    body = _ok(x_cost_usd=0.5, x_recorded_features={"latency_ms": 42.0},
+               choice={"logprobs": {"content": [{"logprob": math.log(0.5)}, {"logprob": math.log(0.5)}]}})
+
+    async def go(trust):
+        async with _pool(_doc(trust_reported_cost=trust), lambda r: httpx.Response(200, json=body)) as pool:
+            return await pool.complete("m", [])
+
+    ans = asyncio.run(go(True))
+    assert ans.cost == 0.5
+    assert ans.features["latency_ms"] == 42.0
+    assert ans.features["logprob_confidence"] == pytest.approx(0.5)
+    assert asyncio.run(go(False)).cost == pytest.approx(10 * 1e-6 + 20 * 2e-6)
+
+
+def test_retries_5xx_then_succeeds_but_not_4xx():
+    calls = {"n": 0}
+
+    def flaky(request):
+        calls["n"] += 1
+        return httpx.Response(503 if calls["n"] < 3 else 200, json=_ok() if calls["n"] >= 3 else {"error": "busy"})
+
+    async def go(handler, retries=2):
+        async with _pool(_doc(max_retries=retries), handler) as pool:
+            return await pool.complete("m", [])
+
+    assert asyncio.run(go(flaky)).attempts == 3
+    calls["n"] = 0
+    with pytest.raises(BackendError) as err:
+        asyncio.run(go(flaky, retries=1))
+    assert err.value.reason == "http_503" and err.value.attempts == 2
+    calls["n"] = 0
+
+    def bad_request(request):
+        calls["n"] += 1
+        return httpx.Response(400, json={"error": {"message": "bad"}})
+
+    with pytest.raises(BackendError) as err:
+        asyncio.run(go(bad_request))
+    assert err.value.reason == "http_400" and calls["n"] == 1
+
+
+def test_timeouts_and_connection_errors_are_retried_then_reported():
+    calls = {"n": 0}
+
+    def timeout(request):
+        calls["n"] += 1
+        raise httpx.ReadTimeout("slow", request=request)
+
+    async def go(handler):
+        async with _pool(_doc(max_retries=1), handler) as pool:
+            return await pool.complete("m", [])
+
+    with pytest.raises(BackendError) as err:
+        asyncio.run(go(timeout))
+    assert err.value.reason == "timeout" and calls["n"] == 2
+
+    def refused(request):
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(BackendError) as err:
+        asyncio.run(go(refused))
+    assert err.value.reason == "connection_error"
+
+    with pytest.raises(BackendError, match="bad_response"):
+        asyncio.run(go(lambda r: httpx.Response(200, json={"nothing": 1})))
+
+
+def test_concurrency_limit_is_respected():
+    state = {"now": 0, "max": 0}
+
+    async def handler(request):
+        state["now"] += 1
+        state["max"] = max(state["max"], state["now"])
+        await asyncio.sleep(0.01)
+        state["now"] -= 1
+        return httpx.Response(200, json=_ok())
+
+    async def go():
+        async with _pool(_doc(max_concurrency=3), handler) as pool:
+            return await asyncio.gather(*(pool.complete("m", []) for _ in range(20)))
+
+    assert len(asyncio.run(go())) == 20
+    assert state["max"] == 3
+
+
+def test_unknown_model_in_pool():
+    pool = BackendPool(parse_backends(_doc()))
+    with pytest.raises(KeyError, match="no backend configured for model 'x'"):
+        pool["x"]
+    asyncio.run(pool.aclose())
