@@ -1,9 +1,91 @@
-"""`cascade-routing` subcommands of the serving stage."""
+"""`cascade-routing` subcommands of the serving stage: ``serve`` and ``replay-backend``.
+
+Each wraps a public function: :func:`cascade_routing.serving.server.serve` and
+:func:`cascade_routing.serving.replay.replay_backend`.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 
+def _failure(text: str) -> tuple[str, str]:
+    from cascade_routing.serving.replay import FAILURE_MODES
+
+    model, sep, mode = text.rpartition("=")
+    if not sep or not model or mode not in FAILURE_MODES:
+        raise argparse.ArgumentTypeError(f"expected MODEL=MODE with MODE in {FAILURE_MODES}, got {text!r}")
+    return model, mode
+
+
+def _fractions(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=FRACTION,..., got {text!r}") from None
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=FRACTION,..., got {text!r}")
+    return out
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cascade_routing.serving.server import serve
+
+    serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host, port=args.port,
+          name=args.name, log_level=args.log_level)
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from cascade_routing.serving.replay import replay_backend
+
+    replay_backend(
+        args.dataset, split=args.split, split_fractions=args.split_fractions, seed=args.seed, host=args.host,
+        port=args.port, latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, failures=dict(args.fail),
+        slow_ms=args.slow_ms, write_backends=args.write_backends, log_level=args.log_level,
+    )
+    return 0
+
+
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this stage's subcommands (each sets `func`)."""
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible cascade-routing server over real model endpoints",
+        description="Serve POST /v1/chat/completions (model = --name), GET /v1/models, GET /health and "
+                    "GET /v1/routing/stats, routing each query among the backends with a checkpoint.",
+    )
+    p.add_argument("--checkpoint", required=True, help="estimator artifact (.safetensors) with fitted λ tables")
+    p.add_argument("--backends", required=True, help="backends YAML (see configs/backends.example.yaml)")
+    p.add_argument("--budget", required=True, type=float, help="mean cost budget per query, USD")
+    p.add_argument("--strategy", default="cascade_routing",
+                   choices=["cascade_routing", "routing", "threshold_cascade", "optimal_cascade"])
+    p.add_argument("--name", default="cascade-routing", help="the model name clients send")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
+
+    r = subparsers.add_parser(
+        "replay-backend", help="OpenAI-compatible endpoints answering from a dataset's recorded responses",
+        description="Serve POST /<model>/v1/chat/completions for every model of a dataset, answering by the "
+                    "exact text of the last user message with the recorded response, tokens and cost.",
+    )
+    r.add_argument("--dataset", required=True, help="dataset name or saved dataset folder")
+    r.add_argument("--split", default=None, help="serve only this split (e.g. test)")
+    r.add_argument("--split-fractions", type=_fractions, default=None,
+                   help="e.g. train=0.6,calibration=0.2,test=0.2 (the default)")
+    r.add_argument("--seed", type=int, default=0, help="split seed")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8100)
+    r.add_argument("--latency-ms", type=float, default=0.0, help="added latency per answer")
+    r.add_argument("--jitter-ms", type=float, default=0.0, help="extra uniform random latency in [0, J]")
+    r.add_argument("--fail", type=_failure, action="append", default=[], metavar="MODEL=MODE",
+                   help="simulate a failing model: down, 500 or slow (repeatable)")
+    r.add_argument("--slow-ms", type=float, default=30_000.0, help="latency of a 'slow' model")
+    r.add_argument("--write-backends", default=None, metavar="YAML",
+                   help="write a backends YAML pointing at this server, for `serve --backends`")
+    r.add_argument("--log-level", default="info")
+    r.set_defaults(func=_replay)
