@@ -165,3 +165,68 @@ class ServingStack:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def make_tiny_encoder_for(texts, folder):
+    """A randomly initialised 2-layer BERT (hidden 32) whose vocabulary covers ``texts`` (no download)."""
+    import re
+    from pathlib import Path
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", str(t).lower())})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_artifact(ds, folder, strategies=("cascade_routing", "routing"), budgets_per_pair=2, seed=0):
+    """A real estimator artifact (untrained randomly initialised network, tiny local encoder) with
+    λ tables fitted on the calibration split, saved with ``EstimatorArtifact.save``.
+
+    Returns (path, splits). The splits are ``ds.split({train: .5, calibration: .25, test: .25})``.
+    """
+    from pathlib import Path
+
+    from cascade_routing.estimators import encoding
+    from cascade_routing.estimators.artifact import EstimatorArtifact
+    from cascade_routing.estimators.cost import CostModel
+    from cascade_routing.estimators.export import make_policy
+    from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
+    from cascade_routing.evaluation.metrics import sweep_budgets
+    from cascade_routing.policies import fit_lambda, query_uniforms
+
+    folder = Path(folder)
+    splits = ds.split({"train": 0.5, "calibration": 0.25, "test": 0.25}, seed=seed)
+    texts = list(ds.queries) + [str(r) for r in ds.responses.ravel()]
+    enc = str(make_tiny_encoder_for(texts, folder / "encoder"))
+    vocab = sorted(set(ds.tasks or []))
+    torch.manual_seed(seed)
+    cfg = NetworkConfig(num_models=ds.num_models, embed_dim=32, num_tasks=len(vocab), hidden=16, dropout=0.0)
+    net = QualityNetwork(cfg)
+    art = EstimatorArtifact(
+        models=list(ds.models), network_config=cfg.to_dict(),
+        state_dict={k: v.detach().clone() for k, v in net.state_dict().items()},
+        cost_model=CostModel.fit(splits["train"]),
+        encoder={"path": enc, "fingerprint": encoding.encoder_fingerprint(enc), "max_length": 64,
+                 "answer_max_length": 64, "answer_encoding": "transformer"},
+        task_vocabulary=vocab, var_scale=torch.ones(ds.num_models),
+        data_config={"dataset": ds.name, "features": sorted(ds.features)},
+    )
+    cal = splits["calibration"]
+    qe, ce = art.bind(cal.queries, cal.responses, offline_features(cal), cal.tasks)
+    budgets = sweep_budgets(cal.cost.mean(0), cal.quality.mean(0), budgets_per_pair)
+    floor = float(cal.cost.mean(0).min())
+    art.fitted = {
+        s: {float(b): fit_lambda(make_policy(s), qe, ce, cal.quality, cal.cost, max(float(b), floor),
+                                 uniforms=query_uniforms(cal.queries)) for b in budgets}
+        for s in strategies
+    }
+    return art.save(folder / "estimator.safetensors"), splits

@@ -1,0 +1,103 @@
+"""End to end over real HTTP on loopback with a REAL estimator artifact (safetensors checkpoint):
+``CascadeRouter.from_checkpoint`` -> server -> replay backends of the test split, compared per query
+with ``simulate`` of the same checkpoint (``artifact.bind`` on the whole split) and budget.
+
+The default test builds a tiny artifact (random tiny encoder, untrained network, λ fitted on the
+calibration split) so it runs in seconds; the serving path is the same for a trained one. Set
+``CASCADE_ROUTING_E2E_CHECKPOINT`` (and ``CASCADE_ROUTING_E2E_DATASET``) to run the slow test on a
+trained checkpoint and its dataset's test split.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import numpy as np
+import pytest
+
+from cascade_routing.estimators.artifact import load_artifact
+from cascade_routing.estimators.export import make_policy
+from cascade_routing.evaluation import simulate
+from cascade_routing.policies import query_uniforms
+from cascade_routing.serving import CascadeRouter
+from tests.serving_helpers import ServingStack, make_tiny_artifact, offline_features, synthetic_dataset
+
+
+def _unique_rows(ds) -> list[int]:
+    """Rows whose query text is unique (the replay answers a repeated text from its first row)."""
+    seen: dict[str, int] = {}
+    for q in ds.queries:
+        seen[q] = seen.get(q, 0) + 1
+    return [i for i, q in enumerate(ds.queries) if seen[q] == 1]
+
+
+def check_server_equals_simulation(path, test, strategy: str, budget: float, rows=None) -> dict:
+    """Route every (unique) test query through server + replay; assert per-query equality."""
+    artifact = load_artifact(path)
+    policy = make_policy(strategy)
+    fitted = artifact.fitted_lambda(strategy, budget)
+    qe, ce = artifact.bind(test.queries, test.responses, offline_features(test), test.tasks)
+    sim = simulate(policy, qe, ce, test.quality, test.cost, fitted, query_uniforms(test.queries))
+    router = CascadeRouter.from_checkpoint(path, budget=budget, strategy=strategy)
+    rows = _unique_rows(test) if rows is None else rows
+    quality, cost = [], []
+    with ServingStack(test, router, budget=budget) as stack, httpx.Client(timeout=60) as client:
+        for i in rows:
+            body = {"model": "cascade-routing", "messages": [{"role": "user", "content": test.queries[i]}]}
+            if test.tasks is not None:
+                body["routing"] = {"task": test.tasks[i]}
+            resp = client.post(stack.url + "/v1/chat/completions", json=body)
+            assert resp.status_code == 200, resp.text
+            r = resp.json()["routing"]
+            expected = [test.models[j] for j in sim.order[i].tolist() if j >= 0]
+            assert r["models_run"] == expected, f"row {i}: server ran {r['models_run']}, simulation {expected}"
+            j = test.model_index(r["model"])
+            assert j == int(sim.answer[i]), f"row {i}"
+            assert resp.json()["choices"][0]["message"]["content"] == test.responses[i, j]
+            quality.append(test.quality[i, j])
+            cost.append(r["total_cost"])
+            assert quality[-1] == float(sim.quality[i])
+            assert cost[-1] == pytest.approx(float(sim.cost[i]), rel=1e-9, abs=1e-15)
+        stats = client.get(stack.url + "/v1/routing/stats").json()
+    assert stats["requests"] == len(rows)
+    assert stats["mean_cost"] == pytest.approx(float(np.mean(cost)), rel=1e-9)
+    return {"rows": len(rows), "num_run": sim.num_run[rows].float().mean().item(),
+            "mean_quality": float(np.mean(quality)), "mean_cost": float(np.mean(cost))}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    ds = synthetic_dataset(120, seed=3)
+    return make_tiny_artifact(ds, tmp_path_factory.mktemp("artifact"))
+
+
+@pytest.mark.parametrize("strategy", ["cascade_routing", "routing"])
+def test_server_equals_simulation_tiny_artifact(tiny, strategy):
+    path, splits = tiny
+    test = splits["test"]
+    budgets = sorted(load_artifact(path).fitted[strategy])
+    budget = budgets[len(budgets) // 2]
+    out = check_server_equals_simulation(path, test, strategy, budget)
+    assert out["rows"] == test.num_queries
+    if strategy == "cascade_routing":
+        assert out["num_run"] > 1.0  # the check is not vacuous: some queries run several models
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CASCADE_ROUTING_E2E_CHECKPOINT"),
+                    reason="set CASCADE_ROUTING_E2E_CHECKPOINT to a trained artifact")
+def test_server_equals_simulation_trained_checkpoint():
+    from cascade_routing.data import load_dataset
+
+    path = os.environ["CASCADE_ROUTING_E2E_CHECKPOINT"]
+    artifact = load_artifact(path)
+    cfg = artifact.data_config
+    ds = load_dataset(os.environ.get("CASCADE_ROUTING_E2E_DATASET", cfg["dataset"]))
+    test = ds.split(cfg["split"], seed=cfg.get("split_seed", 0))["test"]
+    limit = int(os.environ.get("CASCADE_ROUTING_E2E_LIMIT", "200"))
+    rows = _unique_rows(test)[:limit]
+    strategy = "cascade_routing"
+    budgets = sorted(artifact.fitted[strategy])
+    out = check_server_equals_simulation(path, test, strategy, budgets[len(budgets) // 2], rows)
+    print(out)
