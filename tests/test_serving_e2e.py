@@ -10,7 +10,9 @@ trained checkpoint and its dataset's test split.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -32,22 +34,38 @@ def _unique_rows(ds) -> list[int]:
     return [i for i, q in enumerate(ds.queries) if seen[q] == 1]
 
 
-def check_server_equals_simulation(path, test, strategy: str, budget: float, rows=None) -> dict:
-    """Route every (unique) test query through server + replay; assert per-query equality."""
+async def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        return await asyncio.gather(*(client.post(url, json=b) for b in bodies))
+
+
+def check_server_equals_simulation(path, test, strategy: str, budget: float, rows=None,
+                                   concurrent: bool = False) -> dict:
+    """Route every (unique) test query through server + replay; assert per-query equality.
+
+    ``concurrent``: send all requests at once, so the server routes them in micro-batches."""
     artifact = load_artifact(path)
     policy = make_policy(strategy)
     fitted = artifact.fitted_lambda(strategy, budget)
     qe, ce = artifact.bind(test.queries, test.responses, offline_features(test), test.tasks)
     sim = simulate(policy, qe, ce, test.quality, test.cost, fitted, query_uniforms(test.queries))
-    router = CascadeRouter.from_checkpoint(path, budget=budget, strategy=strategy)
+    executor = ThreadPoolExecutor(1)  # as `cascade-routing serve` runs it
+    router = CascadeRouter.from_checkpoint(path, budget=budget, strategy=strategy, executor=executor)
     rows = _unique_rows(test) if rows is None else rows
     quality, cost = [], []
+    bodies = []
+    for i in rows:
+        body = {"model": "cascade-routing", "messages": [{"role": "user", "content": test.queries[i]}]}
+        if test.tasks is not None:
+            body["routing"] = {"task": test.tasks[i]}
+        bodies.append(body)
     with ServingStack(test, router, budget=budget) as stack, httpx.Client(timeout=60) as client:
-        for i in rows:
-            body = {"model": "cascade-routing", "messages": [{"role": "user", "content": test.queries[i]}]}
-            if test.tasks is not None:
-                body["routing"] = {"task": test.tasks[i]}
-            resp = client.post(stack.url + "/v1/chat/completions", json=body)
+        url = stack.url + "/v1/chat/completions"
+        if concurrent:
+            responses = asyncio.run(_post_all(url, bodies))
+        else:
+            responses = [client.post(url, json=b) for b in bodies]
+        for i, resp in zip(rows, responses):
             assert resp.status_code == 200, resp.text
             r = resp.json()["routing"]
             expected = [test.models[j] for j in sim.order[i].tolist() if j >= 0]
@@ -60,6 +78,7 @@ def check_server_equals_simulation(path, test, strategy: str, budget: float, row
             assert quality[-1] == float(sim.quality[i])
             assert cost[-1] == pytest.approx(float(sim.cost[i]), rel=1e-9, abs=1e-15)
         stats = client.get(stack.url + "/v1/routing/stats").json()
+    executor.shutdown()
     assert stats["requests"] == len(rows)
     assert stats["mean_cost"] == pytest.approx(float(np.mean(cost)), rel=1e-9)
     return {"rows": len(rows), "num_run": sim.num_run[rows].float().mean().item(),
@@ -72,13 +91,14 @@ def tiny(tmp_path_factory):
     return make_tiny_artifact(ds, tmp_path_factory.mktemp("artifact"))
 
 
-@pytest.mark.parametrize("strategy", ["cascade_routing", "routing"])
-def test_server_equals_simulation_tiny_artifact(tiny, strategy):
+@pytest.mark.parametrize("strategy, concurrent", [("cascade_routing", False), ("cascade_routing", True),
+                                                  ("routing", True)])
+def test_server_equals_simulation_tiny_artifact(tiny, strategy, concurrent):
     path, splits = tiny
     test = splits["test"]
     budgets = sorted(load_artifact(path).fitted[strategy])
     budget = budgets[len(budgets) // 2]
-    out = check_server_equals_simulation(path, test, strategy, budget)
+    out = check_server_equals_simulation(path, test, strategy, budget, concurrent=concurrent)
     assert out["rows"] == test.num_queries
     if strategy == "cascade_routing":
         assert out["num_run"] > 1.0  # the check is not vacuous: some queries run several models

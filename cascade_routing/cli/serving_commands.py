@@ -35,7 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
     from cascade_routing.serving.server import serve
 
     serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host, port=args.port,
-          name=args.name, log_level=args.log_level)
+          name=args.name, log_level=args.log_level, compute_threads=args.compute_threads,
+          max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
     return 0
 
 
@@ -65,6 +66,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--name", default="cascade-routing", help="the model name clients send")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--compute-threads", type=int, default=1,
+                   help="worker threads for the estimators/policy (1: serialised, loop stays free)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="route up to this many concurrent requests together (1: one at a time)")
+    p.add_argument("--batch-window-ms", type=float, default=2.0, help="wait this long to fill a batch")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 

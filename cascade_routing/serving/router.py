@@ -25,6 +25,8 @@ decision the policy would make on the pool without those models. If no model can
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -160,8 +162,12 @@ class CascadeRouter:
         feature_names: Sequence[str] = DEFAULT_FEATURES,
         name: str = "cascade-routing",
         uniforms: Callable[[list[str]], Tensor] | None = None,
+        executor: "concurrent.futures.Executor | None" = None,
     ) -> None:
         self.policy = policy
+        # Where route() runs its CPU work (binding, estimating, deciding); None = inline in the
+        # event loop. A one-thread executor keeps a server's loop free for I/O while torch works.
+        self.executor = executor
         self.binder = binder
         self.models = list(models)
         if not self.models or len(set(self.models)) != len(self.models):
@@ -332,72 +338,134 @@ class CascadeRouter:
         ``backends``: an object with ``async complete(model, messages, **params) -> Answer`` (e.g.
         :class:`~cascade_routing.serving.backends.BackendPool`) or a mapping model -> async callable
         ``(messages, **params) -> Answer | str``. ``messages`` default to one user message ``query``.
+        Raises :class:`NoModelAvailableError` if every model the policy tried failed.
+        """
+        item = RouteRequest(query, messages, task, params)
+        (out,) = await self.route_batch([item], backends, budget)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    async def route_batch(
+        self,
+        items: Sequence["RouteRequest"],
+        backends: "_CompleteFn | Mapping[str, Callable[..., Awaitable[Answer | str]]]",
+        budget: float | None = None,
+    ) -> list["RouteResult | NoModelAvailableError"]:
+        """Route a batch of queries in lockstep: at each step ONE estimator call and ONE ``decide``
+        for every query still active, then all their backend calls concurrently; finally one
+        ``select``. The decisions are those of routing each query alone (the policy and the bound
+        estimators are per row), while the per-call overhead of the estimators is shared.
+
+        Per query: ``backend_ms`` = its own backend calls; ``routing_ms`` = the rest of its wall
+        time (binding, estimating and deciding for the batch, waiting for the step's other calls).
         """
         start = time.perf_counter()
-        backend_s = 0.0
+        n = len(items)
+        if n == 0:
+            return []
         used_budget, fitted = self.fitted_for(budget)
-        messages = messages if messages is not None else [{"role": "user", "content": query}]
-        state = self._state([query], None, None if task is None else [task])
-        row = torch.zeros(1, dtype=torch.long)
-        steps: list[StepTrace] = []
-        failures: list[dict[str, Any]] = []
-        answers: dict[str, Answer] = {}
-        attempted: list[str] = []
-        for step in range(2 * len(self.models) + 1):  # each step adds a ran or failed model
-            nxt, est, cost, lam = self._decide(state, row, fitted)
-            trace = StepTrace(step, float(lam[0]), *_belief_dicts(self.models, est, cost))
-            steps.append(trace)
-            m = int(nxt[0])
-            if m < 0:
-                break
+        loop = asyncio.get_running_loop()
+
+        async def compute(fn: Callable[..., Any], *args: Any) -> Any:
+            if self.executor is None:
+                return fn(*args)
+            return await loop.run_in_executor(self.executor, fn, *args)
+
+        tasks = [it.task for it in items]
+        state = await compute(self._state, [it.query for it in items], None,
+                              None if all(t is None for t in tasks) else tasks)
+        messages = [it.messages if it.messages is not None else [{"role": "user", "content": it.query}]
+                    for it in items]
+        steps: list[list[StepTrace]] = [[] for _ in range(n)]
+        failures: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        answers: list[dict[str, Answer]] = [{} for _ in range(n)]
+        attempted: list[list[str]] = [[] for _ in range(n)]
+        backend_s = [0.0] * n
+        active = list(range(n))
+
+        async def run_one(i: int, m: int, trace: StepTrace) -> None:
             model = self.models[m]
-            trace.model = model
-            attempted.append(model)
             t0 = time.perf_counter()
+            answer: Answer | str | None
             try:
-                answer = await _call(backends, model, messages, params)
+                answer = await _call(backends, model, messages[i], items[i].params)
             except BackendError as err:
                 answer, trace.error = None, str(err)
-                failures.append({"model": model, "reason": err.reason, "detail": err.detail,
-                                 "attempts": err.attempts})
+                failures[i].append({"model": model, "reason": err.reason, "detail": err.detail,
+                                    "attempts": err.attempts})
             except KeyError as err:
                 answer, trace.error = None, str(err)
-                failures.append({"model": model, "reason": "no_backend", "detail": str(err), "attempts": 0})
-            backend_s += time.perf_counter() - t0
+                failures[i].append({"model": model, "reason": "no_backend", "detail": str(err), "attempts": 0})
+            backend_s[i] += time.perf_counter() - t0
             if answer is None:
                 trace.status = "failed"
             else:
                 if isinstance(answer, str):
                     answer = Answer(model=model, text=answer, cost=0.0)
                 trace.status, trace.cost, trace.latency_ms = "ok", answer.cost, answer.latency_ms
-                answers[model] = answer
-            state.record(0, m, answer)
+                answers[i][model] = answer
+            state.record(i, m, answer)
+
+        for step in range(2 * len(self.models) + 1):  # each step adds a ran or failed model per row
+            if not active:
+                break
+            rows = torch.as_tensor(active, dtype=torch.long)
+            nxt, est, cost, lam = await compute(self._decide, state, rows, fitted)
+            calls = []
+            still = []
+            for k, i in enumerate(active):
+                trace = StepTrace(step, float(lam[k]), *_belief_dicts(self.models, est, cost, k))
+                steps[i].append(trace)
+                m = int(nxt[k])
+                if m < 0:
+                    continue
+                trace.model = self.models[m]
+                attempted[i].append(trace.model)
+                calls.append(run_one(i, m, trace))
+                still.append(i)
+            await asyncio.gather(*calls)
+            active = still
         else:  # pragma: no cover - the policy must stop once every model ran or failed
             raise RuntimeError(f"policy {self.policy!r} did not stop within {2 * len(self.models) + 1} steps")
-        choice, est = self._select(state, row)
-        c = int(choice[0])
-        if c < 0:
-            raise NoModelAvailableError(query, failures)
-        model = self.models[c]
-        mean = est.mean[0].double().cpu().tolist()
-        costs = {name: a.cost for name, a in answers.items()}
+        choice, est = await compute(self._select, state, torch.arange(n))
         total = time.perf_counter() - start
-        return RouteResult(
-            query=query,
-            text=answers[model].text,
-            model=model,
-            models_run=list(answers),
-            attempted=attempted,
-            costs=costs,
-            total_cost=float(sum(costs.values())),
-            steps=steps,
-            failures=failures,
-            budget=used_budget,
-            final_estimate=dict(zip(self.models, mean)),
-            answers=answers,
-            backend_ms=backend_s * 1000.0,
-            routing_ms=(total - backend_s) * 1000.0,
-        )
+        out: list[RouteResult | NoModelAvailableError] = []
+        for i, it in enumerate(items):
+            c = int(choice[i])
+            if c < 0:
+                out.append(NoModelAvailableError(it.query, failures[i]))
+                continue
+            model = self.models[c]
+            costs = {name: a.cost for name, a in answers[i].items()}
+            out.append(RouteResult(
+                query=it.query,
+                text=answers[i][model].text,
+                model=model,
+                models_run=list(answers[i]),
+                attempted=attempted[i],
+                costs=costs,
+                total_cost=float(sum(costs.values())),
+                steps=steps[i],
+                failures=failures[i],
+                budget=used_budget,
+                final_estimate=dict(zip(self.models, est.mean[i].double().cpu().tolist())),
+                answers=answers[i],
+                backend_ms=backend_s[i] * 1000.0,
+                routing_ms=(total - backend_s[i]) * 1000.0,
+            ))
+        return out
+
+
+@dataclass
+class RouteRequest:
+    """One query for :meth:`CascadeRouter.route_batch`: its text, the chat ``messages`` sent to the
+    backends (default: one user message), an optional task label and sampling parameters."""
+
+    query: str
+    messages: list[dict[str, Any]] | None = None
+    task: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -443,14 +511,14 @@ def _rows(est: QualityEstimate, rows: Tensor) -> QualityEstimate:
                            None if est.cov is None else est.cov[r])
 
 
-def _belief_dicts(models: list[str], est: QualityEstimate, cost: Tensor
+def _belief_dicts(models: list[str], est: QualityEstimate, cost: Tensor, k: int = 0
                   ) -> tuple[dict[str, float], dict[str, float] | None, dict[str, float]]:
-    mean = est.mean[0].double().cpu().tolist()
+    mean = est.mean[k].double().cpu().tolist()
     if est.std is not None:
-        std = est.std[0].double().cpu().tolist()
+        std = est.std[k].double().cpu().tolist()
     elif est.cov is not None:
-        std = torch.diagonal(est.cov[0]).clamp_min(0).sqrt().double().cpu().tolist()
+        std = torch.diagonal(est.cov[k]).clamp_min(0).sqrt().double().cpu().tolist()
     else:
         std = None
     return (dict(zip(models, mean)), None if std is None else dict(zip(models, std)),
-            dict(zip(models, cost[0].double().cpu().tolist())))
+            dict(zip(models, cost[k].double().cpu().tolist())))

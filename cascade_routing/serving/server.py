@@ -38,7 +38,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cascade_routing.serving.backends import BackendPool
-from cascade_routing.serving.router import CascadeRouter, NoModelAvailableError, RouterError
+from cascade_routing.serving.batching import RequestBatcher
+from cascade_routing.serving.router import CascadeRouter, NoModelAvailableError, RouteRequest, RouterError
 
 FORWARDED_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed")
 
@@ -161,19 +162,27 @@ def parse_chat_request(body: Any, router_name: str
     return query, messages, params, budget, task
 
 
-def create_app(router: CascadeRouter, backends: BackendPool, budget: float | None = None) -> FastAPI:
-    """The FastAPI app; ``backends`` is closed when the app shuts down."""
+def create_app(router: CascadeRouter, backends: BackendPool, budget: float | None = None,
+               max_batch: int = 64, batch_window_ms: float = 2.0) -> FastAPI:
+    """The FastAPI app; ``backends`` is closed when the app shuts down.
+
+    Concurrent requests are routed in micro-batches (:class:`RequestBatcher`, at most ``max_batch``
+    queries, formed within ``batch_window_ms``); ``max_batch=1`` routes each request alone.
+    """
+    batcher = RequestBatcher(router, backends, max_batch=max_batch, window_ms=batch_window_ms)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
+            await batcher.aclose()
             await backends.aclose()
 
     app = FastAPI(title="cascade-routing", lifespan=lifespan)
     app.state.router = router
     app.state.backends = backends
+    app.state.batcher = batcher
     app.state.account = SpendAccount(budget if budget is not None else router.default_budget)
     missing = [m for m in router.models if m not in backends]
     if missing:
@@ -195,7 +204,7 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
 
     @app.get("/v1/routing/stats")
     async def stats() -> dict[str, Any]:
-        return app.state.account.snapshot()
+        return {**app.state.account.snapshot(), "batching": batcher.stats()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -227,8 +236,7 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             resp.headers.update(headers)
             return resp
         try:
-            result = await router.route(query, backends, messages=messages, budget=budget_req,
-                                        task=task, **params)
+            result = await batcher.submit(RouteRequest(query, messages, task, params), budget_req)
         except NoModelAvailableError as err:
             app.state.account.add_error([f["model"] for f in err.failures])
             resp = error_response(502, str(err), "upstream_error", code="no_model_available",
@@ -278,14 +286,29 @@ def serve(
     port: int = 8000,
     name: str = "cascade-routing",
     log_level: str = "info",
+    compute_threads: int = 1,
+    max_batch: int = 64,
+    batch_window_ms: float = 2.0,
 ) -> None:
-    """Load the checkpoint and the backends YAML and serve until interrupted (blocking)."""
+    """Load the checkpoint and the backends YAML and serve until interrupted (blocking).
+
+    The router's CPU work (estimators, policy) runs on ``compute_threads`` worker threads (default
+    1: the work is serialised, the event loop stays free for HTTP I/O; Hugging Face fast
+    tokenizers are not safe to share between threads, keep 1 unless the estimator allows more).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     import uvicorn
 
-    router = CascadeRouter.from_checkpoint(checkpoint, budget=budget, strategy=strategy, name=name)
+    executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="routing")
+    router = CascadeRouter.from_checkpoint(checkpoint, budget=budget, strategy=strategy, name=name,
+                                           executor=executor)
     pool = BackendPool.from_yaml(backends)
-    app = create_app(router, pool, budget)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
 class BackgroundServer:
