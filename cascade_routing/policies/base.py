@@ -36,6 +36,8 @@ def check_inputs(estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tens
         if value is not None and bool(torch.isnan(value).any()):
             row = int(torch.isnan(value).reshape(b, -1).any(1).nonzero()[0, 0])
             raise PolicyError(f"NaN in the {name} estimate (first at batch row {row})")
+    if bool(torch.isinf(mean).any()) or bool(torch.isinf(cost).any()):
+        raise PolicyError("infinite value in the quality mean or cost estimate")
     if estimate.std is not None and bool((estimate.std < 0).any()):
         raise PolicyError("negative quality std in the estimate")
     lam_t = torch.as_tensor(lam, dtype=mean.dtype, device=mean.device)
