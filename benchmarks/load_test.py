@@ -13,7 +13,9 @@ Checks (exit code 1 if any fails):
   split; the test queries are different ones, so a small deviation is expected and reported).
 
 Reports: throughput (requests/s), client latency p50/p95, the routing overhead per request (server
-time not spent awaiting backends: ``routing.routing_ms``), and, as the baseline measured in the same
+time not spent awaiting its own backend calls: ``routing.routing_ms``, which includes waiting for
+the batch and the queue), its pure compute share (estimators + policy, ``routing.compute_ms``: the
+batch's compute time divided by the batch size), the mean micro-batch size, and, as the baseline measured in the same
 run, the throughput of the same number of requests sent straight to the replay backend of the
 cheapest model (one backend call per request, no routing) at the same concurrency.
 
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ checks
     problems: list[str] = []
     seen: dict[str, int] = {}
-    costs, overhead, backend_ms, latency, models_run = [], [], [], [], []
+    costs, overhead, backend_ms, latency, models_run, compute, batch = [], [], [], [], [], [], []
     expected_rid = {rid: rows[k] for k, (rid, _) in enumerate(payloads)}
     for rid, resp, err, lat in results:
         if resp is None or resp.status_code != 200:
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"{rid}: answer text is not the recorded answer of {test.models[j]} for row {i}")
         costs.append(body["routing"]["total_cost"])
         overhead.append(body["routing"]["routing_ms"])
+        compute.append(body["routing"]["compute_ms"])
+        batch.append(body["routing"]["batch_size"])
         backend_ms.append(body["routing"]["backend_ms"])
         models_run.append(len(body["routing"]["models_run"]))
         latency.append(lat * 1000)
@@ -217,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         "routing_overhead_ms_mean": float(np.mean(overhead)) if overhead else None,
         "routing_overhead_ms_p50": float(np.percentile(overhead, 50)) if overhead else None,
         "routing_overhead_ms_p95": float(np.percentile(overhead, 95)) if overhead else None,
+        "routing_compute_ms_mean": float(np.mean(compute)) if compute else None,
+        "batch_size_mean": float(np.mean(batch)) if batch else None,
         "backend_wait_ms_mean": float(np.mean(backend_ms)) if backend_ms else None,
         "models_run_mean": float(np.mean(models_run)) if models_run else None,
         "budget": budget, "mean_cost": mean_cost, "mean_cost_over_budget": mean_cost / budget if budget else None,

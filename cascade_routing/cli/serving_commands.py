@@ -36,7 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host, port=args.port,
           name=args.name, log_level=args.log_level, compute_threads=args.compute_threads,
-          max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+          max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+          torch_threads=args.torch_threads or None)
     return 0
 
 
@@ -71,6 +72,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--max-batch", type=int, default=64,
                    help="route up to this many concurrent requests together (1: one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="wait this long to fill a batch")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 

@@ -104,7 +104,9 @@ class RouteResult:
     final_estimate: dict[str, float]
     answers: dict[str, Answer] = field(default_factory=dict, repr=False)
     backend_ms: float = 0.0  # time spent awaiting backends
-    routing_ms: float = 0.0  # everything else (binding, estimating, deciding)
+    routing_ms: float = 0.0  # everything else (binding, estimating, deciding, waiting in the batch)
+    compute_ms: float = 0.0  # this query's share of the estimator/policy compute of its batch
+    batch_size: int = 1  # queries routed together with this one (see route_batch)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in {"answers", "query", "text"}}
@@ -367,13 +369,24 @@ class CascadeRouter:
         used_budget, fitted = self.fitted_for(budget)
         loop = asyncio.get_running_loop()
 
-        async def compute(fn: Callable[..., Any], *args: Any) -> Any:
+        compute_s = [0.0] * n
+
+        async def compute(rows_: Sequence[int], fn: Callable[..., Any], *args: Any) -> Any:
+            """Run ``fn`` (inline or on the executor); its duration is shared among ``rows_``."""
+            def timed() -> tuple[Any, float]:
+                t0 = time.perf_counter()
+                return fn(*args), time.perf_counter() - t0
+
             if self.executor is None:
-                return fn(*args)
-            return await loop.run_in_executor(self.executor, fn, *args)
+                result, took = timed()
+            else:
+                result, took = await loop.run_in_executor(self.executor, timed)
+            for i in rows_:
+                compute_s[i] += took / max(1, len(rows_))
+            return result
 
         tasks = [it.task for it in items]
-        state = await compute(self._state, [it.query for it in items], None,
+        state = await compute(range(n), self._state, [it.query for it in items], None,
                               None if all(t is None for t in tasks) else tasks)
         messages = [it.messages if it.messages is not None else [{"role": "user", "content": it.query}]
                     for it in items]
@@ -411,7 +424,7 @@ class CascadeRouter:
             if not active:
                 break
             rows = torch.as_tensor(active, dtype=torch.long)
-            nxt, est, cost, lam = await compute(self._decide, state, rows, fitted)
+            nxt, est, cost, lam = await compute(active, self._decide, state, rows, fitted)
             calls = []
             still = []
             for k, i in enumerate(active):
@@ -428,7 +441,7 @@ class CascadeRouter:
             active = still
         else:  # pragma: no cover - the policy must stop once every model ran or failed
             raise RuntimeError(f"policy {self.policy!r} did not stop within {2 * len(self.models) + 1} steps")
-        choice, est = await compute(self._select, state, torch.arange(n))
+        choice, est = await compute(range(n), self._select, state, torch.arange(n))
         total = time.perf_counter() - start
         out: list[RouteResult | NoModelAvailableError] = []
         for i, it in enumerate(items):
@@ -453,6 +466,8 @@ class CascadeRouter:
                 answers=answers[i],
                 backend_ms=backend_s[i] * 1000.0,
                 routing_ms=(total - backend_s[i]) * 1000.0,
+                compute_ms=compute_s[i] * 1000.0,
+                batch_size=n,
             ))
         return out
 
