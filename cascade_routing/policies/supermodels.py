@@ -167,6 +167,14 @@ def expected_max_table(free_samples: Tensor, base: Tensor | None, table: SubsetT
         start, stop = table.levels[level]
         if prev is None:  # level 1 without a base: the samples themselves
             cur = free_samples
+            out[:, start:stop] = cur.mean(-1)
+        elif level == table.r:  # top level: its samples are not needed later, reduce while cache-hot
+            cur = None
+            off = start
+            for j, count in enumerate(table.prefix[level]):
+                if count:
+                    out[:, off:off + count] = torch.maximum(prev[:, :count, :], free_samples[:, j:j + 1, :]).mean(-1)
+                    off += count
         else:
             cur = torch.empty(b, stop - start, k, dtype=free_samples.dtype, device=free_samples.device)
             off = 0
@@ -174,7 +182,7 @@ def expected_max_table(free_samples: Tensor, base: Tensor | None, table: SubsetT
                 if count:
                     torch.maximum(prev[:, :count, :], free_samples[:, j:j + 1, :], out=cur[:, off:off + count, :])
                     off += count
-        out[:, start:stop] = cur.mean(-1)
+            out[:, start:stop] = cur.mean(-1)
         prev = cur
     return out
 
