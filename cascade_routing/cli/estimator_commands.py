@@ -1,9 +1,120 @@
-"""`cascade-routing` subcommands of the estimator stage."""
+"""`cascade-routing` subcommands of the estimator stage: ``evaluate``, ``train-eval``, ``inspect-artifact``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this stage's subcommands (each sets `func`)."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="AUC of routing / cascades / cascade routing with a trained estimator vs the paper-style baseline",
+        description="λ fitted on the calibration split, AUC on the test split (the artifact's own split).",
+    )
+    p.add_argument("--checkpoint", required=True, help="estimator artifact (.safetensors) written by train.py")
+    p.add_argument("--dataset", default=None, help="dataset name or folder (default: the one it was trained on)")
+    p.add_argument("--out", default="eval", help="output folder for results.csv, table.md, curves.png")
+    p.add_argument("--budgets-per-pair", type=int, default=10, help="budgets between consecutive models")
+    p.add_argument("--resamples", type=int, default=500, help="bootstrap resamples for the 95%% CI")
+    p.add_argument("--strategies", default=None, help="comma-separated subset of strategies")
+    p.add_argument("--no-baseline", action="store_true", help="skip the paper-style baseline estimator")
+    p.add_argument("--no-wandb", action="store_true", help="do not log to wandb (offline by default)")
+    p.set_defaults(func=_evaluate)
+
+    t = subparsers.add_parser(
+        "train-eval",
+        help="train estimators with a train.py config, then evaluate the artifact it writes",
+        description="Runs `python train.py fit --config CONFIG` in-process, then `evaluate` on its artifact.",
+    )
+    t.add_argument("--config", default="configs/routerbench.yaml", help="LightningCLI YAML config")
+    t.add_argument("--out", default=None, help="evaluation output folder (default: eval/<config name>)")
+    t.add_argument("--budgets-per-pair", type=int, default=5)
+    t.add_argument("--resamples", type=int, default=200)
+    t.add_argument("--no-wandb", action="store_true")
+    t.add_argument("overrides", nargs="*", help="extra LightningCLI arguments, e.g. --trainer.max_epochs=5")
+    t.set_defaults(func=_train_eval)
+
+    i = subparsers.add_parser("inspect-artifact", help="print an estimator artifact's models, prices, budgets")
+    i.add_argument("checkpoint")
+    i.set_defaults(func=_inspect)
+
+
+def _strategies(arg: str | None):
+    from cascade_routing.estimators.export import STRATEGIES
+
+    if not arg:
+        return STRATEGIES
+    chosen = tuple(s.strip() for s in arg.split(",") if s.strip())
+    bad = [s for s in chosen if s not in STRATEGIES]
+    if bad:
+        raise ValueError(f"unknown strategies {bad}; choose from {list(STRATEGIES)}")
+    return chosen
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from cascade_routing.estimators.evaluate import ESTIMATORS, evaluate
+
+    evaluate(
+        args.checkpoint,
+        dataset=args.dataset,
+        out_dir=args.out,
+        strategies=_strategies(args.strategies),
+        budgets_per_pair=args.budgets_per_pair,
+        num_resamples=args.resamples,
+        estimators=("learned",) if args.no_baseline else ESTIMATORS,
+        log_wandb=not args.no_wandb,
+    )
+    return 0
+
+
+def train_eval(config: str, overrides: list[str] | None = None, out: str | None = None, budgets_per_pair: int = 5,
+               num_resamples: int = 200, log_wandb: bool = True):
+    """Train with ``config`` (LightningCLI, in-process) and evaluate the artifact it exports."""
+    import time
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from lightning.pytorch.cli import LightningCLI
+
+    from cascade_routing.estimators.datamodule import RoutingDataModule
+    from cascade_routing.estimators.evaluate import evaluate
+    from cascade_routing.estimators.export import ExportArtifact
+    from cascade_routing.estimators.module import QualityEstimatorModule
+
+    t0 = time.perf_counter()
+    cli = LightningCLI(QualityEstimatorModule, RoutingDataModule, seed_everything_default=0,
+                       save_config_kwargs={"overwrite": True}, args=["fit", "--config", config, *(overrides or [])])
+    exports = [c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact)]
+    if not exports or exports[0].artifact_path is None:
+        raise RuntimeError(f"config {config!r} has no ExportArtifact callback, so training wrote no artifact")
+    train_s = time.perf_counter() - t0
+    name = os.path.splitext(os.path.basename(config))[0]
+    result = evaluate(str(exports[0].artifact_path), out_dir=out or os.path.join("eval", name),
+                      budgets_per_pair=budgets_per_pair, num_resamples=num_resamples,
+                      cache_dir=cli.datamodule.cache_dir, log_wandb=log_wandb)
+    print(f"train {train_s:.0f} s, evaluate {result.seconds:.0f} s, total {time.perf_counter() - t0:.0f} s")
+    return result
+
+
+def _train_eval(args: argparse.Namespace) -> int:
+    train_eval(args.config, args.overrides, args.out, args.budgets_per_pair, args.resamples, not args.no_wandb)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from cascade_routing.estimators.artifact import load_artifact
+
+    art = load_artifact(args.checkpoint)
+    print(json.dumps({
+        "models": art.models,
+        "prices": art.prices,
+        "uncertainty": art.uncertainty,
+        "calibration": art.calibration,
+        "fitted_budgets": {s: sorted(t) for s, t in art.fitted.items()},
+        "data_config": art.data_config,
+        "encoder": art.encoder,
+    }, indent=2))
+    return 0

@@ -1,0 +1,334 @@
+"""The self-contained estimator artifact: one safetensors file, no code inside.
+
+Layout: a safetensors file whose tensors are the network weights (``net.<name>``), the per-model
+variance calibration ``var_scale`` [M] and, when computed, the residual covariances
+``covariances`` [2^M, M, M]; its string metadata holds ``format`` = ``cascade-routing-estimator``,
+``format_version`` and ``payload``: JSON with the model names (cheapest first), prices and the
+cost model, the network config, the encoder reference (the default MiniLM is stored as
+``"default"``; a fine-tuned query encoder travels inside ``net.encoder.*``), the data config, the
+task vocabulary, the chosen uncertainty method and its calibration report, and the fitted λ/γ
+tables per strategy and budget (fitted on the calibration split).
+
+Loading never unpickles anything: safetensors holds only raw tensors, JSON holds only data.
+:func:`load_artifact` raises :class:`ArtifactError` naming the problem for a missing, corrupt or
+foreign file, a pickle, a wrong format version, or a model list that does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cascade_routing.estimators import encoding
+from cascade_routing.estimators.cost import BoundCostEstimator, CostModel
+from cascade_routing.estimators.features import task_onehot
+from cascade_routing.estimators.learned import UNCERTAINTY_MODES, LearnedQualityEstimator
+from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
+
+FORMAT_TAG = "cascade-routing-estimator"
+FORMAT_VERSION = 1
+DEFAULT_ENCODER = "default"
+
+
+class ArtifactError(ValueError):
+    """A checkpoint/artifact cannot be used; the message says which file and why."""
+
+
+@dataclass
+class EstimatorArtifact:
+    """Everything needed to estimate quality and cost for new queries (see module docstring)."""
+
+    models: list[str]
+    network_config: dict
+    state_dict: dict[str, Tensor]
+    cost_model: CostModel
+    encoder: dict  # {"path": str | "default", "fingerprint": str, "max_length", "answer_max_length", "answer_encoding"}
+    task_vocabulary: list[str] = field(default_factory=list)
+    binary: bool = True
+    uncertainty: str = "variance"
+    var_scale: Tensor | None = None
+    covariances: Tensor | None = None
+    covariance_kind: str | None = None  # residual_covariance (centered) or residual_second_moment
+    calibration: dict = field(default_factory=dict)
+    fitted: dict[str, dict[float, Any]] = field(default_factory=dict)  # strategy -> budget -> FittedLambda
+    data_config: dict = field(default_factory=dict)
+    train_config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    source: str | None = None
+    _network: QualityNetwork | None = field(default=None, repr=False)
+    _text: tuple | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def prices(self) -> dict[str, dict[str, float]]:
+        """Per model: mean cost per query and, where known, USD per input/output token."""
+        return self.cost_model.prices()
+
+    def check_models(self, models: list[str], where: str = "data") -> None:
+        """Raise :class:`ArtifactError` unless ``models`` equals the artifact's list (same order)."""
+        if list(models) != list(self.models):
+            missing = [m for m in self.models if m not in models]
+            extra = [m for m in models if m not in self.models]
+            raise ArtifactError(
+                f"model list of {where} does not match the artifact{f' {self.source}' if self.source else ''}: "
+                f"artifact has {self.models}, {where} has {list(models)}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; unknown {extra}" if extra else "")
+                + ("; same models in a different order (order models cheapest first as in the artifact)" if not missing and not extra else "")
+            )
+
+    def fitted_lambda(self, strategy: str, budget: float):
+        """The fitted λ/γ of ``strategy`` at the largest stored budget <= ``budget``."""
+        if strategy not in self.fitted or not self.fitted[strategy]:
+            raise ArtifactError(f"no fitted λ for strategy {strategy!r}; artifact has {sorted(self.fitted)}")
+        table = self.fitted[strategy]
+        ok = [b for b in table if b <= budget * (1 + 1e-9)]
+        if not ok:
+            raise ArtifactError(
+                f"budget {budget:.6g} is below the smallest fitted budget {min(table):.6g} for {strategy!r}"
+            )
+        return table[max(ok)]
+
+    # ------------------------------------------------------------------ network / encoders
+    def network(self) -> QualityNetwork:
+        if self._network is None:
+            cfg = NetworkConfig(**self.network_config)
+            encoder_module = None
+            if any(k.startswith("encoder.") for k in self.state_dict):
+                from transformers import AutoConfig, AutoModel
+
+                hf_cfg = AutoConfig.from_pretrained(self.encoder_path(), local_files_only=True)
+                encoder_module = encoding.TextEncoder(AutoModel.from_config(hf_cfg))
+            net = QualityNetwork(cfg, encoder_module)
+            try:
+                net.load_state_dict(self.state_dict, strict=True)
+            except RuntimeError as err:
+                raise ArtifactError(f"artifact weights do not fit the stored network config: {err}") from None
+            self._network = net.eval()
+        return self._network
+
+    def encoder_path(self) -> str:
+        path = self.encoder.get("path", DEFAULT_ENCODER)
+        return encoding.resolve_encoder_path(None if path == DEFAULT_ENCODER else path)
+
+    def _text_encoders(self):
+        if self._text is None:
+            path = self.encoder_path()
+            fp = encoding.encoder_fingerprint(path)
+            if self.encoder.get("fingerprint") and fp != self.encoder["fingerprint"]:
+                raise ArtifactError(
+                    f"encoder at {path!r} (fingerprint {fp}) is not the one the artifact was trained with "
+                    f"(fingerprint {self.encoder['fingerprint']})"
+                )
+            self._text = (encoding.load_tokenizer(path), encoding.TextEncoder.from_path(path))
+        return self._text
+
+    def embed_queries(self, queries: list[str], batch_size: int = 64) -> np.ndarray:
+        """[N, D] query embeddings (the fine-tuned encoder when the artifact carries one)."""
+        tok, frozen = self._text_encoders()
+        net = self.network()
+        enc = net.encoder if net.encoder is not None else frozen
+        return encoding.encode_texts(list(queries), tok, enc, "transformer", int(self.encoder["max_length"]), batch_size)
+
+    def embed_answers(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        tok, frozen = self._text_encoders()
+        return encoding.encode_texts(
+            list(texts), tok, frozen, self.encoder["answer_encoding"], int(self.encoder["answer_max_length"]), batch_size
+        )
+
+    # ------------------------------------------------------------------ binding
+    def bind(
+        self,
+        queries: list[str],
+        responses: np.ndarray | None = None,
+        features: Mapping[str, np.ndarray] | None = None,
+        tasks: list[str] | None = None,
+        *,
+        query_embeddings: np.ndarray | Tensor | None = None,
+        answer_embedder: Callable[[list[str]], np.ndarray] | None = None,
+        uncertainty: str | None = None,
+    ) -> tuple[LearnedQualityEstimator, BoundCostEstimator]:
+        """Bound ``(QualityEstimator, CostEstimator)`` over ``queries`` (row i = ``queries[i]``).
+
+        ``responses`` object [N, M] (None where not run) and ``features`` {name: float [N, M]} are
+        read only where a model has run, so they may be filled in place as answers arrive;
+        ``features["cost"]`` (if given) is the exact cost of run models. ``query_embeddings`` /
+        ``answer_embedder`` override the encoder (e.g. with cached embeddings).
+        """
+        queries = [str(q) for q in queries]
+        n, m = len(queries), len(self.models)
+        if responses is not None and np.shape(responses) != (n, m):
+            raise ArtifactError(
+                f"responses has shape {np.shape(responses)}, expected [{n} queries, {m} models {self.models}]"
+            )
+        for key, arr in (features or {}).items():
+            if np.shape(arr) != (n, m):
+                raise ArtifactError(f"feature {key!r} has shape {np.shape(arr)}, expected [{n}, {m}] (models {self.models})")
+        if tasks is not None and len(tasks) != n:
+            raise ArtifactError(f"{len(tasks)} task labels for {n} queries")
+        mode = uncertainty or self.uncertainty
+        if mode not in UNCERTAINTY_MODES:
+            raise ArtifactError(f"uncertainty must be one of {UNCERTAINTY_MODES}, got {mode!r}")
+        q = self.embed_queries(queries) if query_embeddings is None else query_embeddings
+        q = torch.as_tensor(np.asarray(q, dtype=np.float32))
+        if q.shape != (n, self.network_config["embed_dim"]):
+            raise ArtifactError(f"query embeddings have shape {tuple(q.shape)}, expected ({n}, {self.network_config['embed_dim']})")
+        task = torch.from_numpy(task_onehot(tasks, self.task_vocabulary, n))
+        quality = LearnedQualityEstimator(
+            self.network(),
+            self.models,
+            q,
+            task,
+            responses,
+            features,
+            answer_embedder or self.embed_answers,
+            uncertainty=mode,
+            var_scale=self.var_scale,
+            covariances=self.covariances,
+        )
+        cost = BoundCostEstimator(self.cost_model, queries, features, tasks)
+        return quality, cost
+
+    # ------------------------------------------------------------------ persistence
+    def payload(self) -> dict:
+        return {
+            "models": self.models,
+            "network_config": self.network_config,
+            "cost_model": self.cost_model.to_dict(),
+            "prices": self.prices,
+            "encoder": self.encoder,
+            "task_vocabulary": self.task_vocabulary,
+            "binary": self.binary,
+            "uncertainty": self.uncertainty,
+            "covariance_kind": self.covariance_kind,
+            "calibration": self.calibration,
+            "fitted": {s: [{"budget": b, **f.to_dict()} for b, f in sorted(t.items())] for s, t in self.fitted.items()},
+            "data_config": self.data_config,
+            "train_config": self.train_config,
+            "metrics": self.metrics,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the artifact atomically to ``path`` (a ``.safetensors`` file)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.state_dict.items()}
+        if self.var_scale is not None:
+            tensors["var_scale"] = self.var_scale.detach().cpu().float().contiguous()
+        if self.covariances is not None:
+            tensors["covariances"] = self.covariances.detach().cpu().float().contiguous()
+        meta = {"format": FORMAT_TAG, "format_version": str(FORMAT_VERSION), "payload": json.dumps(self.payload())}
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+
+def _sniff(path: Path) -> str | None:
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        return "a Python pickle / torch.save archive"
+    if len(head) < 8:
+        return "too short to be a safetensors file"
+    return None
+
+
+def _fitted_from_dict(cls, d: dict):
+    """A FittedLambda with its λ kept in float64 (JSON holds them exactly)."""
+    return cls(
+        torch.tensor(d["lam_low"], dtype=torch.float64),
+        torch.tensor(d["lam_high"], dtype=torch.float64),
+        float(d.get("gamma", 0.0)),
+        d.get("budget"),
+        d.get("calibration_cost"),
+        d.get("calibration_quality"),
+    )
+
+
+def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | None = None) -> EstimatorArtifact:
+    """Read an artifact written by :meth:`EstimatorArtifact.save` (see module docstring for errors)."""
+    from cascade_routing.policies.fitting import FittedLambda
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    kind = _sniff(path)
+    if kind is not None:
+        raise ArtifactError(
+            f"checkpoint {str(path)!r} is {kind}, not a cascade-routing estimator artifact (safetensors); "
+            "refused without loading it (pickles can run code)"
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ArtifactError(f"checkpoint {str(path)!r} is corrupt or not a safetensors file: {err}") from None
+    if meta.get("format") != FORMAT_TAG:
+        raise ArtifactError(
+            f"checkpoint {str(path)!r} is a safetensors file but not a cascade-routing estimator artifact "
+            f"(metadata format={meta.get('format')!r}, expected {FORMAT_TAG!r})"
+        )
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise ArtifactError(
+            f"checkpoint {str(path)!r} has artifact format version {version!r}; this library reads version "
+            f"{FORMAT_VERSION} (retrain or use the matching cascade-routing release)"
+        )
+    try:
+        p = json.loads(meta["payload"])
+        models = [str(x) for x in p["models"]]
+        art = EstimatorArtifact(
+            models=models,
+            network_config=dict(p["network_config"]),
+            state_dict={k[4:]: v for k, v in tensors.items() if k.startswith("net.")},
+            cost_model=CostModel.from_dict(p["cost_model"]),
+            encoder=dict(p["encoder"]),
+            task_vocabulary=list(p.get("task_vocabulary", [])),
+            binary=bool(p.get("binary", True)),
+            uncertainty=str(p.get("uncertainty", "variance")),
+            var_scale=tensors.get("var_scale"),
+            covariances=tensors.get("covariances"),
+            covariance_kind=p.get("covariance_kind"),
+            calibration=dict(p.get("calibration", {})),
+            fitted={
+                s: {float(e["budget"]): _fitted_from_dict(FittedLambda, e) for e in entries}
+                for s, entries in p.get("fitted", {}).items()
+            },
+            data_config=dict(p.get("data_config", {})),
+            train_config=dict(p.get("train_config", {})),
+            metrics=dict(p.get("metrics", {})),
+            source=str(path),
+        )
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"checkpoint {str(path)!r} has a malformed payload: {type(err).__name__}: {err}") from None
+    m = len(art.models)
+    if art.network_config.get("num_models") != m or art.cost_model.models != art.models:
+        raise ArtifactError(
+            f"checkpoint {str(path)!r} is inconsistent: {m} models {art.models}, network for "
+            f"{art.network_config.get('num_models')}, cost model for {art.cost_model.models}"
+        )
+    if art.var_scale is not None and tuple(art.var_scale.shape) != (m,):
+        raise ArtifactError(f"checkpoint {str(path)!r}: var_scale has shape {tuple(art.var_scale.shape)}, expected ({m},)")
+    if art.covariances is not None and tuple(art.covariances.shape) != (2**m, m, m):
+        raise ArtifactError(
+            f"checkpoint {str(path)!r}: covariances have shape {tuple(art.covariances.shape)}, expected ({2**m}, {m}, {m})"
+        )
+    if expected_models is not None:
+        art.check_models(list(expected_models), where="the expected model list")
+    art.network()  # fail now, not at first use, if the weights do not fit
+    return art

@@ -1,0 +1,154 @@
+"""Paper-style baseline quality estimator: logistic regression per model and ran-set.
+
+For ran-set s and model m: ``p_m(x, s) = σ(w_{s,m} · φ_s(x))`` with features
+``φ_s(x) = [task one-hot, (log-prob confidence_k, log answer length_k, agreement_k)_{k∈s}, 1]``
+(columns of models outside s are 0, so their weights stay 0 under the L2 penalty). Every
+(s, m) pair is an independent L2-regularised logistic regression
+(``Σ_i BCE + ½ α ||w||²``, intercept not penalised), fitted by batched Newton steps in torch.
+Graded quality is fitted the same way (cross-entropy with a fractional target).
+
+Uncertainty as in the paper: for each ran-set s, the covariance over calibration queries of
+``p(x, all) − p(x, s)``. Bound to a table like every estimator; reads responses and features only
+where ``ran``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.estimators.features import (
+    AgreementCache,
+    answer_features,
+    compose_features,
+    pair_similarity,
+    static_features,
+    task_onehot,
+)
+from cascade_routing.estimators.masks import all_masks, bitmask
+
+ANSWER_COLUMNS = (1, 0, 3)  # confidence, log_length, agreement (indices into ANSWER_FEATURES)
+
+
+def design(task: Tensor, answer_feat: Tensor) -> Tensor:
+    """[B, T + 3M + 1]: task one-hot, the three answer features of every model, intercept."""
+    b = task.shape[0]
+    per_model = answer_feat[..., list(ANSWER_COLUMNS)].reshape(b, -1)
+    return torch.cat([task, per_model, torch.ones(b, 1, dtype=task.dtype)], dim=1)
+
+
+def _full_features(data: RoutingDataset) -> tuple[Tensor, Tensor]:
+    n, m = data.quality.shape
+    rows = np.arange(n)
+    static = torch.from_numpy(static_features(rows, np.ones((n, m), bool), data.responses, data.features))
+    pair = torch.from_numpy(pair_similarity(rows, np.ones((n, m), bool), data.responses, num_models=m))
+    return static, pair
+
+
+def fit_logistic(x: Tensor, y: Tensor, alpha: float = 1.0, iterations: int = 12) -> Tensor:
+    """Batched Newton for ``x`` [S, N, F], ``y`` [N, M] -> weights [S, M, F] (float64)."""
+    s, n, f = x.shape
+    m = y.shape[1]
+    x = x.double()
+    y = y.double()
+    w = torch.zeros(s, m, f, dtype=torch.float64)
+    reg = alpha * torch.eye(f, dtype=torch.float64)
+    reg[-1, -1] = 1e-6  # intercept (last column) barely penalised
+    for _ in range(iterations):
+        logit = torch.einsum("snf,smf->snm", x, w)
+        p = torch.sigmoid(logit)
+        grad = torch.einsum("snf,snm->smf", x, p - y) + torch.einsum("fg,smg->smf", reg, w)
+        wts = p * (1 - p)  # [S, N, M]
+        hess = torch.einsum("snf,snm,sng->smfg", x, wts, x) + reg
+        step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+        w = w - step
+    return w
+
+
+class BaselineModel:
+    """Weights [2^M, M, F] of every (ran-set, model) regression, plus residual covariances."""
+
+    def __init__(self, models: list[str], task_vocabulary: list[str], weights: Tensor, covariances: Tensor | None = None):
+        self.models = list(models)
+        self.task_vocabulary = list(task_vocabulary)
+        self.weights = weights
+        self.covariances = covariances
+
+    @classmethod
+    def fit(cls, train: RoutingDataset, alpha: float = 1.0, chunk: int = 64, progress: bool = False) -> "BaselineModel":
+        n, m = train.quality.shape
+        vocab = sorted(set(train.tasks)) if train.tasks is not None else []
+        task = torch.from_numpy(task_onehot(train.tasks, vocab, n))
+        static, pair = _full_features(train)
+        y = torch.from_numpy(train.quality)
+        masks = all_masks(m)
+        weights = []
+        starts = range(0, masks.shape[0], chunk)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="baseline: fit logistic regressions", unit="chunk", leave=False)
+        for start in starts:
+            ms = masks[start : start + chunk]
+            xs = torch.stack([design(task, compose_features(static, pair, mk.expand(n, m))) for mk in ms])
+            weights.append(fit_logistic(xs, y, alpha))
+        return cls(list(train.models), vocab, torch.cat(weights).float())
+
+    def predict(self, task: Tensor, answer_feat: Tensor, ran: Tensor) -> Tensor:
+        """Probabilities [B, M] from task one-hot [B, T], answer features [B, M, 4], ran [B, M]."""
+        x = design(task.float(), answer_feat.float())
+        w = self.weights[bitmask(ran.bool())]  # [B, M, F]
+        return torch.sigmoid(torch.einsum("bf,bmf->bm", x, w))
+
+    def fit_covariances(self, calibration: RoutingDataset) -> Tensor:
+        """[2^M, M, M]: Cov_i(p_i(all) − p_i(s)) over the calibration rows (the paper's uncertainty)."""
+        n, m = calibration.quality.shape
+        task = torch.from_numpy(task_onehot(calibration.tasks, self.task_vocabulary, n))
+        static, pair = _full_features(calibration)
+        full = torch.ones(n, m, dtype=torch.bool)
+        p_all = self.predict(task, compose_features(static, pair, full), full)
+        covs = []
+        for mk in all_masks(m):
+            ran = mk.expand(n, m)
+            r = (p_all - self.predict(task, compose_features(static, pair, ran), ran)).double()
+            covs.append(torch.cov(r.T).reshape(m, m) if n > 1 else torch.zeros(m, m, dtype=torch.float64))
+        self.covariances = torch.stack(covs).float()
+        return self.covariances
+
+    def bind(
+        self,
+        queries: list[str],
+        responses: np.ndarray | None,
+        features: Mapping[str, np.ndarray] | None,
+        tasks: list[str] | None,
+    ) -> "BaselineQualityEstimator":
+        return BaselineQualityEstimator(self, len(queries), responses, features, tasks)
+
+
+class BaselineQualityEstimator:
+    """A :class:`BaselineModel` bound to a table of rows; implements ``QualityEstimator``."""
+
+    def __init__(self, model: BaselineModel, n: int, responses, features, tasks) -> None:
+        self.model = model
+        self.models = list(model.models)
+        self.responses = responses
+        self.features = features if features is not None else {}
+        self.task = torch.from_numpy(task_onehot(tasks, model.task_vocabulary, n))
+        self._agreement = AgreementCache()
+
+    def estimate(self, queries: Tensor, ran: Tensor) -> QualityEstimate:
+        device = torch.as_tensor(ran).device
+        rows = torch.as_tensor(queries, dtype=torch.long).cpu()
+        ran_c = torch.as_tensor(ran, dtype=torch.bool).cpu()
+        feats = answer_features(rows.numpy(), ran_c.numpy(), self.responses, self.features, self._agreement)
+        p = self.model.predict(self.task[rows], torch.from_numpy(feats), ran_c)
+        cov = None
+        if self.model.covariances is not None:
+            m = len(self.models)
+            cov = self.model.covariances[bitmask(ran_c)] + 1e-6 * torch.eye(m)
+        return QualityEstimate(p.float(), cov=cov).to(device)

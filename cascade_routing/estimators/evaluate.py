@@ -1,0 +1,252 @@
+"""Evaluate a trained estimator artifact: the paper's AUC per strategy, learned vs paper-style baseline.
+
+Protocol: the artifact's own split of the dataset (same fractions and seed as training). For each
+quality estimator (``learned``: the artifact; ``baseline``: :mod:`baseline` fitted on the train
+split, residual covariances on the calibration split) and each strategy (routing, threshold
+cascade, optimal cascade, cascade routing), the engine's ``budget_sweep``: budgets between the
+test split's non-dominated models, λ/γ refitted per budget on the calibration split, realised
+quality and cost on the test split, AUC with a bootstrap 95% CI. Both estimators share the
+artifact's cost estimator, so the comparison isolates quality estimation. The linear
+interpolation between models is reported as a reference. Writes ``results.csv``, ``table.md``,
+``curves.png`` and ``estimator_metrics.json``, prints the table and logs it to wandb (offline
+unless ``WANDB_MODE=online``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cascade_routing.estimators.artifact import DEFAULT_ENCODER, EstimatorArtifact, load_artifact
+from cascade_routing.estimators.datamodule import EncodedSplit, RoutingDataModule
+from cascade_routing.estimators.export import STRATEGIES, bind_split, make_policy
+
+ESTIMATORS = ("learned", "baseline")
+
+
+@dataclass
+class EvaluationResult:
+    rows: list[dict]
+    curves: dict[str, list]
+    estimator_metrics: dict
+    seconds: float
+    out_dir: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def datamodule_for(artifact: EstimatorArtifact, dataset: str | None = None, cache_dir: str | None = None) -> RoutingDataModule:
+    """A data module reproducing the artifact's splits and encodings (embeddings from the cache)."""
+    cfg = artifact.data_config
+    enc = artifact.encoder.get("path", DEFAULT_ENCODER)
+    dm = RoutingDataModule(
+        dataset=dataset or cfg["dataset"],
+        encoder_path=None if enc == DEFAULT_ENCODER else enc,
+        split=cfg.get("split"),
+        split_seed=int(cfg.get("split_seed", 0)),
+        max_length=int(artifact.encoder["max_length"]),
+        answer_max_length=int(artifact.encoder["answer_max_length"]),
+        answer_encoding=artifact.encoder["answer_encoding"],
+        cache_dir=cache_dir,
+    )
+    artifact.check_models(dm.models, where=f"dataset {dm.dataset_name!r}")
+    dm.setup("test")
+    return dm
+
+
+def concat_splits(a: EncodedSplit, b: EncodedSplit) -> EncodedSplit:
+    """Rows of ``a`` then rows of ``b`` (one table, so λ can be fitted on a and tested on b)."""
+    from cascade_routing.data.dataset import RoutingDataset
+
+    da, db = a.dataset, b.dataset
+    ds = RoutingDataset(
+        queries=da.queries + db.queries,
+        models=list(da.models),
+        quality=np.concatenate([da.quality, db.quality]),
+        cost=np.concatenate([da.cost, db.cost]),
+        responses=None if da.responses is None else np.concatenate([da.responses, db.responses]),
+        features={k: np.concatenate([da.features[k], db.features[k]]) for k in da.features},
+        tasks=None if da.tasks is None else da.tasks + db.tasks,
+        query_ids=list(da.query_ids) + list(db.query_ids),
+        name=f"{da.name}+{db.name}",
+    )
+    cat = lambda x, y: torch.cat([x, y])  # noqa: E731
+    return EncodedSplit(ds, cat(a.query_emb, b.query_emb), cat(a.answer_emb, b.answer_emb), cat(a.task, b.task),
+                        cat(a.static, b.static), cat(a.pair_sim, b.pair_sim), cat(a.quality, b.quality),
+                        cat(a.eval_ran, b.eval_ran))
+
+
+def estimator_metrics(artifact: EstimatorArtifact, split: EncodedSplit, baseline=None) -> dict:
+    """Per-model AUROC of ex-ante estimates and of post-hoc estimates of run models (split's eval masks)."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    ds = split.dataset
+    n, m = ds.quality.shape
+    y = torch.from_numpy(ds.quality)
+    rows = torch.arange(n)
+    out: dict = {}
+    estimators = {"learned": bind_split(artifact, split)[0]}
+    if baseline is not None:
+        estimators["baseline"] = baseline.bind(ds.queries, ds.responses, ds.features, ds.tasks)
+    for name, qe in estimators.items():
+        ex = qe.estimate(rows, torch.zeros(n, m, dtype=torch.bool)).mean
+        post = qe.estimate(rows, split.eval_ran).mean
+        per = {}
+        for j, model in enumerate(ds.models):
+            yj = y[:, j]
+            entry = {}
+            if 0 < float(yj.sum()) < n:
+                entry["exante_auroc"] = float(binary_auroc(ex[:, j], yj.long()))
+            sel = split.eval_ran[:, j]
+            ys = yj[sel]
+            if sel.any() and 0 < float(ys.sum()) < ys.numel():
+                entry["posthoc_auroc"] = float(binary_auroc(post[sel, j], ys.long()))
+            per[model] = entry
+        means = {
+            k: float(np.mean([e[k] for e in per.values() if k in e])) for k in ("exante_auroc", "posthoc_auroc")
+            if any(k in e for e in per.values())
+        }
+        out[name] = {"per_model": per, **means}
+    return out
+
+
+def evaluate(
+    checkpoint: str,
+    dataset: str | None = None,
+    out_dir: str | None = "eval",
+    strategies: tuple[str, ...] = STRATEGIES,
+    budgets_per_pair: int = 10,
+    num_resamples: int = 500,
+    estimators: tuple[str, ...] = ESTIMATORS,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    log_wandb: bool = True,
+    seed: int = 0,
+) -> EvaluationResult:
+    """See the module docstring. Returns the table rows (one per estimator × strategy)."""
+    from cascade_routing.estimators.baseline import BaselineModel
+    from cascade_routing.evaluation.metrics import sweep_budgets
+    from cascade_routing.evaluation.sweep import budget_sweep, linear_interpolation_sweep
+
+    t0 = time.perf_counter()
+    art = load_artifact(checkpoint)
+    dm = datamodule_for(art, dataset, cache_dir)
+    cal, test = dm.splits["calibration"], dm.splits["test"]
+    table = concat_splits(cal, test)
+    n_cal = cal.quality.shape[0]
+    fit_rows = np.arange(n_cal)
+    test_rows = np.arange(n_cal, table.quality.shape[0])
+    data = table.dataset
+    learned_q, cost_est = bind_split(art, table)
+    bound = {"learned": learned_q}
+    baseline = None
+    if "baseline" in estimators:
+        baseline = BaselineModel.fit(dm.splits["train"].dataset, progress=progress)
+        baseline.fit_covariances(cal.dataset)
+        bound["baseline"] = baseline.bind(data.queries, data.responses, data.features, data.tasks)
+    test_q, test_c = data.quality[test_rows], data.cost[test_rows]
+    budgets = sweep_budgets(test_c.mean(0), test_q.mean(0), budgets_per_pair)
+    jobs = [(e, s) for e in estimators for s in strategies]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="evaluate (budget sweeps)", unit="sweep")
+    rows: list[dict] = []
+    curves: dict[str, list] = {}
+    lin = linear_interpolation_sweep(test_q, test_c, budgets, num_resamples, seed)
+    rows.append({"estimator": "-", "strategy": "linear_interpolation", "auc": round(lin.auc, 3),
+                 "ci_low": round(lin.ci[0], 3), "ci_high": round(lin.ci[1], 3), "seconds": 0.0})
+    for est, strategy in jobs:
+        t1 = time.perf_counter()
+        res = budget_sweep(make_policy(strategy, seed=seed), bound[est], cost_est, data.quality, data.cost,
+                           fit_rows, test_rows, budgets, texts=data.queries, strategy=strategy,
+                           num_resamples=num_resamples, seed=seed)
+        curves.setdefault(f"{est} estimator", [lin]).append(res)
+        rows.append({"estimator": est, "strategy": strategy, "auc": round(res.auc, 3), "ci_low": round(res.ci[0], 3),
+                     "ci_high": round(res.ci[1], 3), "seconds": round(time.perf_counter() - t1, 2)})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    metrics = estimator_metrics(art, test, baseline)
+    metrics["uncertainty_calibration_val"] = art.calibration
+    result = EvaluationResult(rows, curves, metrics, time.perf_counter() - t0)
+    print_table(rows, metrics, dm.dataset_name)
+    if out_dir is not None:
+        result.out_dir = write_outputs(result, Path(out_dir))
+        if log_wandb:
+            log_to_wandb(result, dm.dataset_name)
+    return result
+
+
+def format_markdown(rows: list[dict]) -> str:
+    lines = ["| estimator | strategy | AUC | 95% CI |", "|---|---|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['estimator']} | {r['strategy']} | {r['auc']:.2f} | [{r['ci_low']:.2f}, {r['ci_high']:.2f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[dict], metrics: dict, dataset: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"AUC on the test split of {dataset} (λ fitted on the calibration split)")
+    for col in ("estimator", "strategy", "AUC", "95% CI"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["estimator"], r["strategy"], f"{r['auc']:.2f}", f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]")
+    console = Console()
+    console.print(table)
+    for est in ESTIMATORS:
+        if est in metrics:
+            e = metrics[est]
+            console.print(
+                f"{est}: ex-ante AUROC (mean over models) {e.get('exante_auroc', float('nan')):.3f}, "
+                f"post-hoc AUROC of run models {e.get('posthoc_auroc', float('nan')):.3f}"
+            )
+
+
+def write_outputs(result: EvaluationResult, out: Path) -> Path:
+    from cascade_routing.evaluation.plots import plot_curves
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(result.rows[0]))
+        writer.writeheader()
+        writer.writerows(result.rows)
+    (out / "table.md").write_text(format_markdown(result.rows))
+    (out / "estimator_metrics.json").write_text(json.dumps(result.estimator_metrics, indent=2))
+    plot_curves(result.curves, out / "curves.png", ncols=2)
+    print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'curves.png'}")
+    return out
+
+
+def log_to_wandb(result: EvaluationResult, dataset: str) -> None:
+    """Log the table, the estimator metrics and the PNG to a wandb run (offline by default)."""
+    import os
+
+    import wandb
+
+    from cascade_routing.estimators.loggers import wandb_offline_default
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    mode = "offline" if wandb_offline_default() else "online"
+    run = wandb.init(project="cascade-routing", job_type="evaluate", name=f"evaluate-{dataset}", mode=mode,
+                     dir=str(result.out_dir), reinit=True)
+    try:
+        cols = list(result.rows[0])
+        run.log({
+            "auc_table": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in result.rows]),
+            "curves": wandb.Image(str(result.out_dir / "curves.png")),
+            **{f"auc/{r['estimator']}/{r['strategy']}": r["auc"] for r in result.rows},
+            **{f"{e}/{k}": v for e in ESTIMATORS if e in result.estimator_metrics
+               for k, v in result.estimator_metrics[e].items() if isinstance(v, float)},
+        })
+    finally:
+        run.finish()

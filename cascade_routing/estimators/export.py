@@ -1,0 +1,204 @@
+"""Turn a trained :class:`QualityEstimatorModule` + its data module into an :class:`EstimatorArtifact`.
+
+Steps (all on held-out splits, never on the training rows):
+
+1. variance-head calibration ``c_m`` and residual covariances per ran-set on the calibration split
+   (the paper's centered covariance and the uncentered second moment);
+2. the methods compared on the val split (:func:`uncertainty.calibration_report`); the one with
+   the lower NLL becomes the artifact's default; the better of the two tables is stored;
+3. the cost model fitted on the training split;
+4. λ/γ fitted on the calibration split for every strategy at each budget of the paper's grid
+   (``budgets_per_pair`` budgets between consecutive non-dominated models by calibration cost).
+
+:class:`ExportArtifact` runs this at the end of ``fit`` (global rank 0, best checkpoint weights).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from cascade_routing.estimators import encoding
+from cascade_routing.estimators.artifact import DEFAULT_ENCODER, EstimatorArtifact
+from cascade_routing.estimators.cost import CostModel
+from cascade_routing.estimators.uncertainty import calibration_report, fit_variance_scale, residual_covariances
+
+STRATEGIES = ("routing", "threshold_cascade", "optimal_cascade", "cascade_routing")
+MAX_COVARIANCE_MODELS = 11  # 2^11 ran-sets × M² floats; above this only the variance head is stored
+
+
+def make_policy(strategy: str, num_samples: int = 128, seed: int = 0, max_depth: int = 5):
+    """The engine's policy for a strategy name (cascade routing: depth ``max_depth``, free order)."""
+    from cascade_routing.policies import CascadeRouting, OptimalCascade, Routing, ThresholdCascade
+
+    if strategy == "routing":
+        return Routing()
+    if strategy == "threshold_cascade":
+        return ThresholdCascade()
+    if strategy == "optimal_cascade":
+        return OptimalCascade(num_samples=num_samples, seed=seed)
+    if strategy == "cascade_routing":
+        return CascadeRouting(max_depth=max_depth, force_order=False, num_samples=num_samples, seed=seed)
+    raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+
+
+def split_embedding_lookup(split) -> "callable":
+    """An ``answer_embedder`` that serves cached embeddings of this split's responses by text."""
+    table: dict[str, np.ndarray] = {}
+    if split.dataset.responses is not None:
+        emb = split.answer_emb.numpy()
+        for (i, m), text in np.ndenumerate(split.dataset.responses):
+            table.setdefault("" if text is None else str(text), emb[i, m])
+    dim = split.answer_emb.shape[-1]
+
+    def embed(texts: list[str]) -> np.ndarray:
+        missing = [t for t in texts if t not in table]
+        if missing:
+            raise KeyError(f"{len(missing)} answer texts are not in the cached split (first: {missing[0][:60]!r})")
+        return np.stack([table[t] for t in texts]) if texts else np.zeros((0, dim), np.float32)
+
+    return embed
+
+
+def bind_split(artifact: EstimatorArtifact, split, uncertainty: str | None = None, with_cost: bool = True):
+    """Bind the artifact to an encoded split using its cached embeddings (no encoder run).
+
+    ``features`` passed on include ``cost`` (the recorded cost, read only where a model ran).
+    """
+    ds = split.dataset
+    feats = dict(ds.features)
+    if with_cost:
+        feats["cost"] = ds.cost
+    return artifact.bind(
+        ds.queries,
+        ds.responses,
+        feats,
+        ds.tasks,
+        query_embeddings=split.query_emb.numpy(),
+        answer_embedder=split_embedding_lookup(split),
+        uncertainty=uncertainty,
+    )
+
+
+def fit_lambda_tables(
+    artifact: EstimatorArtifact,
+    split,
+    strategies=STRATEGIES,
+    budgets_per_pair: int = 3,
+    num_samples: int = 128,
+    progress: bool = True,
+) -> dict[str, dict[float, object]]:
+    """strategy -> {budget: FittedLambda} fitted on ``split`` (the calibration split)."""
+    from cascade_routing.evaluation.metrics import sweep_budgets
+    from cascade_routing.policies.fitting import fit_lambda, query_uniforms
+
+    ds = split.dataset
+    qe, ce = bind_split(artifact, split)
+    budgets = sweep_budgets(ds.cost.mean(0), ds.quality.mean(0), budgets_per_pair)
+    floor = float(ds.cost.mean(0).min())
+    uniforms = query_uniforms(ds.queries)
+    out: dict[str, dict[float, object]] = {}
+    jobs = [(s, float(b)) for s in strategies for b in budgets]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="fit λ (calibration)", unit="budget", leave=False)
+    caches: dict[str, dict] = {}
+    for strategy, budget in jobs:
+        policy = make_policy(strategy, num_samples)
+        f = fit_lambda(policy, qe, ce, ds.quality, ds.cost, max(budget, floor), uniforms=uniforms,
+                       cache=caches.setdefault(strategy, {}))
+        out.setdefault(strategy, {})[budget] = f
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def build_artifact(
+    module,
+    datamodule,
+    strategies=STRATEGIES,
+    budgets_per_pair: int = 3,
+    fit_lambdas: bool = True,
+    progress: bool = True,
+) -> EstimatorArtifact:
+    """See the module docstring. ``module.network`` must be trained; ``datamodule`` set up."""
+    t0 = time.perf_counter()
+    network = module.network.cpu().eval()
+    cal, val = datamodule.splits["calibration"], datamodule.splits["val"]
+    m = len(datamodule.models)
+    var_scale = fit_variance_scale(network, cal)
+    tables = {}
+    if m <= MAX_COVARIANCE_MODELS:
+        tables["residual_covariance"] = residual_covariances(network, cal, centered=True)
+        tables["residual_second_moment"] = residual_covariances(network, cal, centered=False)
+    report = calibration_report(network, val, var_scale, tables)
+    chosen = min(report, key=lambda k: report[k]["nll"])
+    best_table = min(tables, key=lambda k: report[k]["nll"]) if tables else None
+    covs = tables[best_table] if best_table else None
+    enc_path = datamodule.resolved_encoder_path
+    stored_path = DEFAULT_ENCODER if datamodule.encoder_path in (None, DEFAULT_ENCODER) else str(Path(enc_path).resolve())
+    art = EstimatorArtifact(
+        models=list(datamodule.models),
+        network_config=network.config.to_dict(),
+        state_dict={k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+        cost_model=CostModel.fit(datamodule.splits["train"].dataset),
+        encoder={
+            "path": stored_path,
+            "fingerprint": encoding.encoder_fingerprint(enc_path),
+            "max_length": datamodule.max_length,
+            "answer_max_length": datamodule.answer_max_length,
+            "answer_encoding": datamodule.answer_encoding,
+        },
+        task_vocabulary=datamodule.task_vocabulary,
+        binary=datamodule.binary_quality,
+        uncertainty="variance" if chosen == "variance_head" else "covariance",
+        covariance_kind=best_table,
+        var_scale=var_scale,
+        covariances=covs,
+        calibration=report,
+        data_config=datamodule.data_config(),
+        train_config=dict(module.hparams),
+    )
+    if fit_lambdas:
+        art.fitted = fit_lambda_tables(art, cal, strategies, budgets_per_pair, progress=progress)
+    art.metrics["export_seconds"] = round(time.perf_counter() - t0, 2)
+    return art
+
+
+class ExportArtifact(L.Callback):
+    """At the end of ``fit``: reload the best checkpoint's weights and write the artifact.
+
+    Args:
+        path: output file (``.safetensors``).
+        budgets_per_pair: budgets between consecutive non-dominated models for the λ tables.
+        fit_lambdas: fit the λ/γ tables (set false for quick experiments).
+    """
+
+    def __init__(self, path: str = "artifacts/estimator.safetensors", budgets_per_pair: int = 3, fit_lambdas: bool = True) -> None:
+        self.path = path
+        self.budgets_per_pair = budgets_per_pair
+        self.fit_lambdas = fit_lambdas
+        self.artifact_path: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        if ckpt:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+            pl_module.load_state_dict(state)
+        art = build_artifact(pl_module, trainer.datamodule, budgets_per_pair=self.budgets_per_pair,
+                             fit_lambdas=self.fit_lambdas)
+        art.metrics["best_checkpoint"] = ckpt
+        self.artifact_path = art.save(self.path)
+        print(f"estimator artifact written to {self.artifact_path}")
+        for name, rep in art.calibration.items():
+            print(f"  uncertainty {name}: NLL {rep['nll']:.3f}, 90% coverage {rep['coverage90']:.3f}")

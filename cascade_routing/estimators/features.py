@@ -1,0 +1,176 @@
+"""Hand-made features of run answers, shared by the learned network and the paper-style baseline.
+
+Every function here takes the ``ran`` mask and reads a (query, model) cell only where
+``ran[i, m]`` is true; cells of unrun models come out as exactly 0. This is the first line of the
+no-leakage guarantee (the network masks again before any computation).
+
+Per-answer features (``ANSWER_FEATURES``, in this order, float [B, M, F]):
+
+- ``log_length``: ``log1p(len(response chars)) / 8`` (0 when the response is missing);
+- ``confidence``: the dataset's ``logprob_confidence`` feature (0 where absent);
+- ``has_confidence``: 1 where a log-prob confidence exists for the cell, else 0;
+- ``agreement``: mean token-set Jaccard similarity of this answer with the *other run* answers of
+  the same query, ``(1/|R\\{m}|) Σ_{k∈R\\{m}} |T_m ∩ T_k| / |T_m ∪ T_k|`` (0 when no other model ran).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import numpy as np
+import torch
+
+ANSWER_FEATURES: tuple[str, ...] = ("log_length", "confidence", "has_confidence", "agreement")
+CONFIDENCE_FEATURE = "logprob_confidence"
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def answer_tokens(text: object) -> frozenset[str]:
+    """Lower-cased alphanumeric tokens of an answer (empty for ``None``)."""
+    if text is None:
+        return frozenset()
+    return frozenset(_TOKEN.findall(str(text).lower()))
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    """``|a ∩ b| / |a ∪ b|``; 1.0 for two empty sets."""
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+class AgreementCache:
+    """Memoised pairwise answer similarity, computed only for pairs where both models have run.
+
+    Keys are (row, model_a, model_b); a cell's response never changes once the model has run, so
+    memoising is safe for a live server that fills responses in place.
+    """
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[int, int], frozenset[str]] = {}
+        self._pairs: dict[tuple[int, int, int], float] = {}
+
+    def tokens(self, responses: np.ndarray, row: int, model: int) -> frozenset[str]:
+        key = (row, model)
+        if key not in self._tokens:
+            self._tokens[key] = answer_tokens(responses[row, model])
+        return self._tokens[key]
+
+    def pair(self, responses: np.ndarray, row: int, a: int, b: int) -> float:
+        key = (row, min(a, b), max(a, b))
+        if key not in self._pairs:
+            self._pairs[key] = jaccard(self.tokens(responses, row, a), self.tokens(responses, row, b))
+        return self._pairs[key]
+
+
+def static_features(
+    rows: np.ndarray,
+    ran: np.ndarray | None,
+    responses: np.ndarray | None,
+    features: Mapping[str, np.ndarray] | None,
+) -> np.ndarray:
+    """Float32 [B, M, 3]: (log_length, confidence, has_confidence) of each cell, 0 where not ran.
+
+    ``ran=None`` means every cell (training time, where all answers are known).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    conf = None if features is None else features.get(CONFIDENCE_FEATURE)
+    if ran is None:
+        source = responses if responses is not None else conf
+        if source is None:
+            raise ValueError("static_features: ran=None needs responses or a confidence feature")
+        ran = np.ones((rows.size, source.shape[1]), dtype=bool)
+    ran = np.asarray(ran, dtype=bool)
+    out = np.zeros((rows.size, ran.shape[1], 3), dtype=np.float32)
+    bi, mi = np.nonzero(ran)
+    if bi.size == 0:
+        return out
+    qi = rows[bi]
+    if responses is not None:
+        texts = responses[qi, mi]
+        out[bi, mi, 0] = [np.log1p(len(str(t))) / 8.0 if t is not None else 0.0 for t in texts]
+    if conf is not None:
+        out[bi, mi, 1] = conf[qi, mi]
+        out[bi, mi, 2] = 1.0
+    return out
+
+
+def pair_similarity(
+    rows: np.ndarray,
+    ran: np.ndarray | None,
+    responses: np.ndarray | None,
+    cache: AgreementCache | None = None,
+    num_models: int | None = None,
+) -> np.ndarray:
+    """Float32 [B, M, M]: Jaccard similarity of the answers of models a and b, only where both ran.
+
+    The diagonal is 0. ``ran=None`` means every cell.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    m = responses.shape[1] if responses is not None else int(num_models or 0)
+    if ran is None:
+        ran = np.ones((rows.size, m), dtype=bool)
+    ran = np.asarray(ran, dtype=bool)
+    out = np.zeros((rows.size, ran.shape[1], ran.shape[1]), dtype=np.float32)
+    if responses is None:
+        return out
+    cache = cache if cache is not None else AgreementCache()
+    for b, i in enumerate(rows):
+        run_models = np.flatnonzero(ran[b])
+        for x in range(run_models.size):
+            for y in range(x + 1, run_models.size):
+                a, c = int(run_models[x]), int(run_models[y])
+                out[b, a, c] = out[b, c, a] = cache.pair(responses, int(i), a, c)
+    return out
+
+
+def compose_features(static: torch.Tensor, pair_sim: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
+    """[B, M, 4] answer features under mask ``ran``: the static three and the agreement.
+
+    ``agreement_m = Σ_{k≠m} ran_k · S_mk / max(1, Σ_{k≠m} ran_k)`` for run m, 0 otherwise. Cells and
+    pairs of unrun models are zeroed here, whatever the inputs hold.
+    """
+    ran = ran.bool()
+    rf = ran.to(static.dtype)
+    static = torch.where(ran.unsqueeze(-1), static, torch.zeros((), dtype=static.dtype))
+    eye = torch.eye(ran.shape[1], dtype=rf.dtype, device=rf.device)
+    pair = rf.unsqueeze(2) * rf.unsqueeze(1) * (1 - eye)
+    sim = torch.where(pair.bool(), pair_sim.to(static.dtype), torch.zeros((), dtype=static.dtype))
+    agree = sim.sum(-1) / pair.sum(-1).clamp_min(1.0)
+    return torch.cat([static, agree.unsqueeze(-1)], dim=-1)
+
+
+def answer_features(
+    rows: np.ndarray,
+    ran: np.ndarray,
+    responses: np.ndarray | None,
+    features: Mapping[str, np.ndarray] | None,
+    cache: AgreementCache | None = None,
+) -> np.ndarray:
+    """Float32 [B, M, len(ANSWER_FEATURES)] for table rows ``rows`` under mask ``ran`` [B, M].
+
+    Reads ``responses[rows[b], m]`` and ``features[k][rows[b], m]`` only where ``ran[b, m]``.
+    """
+    ran = np.asarray(ran, dtype=bool)
+    static = static_features(rows, ran, responses, features)
+    pair = pair_similarity(rows, ran, responses, cache, num_models=ran.shape[1])
+    return compose_features(torch.from_numpy(static), torch.from_numpy(pair), torch.from_numpy(ran)).numpy()
+
+
+def task_onehot(tasks: list[str] | None, vocabulary: list[str], n: int) -> np.ndarray:
+    """Float32 [n, len(vocabulary)] one-hot of each query's task (all-zero for an unseen task)."""
+    out = np.zeros((n, len(vocabulary)), dtype=np.float32)
+    if tasks is None or not vocabulary:
+        return out
+    index = {t: j for j, t in enumerate(vocabulary)}
+    for i, t in enumerate(tasks):
+        j = index.get(str(t))
+        if j is not None:
+            out[i, j] = 1.0
+    return out
+
+
+def length_features(queries: list[str]) -> np.ndarray:
+    """Float32 [n] ``log1p(len(query chars))`` (used by the cost estimator for input tokens)."""
+    return np.asarray([np.log1p(len(q)) for q in queries], dtype=np.float32)

@@ -1,0 +1,134 @@
+"""The learned quality estimator bound to a table of queries (implements ``QualityEstimator``).
+
+``estimate(queries, ran)`` for row ids ``queries`` [B] and ``ran`` [B, M]:
+
+1. reads ``responses[i, m]`` and ``features[k][i, m]`` only where ``ran[b, m]`` (a live server may
+   fill these arrays in place as answers arrive);
+2. embeds the run answers it has not seen yet (``answer_embedder``, one batched call), builds the
+   answer features (``features.answer_features``) and runs the network: ``mean = σ(logit)``;
+3. uncertainty: ``variance`` → ``std = sqrt(c_m · exp(logvar))``; ``covariance`` → ``cov =
+   Σ_{bitmask(ran)} + εI`` (residual covariance of that ran-set); ``none`` → no uncertainty.
+
+Results are memoised per (row, ran-set): the network is deterministic in eval mode and a run
+answer never changes, so re-asking (e.g. while fitting λ) costs a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.estimators.features import AgreementCache, answer_features
+from cascade_routing.estimators.masks import bitmask
+from cascade_routing.estimators.network import QualityNetwork
+
+UNCERTAINTY_MODES = ("variance", "covariance", "none")
+COV_JITTER = 1e-6
+
+
+class LearnedQualityEstimator:
+    """See the module docstring. ``query_emb`` [N, D] and ``task`` [N, T] are precomputed at bind time."""
+
+    def __init__(
+        self,
+        network: QualityNetwork,
+        models: list[str],
+        query_emb: Tensor,
+        task: Tensor,
+        responses: np.ndarray | None,
+        features: Mapping[str, np.ndarray] | None,
+        answer_embedder: Callable[[list[str]], np.ndarray],
+        uncertainty: str = "variance",
+        var_scale: Tensor | None = None,
+        covariances: Tensor | None = None,
+        batch_size: int = 4096,
+    ) -> None:
+        if uncertainty not in UNCERTAINTY_MODES:
+            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_MODES}, got {uncertainty!r}")
+        if uncertainty == "covariance" and covariances is None:
+            raise ValueError("uncertainty='covariance' needs the residual covariances (none in this artifact)")
+        n, m = query_emb.shape[0], len(models)
+        if responses is not None and np.asarray(responses).shape != (n, m):
+            raise ValueError(f"responses must be [{n}, {m}] (queries × models {models}), got {np.shape(responses)}")
+        for key, arr in (features or {}).items():
+            if np.shape(arr) != (n, m):
+                raise ValueError(f"feature {key!r} must be [{n}, {m}] (queries × models), got {np.shape(arr)}")
+        self.network = network.eval()
+        self.models = list(models)
+        self.query_emb = query_emb.float()
+        self.task = task.float()
+        self.responses = responses
+        self.features = features if features is not None else {}
+        self.answer_embedder = answer_embedder
+        self.uncertainty = uncertainty
+        self.var_scale = torch.ones(m) if var_scale is None else var_scale.float()
+        self.covariances = None if covariances is None else covariances.float()
+        self.batch_size = batch_size
+        self._answer_emb: dict[tuple[int, int], np.ndarray] = {}
+        self._agreement = AgreementCache()
+        self._memo: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.embed_dim = int(query_emb.shape[1])
+
+    # ------------------------------------------------------------------ internals
+    def _embed_run_answers(self, rows: np.ndarray, ran: np.ndarray) -> None:
+        if self.responses is None:
+            return
+        todo = [(int(rows[b]), int(m)) for b, m in zip(*np.nonzero(ran)) if (int(rows[b]), int(m)) not in self._answer_emb]
+        if not todo:
+            return
+        texts = ["" if self.responses[i, m] is None else str(self.responses[i, m]) for i, m in todo]
+        emb = np.asarray(self.answer_embedder(texts), dtype=np.float32)
+        for key, e in zip(todo, emb):
+            self._answer_emb[key] = e
+
+    def _answer_tensor(self, rows: np.ndarray, ran: np.ndarray) -> Tensor:
+        out = np.zeros((rows.size, ran.shape[1], self.embed_dim), dtype=np.float32)
+        if self.responses is not None:
+            for b, m in zip(*np.nonzero(ran)):
+                out[b, m] = self._answer_emb[(int(rows[b]), int(m))]
+        return torch.from_numpy(out)
+
+    @torch.no_grad()
+    def _compute(self, rows: np.ndarray, ran: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self._embed_run_answers(rows, ran)
+        feats = torch.from_numpy(answer_features(rows, ran, self.responses, self.features, self._agreement))
+        ran_t = torch.from_numpy(ran)
+        rows_t = torch.from_numpy(rows)
+        logit, logvar = self.network(
+            self.query_emb[rows_t], ran_t, self._answer_tensor(rows, ran), feats, self.task[rows_t]
+        )
+        return torch.sigmoid(logit).numpy(), logvar.numpy()
+
+    # ------------------------------------------------------------------ API
+    def estimate(self, queries: Tensor, ran: Tensor) -> QualityEstimate:
+        device = torch.as_tensor(ran).device
+        rows = torch.as_tensor(queries, dtype=torch.long).cpu().numpy()
+        ran_np = torch.as_tensor(ran, dtype=torch.bool).cpu().numpy()
+        if ran_np.shape != (rows.size, len(self.models)):
+            raise ValueError(f"ran must be [{rows.size}, {len(self.models)}], got {ran_np.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.query_emb.shape[0]):
+            raise IndexError(f"query row ids must lie in [0, {self.query_emb.shape[0]}), got {rows.min()}..{rows.max()}")
+        ids = bitmask(torch.from_numpy(ran_np)).numpy()
+        missing = [b for b in range(rows.size) if (int(rows[b]), int(ids[b])) not in self._memo]
+        for s in range(0, len(missing), self.batch_size):
+            sel = np.asarray(missing[s : s + self.batch_size], dtype=np.int64)
+            p, lv = self._compute(rows[sel], ran_np[sel])
+            for k, b in enumerate(sel):
+                self._memo[(int(rows[b]), int(ids[b]))] = (p[k], lv[k])
+        m = len(self.models)
+        mean = np.empty((rows.size, m), dtype=np.float32)
+        logvar = np.empty((rows.size, m), dtype=np.float32)
+        for b in range(rows.size):
+            mean[b], logvar[b] = self._memo[(int(rows[b]), int(ids[b]))]
+        mean_t = torch.from_numpy(mean)
+        if self.uncertainty == "variance":
+            std = (self.var_scale * torch.from_numpy(logvar).exp()).sqrt()
+            return QualityEstimate(mean_t, std=std).to(device)
+        if self.uncertainty == "covariance":
+            cov = self.covariances[torch.from_numpy(ids)] + COV_JITTER * torch.eye(m)
+            return QualityEstimate(mean_t, cov=cov).to(device)
+        return QualityEstimate(mean_t).to(device)

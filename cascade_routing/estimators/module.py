@@ -1,0 +1,234 @@
+"""LightningModule: training logic of the :class:`QualityNetwork` (the network itself is plain torch).
+
+Each training row is expanded over ran-masks: all 2^M subsets when 2^M <= ``max_enumerated_masks``,
+otherwise the empty mask (ex-ante) plus ``masks_per_query`` random masks (size uniform in 0..M).
+
+Loss per (row, mask), averaged over models:
+
+- mean: binary cross-entropy ``-(y log p + (1-y) log(1-p))`` with ``p = σ(logit)`` for 0/1 quality,
+  squared error ``(p - y)²`` for graded quality;
+- variance head (weight ``variance_weight``): Gaussian NLL of the residual
+  ``r = p(all) - p(ran)`` (both detached): ``½ (logvar + r² / exp(logvar))``.
+
+Metrics (torchmetrics, per model, per split val/test, ex-ante and post-hoc separately): AUROC,
+Brier score (``MeanSquaredError`` on probabilities) and expected calibration error. Ex-ante uses
+the empty mask; post-hoc uses the split's fixed ``eval_ran`` masks and scores only run models.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import Tensor, nn
+
+from cascade_routing.estimators.features import compose_features
+from cascade_routing.estimators.masks import all_masks
+from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
+
+KINDS = ("exante", "posthoc")
+SPLITS = ("val", "test")
+
+
+class QualityEstimatorModule(L.LightningModule):
+    """Trains a :class:`QualityNetwork`; the network is built in ``setup`` from the datamodule.
+
+    Args:
+        hidden: width H of the heads.
+        dropout: dropout inside the heads.
+        lr: AdamW learning rate of the heads.
+        weight_decay: AdamW weight decay.
+        masks_per_query: random ran-masks per training row (large M).
+        max_enumerated_masks: enumerate all subsets when 2^M is at most this.
+        variance_weight: weight of the variance-head loss.
+        finetune_encoder: train the query encoder too (GPU path; needs ``data.finetune: true``).
+        encoder_lr: learning rate of the encoder when fine-tuning.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 128,
+        dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        masks_per_query: int = 4,
+        max_enumerated_masks: int = 16,
+        variance_weight: float = 0.1,
+        finetune_encoder: bool = False,
+        encoder_lr: float = 2e-5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.network: QualityNetwork | None = None
+        self.models: list[str] = []
+        self.binary = True
+        self.metrics = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ construction
+    def build(
+        self,
+        models: list[str],
+        embed_dim: int,
+        num_tasks: int,
+        binary: bool,
+        encoder: nn.Module | None = None,
+    ) -> None:
+        """Create the network and the metric objects (idempotent)."""
+        if self.network is not None:
+            return
+        hp = self.hparams
+        self.models = list(models)
+        self.binary = binary
+        config = NetworkConfig(
+            num_models=len(models), embed_dim=embed_dim, num_tasks=num_tasks, hidden=hp.hidden, dropout=hp.dropout
+        )
+        self.network = QualityNetwork(config, encoder if hp.finetune_encoder else None)
+        for split in SPLITS:
+            for kind in KINDS:
+                for j in range(len(models)):
+                    key = f"{split}_{kind}_{j}"
+                    m: dict[str, torchmetrics.Metric] = {"brier": torchmetrics.MeanSquaredError()}
+                    if binary:
+                        m["auroc"] = torchmetrics.classification.BinaryAUROC()
+                        m["ece"] = torchmetrics.classification.BinaryCalibrationError(n_bins=10)
+                        m["npos"] = torchmetrics.SumMetric()
+                        m["nneg"] = torchmetrics.SumMetric()
+                    self.metrics[key] = nn.ModuleDict(m)
+
+    def setup(self, stage: str | None = None) -> None:
+        dm = self.trainer.datamodule
+        encoder = dm.encoder if self.hparams.finetune_encoder else None
+        if self.hparams.finetune_encoder and not dm.finetune:
+            raise ValueError("model.finetune_encoder needs data.finetune: true (token ids in the batches)")
+        self.build(dm.models, dm.embed_dim, len(dm.task_vocabulary), dm.binary_quality, encoder)
+
+    # ------------------------------------------------------------------ forward
+    def query_embedding(self, batch: dict) -> Tensor:
+        if self.hparams.finetune_encoder and "input_ids" in batch:
+            return self.network.embed_queries(batch["input_ids"], batch["attention_mask"])
+        return batch["query_emb"]
+
+    def predict_logits(self, batch: dict, ran: Tensor, query_emb: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(logit, logvar)`` [B, M] for the rows of ``batch`` under ``ran`` [B, M]."""
+        q = self.query_embedding(batch) if query_emb is None else query_emb
+        feat = compose_features(batch["static"], batch["pair_sim"], ran)
+        return self.network(q, ran, batch["answer_emb"], feat, batch["task"])
+
+    def _training_masks(self, batch_size: int, num_models: int) -> tuple[Tensor, Tensor]:
+        """(row index [R], ran [R, M]) for the expanded batch."""
+        hp = self.hparams
+        if 2**num_models <= hp.max_enumerated_masks:
+            masks = all_masks(num_models).to(self.device)
+            rows = torch.arange(batch_size, device=self.device).repeat_interleave(masks.shape[0])
+            return rows, masks.repeat(batch_size, 1)
+        k = torch.randint(0, num_models + 1, (batch_size, hp.masks_per_query), device=self.device)
+        ranks = torch.rand(batch_size, hp.masks_per_query, num_models, device=self.device).argsort(-1).argsort(-1)
+        rand = (ranks < k.unsqueeze(-1)).reshape(-1, num_models)
+        empty = torch.zeros(batch_size, 1, num_models, dtype=torch.bool, device=self.device)
+        masks = torch.cat([empty, rand.reshape(batch_size, -1, num_models)], dim=1)
+        rows = torch.arange(batch_size, device=self.device).repeat_interleave(masks.shape[1])
+        return rows, masks.reshape(-1, num_models)
+
+    def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        y = batch["quality"]
+        bsz, m = y.shape
+        rows, ran = self._training_masks(bsz, m)
+        q = self.query_embedding(batch)
+        expanded = {k: v[rows] for k, v in batch.items() if k in ("static", "pair_sim", "answer_emb", "task")}
+        logit, logvar = self.predict_logits(expanded, ran, q[rows])
+        yy = y[rows]
+        if self.binary:
+            mean_loss = nn.functional.binary_cross_entropy_with_logits(logit, yy)
+        else:
+            mean_loss = ((torch.sigmoid(logit) - yy) ** 2).mean()
+        with torch.no_grad():
+            full = torch.ones_like(ran)
+            p_all = torch.sigmoid(self.predict_logits(batch, full[:bsz], q)[0])[rows]
+            resid = p_all - torch.sigmoid(logit.detach())
+        var_loss = 0.5 * (logvar + resid**2 / logvar.exp()).mean()
+        total = mean_loss + self.hparams.variance_weight * var_loss
+        return total, {"mean_loss": mean_loss.detach(), "var_loss": var_loss.detach()}
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, parts = self.loss(batch)
+        bsz = batch["quality"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bsz, sync_dist=True)
+        self.log("train/mean_loss", parts["mean_loss"], batch_size=bsz, sync_dist=True)
+        self.log("train/var_loss", parts["var_loss"], batch_size=bsz, sync_dist=True)
+        return loss
+
+    def _eval_step(self, batch: dict, split: str) -> Tensor:
+        y = batch["quality"]
+        bsz, m = y.shape
+        loss, parts = self.loss(batch)
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=bsz, sync_dist=True)
+        self.log(f"{split}/mean_loss", parts["mean_loss"], batch_size=bsz, sync_dist=True)
+        none = torch.zeros_like(batch["eval_ran"])
+        for kind, ran in (("exante", none), ("posthoc", batch["eval_ran"])):
+            p = torch.sigmoid(self.predict_logits(batch, ran)[0])
+            for j in range(m):
+                sel = slice(None) if kind == "exante" else ran[:, j]
+                pj, yj = p[sel, j], y[sel, j]
+                if pj.numel() == 0:
+                    continue
+                for name, metric in self.metrics[f"{split}_{kind}_{j}"].items():
+                    if name == "npos":
+                        metric.update((yj > 0.5).sum())
+                    elif name == "nneg":
+                        metric.update((yj <= 0.5).sum())
+                    else:
+                        metric.update(pj, yj.long() if name != "brier" else yj)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def _log_metrics(self, split: str) -> dict[str, float]:
+        summary: dict[str, float] = {}
+        for kind, name in itertools.product(KINDS, ("auroc", "brier", "ece")):
+            values = []
+            for j, model in enumerate(self.models):
+                group = self.metrics[f"{split}_{kind}_{j}"]
+                if name not in group:
+                    continue
+                metric = group[name]
+                if not metric.update_called:
+                    continue
+                if name == "auroc" and min(float(group["npos"].compute()), float(group["nneg"].compute())) == 0:
+                    metric.reset()  # AUROC undefined with one class: skipped, not reported as 0
+                    continue
+                value = metric.compute().float()
+                metric.reset()
+                self.log(f"{split}/{kind}/{name}/{model}", value, sync_dist=False)
+                values.append(value)
+            if values:
+                mean = torch.stack(values).mean()
+                self.log(f"{split}/{kind}/{name}_mean", mean, prog_bar=(name == "auroc"), sync_dist=False)
+                summary[f"{kind}_{name}_mean"] = float(mean)
+        for j in range(len(self.models)):
+            for kind in KINDS:
+                group = self.metrics[f"{split}_{kind}_{j}"]
+                for name in ("npos", "nneg"):
+                    if name in group:
+                        group[name].reset()
+        return summary
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        head_params = [p for n, p in self.network.named_parameters() if not n.startswith("encoder.")]
+        groups = [{"params": head_params, "lr": hp.lr}]
+        if hp.finetune_encoder and self.network.encoder is not None:
+            groups.append({"params": list(self.network.encoder.parameters()), "lr": hp.encoder_lr})
+        return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)

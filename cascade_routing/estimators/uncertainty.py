@@ -1,0 +1,135 @@
+"""Uncertainty of the learned estimates: a calibrated variance head vs residual covariances per ran-set.
+
+The quantity both describe is the residual ``r = p(all) − p(ran)``: how much a model's probability
+estimate will still move once every model has run (the paper's notion; it drives E[max]).
+
+- Variance head: ``σ²_m = c_m · exp(logvar_m)``, with the per-model calibration factor
+  ``c_m = mean(r_m² / exp(logvar_m))`` over calibration rows × random ran-masks (so the head's
+  scale is fitted on held-out data).
+- Residual covariance (the paper): for every ran-set s (bitmask, ``Σ_m ran_m 2^m``),
+  ``Σ_s = Cov_{i ∈ calibration}(p_i(all) − p_i(s))`` [M, M], the same for every query.
+
+:func:`calibration_report` compares them on held-out rows: mean Gaussian NLL of r under each
+marginal σ (lower is better) and the coverage of the central 90% interval ``|r| ≤ 1.645σ``
+(ideal 0.90), over unrun cells of random non-full masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from cascade_routing.estimators.features import compose_features
+from cascade_routing.estimators.masks import all_masks, bitmask, random_ran_masks
+from cascade_routing.estimators.network import QualityNetwork
+
+if TYPE_CHECKING:
+    from cascade_routing.estimators.datamodule import EncodedSplit
+
+Z90 = 1.6448536269514722
+
+
+@torch.no_grad()
+def split_predictions(
+    network: QualityNetwork, split: "EncodedSplit", rows: Tensor, ran: Tensor, batch_size: int = 2048
+) -> tuple[Tensor, Tensor]:
+    """``(p, logvar)`` [len(rows), M] for split rows ``rows`` under masks ``ran`` (training-time data)."""
+    network.eval()
+    ps, lvs = [], []
+    for s in range(0, rows.numel(), batch_size):
+        r, m = rows[s : s + batch_size], ran[s : s + batch_size]
+        feat = compose_features(split.static[r], split.pair_sim[r], m)
+        prep = network.prepare_answers(split.answer_emb[r])
+        logit, logvar = network.forward_prepared(split.query_emb[r], m, prep, feat, split.task[r])
+        ps.append(torch.sigmoid(logit))
+        lvs.append(logvar)
+    return torch.cat(ps), torch.cat(lvs)
+
+
+@torch.no_grad()
+def residual_covariances(
+    network: QualityNetwork, split: "EncodedSplit", rows_per_chunk: int = 8, centered: bool = True
+) -> Tensor:
+    """[2^M, M, M]: ``Cov_i(p_i(all) − p_i(s))`` for every ran-set s, over the rows of ``split``.
+
+    ``centered=False`` gives the second moment ``E_i[r_i r_iᵀ]`` instead (the spread around 0, which
+    also counts a systematic shift of the estimate once more models have run).
+    """
+    network.eval()
+    n, m = split.quality.shape
+    masks = all_masks(m)
+    s_count = masks.shape[0]
+    full = torch.ones(n, m, dtype=torch.bool)
+    p_all, _ = split_predictions(network, split, torch.arange(n), full)
+    sum_r = torch.zeros(s_count, m, dtype=torch.float64)
+    sum_rr = torch.zeros(s_count, m, m, dtype=torch.float64)
+    for start in range(0, n, rows_per_chunk):
+        rows = torch.arange(start, min(n, start + rows_per_chunk))
+        k = rows.numel()
+        prep = network.prepare_answers(split.answer_emb[rows])
+        idx = torch.arange(k).repeat_interleave(s_count)
+        ran = masks.repeat(k, 1)
+        feat = compose_features(split.static[rows][idx], split.pair_sim[rows][idx], ran)
+        logit, _ = network.forward_prepared(
+            split.query_emb[rows][idx], ran, {key: v[idx] for key, v in prep.items()}, feat, split.task[rows][idx]
+        )
+        r = (p_all[rows][idx] - torch.sigmoid(logit)).double().reshape(k, s_count, m)
+        sum_r += r.sum(0)
+        sum_rr += torch.einsum("ksa,ksb->sab", r, r)
+    if not centered:
+        return (sum_rr / n).float()
+    mean = sum_r / n
+    cov = sum_rr / n - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    return (cov * n / max(n - 1, 1)).float()
+
+
+def _residuals(network: QualityNetwork, split: "EncodedSplit", masks_per_row: int, seed: int):
+    n, m = split.quality.shape
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.arange(n).repeat(masks_per_row)
+    ran = random_ran_masks(rows.numel(), m, gen)
+    p_all, _ = split_predictions(network, split, torch.arange(n), torch.ones(n, m, dtype=torch.bool))
+    p, logvar = split_predictions(network, split, rows, ran)
+    return rows, ran, p_all[rows] - p, logvar
+
+
+def fit_variance_scale(network: QualityNetwork, split: "EncodedSplit", masks_per_row: int = 8, seed: int = 0) -> Tensor:
+    """[M]: ``c_m = mean(r² / exp(logvar))`` over unrun cells of random masks on ``split``."""
+    _, ran, r, logvar = _residuals(network, split, masks_per_row, seed)
+    ratio = r.double() ** 2 / logvar.double().exp()
+    unrun = ~ran
+    scale = (ratio * unrun).sum(0) / unrun.sum(0).clamp_min(1)
+    return scale.clamp_min(1e-6).float()
+
+
+def calibration_report(
+    network: QualityNetwork,
+    split: "EncodedSplit",
+    var_scale: Tensor,
+    covariances: Tensor | dict[str, Tensor] | None,
+    masks_per_row: int = 4,
+    seed: int = 1,
+) -> dict[str, dict[str, float]]:
+    """NLL and 90% coverage of the residual under each uncertainty method (see module docstring)."""
+    _, ran, r, logvar = _residuals(network, split, masks_per_row, seed)
+    keep = (~ran) & ~ran.all(1, keepdim=True)
+    methods = {"variance_head": (var_scale * logvar.exp()).double()}
+    if isinstance(covariances, Tensor):
+        covariances = {"residual_covariance": covariances}
+    for name, cov in (covariances or {}).items():
+        methods[name] = torch.diagonal(cov[bitmask(ran)], dim1=-2, dim2=-1).double()
+    out = {}
+    rr = r.double()[keep]
+    for name, var in methods.items():
+        v = var[keep].clamp_min(1e-8)
+        nll = 0.5 * (torch.log(2 * math.pi * v) + rr**2 / v)
+        out[name] = {
+            "nll": float(nll.mean()),
+            "coverage90": float((rr.abs() <= Z90 * v.sqrt()).double().mean()),
+            "cells": int(rr.numel()),
+        }
+    return out

@@ -1,0 +1,98 @@
+"""Test helpers for the estimator stage: a tiny local BERT encoder and synthetic routing data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cascade_routing.data.dataset import RoutingDataset
+
+WORDS = [f"w{i}" for i in range(40)] + ["alpha", "beta", "gamma", "delta", "answer", "yes", "no"]
+
+
+def make_tiny_encoder(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
+    """A randomly initialised BertModel + BertTokenizerFast written to ``folder`` (no download)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"task{i}" for i in range(4)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=160,
+    )
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def make_synthetic_dataset(n: int = 240, m: int = 3, seed: int = 0, confidence: bool = True) -> RoutingDataset:
+    """Queries whose words decide which models answer correctly; confidences correlate with quality."""
+    rng = np.random.default_rng(seed)
+    queries, tasks = [], []
+    skill = rng.normal(size=(len(WORDS), m))
+    quality = np.zeros((n, m))
+    for i in range(n):
+        t = int(rng.integers(0, 3))
+        words = list(rng.choice(WORDS[:40], size=6))
+        queries.append(f"task{t} " + " ".join(words) + f" q{i}")
+        tasks.append(f"task{t}")
+        score = sum(skill[WORDS.index(w)] for w in words) + np.linspace(-0.5, 1.0, m) + (t - 1)
+        quality[i] = (score + rng.normal(scale=0.5, size=m) > 0).astype(float)
+    responses = np.empty((n, m), dtype=object)
+    for i in range(n):
+        for j in range(m):
+            responses[i, j] = ("answer yes alpha" if quality[i, j] else "answer no " + str(rng.choice(WORDS[:40])))
+    conf = np.clip(quality * 0.6 + rng.uniform(0, 0.4, size=(n, m)), 0, 1)
+    cost = np.tile(np.linspace(1e-4, 1e-2, m), (n, 1)) * rng.uniform(0.5, 1.5, size=(n, m))
+    tokens_in = np.tile(rng.integers(10, 100, size=(n, 1)), (1, m)).astype(float)
+    tokens_out = rng.integers(5, 50, size=(n, m)).astype(float)
+    features = {"tokens_in": tokens_in, "tokens_out": tokens_out}
+    if confidence:
+        features["logprob_confidence"] = conf
+    return RoutingDataset(
+        queries=queries,
+        models=[f"model-{j}" for j in range(m)],
+        quality=quality,
+        cost=cost,
+        responses=responses,
+        features=features,
+        tasks=tasks,
+        name=f"synthetic-{n}x{m}",
+    )
+
+
+def train_tiny(tmp_path: Path, n: int = 240, m: int = 3, epochs: int = 4, seed: int = 0, **data_kwargs):
+    """Train a tiny estimator on synthetic data; returns (module, datamodule, trainer, dataset)."""
+    import lightning as L
+
+    from cascade_routing.estimators.datamodule import RoutingDataModule
+    from cascade_routing.estimators.module import QualityEstimatorModule
+
+    enc = make_tiny_encoder(tmp_path / "encoder")
+    ds = make_synthetic_dataset(n, m, seed)
+    dm = RoutingDataModule.from_dataset(
+        ds, encoder_path=str(enc), cache_dir=str(tmp_path / "cache"), batch_size=32, **data_kwargs
+    )
+    L.seed_everything(seed, verbose=False)
+    module = QualityEstimatorModule(hidden=32, lr=3e-3)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, dm)
+    return module, dm, trainer, ds

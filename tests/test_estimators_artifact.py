@@ -1,0 +1,213 @@
+"""Training a tiny estimator, the artifact round trip, and clear errors for bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cascade_routing.estimators.artifact import ArtifactError, load_artifact
+from cascade_routing.estimators.export import bind_split, build_artifact
+
+from estimators_helpers import train_tiny
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    module, dm, trainer, ds = train_tiny(tmp, n=240, m=3, epochs=6)
+    art = build_artifact(module, dm, strategies=("routing", "cascade_routing"), budgets_per_pair=1, progress=False)
+    path = art.save(tmp / "est.safetensors")
+    return {"module": module, "dm": dm, "trainer": trainer, "ds": ds, "art": art, "path": path, "tmp": tmp}
+
+
+def test_training_lowers_loss_and_logs_metrics(tmp_path):
+    from estimators_helpers import make_synthetic_dataset  # noqa: F401  (same data as train_tiny)
+
+    import lightning as L
+
+    from cascade_routing.estimators.datamodule import RoutingDataModule
+    from cascade_routing.estimators.module import QualityEstimatorModule
+    from estimators_helpers import make_tiny_encoder
+
+    enc = make_tiny_encoder(tmp_path / "enc")
+    dm = RoutingDataModule.from_dataset(make_synthetic_dataset(240, 3), encoder_path=str(enc),
+                                        cache_dir=str(tmp_path / "cache"), batch_size=32)
+    dm.setup("fit")
+    module = QualityEstimatorModule(hidden=32, lr=3e-3)
+    module.build(dm.models, dm.embed_dim, len(dm.task_vocabulary), dm.binary_quality)
+    batch = next(iter(dm.val_dataloader()))
+
+    def loss_now() -> float:
+        module.eval()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(module.loss(batch)[1]["mean_loss"])
+
+    before = loss_now()
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, dm)
+    after = loss_now()
+    assert after < before - 0.02, (before, after)
+    metrics = trainer.callback_metrics
+    for key in ("val/loss", "val/exante/auroc_mean", "val/posthoc/auroc_mean", "val/exante/brier_mean",
+                "val/posthoc/ece_mean", "val/exante/auroc/model-0"):
+        assert key in metrics, sorted(metrics)
+    # post-hoc sees the run answers, which reveal correctness in the synthetic data
+    assert float(metrics["val/posthoc/auroc_mean"]) > 0.8
+
+
+def test_round_trip_gives_identical_predictions(trained):
+    art, dm = trained["art"], trained["dm"]
+    loaded = load_artifact(trained["path"], expected_models=art.models)
+    assert loaded.models == art.models and loaded.prices == art.prices
+    assert set(loaded.fitted) == {"routing", "cascade_routing"}
+    for s in loaded.fitted:
+        for b, f in art.fitted[s].items():
+            g = loaded.fitted[s][b]
+            assert torch.equal(f.lam_low, g.lam_low) and f.gamma == g.gamma
+    test = dm.splits["test"]
+    n, m = test.quality.shape
+    rows = torch.arange(n)
+    ran = test.eval_ran
+    for mode in ("variance", "covariance"):
+        q1, c1 = bind_split(art, test, uncertainty=mode)
+        q2, c2 = bind_split(loaded, test, uncertainty=mode)
+        e1, e2 = q1.estimate(rows, ran), q2.estimate(rows, ran)
+        assert torch.equal(e1.mean, e2.mean)
+        assert (e1.std is None or torch.equal(e1.std, e2.std)) and (e1.cov is None or torch.equal(e1.cov, e2.cov))
+        assert torch.equal(c1.estimate(rows, ran), c2.estimate(rows, ran))
+    # binding through the encoder (no cached embeddings) gives the same estimate as the cache
+    ds = test.dataset
+    q3, _ = loaded.bind(ds.queries, ds.responses, dict(ds.features), ds.tasks)
+    torch.testing.assert_close(q3.estimate(rows, ran).mean, e1.mean, atol=1e-5, rtol=1e-4)
+
+
+def test_bound_estimator_ignores_unrun_responses(trained):
+    art, test = trained["art"], trained["dm"].splits["test"]
+    ds = test.dataset
+    n, m = ds.quality.shape
+    ran = test.eval_ran
+    rows = torch.arange(n)
+    resp = ds.responses.copy()
+    feats = {k: v.copy() for k, v in ds.features.items()}
+    q1, c1 = art.bind(ds.queries, resp, feats, ds.tasks)
+    e1, k1 = q1.estimate(rows, ran), c1.estimate(rows, ran)
+    resp2 = resp.copy()
+    feats2 = {k: v.copy() for k, v in feats.items()}
+    unrun = ~ran.numpy()
+    resp2[unrun] = "answer yes alpha beta gamma totally different"
+    for v in feats2.values():
+        v[unrun] = 1e6
+    q2, c2 = art.bind(ds.queries, resp2, feats2, ds.tasks)
+    e2 = q2.estimate(rows, ran)
+    assert torch.equal(e1.mean, e2.mean) and torch.equal(e1.std, e2.std)
+    assert torch.equal(k1, c2.estimate(rows, ran))
+    # and a run model's response does matter
+    resp3 = resp.copy()
+    b, j = map(int, np.argwhere(ran.numpy())[0])
+    resp3[b, j] = "answer no w1 w2 w3 w4" if "yes" in str(resp[b, j]) else "answer yes alpha"
+    q3, _ = art.bind(ds.queries, resp3, feats, ds.tasks)
+    assert not torch.equal(q3.estimate(rows[b : b + 1], ran[b : b + 1]).mean, e1.mean[b : b + 1])
+
+
+def test_cost_is_exact_once_run(trained):
+    art, test = trained["art"], trained["dm"].splits["test"]
+    ds = test.dataset
+    n, m = ds.quality.shape
+    _, ce = bind_split(art, test)
+    all_ran = torch.ones(n, m, dtype=torch.bool)
+    torch.testing.assert_close(ce.estimate(torch.arange(n), all_ran).double(), torch.from_numpy(ds.cost))
+
+
+def test_live_fill_in_place(trained):
+    """A server fills responses after binding; the estimator reads them once the model has run."""
+    art, test = trained["art"], trained["dm"].splits["test"]
+    ds = test.dataset
+    n, m = ds.quality.shape
+    resp = np.empty((2, m), dtype=object)
+    feats = {"logprob_confidence": np.zeros((2, m))}
+    qe, _ = art.bind(ds.queries[:2], resp, feats, ds.tasks[:2])
+    ran = torch.zeros(2, m, dtype=torch.bool)
+    ex = qe.estimate(torch.arange(2), ran).mean
+    resp[:, 0] = ds.responses[:2, 0]
+    feats["logprob_confidence"][:, 0] = ds.features["logprob_confidence"][:2, 0]
+    ran[:, 0] = True
+    post = qe.estimate(torch.arange(2), ran).mean
+    full, _ = art.bind(ds.queries[:2], ds.responses[:2], {k: v[:2] for k, v in ds.features.items()}, ds.tasks[:2])
+    torch.testing.assert_close(post, full.estimate(torch.arange(2), ran).mean)
+    assert not torch.equal(ex, post)
+
+
+# ---------------------------------------------------------------------------- bad checkpoints
+def test_missing_and_corrupt(trained, tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_artifact(tmp_path / "nope.safetensors")
+    data = Path(trained["path"]).read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_artifact(bad)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_artifact(garbage)
+
+
+def test_foreign_safetensors_and_wrong_version(tmp_path, trained):
+    from safetensors.torch import save_file
+    from safetensors import safe_open
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
+    with pytest.raises(ArtifactError, match="not a cascade-routing estimator artifact"):
+        load_artifact(foreign)
+    with safe_open(str(trained["path"]), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    old = tmp_path / "v99.safetensors"
+    save_file(tensors, str(old), metadata={**meta, "format_version": "99"})
+    with pytest.raises(ArtifactError, match="format version '99'"):
+        load_artifact(old)
+    broken = tmp_path / "payload.safetensors"
+    save_file(tensors, str(broken), metadata={**meta, "payload": json.dumps({"models": ["a"]})})
+    with pytest.raises(ArtifactError, match="malformed payload"):
+        load_artifact(broken)
+
+
+def test_model_list_mismatch(trained):
+    art = trained["art"]
+    with pytest.raises(ArtifactError, match="does not match"):
+        load_artifact(trained["path"], expected_models=["model-0", "model-1", "gpt-9"])
+    with pytest.raises(ArtifactError, match="different order"):
+        art.check_models(list(reversed(art.models)))
+    ds = trained["ds"]
+    with pytest.raises(ArtifactError, match="responses has shape"):
+        art.bind(ds.queries[:3], ds.responses[:3, :2], None, None)
+
+
+class _Hostile:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_pickle_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    for name, dump in (("raw.pkl", lambda p: p.write_bytes(pickle.dumps(_Hostile(marker)))),
+                       ("torch.pt", lambda p: torch.save({"state_dict": _Hostile(marker)}, p))):
+        path = tmp_path / name
+        dump(path)
+        with pytest.raises(ArtifactError, match="pickle"):
+            load_artifact(path)
+        assert not marker.exists()

@@ -1,0 +1,96 @@
+"""No-leakage guarantees and consistency of the quality network and the bound estimator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cascade_routing.estimators.features import answer_features, compose_features
+from cascade_routing.estimators.masks import all_masks, bitmask
+from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
+
+
+def _net(m: int = 4, d: int = 16, t: int = 3) -> QualityNetwork:
+    torch.manual_seed(0)
+    net = QualityNetwork(NetworkConfig(num_models=m, embed_dim=d, num_tasks=t, hidden=24, dropout=0.0))
+    # make every parameter non-trivial so a leak could not hide behind zero-initialised weights
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net.eval()
+
+
+def _inputs(b: int = 5, m: int = 4, d: int = 16, t: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, d, generator=g), torch.randn(b, m, d, generator=g), torch.rand(b, m, 4, generator=g),
+            torch.eye(t)[torch.randint(0, t, (b,), generator=g)])
+
+
+def test_unrun_answers_never_change_any_output():
+    net = _net()
+    q, a, f, task = _inputs()
+    for ran in all_masks(4):
+        ran_b = ran.expand(5, 4).clone()
+        base = net(q, ran_b, a, f, task)
+        unrun = ~ran_b
+        for garbage in (100.0, float("inf"), float("nan")):  # NaN/inf in an unrun cell must not propagate
+            a2, f2 = a.clone(), f.clone()
+            a2[unrun] = torch.randn_like(a2[unrun]) * garbage
+            f2[unrun] = garbage
+            out = net(q, ran_b, a2, f2, task)
+            for x, y in zip(base, out):
+                assert torch.equal(x, y), f"leak for ran-set {ran.tolist()} with {garbage}"
+                assert torch.isfinite(y).all()
+
+
+def test_run_answers_do_change_estimates():
+    net = _net()
+    q, a, f, task = _inputs()
+    ran = torch.zeros(5, 4, dtype=torch.bool)
+    ran[:, 1] = True
+    base = net(q, ran, a, f, task)[0]
+    a2 = a.clone()
+    a2[:, 1] += 3.0
+    assert not torch.allclose(base, net(q, ran, a2, f, task)[0])
+
+
+def test_prepared_path_equals_forward():
+    net = _net()
+    q, a, f, task = _inputs()
+    for ran in all_masks(4):
+        ran_b = ran.expand(5, 4)
+        x = net(q, ran_b, a, f, task)
+        y = net.forward_prepared(q, ran_b, net.prepare_answers(a), f, task)
+        torch.testing.assert_close(x[0], y[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x[1], y[1], atol=1e-5, rtol=1e-5)
+
+
+def test_compose_features_masks_and_agreement():
+    static = torch.rand(1, 3, 3) + 1
+    pair = torch.tensor([[[0.0, 0.5, 1.0], [0.5, 0.0, 0.2], [1.0, 0.2, 0.0]]])
+    ran = torch.tensor([[True, True, False]])
+    out = compose_features(static, pair, ran)
+    assert torch.equal(out[0, 2], torch.zeros(4))
+    assert out[0, 0, 3] == pytest.approx(0.5) and out[0, 1, 3] == pytest.approx(0.5)
+    ran_all = torch.ones(1, 3, dtype=torch.bool)
+    assert compose_features(static, pair, ran_all)[0, 0, 3] == pytest.approx(0.75)
+
+
+def test_answer_features_read_only_run_cells():
+    responses = np.array([["a b", "a c", "zzz"]], dtype=object)
+    conf = np.array([[0.9, 0.1, 0.5]])
+    ran = np.array([[True, True, False]])
+    out = answer_features(np.array([0]), ran, responses, {"logprob_confidence": conf})
+    responses2 = responses.copy()
+    responses2[0, 2] = None
+    conf2 = conf.copy()
+    conf2[0, 2] = 123.0
+    out2 = answer_features(np.array([0]), ran, responses2, {"logprob_confidence": conf2})
+    assert np.array_equal(out, out2)
+    assert out[0, 0, 1] == pytest.approx(0.9) and out[0, 0, 3] == pytest.approx(1 / 3)
+
+
+def test_bitmask_matches_enumeration():
+    masks = all_masks(5)
+    assert torch.equal(bitmask(masks), torch.arange(32))
