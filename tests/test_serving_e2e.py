@@ -107,7 +107,10 @@ def test_server_equals_simulation_tiny_artifact(tiny, strategy, concurrent):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("CASCADE_ROUTING_E2E_CHECKPOINT"),
                     reason="set CASCADE_ROUTING_E2E_CHECKPOINT to a trained artifact")
-def test_server_equals_simulation_trained_checkpoint():
+@pytest.mark.parametrize("budget_index", [3, -2])
+def test_server_equals_simulation_trained_checkpoint(budget_index):
+    """On the checkpoint's own test split (up to CASCADE_ROUTING_E2E_LIMIT unique queries, default
+    200), at a middle and a high fitted budget, requests sent concurrently (micro-batched)."""
     from cascade_routing.data import load_dataset
 
     path = os.environ["CASCADE_ROUTING_E2E_CHECKPOINT"]
@@ -119,5 +122,6 @@ def test_server_equals_simulation_trained_checkpoint():
     rows = _unique_rows(test)[:limit]
     strategy = "cascade_routing"
     budgets = sorted(artifact.fitted[strategy])
-    out = check_server_equals_simulation(path, test, strategy, budgets[len(budgets) // 2], rows)
-    print(out)
+    budget = budgets[budget_index if -len(budgets) <= budget_index < len(budgets) else -1]
+    out = check_server_equals_simulation(path, test, strategy, budget, rows, concurrent=True)
+    print(f"budget {budget:.6g}: {out}")
