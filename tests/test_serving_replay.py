@@ -1,0 +1,102 @@
+"""Replay backend (in-process ASGI: sockets are not the point here), its backends YAML, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from cascade_routing.cli import build_parser
+from cascade_routing.serving.backends import load_backend_configs
+from cascade_routing.serving.replay import create_replay_app, estimate_tokens, write_backends_yaml
+from tests.serving_helpers import synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return synthetic_dataset(12)
+
+
+def _post(app, path, body=None, content=None):
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://replay") as client:
+            if content is not None:
+                return await client.post(path, content=content)
+            return await client.post(path, json=body)
+
+    return asyncio.run(go())
+
+
+def test_answers_with_recorded_response_usage_cost_and_features(ds):
+    app = create_replay_app(ds)
+    i, j = 5, 1
+    model = ds.models[j]
+    resp = _post(app, f"/{model}/v1/chat/completions",
+                 {"model": model, "messages": [{"role": "system", "content": "be brief"},
+                                               {"role": "user", "content": ds.queries[i]}]})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["choices"][0]["message"]["content"] == ds.responses[i, j]
+    assert body["usage"]["prompt_tokens"] == int(ds.features["tokens_in"][i, j])
+    assert body["usage"]["completion_tokens"] == int(ds.features["tokens_out"][i, j])
+    assert body["x_cost_usd"] == pytest.approx(ds.cost[i, j])
+    assert body["x_recorded_features"]["logprob_confidence"] == pytest.approx(ds.features["logprob_confidence"][i, j])
+
+
+def test_token_usage_estimated_without_recorded_tokens(ds):
+    bare = synthetic_dataset(4)
+    bare.features = {}
+    app = create_replay_app(bare)
+    body = _post(app, f"/{bare.models[0]}/v1/chat/completions",
+                 {"messages": [{"role": "user", "content": bare.queries[0]}]}).json()
+    assert body["usage"]["prompt_tokens"] == estimate_tokens(bare.queries[0])
+    assert body["usage"]["completion_tokens"] == estimate_tokens(bare.responses[0, 0])
+
+
+def test_replay_errors(ds):
+    app = create_replay_app(ds, failures={ds.models[2]: "500", ds.models[1]: "down"})
+    m0 = ds.models[0]
+    assert _post(app, "/nope/v1/chat/completions", {"messages": []}).status_code == 404
+    r = _post(app, f"/{m0}/v1/chat/completions", {"messages": [{"role": "user", "content": "never recorded"}]})
+    assert r.status_code == 404 and "not in the recorded dataset" in r.json()["error"]["message"]
+    assert _post(app, f"/{m0}/v1/chat/completions", content=b"{oops").status_code == 400
+    assert _post(app, f"/{m0}/v1/chat/completions", {"messages": []}).status_code == 400
+    ok = {"messages": [{"role": "user", "content": ds.queries[0]}]}
+    assert _post(app, f"/{ds.models[2]}/v1/chat/completions", ok).status_code == 500
+    assert _post(app, f"/{ds.models[1]}/v1/chat/completions", ok).status_code == 503
+    app.state.failures.clear()  # failures are switchable at run time
+    assert _post(app, f"/{ds.models[2]}/v1/chat/completions", ok).status_code == 200
+    with pytest.raises(ValueError, match="unknown failure mode"):
+        create_replay_app(ds, failures={m0: "flaky"})
+    with pytest.raises(ValueError, match="unknown model"):
+        create_replay_app(ds, failures={"x": "500"})
+
+
+def test_written_backends_yaml_is_valid_and_points_at_replay(ds, tmp_path):
+    path = write_backends_yaml(ds, "http://127.0.0.1:9999", tmp_path / "b.yaml", failures={ds.models[0]: "down"})
+    configs = load_backend_configs(path)
+    assert list(configs) == ds.models
+    assert configs[ds.models[1]].url == f"http://127.0.0.1:9999/{ds.models[1]}/v1/chat/completions"
+    assert "9999" not in configs[ds.models[0]].base_url  # a down model points at a closed port
+    assert all(c.trust_reported_cost for c in configs.values())
+    # fitted prices reproduce the synthetic costs (cost = tokens x prices exactly)
+    c = configs[ds.models[2]]
+    i = 3
+    predicted = c.price_in * ds.features["tokens_in"][i, 2] + c.price_out * ds.features["tokens_out"][i, 2]
+    assert predicted == pytest.approx(ds.cost[i, 2], rel=1e-6)
+
+
+def test_cli_parses_serving_commands():
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--checkpoint", "c.safetensors", "--backends", "b.yaml", "--budget", "0.001",
+                              "--port", "8123", "--max-batch", "8"])
+    assert args.func.__name__ == "_serve" and args.budget == 0.001 and args.max_batch == 8
+    args = parser.parse_args(["replay-backend", "--dataset", "routerbench-subset", "--split", "test",
+                              "--split-fractions", "train=0.6,calibration=0.2,test=0.2", "--fail", "gpt-4=slow",
+                              "--fail", "a=b=500", "--write-backends", "b.yaml"])
+    assert args.func.__name__ == "_replay" and args.fail == [("gpt-4", "slow"), ("a=b", "500")]
+    assert args.split_fractions == {"train": 0.6, "calibration": 0.2, "test": 0.2}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["replay-backend", "--dataset", "x", "--fail", "gpt-4=flaky"])
