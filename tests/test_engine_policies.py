@@ -13,6 +13,7 @@ from cascade_routing.estimators.base import QualityEstimate
 from cascade_routing.policies import CascadeRouting, OptimalCascade, PolicyError, Routing, ThresholdCascade
 from cascade_routing.policies.supermodels import (
     expected_max,
+    expected_max_pruned,
     expected_max_table,
     normal_draws,
     quality_samples,
@@ -153,15 +154,35 @@ def test_cascade_routing_equals_brute_force(m, kind, variant):
     assert (got != -1).any() and (got == -1).any()  # the instance exercises both outcomes
 
 
-def test_pruning_never_changes_the_decision():
+@pytest.mark.parametrize("kind", ["std", "cov"])
+@pytest.mark.parametrize("variant", [{"max_depth": 4}, {"max_depth": 3, "force_order": True}, {"greedy": True}])
+def test_pruning_never_changes_the_decision(kind, variant):
     gen = torch.Generator().manual_seed(7)
     for m in (4, 6):
-        est, cost, ran = _random_instance(gen, 256, m, "std")
+        est, cost, ran = _random_instance(gen, 256, m, kind)
         for lam_scale in (0.05, 0.5, 3.0):
             lam = torch.rand(256, generator=gen, dtype=torch.float64) * lam_scale
-            plain = CascadeRouting(max_depth=4).decide(est, cost, ran, lam)
-            pruned = CascadeRouting(max_depth=4, prune=True).decide(est, cost, ran, lam)
+            plain = CascadeRouting(**variant).decide(est, cost, ran, lam)
+            pruned = CascadeRouting(prune=True, **variant).decide(est, cost, ran, lam)
             assert torch.equal(plain, pruned)
+
+
+def test_pruned_expected_max_skips_extensions_and_keeps_survivors_exact():
+    gen = torch.Generator().manual_seed(11)
+    b, n, k = 64, 7, 64
+    xf = torch.randn(b, n, k, generator=gen, dtype=torch.float64) * 0.3
+    base = torch.randn(b, k, generator=gen, dtype=torch.float64) * 0.3
+    cost_free = torch.rand(b, n, generator=gen, dtype=torch.float64)
+    lam = torch.full((b,), 0.05, dtype=torch.float64)
+    table = subset_table(n, 5)
+    dense = expected_max_table(xf, base, table)
+    pruned = expected_max_pruned(xf, base, table, cost_free, lam, 1e-6)
+    kept = torch.isfinite(pruned)
+    assert torch.allclose(pruned[kept], dense[kept])
+    assert 0.05 < kept.double().mean() < 0.95  # the lemma removes a real share of supermodels here
+    values_dense = dense - lam[:, None] * (cost_free @ table.members.double().T)
+    values_pruned = pruned - lam[:, None] * (cost_free @ table.members.double().T)
+    assert torch.equal(values_dense.argmax(1), values_pruned.argmax(1))
 
 
 def test_routing_equals_cascade_routing_depth_one():

@@ -16,8 +16,12 @@ With nothing run yet the empty supermodel is not allowed: some model is always r
 
 Pruning lemma (``prune=True``): E[max] is submodular (per draw, max is), so if adding a member m to
 S \\ {m} gains less than λ c_m, then S is strictly worse than S \\ {m}, and so is every superset of S
-containing m. Pruned supermodels are masked out; the decision provably does not change (a pruned S
-is below the best value by more than ``tie_tol``).
+containing m. With ``prune=True`` such supermodels and all their extensions are never sampled
+(:func:`~cascade_routing.policies.supermodels.expected_max_pruned`); the decision provably does not
+change (a pruned S is below one of its own subsets by more than ``tie_tol``). Measured on 2 CPU
+cores it saves time only when most supermodels are pruned (large λ): the compacted gathers cost more
+than the dense level-by-level maxima otherwise, so the default is ``prune=False``; the cache of
+E[max] tables (used while fitting λ) is only available without pruning, whose tables depend on λ.
 
 Queries sharing a ran-state are processed together: the samples of the not-yet-run candidate models
 are gathered, the sample max over the ran models is the base, and E[max] of every candidate subset is
@@ -37,6 +41,7 @@ from cascade_routing.policies.base import Policy, PolicyError, check_inputs
 from cascade_routing.policies.supermodels import (
     MAX_EXHAUSTIVE_SUPERMODELS,
     count_supermodels,
+    expected_max_pruned,
     expected_max_table,
     normal_draws,
     quality_samples,
@@ -124,15 +129,12 @@ class CascadeRouting(Policy):
         active = steps < depth
         for t in torch.unique(steps[active]).tolist():
             idx = torch.nonzero(active & (steps == t)).squeeze(1)
-            group = self._group(estimate, cost, ran, idx, t, cache, rows)
+            group = self._group(estimate, cost, ran, idx, t, cache, rows, lam[idx] if self.prune else None)
             if group is None:
                 continue
             emax, added, invalid, free_idx, table = group
             values = emax - lam[idx, None] * added
             values = values.masked_fill(invalid, -math.inf)
-            if self.prune:
-                cost_free = cost[idx].gather(1, free_idx)
-                values = values.masked_fill(self._pruned(emax, cost_free, lam[idx], table), -math.inf)
             best_val = values.amax(1, keepdim=True)
             near = values >= best_val - self.tie_tol
             best = torch.where(near, added, torch.full_like(added, math.inf)).argmin(1)  # least added cost
@@ -149,10 +151,11 @@ class CascadeRouting(Policy):
         nxt = free_idx.gather(1, slot[:, None]).squeeze(1)
         return torch.where(chosen.any(1), nxt, torch.full_like(nxt, -1))
 
-    def _group(self, estimate, cost, ran, idx, t, cache, rows):
+    def _group(self, estimate, cost, ran, idx, t, cache, rows, prune_lam: Tensor | None = None):
         """For rows ``idx`` that all ran ``t`` models: (emax [b, S], added cost [b, S], invalid [b, S],
         free_idx [b, n], table) over the subsets of each row's not-yet-run models (in index order),
-        or None if no row can run another model."""
+        or None if no row can run another model. ``prune_lam`` [b]: skip extensions by the pruning
+        lemma at these λ (pruned subsets get emax -inf; the cache is not used since pruning depends on λ)."""
         b_all, m = ran.shape
         depth = self.max_steps(m)
         n = m - t
@@ -167,7 +170,10 @@ class CascadeRouting(Policy):
         table = subset_table(n, r, dev)
         members_f = table.members.to(cost.dtype)
         z = normal_draws(self.num_samples, m, self.seed, dev, estimate.mean.dtype)
-        if cache is not None and rows is not None:
+        if prune_lam is not None:
+            cost_free = cost[idx].gather(1, free_idx)
+            emax = self._emax(estimate, idx, free_idx, ran_idx, table, z, (cost_free, prune_lam))
+        elif cache is not None and rows is not None:
             states = ran_states(ran[idx])
             emax = _cached_emax(cache, states, rows[idx], lambda sel: self._emax(
                 estimate, idx[sel], free_idx[sel], ran_idx[sel], table, z))
@@ -182,11 +188,12 @@ class CascadeRouting(Policy):
         return emax, added, invalid, free_idx, table
 
     def _emax(self, estimate: QualityEstimate, idx: Tensor, free_idx: Tensor, ran_idx: Tensor, table,
-              z: Tensor) -> Tensor:
+              z: Tensor, prune: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """E[max] [len(idx), S] of ran ∪ s for every subset s of each row's free models, chunked."""
         widest = max(stop - start for start, stop in table.levels)
         per_row = max(1, widest * z.shape[0] * estimate.mean.element_size() * 3)
-        chunk = max(1, self.chunk_bytes // per_row)
+        # pruned search keeps only surviving subsets: bigger chunks, fewer ops (worst case still bounded x4)
+        chunk = max(1, (self.chunk_bytes * (4 if prune is not None else 1)) // per_row)
         zt = z.T  # [M, K]
         has_base = ran_idx.shape[1] > 0
         parts = []
@@ -207,7 +214,11 @@ class CascadeRouting(Policy):
                 k = x.shape[2]
                 xf = x.gather(1, f_idx[:, :, None].expand(-1, -1, k))
                 base = x.gather(1, r_idx[:, :, None].expand(-1, -1, k)).amax(1) if has_base else None
-            parts.append(expected_max_table(xf.contiguous(), base, table))
+            if prune is None:
+                parts.append(expected_max_table(xf.contiguous(), base, table))
+            else:
+                parts.append(expected_max_pruned(xf.contiguous(), base, table, prune[0][lo:lo + chunk],
+                                                 prune[1][lo:lo + chunk], self.tie_tol))
         return torch.cat(parts, 0)
 
     def candidates(self, estimate: QualityEstimate, cost: Tensor, state: int, cache: dict | None = None,

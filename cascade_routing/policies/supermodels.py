@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -193,3 +194,96 @@ def expected_max(mean: Tensor, std: Tensor | None = None, cov: Tensor | None = N
     z = normal_draws(num_samples, mean.shape[1], seed, mean.device, mean.dtype)
     x = quality_samples(mean, z, std, cov)
     return x.amax(1).mean(-1)
+
+
+def _table_aux(table: SubsetTable) -> tuple[Tensor, Tensor, Tensor]:
+    """(level of each row [S], largest slot of each row [S] (-1 for the empty set), local index within
+    its level [S]), cached on the table's device."""
+    key = ("aux", table.n, table.r, str(table.members.device))
+    hit = _DEVICE_TABLES.get(key)  # type: ignore[arg-type]
+    if hit is None:
+        s = table.members.shape[0]
+        level = torch.zeros(s, dtype=torch.long)
+        local = torch.zeros(s, dtype=torch.long)
+        for k, (start, stop) in enumerate(table.levels):
+            level[start:stop] = k
+            local[start:stop] = torch.arange(stop - start)
+        slots = torch.arange(table.n).expand(s, -1)
+        last = torch.where(table.members.cpu(), slots, torch.full_like(slots, -1)).amax(1)
+        dev = table.members.device
+        hit = (level.to(dev), last.to(dev), local.to(dev))
+        _DEVICE_TABLES[key] = hit  # type: ignore[index]
+    return hit
+
+
+def expected_max_pruned(free_samples: Tensor, base: Tensor | None, table: SubsetTable, cost_free: Tensor,
+                        lam: Tensor, tol: float) -> Tensor:
+    """Like :func:`expected_max_table`, but skipping extensions ruled out by the pruning lemma.
+
+    A subset s (level >= 1, or >= 2 without a base) is *pruned* if some member j has marginal gain
+    ``E[max(s)] − E[max(s \\ j)] < λ c_j − tol`` or some ``s \\ j`` was pruned; pruned subsets and all
+    their extensions are never sampled and get -inf. By submodularity of the (sample) max, every
+    pruned subset is worse by more than ``tol`` than one of its own subsets, so the best supermodel
+    is unchanged. Only the samples of surviving subsets are kept (compact [P, K] per level).
+    """
+    b, n, k = free_samples.shape
+    dev = free_samples.device
+    s_total = table.members.shape[0]
+    level_of, last_of, _ = _table_aux(table)
+    out = torch.full((b, s_total), -math.inf, dtype=free_samples.dtype, device=dev)
+    if base is not None:
+        out[:, 0] = base.mean(-1)
+    if table.r == 0:
+        return out
+    # level 1: every singleton
+    start1, stop1 = table.levels[1]
+    cur = free_samples if base is None else torch.maximum(free_samples, base[:, None, :])  # [b, n, K]
+    out[:, start1:stop1] = cur.mean(-1)
+    alive = torch.ones(b, n, dtype=torch.bool, device=dev)
+    if base is not None:
+        alive = (out[:, start1:stop1] - out[:, :1]) >= lam[:, None] * cost_free - tol
+    out[:, start1:stop1] = out[:, start1:stop1].masked_fill(~alive, -math.inf)
+    pair_row, pair_sub = alive.nonzero(as_tuple=True)  # local index at level 1 == slot
+    samples = cur.reshape(b * n, k).index_select(0, pair_row * n + pair_sub)  # [P, K]
+    flat_x = free_samples.reshape(b * n, k)
+    flat_out = out.view(-1)
+    minus = table.minus
+    members = table.members
+    for level in range(2, table.r + 1):
+        if pair_row.numel() == 0:
+            break
+        start_prev = table.levels[level - 1][0]
+        start = table.levels[level][0]
+        last = last_of[start_prev + pair_sub]  # largest slot of each parent
+        counts = (n - 1 - last).clamp_min(0)
+        if int(counts.sum()) == 0:
+            break
+        parent = torch.repeat_interleave(torch.arange(pair_row.numel(), device=dev), counts)
+        first = torch.cumsum(counts, 0) - counts
+        j = last[parent] + 1 + (torch.arange(parent.numel(), device=dev) - first[parent])
+        row = pair_row[parent]
+        # child row in the table: group j of this level lists the parents (local order) with last < j
+        offsets = torch.tensor([0] + list(np.cumsum(table.prefix[level])[:-1]), device=dev, dtype=torch.long)
+        child = start + offsets[j] + pair_sub[parent]
+        x = torch.maximum(samples.index_select(0, parent), flat_x.index_select(0, row * n + j))  # [E, K]
+        val = x.mean(-1)
+        flat_out.index_copy_(0, row * s_total + child, val)
+        if level == table.r:
+            # survivors of the top level are not extended; pruned ones still must read -inf
+            sub_val = flat_out[(row * s_total)[:, None] + minus.index_select(0, child).clamp_min(0)]
+            gain = val[:, None] - sub_val
+            bad = members.index_select(0, child) & (torch.isinf(sub_val) | (gain < lam[row, None] * cost_free.index_select(0, row) - tol))
+            drop = bad.any(1)
+            flat_out.index_fill_(0, (row * s_total + child)[drop], -math.inf)
+            break
+        # pruning check against every member's removal
+        mem = members.index_select(0, child)  # [E, n]
+        sub_val = flat_out[(row * s_total)[:, None] + minus.index_select(0, child).clamp_min(0)]  # [E, n]
+        gain = val[:, None] - sub_val
+        bad = mem & (torch.isinf(sub_val) | (gain < lam[row, None] * cost_free.index_select(0, row) - tol))
+        keep = ~bad.any(1)
+        flat_out.index_fill_(0, (row * s_total + child)[~keep], -math.inf)
+        keep_idx = keep.nonzero().squeeze(1)
+        pair_row, pair_sub = row.index_select(0, keep_idx), (child - start).index_select(0, keep_idx)
+        samples = x.index_select(0, keep_idx)
+    return out
