@@ -10,7 +10,10 @@ Checks (exit code 1 if any fails):
   request id echoed exactly once, in the header and in ``routing.request_id``, and the answer is a
   recorded response of the model the trace names for that query);
 - mean spend per request <= budget x (1 + ``--budget-tolerance``) (λ is fitted on the calibration
-  split; the test queries are different ones, so a small deviation is expected and reported).
+  split; the test queries are different ones, so a deviation is possible and reported);
+- with ``--check-simulation`` (default on): the server's mean spend and quality over these very
+  requests equal the offline ``simulate`` of the same checkpoint and budget (so any gap to the
+  budget is the estimators' calibration -> test generalisation, not the serving path).
 
 Reports: throughput (requests/s), client latency p50/p95, the routing overhead per request (server
 time not spent awaiting its own backend calls: ``routing.routing_ms``, which includes waiting for
@@ -98,6 +101,20 @@ def prepare(args, work: Path):
     return str(path), test, data_args, budget, strategy
 
 
+def simulate_split(checkpoint: str, test, strategy: str, budget: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row realised cost and quality of ``simulate`` (same checkpoint, budget, λ mix) on ``test``."""
+    from cascade_routing.estimators.artifact import load_artifact
+    from cascade_routing.estimators.export import make_policy
+    from cascade_routing.evaluation import simulate
+    from cascade_routing.policies import query_uniforms
+
+    art = load_artifact(checkpoint)
+    qe, ce = art.bind(test.queries, test.responses, {**test.features, "cost": test.cost}, test.tasks)
+    sim = simulate(make_policy(strategy), qe, ce, test.quality, test.cost, art.fitted_lambda(strategy, budget),
+                   query_uniforms(test.queries))
+    return sim.cost.numpy(), sim.quality.numpy()
+
+
 async def fire(url: str, payloads: list[tuple[str, dict]], concurrency: int, timeout_s: float):
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -128,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-tolerance", type=float, default=0.10)
     p.add_argument("--max-seconds", type=float, default=300.0, help="bound on the whole request phase")
     p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument("--no-check-simulation", dest="check_simulation", action="store_false",
+                   help="skip the offline simulation of the same requests")
     args = p.parse_args(argv)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -179,11 +198,15 @@ def main(argv: list[str] | None = None) -> int:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        if args.check_simulation:
+            t_sim = time.perf_counter()
+            sim_costs, sim_qualities = simulate_split(checkpoint, test, strategy, budget)
+            print(f"offline simulation of the test split in {time.perf_counter() - t_sim:.1f}s", flush=True)
 
     # ------------------------------------------------------------------ checks
     problems: list[str] = []
     seen: dict[str, int] = {}
-    costs, overhead, backend_ms, latency, models_run, compute, batch = [], [], [], [], [], [], []
+    costs, overhead, backend_ms, latency, models_run, compute, batch, quality = [], [], [], [], [], [], [], []
     expected_rid = {rid: rows[k] for k, (rid, _) in enumerate(payloads)}
     for rid, resp, err, lat in results:
         if resp is None or resp.status_code != 200:
@@ -199,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if body["choices"][0]["message"]["content"] != test.responses[i, j]:
             problems.append(f"{rid}: answer text is not the recorded answer of {test.models[j]} for row {i}")
         costs.append(body["routing"]["total_cost"])
+        quality.append(float(test.quality[i, j]))
         overhead.append(body["routing"]["routing_ms"])
         compute.append(body["routing"]["compute_ms"])
         batch.append(body["routing"]["batch_size"])
@@ -238,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"server counted {stats['requests']} requests, client got {len(costs)}")
     if not mean_cost <= budget * (1 + args.budget_tolerance):
         problems.append(f"mean spend {mean_cost:.6g} over budget {budget:.6g} (+{args.budget_tolerance:.0%})")
+    if args.check_simulation and costs:
+        idx = np.asarray([expected_rid[r] for r, resp, _, _ in results if resp is not None and resp.status_code == 200])
+        sim_cost, sim_quality = float(sim_costs[idx].mean()), float(sim_qualities[idx].mean())
+        report["offline_simulation_mean_cost"] = sim_cost
+        report["offline_simulation_mean_quality"] = sim_quality
+        report["server_mean_quality"] = float(np.mean(quality))
+        if not np.isclose(sim_cost, mean_cost, rtol=1e-9, atol=0) or not np.isclose(sim_quality, np.mean(quality)):
+            problems.append(f"server mean cost/quality {mean_cost:.6g}/{np.mean(quality):.4f} != offline "
+                            f"simulation {sim_cost:.6g}/{sim_quality:.4f}")
     report["problems"] = problems[:20]
     print(json.dumps(report, indent=2))
     if args.json:
