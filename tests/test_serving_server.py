@@ -143,3 +143,16 @@ def test_502_when_no_model_can_answer(ds, setup):
         err = _assert_error(resp, 502, "no model could answer")
         assert {f["model"] for f in err["failures"]} == set(ds.models)
         assert httpx.get(s.url + "/health", timeout=10).json()["spend"]["errors"] == 1
+
+
+def test_estimator_fault_is_a_json_500(ds, setup):
+    router, sim, budget = setup
+
+    def broken_binder(*args, **kwargs):
+        raise RuntimeError("estimator exploded")
+
+    broken = CascadeRouter(router.policy, broken_binder, router.fitted_table, ds.models, budget=budget)
+    with ServingStack(ds, broken) as s:
+        err = _assert_error(_chat(s.url, ds.queries[0]), 500, "estimator exploded")
+        assert err["type"] == "server_error"
+        assert _chat(s.url, ds.queries[1]).status_code == 500  # the server keeps serving

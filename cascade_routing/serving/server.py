@@ -17,13 +17,15 @@ Endpoints:
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: malformed JSON, a
 body that is not an object, missing/empty ``messages``, no user message, ``stream: true`` or a bad
-``routing.budget`` -> 400; unknown ``model`` -> 404; every model failed -> 502.
+``routing.budget`` -> 400; unknown ``model`` -> 404; every model failed -> 502; a fault in the
+estimators or the policy -> 500 (logged).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
@@ -40,6 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cascade_routing.serving.backends import BackendPool
 from cascade_routing.serving.batching import RequestBatcher
 from cascade_routing.serving.router import CascadeRouter, NoModelAvailableError, RouteRequest, RouterError
+
+log = logging.getLogger(__name__)
 
 FORWARDED_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed")
 
@@ -241,6 +245,13 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             app.state.account.add_error([f["model"] for f in err.failures])
             resp = error_response(502, str(err), "upstream_error", code="no_model_available",
                                   extra={"failures": err.failures, "request_id": request_id})
+            resp.headers.update(headers)
+            return resp
+        except Exception as err:  # noqa: BLE001 - an estimator/policy fault: a JSON 500, logged
+            log.exception("routing failed for request %s", request_id)
+            app.state.account.add_error([])
+            resp = error_response(500, f"routing failed: {type(err).__name__}: {err}", "server_error",
+                                  extra={"request_id": request_id})
             resp.headers.update(headers)
             return resp
         app.state.account.add(result.models_run, result.model, result.total_cost,
