@@ -19,8 +19,12 @@ see it as not run. With no failures this is exactly the offline decision; with f
 decision the policy would make on the pool without those models. If no model can answer,
 :class:`NoModelAvailableError` is raised (the server maps it to HTTP 502).
 
-``answers`` in the step API map a model name to an :class:`Answer`, the answer text (``str``), or
-``None`` for "attempted and failed".
+``answers`` in the step API map a model name to an :class:`Answer` (text + features + cost), the
+answer text alone (``str``: its features, e.g. token counts or log-prob confidence, then read as 0;
+pass an ``Answer`` when the estimators use them), or ``None`` for "attempted and failed".
+
+The arrays handed to the binder live on the CPU; estimators may move their work to a device
+(the policy runs where the estimate's tensors are).
 """
 
 from __future__ import annotations
@@ -246,7 +250,7 @@ class CascadeRouter:
         return state
 
     def _beliefs(self, state: _State, rows: Tensor) -> tuple[QualityEstimate, Tensor]:
-        est = state.qe.estimate(state.rows[rows], state.ran[rows].to(_device(state)))
+        est = state.qe.estimate(state.rows[rows], state.ran[rows])
         cost = state.ce.estimate(state.rows[rows].to(est.mean.device), state.ran[rows].to(est.mean.device))
         return est, cost.to(est.mean.dtype)
 
@@ -484,10 +488,6 @@ class RouteRequest:
 
 
 # ---------------------------------------------------------------------- helpers
-def _device(state: _State) -> torch.device:
-    return torch.device("cpu")
-
-
 async def _call(backends: Any, model: str, messages: list[dict[str, Any]], params: dict[str, Any]
                 ) -> Answer | str:
     if hasattr(backends, "complete"):
