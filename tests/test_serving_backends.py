@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
-
 import httpx
 import pytest
 import yaml
@@ -99,7 +97,7 @@ def test_per_million_prices_and_cost_from_usage(monkeypatch):
 
 def test_trusted_reported_cost_recorded_features_and_logprobs():
     body = _ok(x_cost_usd=0.5, x_recorded_features={"latency_ms": 42.0},
-               choice={"logprobs": {"content": [{"logprob": math.log(0.5)}, {"logprob": math.log(0.5)}]}})
+               choice={"logprobs": {"content": [{"logprob": -0.5}, {"logprob": -1.5}]}})
 
     async def go(trust):
         async with _pool(_doc(trust_reported_cost=trust), lambda r: httpx.Response(200, json=body)) as pool:
@@ -108,7 +106,7 @@ def test_trusted_reported_cost_recorded_features_and_logprobs():
     ans = asyncio.run(go(True))
     assert ans.cost == 0.5
     assert ans.features["latency_ms"] == 42.0
-    assert ans.features["logprob_confidence"] == pytest.approx(0.5)
+    assert ans.features["logprob_confidence"] == pytest.approx(-1.0)  # mean token log-prob
     assert asyncio.run(go(False)).cost == pytest.approx(10 * 1e-6 + 20 * 2e-6)
 
 

@@ -22,7 +22,8 @@ backend writes this) takes the cost from the response's ``x_cost_usd`` field ins
 
 Features of an answer (the names used project-wide): ``tokens_in``, ``tokens_out``, ``latency_ms``
 (wall time of the successful attempt) and, when the endpoint returns log-probs,
-``logprob_confidence`` = exp(mean token log-prob) of the answer. A response may carry
+``logprob_confidence`` = the mean token log-probability of the answer (for a one-token answer, the
+answer token's log-prob: the definition of the rational-llm-cascades data). A response may carry
 ``x_recorded_features`` (the replay backend does): those values override the measured ones, so a
 replay reproduces the recorded dataset exactly.
 """
@@ -198,7 +199,7 @@ def load_backend_configs(path: "str | os.PathLike[str]") -> dict[str, BackendCon
 
 
 def _logprob_confidence(choice: Mapping[str, Any]) -> float | None:
-    """exp(mean token log-prob) of the answer, from OpenAI's ``choices[0].logprobs.content``."""
+    """Mean token log-prob of the answer, from OpenAI's ``choices[0].logprobs.content``."""
     logprobs = choice.get("logprobs")
     if not isinstance(logprobs, Mapping):
         return None
@@ -209,7 +210,7 @@ def _logprob_confidence(choice: Mapping[str, Any]) -> float | None:
     values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not values:
         return None
-    return math.exp(sum(values) / len(values))
+    return sum(values) / len(values)
 
 
 class Backend:
