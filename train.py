@@ -21,6 +21,9 @@ from cascade_routing.estimators.module import QualityEstimatorModule  # noqa: E4
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
+    from cascade_routing.estimators.runtime import configure_threads
+
+    configure_threads()
     return LightningCLI(
         QualityEstimatorModule,
         RoutingDataModule,

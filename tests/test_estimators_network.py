@@ -13,7 +13,7 @@ from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
 def _net(m: int = 4, d: int = 16, t: int = 3) -> QualityNetwork:
     torch.manual_seed(0)
-    net = QualityNetwork(NetworkConfig(num_models=m, embed_dim=d, num_tasks=t, hidden=24, dropout=0.0))
+    net = QualityNetwork(NetworkConfig(num_models=m, embed_dim=d, num_tasks=t, hidden=24, dropout=0.0, num_answer_features=4 + m))
     # make every parameter non-trivial so a leak could not hide behind zero-initialised weights
     with torch.no_grad():
         for p in net.parameters():
@@ -23,7 +23,7 @@ def _net(m: int = 4, d: int = 16, t: int = 3) -> QualityNetwork:
 
 def _inputs(b: int = 5, m: int = 4, d: int = 16, t: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, d, generator=g), torch.randn(b, m, d, generator=g), torch.rand(b, m, 4, generator=g),
+    return (torch.randn(b, d, generator=g), torch.randn(b, m, d, generator=g), torch.rand(b, m, 4 + m, generator=g),
             torch.eye(t)[torch.randint(0, t, (b,), generator=g)])
 
 
@@ -71,7 +71,8 @@ def test_compose_features_masks_and_agreement():
     pair = torch.tensor([[[0.0, 0.5, 1.0], [0.5, 0.0, 0.2], [1.0, 0.2, 0.0]]])
     ran = torch.tensor([[True, True, False]])
     out = compose_features(static, pair, ran)
-    assert torch.equal(out[0, 2], torch.zeros(4))
+    assert torch.equal(out[0, 2], torch.zeros(7))
+    assert torch.equal(out[0, 0, 4:], torch.tensor([0.0, 0.5, 0.0]))
     assert out[0, 0, 3] == pytest.approx(0.5) and out[0, 1, 3] == pytest.approx(0.5)
     ran_all = torch.ones(1, 3, dtype=torch.bool)
     assert compose_features(static, pair, ran_all)[0, 0, 3] == pytest.approx(0.75)

@@ -56,7 +56,9 @@ def _strategies(arg: str | None):
 
 def _evaluate(args: argparse.Namespace) -> int:
     from cascade_routing.estimators.evaluate import ESTIMATORS, evaluate
+    from cascade_routing.estimators.runtime import configure_threads
 
+    configure_threads()
     evaluate(
         args.checkpoint,
         dataset=args.dataset,
@@ -83,7 +85,9 @@ def train_eval(config: str, overrides: list[str] | None = None, out: str | None 
     from cascade_routing.estimators.evaluate import evaluate
     from cascade_routing.estimators.export import ExportArtifact
     from cascade_routing.estimators.module import QualityEstimatorModule
+    from cascade_routing.estimators.runtime import configure_threads
 
+    configure_threads()
     t0 = time.perf_counter()
     cli = LightningCLI(QualityEstimatorModule, RoutingDataModule, seed_everything_default=0,
                        save_config_kwargs={"overwrite": True}, args=["fit", "--config", config, *(overrides or [])])

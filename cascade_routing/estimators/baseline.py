@@ -42,6 +42,25 @@ def design(task: Tensor, answer_feat: Tensor) -> Tensor:
     return torch.cat([task, per_model, torch.ones(b, 1, dtype=task.dtype)], dim=1)
 
 
+def design_all_masks(task: Tensor, static: Tensor, pair: Tensor, masks: Tensor) -> Tensor:
+    """[S, N, F] design matrices for every mask in ``masks`` [S, M] at once (same columns as :func:`design`).
+
+    With all answers known (training/calibration rows), the agreement of run model m under mask r is
+    ``Σ_{k≠m} r_k S_mk / max(1, Σ_{k≠m} r_k)`` (``pair`` has a zero diagonal), 0 for unrun m.
+    """
+    r = masks.to(static.dtype)  # [S, M]
+    n, m = static.shape[:2]
+    others = (r.sum(1, keepdim=True) - r).clamp_min(1.0)  # [S, M]
+    agree = torch.einsum("nmk,sk->snm", pair.to(static.dtype), r) / others.unsqueeze(1) * r.unsqueeze(1)
+    conf = static[..., 1].unsqueeze(0) * r.unsqueeze(1)
+    length = static[..., 0].unsqueeze(0) * r.unsqueeze(1)
+    per_model = torch.stack([conf, length, agree], dim=-1).reshape(masks.shape[0], n, 3 * m)
+    s_count = masks.shape[0]
+    return torch.cat(
+        [task.to(static.dtype).expand(s_count, n, -1), per_model, torch.ones(s_count, n, 1, dtype=static.dtype)], dim=-1
+    )
+
+
 def _full_features(data: RoutingDataset) -> tuple[Tensor, Tensor]:
     n, m = data.quality.shape
     rows = np.arange(n)
@@ -50,24 +69,28 @@ def _full_features(data: RoutingDataset) -> tuple[Tensor, Tensor]:
     return static, pair
 
 
-def fit_logistic(x: Tensor, y: Tensor, alpha: float = 1.0, iterations: int = 12) -> Tensor:
-    """Batched Newton for ``x`` [S, N, F], ``y`` [N, M] -> weights [S, M, F] (float64)."""
+def fit_logistic(x: Tensor, y: Tensor, alpha: float = 1.0, iterations: int = 40) -> Tensor:
+    """L2-regularised logistic regressions for ``x`` [S, N, F], ``y`` [N, M] -> weights [S, M, F].
+
+    Böhning's bound optimisation: since p(1−p) <= 1/4, ``B_s = ¼ X_sᵀX_s + αI`` majorises every
+    Hessian of design s, so ``w ← w − B_s⁻¹ ∇`` decreases the loss monotonically; ``B_s`` is
+    factorised once per design and shared by the M models (cost per step: one gradient).
+    """
     s, n, f = x.shape
     m = y.shape[1]
-    x = x.double()
+    xd = x.double()
     y = y.double()
-    w = torch.zeros(s, m, f, dtype=torch.float64)
     reg = alpha * torch.eye(f, dtype=torch.float64)
     reg[-1, -1] = 1e-6  # intercept (last column) barely penalised
+    bound = 0.25 * torch.bmm(xd.transpose(1, 2), xd) + reg + 1e-9 * torch.eye(f, dtype=torch.float64)
+    chol = torch.linalg.cholesky(bound)  # [S, F, F]
+    w = torch.zeros(s, f, m, dtype=torch.float64)
+    xt = xd.transpose(1, 2)
     for _ in range(iterations):
-        logit = torch.einsum("snf,smf->snm", x, w)
-        p = torch.sigmoid(logit)
-        grad = torch.einsum("snf,snm->smf", x, p - y) + torch.einsum("fg,smg->smf", reg, w)
-        wts = p * (1 - p)  # [S, N, M]
-        hess = torch.einsum("snf,snm,sng->smfg", x, wts, x) + reg
-        step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
-        w = w - step
-    return w
+        p = torch.sigmoid(torch.bmm(xd, w))  # [S, N, M]
+        grad = torch.bmm(xt, p - y) + reg @ w  # [S, F, M]
+        w = w - torch.cholesky_solve(grad, chol)
+    return w.transpose(1, 2).float()
 
 
 class BaselineModel:
@@ -95,7 +118,7 @@ class BaselineModel:
             starts = tqdm(starts, desc="baseline: fit logistic regressions", unit="chunk", leave=False)
         for start in starts:
             ms = masks[start : start + chunk]
-            xs = torch.stack([design(task, compose_features(static, pair, mk.expand(n, m))) for mk in ms])
+            xs = design_all_masks(task, static, pair, ms)
             weights.append(fit_logistic(xs, y, alpha))
         return cls(list(train.models), vocab, torch.cat(weights).float())
 
@@ -110,14 +133,18 @@ class BaselineModel:
         n, m = calibration.quality.shape
         task = torch.from_numpy(task_onehot(calibration.tasks, self.task_vocabulary, n))
         static, pair = _full_features(calibration)
-        full = torch.ones(n, m, dtype=torch.bool)
-        p_all = self.predict(task, compose_features(static, pair, full), full)
+        masks = all_masks(m)
+        full = torch.ones(1, m, dtype=torch.bool)
+        p_all = torch.sigmoid(torch.einsum("snf,smf->snm", design_all_masks(task, static, pair, full), self.weights[-1:]))[0]
         covs = []
-        for mk in all_masks(m):
-            ran = mk.expand(n, m)
-            r = (p_all - self.predict(task, compose_features(static, pair, ran), ran)).double()
-            covs.append(torch.cov(r.T).reshape(m, m) if n > 1 else torch.zeros(m, m, dtype=torch.float64))
-        self.covariances = torch.stack(covs).float()
+        for start in range(0, masks.shape[0], 64):
+            ms = masks[start : start + 64]
+            x = design_all_masks(task, static, pair, ms)
+            p = torch.sigmoid(torch.einsum("snf,smf->snm", x, self.weights[bitmask(ms)]))
+            r = (p_all.unsqueeze(0) - p).double()  # [S, N, M]
+            mean = r.mean(1, keepdim=True)
+            covs.append(torch.einsum("sna,snb->sab", r - mean, r - mean) / max(n - 1, 1))
+        self.covariances = torch.cat(covs).float()
         return self.covariances
 
     def bind(
@@ -140,13 +167,23 @@ class BaselineQualityEstimator:
         self.features = features if features is not None else {}
         self.task = torch.from_numpy(task_onehot(tasks, model.task_vocabulary, n))
         self._agreement = AgreementCache()
+        self._memo: dict[tuple[int, int], np.ndarray] = {}
 
     def estimate(self, queries: Tensor, ran: Tensor) -> QualityEstimate:
+        """Probabilities (memoised per row and ran-set; run answers never change) and covariances."""
         device = torch.as_tensor(ran).device
         rows = torch.as_tensor(queries, dtype=torch.long).cpu()
         ran_c = torch.as_tensor(ran, dtype=torch.bool).cpu()
-        feats = answer_features(rows.numpy(), ran_c.numpy(), self.responses, self.features, self._agreement)
-        p = self.model.predict(self.task[rows], torch.from_numpy(feats), ran_c)
+        ids = bitmask(ran_c).tolist()
+        keys = list(zip(rows.tolist(), ids))
+        missing = [b for b, k in enumerate(keys) if k not in self._memo]
+        if missing:
+            sel = torch.tensor(missing, dtype=torch.long)
+            feats = answer_features(rows[sel].numpy(), ran_c[sel].numpy(), self.responses, self.features, self._agreement)
+            p_new = self.model.predict(self.task[rows[sel]], torch.from_numpy(feats), ran_c[sel]).numpy()
+            for k, b in enumerate(missing):
+                self._memo[keys[b]] = p_new[k]
+        p = torch.from_numpy(np.stack([self._memo[k] for k in keys])) if keys else torch.zeros(0, len(self.models))
         cov = None
         if self.model.covariances is not None:
             m = len(self.models)

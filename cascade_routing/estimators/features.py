@@ -11,6 +11,8 @@ Per-answer features (``ANSWER_FEATURES``, in this order, float [B, M, F]):
 - ``has_confidence``: 1 where a log-prob confidence exists for the cell, else 0;
 - ``agreement``: mean token-set Jaccard similarity of this answer with the *other run* answers of
   the same query, ``(1/|R\\{m}|) Σ_{k∈R\\{m}} |T_m ∩ T_k| / |T_m ∪ T_k|`` (0 when no other model ran).
+
+:func:`compose_features` appends the M pairwise similarities with each run model (0 where unrun).
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def pair_similarity(
 
 
 def compose_features(static: torch.Tensor, pair_sim: torch.Tensor, ran: torch.Tensor) -> torch.Tensor:
-    """[B, M, 4] answer features under mask ``ran``: the static three and the agreement.
+    """[B, M, 4 + M] answer features under mask ``ran``: the static three, the agreement, and the
+    masked similarity row ``(ran_m ran_k S_mk)_{k}`` (agreement with each other run model).
 
     ``agreement_m = Σ_{k≠m} ran_k · S_mk / max(1, Σ_{k≠m} ran_k)`` for run m, 0 otherwise. Cells and
     pairs of unrun models are zeroed here, whatever the inputs hold.
@@ -138,7 +141,7 @@ def compose_features(static: torch.Tensor, pair_sim: torch.Tensor, ran: torch.Te
     pair = rf.unsqueeze(2) * rf.unsqueeze(1) * (1 - eye)
     sim = torch.where(pair.bool(), pair_sim.to(static.dtype), torch.zeros((), dtype=static.dtype))
     agree = sim.sum(-1) / pair.sum(-1).clamp_min(1.0)
-    return torch.cat([static, agree.unsqueeze(-1)], dim=-1)
+    return torch.cat([static, agree.unsqueeze(-1), sim], dim=-1)
 
 
 def answer_features(
@@ -148,7 +151,7 @@ def answer_features(
     features: Mapping[str, np.ndarray] | None,
     cache: AgreementCache | None = None,
 ) -> np.ndarray:
-    """Float32 [B, M, len(ANSWER_FEATURES)] for table rows ``rows`` under mask ``ran`` [B, M].
+    """Float32 [B, M, len(ANSWER_FEATURES) + M] for table rows ``rows`` under mask ``ran`` [B, M].
 
     Reads ``responses[rows[b], m]`` and ``features[k][rows[b], m]`` only where ``ran[b, m]``.
     """

@@ -82,7 +82,8 @@ class QualityEstimatorModule(L.LightningModule):
         self.models = list(models)
         self.binary = binary
         config = NetworkConfig(
-            num_models=len(models), embed_dim=embed_dim, num_tasks=num_tasks, hidden=hp.hidden, dropout=hp.dropout
+            num_models=len(models), embed_dim=embed_dim, num_tasks=num_tasks, hidden=hp.hidden, dropout=hp.dropout,
+            num_answer_features=4 + len(models),
         )
         self.network = QualityNetwork(config, encoder if hp.finetune_encoder else None)
         for split in SPLITS:

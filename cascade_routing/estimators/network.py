@@ -6,7 +6,8 @@ One network serves ex-ante and post-hoc estimation:
             ran [B, M] (bool), answer embeddings A [B, M, D], answer features F [B, M, K]
     masking A, F ← where(ran, A, 0), where(ran, F, 0)     (first operation: no leakage, NaN-safe)
     query   h = MLP([q, t])                                               [B, H]
-    answers a_m = MLP(W_A·A_m + W_F·[F_m, s_m]) + e_m,  s_m = mean cosine of A_m with the other run answers
+    answers a_m = MLP(W_A·A_m + W_F·[F_m, s_m, C_m]) + e_m,  C_mk = cos(A_m, A_k) for run pairs (k≠m),
+            s_m = mean_k C_mk (agreement in embedding space)
             a_m ← ran_m · a_m ;  c = Σ_m a_m / max(1, |ran|)                [B, M, H], [B, H]
     joint   z = h + MLP([h, c, ran])                                       [B, H]
     heads   logit_m = w_m·z + b_m + ran_m · (u_m·a_m)       (mean of model m's quality, logit space)
@@ -34,7 +35,7 @@ class NetworkConfig:
     num_models: int  # M, columns in cost order
     embed_dim: int  # D, encoder hidden size (queries and answers)
     num_tasks: int = 0  # T, size of the task one-hot (0: no task input)
-    num_answer_features: int = 4  # K, see features.ANSWER_FEATURES
+    num_answer_features: int = 4  # K: features.compose_features gives 4 + M
     hidden: int = 128  # H
     dropout: float = 0.1
 
@@ -56,7 +57,7 @@ class QualityNetwork(nn.Module):
         self.encoder = encoder  # optional TextEncoder for fine-tuning; None: embeddings given
         self.query_mlp = _mlp(c.embed_dim + c.num_tasks, c.hidden, c.dropout)
         self.answer_proj = nn.Linear(c.embed_dim, c.hidden)
-        self.answer_feat_proj = nn.Linear(c.num_answer_features + 1, c.hidden, bias=False)
+        self.answer_feat_proj = nn.Linear(c.num_answer_features + 1 + c.num_models, c.hidden, bias=False)
         self.answer_mlp = nn.Sequential(nn.GELU(), nn.Dropout(c.dropout), nn.Linear(c.hidden, c.hidden), nn.GELU())
         self.model_embedding = nn.Parameter(torch.zeros(c.num_models, c.hidden))
         self.joint_mlp = _mlp(2 * c.hidden + c.num_models, c.hidden, c.dropout)
@@ -122,7 +123,7 @@ class QualityNetwork(nn.Module):
         else:
             h = self.query_mlp(query_emb)
 
-        a = self.answer_mlp(proj + self.answer_feat_proj(torch.cat([answer_feat, agree.unsqueeze(-1)], dim=-1)))
+        a = self.answer_mlp(proj + self.answer_feat_proj(torch.cat([answer_feat, agree.unsqueeze(-1), sim], dim=-1)))
         a = (a + self.model_embedding) * r
         ctx = a.sum(1) / rf.sum(1, keepdim=True).clamp_min(1.0)
         z = h + self.joint_mlp(torch.cat([h, ctx, rf], dim=-1))
