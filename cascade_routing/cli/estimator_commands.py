@@ -34,7 +34,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     t.add_argument("--budgets-per-pair", type=int, default=5)
     t.add_argument("--resamples", type=int, default=200)
     t.add_argument("--no-wandb", action="store_true")
-    t.add_argument("overrides", nargs="*", help="extra LightningCLI arguments, e.g. --trainer.max_epochs=5")
+    t.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="extra LightningCLI arguments after the options, e.g. -- --trainer.max_epochs=5")
     t.set_defaults(func=_train_eval)
 
     i = subparsers.add_parser("inspect-artifact", help="print an estimator artifact's models, prices, budgets")
@@ -104,7 +105,8 @@ def train_eval(config: str, overrides: list[str] | None = None, out: str | None 
 
 
 def _train_eval(args: argparse.Namespace) -> int:
-    train_eval(args.config, args.overrides, args.out, args.budgets_per_pair, args.resamples, not args.no_wandb)
+    overrides = [o for o in (args.overrides or []) if o != "--"]
+    train_eval(args.config, overrides, args.out, args.budgets_per_pair, args.resamples, not args.no_wandb)
     return 0
 
 

@@ -1,0 +1,93 @@
+"""Cost model (prices × tokens, mean fallback, exact once run) and the paper-style baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cascade_routing.estimators.baseline import BaselineModel, fit_logistic
+from cascade_routing.estimators.cost import BoundCostEstimator, CostModel
+
+from estimators_helpers import make_synthetic_dataset
+
+
+def test_cost_model_recovers_prices_and_is_exact_once_run():
+    ds = make_synthetic_dataset(200, 3)
+    price_in, price_out = np.array([1e-6, 3e-6, 1e-5]), np.array([2e-6, 6e-6, 3e-5])
+    ds.cost = ds.features["tokens_in"] * price_in + ds.features["tokens_out"] * price_out
+    model = CostModel.fit(ds)
+    assert model.mode == "tokens"
+    np.testing.assert_allclose(model.price_in, price_in, rtol=1e-6)
+    np.testing.assert_allclose(model.price_out, price_out, rtol=1e-6)
+    feats = {k: v.copy() for k, v in ds.features.items()}
+    est = BoundCostEstimator(model, ds.queries, feats, ds.tasks)
+    ran = torch.zeros(200, 3, dtype=torch.bool)
+    ran[:, 1] = True
+    c = est.estimate(torch.arange(200), ran).double().numpy()
+    np.testing.assert_allclose(c[:, 1], ds.cost[:, 1], rtol=1e-5)  # exact where ran (tokens × prices)
+    assert (c[:, 0] > 0).all() and not np.allclose(c[:, 0], ds.cost[:, 0])  # predicted elsewhere
+    feats["tokens_out"][:, 0] = 1e9  # an unrun model's recorded tokens are never read
+    np.testing.assert_array_equal(est.estimate(torch.arange(200), ran).numpy(), c.astype(np.float32))
+
+
+def test_cost_model_mean_mode_without_tokens():
+    ds = make_synthetic_dataset(120, 2)
+    ds.features = {}
+    model = CostModel.fit(ds)
+    assert model.mode == "mean"
+    pred = model.predict(ds.queries, ds.tasks)
+    tasks = np.asarray(ds.tasks)
+    for t in set(ds.tasks):
+        np.testing.assert_allclose(pred[tasks == t][0], ds.cost[tasks == t].mean(0))
+    np.testing.assert_allclose(model.predict(["x"], ["unseen-task"])[0], ds.cost.mean(0))
+    model2 = CostModel.from_dict(model.to_dict())
+    np.testing.assert_array_equal(model2.predict(ds.queries, ds.tasks), pred)
+
+
+def test_logistic_fit_matches_lbfgs():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(2, 300, 4), torch.ones(2, 300, 1)], -1)
+    y = (torch.rand(300, 2) < 0.4).double()
+    w = fit_logistic(x, y, alpha=1.0, iterations=300)
+    reg = torch.ones(5, dtype=torch.float64)
+    reg[-1] = 1e-6
+    for s in range(2):
+        for j in range(2):
+            v = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.LBFGS([v], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                    line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad()
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(x[s].double() @ v, y[:, j], reduction="sum")
+                loss = loss + 0.5 * (reg * v * v).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            torch.testing.assert_close(w[s, j].double(), v.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_baseline_learns_and_never_reads_unrun_answers():
+    train = make_synthetic_dataset(300, 3, seed=1)
+    cal = make_synthetic_dataset(120, 3, seed=2)
+    test = make_synthetic_dataset(120, 3, seed=3)
+    model = BaselineModel.fit(train)
+    model.fit_covariances(cal)
+    assert model.covariances.shape == (8, 3, 3)
+    qe = model.bind(test.queries, test.responses, test.features, test.tasks)
+    rows = torch.arange(120)
+    ran = torch.zeros(120, 3, dtype=torch.bool)
+    ran[:, 0] = True
+    est = qe.estimate(rows, ran)
+    assert est.cov is not None and est.cov.shape == (120, 3, 3)
+    y = test.quality[:, 0]
+    p = est.mean[:, 0].numpy()
+    assert p[y == 1].mean() > p[y == 0].mean() + 0.3  # post-hoc (confidence) separates right from wrong
+    resp = test.responses.copy()
+    feats = {k: v.copy() for k, v in test.features.items()}
+    resp[:, 1:] = "answer yes alpha"
+    for v in feats.values():
+        v[:, 1:] = 0.99
+    qe2 = model.bind(test.queries, resp, feats, test.tasks)
+    assert torch.equal(qe2.estimate(rows, ran).mean, est.mean)
