@@ -22,6 +22,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--strategies", default=None, help="comma-separated subset of strategies")
     p.add_argument("--no-baseline", action="store_true", help="skip the paper-style baseline estimator")
     p.add_argument("--no-wandb", action="store_true", help="do not log to wandb (offline by default)")
+    p.add_argument("--uncertainty", choices=("variance", "covariance", "none"), default=None,
+                   help="override the artifact's uncertainty method for the learned estimator")
     p.set_defaults(func=_evaluate)
 
     t = subparsers.add_parser(
@@ -69,6 +71,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         num_resamples=args.resamples,
         estimators=("learned",) if args.no_baseline else ESTIMATORS,
         log_wandb=not args.no_wandb,
+        uncertainty=args.uncertainty,
     )
     return 0
 

@@ -127,8 +127,12 @@ def evaluate(
     progress: bool = True,
     log_wandb: bool = True,
     seed: int = 0,
+    uncertainty: str | None = None,
 ) -> EvaluationResult:
-    """See the module docstring. Returns the table rows (one per estimator × strategy)."""
+    """See the module docstring. Returns the table rows (one per estimator × strategy).
+
+    ``uncertainty`` overrides the artifact's uncertainty method (variance, covariance, none).
+    """
     from cascade_routing.estimators.baseline import BaselineModel
     from cascade_routing.evaluation.metrics import sweep_budgets
     from cascade_routing.evaluation.sweep import budget_sweep, linear_interpolation_sweep
@@ -142,7 +146,7 @@ def evaluate(
     fit_rows = np.arange(n_cal)
     test_rows = np.arange(n_cal, table.quality.shape[0])
     data = table.dataset
-    learned_q, cost_est = bind_split(art, table)
+    learned_q, cost_est = bind_split(art, table, uncertainty=uncertainty)
     bound = {"learned": learned_q}
     baseline = None
     if "baseline" in estimators:
