@@ -71,7 +71,8 @@ def make_synthetic_dataset(n: int = 240, m: int = 3, seed: int = 0, confidence: 
     )
 
 
-def train_tiny(tmp_path: Path, n: int = 240, m: int = 3, epochs: int = 4, seed: int = 0, **data_kwargs):
+def train_tiny(tmp_path: Path, n: int = 240, m: int = 3, epochs: int = 4, seed: int = 0, finetune: bool = False,
+               **data_kwargs):
     """Train a tiny estimator on synthetic data; returns (module, datamodule, trainer, dataset)."""
     import lightning as L
 
@@ -81,10 +82,10 @@ def train_tiny(tmp_path: Path, n: int = 240, m: int = 3, epochs: int = 4, seed: 
     enc = make_tiny_encoder(tmp_path / "encoder")
     ds = make_synthetic_dataset(n, m, seed)
     dm = RoutingDataModule.from_dataset(
-        ds, encoder_path=str(enc), cache_dir=str(tmp_path / "cache"), batch_size=32, **data_kwargs
+        ds, encoder_path=str(enc), cache_dir=str(tmp_path / "cache"), batch_size=32, finetune=finetune, **data_kwargs
     )
     L.seed_everything(seed, verbose=False)
-    module = QualityEstimatorModule(hidden=32, lr=3e-3)
+    module = QualityEstimatorModule(hidden=32, lr=3e-3, finetune_encoder=finetune)
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",

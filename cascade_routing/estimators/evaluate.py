@@ -25,7 +25,7 @@ import torch
 
 from cascade_routing.estimators.artifact import DEFAULT_ENCODER, EstimatorArtifact, load_artifact
 from cascade_routing.estimators.datamodule import EncodedSplit, RoutingDataModule
-from cascade_routing.estimators.export import STRATEGIES, bind_split, make_policy
+from cascade_routing.estimators.export import STRATEGIES, bind_split, make_policy, refresh_query_embeddings
 
 ESTIMATORS = ("learned", "baseline")
 
@@ -56,6 +56,7 @@ def datamodule_for(artifact: EstimatorArtifact, dataset: str | None = None, cach
     )
     artifact.check_models(dm.models, where=f"dataset {dm.dataset_name!r}")
     dm.setup("test")
+    refresh_query_embeddings(artifact.network(), dm)
     return dm
 
 

@@ -64,6 +64,21 @@ def split_embedding_lookup(split) -> "callable":
     return embed
 
 
+def refresh_query_embeddings(network, datamodule, names=("calibration", "val", "test")) -> None:
+    """Re-encode the queries of the given splits with a fine-tuned query encoder (in place).
+
+    The cached embeddings come from the frozen encoder; a network that carries its own encoder
+    must see its own embeddings in calibration, λ fitting and evaluation.
+    """
+    if network.encoder is None:
+        return
+    for name in names:
+        split = datamodule.splits[name]
+        emb = encoding.encode_texts(list(split.dataset.queries), datamodule.tokenizer, network.encoder,
+                                    "transformer", datamodule.max_length)
+        split.query_emb = torch.from_numpy(emb)
+
+
 def bind_split(artifact: EstimatorArtifact, split, uncertainty: str | None = None, with_cost: bool = True):
     """Bind the artifact to an encoded split using its cached embeddings (no encoder run).
 
@@ -132,6 +147,7 @@ def build_artifact(
     """See the module docstring. ``module.network`` must be trained; ``datamodule`` set up."""
     t0 = time.perf_counter()
     network = module.network.cpu().eval()
+    refresh_query_embeddings(network, datamodule)
     cal, val = datamodule.splits["calibration"], datamodule.splits["val"]
     m = len(datamodule.models)
     var_scale = fit_variance_scale(network, cal)
