@@ -11,8 +11,12 @@ import argparse
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    import torch
+
     from cascade_routing.evaluation.reproduce import reproduce_routerbench
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dataset = None
     if args.dataset != "routerbench-subset":
         from cascade_routing.data import load_dataset
@@ -41,4 +45,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     rb.add_argument("--resamples", type=int, default=500, help="bootstrap resamples for the CI")
     rb.add_argument("--quick", action="store_true", help="first pool, low noise, 4 budgets per pair")
     rb.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rb.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a shared or busy CPU, multi-threaded small "
+                         "kernels slow down by up to 10x; 0 = torch's default)")
     rb.set_defaults(func=_reproduce)
