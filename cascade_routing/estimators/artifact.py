@@ -210,7 +210,7 @@ class EstimatorArtifact:
             "uncertainty": self.uncertainty,
             "covariance_kind": self.covariance_kind,
             "calibration": self.calibration,
-            "fitted": {s: [{"budget": b, **f.to_dict()} for b, f in sorted(t.items())] for s, t in self.fitted.items()},
+            "fitted": {s: [{**f.to_dict(), "table_budget": b} for b, f in sorted(t.items())] for s, t in self.fitted.items()},
             "data_config": self.data_config,
             "train_config": self.train_config,
             "metrics": self.metrics,
@@ -306,7 +306,7 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
             covariance_kind=p.get("covariance_kind"),
             calibration=dict(p.get("calibration", {})),
             fitted={
-                s: {float(e["budget"]): _fitted_from_dict(FittedLambda, e) for e in entries}
+                s: {float(e.get("table_budget", e.get("budget"))): _fitted_from_dict(FittedLambda, e) for e in entries}
                 for s, entries in p.get("fitted", {}).items()
             },
             data_config=dict(p.get("data_config", {})),

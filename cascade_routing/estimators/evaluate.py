@@ -25,7 +25,13 @@ import torch
 
 from cascade_routing.estimators.artifact import DEFAULT_ENCODER, EstimatorArtifact, load_artifact
 from cascade_routing.estimators.datamodule import EncodedSplit, RoutingDataModule
-from cascade_routing.estimators.export import STRATEGIES, bind_split, make_policy, refresh_query_embeddings
+from cascade_routing.estimators.export import (
+    STRATEGIES,
+    bind_split,
+    make_policy,
+    min_reachable_budget,
+    refresh_query_embeddings,
+)
 
 ESTIMATORS = ("learned", "baseline")
 
@@ -156,6 +162,11 @@ def evaluate(
         bound["baseline"] = baseline.bind(data.queries, data.responses, data.features, data.tasks)
     test_q, test_c = data.quality[test_rows], data.cost[test_rows]
     budgets = sweep_budgets(test_c.mean(0), test_q.mean(0), budgets_per_pair)
+    # budgets the cost estimates cannot reach on the fit rows are raised to that floor (counted)
+    fit_ce = bind_split(art, cal)[1]
+    floor = min_reachable_budget(fit_ce, cal.dataset.cost) * (1 + 1e-6)
+    raised = int((budgets < floor).sum())
+    budgets = np.maximum(budgets, floor)
     jobs = [(e, s) for e in estimators for s in strategies]
     bar = None
     if progress:
@@ -181,6 +192,7 @@ def evaluate(
         bar.close()
     metrics = estimator_metrics(art, test, baseline)
     metrics["uncertainty_calibration_val"] = art.calibration
+    metrics["budgets_raised_to_reachable_floor"] = raised
     result = EvaluationResult(rows, curves, metrics, time.perf_counter() - t0)
     print_table(rows, metrics, dm.dataset_name)
     if out_dir is not None:

@@ -99,6 +99,17 @@ def bind_split(artifact: EstimatorArtifact, split, uncertainty: str | None = Non
     )
 
 
+def min_reachable_budget(cost_estimator, cost: np.ndarray) -> float:
+    """Mean true cost when every query runs only its cheapest model *by estimate* (λ → ∞).
+
+    No policy driven by these cost estimates can spend less, so budgets below it are raised to it.
+    """
+    n, m = cost.shape
+    est = cost_estimator.estimate(torch.arange(n), torch.zeros(n, m, dtype=torch.bool))
+    pick = est.argmin(1).numpy()
+    return float(cost[np.arange(n), pick].mean())
+
+
 def fit_lambda_tables(
     artifact: EstimatorArtifact,
     split,
@@ -107,14 +118,18 @@ def fit_lambda_tables(
     num_samples: int = 128,
     progress: bool = True,
 ) -> dict[str, dict[float, object]]:
-    """strategy -> {budget: FittedLambda} fitted on ``split`` (the calibration split)."""
+    """strategy -> {budget: FittedLambda} fitted on ``split`` (the calibration split).
+
+    A budget below what the cost estimates can reach (:func:`min_reachable_budget`) is fitted at
+    that floor; the table key stays the requested budget and the FittedLambda records its own.
+    """
     from cascade_routing.evaluation.metrics import sweep_budgets
     from cascade_routing.policies.fitting import fit_lambda, query_uniforms
 
     ds = split.dataset
     qe, ce = bind_split(artifact, split)
     budgets = sweep_budgets(ds.cost.mean(0), ds.quality.mean(0), budgets_per_pair)
-    floor = float(ds.cost.mean(0).min())
+    floor = max(float(ds.cost.mean(0).min()), min_reachable_budget(ce, ds.cost) * (1 + 1e-6))
     uniforms = query_uniforms(ds.queries)
     out: dict[str, dict[float, object]] = {}
     jobs = [(s, float(b)) for s in strategies for b in budgets]
