@@ -209,7 +209,8 @@ def make_tiny_artifact(ds, folder, strategies=("cascade_routing", "routing"), bu
     enc = str(make_tiny_encoder_for(texts, folder / "encoder"))
     vocab = sorted(set(ds.tasks or []))
     torch.manual_seed(seed)
-    cfg = NetworkConfig(num_models=ds.num_models, embed_dim=32, num_tasks=len(vocab), hidden=16, dropout=0.0)
+    cfg = NetworkConfig(num_models=ds.num_models, embed_dim=32, num_tasks=len(vocab), hidden=16, dropout=0.0,
+                        num_answer_features=4 + ds.num_models)  # compose_features gives 4 + M
     net = QualityNetwork(cfg)
     art = EstimatorArtifact(
         models=list(ds.models), network_config=cfg.to_dict(),
