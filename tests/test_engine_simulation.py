@@ -214,3 +214,14 @@ def test_reproduce_full_protocol_orders_strategies(raw_data_dir, tmp_path):
     for key, aucs in cells.items():
         assert aucs["cascade_routing"] >= aucs["routing"], key
         assert aucs["cascade_routing"] > aucs["linear_interpolation"], key
+
+
+def test_fitted_lambda_dict_round_trip_keeps_float64_precision():
+    from cascade_routing.policies import FittedLambda
+
+    lam = torch.tensor([655.1300000000001, 1e-7 + 1.0], dtype=torch.float64)
+    fitted = FittedLambda(lam, lam * 1.0000001, 0.3, 0.001, 0.00099, 0.8)
+    back = FittedLambda.from_dict(fitted.to_dict())
+    assert back.lam_low.dtype == torch.float64
+    assert torch.equal(back.lam_low, fitted.lam_low) and torch.equal(back.lam_high, fitted.lam_high)
+    assert (back.gamma, back.budget) == (0.3, 0.001)

@@ -69,7 +69,10 @@ class FittedLambda:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FittedLambda":
-        return cls(torch.tensor(d["lam_low"]), torch.tensor(d["lam_high"]), d.get("gamma", 0.0), d.get("budget"),
+        # float64: λ spans orders of magnitude and float32 would move decisions at the tie point.
+        low = torch.tensor(d["lam_low"], dtype=torch.float64)
+        high = torch.tensor(d["lam_high"], dtype=torch.float64)
+        return cls(low, high, d.get("gamma", 0.0), d.get("budget"),
                    d.get("calibration_cost"), d.get("calibration_quality"))
 
 
