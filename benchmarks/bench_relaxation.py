@@ -20,7 +20,8 @@ from cascade_routing.data.splits import partition_indices
 from cascade_routing.estimators.synthetic import synthetic_estimators
 from cascade_routing.evaluation import simulate
 from cascade_routing.evaluation.metrics import sweep_budgets
-from cascade_routing.evaluation.reproduce import PAPER_POOLS, make_policy, resolve_models
+from cascade_routing.evaluation.reproduce import PAPER_POOLS, resolve_models
+from cascade_routing.policies.registry import make_policy
 from cascade_routing.policies import fit_lambda, query_uniforms
 from cascade_routing.policies.relaxation import random_search_step_lambdas, tune_step_lambdas
 

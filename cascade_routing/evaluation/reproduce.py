@@ -22,7 +22,7 @@ from cascade_routing.estimators.synthetic import synthetic_estimators
 from cascade_routing.evaluation.metrics import sweep_budgets
 from cascade_routing.evaluation.plots import plot_curves
 from cascade_routing.evaluation.sweep import SweepResult, budget_sweep, linear_interpolation_sweep
-from cascade_routing.policies import CascadeRouting, OptimalCascade, Routing, ThresholdCascade
+from cascade_routing.policies.registry import make_policy
 
 PAPER_POOLS: dict[str, list[str]] = {
     "3 models": ["mixtral-8x7b", "gpt-3.5-turbo-1106", "gpt-4-1106"],
@@ -45,19 +45,6 @@ def resolve_models(available: list[str], wanted: list[str]) -> list[str]:
             raise ValueError(f"model {w!r} matches {hits or 'nothing'} among the dataset's models {available}")
         out.append(hits[0])
     return out
-
-
-def make_policy(strategy: str, num_samples: int = 128, seed: int = 0):
-    if strategy == "routing":
-        return Routing()
-    if strategy == "threshold_cascade":
-        return ThresholdCascade()
-    if strategy == "optimal_cascade":
-        return OptimalCascade(num_samples=num_samples, seed=seed)
-    if strategy == "cascade_routing":
-        return CascadeRouting(max_depth=5, force_order=False, num_samples=num_samples, seed=seed)
-    raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
-
 
 @dataclass
 class ReproduceResult:
