@@ -6,7 +6,8 @@ variance calibration ``var_scale`` [M] and, when computed, the residual covarian
 ``format_version`` and ``payload``: JSON with the model names (cheapest first), prices and the
 cost model, the network config, the encoder reference (the default MiniLM is stored as
 ``"default"``; a fine-tuned query encoder travels inside ``net.encoder.*``), the data config, the
-task vocabulary, the chosen uncertainty method and its calibration report, and the fitted λ/γ
+task vocabulary, the chosen uncertainty method, its calibration report and the per-mode
+decision-quality scores it was chosen by (``uncertainty_selection``), and the fitted λ/γ
 tables per strategy and budget (fitted on the calibration split).
 
 Loading never unpickles anything: safetensors holds only raw tensors, JSON holds only data.
@@ -57,6 +58,7 @@ class EstimatorArtifact:
     covariances: Tensor | None = None
     covariance_kind: str | None = None  # residual_covariance (centered) or residual_second_moment
     calibration: dict = field(default_factory=dict)
+    uncertainty_selection: dict = field(default_factory=dict)  # export.select_uncertainty's scores
     fitted: dict[str, dict[float, Any]] = field(default_factory=dict)  # strategy -> budget -> FittedLambda
     data_config: dict = field(default_factory=dict)
     train_config: dict = field(default_factory=dict)
@@ -210,6 +212,7 @@ class EstimatorArtifact:
             "uncertainty": self.uncertainty,
             "covariance_kind": self.covariance_kind,
             "calibration": self.calibration,
+            "uncertainty_selection": self.uncertainty_selection,
             "fitted": {s: [{**f.to_dict(), "table_budget": b} for b, f in sorted(t.items())] for s, t in self.fitted.items()},
             "data_config": self.data_config,
             "train_config": self.train_config,
@@ -305,6 +308,7 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
             covariances=tensors.get("covariances"),
             covariance_kind=p.get("covariance_kind"),
             calibration=dict(p.get("calibration", {})),
+            uncertainty_selection=dict(p.get("uncertainty_selection", {})),
             fitted={
                 s: {float(e.get("table_budget", e.get("budget"))): _fitted_from_dict(FittedLambda, e) for e in entries}
                 for s, entries in p.get("fitted", {}).items()

@@ -4,17 +4,24 @@ Steps (all on held-out splits, never on the training rows):
 
 1. variance-head calibration ``c_m`` and residual covariances per ran-set on the calibration split
    (the paper's centered covariance and the uncentered second moment);
-2. the methods compared on the val split (:func:`uncertainty.calibration_report`); the one with
-   the lower NLL becomes the artifact's default; the better of the two tables is stored;
+2. the methods compared on the val split (:func:`uncertainty.calibration_report`, NLL and 90%
+   coverage, reported); the covariance table (centered or second moment) with the lower NLL is stored;
 3. the cost model fitted on the training split;
-4. λ/γ fitted on the calibration split for every strategy at each budget of the paper's grid
-   (``budgets_per_pair`` budgets between consecutive non-dominated models by calibration cost).
+4. the artifact's default uncertainty mode among variance head / residual covariance / none chosen
+   by the decision quality it yields (:func:`select_uncertainty`): 2-fold cross-fitting on the
+   calibration split only (λ fitted on one half, cascade-routing AUC on the other, few budgets, no
+   bootstrap), highest mean AUC wins; the per-mode scores are stored in the artifact
+   (``uncertainty_selection``);
+5. λ/γ fitted on the calibration split for every strategy at each budget of the paper's grid
+   (``budgets_per_pair`` budgets between consecutive non-dominated models by calibration cost),
+   with the chosen uncertainty mode.
 
 :class:`ExportArtifact` runs this at the end of ``fit`` (global rank 0, best checkpoint weights).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -151,6 +158,99 @@ def fit_lambda_tables(
     return out
 
 
+SELECTION_MODES = ("none", "variance", "covariance")  # ties go to the earlier (simpler, cheaper) mode
+
+
+def _subsample_budgets(budgets: np.ndarray, max_budgets: int) -> np.ndarray:
+    """At most ``max_budgets`` of ``budgets`` (sorted), evenly spaced by index, ends kept."""
+    budgets = np.unique(np.asarray(budgets, dtype=np.float64))
+    if max_budgets <= 0 or budgets.size <= max_budgets:
+        return budgets
+    idx = np.unique(np.round(np.linspace(0, budgets.size - 1, max_budgets)).astype(int))
+    return budgets[idx]
+
+
+def select_uncertainty(
+    artifact: EstimatorArtifact,
+    split,
+    modes: tuple[str, ...] = SELECTION_MODES,
+    strategy: str = "cascade_routing",
+    budgets_per_pair: int = 3,
+    max_budgets: int = 6,
+    num_samples: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Score each uncertainty mode by the decisions it yields, on ``split`` (the calibration split) only.
+
+    The rows are permuted (``seed``) and cut into halves A, B. For each mode and each fold (fit on
+    A → score on B, fit on B → score on A), the engine's ``budget_sweep`` refits λ of ``strategy``
+    per budget on the fit half and simulates on the other; the fold's score is the paper's AUC
+    (×100) on the scored half (budgets: ``budgets_per_pair`` between the scored half's
+    non-dominated models, at most ``max_budgets`` of them; one bootstrap resample, ignored).
+    A mode's score is the mean over both folds; the winner is the argmax (ties → earlier in
+    ``modes``). Modes the artifact cannot serve (``covariance`` without tables) are skipped and
+    listed. The network runs once per (row, ran-set): all modes share the estimate memo.
+
+    Returns ``{"chosen", "scores": {mode: mean AUC}, "folds": {mode: [auc_AB, auc_BA]},
+    "skipped", "strategy", "budgets", "rows", "seed", "seconds", "criterion"}``.
+    """
+    from cascade_routing.evaluation.metrics import sweep_budgets
+    from cascade_routing.evaluation.sweep import budget_sweep
+
+    t0 = time.perf_counter()
+    ds = split.dataset
+    n = ds.quality.shape[0]
+    if n < 4:
+        raise ValueError(f"uncertainty selection needs >= 4 calibration rows, got {n}")
+    usable = [m for m in modes if not (m == "covariance" and artifact.covariances is None)]
+    skipped = [m for m in modes if m not in usable]
+    if not usable:
+        raise ValueError(f"no usable uncertainty mode among {modes} (artifact has no covariances)")
+    perm = np.random.default_rng(seed).permutation(n)
+    half_a, half_b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+    folds = ((half_a, half_b), (half_b, half_a))
+    base_q, cost_est = bind_split(artifact, split, uncertainty="none")
+    fold_budgets = []
+    floor = min_reachable_budget(cost_est, ds.cost) * (1 + 1e-6)
+    for fit_rows, score_rows in folds:
+        c, q = ds.cost[score_rows], ds.quality[score_rows]
+        b = _subsample_budgets(sweep_budgets(c.mean(0), q.mean(0), budgets_per_pair), max_budgets)
+        fold_budgets.append(np.unique(np.maximum(b, floor)))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(usable) * 2, desc="select uncertainty (calibration, 2-fold)", unit="fold", leave=False)
+    fold_scores: dict[str, list[float]] = {}
+    for mode in usable:
+        qe = copy.copy(base_q)  # shares the memo of network outputs; only the uncertainty form differs
+        qe.uncertainty = mode
+        for (fit_rows, score_rows), budgets in zip(folds, fold_budgets):
+            res = budget_sweep(make_policy(strategy, num_samples, seed), qe, cost_est, ds.quality, ds.cost,
+                               fit_rows, score_rows, budgets, texts=list(ds.queries), strategy=strategy,
+                               num_resamples=1, seed=seed)
+            fold_scores.setdefault(mode, []).append(round(float(res.auc), 4))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    scores = {mode: round(float(np.mean(v)), 4) for mode, v in fold_scores.items()}
+    chosen = max(usable, key=lambda mode: (scores[mode], -usable.index(mode)))
+    return {
+        "chosen": chosen,
+        "scores": scores,
+        "folds": fold_scores,
+        "skipped": skipped,
+        "strategy": strategy,
+        "budgets": [[round(float(x), 8) for x in b] for b in fold_budgets],
+        "rows": [int(half_a.size), int(half_b.size)],
+        "seed": seed,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "criterion": "mean 2-fold AUC (x100) on the calibration split; λ fitted on one half, scored on the other",
+    }
+
+
 def build_artifact(
     module,
     datamodule,
@@ -158,8 +258,14 @@ def build_artifact(
     budgets_per_pair: int = 3,
     fit_lambdas: bool = True,
     progress: bool = True,
+    select_modes: tuple[str, ...] | None = SELECTION_MODES,
+    selection_seed: int = 0,
 ) -> EstimatorArtifact:
-    """See the module docstring. ``module.network`` must be trained; ``datamodule`` set up."""
+    """See the module docstring. ``module.network`` must be trained; ``datamodule`` set up.
+
+    ``select_modes=None`` skips the decision-quality selection (step 4); the default is then the
+    method with the lower val NLL, as before.
+    """
     t0 = time.perf_counter()
     network = module.network.cpu().eval()
     refresh_query_embeddings(network, datamodule)
@@ -171,7 +277,7 @@ def build_artifact(
         tables["residual_covariance"] = residual_covariances(network, cal, centered=True)
         tables["residual_second_moment"] = residual_covariances(network, cal, centered=False)
     report = calibration_report(network, val, var_scale, tables)
-    chosen = min(report, key=lambda k: report[k]["nll"])
+    chosen_by_nll = min(report, key=lambda k: report[k]["nll"])
     best_table = min(tables, key=lambda k: report[k]["nll"]) if tables else None
     covs = tables[best_table] if best_table else None
     enc_path = datamodule.resolved_encoder_path
@@ -190,7 +296,7 @@ def build_artifact(
         },
         task_vocabulary=datamodule.task_vocabulary,
         binary=datamodule.binary_quality,
-        uncertainty="variance" if chosen == "variance_head" else "covariance",
+        uncertainty="variance" if chosen_by_nll == "variance_head" else "covariance",
         covariance_kind=best_table,
         var_scale=var_scale,
         covariances=covs,
@@ -198,6 +304,10 @@ def build_artifact(
         data_config=datamodule.data_config(),
         train_config=dict(module.hparams),
     )
+    if select_modes:
+        art.uncertainty_selection = select_uncertainty(art, cal, tuple(select_modes), seed=selection_seed,
+                                                       progress=progress)
+        art.uncertainty = art.uncertainty_selection["chosen"]
     if fit_lambdas:
         art.fitted = fit_lambda_tables(art, cal, strategies, budgets_per_pair, progress=progress)
     art.metrics["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -211,12 +321,16 @@ class ExportArtifact(L.Callback):
         path: output file (``.safetensors``).
         budgets_per_pair: budgets between consecutive non-dominated models for the λ tables.
         fit_lambdas: fit the λ/γ tables (set false for quick experiments).
+        select_uncertainty: choose the default uncertainty mode by calibration-split decision
+            quality (:func:`select_uncertainty`); false: by val NLL.
     """
 
-    def __init__(self, path: str = "artifacts/estimator.safetensors", budgets_per_pair: int = 3, fit_lambdas: bool = True) -> None:
+    def __init__(self, path: str = "artifacts/estimator.safetensors", budgets_per_pair: int = 3, fit_lambdas: bool = True,
+                 select_uncertainty: bool = True) -> None:
         self.path = path
         self.budgets_per_pair = budgets_per_pair
         self.fit_lambdas = fit_lambdas
+        self.select_uncertainty = select_uncertainty
         self.artifact_path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -227,9 +341,15 @@ class ExportArtifact(L.Callback):
             state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
             pl_module.load_state_dict(state)
         art = build_artifact(pl_module, trainer.datamodule, budgets_per_pair=self.budgets_per_pair,
-                             fit_lambdas=self.fit_lambdas)
+                             fit_lambdas=self.fit_lambdas,
+                             select_modes=SELECTION_MODES if self.select_uncertainty else None)
         art.metrics["best_checkpoint"] = ckpt
         self.artifact_path = art.save(self.path)
         print(f"estimator artifact written to {self.artifact_path}")
         for name, rep in art.calibration.items():
             print(f"  uncertainty {name}: NLL {rep['nll']:.3f}, 90% coverage {rep['coverage90']:.3f}")
+        sel = art.uncertainty_selection
+        if sel:
+            scores = ", ".join(f"{k} {v:.2f}" for k, v in sel["scores"].items())
+            print(f"  uncertainty by calibration 2-fold {sel['strategy']} AUC: {scores} -> {sel['chosen']} "
+                  f"({sel['seconds']:.0f} s)")

@@ -1,0 +1,92 @@
+"""The export picks the artifact's default uncertainty mode by calibration-split decision quality."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cascade_routing.estimators.artifact import load_artifact
+from cascade_routing.estimators.export import SELECTION_MODES, build_artifact, select_uncertainty
+from cascade_routing.estimators.features import compose_features
+from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
+
+from estimators_helpers import train_tiny
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("select")
+    module, dm, _, _ = train_tiny(tmp, n=200, m=3, epochs=3)
+    art = build_artifact(module, dm, strategies=("routing",), budgets_per_pair=1, progress=False)
+    return art, dm, tmp
+
+
+def test_selection_records_scores_and_picks_the_argmax(exported):
+    art, dm, tmp = exported
+    sel = art.uncertainty_selection
+    assert set(sel["scores"]) == set(SELECTION_MODES)
+    for mode, folds in sel["folds"].items():
+        assert len(folds) == 2 and all(math.isfinite(a) for a in folds)
+        assert sel["scores"][mode] == pytest.approx(np.mean(folds), abs=1e-3)
+    best = max(sel["scores"].values())
+    assert sel["scores"][sel["chosen"]] == best
+    # ties go to the earliest mode in SELECTION_MODES
+    assert sel["chosen"] == next(m for m in SELECTION_MODES if sel["scores"][m] == best)
+    assert art.uncertainty == sel["chosen"]
+    n_cal = dm.splits["calibration"].quality.shape[0]
+    assert sum(sel["rows"]) == n_cal  # both halves come from the calibration split
+    # recorded in the saved artifact and restored on load
+    loaded = load_artifact(art.save(tmp / "sel.safetensors"))
+    assert loaded.uncertainty == sel["chosen"] and loaded.uncertainty_selection == sel
+
+
+def test_selection_is_deterministic_and_uses_only_the_given_split(exported):
+    art, dm, _ = exported
+    cal = dm.splits["calibration"]
+    again = select_uncertainty(art, cal, progress=False)
+    assert again["scores"] == art.uncertainty_selection["scores"]
+    # scoring a different split gives different numbers: the selection reads only what it is given
+    other = select_uncertainty(art, dm.splits["val"], progress=False)
+    assert sum(other["rows"]) == dm.splits["val"].quality.shape[0]
+    # a mode the artifact cannot serve is skipped and listed, never silently scored
+    no_cov = select_uncertainty(type(art)(**{**art.__dict__, "covariances": None}), cal, progress=False)
+    assert no_cov["skipped"] == ["covariance"] and set(no_cov["scores"]) == {"variance", "none"}
+
+
+def test_network_config_answer_feature_width_defaults_to_compose_features():
+    cfg = NetworkConfig(num_models=5, embed_dim=8)
+    assert cfg.num_answer_features == 4 + 5
+    assert NetworkConfig(**cfg.to_dict()) == cfg  # round trip through the stored dict
+    assert NetworkConfig(num_models=5, embed_dim=8, num_answer_features=7).num_answer_features == 7
+    net = QualityNetwork(NetworkConfig(num_models=3, embed_dim=8, hidden=16)).eval()
+    b, m = 2, 3
+    ran = torch.tensor([[True, False, True], [False, False, False]])
+    feat = compose_features(torch.rand(b, m, 3), torch.rand(b, m, m), ran)
+    logit, logvar = net(torch.randn(b, 8), ran, torch.randn(b, m, 8), feat)
+    assert logit.shape == logvar.shape == (b, m)
+
+
+@pytest.mark.parametrize("winner", ["variance", "covariance", "none"])
+def test_selection_follows_the_fold_scores(exported, monkeypatch, winner):
+    """With the sweep's AUC forced per mode, the recorded scores are those AUCs and the argmax wins."""
+    import cascade_routing.evaluation.sweep as sweep
+
+    art, dm, _ = exported
+    real = sweep.budget_sweep
+    fake_auc = {"variance": 50.0, "covariance": 40.0, "none": 30.0, winner: 90.0}
+    calls = []
+
+    def forced(policy, qe, *args, **kwargs):
+        res = real(policy, qe, *args, **kwargs)
+        calls.append((qe.uncertainty, kwargs.get("num_resamples")))
+        res.auc = fake_auc[qe.uncertainty] + (1.0 if len(calls) % 2 else 0.0)  # folds differ: mean is scored
+        return res
+
+    monkeypatch.setattr(sweep, "budget_sweep", forced)
+    sel = select_uncertainty(art, dm.splits["calibration"], progress=False)
+    assert sel["chosen"] == winner
+    assert sel["scores"] == {m: fake_auc[m] + 0.5 for m in SELECTION_MODES}
+    assert sorted(calls) == sorted((m, 1) for m in SELECTION_MODES for _ in range(2))  # 2 folds, no bootstrap
