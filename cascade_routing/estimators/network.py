@@ -35,9 +35,13 @@ class NetworkConfig:
     num_models: int  # M, columns in cost order
     embed_dim: int  # D, encoder hidden size (queries and answers)
     num_tasks: int = 0  # T, size of the task one-hot (0: no task input)
-    num_answer_features: int = 4  # K: features.compose_features gives 4 + M
+    num_answer_features: int | None = None  # K; None -> 4 + num_models (what features.compose_features gives)
     hidden: int = 128  # H
     dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.num_answer_features is None:
+            self.num_answer_features = 4 + int(self.num_models)
 
     def to_dict(self) -> dict:
         return asdict(self)
