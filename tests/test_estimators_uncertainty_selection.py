@@ -90,3 +90,19 @@ def test_selection_follows_the_fold_scores(exported, monkeypatch, winner):
     assert sel["chosen"] == winner
     assert sel["scores"] == {m: fake_auc[m] + 0.5 for m in SELECTION_MODES}
     assert sorted(calls) == sorted((m, 1) for m in SELECTION_MODES for _ in range(2))  # 2 folds, no bootstrap
+
+
+@pytest.mark.parametrize("low", [b"\x80\x01", b"PK"])
+def test_safetensors_header_length_that_looks_like_pickle_or_zip_is_not_refused(tmp_path, low):
+    """A header length whose low bytes read 0x80.. / 'PK' must not be mistaken for a pickle / zip."""
+    import pickle
+
+    from cascade_routing.estimators.artifact import _sniff
+
+    n = int.from_bytes(low + b"\x00" * (8 - len(low)), "little")
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(n.to_bytes(8, "little") + b"{" + b" " * (n - 2) + b"}")
+    assert _sniff(path) is None
+    pk = tmp_path / "p.bin"
+    pk.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    assert "pickle" in _sniff(pk)

@@ -238,8 +238,18 @@ class EstimatorArtifact:
 
 
 def _sniff(path: Path) -> str | None:
+    """None for a safetensors-shaped file, else what it looks like.
+
+    Safetensors starts with an 8-byte little-endian header length n, then n bytes of JSON
+    (``{`` first). That shape is checked first: the low byte of n may be 0x80 or the first two
+    bytes ``PK``, which alone would look like a pickle / zip archive.
+    """
     with path.open("rb") as fh:
-        head = fh.read(8)
+        head = fh.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return None
+    head = head[:8]
     if head[:1] == b"\x80" or head[:2] == b"PK":
         return "a Python pickle / torch.save archive"
     if len(head) < 8:
