@@ -33,24 +33,9 @@ from cascade_routing.estimators import encoding
 from cascade_routing.estimators.artifact import DEFAULT_ENCODER, EstimatorArtifact
 from cascade_routing.estimators.cost import CostModel
 from cascade_routing.estimators.uncertainty import calibration_report, fit_variance_scale, residual_covariances
+from cascade_routing.policies.registry import STRATEGIES, make_policy  # noqa: F401  (re-exported)
 
-STRATEGIES = ("routing", "threshold_cascade", "optimal_cascade", "cascade_routing")
 MAX_COVARIANCE_MODELS = 11  # 2^11 ran-sets × M² floats; above this only the variance head is stored
-
-
-def make_policy(strategy: str, num_samples: int = 128, seed: int = 0, max_depth: int = 5):
-    """The engine's policy for a strategy name (cascade routing: depth ``max_depth``, free order)."""
-    from cascade_routing.policies import CascadeRouting, OptimalCascade, Routing, ThresholdCascade
-
-    if strategy == "routing":
-        return Routing()
-    if strategy == "threshold_cascade":
-        return ThresholdCascade()
-    if strategy == "optimal_cascade":
-        return OptimalCascade(num_samples=num_samples, seed=seed)
-    if strategy == "cascade_routing":
-        return CascadeRouting(max_depth=max_depth, force_order=False, num_samples=num_samples, seed=seed)
-    raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
 
 
 def split_embedding_lookup(split) -> "callable":
