@@ -121,6 +121,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "models": art.models,
         "prices": art.prices,
         "uncertainty": art.uncertainty,
+        "uncertainty_selection": art.uncertainty_selection,
         "calibration": art.calibration,
         "fitted_budgets": {s: sorted(t) for s, t in art.fitted.items()},
         "data_config": art.data_config,
