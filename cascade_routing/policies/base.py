@@ -63,6 +63,7 @@ class Policy:
     """Base class; subclasses implement :meth:`decide` (and may override :meth:`select`)."""
 
     name = "policy"
+    max_depth: int | None = None  # the most models one query may run; None: all of them
 
     def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float) -> Tensor:
         raise NotImplementedError
@@ -71,4 +72,5 @@ class Policy:
         return select_best_ran(estimate, ran)
 
     def max_steps(self, num_models: int) -> int:
-        return num_models
+        """The most models a query can run: ``min(max_depth, num_models)``."""
+        return num_models if self.max_depth is None else min(self.max_depth, num_models)

@@ -88,9 +88,6 @@ class CascadeRouting(Policy):
         return (f"CascadeRouting(max_depth={self.max_depth}, force_order={self.force_order}, "
                 f"greedy={self.greedy}, num_samples={self.num_samples}, seed={self.seed}, prune={self.prune})")
 
-    def max_steps(self, num_models: int) -> int:
-        return num_models if self.max_depth is None else min(self.max_depth, num_models)
-
     def check_pool(self, num_models: int) -> None:
         """Raise if exhaustive search over the pool is too large (no max_depth, no greedy)."""
         if self.max_depth is None and not self.greedy:

@@ -43,9 +43,6 @@ class ThresholdCascade(Policy):
     def __repr__(self) -> str:
         return f"ThresholdCascade(max_depth={self.max_depth})"
 
-    def max_steps(self, num_models: int) -> int:
-        return num_models if self.max_depth is None else min(self.max_depth, num_models)
-
     def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float, **_) -> Tensor:
         lam = check_inputs(estimate, cost, ran, lam)
         b, m = ran.shape
@@ -75,9 +72,6 @@ class OptimalCascade(Policy):
 
     def __repr__(self) -> str:
         return f"OptimalCascade(max_depth={self.max_depth}, num_samples={self.num_samples}, seed={self.seed})"
-
-    def max_steps(self, num_models: int) -> int:
-        return num_models if self.max_depth is None else min(self.max_depth, num_models)
 
     def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float, **_) -> Tensor:
         lam = check_inputs(estimate, cost, ran, lam)
