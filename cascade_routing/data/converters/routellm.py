@@ -153,6 +153,20 @@ def _read_outcome_csv(path: Path, with_responses: bool) -> tuple[list[str], list
     return models, rows
 
 
+_TABLE_COLUMNS = ("queries", "quality", "cost", "responses", "tokens_in", "tokens_out", "tasks", "ids")
+
+
+def _new_table() -> dict[str, list[Any]]:
+    """Column lists that :func:`_add_query` fills row by row and :func:`_finish` turns into a dataset."""
+    return {k: [] for k in _TABLE_COLUMNS}
+
+
+def _add_query(data: dict[str, list[Any]], **row: Any) -> None:
+    """Append one query (a value for every column of :data:`_TABLE_COLUMNS`)."""
+    for key in _TABLE_COLUMNS:
+        data[key].append(row[key])
+
+
 def _finish(
     name: str, models_full: list[str], prices: dict[str, dict[str, Any]], data: dict[str, Any],
     report: ConversionReport, extra_meta: dict[str, Any],
@@ -187,7 +201,7 @@ def _outcome_tables(
 ) -> RoutingDataset:
     report = ConversionReport(source=name)
     bad_prompts = _contaminated(root, contaminated_key)
-    data: dict[str, list[Any]] = {k: [] for k in ("queries", "quality", "cost", "responses", "tokens_in", "tokens_out", "tasks", "ids")}
+    data = _new_table()
     contaminated_ids: list[str] = []
     models_full: list[str] | None = None
     for path, task, id_prefix in files:
@@ -215,14 +229,8 @@ def _outcome_tables(
                 tin.append(t_in)
                 tout.append(t_out)
             qid = f"{id_prefix}/{i}"
-            data["queries"].append(prompt)
-            data["quality"].append(q)
-            data["cost"].append(c)
-            data["responses"].append(r)
-            data["tokens_in"].append(tin)
-            data["tokens_out"].append(tout)
-            data["tasks"].append(task)
-            data["ids"].append(qid)
+            _add_query(data, queries=prompt, quality=q, cost=c, responses=r, tokens_in=tin, tokens_out=tout,
+                       tasks=task, ids=qid)
             if prompt.strip() in bad_prompts:
                 contaminated_ids.append(qid)
         report.files[path.name] = {"read": len(rows), "kept": len(rows)}
@@ -321,7 +329,7 @@ def convert_routellm_mt_bench(folder: str | os.PathLike[str], *, prices: Any = N
         first, answer = _mt_answers(j, where)
         slot[model] = {"score": float(score), "answer": answer, "first": first}
     models_full = sorted(models_full)
-    data: dict[str, list[Any]] = {k: [] for k in ("queries", "quality", "cost", "responses", "tokens_in", "tokens_out", "tasks", "ids")}
+    data = _new_table()
     for (qid, turn) in sorted(cells):
         slot = cells[(qid, turn)]
         missing = [m for m in models_full if m not in slot]
@@ -339,14 +347,8 @@ def convert_routellm_mt_bench(folder: str | os.PathLike[str], *, prices: Any = N
             r.append(cell["answer"])
             tin.append(t_in)
             tout.append(t_out)
-        data["queries"].append(text)
-        data["quality"].append(q)
-        data["cost"].append(c)
-        data["responses"].append(r)
-        data["tokens_in"].append(tin)
-        data["tokens_out"].append(tout)
-        data["tasks"].append(str(questions[qid].get("category", "mt-bench")))
-        data["ids"].append(f"mt-bench/{qid}/turn{turn}")
+        _add_query(data, queries=text, quality=q, cost=c, responses=r, tokens_in=tin, tokens_out=tout,
+                   tasks=str(questions[qid].get("category", "mt-bench")), ids=f"mt-bench/{qid}/turn{turn}")
     bad = _contaminated(root, "mt-bench")
     contaminated_ids = [qid for qid, text in zip(data["ids"], data["queries"]) if text.split("\n\n[follow-up] ")[0].strip() in bad]
     ds = _finish(name, models_full, prices_t, data, report, {"contaminated_query_ids": contaminated_ids})
