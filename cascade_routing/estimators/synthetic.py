@@ -69,7 +69,17 @@ def _as_rows(fit_rows, n: int) -> np.ndarray:
     return rows
 
 
-class SyntheticQualityEstimator:
+class _MovableTables:
+    """``to(device)``: move every tensor attribute (the bound tables) in place; returns self."""
+
+    def to(self, device):
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
+
+class SyntheticQualityEstimator(_MovableTables):
     """Ground truth + Gaussian noise, recalibrated per model (see module docstring)."""
 
     def __init__(self, quality: np.ndarray, models: list[str], noise: str | NoiseLevel = "low",
@@ -96,15 +106,8 @@ class SyntheticQualityEstimator:
         std = torch.where(ran, torch.zeros_like(mean), self.sigma.expand_as(mean))
         return QualityEstimate(mean, std=std)
 
-    def to(self, device):
-        """Move the bound tables to ``device`` (in place); returns self."""
-        for name, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        return self
 
-
-class SyntheticCostEstimator:
+class SyntheticCostEstimator(_MovableTables):
     """Exact cost once run; before, ground truth + noise recalibrated per model, clamped at 0."""
 
     def __init__(self, cost: np.ndarray, models: list[str], noise: str | NoiseLevel = "low",
@@ -124,15 +127,8 @@ class SyntheticCostEstimator:
         q = queries.to(self.exact.device)
         return torch.where(ran.to(self.exact.device), self.exact[q], self.before[q])
 
-    def to(self, device):
-        """Move the bound tables to ``device`` (in place); returns self."""
-        for name, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        return self
 
-
-class OracleQualityEstimator:
+class OracleQualityEstimator(_MovableTables):
     """The exact quality of every model (std 0), whatever ran."""
 
     def __init__(self, quality: np.ndarray, models: list[str], dtype: torch.dtype = torch.float32) -> None:
@@ -143,15 +139,8 @@ class OracleQualityEstimator:
         mean = self.quality[queries.to(self.quality.device)]
         return QualityEstimate(mean, std=torch.zeros_like(mean))
 
-    def to(self, device):
-        """Move the bound tables to ``device`` (in place); returns self."""
-        for name, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        return self
 
-
-class OracleCostEstimator:
+class OracleCostEstimator(_MovableTables):
     """The exact cost of every model, whatever ran."""
 
     def __init__(self, cost: np.ndarray, models: list[str], dtype: torch.dtype = torch.float32) -> None:
@@ -160,13 +149,6 @@ class OracleCostEstimator:
 
     def estimate(self, queries: Tensor, ran: Tensor) -> Tensor:
         return self.cost[queries.to(self.cost.device)]
-
-    def to(self, device):
-        """Move the bound tables to ``device`` (in place); returns self."""
-        for name, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        return self
 
 
 def synthetic_estimators(dataset, noise: str | NoiseLevel = "low", fit_rows=None, seed: int = 0,
