@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import random
 import socket
@@ -41,6 +40,7 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from cascade_routing.data.converters.routellm import estimate_tokens as text_tokens
 from cascade_routing.data.dataset import RoutingDataset
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ def _last_user_text(body: Any) -> str | None:
 
 
 def estimate_tokens(text: str) -> int:
-    """Rough token count when none is recorded: ``ceil(chars / 4)`` (at least 1)."""
-    return max(1, math.ceil(len(text) / 4))
+    """Rough token count when none is recorded: the data layer's ``ceil(chars / 4)``, at least 1."""
+    return max(1, text_tokens(text))
 
 
 def create_replay_app(
