@@ -1,4 +1,5 @@
-"""`cascade-routing` subcommands of the estimator stage: ``evaluate``, ``train-eval``, ``inspect-artifact``."""
+"""`cascade-routing` subcommands of the estimator stage: ``evaluate``, ``train-eval``, ``inspect-artifact``,
+``distill-encoder``."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     i = subparsers.add_parser("inspect-artifact", help="print an estimator artifact's models, prices, budgets")
     i.add_argument("checkpoint")
     i.set_defaults(func=_inspect)
+
+    _register_distill(subparsers)
 
 
 def _strategies(arg: str | None):
@@ -127,4 +130,48 @@ def _inspect(args: argparse.Namespace) -> int:
         "data_config": art.data_config,
         "encoder": art.encoder,
     }, indent=2))
+    return 0
+
+
+def _register_distill(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    d = subparsers.add_parser(
+        "distill-encoder",
+        help="distil a small student encoder from the frozen MiniLM teacher on a dataset's train split",
+        description="Trains a student BertModel (teacher's tokenizer) to match the teacher's mean-pooled "
+                    "embeddings of the train-split queries (+ train answers) and saves a Hugging Face folder "
+                    "usable as data.encoder_path. See cascade_routing/estimators/distill.py.",
+    )
+    d.add_argument("--dataset", required=True, help="dataset name or folder")
+    d.add_argument("--out", required=True, help="output folder (Hugging Face model + tokenizer)")
+    d.add_argument("--teacher", default=None, help="teacher encoder folder (default: all-MiniLM-L6-v2)")
+    d.add_argument("--layers", type=int, default=2)
+    d.add_argument("--hidden", type=int, default=128)
+    d.add_argument("--heads", type=int, default=4)
+    d.add_argument("--intermediate", type=int, default=None, help="feed-forward width (default 4 x hidden)")
+    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--answers", type=int, default=3000, help="train-split answers added to the train queries")
+    d.add_argument("--max-length", type=int, default=128)
+    d.add_argument("--split", default=None,
+                   help='split fractions as JSON (default {"train": 0.55, "val": 0.1, "calibration": 0.15, "test": 0.2})')
+    d.add_argument("--split-seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_distill)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from cascade_routing.estimators.distill import StudentConfig, distill_for_dataset
+    from cascade_routing.estimators.runtime import configure_threads
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    configure_threads(default=2)
+    res = distill_for_dataset(
+        args.dataset, args.out, args.teacher,
+        StudentConfig(args.layers, args.hidden, args.heads, args.intermediate),
+        split=json.loads(args.split) if args.split else None, split_seed=args.split_seed, answers=args.answers,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, seed=args.seed,
+    )
+    print(f"student written to {res.path}: held-out relative MSE {res.heldout_loss_initial:.3f} -> "
+          f"{res.heldout_loss_final:.3f} ({res.texts_train} train texts, {res.seconds:.0f} s)")
     return 0

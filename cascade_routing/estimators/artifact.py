@@ -10,6 +10,19 @@ task vocabulary, the chosen uncertainty method, its calibration report and the p
 decision-quality scores it was chosen by (``uncertainty_selection``), and the fitted λ/γ
 tables per strategy and budget (fitted on the calibration split).
 
+Encoders inside the file (format version 2): any query encoder whose weights are in
+``net.encoder.*`` has its Hugging Face config in the payload (``encoder["hf_config"]``), so the
+network is rebuilt without the encoder folder. ``encoder["carried"]`` says what those weights are:
+
+- ``"frozen"``: a non-default frozen encoder (e.g. a distilled student, ``distill.py``), carried
+  whole; it embeds queries *and* answers, and the tokenizer is ``encoder["tokenizer"]``:
+  ``"default"`` (the MiniLM tokenizer, used when the vocabularies match by
+  :func:`~cascade_routing.estimators.encoding.tokenizer_fingerprint`) or a folder path, checked
+  against ``encoder["tokenizer_fingerprint"]`` -- no student folder needed;
+- ``"finetuned"``: a fine-tuned query encoder; answers still use the frozen encoder at ``path``.
+
+Version 1 files (no ``hf_config``; encoder config read from the folder) still load.
+
 Loading never unpickles anything: safetensors holds only raw tensors, JSON holds only data.
 :func:`load_artifact` raises :class:`ArtifactError` naming the problem for a missing, corrupt or
 foreign file, a pickle, a wrong format version, or a model list that does not match.
@@ -34,7 +47,8 @@ from cascade_routing.estimators.learned import UNCERTAINTY_MODES, LearnedQuality
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
 FORMAT_TAG = "cascade-routing-estimator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added encoder["hf_config" / "carried" / "tokenizer" / "tokenizer_fingerprint"]
 DEFAULT_ENCODER = "default"
 
 
@@ -105,10 +119,7 @@ class EstimatorArtifact:
             cfg = NetworkConfig(**self.network_config)
             encoder_module = None
             if any(k.startswith("encoder.") for k in self.state_dict):
-                from transformers import AutoConfig, AutoModel
-
-                hf_cfg = AutoConfig.from_pretrained(self.encoder_path(), local_files_only=True)
-                encoder_module = encoding.TextEncoder(AutoModel.from_config(hf_cfg))
+                encoder_module = encoding.TextEncoder(self._encoder_skeleton())
             net = QualityNetwork(cfg, encoder_module)
             try:
                 net.load_state_dict(self.state_dict, strict=True)
@@ -117,11 +128,59 @@ class EstimatorArtifact:
             self._network = net.eval()
         return self._network
 
+    def _encoder_skeleton(self):
+        """An untrained HF model of the carried encoder's shape (config from the payload, else the folder)."""
+        from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as hf_logging
+
+        stored = self.encoder.get("hf_config")
+        if stored:
+            try:
+                stored = dict(stored)
+                hf_cfg = AutoConfig.for_model(stored.pop("model_type"), **stored)
+            except (KeyError, ValueError, TypeError) as err:
+                raise ArtifactError(f"artifact {self.source or ''} has an unusable encoder hf_config: {err}") from None
+        else:  # format version 1: the config lives in the encoder folder
+            hf_cfg = AutoConfig.from_pretrained(self.encoder_path(), local_files_only=True)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return AutoModel.from_config(hf_cfg)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    def tokenizer_path(self) -> str:
+        """Folder of the tokenizer of a carried frozen encoder (checked by fingerprint)."""
+        ref = self.encoder.get("tokenizer", DEFAULT_ENCODER)
+        path = encoding.default_encoder_path() if ref == DEFAULT_ENCODER else str(ref)
+        if not Path(path).is_dir():
+            raise ArtifactError(
+                f"artifact {self.source or ''} needs the tokenizer folder {path!r}, which does not exist "
+                "(the student's own vocabulary differs from the default MiniLM's; keep its folder)"
+            )
+        want = self.encoder.get("tokenizer_fingerprint")
+        got = encoding.tokenizer_fingerprint(path)
+        if want and got != want:
+            raise ArtifactError(
+                f"tokenizer at {path!r} (vocabulary fingerprint {got}) is not the one the artifact's encoder was "
+                f"trained with (fingerprint {want}); token ids would index the wrong embeddings"
+            )
+        return path
+
     def encoder_path(self) -> str:
         path = self.encoder.get("path", DEFAULT_ENCODER)
         return encoding.resolve_encoder_path(None if path == DEFAULT_ENCODER else path)
 
     def _text_encoders(self):
+        if self._text is None and self.encoder.get("carried") == "frozen":
+            tok = encoding.load_tokenizer(self.tokenizer_path())
+            enc = self.network().encoder
+            vocab = int(enc.model.config.vocab_size)
+            if len(tok) > vocab:
+                raise ArtifactError(
+                    f"tokenizer has {len(tok)} tokens but the carried encoder's vocabulary has {vocab}"
+                )
+            self._text = (tok, enc)  # the carried encoder embeds queries and answers
         if self._text is None:
             path = self.encoder_path()
             fp = encoding.encoder_fingerprint(path)
@@ -230,6 +289,11 @@ class EstimatorArtifact:
             tensors["var_scale"] = self.var_scale.detach().cpu().float().contiguous()
         if self.covariances is not None:
             tensors["covariances"] = self.covariances.detach().cpu().float().contiguous()
+        if self.format_version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"refusing to write a format-{self.format_version} artifact as version {FORMAT_VERSION}; "
+                "re-export it with this library"
+            )
         meta = {"format": FORMAT_TAG, "format_version": str(FORMAT_VERSION), "payload": json.dumps(self.payload())}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         save_file(tensors, str(tmp), metadata=meta)
@@ -297,10 +361,10 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
             f"(metadata format={meta.get('format')!r}, expected {FORMAT_TAG!r})"
         )
     version = meta.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in {str(v) for v in READABLE_VERSIONS}:
         raise ArtifactError(
-            f"checkpoint {str(path)!r} has artifact format version {version!r}; this library reads version "
-            f"{FORMAT_VERSION} (retrain or use the matching cascade-routing release)"
+            f"checkpoint {str(path)!r} has artifact format version {version!r}; this library reads versions "
+            f"{list(READABLE_VERSIONS)} (retrain or use the matching cascade-routing release)"
         )
     try:
         p = json.loads(meta["payload"])
@@ -326,6 +390,7 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
             data_config=dict(p.get("data_config", {})),
             train_config=dict(p.get("train_config", {})),
             metrics=dict(p.get("metrics", {})),
+            format_version=int(version),
             source=str(path),
         )
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
@@ -346,3 +411,39 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
         art.check_models(list(expected_models), where="the expected model list")
     art.network()  # fail now, not at first use, if the weights do not fit
     return art
+
+
+def encoder_reference(datamodule, network) -> tuple[dict, dict[str, Tensor]]:
+    """The artifact's ``encoder`` entry and the encoder tensors to add to its state dict.
+
+    - default MiniLM, frozen: ``path="default"``, nothing carried;
+    - a fine-tuned query encoder (``network.encoder`` set): its weights are already in the state
+      dict; ``carried="finetuned"`` and its ``hf_config`` are recorded;
+    - a non-default frozen encoder (a distilled student): its weights are added as
+      ``encoder.model.*`` (the fine-tuned encoder's keys), ``carried="frozen"``, with its
+      ``hf_config`` and a tokenizer reference (``"default"`` when its vocabulary fingerprint equals
+      the default MiniLM's), so the artifact works without the encoder folder.
+    """
+    enc_path = datamodule.resolved_encoder_path
+    is_default = datamodule.encoder_path in (None, DEFAULT_ENCODER)
+    ref = {
+        "path": DEFAULT_ENCODER if is_default else str(Path(enc_path).resolve()),
+        "fingerprint": encoding.encoder_fingerprint(enc_path),
+        "max_length": datamodule.max_length,
+        "answer_max_length": datamodule.answer_max_length,
+        "answer_encoding": datamodule.answer_encoding,
+    }
+    extra: dict[str, Tensor] = {}
+    if network.encoder is not None:
+        ref["carried"] = "finetuned"
+        ref["hf_config"] = network.encoder.model.config.to_dict()
+    elif not is_default:
+        frozen = datamodule.encoder
+        ref["carried"] = "frozen"
+        ref["hf_config"] = frozen.model.config.to_dict()
+        fp = encoding.tokenizer_fingerprint(enc_path)
+        ref["tokenizer_fingerprint"] = fp
+        ref["tokenizer"] = DEFAULT_ENCODER if fp == encoding.tokenizer_fingerprint(encoding.default_encoder_path()) \
+            else str(Path(enc_path).resolve())
+        extra = {f"encoder.{k}": v.detach().cpu().clone() for k, v in frozen.state_dict().items()}
+    return ref, extra

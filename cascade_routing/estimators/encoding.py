@@ -75,6 +75,22 @@ def encoder_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def tokenizer_fingerprint(path: str) -> str:
+    """Stable id of a tokenizer's behaviour: its class, vocabulary (token -> id), normaliser and
+    pre-tokeniser. Two folders with the same fingerprint map every text to the same token ids."""
+    tok = load_tokenizer(path)
+    h = hashlib.sha256()
+    h.update(type(tok).__name__.removesuffix("Fast").encode())
+    h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        h.update(json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], sort_keys=True).encode())
+    else:
+        h.update(repr(getattr(tok, "do_lower_case", None)).encode())
+    return h.hexdigest()[:16]
+
+
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean of ``hidden`` [B, T, D] over positions where ``attention_mask`` [B, T] is 1."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cascade_routing.estimators import encoding
-from cascade_routing.estimators.artifact import DEFAULT_ENCODER, EstimatorArtifact
+from cascade_routing.estimators.artifact import EstimatorArtifact, encoder_reference
 from cascade_routing.estimators.cost import CostModel
 from cascade_routing.estimators.uncertainty import calibration_report, fit_variance_scale, residual_covariances
 from cascade_routing.policies.registry import STRATEGIES, make_policy  # noqa: F401  (re-exported)
@@ -265,20 +265,13 @@ def build_artifact(
     chosen_by_nll = min(report, key=lambda k: report[k]["nll"])
     best_table = min(tables, key=lambda k: report[k]["nll"]) if tables else None
     covs = tables[best_table] if best_table else None
-    enc_path = datamodule.resolved_encoder_path
-    stored_path = DEFAULT_ENCODER if datamodule.encoder_path in (None, DEFAULT_ENCODER) else str(Path(enc_path).resolve())
+    encoder_ref, encoder_tensors = encoder_reference(datamodule, network)  # carries a non-default frozen encoder
     art = EstimatorArtifact(
         models=list(datamodule.models),
         network_config=network.config.to_dict(),
-        state_dict={k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+        state_dict={**{k: v.detach().cpu().clone() for k, v in network.state_dict().items()}, **encoder_tensors},
         cost_model=CostModel.fit(datamodule.splits["train"].dataset),
-        encoder={
-            "path": stored_path,
-            "fingerprint": encoding.encoder_fingerprint(enc_path),
-            "max_length": datamodule.max_length,
-            "answer_max_length": datamodule.answer_max_length,
-            "answer_encoding": datamodule.answer_encoding,
-        },
+        encoder=encoder_ref,
         task_vocabulary=datamodule.task_vocabulary,
         binary=datamodule.binary_quality,
         uncertainty="variance" if chosen_by_nll == "variance_head" else "covariance",

@@ -1,0 +1,347 @@
+"""Distil a small student encoder from the frozen teacher (default all-MiniLM-L6-v2) on CPU.
+
+The student is a plain Hugging Face ``BertModel`` (``L`` layers, width ``H``) that uses the
+teacher's tokenizer and vocabulary, so ``data.encoder_path: <student folder>`` works through the
+rest of the pipeline unchanged. Objective, on texts ``x`` with teacher embedding ``t(x)`` [384]
+(mean-pooled teacher output, from :class:`~cascade_routing.estimators.encoding.EmbeddingCache`):
+
+    s(x) = mean_pool(student(x))                  [H]   (what the estimator heads will see)
+    loss = Σ ||P·s(x) + b − t(x)||² / Σ ||t(x) − t̄||²   (relative MSE = 1 − R² of the projection)
+
+``P`` [384, H] is a linear projection used for training only (not saved). MSE rather than cosine
+because the heads consume the raw (unnormalised) embedding through linear layers: a linear map of
+the student embedding should reproduce the teacher embedding itself, not only its direction;
+dividing by the teacher's total variance makes the number read as the unexplained fraction.
+
+Fast convergence on CPU: the student's word, position and token-type embeddings start from the
+teacher's projected on the top-``H`` principal directions of the teacher's word embeddings
+(truncated SVD), so the bag of words is right from step 0 and training mostly fits context.
+
+Training texts: the TRAIN split's queries (the same split as the data module) and, optionally, a
+seeded sample of train-split answers; never val / calibration / test rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cascade_routing.estimators import encoding
+
+REPORT_FILE = "distillation.json"
+
+
+@dataclass
+class StudentConfig:
+    """Shape of the student BertModel (vocabulary, positions, token types come from the teacher)."""
+
+    layers: int = 2
+    hidden: int = 128
+    heads: int = 4
+    intermediate: int | None = None  # None: 4 * hidden
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(f"student hidden size {self.hidden} is not divisible by {self.heads} attention heads")
+        if self.layers < 1 or self.hidden < 1:
+            raise ValueError(f"student needs >= 1 layer and hidden >= 1, got layers={self.layers}, hidden={self.hidden}")
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill_encoder` did; also written as ``distillation.json`` in the student folder."""
+
+    path: str
+    teacher: str
+    teacher_fingerprint: str
+    student: dict
+    texts_train: int
+    texts_heldout: int
+    epochs: int
+    seed: int
+    heldout_loss_initial: float  # relative MSE on held-out distillation texts, before training
+    heldout_loss_final: float
+    train_loss_per_epoch: list[float] = field(default_factory=list)
+    heldout_loss_per_epoch: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    sources: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def student_bert_config(teacher_config, student: StudentConfig):
+    """A ``BertConfig`` of the student's shape with the teacher's vocabulary, positions and special ids."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=int(teacher_config.vocab_size),
+        hidden_size=student.hidden,
+        num_hidden_layers=student.layers,
+        num_attention_heads=student.heads,
+        intermediate_size=student.intermediate or 4 * student.hidden,
+        max_position_embeddings=int(teacher_config.max_position_embeddings),
+        type_vocab_size=int(getattr(teacher_config, "type_vocab_size", 2)),
+        pad_token_id=int(getattr(teacher_config, "pad_token_id", 0) or 0),
+        layer_norm_eps=float(getattr(teacher_config, "layer_norm_eps", 1e-12)),
+    )
+
+
+@torch.no_grad()
+def init_embeddings_from_teacher(student: nn.Module, teacher: nn.Module) -> float:
+    """Copy the teacher's input embeddings projected on their top-H principal directions.
+
+    With E [V, D] the teacher's word embeddings, μ their mean and E − μ ≈ U S Vᵀ (truncated SVD,
+    H components): word ← (E − μ)·V_H, position ← (P − p̄)·V_H, token type ← (T − τ̄)·V_H.
+    Returns the fraction of the word embeddings' variance kept by the H directions.
+    """
+    s_emb, t_emb = student.embeddings, teacher.embeddings
+    h = s_emb.word_embeddings.weight.shape[1]
+    words = t_emb.word_embeddings.weight.float()
+    if words.shape[0] != s_emb.word_embeddings.weight.shape[0]:
+        raise ValueError(
+            f"student vocabulary ({s_emb.word_embeddings.weight.shape[0]}) differs from the teacher's ({words.shape[0]})"
+        )
+    centered = words - words.mean(0)
+    _, sing, vh = torch.linalg.svd(centered, full_matrices=False)
+    k = min(h, vh.shape[0])
+    basis = vh[:k].T  # [D, k]
+    s_emb.word_embeddings.weight.zero_()
+    s_emb.word_embeddings.weight[:, :k] = centered @ basis
+    for name in ("position_embeddings", "token_type_embeddings"):
+        src, dst = getattr(t_emb, name).weight.float(), getattr(s_emb, name).weight
+        rows = min(src.shape[0], dst.shape[0])
+        dst.zero_()
+        dst[:rows, :k] = (src[:rows] - src[:rows].mean(0)) @ basis
+    return float((sing[:k] ** 2).sum() / (sing**2).sum())
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[Tensor]:
+    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+class _Distiller(nn.Module):
+    """Student + mean pooling + the training-only projection to the teacher's width."""
+
+    def __init__(self, student: nn.Module, teacher_dim: int) -> None:
+        super().__init__()
+        self.student = encoding.TextEncoder(student)
+        self.proj = nn.Linear(self.student.hidden_size, teacher_dim)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.proj(self.student(ids, mask))
+
+
+def _pad(token_ids: list[list[int]], rows: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    seqs = [token_ids[int(i)] for i in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return ids, mask
+
+
+def distill_encoder(
+    texts: list[str],
+    out: str | Path,
+    teacher_path: str | None = None,
+    student: StudentConfig | None = None,
+    epochs: int = 8,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    max_length: int = 128,
+    heldout_fraction: float = 0.05,
+    seed: int = 0,
+    teacher_embeddings: np.ndarray | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    sources: dict | None = None,
+) -> DistillResult:
+    """Train a student on ``texts`` to match the teacher's mean-pooled embeddings; save it to ``out``.
+
+    ``teacher_embeddings`` [len(texts), D] skips the teacher (else they come from the
+    embedding cache, computing what is missing). A seeded ``heldout_fraction`` of the texts is
+    kept out of training to report the loss before/after (relative MSE, module docstring).
+    ``out`` receives ``save_pretrained`` of the student (safetensors), the teacher's tokenizer
+    files and ``distillation.json`` (:class:`DistillResult`). AdamW with linear warm-up (5%) and
+    cosine decay; gradient norm clipped at 1.
+    """
+    from transformers import BertModel
+
+    t0 = time.perf_counter()
+    student = student or StudentConfig()
+    texts = [str(t) for t in texts]
+    if len(texts) < 2:
+        raise ValueError(f"distillation needs at least 2 texts, got {len(texts)}")
+    teacher_path = encoding.resolve_encoder_path(teacher_path)
+    tokenizer = encoding.load_tokenizer(teacher_path)
+    teacher = encoding.load_encoder_model(teacher_path)
+    if len(tokenizer) > int(teacher.config.vocab_size):
+        raise ValueError(
+            f"teacher tokenizer at {teacher_path!r} has {len(tokenizer)} tokens but the teacher's vocabulary has "
+            f"{teacher.config.vocab_size}; the student shares both, so they must agree"
+        )
+    if teacher_embeddings is None:
+        cache = encoding.EmbeddingCache(cache_dir or encoding.default_cache_dir())
+        teacher_enc = encoding.TextEncoder(teacher)
+        teacher_embeddings = cache.get_or_compute(
+            texts, teacher_path, "transformer", max_length,
+            lambda t: encoding.encode_texts(t, tokenizer, teacher_enc, "transformer", max_length,
+                                            progress="teacher embeddings" if progress else None),
+        )
+    target = torch.as_tensor(np.asarray(teacher_embeddings, dtype=np.float32))
+    if target.shape[0] != len(texts):
+        raise ValueError(f"{target.shape[0]} teacher embeddings for {len(texts)} texts")
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = student_bert_config(teacher.config, student)
+    model = BertModel(cfg)  # the pooler is unused (mean pooling) but kept so the folder loads without warnings
+    kept = init_embeddings_from_teacher(model, teacher)
+    del teacher
+    net = _Distiller(model, target.shape[1])
+
+    perm = torch.randperm(len(texts), generator=gen)
+    n_held = max(1, int(round(heldout_fraction * len(texts)))) if heldout_fraction > 0 else 0
+    held, train = perm[:n_held], perm[n_held:]
+    token_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    pad_id = int(tokenizer.pad_token_id or 0)
+    total_var = float(((target[train] - target[train].mean(0)) ** 2).sum(1).mean())
+
+    def rel_mse(pred: Tensor, tgt: Tensor) -> Tensor:
+        return ((pred - tgt) ** 2).sum(1).mean() / total_var
+
+    @torch.no_grad()
+    def evaluate(rows: Tensor) -> float:
+        if rows.numel() == 0:
+            return float("nan")
+        net.eval()
+        # sorted by length for tight padding; order does not change the mean
+        rows = rows[torch.argsort(torch.tensor([len(token_ids[int(i)]) for i in rows]))]
+        num = 0.0
+        for part in _batches(rows.numel(), 128, None):
+            r = rows[part]
+            ids, mask = _pad(token_ids, r, pad_id)
+            num += float(((net(ids, mask) - target[r]) ** 2).sum())
+        return num / rows.numel() / total_var
+
+    # the bias of the projection starts at the teacher's mean embedding
+    with torch.no_grad():
+        net.proj.bias.copy_(target[train].mean(0))
+    initial = evaluate(held)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    steps = epochs * math.ceil(train.numel() / batch_size)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"distil L{student.layers}/H{student.hidden}", unit="step")
+    train_curve, held_curve = [], []
+    for _epoch in range(epochs):
+        net.train()
+        running, count = 0.0, 0
+        for part in _batches(train.numel(), batch_size, gen):
+            rows = train[part]
+            ids, mask = _pad(token_ids, rows, pad_id)
+            loss = rel_mse(net(ids, mask), target[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            running += float(loss) * rows.numel()
+            count += rows.numel()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / count:.3f}")
+        train_curve.append(round(running / max(1, count), 5))
+        held_curve.append(round(evaluate(held), 5))
+    if bar is not None:
+        bar.close()
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    result = DistillResult(
+        path=str(out),
+        teacher=teacher_path,
+        teacher_fingerprint=encoding.encoder_fingerprint(teacher_path),
+        student=asdict(student),
+        texts_train=int(train.numel()),
+        texts_heldout=int(held.numel()),
+        epochs=epochs,
+        seed=seed,
+        heldout_loss_initial=round(initial, 5),
+        heldout_loss_final=held_curve[-1] if held_curve else round(initial, 5),
+        train_loss_per_epoch=train_curve,
+        heldout_loss_per_epoch=held_curve,
+        seconds=round(time.perf_counter() - t0, 1),
+        sources={**(sources or {}), "embedding_variance_kept_by_init": round(kept, 4), "lr": lr,
+                 "batch_size": batch_size, "max_length": max_length,
+                 "loss": "relative MSE of a linear projection of the student's mean-pooled output to the teacher's"},
+    )
+    (out / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def train_split_texts(
+    dataset: str,
+    split: dict[str, float] | None = None,
+    split_seed: int = 0,
+    answers: int = 0,
+    seed: int = 0,
+) -> tuple[list[str], dict]:
+    """The distillation texts of a dataset: its TRAIN split's queries plus ``answers`` train answers.
+
+    The split is the data module's (:class:`RoutingDataModule` with the same ``split`` /
+    ``split_seed``), so no val / calibration / test text is used. Answers: a seeded sample of the
+    distinct non-empty train-split responses not already among the texts (all of them if fewer).
+    """
+    from cascade_routing.estimators.datamodule import DEFAULT_SPLIT, load_routing_dataset
+
+    ds = load_routing_dataset(dataset)
+    parts = ds.split(dict(split or DEFAULT_SPLIT), seed=split_seed)
+    train = parts["train"]
+    texts = list(dict.fromkeys(str(q) for q in train.queries))
+    n_queries = len(texts)
+    n_answers = 0
+    if answers and train.responses is not None:
+        seen = set(texts)
+        pool = sorted({str(r) for r in train.responses.reshape(-1) if r is not None and str(r).strip()} - seen)
+        rng = np.random.default_rng(seed)
+        pick = rng.permutation(len(pool))[: answers]
+        texts += [pool[i] for i in sorted(pick)]
+        n_answers = len(pick)
+    info = {"dataset": dataset, "split": dict(split or DEFAULT_SPLIT), "split_seed": split_seed,
+            "train_queries": n_queries, "train_answers": n_answers}
+    return texts, info
+
+
+def distill_for_dataset(
+    dataset: str,
+    out: str | Path,
+    teacher_path: str | None = None,
+    student: StudentConfig | None = None,
+    split: dict[str, float] | None = None,
+    split_seed: int = 0,
+    answers: int = 3000,
+    **kwargs,
+) -> DistillResult:
+    """:func:`train_split_texts` then :func:`distill_encoder` (teacher embeddings cached on disk)."""
+    texts, info = train_split_texts(dataset, split, split_seed, answers, kwargs.get("seed", 0))
+    return distill_encoder(texts, out, teacher_path, student, sources=info, **kwargs)
