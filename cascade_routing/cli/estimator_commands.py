@@ -148,9 +148,9 @@ def _register_distill(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
     d.add_argument("--hidden", type=int, default=128)
     d.add_argument("--heads", type=int, default=4)
     d.add_argument("--intermediate", type=int, default=None, help="feed-forward width (default 4 x hidden)")
-    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--epochs", type=int, default=6)
     d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--lr", type=float, default=2e-3)
     d.add_argument("--answers", type=int, default=3000, help="train-split answers added to the train queries")
     d.add_argument("--max-length", type=int, default=128)
     d.add_argument("--split", default=None,

@@ -1,0 +1,134 @@
+"""Distilling a student encoder, and artifacts that carry it (work without the student folder)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cascade_routing.estimators import encoding
+from cascade_routing.estimators.artifact import ArtifactError, load_artifact
+from cascade_routing.estimators.distill import StudentConfig, distill_encoder, init_embeddings_from_teacher
+
+from estimators_helpers import make_synthetic_dataset, make_tiny_encoder
+
+
+def test_distillation_lowers_loss_and_writes_loadable_folder(tmp_path):
+    teacher = make_tiny_encoder(tmp_path / "teacher", hidden=32, layers=2)
+    texts = list(make_synthetic_dataset(200, 3, seed=1).queries)
+    res = distill_encoder(texts, tmp_path / "student", str(teacher), StudentConfig(layers=1, hidden=16, heads=2),
+                          epochs=6, batch_size=16, lr=3e-3, heldout_fraction=0.1, cache_dir=tmp_path / "cache",
+                          progress=False)
+    # held-out texts never trained on: the relative MSE drops clearly, and per-epoch training loss falls
+    assert res.heldout_loss_final < 0.7 * res.heldout_loss_initial, res
+    assert res.train_loss_per_epoch[-1] < res.train_loss_per_epoch[0]
+    assert res.texts_heldout == 20 and res.texts_train == 180
+    # a normal Hugging Face folder: model + the teacher's tokenizer
+    model = encoding.load_encoder_model(str(tmp_path / "student"))
+    assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 1
+    assert (tmp_path / "student" / "model.safetensors").exists()
+    tok = encoding.load_tokenizer(str(tmp_path / "student"))
+    assert tok.get_vocab() == encoding.load_tokenizer(str(teacher)).get_vocab()
+    assert encoding.tokenizer_fingerprint(str(tmp_path / "student")) == encoding.tokenizer_fingerprint(str(teacher))
+    report = json.loads((tmp_path / "student" / "distillation.json").read_text())
+    assert report["heldout_loss_final"] == res.heldout_loss_final
+    # the saved student reproduces the trained one's embeddings through the pipeline's encoder
+    enc = encoding.TextEncoder(model)
+    emb = encoding.encode_texts(texts[:8], tok, enc, "transformer", 128)
+    assert emb.shape == (8, 16) and np.isfinite(emb).all()
+
+
+def test_embedding_init_projects_teacher_and_rejects_other_vocabulary(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    teacher = encoding.load_encoder_model(str(make_tiny_encoder(tmp_path / "t", hidden=32)))
+    vocab = teacher.config.vocab_size
+    student = BertModel(BertConfig(vocab_size=vocab, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=16, max_position_embeddings=160))
+    kept = init_embeddings_from_teacher(student, teacher)
+    assert 0 < kept <= 1
+    # the 8 projected coordinates reproduce the teacher's centered word embeddings' top-8 structure:
+    w_t = teacher.embeddings.word_embeddings.weight.detach()
+    w_s = student.embeddings.word_embeddings.weight.detach()
+    c = w_t - w_t.mean(0)
+    residual = c - w_s @ torch.linalg.pinv(w_s) @ c
+    assert float((residual**2).sum() / (c**2).sum()) == pytest.approx(1 - kept, abs=1e-4)
+    other = BertModel(BertConfig(vocab_size=vocab + 3, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=16, max_position_embeddings=160))
+    with pytest.raises(ValueError, match="vocabulary"):
+        init_embeddings_from_teacher(other, teacher)
+
+
+def _train_with_encoder(tmp_path, encoder_path: str, n: int = 120, m: int = 3, epochs: int = 2):
+    import lightning as L
+
+    from cascade_routing.estimators.datamodule import RoutingDataModule
+    from cascade_routing.estimators.module import QualityEstimatorModule
+
+    ds = make_synthetic_dataset(n, m, 0)
+    dm = RoutingDataModule.from_dataset(ds, encoder_path=encoder_path, cache_dir=str(tmp_path / "cache"), batch_size=32)
+    L.seed_everything(0, verbose=False)
+    module = QualityEstimatorModule(hidden=32, lr=3e-3)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, dm)
+    return module, dm, ds
+
+
+@pytest.fixture(scope="module")
+def student_artifact(tmp_path_factory):
+    """A tiny student distilled from the real default MiniLM (its tokenizer), heads trained on it."""
+    from cascade_routing.estimators.export import build_artifact
+
+    tmp = tmp_path_factory.mktemp("student")
+    texts = list(make_synthetic_dataset(120, 3, 0).queries)
+    distill_encoder(texts, tmp / "student", None, StudentConfig(layers=1, hidden=16, heads=2), epochs=1,
+                    batch_size=32, cache_dir=tmp / "cache", progress=False)
+    module, dm, ds = _train_with_encoder(tmp, str(tmp / "student"))
+    art = build_artifact(module, dm, fit_lambdas=False, select_modes=None, progress=False)
+    path = art.save(tmp / "student.safetensors")
+    return {"art": art, "path": path, "ds": ds, "tmp": tmp, "dm": dm}
+
+
+def test_student_artifact_predicts_identically_without_the_student_folder(student_artifact):
+    art, ds, tmp = student_artifact["art"], student_artifact["ds"], student_artifact["tmp"]
+    assert art.encoder["carried"] == "frozen" and art.encoder["tokenizer"] == "default"
+    assert art.encoder["hf_config"]["hidden_size"] == 16
+    n, m = len(ds.queries), ds.num_models
+    rows = torch.arange(n)
+    ran = torch.zeros(n, m, dtype=torch.bool)
+    ran[::2, 0] = True  # post-hoc for half the rows: reads their answers, encoded by the student
+    ran[::3, 1] = True
+    q1, _ = art.bind(ds.queries, ds.responses, ds.features, ds.tasks)
+    before_ex, before_post = q1.estimate(rows, torch.zeros_like(ran)), q1.estimate(rows, ran)
+    shutil.rmtree(tmp / "student")
+    shutil.rmtree(tmp / "cache")
+    loaded = load_artifact(student_artifact["path"])
+    assert loaded.format_version == 2
+    q2, _ = loaded.bind(ds.queries, ds.responses, ds.features, ds.tasks)
+    torch.testing.assert_close(q2.estimate(rows, torch.zeros_like(ran)).mean, before_ex.mean)
+    torch.testing.assert_close(q2.estimate(rows, ran).mean, before_post.mean)
+    # and equal to the training-time path (cached embeddings of the data module)
+    from cascade_routing.estimators.export import bind_split
+
+    test = student_artifact["dm"].splits["test"]
+    k = len(test.dataset.queries)
+    q3, _ = bind_split(loaded, test)
+    q4, _ = loaded.bind(test.dataset.queries, test.dataset.responses, test.dataset.features, test.dataset.tasks)
+    r = torch.arange(k)
+    z = torch.zeros(k, m, dtype=torch.bool)
+    torch.testing.assert_close(q3.estimate(r, z).mean, q4.estimate(r, z).mean, atol=1e-5, rtol=1e-4)
+
+
+def test_tokenizer_vocabulary_mismatch_is_a_clear_error(student_artifact, tmp_path, monkeypatch):
+    # the artifact's carried student was trained with the default MiniLM tokenizer; if "default"
+    # now resolves to a different vocabulary, token ids would index the wrong rows: refuse.
+    other = make_tiny_encoder(tmp_path / "other")
+    monkeypatch.setattr(encoding, "default_encoder_path", lambda: str(other))
+    loaded = load_artifact(student_artifact["path"])
+    ds = student_artifact["ds"]
+    with pytest.raises(ArtifactError, match=r"tokenizer at .*vocabulary fingerprint .* not the one"):
+        loaded.bind(ds.queries[:4], None, None, ds.tasks[:4])
