@@ -64,6 +64,8 @@ class Policy:
 
     name = "policy"
     max_depth: int | None = None  # the most models one query may run; None: all of them
+    # candidate per-step λ shapes for fit_lambda to choose among on calibration rows; None: constant λ
+    lambda_shapes: tuple[tuple[float, ...], ...] | None = None
 
     def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float) -> Tensor:
         raise NotImplementedError

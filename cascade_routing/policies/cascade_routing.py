@@ -14,6 +14,10 @@ With nothing run yet the empty supermodel is not allowed: some model is always r
 
 ``greedy=True`` looks one step ahead only: S ∈ {ran} ∪ {ran ∪ {m}}.
 
+``lambda_shapes``: candidate per-step λ shapes; :func:`~cascade_routing.policies.fitting.fit_lambda`
+keeps the one with the best calibration quality at each budget (the decision rule above is
+unchanged; it is simply handed λ_t of step t).
+
 Pruning lemma (``prune=True``): E[max] is submodular (per draw, max is), so if adding a member m to
 S \\ {m} gains less than λ c_m, then S is strictly worse than S \\ {m}, and so is every superset of S
 containing m. With ``prune=True`` such supermodels and all their extensions are never sampled
@@ -71,9 +75,16 @@ class CascadeRouting(Policy):
         tie_tol: float = 1e-6,
         chunk_bytes: int = 2**25,
         max_supermodels: int = MAX_EXHAUSTIVE_SUPERMODELS,
+        lambda_shapes: tuple[tuple[float, ...], ...] | None = None,
     ) -> None:
         if max_depth is not None and max_depth < 1:
             raise PolicyError(f"max_depth must be >= 1, got {max_depth}")
+        if lambda_shapes is not None:
+            lambda_shapes = tuple(tuple(float(x) for x in v) for v in lambda_shapes)
+            for v in lambda_shapes:
+                if not v or min(v) < 0 or max(v) <= 0 or any(math.isnan(x) for x in v):
+                    raise PolicyError(f"each λ shape must be non-empty, >= 0 with a positive entry, got {v}")
+        self.lambda_shapes = lambda_shapes or None
         self.max_depth = max_depth
         self.force_order = force_order
         self.greedy = greedy
@@ -86,7 +97,8 @@ class CascadeRouting(Policy):
 
     def __repr__(self) -> str:
         return (f"CascadeRouting(max_depth={self.max_depth}, force_order={self.force_order}, "
-                f"greedy={self.greedy}, num_samples={self.num_samples}, seed={self.seed}, prune={self.prune})")
+                f"greedy={self.greedy}, num_samples={self.num_samples}, seed={self.seed}, prune={self.prune}"
+                + (f", lambda_shapes={self.lambda_shapes}" if self.lambda_shapes else "") + ")")
 
     def check_pool(self, num_models: int) -> None:
         """Raise if exhaustive search over the pool is too large (no max_depth, no greedy)."""

@@ -8,6 +8,14 @@ or below it. Then a per-query mix: query i uses ``lam_low`` iff ``u_i < gamma``,
 for which the *realised* mean calibration cost with these very ``u_i`` is at or below the budget,
 so the budget is met on calibration as tightly as the per-query costs allow (the gap is below one
 query's cost difference divided by N).
+
+λ shape selection: a policy may carry ``lambda_shapes`` (candidate per-step shapes ``v``, e.g.
+``(1, κ)``: the first model is chosen at λ = s, every later step at λ = s·κ). With no explicit
+``shape``, :func:`fit_lambda` fits the scale for every candidate on the same calibration rows and
+keeps the one with the highest realised mean calibration quality (all meet the budget; ties: the
+earlier candidate). κ > 1 makes post-hoc escalation dearer than the first choice, κ → ∞ is
+routing, κ = 1 the constant λ. Only calibration rows are used, so this is model selection on the
+calibration split; the chosen vectors are stored in the :class:`FittedLambda` (serving reads them).
 """
 
 from __future__ import annotations
@@ -122,10 +130,10 @@ def fit_lambda(
 
     ``quality``/``cost`` [N, M]: ground truth of the calibration queries; ``rows``: their row ids in
     the estimators' table (default 0..N-1); ``queries``: their texts (for :func:`query_uniforms`;
-    else ``uniforms`` or seeded draws). ``shape`` [T] >= 0: fit λ_t = s·shape_t (default: constant).
+    else ``uniforms`` or seeded draws). ``shape`` [T] >= 0: fit λ_t = s·shape_t. Without ``shape``:
+    the policy's ``lambda_shapes`` candidates, best by calibration quality (module docstring), or
+    a constant λ when it has none.
     """
-    from cascade_routing.evaluation.simulate import simulate  # evaluation builds on policies
-
     q, c = _check(quality, cost, budget)
     n = q.shape[0]
     if uniforms is None:
@@ -134,11 +142,31 @@ def fit_lambda(
     uniforms = torch.as_tensor(uniforms, dtype=torch.float64)
     if uniforms.shape != (n,):
         raise PolicyError(f"{uniforms.shape[0]} uniforms/texts for {n} calibration queries")
+    if cache is None:
+        cache = {}
+    shapes = getattr(policy, "lambda_shapes", None) if shape is None else None
+    args = (policy, quality_estimator, cost_estimator, q, c, budget, uniforms, rows, cache, max_iter, rel_tol)
+    if not shapes:
+        return _fit_scale(*args, shape)
+    best, scores = None, []
+    for cand in shapes:
+        f = _fit_scale(*args, torch.as_tensor(cand, dtype=torch.float64))
+        scores.append(round(float(f.calibration_quality), 6))
+        if best is None or f.calibration_quality > best.calibration_quality + 1e-12:
+            best = f
+    best.info["shape"] = [float(x) for x in torch.as_tensor(best.info["shape"]).tolist()]
+    best.info["shape_scores"] = scores
+    return best
+
+
+def _fit_scale(policy, quality_estimator, cost_estimator, q, c, budget, uniforms, rows, cache, max_iter, rel_tol,
+               shape) -> FittedLambda:
+    """Bisection on the scale s of λ_t = s·shape_t and the γ mix (see module docstring)."""
+    from cascade_routing.evaluation.simulate import simulate  # evaluation builds on policies
+
     v = torch.ones(1, dtype=torch.float64) if shape is None else torch.as_tensor(shape, dtype=torch.float64).reshape(-1)
     if bool((v < 0).any()) or bool(torch.isnan(v).any()) or float(v.max()) <= 0:
         raise PolicyError(f"λ shape must be >= 0 with a positive entry, got {v.tolist()}")
-    if cache is None:
-        cache = {}
 
     def run(scale: float):
         return simulate(policy, quality_estimator, cost_estimator, q, c, scale * v, uniforms, rows, cache)
@@ -148,7 +176,7 @@ def fit_lambda(
     res0 = run(0.0)
     if res0.mean_cost <= budget_cmp:
         return FittedLambda(0.0 * v, 0.0 * v, 0.0, budget, res0.mean_cost, res0.mean_quality,
-                            {"iterations": 0})
+                            {"iterations": 0, "shape": v.tolist()})
     lo, res_lo = 0.0, res0
     hi = 1.0 / max(float(c.mean()), 1e-12)
     res_hi = run(hi)
@@ -175,7 +203,8 @@ def fit_lambda(
     mix_cost = float(torch.where(use_low, res_lo.cost, res_hi.cost).mean())
     mix_quality = float(torch.where(use_low, res_lo.quality, res_hi.quality).mean())
     return FittedLambda(lo * v, hi * v, gamma, budget, mix_cost, mix_quality,
-                        {"iterations": it + grow + 2, "cost_low": res_lo.mean_cost, "cost_high": res_hi.mean_cost})
+                        {"iterations": it + grow + 2, "cost_low": res_lo.mean_cost, "cost_high": res_hi.mean_cost,
+                         "shape": v.tolist()})
 
 
 def _budget_gamma(cost_low: Tensor, cost_high: Tensor, uniforms: Tensor, budget: float) -> float:

@@ -1,7 +1,10 @@
 """The four strategies by name, as the evaluation, the artifact export and the server build them.
 
 ``make_policy("cascade_routing")`` is cascade routing with ``max_depth`` 5 and free order (the
-paper's RouterBench setting); the cascades and routing take no depth limit.
+paper's RouterBench setting) and per-step λ shapes ``(1, κ)`` for κ in
+:data:`CASCADE_ROUTING_STEP_RATIOS`: λ fitting picks per budget, on the calibration rows, the κ
+with the best calibration quality (κ = 1: one λ for every step; κ > 1: escalating after the first
+answer costs more, κ → ∞ is routing). The cascades and routing take no depth limit and one λ.
 """
 
 from __future__ import annotations
@@ -12,10 +15,15 @@ from cascade_routing.policies.cascades import OptimalCascade, ThresholdCascade
 from cascade_routing.policies.routing import Routing
 
 STRATEGIES: tuple[str, ...] = ("routing", "threshold_cascade", "optimal_cascade", "cascade_routing")
+CASCADE_ROUTING_STEP_RATIOS: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0, 4.0)  # κ = λ(step >= 1) / λ(step 0)
 
 
-def make_policy(strategy: str, num_samples: int = 128, seed: int = 0, max_depth: int = 5) -> Policy:
-    """The engine's policy for a strategy name; a clear error listing the names otherwise."""
+def make_policy(strategy: str, num_samples: int = 128, seed: int = 0, max_depth: int = 5,
+                step_ratios: tuple[float, ...] | None = CASCADE_ROUTING_STEP_RATIOS) -> Policy:
+    """The engine's policy for a strategy name; a clear error listing the names otherwise.
+
+    ``step_ratios`` (cascade routing only): the κ candidates of the λ shapes ``(1, κ)``; ``None`` or
+    ``()``: one constant λ (the former default)."""
     if strategy == "routing":
         return Routing()
     if strategy == "threshold_cascade":
@@ -23,5 +31,7 @@ def make_policy(strategy: str, num_samples: int = 128, seed: int = 0, max_depth:
     if strategy == "optimal_cascade":
         return OptimalCascade(num_samples=num_samples, seed=seed)
     if strategy == "cascade_routing":
-        return CascadeRouting(max_depth=max_depth, force_order=False, num_samples=num_samples, seed=seed)
+        shapes = tuple((1.0,) if k == 1.0 else (1.0, float(k)) for k in step_ratios) if step_ratios else None
+        return CascadeRouting(max_depth=max_depth, force_order=False, num_samples=num_samples, seed=seed,
+                              lambda_shapes=shapes)
     raise PolicyError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")

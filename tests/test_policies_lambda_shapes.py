@@ -1,0 +1,124 @@
+"""Per-step λ shapes of cascade routing: chosen on calibration rows only, served as fitted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.estimators.synthetic import SyntheticCostEstimator, SyntheticQualityEstimator
+from cascade_routing.evaluation import simulate
+from cascade_routing.evaluation.sweep import budget_sweep
+from cascade_routing.policies import CascadeRouting, FittedLambda, PolicyError, Routing, fit_lambda, query_uniforms
+from cascade_routing.policies.registry import CASCADE_ROUTING_STEP_RATIOS, make_policy
+from cascade_routing.serving import Answer, CascadeRouter
+from tests.serving_helpers import FEATURE_NAMES, bind, offline_features, synthetic_dataset
+
+SHAPES = ((1.0,), (1.0, 0.5), (1.0, 3.0), (1.0, 1e6))
+
+
+def make_data(n=240, m=4, seed=0):
+    rng = np.random.default_rng(seed)
+    skill = np.linspace(0.35, 0.85, m)
+    quality = (rng.random((n, m)) < skill).astype(float)
+    cost = np.geomspace(1e-4, 5e-3, m)[None, :] * rng.uniform(0.7, 1.3, (n, m))
+    return quality, cost
+
+
+class MeanOnly:
+    """Drops the uncertainty of another estimator (E[max] of a set = max of its means)."""
+
+    def __init__(self, base):
+        self.base, self.models = base, base.models
+
+    def estimate(self, queries, ran):
+        return QualityEstimate(self.base.estimate(queries, ran).mean)
+
+
+@pytest.fixture(scope="module")
+def data():
+    quality, cost = make_data()
+    models = [f"m{i}" for i in range(quality.shape[1])]
+    qe = SyntheticQualityEstimator(quality, models, "medium", np.arange(80), seed=0)
+    ce = SyntheticCostEstimator(cost, models, "low", np.arange(80), seed=0)
+    return quality, cost, qe, ce
+
+
+def test_fit_picks_the_shape_with_best_calibration_quality(data):
+    quality, cost, qe, ce = data
+    rows = np.arange(120)
+    budget = float(cost[rows].mean(0)[1])
+    u = torch.rand(len(rows), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    policy = CascadeRouting(num_samples=32, lambda_shapes=SHAPES)
+    plain = CascadeRouting(num_samples=32)
+    each = [fit_lambda(plain, qe, ce, quality[rows], cost[rows], budget, uniforms=u, rows=torch.as_tensor(rows),
+                       shape=torch.tensor(s)) for s in SHAPES]
+    chosen = fit_lambda(policy, qe, ce, quality[rows], cost[rows], budget, uniforms=u, rows=torch.as_tensor(rows))
+    best = max(range(len(SHAPES)), key=lambda i: (each[i].calibration_quality, -i))
+    assert torch.equal(chosen.lam_low, each[best].lam_low) and torch.equal(chosen.lam_high, each[best].lam_high)
+    assert chosen.gamma == each[best].gamma
+    assert chosen.info["shape_scores"] == [round(f.calibration_quality, 6) for f in each]
+    assert chosen.calibration_cost <= budget * (1 + 1e-9)
+    # the realised calibration quality of the choice is what simulate gives with its λ vectors
+    sim = simulate(policy, qe, ce, quality[rows], cost[rows], chosen, u, torch.as_tensor(rows))
+    assert abs(sim.mean_quality - chosen.calibration_quality) < 1e-12
+    assert best > 0, "at this budget a non-constant shape should win (else the test shows nothing)"
+
+
+def test_shape_selection_reads_only_the_fit_rows(data):
+    """budget_sweep: corrupting the test rows' quality changes no fitted λ (selection is on fit rows)."""
+    quality, cost, qe, ce = data
+    fit_rows, test_rows = np.arange(120), np.arange(120, 240)
+    budgets = np.array([float(cost[fit_rows].mean(0)[1]), float(cost[fit_rows].mean(0)[2])])
+    policy = CascadeRouting(num_samples=32, lambda_shapes=SHAPES)
+    a = budget_sweep(policy, qe, ce, quality, cost, fit_rows, test_rows, budgets, num_resamples=2)
+    flipped = quality.copy()
+    flipped[test_rows] = 1.0 - flipped[test_rows]
+    b = budget_sweep(policy, qe, ce, flipped, cost, fit_rows, test_rows, budgets, num_resamples=2)
+    for fa, fb in zip(a.fitted, b.fitted):
+        assert torch.equal(fa.lam_low, fb.lam_low) and torch.equal(fa.lam_high, fb.lam_high)
+        assert fa.info["shape"] == fb.info["shape"]
+    assert not np.allclose(a.qualities, b.qualities)
+
+
+def test_huge_step_ratio_is_routing_without_uncertainty(data):
+    """λ = (s, κ·s) with κ → ∞ and mean-only beliefs: cascade routing runs exactly routing's model."""
+    quality, cost, qe, ce = data
+    qm = MeanOnly(qe)
+    for s in (50.0, 200.0, 800.0):
+        cr = simulate(CascadeRouting(num_samples=16), qm, ce, quality, cost, torch.tensor([s, 1e12]))
+        rt = simulate(Routing(), qm, ce, quality, cost, s)
+        assert torch.equal(cr.ran, rt.ran)
+        one = simulate(CascadeRouting(num_samples=16), qm, ce, quality, cost, torch.tensor([s]))
+        assert int(one.num_run.max()) > 1 or s == 800.0  # with one λ it does escalate at low λ
+
+
+def test_make_policy_shapes_and_validation():
+    p = make_policy("cascade_routing")
+    assert p.lambda_shapes == tuple((1.0,) if k == 1.0 else (1.0, k) for k in CASCADE_ROUTING_STEP_RATIOS)
+    assert make_policy("cascade_routing", step_ratios=None).lambda_shapes is None
+    assert make_policy("routing").lambda_shapes is None
+    with pytest.raises(PolicyError, match="λ shape"):
+        CascadeRouting(lambda_shapes=((1.0, -1.0),))
+
+
+def test_per_step_lambda_round_trips_and_serves_like_simulation():
+    ds = synthetic_dataset(40)
+    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
+    policy = CascadeRouting(num_samples=32, lambda_shapes=((1.0, 0.25), (1.0, 4.0)))
+    fitted = fit_lambda(policy, qe, ce, ds.quality, ds.cost, float(ds.cost.mean(0)[1]), queries=ds.queries)
+    assert fitted.lam_low.numel() == 2
+    back = FittedLambda.from_dict(fitted.to_dict())
+    assert torch.equal(back.lam_low, fitted.lam_low) and back.gamma == fitted.gamma
+    sim = simulate(policy, qe, ce, ds.quality, ds.cost, back, query_uniforms(ds.queries))
+    router = CascadeRouter(policy, bind, back, ds.models, feature_names=FEATURE_NAMES)
+    for i, q in enumerate(ds.queries):
+        answers, order = {}, []
+        while (model := router.next_model(q, answers)) is not None:
+            j = ds.model_index(model)
+            answers[model] = Answer(model=model, text=ds.responses[i, j], cost=float(ds.cost[i, j]),
+                                    features={k: float(v[i, j]) for k, v in ds.features.items()})
+            order.append(j)
+        assert order == [j for j in sim.order[i].tolist() if j >= 0]
+        assert ds.model_index(router.select(q, answers)) == int(sim.answer[i])
