@@ -165,7 +165,7 @@ def _distill(args: argparse.Namespace) -> int:
     from cascade_routing.estimators.runtime import configure_threads
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    configure_threads(default=2)
+    configure_threads()  # 1 thread unless CASCADE_ROUTING_NUM_THREADS (see runtime.py: 2 spin on a busy machine)
     res = distill_for_dataset(
         args.dataset, args.out, args.teacher,
         StudentConfig(args.layers, args.hidden, args.heads, args.intermediate),

@@ -230,6 +230,11 @@ def distill_encoder(
     pad_id = int(tokenizer.pad_token_id or 0)
     train_lengths = torch.tensor([len(token_ids[int(i)]) for i in train])
     total_var = float(((target[train] - target[train].mean(0)) ** 2).sum(1).mean())
+    if not total_var > 1e-8 * max(1.0, float((target[train] ** 2).sum(1).mean())):
+        raise ValueError(
+            f"the teacher's embeddings of the {train.numel()} training texts are (nearly) identical "
+            f"(total variance {total_var:.3g}); nothing to distil (texts all unknown tokens to its tokenizer?)"
+        )
 
     def rel_mse(pred: Tensor, tgt: Tensor) -> Tensor:
         return ((pred - tgt) ** 2).sum(1).mean() / total_var
