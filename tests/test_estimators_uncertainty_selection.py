@@ -9,15 +9,35 @@ import pytest
 import torch
 
 from cascade_routing.estimators.artifact import load_artifact
-from cascade_routing.estimators.export import SELECTION_MODES, build_artifact, select_uncertainty
+from cascade_routing.estimators.export import (
+    SELECTION_MODES,
+    SELECTION_SCALES,
+    build_artifact,
+    candidate_name,
+    scaled_estimator,
+    select_uncertainty,
+)
+from cascade_routing.estimators.export import bind_split
 from cascade_routing.estimators.features import compose_features
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
 from estimators_helpers import train_tiny
 
 
+@pytest.fixture(scope="module", autouse=True)
+def constant_lambda_policies():
+    """Cascade routing with one λ in these tests (5x fewer λ fits; the λ shapes have their own tests)."""
+    import functools
+
+    import cascade_routing.estimators.export as export
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export, "make_policy", functools.partial(export.make_policy, step_ratios=None))
+        yield
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, constant_lambda_policies):
     tmp = tmp_path_factory.mktemp("select")
     module, dm, _, _ = train_tiny(tmp, n=200, m=3, epochs=3)
     art = build_artifact(module, dm, strategies=("routing",), budgets_per_pair=1, progress=False)
@@ -27,14 +47,15 @@ def exported(tmp_path_factory):
 def test_selection_records_scores_and_picks_the_argmax(exported):
     art, dm, tmp = exported
     sel = art.uncertainty_selection
-    assert set(sel["scores"]) == set(SELECTION_MODES)
+    names = [candidate_name(m, a) for m in SELECTION_MODES for a in ((1.0,) if m == "none" else SELECTION_SCALES)]
+    assert list(sel["scores"]) == names
     for mode, folds in sel["folds"].items():
         assert len(folds) == 2 and all(math.isfinite(a) for a in folds)
         assert sel["scores"][mode] == pytest.approx(np.mean(folds), abs=1e-3)
     best = max(sel["scores"].values())
-    assert sel["scores"][sel["chosen"]] == best
-    # ties go to the earliest mode in SELECTION_MODES
-    assert sel["chosen"] == next(m for m in SELECTION_MODES if sel["scores"][m] == best)
+    assert sel["scores"][candidate_name(sel["chosen"], sel["scale"])] == best
+    # ties go to the earliest candidate (modes in SELECTION_MODES order, then scales)
+    assert candidate_name(sel["chosen"], sel["scale"]) == next(n for n in names if sel["scores"][n] == best)
     assert art.uncertainty == sel["chosen"]
     n_cal = dm.splits["calibration"].quality.shape[0]
     assert sum(sel["rows"]) == n_cal  # both halves come from the calibration split
@@ -46,7 +67,7 @@ def test_selection_records_scores_and_picks_the_argmax(exported):
 def test_selection_is_deterministic_and_uses_only_the_given_split(exported):
     art, dm, _ = exported
     cal = dm.splits["calibration"]
-    again = select_uncertainty(art, cal, progress=False)
+    again = select_uncertainty(art, cal, scales=SELECTION_SCALES, progress=False)
     assert again["scores"] == art.uncertainty_selection["scores"]
     # scoring a different split gives different numbers: the selection reads only what it is given
     other = select_uncertainty(art, dm.splits["val"], progress=False)
@@ -106,3 +127,53 @@ def test_safetensors_header_length_that_looks_like_pickle_or_zip_is_not_refused(
     pk = tmp_path / "p.bin"
     pk.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     assert "pickle" in _sniff(pk)
+
+
+def test_scaled_candidates_shrink_the_uncertainty_and_the_winner_is_stored(exported, monkeypatch):
+    """α·Σ / α·σ² as the formula says; a forced winner "covariance*0.3" is folded into the stored table."""
+    import cascade_routing.evaluation.sweep as sweep
+    import torch
+
+    art, dm, tmp = exported
+    cal = dm.splits["calibration"]
+    base, _ = bind_split(art, cal, uncertainty="none")
+    rows = torch.arange(6)
+    ran = torch.zeros(6, 3, dtype=torch.bool)
+    ran[::2, 0] = True
+    var1 = scaled_estimator(base, "variance", 1.0).estimate(rows, ran).std ** 2
+    var3 = scaled_estimator(base, "variance", 0.3).estimate(rows, ran).std ** 2
+    assert torch.allclose(var3, 0.3 * var1, rtol=1e-5)
+    eye = 1e-6 * torch.eye(3)
+    cov1 = scaled_estimator(base, "covariance", 1.0).estimate(rows, ran).cov - eye
+    cov3 = scaled_estimator(base, "covariance", 0.3).estimate(rows, ran).cov - eye
+    assert torch.allclose(cov3, 0.3 * cov1, atol=1e-7)
+    assert base.uncertainty == "none" and base.covariances is art.covariances  # the base is untouched
+
+    real = sweep.budget_sweep
+    seen = []
+
+    def forced(policy, qe, *args, **kwargs):
+        res = real(policy, qe, *args, **kwargs)
+        key = (qe.uncertainty, float(qe.var_scale.sum()), None if qe.covariances is None else float(qe.covariances.sum()))
+        seen.append(key)
+        cov_ratio = None if qe.covariances is None or art.covariances is None else float(
+            qe.covariances.sum() / art.covariances.sum())
+        res.auc = 90.0 if qe.uncertainty == "covariance" and cov_ratio == pytest.approx(0.3) else 10.0
+        return res
+
+    monkeypatch.setattr(sweep, "budget_sweep", forced)
+    sel = select_uncertainty(art, cal, scales=(1.0, 0.3), progress=False)
+    assert (sel["chosen"], sel["scale"]) == ("covariance", 0.3)
+    assert set(sel["scores"]) == {"none", "variance", "variance*0.3", "covariance", "covariance*0.3"}
+    monkeypatch.setattr(sweep, "budget_sweep", real)
+    import cascade_routing.estimators.export as export
+
+    monkeypatch.setattr(export, "select_uncertainty", lambda *a, **k: sel)
+    module, dm2, _, _ = train_tiny(tmp / "again", n=200, m=3, epochs=1)
+    plain = build_artifact(module, dm2, fit_lambdas=False, select_modes=None, progress=False)
+    shrunk = build_artifact(module, dm2, fit_lambdas=False, progress=False)
+    assert shrunk.uncertainty == "covariance"
+    assert torch.allclose(shrunk.covariances, 0.3 * plain.covariances)
+    assert torch.equal(shrunk.var_scale, plain.var_scale)
+    loaded = load_artifact(shrunk.save(tmp / "shrunk.safetensors"))
+    assert torch.allclose(loaded.covariances, shrunk.covariances) and loaded.uncertainty_selection["scale"] == 0.3

@@ -7,11 +7,13 @@ Steps (all on held-out splits, never on the training rows):
 2. the methods compared on the val split (:func:`uncertainty.calibration_report`, NLL and 90%
    coverage, reported); the covariance table (centered or second moment) with the lower NLL is stored;
 3. the cost model fitted on the training split;
-4. the artifact's default uncertainty mode among variance head / residual covariance / none chosen
-   by the decision quality it yields (:func:`select_uncertainty`): 2-fold cross-fitting on the
-   calibration split only (λ fitted on one half, cascade-routing AUC on the other, few budgets, no
-   bootstrap), highest mean AUC wins; the per-mode scores are stored in the artifact
-   (``uncertainty_selection``);
+4. the artifact's default uncertainty mode among variance head / residual covariance / none, each
+   learned form also shrunk toward none by a factor α (σ² → α·σ², Σ → α·Σ, α in
+   :data:`SELECTION_SCALES`), chosen by the decision quality it yields (:func:`select_uncertainty`):
+   2-fold cross-fitting on the calibration split only (λ fitted on one half, cascade-routing AUC on
+   the other, few budgets, no bootstrap), highest mean AUC wins; the per-candidate scores are stored
+   in the artifact (``uncertainty_selection``) and the chosen α is folded into the stored
+   ``var_scale`` / ``covariances`` (so serving and evaluation use it with no extra field);
 5. λ/γ fitted on the calibration split for every strategy at each budget of the paper's grid
    (``budgets_per_pair`` budgets between consecutive non-dominated models by calibration cost),
    with the chosen uncertainty mode.
@@ -144,6 +146,24 @@ def fit_lambda_tables(
 
 
 SELECTION_MODES = ("none", "variance", "covariance")  # ties go to the earlier (simpler, cheaper) mode
+SELECTION_SCALES = (1.0, 0.3, 0.1)  # shrinkage α of the learned uncertainty tried by the export
+
+
+def candidate_name(mode: str, scale: float) -> str:
+    """``mode`` at α = 1 (and always for ``none``), else ``mode*α`` (e.g. ``covariance*0.3``)."""
+    return mode if mode == "none" or scale == 1.0 else f"{mode}*{scale:g}"
+
+
+def scaled_estimator(base, mode: str, scale: float = 1.0):
+    """A shallow copy of a bound :class:`LearnedQualityEstimator` (sharing its memo of network outputs)
+    with uncertainty ``mode`` and its variance / covariance multiplied by ``scale``."""
+    qe = copy.copy(base)
+    qe.uncertainty = mode
+    if scale != 1.0:
+        qe.var_scale = base.var_scale * scale
+        if base.covariances is not None:
+            qe.covariances = base.covariances * scale
+    return qe
 
 
 def _subsample_budgets(budgets: np.ndarray, max_budgets: int) -> np.ndarray:
@@ -159,6 +179,7 @@ def select_uncertainty(
     artifact: EstimatorArtifact,
     split,
     modes: tuple[str, ...] = SELECTION_MODES,
+    scales: tuple[float, ...] = (1.0,),
     strategy: str = "cascade_routing",
     budgets_per_pair: int = 3,
     max_budgets: int = 6,
@@ -173,12 +194,14 @@ def select_uncertainty(
     per budget on the fit half and simulates on the other; the fold's score is the paper's AUC
     (×100) on the scored half (budgets: ``budgets_per_pair`` between the scored half's
     non-dominated models, at most ``max_budgets`` of them; one bootstrap resample, ignored).
-    A mode's score is the mean over both folds; the winner is the argmax (ties → earlier in
-    ``modes``). Modes the artifact cannot serve (``covariance`` without tables) are skipped and
-    listed. The network runs once per (row, ran-set): all modes share the estimate memo.
+    Candidates: every mode of ``modes`` at every shrinkage ``scales`` α (variance and covariance
+    multiplied by α; ``none`` once), named by :func:`candidate_name`, in the order modes × scales.
+    A candidate's score is the mean over both folds; the winner is the argmax (ties → the earlier
+    candidate). Modes the artifact cannot serve (``covariance`` without tables) are skipped and
+    listed. The network runs once per (row, ran-set): all candidates share the estimate memo.
 
-    Returns ``{"chosen", "scores": {mode: mean AUC}, "folds": {mode: [auc_AB, auc_BA]},
-    "skipped", "strategy", "budgets", "rows", "seed", "seconds", "criterion"}``.
+    Returns ``{"chosen" (mode), "scale" (α), "scores": {candidate: mean AUC}, "folds": {candidate:
+    [auc_AB, auc_BA]}, "skipped", "strategy", "budgets", "rows", "seed", "seconds", "criterion"}``.
     """
     from cascade_routing.evaluation.metrics import sweep_budgets
     from cascade_routing.evaluation.sweep import budget_sweep
@@ -192,6 +215,12 @@ def select_uncertainty(
     skipped = [m for m in modes if m not in usable]
     if not usable:
         raise ValueError(f"no usable uncertainty mode among {modes} (artifact has no covariances)")
+    if not scales or any(not (a > 0) for a in scales):
+        raise ValueError(f"uncertainty scales must be > 0, got {scales}")
+    candidates: dict[str, tuple[str, float]] = {}
+    for mode in usable:
+        for a in ((1.0,) if mode == "none" else scales):
+            candidates.setdefault(candidate_name(mode, float(a)), (mode, float(a)))
     perm = np.random.default_rng(seed).permutation(n)
     half_a, half_b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
     folds = ((half_a, half_b), (half_b, half_a))
@@ -206,24 +235,26 @@ def select_uncertainty(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(usable) * 2, desc="select uncertainty (calibration, 2-fold)", unit="fold", leave=False)
+        bar = tqdm(total=len(candidates) * 2, desc="select uncertainty (calibration, 2-fold)", unit="fold",
+                   leave=False)
     fold_scores: dict[str, list[float]] = {}
-    for mode in usable:
-        qe = copy.copy(base_q)  # shares the memo of network outputs; only the uncertainty form differs
-        qe.uncertainty = mode
+    for name, (mode, a) in candidates.items():
+        qe = scaled_estimator(base_q, mode, a)  # shares the memo of network outputs
         for (fit_rows, score_rows), budgets in zip(folds, fold_budgets):
             res = budget_sweep(make_policy(strategy, num_samples, seed), qe, cost_est, ds.quality, ds.cost,
                                fit_rows, score_rows, budgets, texts=list(ds.queries), strategy=strategy,
                                num_resamples=1, seed=seed)
-            fold_scores.setdefault(mode, []).append(round(float(res.auc), 4))
+            fold_scores.setdefault(name, []).append(round(float(res.auc), 4))
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    scores = {mode: round(float(np.mean(v)), 4) for mode, v in fold_scores.items()}
-    chosen = max(usable, key=lambda mode: (scores[mode], -usable.index(mode)))
+    scores = {name: round(float(np.mean(v)), 4) for name, v in fold_scores.items()}
+    names = list(candidates)
+    best = max(names, key=lambda name: (scores[name], -names.index(name)))
     return {
-        "chosen": chosen,
+        "chosen": candidates[best][0],
+        "scale": candidates[best][1],
         "scores": scores,
         "folds": fold_scores,
         "skipped": skipped,
@@ -245,6 +276,7 @@ def build_artifact(
     progress: bool = True,
     select_modes: tuple[str, ...] | None = SELECTION_MODES,
     selection_seed: int = 0,
+    select_scales: tuple[float, ...] = SELECTION_SCALES,
 ) -> EstimatorArtifact:
     """See the module docstring. ``module.network`` must be trained; ``datamodule`` set up.
 
@@ -283,9 +315,15 @@ def build_artifact(
         train_config=dict(module.hparams),
     )
     if select_modes:
-        art.uncertainty_selection = select_uncertainty(art, cal, tuple(select_modes), seed=selection_seed,
-                                                       progress=progress)
-        art.uncertainty = art.uncertainty_selection["chosen"]
+        sel = select_uncertainty(art, cal, tuple(select_modes), tuple(select_scales), seed=selection_seed,
+                                 progress=progress)
+        art.uncertainty_selection = sel
+        art.uncertainty = sel["chosen"]
+        if sel["scale"] != 1.0:  # fold the chosen shrinkage into the stored tables (serving reads them)
+            if sel["chosen"] == "variance":
+                art.var_scale = art.var_scale * sel["scale"]
+            elif sel["chosen"] == "covariance":
+                art.covariances = art.covariances * sel["scale"]
     if fit_lambdas:
         art.fitted = fit_lambda_tables(art, cal, strategies, budgets_per_pair, progress=progress)
     art.metrics["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -329,5 +367,6 @@ class ExportArtifact(L.Callback):
         sel = art.uncertainty_selection
         if sel:
             scores = ", ".join(f"{k} {v:.2f}" for k, v in sel["scores"].items())
-            print(f"  uncertainty by calibration 2-fold {sel['strategy']} AUC: {scores} -> {sel['chosen']} "
+            print(f"  uncertainty by calibration 2-fold {sel['strategy']} AUC: {scores} -> "
+                  f"{candidate_name(sel['chosen'], sel.get('scale', 1.0))} "
                   f"({sel['seconds']:.0f} s)")
