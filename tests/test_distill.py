@@ -56,6 +56,10 @@ def test_distillation_lowers_loss_and_writes_loadable_folder(tmp_path):
     # a normal Hugging Face folder: model + the teacher's tokenizer
     model = encoding.load_encoder_model(str(tmp_path / "student"))
     assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 1
+    # the weights' digest sits in config.json, so the embedding-cache key changes when re-distilled
+    from cascade_routing.estimators.distill import weights_digest
+
+    assert model.config.distillation_id == weights_digest(model)
     assert (tmp_path / "student" / "model.safetensors").exists()
     tok = encoding.load_tokenizer(str(tmp_path / "student"))
     assert tok.get_vocab() == encoding.load_tokenizer(str(teacher)).get_vocab()

@@ -23,6 +23,7 @@ seeded sample of train-split answers; never val / calibration / test rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -121,6 +122,15 @@ def init_embeddings_from_teacher(student: nn.Module, teacher: nn.Module) -> floa
         dst.zero_()
         dst[:rows, :k] = (src[:rows] - src[:rows].mean(0)) @ basis
     return float((sing[:k] ** 2).sum() / (sing**2).sum())
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 (16 hex) of a model's parameters and buffers, by name."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[Tensor]:
@@ -293,6 +303,9 @@ def distill_encoder(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # encoder_fingerprint (the embedding-cache key) hashes config.json's bytes but only the *sizes*
+    # of weight files, so a re-distilled student of the same shape must differ in its config
+    model.config.distillation_id = weights_digest(model)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     result = DistillResult(
