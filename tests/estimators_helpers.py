@@ -85,7 +85,7 @@ def train_tiny(tmp_path: Path, n: int = 240, m: int = 3, epochs: int = 4, seed: 
         ds, encoder_path=str(enc), cache_dir=str(tmp_path / "cache"), batch_size=32, finetune=finetune, **data_kwargs
     )
     L.seed_everything(seed, verbose=False)
-    module = QualityEstimatorModule(hidden=32, lr=3e-3, finetune_encoder=finetune)
+    module = QualityEstimatorModule(hidden=32, lr=3e-3, finetune_encoder=finetune, neighbours=0 if finetune else 50)
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",

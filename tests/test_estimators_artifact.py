@@ -39,7 +39,8 @@ def test_training_lowers_loss_and_logs_metrics(tmp_path):
                                         cache_dir=str(tmp_path / "cache"), batch_size=32)
     dm.setup("fit")
     module = QualityEstimatorModule(hidden=32, lr=3e-3)
-    module.build(dm.models, dm.embed_dim, len(dm.task_vocabulary), dm.binary_quality)
+    train = dm.splits["train"]
+    module.build(dm.models, dm.embed_dim, len(dm.task_vocabulary), dm.binary_quality, memory=(train.query_emb, train.quality))
     batch = next(iter(dm.val_dataloader()))
 
     def loss_now() -> float:

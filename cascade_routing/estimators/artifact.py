@@ -42,7 +42,7 @@ from torch import Tensor
 
 from cascade_routing.estimators import encoding
 from cascade_routing.estimators.cost import BoundCostEstimator, CostModel
-from cascade_routing.estimators.features import task_onehot
+from cascade_routing.estimators.features import task_onehot, text_statistics
 from cascade_routing.estimators.learned import UNCERTAINTY_MODES, LearnedQualityEstimator
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
@@ -243,6 +243,9 @@ class EstimatorArtifact:
         if q.shape != (n, self.network_config["embed_dim"]):
             raise ArtifactError(f"query embeddings have shape {tuple(q.shape)}, expected ({n}, {self.network_config['embed_dim']})")
         task = torch.from_numpy(task_onehot(tasks, self.task_vocabulary, n))
+        query_feat = None
+        if self.network_config.get("num_query_features"):
+            query_feat = torch.from_numpy(text_statistics(queries))
         quality = LearnedQualityEstimator(
             self.network(),
             self.models,
@@ -254,6 +257,7 @@ class EstimatorArtifact:
             uncertainty=mode,
             var_scale=self.var_scale,
             covariances=self.covariances,
+            query_feat=query_feat,
         )
         cost = BoundCostEstimator(self.cost_model, queries, features, tasks)
         return quality, cost

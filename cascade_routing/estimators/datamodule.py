@@ -5,7 +5,8 @@ Splits (seeded, stratified by task): ``train`` (fit the heads), ``val`` (early s
 
 Per query the loaders yield: ``query_emb`` [D] (frozen path) or ``input_ids``/``attention_mask``
 (fine-tuning path; tokenisation cached once in memory), ``task`` [T], ``answer_emb`` [M, D],
-``static`` [M, 3] and ``pair_sim`` [M, M] (see ``features.py``), ``quality`` [M], ``index``,
+``query_feat`` [X] (query text statistics), ``static`` [M, 3] and ``pair_sim`` [M, M] (see
+``features.py``), ``quality`` [M], ``index``,
 and for val/test a fixed ``eval_ran`` [M] mask (seeded) used by the post-hoc metrics.
 Embeddings are computed once (``prepare_data``, local rank 0) and cached on disk.
 """
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from cascade_routing.data.dataset import RoutingDataset
 from cascade_routing.estimators import encoding
 from cascade_routing.estimators.masks import random_ran_masks
-from cascade_routing.estimators.features import pair_similarity, static_features, task_onehot
+from cascade_routing.estimators.features import pair_similarity, static_features, task_onehot, text_statistics
 
 DEFAULT_SPLIT = {"train": 0.55, "val": 0.1, "calibration": 0.15, "test": 0.2}
 
@@ -52,6 +53,11 @@ class EncodedSplit:
     quality: torch.Tensor  # [N, M]
     eval_ran: torch.Tensor  # [N, M] bool
     input_ids: list[list[int]] | None = None
+    query_feat: torch.Tensor | None = None  # [N, X] text statistics; computed from the queries if not given
+
+    def __post_init__(self) -> None:
+        if self.query_feat is None:
+            self.query_feat = torch.from_numpy(text_statistics(list(self.dataset.queries)))
 
 
 class _SplitDataset(Dataset):
@@ -67,6 +73,7 @@ class _SplitDataset(Dataset):
             "index": i,
             "query_emb": s.query_emb[i],
             "task": s.task[i],
+            "query_feat": s.query_feat[i],
             "answer_emb": s.answer_emb[i],
             "static": s.static[i],
             "pair_sim": s.pair_sim[i],

@@ -174,6 +174,28 @@ def task_onehot(tasks: list[str] | None, vocabulary: list[str], n: int) -> np.nd
     return out
 
 
+TEXT_STATISTICS: tuple[str, ...] = ("chars", "words", "lines", "digits")
+_DIGIT = re.compile(r"\d")
+
+
+def text_statistics(queries: list[str]) -> np.ndarray:
+    """Float32 [n, 4] query statistics, each ``log1p(count)`` scaled to roughly [0, 1]:
+    characters / 8, whitespace-separated words / 6, newlines / 4, digits / 4.
+
+    Cheap difficulty cues (long, multi-line, number-heavy questions are harder for every model).
+    """
+    out = np.zeros((len(queries), len(TEXT_STATISTICS)), dtype=np.float32)
+    for i, q in enumerate(queries):
+        q = str(q)
+        out[i] = (
+            np.log1p(len(q)) / 8.0,
+            np.log1p(len(q.split())) / 6.0,
+            np.log1p(q.count("\n")) / 4.0,
+            np.log1p(len(_DIGIT.findall(q))) / 4.0,
+        )
+    return out
+
+
 def length_features(queries: list[str]) -> np.ndarray:
     """Float32 [n] ``log1p(len(query chars))`` (used by the cost estimator for input tokens)."""
     return np.asarray([np.log1p(len(q)) for q in queries], dtype=np.float32)

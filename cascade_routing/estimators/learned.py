@@ -31,7 +31,8 @@ COV_JITTER = 1e-6
 
 
 class LearnedQualityEstimator:
-    """See the module docstring. ``query_emb`` [N, D] and ``task`` [N, T] are precomputed at bind time."""
+    """See the module docstring. ``query_emb`` [N, D], ``task`` [N, T] and ``query_feat`` [N, X] (query
+    text statistics; None when the network takes none) are precomputed at bind time."""
 
     def __init__(
         self,
@@ -46,6 +47,7 @@ class LearnedQualityEstimator:
         var_scale: Tensor | None = None,
         covariances: Tensor | None = None,
         batch_size: int = 4096,
+        query_feat: Tensor | None = None,
     ) -> None:
         if uncertainty not in UNCERTAINTY_MODES:
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY_MODES}, got {uncertainty!r}")
@@ -61,6 +63,7 @@ class LearnedQualityEstimator:
         self.models = list(models)
         self.query_emb = query_emb.float()
         self.task = task.float()
+        self.query_feat = None if query_feat is None else query_feat.float()
         self.responses = responses
         self.features = features if features is not None else {}
         self.answer_embedder = answer_embedder
@@ -99,7 +102,8 @@ class LearnedQualityEstimator:
         ran_t = torch.from_numpy(ran)
         rows_t = torch.from_numpy(rows)
         logit, logvar = self.network(
-            self.query_emb[rows_t], ran_t, self._answer_tensor(rows, ran), feats, self.task[rows_t]
+            self.query_emb[rows_t], ran_t, self._answer_tensor(rows, ran), feats, self.task[rows_t],
+            None if self.query_feat is None else self.query_feat[rows_t],
         )
         return torch.sigmoid(logit).numpy(), logvar.numpy()
 

@@ -3,9 +3,11 @@
 One network serves ex-ante and post-hoc estimation:
 
     inputs  query embedding q [B, D] (mean-pooled encoder output), task one-hot t [B, T],
+            query text statistics x [B, X] (``features.text_statistics``),
             ran [B, M] (bool), answer embeddings A [B, M, D], answer features F [B, M, K]
     masking A, F ← where(ran, A, 0), where(ran, F, 0)     (first operation: no leakage, NaN-safe)
-    query   h = MLP([q, t])                                               [B, H]
+    prior   n = neighbour_prior(q; memory of training queries, k)          [B, M + 1]  (``neighbours.py``)
+    query   h = MLP([q?, t, x, n])          (q itself only when ``query_embedding_input``) [B, H]
     answers a_m = MLP(W_A·A_m + W_F·[F_m, s_m, C_m]) + e_m,  C_mk = cos(A_m, A_k) for run pairs (k≠m),
             s_m = mean_k C_mk (agreement in embedding space)
             a_m ← ran_m · a_m ;  c = Σ_m a_m / max(1, |ran|)                [B, M, H], [B, H]
@@ -18,6 +20,11 @@ With ``ran`` all false this is the ex-ante estimator (the answer branch contribu
 the probability estimate once every model has run (the paper's notion of uncertainty).
 An unrun model's answer embedding and features are replaced by zeros before any arithmetic, so
 they cannot influence any output (``tests/test_estimators_network.py`` checks this).
+
+The neighbour memory (unit query embeddings and qualities of the training split) is held in
+buffers, so it travels inside the artifact with the weights. Defaults of the fields added for it
+(``num_query_features=0``, ``neighbours=0``, ``query_embedding_input=True``) rebuild networks saved
+before it existed unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
+
+from cascade_routing.estimators.neighbours import neighbour_prior
 
 LOGVAR_MIN, LOGVAR_MAX = -14.0, 2.0
 
@@ -38,6 +47,10 @@ class NetworkConfig:
     num_answer_features: int | None = None  # K; None -> 4 + num_models (what features.compose_features gives)
     hidden: int = 128  # H
     dropout: float = 0.1
+    num_query_features: int = 0  # X, query text statistics (0: none)
+    neighbours: int = 0  # k of the neighbour prior (0: no prior)
+    memory_size: int = 0  # training queries held for the neighbour prior
+    query_embedding_input: bool = True  # feed q itself to the query MLP (besides the prior)
 
     def __post_init__(self) -> None:
         if self.num_answer_features is None:
@@ -59,7 +72,16 @@ class QualityNetwork(nn.Module):
         self.config = config
         c = config
         self.encoder = encoder  # optional TextEncoder for fine-tuning; None: embeddings given
-        self.query_mlp = _mlp(c.embed_dim + c.num_tasks, c.hidden, c.dropout)
+        if c.neighbours and c.memory_size <= c.neighbours:
+            raise ValueError(f"neighbours={c.neighbours} needs memory_size > neighbours, got {c.memory_size}")
+        query_in = (c.embed_dim if c.query_embedding_input else 0) + c.num_tasks + c.num_query_features
+        query_in += (c.num_models + 1) if c.neighbours else 0
+        if query_in == 0:
+            raise ValueError("the query MLP has no input: enable query_embedding_input, tasks, statistics or neighbours")
+        if c.neighbours:
+            self.register_buffer("memory_keys", torch.zeros(c.memory_size, c.embed_dim))
+            self.register_buffer("memory_labels", torch.zeros(c.memory_size, c.num_models))
+        self.query_mlp = _mlp(query_in, c.hidden, c.dropout)
         self.answer_proj = nn.Linear(c.embed_dim, c.hidden)
         self.answer_feat_proj = nn.Linear(c.num_answer_features + 1 + c.num_models, c.hidden, bias=False)
         self.answer_mlp = nn.Sequential(nn.GELU(), nn.Dropout(c.dropout), nn.Linear(c.hidden, c.hidden), nn.GELU())
@@ -73,6 +95,30 @@ class QualityNetwork(nn.Module):
         nn.init.normal_(self.mean_self, std=0.02)
         nn.init.normal_(self.logvar_self, std=0.02)
         nn.init.constant_(self.logvar_head.bias, -4.0)
+
+    def set_memory(self, query_emb: Tensor, quality: Tensor) -> None:
+        """Store the training queries of the neighbour prior (keys are L2-normalised here)."""
+        c = self.config
+        if not c.neighbours:
+            raise RuntimeError("this network has no neighbour prior (config.neighbours == 0)")
+        if tuple(query_emb.shape) != (c.memory_size, c.embed_dim) or tuple(quality.shape) != (c.memory_size, c.num_models):
+            raise ValueError(
+                f"memory must be [{c.memory_size}, {c.embed_dim}] embeddings and [{c.memory_size}, {c.num_models}] "
+                f"qualities, got {tuple(query_emb.shape)} and {tuple(quality.shape)}"
+            )
+        self.memory_keys.copy_(nn.functional.normalize(query_emb.float(), dim=-1))
+        self.memory_labels.copy_(quality.float())
+
+    def query_inputs(self, query_emb: Tensor, task: Tensor | None, query_feat: Tensor | None) -> Tensor:
+        """``[q?, t, x, n]``: the query MLP's input (missing task / statistics read as zeros)."""
+        c = self.config
+        parts = [query_emb] if c.query_embedding_input else []
+        for width, value in ((c.num_tasks, task), (c.num_query_features, query_feat)):
+            if width:
+                parts.append(query_emb.new_zeros(query_emb.shape[0], width) if value is None else value.to(query_emb.dtype))
+        if c.neighbours:
+            parts.append(neighbour_prior(query_emb, self.memory_keys, self.memory_labels, c.neighbours))
+        return torch.cat(parts, dim=-1)
 
     def embed_queries(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         if self.encoder is None:
@@ -94,11 +140,12 @@ class QualityNetwork(nn.Module):
         answer_emb: Tensor,
         answer_feat: Tensor,
         task: Tensor | None = None,
+        query_feat: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Returns ``(logit [B, M], logvar [B, M])``; see the module docstring for the formula."""
         r = ran.bool().unsqueeze(-1)
         answer_emb = torch.where(r, answer_emb, torch.zeros((), dtype=answer_emb.dtype))
-        return self.forward_prepared(query_emb, ran, self.prepare_answers(answer_emb), answer_feat, task)
+        return self.forward_prepared(query_emb, ran, self.prepare_answers(answer_emb), answer_feat, task, query_feat)
 
     def forward_prepared(
         self,
@@ -107,6 +154,7 @@ class QualityNetwork(nn.Module):
         prepared: dict[str, Tensor],
         answer_feat: Tensor,
         task: Tensor | None = None,
+        query_feat: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """:meth:`forward` given :meth:`prepare_answers` output; unrun cells are masked here too."""
         ran = ran.bool()
@@ -120,12 +168,7 @@ class QualityNetwork(nn.Module):
         sim = torch.where(pair.bool(), prepared["sim"], zero)
         agree = sim.sum(-1) / pair.sum(-1).clamp_min(1.0)  # [B, M]
 
-        if self.config.num_tasks:
-            if task is None:
-                task = query_emb.new_zeros(query_emb.shape[0], self.config.num_tasks)
-            h = self.query_mlp(torch.cat([query_emb, task.to(query_emb.dtype)], dim=-1))
-        else:
-            h = self.query_mlp(query_emb)
+        h = self.query_mlp(self.query_inputs(query_emb, task, query_feat))
 
         a = self.answer_mlp(proj + self.answer_feat_proj(torch.cat([answer_feat, agree.unsqueeze(-1), sim], dim=-1)))
         a = (a + self.model_embedding) * r

@@ -44,7 +44,7 @@ def split_predictions(
         r, m = rows[s : s + batch_size], ran[s : s + batch_size]
         feat = compose_features(split.static[r], split.pair_sim[r], m)
         prep = network.prepare_answers(split.answer_emb[r])
-        logit, logvar = network.forward_prepared(split.query_emb[r], m, prep, feat, split.task[r])
+        logit, logvar = network.forward_prepared(split.query_emb[r], m, prep, feat, split.task[r], split.query_feat[r])
         ps.append(torch.sigmoid(logit))
         lvs.append(logvar)
     return torch.cat(ps), torch.cat(lvs)
@@ -75,7 +75,8 @@ def residual_covariances(
         ran = masks.repeat(k, 1)
         feat = compose_features(split.static[rows][idx], split.pair_sim[rows][idx], ran)
         logit, _ = network.forward_prepared(
-            split.query_emb[rows][idx], ran, {key: v[idx] for key, v in prep.items()}, feat, split.task[rows][idx]
+            split.query_emb[rows][idx], ran, {key: v[idx] for key, v in prep.items()}, feat, split.task[rows][idx],
+            split.query_feat[rows][idx],
         )
         r = (p_all[rows][idx] - torch.sigmoid(logit)).double().reshape(k, s_count, m)
         sum_r += r.sum(0)
