@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:])
     overrides = dict(a.split("=", 1) for a in args.artifact)
     results: dict = {"command": command.strip(), "threads": thread_counts, "repeats": args.repeats,
+                     "max_queries": args.max_queries,
                      "machine": f"{platform.machine()}, {os.cpu_count()} visible cores, load {os.getloadavg()[0]:.1f} at start",
                      "torch": torch.__version__, "datasets": {}}
     for name in [d for d in args.datasets.split(",") if d]:
@@ -194,7 +195,8 @@ def write_results(results: dict, out: Path) -> None:
         "",
         f"torch {results['torch']}, intra-op threads {results['threads']} on the 2 cores, best of {results['repeats']} "
         f"repeats; {results['machine']}.",
-        "First 512 test queries (the artifacts' own test split), truncated to 128 tokens as the encoder does. ex-ante = bind + estimate with nothing run "
+        f"First {results['max_queries']} test queries (the artifacts' own test split), truncated to 128 tokens as the "
+        "encoder does. ex-ante = bind + estimate with nothing run "
         "(tokenisation + encoder + heads); ex-ante + post-hoc = the same plus one post-hoc step after the cheapest "
         "model ran (its answer encoded with token_bag). Target: >= 500 queries/s ex-ante.",
         "",

@@ -172,3 +172,24 @@ def test_tokenizer_vocabulary_mismatch_is_a_clear_error(student_artifact, tmp_pa
     ds = student_artifact["ds"]
     with pytest.raises(ArtifactError, match=r"tokenizer at .*vocabulary fingerprint .* not the one"):
         loaded.bind(ds.queries[:4], None, None, ds.tasks[:4])
+
+
+def test_version_1_artifact_without_carried_encoder_still_loads(student_artifact, tmp_path):
+    """A format-1 file (default MiniLM reference, no encoder tensors, no hf_config) loads as before."""
+    from safetensors.torch import safe_open, save_file
+
+    with safe_open(str(student_artifact["path"]), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys() if not k.startswith("net.encoder.")}
+    payload = json.loads(meta["payload"])
+    enc = payload["encoder"]
+    payload["encoder"] = {k: enc[k] for k in ("max_length", "answer_max_length", "answer_encoding")}
+    payload["encoder"].update(path="default", fingerprint=None)
+    v1 = tmp_path / "v1.safetensors"
+    save_file(tensors, str(v1), metadata={**meta, "format_version": "1", "payload": json.dumps(payload)})
+    art = load_artifact(v1)
+    assert art.format_version == 1 and art.network().encoder is None
+    ds = student_artifact["ds"]
+    emb = np.zeros((4, art.network_config["embed_dim"]), np.float32)
+    qe, _ = art.bind(ds.queries[:4], None, None, ds.tasks[:4], query_embeddings=emb)
+    assert qe.estimate(torch.arange(4), torch.zeros(4, ds.num_models, dtype=torch.bool)).mean.shape == (4, ds.num_models)

@@ -293,11 +293,7 @@ class EstimatorArtifact:
             tensors["var_scale"] = self.var_scale.detach().cpu().float().contiguous()
         if self.covariances is not None:
             tensors["covariances"] = self.covariances.detach().cpu().float().contiguous()
-        if self.format_version != FORMAT_VERSION:
-            raise ArtifactError(
-                f"refusing to write a format-{self.format_version} artifact as version {FORMAT_VERSION}; "
-                "re-export it with this library"
-            )
+        # version 2 only adds optional encoder keys, so a loaded version-1 artifact is written as valid version 2
         meta = {"format": FORMAT_TAG, "format_version": str(FORMAT_VERSION), "payload": json.dumps(self.payload())}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         save_file(tensors, str(tmp), metadata=meta)

@@ -38,7 +38,8 @@ def resolve_encoder_path(path: str | None) -> str:
     if not Path(path).is_dir():
         raise FileNotFoundError(
             f"encoder folder {path!r} does not exist (expected a Hugging Face model folder with "
-            "config.json and a tokenizer; models are never downloaded)"
+            "config.json and a tokenizer; models are never downloaded; a distilled student is made with "
+            "`cascade-routing distill-encoder --dataset NAME --out FOLDER`)"
         )
     return str(path)
 
