@@ -20,7 +20,8 @@ def make_tiny_encoder(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"task{i}" for i in range(4)]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # vocab= (not vocab_file=): recent transformers ignore vocab_file here and every word became [UNK]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     tok.save_pretrained(folder)
     torch.manual_seed(0)
     cfg = BertConfig(
@@ -32,6 +33,8 @@ def make_tiny_encoder(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
         max_position_embeddings=160,
     )
     BertModel(cfg).save_pretrained(folder)
+    ids = BertTokenizerFast.from_pretrained(folder)(WORDS[0])["input_ids"]
+    assert ids[1] == vocab.index(WORDS[0]), f"tiny tokenizer does not know its own words: {ids}"
     return folder
 
 
