@@ -18,6 +18,8 @@ from cascade_routing.estimators.synthetic import (
 )
 from cascade_routing.evaluation import simulate
 from cascade_routing.evaluation.metrics import auc, nondominated_models, sweep_budgets
+from engine_helpers import make_data, synthetic_pair
+
 from cascade_routing.policies import (
     CascadeRouting,
     OptimalCascade,
@@ -29,21 +31,10 @@ from cascade_routing.policies import (
 )
 
 
-def make_data(n=300, m=4, seed=0):
-    rng = np.random.default_rng(seed)
-    skill = np.linspace(0.35, 0.85, m)
-    quality = (rng.random((n, m)) < skill).astype(float)
-    cost = np.geomspace(1e-4, 5e-3, m)[None, :] * rng.uniform(0.7, 1.3, (n, m))
-    return quality, cost
-
-
 @pytest.fixture(scope="module")
 def data():
     quality, cost = make_data()
-    models = [f"m{i}" for i in range(quality.shape[1])]
-    qe = SyntheticQualityEstimator(quality, models, "low", np.arange(100), seed=0)
-    ce = SyntheticCostEstimator(cost, models, "low", np.arange(100), seed=0)
-    return quality, cost, qe, ce
+    return (quality, cost, *synthetic_pair(quality, cost, "low", fit_rows=100))
 
 
 POLICIES = [Routing(), ThresholdCascade(), OptimalCascade(), CascadeRouting(), CascadeRouting(max_depth=2, greedy=True)]
@@ -114,11 +105,9 @@ def test_oracle_cascade_routing_never_below_routing_or_cascades():
 
 def test_same_seed_same_result(data):
     quality, cost, _, _ = data
-    models = [f"m{i}" for i in range(quality.shape[1])]
     runs = []
     for seed in (5, 5, 6):
-        qe = SyntheticQualityEstimator(quality, models, "medium", np.arange(100), seed=seed)
-        ce = SyntheticCostEstimator(cost, models, "medium", np.arange(100), seed=seed)
+        qe, ce = synthetic_pair(quality, cost, "medium", fit_rows=100, seed=seed)
         runs.append(simulate(CascadeRouting(seed=seed), qe, ce, quality, cost, 300.0, seed=seed))
     assert torch.equal(runs[0].ran, runs[1].ran) and torch.equal(runs[0].answer, runs[1].answer)
     assert not torch.equal(runs[0].ran, runs[2].ran)

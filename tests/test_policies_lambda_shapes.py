@@ -7,23 +7,15 @@ import pytest
 import torch
 
 from cascade_routing.estimators.base import QualityEstimate
-from cascade_routing.estimators.synthetic import SyntheticCostEstimator, SyntheticQualityEstimator
 from cascade_routing.evaluation import simulate
 from cascade_routing.evaluation.sweep import budget_sweep
 from cascade_routing.policies import CascadeRouting, FittedLambda, PolicyError, Routing, fit_lambda, query_uniforms
 from cascade_routing.policies.registry import CASCADE_ROUTING_STEP_RATIOS, make_policy
 from cascade_routing.serving import Answer, CascadeRouter
+from engine_helpers import make_data, synthetic_pair
 from tests.serving_helpers import FEATURE_NAMES, bind, offline_features, synthetic_dataset
 
 SHAPES = ((1.0,), (1.0, 0.5), (1.0, 3.0), (1.0, 1e6))
-
-
-def make_data(n=240, m=4, seed=0):
-    rng = np.random.default_rng(seed)
-    skill = np.linspace(0.35, 0.85, m)
-    quality = (rng.random((n, m)) < skill).astype(float)
-    cost = np.geomspace(1e-4, 5e-3, m)[None, :] * rng.uniform(0.7, 1.3, (n, m))
-    return quality, cost
 
 
 class MeanOnly:
@@ -38,11 +30,8 @@ class MeanOnly:
 
 @pytest.fixture(scope="module")
 def data():
-    quality, cost = make_data()
-    models = [f"m{i}" for i in range(quality.shape[1])]
-    qe = SyntheticQualityEstimator(quality, models, "medium", np.arange(80), seed=0)
-    ce = SyntheticCostEstimator(cost, models, "low", np.arange(80), seed=0)
-    return quality, cost, qe, ce
+    quality, cost = make_data(n=240)
+    return (quality, cost, *synthetic_pair(quality, cost, "medium", fit_rows=80, cost_noise="low"))
 
 
 def test_fit_picks_the_shape_with_best_calibration_quality(data):
