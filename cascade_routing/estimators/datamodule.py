@@ -89,13 +89,7 @@ def _collate(items: list[dict], pad_id: int = 0) -> dict:
     out = {}
     for key in items[0]:
         if key == "input_ids":
-            longest = max(len(x[key]) for x in items)
-            ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(items), longest), dtype=torch.long)
-            for j, x in enumerate(items):
-                ids[j, : len(x[key])] = torch.tensor(x[key], dtype=torch.long)
-                mask[j, : len(x[key])] = 1
-            out["input_ids"], out["attention_mask"] = ids, mask
+            out["input_ids"], out["attention_mask"] = encoding.pad_token_ids([x[key] for x in items], pad_id)
         elif key == "index":
             out[key] = torch.tensor([x[key] for x in items], dtype=torch.long)
         else:

@@ -133,11 +133,6 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[Tensor]:
-    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
 def _length_batches(lengths: Tensor, batch_size: int, gen: torch.Generator) -> list[Tensor]:
     """Positions 0..n-1 in batches of similar length (less padding), batch order shuffled.
 
@@ -160,17 +155,6 @@ class _Distiller(nn.Module):
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         return self.proj(self.student(ids, mask))
-
-
-def _pad(token_ids: list[list[int]], rows: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
-    seqs = [token_ids[int(i)] for i in rows]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, : len(s)] = 1
-    return ids, mask
 
 
 def distill_encoder(
@@ -257,9 +241,9 @@ def distill_encoder(
         # sorted by length for tight padding; order does not change the mean
         rows = rows[torch.argsort(torch.tensor([len(token_ids[int(i)]) for i in rows]))]
         num = 0.0
-        for part in _batches(rows.numel(), 128, None):
-            r = rows[part]
-            ids, mask = _pad(token_ids, r, pad_id)
+        for start in range(0, rows.numel(), 128):
+            r = rows[start : start + 128]
+            ids, mask = encoding.pad_token_ids([token_ids[int(i)] for i in r], pad_id)
             num += float(((net(ids, mask) - target[r]) ** 2).sum())
         return num / rows.numel() / total_var
 
@@ -284,7 +268,7 @@ def distill_encoder(
         running, count = 0.0, 0
         for part in _length_batches(train_lengths, batch_size, gen):
             rows = train[part]
-            ids, mask = _pad(token_ids, rows, pad_id)
+            ids, mask = encoding.pad_token_ids([token_ids[int(i)] for i in rows], pad_id)
             loss = rel_mse(net(ids, mask), target[rows])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -98,6 +98,17 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+def pad_token_ids(seqs: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Right-pad token-id lists to the longest: ``(input_ids [B, T], attention_mask [B, T])`` (long)."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, x in enumerate(seqs):
+        ids[j, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[j, : len(x)] = 1
+    return ids, mask
+
+
 class TextEncoder(nn.Module):
     """A Hugging Face encoder + mean pooling. ``forward(input_ids, attention_mask) -> [B, D]``."""
 

@@ -154,7 +154,6 @@ def fit_lambda(
         scores.append(round(float(f.calibration_quality), 6))
         if best is None or f.calibration_quality > best.calibration_quality + 1e-12:
             best = f
-    best.info["shape"] = [float(x) for x in torch.as_tensor(best.info["shape"]).tolist()]
     best.info["shape_scores"] = scores
     return best
 
