@@ -81,3 +81,12 @@ def test_old_network_configs_build_without_the_new_inputs():
     net = QualityNetwork(cfg)
     assert not hasattr(net, "memory_keys")
     assert net.query_mlp[0].in_features == 4
+
+
+def test_repeated_queries_get_the_prior_of_their_single_search():
+    keys, labels = _memory()
+    q = torch.randn(6, keys.shape[1])
+    repeated = q.repeat_interleave(4, dim=0)[torch.randperm(24, generator=torch.Generator().manual_seed(1))]
+    single = torch.cat([neighbour_prior(q[b : b + 1], keys, labels, k=5) for b in range(6)])
+    expected = single[[int(torch.nonzero((q == row).all(1))[0]) for row in repeated]]
+    torch.testing.assert_close(neighbour_prior(repeated, keys, labels, k=5), expected)

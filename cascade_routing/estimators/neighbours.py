@@ -33,6 +33,12 @@ def neighbour_prior(query_emb: Tensor, keys: Tensor, labels: Tensor, k: int) -> 
     """
     if keys.shape[0] < k + 1:
         raise ValueError(f"neighbour prior needs more than k={k} training queries, memory has {keys.shape[0]}")
+    if query_emb.shape[0] > 1:
+        # callers repeat each query once per ran-mask (training, residual covariances, λ fitting):
+        # search each distinct embedding once
+        unique, inverse = torch.unique(query_emb, dim=0, return_inverse=True)
+        if unique.shape[0] < query_emb.shape[0]:
+            return neighbour_prior(unique, keys, labels, k)[inverse]
     q = torch.nn.functional.normalize(query_emb.to(keys.dtype), dim=-1)
     out = []
     for s in range(0, q.shape[0], CHUNK):
