@@ -44,7 +44,7 @@ def exported(tmp_path_factory, constant_lambda_policies):
     return art, dm, tmp
 
 
-def test_selection_records_scores_and_picks_the_argmax(exported):
+def test_selection_records_scores_and_keeps_none_unless_beaten_beyond_noise(exported):
     art, dm, tmp = exported
     sel = art.uncertainty_selection
     names = [candidate_name(m, a) for m in SELECTION_MODES for a in ((1.0,) if m == "none" else SELECTION_SCALES)]
@@ -52,10 +52,15 @@ def test_selection_records_scores_and_picks_the_argmax(exported):
     for mode, folds in sel["folds"].items():
         assert len(folds) == 2 and all(math.isfinite(a) for a in folds)
         assert sel["scores"][mode] == pytest.approx(np.mean(folds), abs=1e-3)
-    best = max(sel["scores"].values())
-    assert sel["scores"][candidate_name(sel["chosen"], sel["scale"])] == best
-    # ties go to the earliest candidate (modes in SELECTION_MODES order, then scales)
-    assert candidate_name(sel["chosen"], sel["scale"]) == next(n for n in names if sel["scores"][n] == best)
+    assert set(sel["gain_lower"]) == set(names[1:])
+    eligible = [n for n in names[1:] if sel["scores"][n] > sel["scores"]["none"] and sel["gain_lower"][n] > 0]
+    chosen = candidate_name(sel["chosen"], sel["scale"])
+    if eligible:
+        best = max(sel["scores"][n] for n in eligible)
+        assert chosen == next(n for n in eligible if sel["scores"][n] == best)
+        assert sel["chosen_by"].startswith("paired bootstrap")
+    else:
+        assert chosen == "none" and sel["chosen_by"] == "default"
     assert art.uncertainty == sel["chosen"]
     n_cal = dm.splits["calibration"].quality.shape[0]
     assert sum(sel["rows"]) == n_cal  # both halves come from the calibration split
@@ -92,7 +97,8 @@ def test_network_config_answer_feature_width_defaults_to_compose_features():
 
 @pytest.mark.parametrize("winner", ["variance", "covariance", "none"])
 def test_selection_follows_the_fold_scores(exported, monkeypatch, winner):
-    """With the sweep's AUC forced per mode, the recorded scores are those AUCs and the argmax wins."""
+    """With the sweep's AUC (and per-query quality) forced per mode, the recorded scores are those AUCs
+    and the best candidate that clearly beats ``none`` wins (``none`` itself when it is best)."""
     import cascade_routing.evaluation.sweep as sweep
 
     art, dm, _ = exported
@@ -104,6 +110,7 @@ def test_selection_follows_the_fold_scores(exported, monkeypatch, winner):
         res = real(policy, qe, *args, **kwargs)
         calls.append((qe.uncertainty, kwargs.get("num_resamples")))
         res.auc = fake_auc[qe.uncertainty] + (1.0 if len(calls) % 2 else 0.0)  # folds differ: mean is scored
+        res.per_query_quality = res.per_query_quality + fake_auc[qe.uncertainty] / 100  # the bootstrap sees it
         return res
 
     monkeypatch.setattr(sweep, "budget_sweep", forced)
@@ -159,6 +166,7 @@ def test_scaled_candidates_shrink_the_uncertainty_and_the_winner_is_stored(expor
         cov_ratio = None if qe.covariances is None or art.covariances is None else float(
             qe.covariances.sum() / art.covariances.sum())
         res.auc = 90.0 if qe.uncertainty == "covariance" and cov_ratio == pytest.approx(0.3) else 10.0
+        res.per_query_quality = res.per_query_quality + res.auc / 100
         return res
 
     monkeypatch.setattr(sweep, "budget_sweep", forced)

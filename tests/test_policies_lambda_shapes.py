@@ -10,7 +10,9 @@ from cascade_routing.estimators.base import QualityEstimate
 from cascade_routing.evaluation import simulate
 from cascade_routing.evaluation.sweep import budget_sweep
 from cascade_routing.policies import CascadeRouting, FittedLambda, PolicyError, Routing, fit_lambda, query_uniforms
+from cascade_routing.policies.fitting import choose_significant
 from cascade_routing.policies.registry import CASCADE_ROUTING_STEP_RATIOS, make_policy
+from cascade_routing.policies.significance import significantly_better
 from cascade_routing.serving import Answer, CascadeRouter
 from engine_helpers import make_data, synthetic_pair
 from tests.serving_helpers import FEATURE_NAMES, bind, offline_features, synthetic_dataset
@@ -34,25 +36,54 @@ def data():
     return (quality, cost, *synthetic_pair(quality, cost, "medium", fit_rows=80, cost_noise="low"))
 
 
-def test_fit_picks_the_shape_with_best_calibration_quality(data):
+def test_fit_keeps_the_default_shape_unless_another_is_significantly_better(data):
     quality, cost, qe, ce = data
     rows = np.arange(120)
-    budget = float(cost[rows].mean(0)[1])
     u = torch.rand(len(rows), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     policy = CascadeRouting(num_samples=32, lambda_shapes=SHAPES)
     plain = CascadeRouting(num_samples=32)
-    each = [fit_lambda(plain, qe, ce, quality[rows], cost[rows], budget, uniforms=u, rows=torch.as_tensor(rows),
-                       shape=torch.tensor(s)) for s in SHAPES]
-    chosen = fit_lambda(policy, qe, ce, quality[rows], cost[rows], budget, uniforms=u, rows=torch.as_tensor(rows))
-    best = max(range(len(SHAPES)), key=lambda i: (each[i].calibration_quality, -i))
-    assert torch.equal(chosen.lam_low, each[best].lam_low) and torch.equal(chosen.lam_high, each[best].lam_high)
-    assert chosen.gamma == each[best].gamma
-    assert chosen.info["shape_scores"] == [round(f.calibration_quality, 6) for f in each]
-    assert chosen.calibration_cost <= budget * (1 + 1e-9)
-    # the realised calibration quality of the choice is what simulate gives with its λ vectors
-    sim = simulate(policy, qe, ce, quality[rows], cost[rows], chosen, u, torch.as_tensor(rows))
-    assert abs(sim.mean_quality - chosen.calibration_quality) < 1e-12
-    assert best > 0, "at this budget a non-constant shape should win (else the test shows nothing)"
+    outcomes = set()
+    for k in (1, 2, 3):
+        budget = float(cost[rows].mean(0)[k])
+        each = [fit_lambda(plain, qe, ce, quality[rows], cost[rows], budget, uniforms=u, rows=torch.as_tensor(rows),
+                           shape=torch.tensor(s)) for s in SHAPES]
+        chosen = fit_lambda(policy, qe, ce, quality[rows], cost[rows], budget, uniforms=u, rows=torch.as_tensor(rows))
+        wins = [i for i in range(1, len(SHAPES)) if each[i].calibration_quality > each[0].calibration_quality
+                and significantly_better(each[i].info["per_query_quality"], each[0].info["per_query_quality"])]
+        expect = max(wins, key=lambda i: (each[i].calibration_quality, -i)) if wins else 0
+        assert torch.equal(chosen.lam_low, each[expect].lam_low) and torch.equal(chosen.lam_high, each[expect].lam_high)
+        assert chosen.gamma == each[expect].gamma
+        assert chosen.info["shape_scores"] == [round(f.calibration_quality, 6) for f in each]
+        assert chosen.calibration_cost <= budget * (1 + 1e-9)
+        sim = simulate(policy, qe, ce, quality[rows], cost[rows], chosen, u, torch.as_tensor(rows))
+        assert abs(sim.mean_quality - chosen.calibration_quality) < 1e-12
+        outcomes.add(expect == 0)
+        # a mere lead inside the noise never displaces the default
+        best_raw = max(range(len(SHAPES)), key=lambda i: (each[i].calibration_quality, -i))
+        if best_raw not in wins:
+            assert expect == 0
+    assert outcomes, "no budget was checked"
+
+
+def test_choose_significant_needs_more_than_noise():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, 400).astype(float)
+
+    def fit(q):
+        return FittedLambda(torch.tensor([1.0]), torch.tensor([1.0]), 0.0, 1.0, 1.0, float(q.mean()),
+                            {"per_query_quality": q})
+
+    noisy = base.copy()
+    noisy[rng.choice(400, 3, replace=False)] = 1.0  # +3 queries of 400: a lead, not a win
+    flips = np.flatnonzero(base == 0)[:60]
+    clear = base.copy()
+    clear[flips] = 1.0  # +60 queries, none worse
+    default = fit(base)
+    assert choose_significant([default, fit(noisy)]) is default
+    assert default.info["chosen_by"] == "default"
+    winner = fit(clear)
+    assert choose_significant([default, fit(noisy), winner]) is winner
+    assert winner.info["chosen_by"].startswith("paired bootstrap")
 
 
 def test_shape_selection_reads_only_the_fit_rows(data):

@@ -73,6 +73,7 @@ class EstimatorArtifact:
     covariance_kind: str | None = None  # residual_covariance (centered) or residual_second_moment
     calibration: dict = field(default_factory=dict)
     uncertainty_selection: dict = field(default_factory=dict)  # export.select_uncertainty's scores
+    pools: dict[str, list[str]] = field(default_factory=dict)  # strategy -> models it may run (calibration frontier)
     fitted: dict[str, dict[float, Any]] = field(default_factory=dict)  # strategy -> budget -> FittedLambda
     data_config: dict = field(default_factory=dict)
     train_config: dict = field(default_factory=dict)
@@ -100,6 +101,19 @@ class EstimatorArtifact:
                 + (f"; unknown {extra}" if extra else "")
                 + ("; same models in a different order (order models cheapest first as in the artifact)" if not missing and not extra else "")
             )
+
+    def policy(self, strategy: str, **kwargs):
+        """The engine's policy for ``strategy`` as its λ table was fitted: with the stored pool
+        (``pools[strategy]``, model names; none stored: every model). ``kwargs`` go to ``make_policy``."""
+        from cascade_routing.policies.registry import make_policy
+
+        names = self.pools.get(strategy)
+        if names is None:
+            return make_policy(strategy, **kwargs)
+        unknown = [n for n in names if n not in self.models]
+        if unknown:
+            raise ArtifactError(f"pool of {strategy!r} names models {unknown} that the artifact does not have ({self.models})")
+        return make_policy(strategy, pool=tuple(self.models.index(n) for n in names), **kwargs)
 
     def fitted_lambda(self, strategy: str, budget: float):
         """The fitted λ/γ of ``strategy`` at the largest stored budget <= ``budget``."""
@@ -276,6 +290,7 @@ class EstimatorArtifact:
             "covariance_kind": self.covariance_kind,
             "calibration": self.calibration,
             "uncertainty_selection": self.uncertainty_selection,
+            "pools": self.pools,
             "fitted": {s: [{**f.to_dict(), "table_budget": b} for b, f in sorted(t.items())] for s, t in self.fitted.items()},
             "data_config": self.data_config,
             "train_config": self.train_config,
@@ -319,18 +334,6 @@ def _sniff(path: Path) -> str | None:
     if len(head) < 8:
         return "too short to be a safetensors file"
     return None
-
-
-def _fitted_from_dict(cls, d: dict):
-    """A FittedLambda with its λ kept in float64 (JSON holds them exactly)."""
-    return cls(
-        torch.tensor(d["lam_low"], dtype=torch.float64),
-        torch.tensor(d["lam_high"], dtype=torch.float64),
-        float(d.get("gamma", 0.0)),
-        d.get("budget"),
-        d.get("calibration_cost"),
-        d.get("calibration_quality"),
-    )
 
 
 def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | None = None) -> EstimatorArtifact:
@@ -383,8 +386,9 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
             covariance_kind=p.get("covariance_kind"),
             calibration=dict(p.get("calibration", {})),
             uncertainty_selection=dict(p.get("uncertainty_selection", {})),
+            pools={str(k): [str(x) for x in v] for k, v in p.get("pools", {}).items()},
             fitted={
-                s: {float(e.get("table_budget", e.get("budget"))): _fitted_from_dict(FittedLambda, e) for e in entries}
+                s: {float(e.get("table_budget", e.get("budget"))): FittedLambda.from_dict(e) for e in entries}
                 for s, entries in p.get("fitted", {}).items()
             },
             data_config=dict(p.get("data_config", {})),

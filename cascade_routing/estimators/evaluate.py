@@ -28,7 +28,7 @@ from cascade_routing.estimators.datamodule import EncodedSplit, RoutingDataModul
 from cascade_routing.estimators.export import (
     STRATEGIES,
     bind_split,
-    make_policy,
+    calibrated_policy,
     min_reachable_budget,
     refresh_query_embeddings,
 )
@@ -180,7 +180,8 @@ def evaluate(
                  "ci_low": round(lin.ci[0], 3), "ci_high": round(lin.ci[1], 3), "seconds": 0.0})
     for est, strategy in jobs:
         t1 = time.perf_counter()
-        res = budget_sweep(make_policy(strategy, seed=seed), bound[est], cost_est, data.quality, data.cost,
+        policy = calibrated_policy(strategy, data.quality[fit_rows], data.cost[fit_rows], seed=seed)
+        res = budget_sweep(policy, bound[est], cost_est, data.quality, data.cost,
                            fit_rows, test_rows, budgets, texts=data.queries, strategy=strategy,
                            num_resamples=num_resamples, seed=seed)
         curves.setdefault(f"{est} estimator", [lin]).append(res)
@@ -193,7 +194,8 @@ def evaluate(
     metrics = estimator_metrics(art, test, baseline)
     metrics["uncertainty_calibration_val"] = art.calibration
     metrics["budgets_raised_to_reachable_floor"] = raised
-    result = EvaluationResult(rows, curves, metrics, time.perf_counter() - t0)
+    result = EvaluationResult(rows, curves, metrics, time.perf_counter() - t0,
+                              extra={"best_single_quality": float(test_q.mean(0).max())})
     print_table(rows, metrics, dm.dataset_name)
     if out_dir is not None:
         result.out_dir = write_outputs(result, Path(out_dir))

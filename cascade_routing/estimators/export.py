@@ -11,12 +11,16 @@ Steps (all on held-out splits, never on the training rows):
    learned form also shrunk toward none by a factor α (σ² → α·σ², Σ → α·Σ, α in
    :data:`SELECTION_SCALES`), chosen by the decision quality it yields (:func:`select_uncertainty`):
    2-fold cross-fitting on the calibration split only (λ fitted on one half, cascade-routing AUC on
-   the other, few budgets, no bootstrap), highest mean AUC wins; the per-candidate scores are stored
+   the other, few budgets); ``none`` stays unless another candidate beats it by more than its
+   bootstrap noise; the per-candidate scores are stored
    in the artifact (``uncertainty_selection``) and the chosen α is folded into the stored
    ``var_scale`` / ``covariances`` (so serving and evaluation use it with no extra field);
-5. λ/γ fitted on the calibration split for every strategy at each budget of the paper's grid
+5. the model pool of the cascades and cascade routing: the non-dominated models of the calibration
+   split (``EstimatorArtifact.pools``);
+6. λ/γ fitted on the calibration split for every strategy at each budget of the paper's grid
    (``budgets_per_pair`` budgets between consecutive non-dominated models by calibration cost),
-   with the chosen uncertainty mode.
+   with the chosen uncertainty mode and pool (cascade routing also chooses per budget among its
+   λ shapes and the routing guard, :func:`~cascade_routing.policies.fitting.fit_lambda`).
 
 :class:`ExportArtifact` runs this at the end of ``fit`` (global rank 0, best checkpoint weights).
 """
@@ -35,7 +39,9 @@ from cascade_routing.estimators import encoding
 from cascade_routing.estimators.artifact import EstimatorArtifact, encoder_reference
 from cascade_routing.estimators.cost import CostModel
 from cascade_routing.estimators.uncertainty import calibration_report, fit_variance_scale, residual_covariances
-from cascade_routing.policies.registry import STRATEGIES, make_policy  # noqa: F401  (re-exported)
+from cascade_routing.policies.pool import nondominated_pool
+from cascade_routing.policies.significance import DEFAULT_LEVEL
+from cascade_routing.policies.registry import POOLED_STRATEGIES, STRATEGIES, calibrated_policy, make_policy  # noqa: F401
 
 MAX_COVARIANCE_MODELS = 11  # 2^11 ran-sets × M² floats; above this only the variance head is stored
 
@@ -134,7 +140,7 @@ def fit_lambda_tables(
         bar = tqdm(total=len(jobs), desc="fit λ (calibration)", unit="budget", leave=False)
     caches: dict[str, dict] = {}
     for strategy, budget in jobs:
-        policy = make_policy(strategy, num_samples)
+        policy = artifact.policy(strategy, num_samples=num_samples)
         f = fit_lambda(policy, qe, ce, ds.quality, ds.cost, max(budget, floor), uniforms=uniforms,
                        cache=caches.setdefault(strategy, {}))
         out.setdefault(strategy, {})[budget] = f
@@ -186,6 +192,7 @@ def select_uncertainty(
     num_samples: int = 64,
     seed: int = 0,
     progress: bool = True,
+    level: float = DEFAULT_LEVEL,
 ) -> dict:
     """Score each uncertainty mode by the decisions it yields, on ``split`` (the calibration split) only.
 
@@ -196,15 +203,21 @@ def select_uncertainty(
     non-dominated models, at most ``max_budgets`` of them; one bootstrap resample, ignored).
     Candidates: every mode of ``modes`` at every shrinkage ``scales`` α (variance and covariance
     multiplied by α; ``none`` once), named by :func:`candidate_name`, in the order modes × scales.
-    A candidate's score is the mean over both folds; the winner is the argmax (ties → the earlier
-    candidate). Modes the artifact cannot serve (``covariance`` without tables) are skipped and
-    listed. The network runs once per (row, ran-set): all candidates share the estimate memo.
+    Cascade routing is run with one constant λ and without the routing guard here. A candidate's
+    score is the mean over both folds. The first candidate (``none``: E[max] of the means) is the
+    default; another candidate replaces it only when its gain is more than noise: the ``1 − level``
+    quantile of the paired bootstrap of the mean 2-fold AUC gain
+    (:func:`~cascade_routing.evaluation.metrics.paired_auc_gain_quantile`, queries of both halves
+    resampled) is above 0. Among such candidates the highest score wins (ties → the earlier).
+    Modes the artifact cannot serve (``covariance`` without tables) are skipped and listed. The
+    network runs once per (row, ran-set): all candidates share the estimate memo.
 
     Returns ``{"chosen" (mode), "scale" (α), "scores": {candidate: mean AUC}, "folds": {candidate:
-    [auc_AB, auc_BA]}, "skipped", "strategy", "budgets", "rows", "seed", "seconds", "criterion"}``.
+    [auc_AB, auc_BA]}, "gain_lower": {candidate: bootstrap quantile of the gain over the default},
+    "chosen_by", "skipped", "strategy", "budgets", "rows", "seed", "seconds", "criterion"}``.
     """
-    from cascade_routing.evaluation.metrics import sweep_budgets
-    from cascade_routing.evaluation.sweep import budget_sweep
+    from cascade_routing.evaluation.metrics import paired_auc_gain_quantile, sweep_budgets
+    from cascade_routing.evaluation.sweep import budget_sweep, reference_points
 
     t0 = time.perf_counter()
     ds = split.dataset
@@ -238,20 +251,33 @@ def select_uncertainty(
         bar = tqdm(total=len(candidates) * 2, desc="select uncertainty (calibration, 2-fold)", unit="fold",
                    leave=False)
     fold_scores: dict[str, list[float]] = {}
+    fold_points: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for name, (mode, a) in candidates.items():
         qe = scaled_estimator(base_q, mode, a)  # shares the memo of network outputs
         for (fit_rows, score_rows), budgets in zip(folds, fold_budgets):
-            res = budget_sweep(make_policy(strategy, num_samples, seed), qe, cost_est, ds.quality, ds.cost,
-                               fit_rows, score_rows, budgets, texts=list(ds.queries), strategy=strategy,
-                               num_resamples=1, seed=seed)
+            # one constant λ and no guard: modes are compared under the plain policy (shapes and the
+            # guard are chosen per budget afterwards, when the λ tables are fitted)
+            policy = calibrated_policy(strategy, ds.quality[fit_rows], ds.cost[fit_rows], num_samples=num_samples,
+                                       seed=seed, step_ratios=None, routing_guard=False)
+            res = budget_sweep(policy, qe, cost_est, ds.quality, ds.cost, fit_rows, score_rows, budgets,
+                               texts=list(ds.queries), strategy=strategy, num_resamples=1, seed=seed)
             fold_scores.setdefault(name, []).append(round(float(res.auc), 4))
+            fold_points.setdefault(name, []).append((res.per_query_cost, res.per_query_quality))
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
     scores = {name: round(float(np.mean(v)), 4) for name, v in fold_scores.items()}
     names = list(candidates)
-    best = max(names, key=lambda name: (scores[name], -names.index(name)))
+    refs = []
+    for _, score_rows in folds:
+        ref = reference_points(ds.quality[score_rows], ds.cost[score_rows])
+        refs.append((ref.c_min, ref.c_max, ref.q_lowest))
+    default = names[0]
+    gain_low = {name: round(paired_auc_gain_quantile(fold_points[name], fold_points[default], refs, 1.0 - level,
+                                                     seed=seed), 4) for name in names[1:]}
+    eligible = [name for name in names[1:] if scores[name] > scores[default] and gain_low[name] > 0.0]
+    best = max([default, *eligible], key=lambda name: (scores[name], -names.index(name)))
     return {
         "chosen": candidates[best][0],
         "scale": candidates[best][1],
@@ -263,7 +289,11 @@ def select_uncertainty(
         "rows": [int(half_a.size), int(half_b.size)],
         "seed": seed,
         "seconds": round(time.perf_counter() - t0, 2),
-        "criterion": "mean 2-fold AUC (x100) on the calibration split; λ fitted on one half, scored on the other",
+        "gain_lower": gain_low,
+        "chosen_by": "default" if best == default else f"paired bootstrap (level {level})",
+        "criterion": (f"mean 2-fold AUC (x100) on the calibration split, λ fitted on one half and scored on the "
+                      f"other; {default!r} unless a candidate's AUC gain over it has a bootstrap "
+                      f"{1.0 - level:g} quantile > 0"),
     }
 
 
@@ -314,6 +344,8 @@ def build_artifact(
         data_config=datamodule.data_config(),
         train_config=dict(module.hparams),
     )
+    frontier = [art.models[i] for i in nondominated_pool(cal.dataset.quality, cal.dataset.cost)]
+    art.pools = {strategy: frontier for strategy in strategies if strategy in POOLED_STRATEGIES}
     if select_modes:
         sel = select_uncertainty(art, cal, tuple(select_modes), tuple(select_scales), seed=selection_seed,
                                  progress=progress)

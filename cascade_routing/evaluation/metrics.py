@@ -16,16 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def nondominated_models(mean_cost: np.ndarray, mean_quality: np.ndarray) -> np.ndarray:
-    """Indices of non-dominated models, cheapest first."""
-    order = np.argsort(mean_cost, kind="stable")
-    keep, best = [], -np.inf
-    for i in order:
-        if mean_quality[i] > best:
-            keep.append(int(i))
-            best = mean_quality[i]
-    return np.asarray(keep, dtype=np.int64)
+from cascade_routing.policies.pool import nondominated_models  # one rule for pools and sweeps
 
 
 def sweep_budgets(mean_cost: np.ndarray, mean_quality: np.ndarray, per_pair: int = 10) -> np.ndarray:
@@ -84,3 +75,25 @@ def bootstrap_auc(
         values[r] = auc(per_query_cost @ counts, per_query_quality @ counts, c_min, c_max, q_lowest)
     alpha = (1 - level) / 2
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def paired_auc_gain_quantile(
+    candidate: list[tuple[np.ndarray, np.ndarray]], default: list[tuple[np.ndarray, np.ndarray]],
+    references: list[tuple[float, float, float]], q: float, num_resamples: int = 1000, seed: int = 0,
+) -> float:
+    """The ``q`` quantile of the bootstrap distribution of mean-over-folds AUC(candidate) − AUC(default).
+
+    Each fold f gives both strategies' per-query ``(cost [P, N_f], quality [P, N_f])`` on the same
+    N_f queries and its AUC reference ``(c_min, c_max, q_lowest)``; one resample draws the queries of
+    every fold with replacement, the same draw for both strategies (paired).
+    """
+    rng = np.random.default_rng(seed)
+    gains = np.empty(num_resamples)
+    for r in range(num_resamples):
+        total = 0.0
+        for (pc_a, pq_a), (pc_b, pq_b), ref in zip(candidate, default, references):
+            n = pc_a.shape[1]
+            w = np.bincount(rng.integers(0, n, n), minlength=n) / n
+            total += auc(pc_a @ w, pq_a @ w, *ref) - auc(pc_b @ w, pq_b @ w, *ref)
+        gains[r] = total / len(references)
+    return float(np.quantile(gains, q))

@@ -91,7 +91,7 @@ def simulate(
         raise PolicyError(f"uniforms must be [N={n}], got shape {tuple(uniforms.shape)}")
     use_low = uniforms < fitted.gamma
 
-    steps = policy.max_steps(m)
+    steps = policy.max_steps(m) if fitted.max_depth is None else min(policy.max_steps(m), fitted.max_depth)
     ran = torch.zeros(n, m, dtype=torch.bool)
     order = torch.full((n, steps), -1, dtype=torch.long)
     active = torch.ones(n, dtype=torch.bool)
@@ -106,6 +106,7 @@ def simulate(
         c_est = cost_estimator.estimate(q_rows.to(device), ran[idx].to(device))
         lam = fitted.lam_for(step, use_low[idx]).to(device=device, dtype=est.mean.dtype)
         kwargs = {"cache": cache, "rows": q_rows.to(device)} if cache is not None else {}
+        kwargs.update(fitted.decide_kwargs())
         nxt = policy.decide(est, c_est.to(est.mean.dtype), ran[idx].to(device), lam, **kwargs).cpu()
         go = nxt >= 0
         if bool((ran[idx[go], nxt[go]]).any()):

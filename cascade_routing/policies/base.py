@@ -73,6 +73,11 @@ class Policy:
     def select(self, estimate: QualityEstimate, ran: Tensor) -> Tensor:
         return select_best_ran(estimate, ran)
 
+    def on_columns(self, cols: list[int]) -> "Policy":
+        """The policy for a call that passes only the model columns ``cols`` of the full model list
+        (a server dropping failed backends); policies that name models by index re-index here."""
+        return self
+
     def max_steps(self, num_models: int) -> int:
         """The most models a query can run: ``min(max_depth, num_models)``."""
         return num_models if self.max_depth is None else min(self.max_depth, num_models)

@@ -14,6 +14,13 @@ With nothing run yet the empty supermodel is not allowed: some model is always r
 
 ``greedy=True`` looks one step ahead only: S ∈ {ran} ∪ {ran ∪ {m}}.
 
+``pool`` (model indices, fitted on calibration rows as the non-dominated models): S may only add pool
+models, or a model that no pool model dominates for this query under its current estimate
+(:meth:`CascadeRouting.allowed`). ``routing_guard=True``: λ fitting also fits this policy limited to
+depth 1 (which is routing) and keeps it for a budget only when it beats the default on the
+calibration rows by more than its noise (:func:`~cascade_routing.policies.fitting.choose_significant`);
+the chosen fit carries ``max_depth=1``.
+
 ``lambda_shapes``: candidate per-step λ shapes; :func:`~cascade_routing.policies.fitting.fit_lambda`
 keeps the one with the best calibration quality at each budget (the decision rule above is
 unchanged; it is simply handed λ_t of step t).
@@ -35,6 +42,7 @@ working memory stays under ``chunk_bytes``.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -76,6 +84,8 @@ class CascadeRouting(Policy):
         chunk_bytes: int = 2**25,
         max_supermodels: int = MAX_EXHAUSTIVE_SUPERMODELS,
         lambda_shapes: tuple[tuple[float, ...], ...] | None = None,
+        pool: tuple[int, ...] | None = None,
+        routing_guard: bool = False,
     ) -> None:
         if max_depth is not None and max_depth < 1:
             raise PolicyError(f"max_depth must be >= 1, got {max_depth}")
@@ -85,6 +95,12 @@ class CascadeRouting(Policy):
                 if not v or min(v) < 0 or max(v) <= 0 or any(math.isnan(x) for x in v):
                     raise PolicyError(f"each λ shape must be non-empty, >= 0 with a positive entry, got {v}")
         self.lambda_shapes = lambda_shapes or None
+        if pool is not None:
+            pool = tuple(sorted({int(i) for i in pool}))
+            if not pool or pool[0] < 0:
+                raise PolicyError(f"a pool must be model indices >= 0, got {pool}")
+        self.pool = pool
+        self.routing_guard = routing_guard
         self.max_depth = max_depth
         self.force_order = force_order
         self.greedy = greedy
@@ -98,7 +114,9 @@ class CascadeRouting(Policy):
     def __repr__(self) -> str:
         return (f"CascadeRouting(max_depth={self.max_depth}, force_order={self.force_order}, "
                 f"greedy={self.greedy}, num_samples={self.num_samples}, seed={self.seed}, prune={self.prune}"
-                + (f", lambda_shapes={self.lambda_shapes}" if self.lambda_shapes else "") + ")")
+                + (f", lambda_shapes={self.lambda_shapes}" if self.lambda_shapes else "")
+                + (f", pool={list(self.pool)}" if self.pool is not None else "")
+                + (", routing_guard=True" if self.routing_guard else "") + ")")
 
     def check_pool(self, num_models: int) -> None:
         """Raise if exhaustive search over the pool is too large (no max_depth, no greedy)."""
@@ -123,25 +141,31 @@ class CascadeRouting(Policy):
         lam: Tensor | float,
         cache: dict | None = None,
         rows: Tensor | None = None,
+        max_depth: int | None = None,
     ) -> Tensor:
         """Next model per query (-1 = stop). ``cache``/``rows``: optional memo of E[max] tables keyed by
         (ran-state, row), valid only while the estimator is deterministic in (row, ran); ``rows`` are
-        the queries' row ids in the estimator's table."""
+        the queries' row ids in the estimator's table. ``max_depth``: a tighter depth limit for this
+        call (a fitted λ may carry one: depth 1 is routing, see :class:`FittedLambda`)."""
         lam = check_inputs(estimate, cost, ran, lam)
         b, m = estimate.mean.shape
         self.check_pool(m)
-        depth = self.max_steps(m)
+        depth = self.max_steps(m) if max_depth is None else min(self.max_steps(m), int(max_depth))
         out = torch.full((b,), -1, dtype=torch.long, device=cost.device)
         if b == 0:
             return out
         steps = ran.sum(1)
         active = steps < depth
+        allowed = self.allowed(estimate, cost, ran)
         for t in torch.unique(steps[active]).tolist():
             idx = torch.nonzero(active & (steps == t)).squeeze(1)
-            group = self._group(estimate, cost, ran, idx, t, cache, rows, lam[idx] if self.prune else None)
+            group = self._group(estimate, cost, ran, idx, t, cache, rows, lam[idx] if self.prune else None, depth)
             if group is None:
                 continue
             emax, added, invalid, free_idx, table = group
+            if allowed is not None:
+                barred = (~allowed[idx].gather(1, free_idx)).to(cost.dtype)
+                invalid = invalid | ((barred @ table.members.to(cost.dtype).T) > 0)
             values = emax - lam[idx, None] * added
             values = values.masked_fill(invalid, -math.inf)
             best_val = values.amax(1, keepdim=True)
@@ -149,6 +173,38 @@ class CascadeRouting(Policy):
             best = torch.where(near, added, torch.full_like(added, math.inf)).argmin(1)  # least added cost
             out[idx] = self._next_model(table.members[best], cost[idx].gather(1, free_idx), free_idx)
         return out
+
+    def on_columns(self, cols: list[int]) -> "CascadeRouting":
+        """This policy for a call that passes only the model columns ``cols`` (e.g. a server dropping
+        failed backends): the pool re-indexed to those columns (no pool if none of it is left)."""
+        if self.pool is None:
+            return self
+        pool = tuple(i for i, c in enumerate(cols) if c in self.pool)
+        clone = copy.copy(self)
+        clone.pool = pool or None
+        return clone
+
+    def allowed(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor) -> Tensor | None:
+        """bool [B, M]: models this query may add, or None (no pool: every model).
+
+        A pool model, or a model that no pool model dominates *for this query* under the current
+        estimate (another pool model with estimated cost <= and mean >=). Routing's argmax is never
+        such a dominated model, so with ``max_depth=1`` the pool changes no decision of routing.
+        """
+        if self.pool is None:
+            return None
+        b, m = cost.shape
+        if self.pool[-1] >= m:
+            raise PolicyError(f"pool {list(self.pool)} names model index {self.pool[-1]} but there are {m} models")
+        in_pool = torch.zeros(m, dtype=torch.bool, device=cost.device)
+        in_pool[list(self.pool)] = True
+        mean = estimate.mean
+        # dominated[b, j]: some pool model p != j has cost_p <= cost_j and mean_p >= mean_j
+        cheaper = cost[:, :, None] <= cost[:, None, :]  # [B, p, j]
+        better = mean[:, :, None] >= mean[:, None, :]
+        others = ~torch.eye(m, dtype=torch.bool, device=cost.device)
+        dominated = (cheaper & better & others & in_pool[None, :, None]).any(1)
+        return in_pool[None, :] | ~dominated
 
     def _next_model(self, chosen: Tensor, cost_free: Tensor, free_idx: Tensor) -> Tensor:
         """The model run next for chosen subsets (bool [b, n] over the free slots); -1 if empty."""
@@ -160,13 +216,14 @@ class CascadeRouting(Policy):
         nxt = free_idx.gather(1, slot[:, None]).squeeze(1)
         return torch.where(chosen.any(1), nxt, torch.full_like(nxt, -1))
 
-    def _group(self, estimate, cost, ran, idx, t, cache, rows, prune_lam: Tensor | None = None):
+    def _group(self, estimate, cost, ran, idx, t, cache, rows, prune_lam: Tensor | None = None,
+               depth: int | None = None):
         """For rows ``idx`` that all ran ``t`` models: (emax [b, S], added cost [b, S], invalid [b, S],
         free_idx [b, n], table) over the subsets of each row's not-yet-run models (in index order),
         or None if no row can run another model. ``prune_lam`` [b]: skip extensions by the pruning
         lemma at these λ (pruned subsets get emax -inf; the cache is not used since pruning depends on λ)."""
         b_all, m = ran.shape
-        depth = self.max_steps(m)
+        depth = self.max_steps(m) if depth is None else depth
         n = m - t
         r = depth - t
         if self.greedy:
@@ -184,7 +241,8 @@ class CascadeRouting(Policy):
             emax = self._emax(estimate, idx, free_idx, ran_idx, table, z, (cost_free, prune_lam))
         elif cache is not None and rows is not None:
             states = ran_states(ran[idx])
-            emax = _cached_emax(cache, states, rows[idx], lambda sel: self._emax(
+            # one memo per subset-table depth: a depth-limited call (FittedLambda.max_depth) has other tables
+            emax = _cached_emax(cache.setdefault(("levels", r), {}), states, rows[idx], lambda sel: self._emax(
                 estimate, idx[sel], free_idx[sel], ran_idx[sel], table, z))
         else:
             emax = self._emax(estimate, idx, free_idx, ran_idx, table, z)

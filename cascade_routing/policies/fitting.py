@@ -12,8 +12,10 @@ query's cost difference divided by N).
 λ shape selection: a policy may carry ``lambda_shapes`` (candidate per-step shapes ``v``, e.g.
 ``(1, κ)``: the first model is chosen at λ = s, every later step at λ = s·κ). With no explicit
 ``shape``, :func:`fit_lambda` fits the scale for every candidate on the same calibration rows and
-keeps the one with the highest realised mean calibration quality (all meet the budget; ties: the
-earlier candidate). κ > 1 makes post-hoc escalation dearer than the first choice, κ → ∞ is
+keeps the first candidate (the default, e.g. the constant λ) unless another one beats it by more
+than its own noise: a paired bootstrap over the calibration queries' realised qualities
+(:func:`choose_significant`); among those that do, the highest mean calibration quality wins (all
+meet the budget; ties: the earlier candidate). κ > 1 makes post-hoc escalation dearer than the first choice, κ → ∞ is
 routing, κ = 1 the constant λ. Only calibration rows are used, so this is model selection on the
 calibration split; the chosen vectors are stored in the :class:`FittedLambda` (serving reads them).
 """
@@ -29,6 +31,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.policies.base import Policy, PolicyError
+from cascade_routing.policies.significance import DEFAULT_LEVEL, significantly_better
 
 
 def query_uniforms(texts: list[str]) -> Tensor:
@@ -52,6 +55,7 @@ class FittedLambda:
     calibration_cost: float | None = None
     calibration_quality: float | None = None
     info: dict = field(default_factory=dict)
+    max_depth: int | None = None  # a depth limit fitted with λ (1: the routing guard of cascade routing)
 
     def __post_init__(self) -> None:
         self.lam_low = torch.as_tensor(self.lam_low, dtype=torch.float64).reshape(-1)
@@ -64,6 +68,12 @@ class FittedLambda:
         if not 0.0 <= float(self.gamma) <= 1.0:
             raise PolicyError(f"gamma must be in [0, 1], got {self.gamma}")
         self.gamma = float(self.gamma)
+        if self.max_depth is not None and int(self.max_depth) < 1:
+            raise PolicyError(f"max_depth must be >= 1, got {self.max_depth}")
+
+    def decide_kwargs(self) -> dict:
+        """Extra arguments for ``policy.decide`` under this fit (the fitted depth limit, if any)."""
+        return {} if self.max_depth is None else {"max_depth": int(self.max_depth)}
 
     def lam_for(self, step: int, use_low: Tensor) -> Tensor:
         """λ [B] at ``step`` for queries flagged ``use_low`` (bool [B])."""
@@ -71,9 +81,12 @@ class FittedLambda:
         return torch.where(use_low, self.lam_low[t], self.lam_high[t])
 
     def to_dict(self) -> dict:
-        return {"lam_low": self.lam_low.tolist(), "lam_high": self.lam_high.tolist(), "gamma": self.gamma,
-                "budget": self.budget, "calibration_cost": self.calibration_cost,
-                "calibration_quality": self.calibration_quality}
+        out = {"lam_low": self.lam_low.tolist(), "lam_high": self.lam_high.tolist(), "gamma": self.gamma,
+               "budget": self.budget, "calibration_cost": self.calibration_cost,
+               "calibration_quality": self.calibration_quality}
+        if self.max_depth is not None:
+            out["max_depth"] = int(self.max_depth)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "FittedLambda":
@@ -81,7 +94,7 @@ class FittedLambda:
         low = torch.tensor(d["lam_low"], dtype=torch.float64)
         high = torch.tensor(d["lam_high"], dtype=torch.float64)
         return cls(low, high, d.get("gamma", 0.0), d.get("budget"),
-                   d.get("calibration_cost"), d.get("calibration_quality"))
+                   d.get("calibration_cost"), d.get("calibration_quality"), max_depth=d.get("max_depth"))
 
 
 def as_fitted(lam) -> FittedLambda:
@@ -145,22 +158,43 @@ def fit_lambda(
     if cache is None:
         cache = {}
     shapes = getattr(policy, "lambda_shapes", None) if shape is None else None
+    guard = shape is None and bool(getattr(policy, "routing_guard", False))
     args = (policy, quality_estimator, cost_estimator, q, c, budget, uniforms, rows, cache, max_iter, rel_tol)
-    if not shapes:
+    if not shapes and not guard:
         return _fit_scale(*args, shape)
-    best, scores = None, []
-    for cand in shapes:
-        f = _fit_scale(*args, torch.as_tensor(cand, dtype=torch.float64))
-        scores.append(round(float(f.calibration_quality), 6))
-        if best is None or f.calibration_quality > best.calibration_quality + 1e-12:
+    fits = [_fit_scale(*args, None if cand is None else torch.as_tensor(cand, dtype=torch.float64))
+            for cand in (shapes or [None])]
+    if guard:  # the routing the policy generalises: the same policy limited to depth 1
+        fits.append(_fit_scale(*args, None, max_depth=1))
+    best = choose_significant(fits, seed=seed)
+    best.info["shape_scores"] = [round(float(f.calibration_quality), 6) for f in fits]
+    return best
+
+
+def choose_significant(fits: list["FittedLambda"], level: float = DEFAULT_LEVEL, seed: int = 0) -> "FittedLambda":
+    """The first fit (the default) unless another beats it by more than its noise on the same rows.
+
+    Candidates whose per-query calibration quality beats the default's in a paired bootstrap
+    (:func:`~cascade_routing.policies.significance.significantly_better` at ``level``) are eligible;
+    among them the highest mean calibration quality wins (ties: the earlier). ``info["chosen_by"]``
+    says which rule decided.
+    """
+    default = fits[0]
+    eligible = [f for f in fits[1:] if f.calibration_quality > default.calibration_quality
+                and significantly_better(f.info["per_query_quality"], default.info["per_query_quality"], level,
+                                         seed=seed)]
+    best = default
+    for f in eligible:
+        if f.calibration_quality > best.calibration_quality + 1e-12:
             best = f
-    best.info["shape_scores"] = scores
+    best.info["chosen_by"] = "default" if best is default else f"paired bootstrap (level {level})"
     return best
 
 
 def _fit_scale(policy, quality_estimator, cost_estimator, q, c, budget, uniforms, rows, cache, max_iter, rel_tol,
-               shape) -> FittedLambda:
-    """Bisection on the scale s of λ_t = s·shape_t and the γ mix (see module docstring)."""
+               shape, max_depth: int | None = None) -> FittedLambda:
+    """Bisection on the scale s of λ_t = s·shape_t and the γ mix (see module docstring); ``max_depth``
+    is fitted along (stored in the result)."""
     from cascade_routing.evaluation.simulate import simulate  # evaluation builds on policies
 
     v = torch.ones(1, dtype=torch.float64) if shape is None else torch.as_tensor(shape, dtype=torch.float64).reshape(-1)
@@ -168,14 +202,16 @@ def _fit_scale(policy, quality_estimator, cost_estimator, q, c, budget, uniforms
         raise PolicyError(f"λ shape must be >= 0 with a positive entry, got {v.tolist()}")
 
     def run(scale: float):
-        return simulate(policy, quality_estimator, cost_estimator, q, c, scale * v, uniforms, rows, cache)
+        lam = FittedLambda(scale * v, scale * v, 0.0, max_depth=max_depth)
+        return simulate(policy, quality_estimator, cost_estimator, q, c, lam, uniforms, rows, cache)
 
     slack = 1e-9 * budget + 1e-15  # float rounding of mean costs
     budget_cmp = budget + slack
     res0 = run(0.0)
     if res0.mean_cost <= budget_cmp:
         return FittedLambda(0.0 * v, 0.0 * v, 0.0, budget, res0.mean_cost, res0.mean_quality,
-                            {"iterations": 0, "shape": v.tolist()})
+                            {"iterations": 0, "shape": v.tolist(), "per_query_quality": res0.quality.numpy()},
+                            max_depth)
     lo, res_lo = 0.0, res0
     hi = 1.0 / max(float(c.mean()), 1e-12)
     res_hi = run(hi)
@@ -200,10 +236,11 @@ def _fit_scale(policy, quality_estimator, cost_estimator, q, c, budget, uniforms
     gamma = _budget_gamma(res_lo.cost, res_hi.cost, uniforms, budget_cmp)
     use_low = uniforms < gamma
     mix_cost = float(torch.where(use_low, res_lo.cost, res_hi.cost).mean())
-    mix_quality = float(torch.where(use_low, res_lo.quality, res_hi.quality).mean())
+    per_query_quality = torch.where(use_low, res_lo.quality, res_hi.quality)
+    mix_quality = float(per_query_quality.mean())
     return FittedLambda(lo * v, hi * v, gamma, budget, mix_cost, mix_quality,
                         {"iterations": it + grow + 2, "cost_low": res_lo.mean_cost, "cost_high": res_hi.mean_cost,
-                         "shape": v.tolist()})
+                         "shape": v.tolist(), "per_query_quality": per_query_quality.numpy()}, max_depth)
 
 
 def _budget_gamma(cost_low: Tensor, cost_high: Tensor, uniforms: Tensor, budget: float) -> float:

@@ -12,26 +12,45 @@ from __future__ import annotations
 from cascade_routing.policies.base import Policy, PolicyError
 from cascade_routing.policies.cascade_routing import CascadeRouting
 from cascade_routing.policies.cascades import OptimalCascade, ThresholdCascade
+from cascade_routing.policies.pool import PooledPolicy, nondominated_pool
 from cascade_routing.policies.routing import Routing
 
 STRATEGIES: tuple[str, ...] = ("routing", "threshold_cascade", "optimal_cascade", "cascade_routing")
+POOLED_STRATEGIES: tuple[str, ...] = ("threshold_cascade", "optimal_cascade", "cascade_routing")
 CASCADE_ROUTING_STEP_RATIOS: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0, 4.0)  # κ = λ(step >= 1) / λ(step 0)
 
 
 def make_policy(strategy: str, num_samples: int = 128, seed: int = 0, max_depth: int = 5,
-                step_ratios: tuple[float, ...] | None = CASCADE_ROUTING_STEP_RATIOS) -> Policy:
+                step_ratios: tuple[float, ...] | None = CASCADE_ROUTING_STEP_RATIOS,
+                pool: tuple[int, ...] | None = None, routing_guard: bool = True) -> Policy:
     """The engine's policy for a strategy name; a clear error listing the names otherwise.
 
     ``step_ratios`` (cascade routing only): the κ candidates of the λ shapes ``(1, κ)``; ``None`` or
-    ``()``: one constant λ (the former default)."""
+    ``()``: one constant λ. ``pool``: model indices the cascades and cascade routing may run (fitted
+    by :func:`~cascade_routing.policies.pool.nondominated_pool` on calibration rows); ``None``: all.
+    The cascades run the pool as their chain (:class:`PooledPolicy`); cascade routing may also add a
+    model outside it for a query whose estimates no pool model dominates
+    (:meth:`CascadeRouting.allowed`). Routing always keeps every model (:data:`POOLED_STRATEGIES`).
+    ``routing_guard`` (cascade routing): λ fitting may fall back to depth 1 (routing) at a budget where
+    that beats the default by more than its noise on the calibration rows."""
     if strategy == "routing":
         return Routing()
     if strategy == "threshold_cascade":
-        return ThresholdCascade()
-    if strategy == "optimal_cascade":
-        return OptimalCascade(num_samples=num_samples, seed=seed)
-    if strategy == "cascade_routing":
+        policy: Policy = ThresholdCascade()
+    elif strategy == "optimal_cascade":
+        policy = OptimalCascade(num_samples=num_samples, seed=seed)
+    elif strategy == "cascade_routing":
         shapes = tuple((1.0,) if k == 1.0 else (1.0, float(k)) for k in step_ratios) if step_ratios else None
+        # cascade routing keeps a per-query exception to its pool (CascadeRouting.allowed)
         return CascadeRouting(max_depth=max_depth, force_order=False, num_samples=num_samples, seed=seed,
-                              lambda_shapes=shapes)
-    raise PolicyError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
+                              lambda_shapes=shapes, pool=pool, routing_guard=routing_guard)
+    else:
+        raise PolicyError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
+    return policy if pool is None else PooledPolicy(policy, pool)
+
+
+def calibrated_policy(strategy: str, quality, cost, **kwargs) -> Policy:
+    """:func:`make_policy` with the pool fitted on these calibration rows (``quality``/``cost`` [N, M]):
+    the non-dominated models for the cascades and cascade routing, every model for routing."""
+    pool = nondominated_pool(quality, cost) if strategy in POOLED_STRATEGIES else None
+    return make_policy(strategy, pool=pool, **kwargs)

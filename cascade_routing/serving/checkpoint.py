@@ -1,8 +1,8 @@
 """The parts of a :class:`~cascade_routing.serving.router.CascadeRouter` read from an estimator artifact.
 
 ``router_parts(path, strategy)`` loads the artifact (:func:`cascade_routing.estimators.artifact.
-load_artifact`) and returns the policy for ``strategy`` (built exactly as when λ was fitted, by
-``cascade_routing.estimators.export.make_policy``), the binder (``artifact.bind``), the fitted λ
+load_artifact`) and returns the policy for ``strategy`` (built exactly as when λ was fitted, with the
+stored model pool: ``EstimatorArtifact.policy``), the binder (``artifact.bind``), the fitted λ
 table ``{budget: FittedLambda}`` of that strategy, the model names (cheapest first) and prices.
 
 Features handed to the bound estimators: ``tokens_in``, ``tokens_out``, ``latency_ms``, ``cost``
@@ -37,7 +37,6 @@ def router_parts(path: "str | os.PathLike[str]", strategy: str = "cascade_routin
                  policy_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Keyword arguments for :class:`CascadeRouter` (all but ``budget``) from the artifact at ``path``."""
     from cascade_routing.estimators.artifact import ArtifactError, load_artifact
-    from cascade_routing.estimators.export import make_policy
 
     artifact = load_artifact(path)
     table = artifact.fitted.get(strategy)
@@ -46,7 +45,7 @@ def router_parts(path: "str | os.PathLike[str]", strategy: str = "cascade_routin
             f"checkpoint {str(path)!r} has no fitted λ for strategy {strategy!r}; it has {sorted(artifact.fitted)}"
         )
     return {
-        "policy": make_policy(strategy, **(policy_kwargs or {})),
+        "policy": artifact.policy(strategy, **(policy_kwargs or {})),
         "binder": artifact.bind,
         "fitted": table,
         "models": list(artifact.models),

@@ -70,6 +70,8 @@ class _FittedLike(Protocol):
 
     def lam_for(self, step: int, use_low: Tensor) -> Tensor: ...
 
+    def decide_kwargs(self) -> dict: ...
+
 
 class _CompleteFn(Protocol):
     async def complete(self, model: str, messages: list[dict[str, Any]], **params: Any) -> Answer: ...
@@ -274,7 +276,8 @@ class CascadeRouter:
                 at = (steps == t).nonzero().squeeze(1)
                 lam = fitted.lam_for(int(t), state.use_low[sub_rows[at]]).to(
                     device=sub_est.mean.device, dtype=sub_est.mean.dtype)
-                nxt = self.policy.decide(_rows(sub_est, at), sub_cost[at], ran[at].to(sub_est.mean.device), lam).cpu()
+                nxt = self.policy.on_columns(cols).decide(_rows(sub_est, at), sub_cost[at], ran[at].to(sub_est.mean.device),
+                                                          lam, **fitted.decide_kwargs()).cpu()
                 cols_t = torch.as_tensor(cols, dtype=torch.long)
                 mapped = torch.where(nxt >= 0, cols_t[nxt.clamp_min(0)], nxt)
                 out[local[at]] = mapped
@@ -288,7 +291,7 @@ class CascadeRouter:
             if len(cols) == 0:
                 continue
             ran = state.ran[rows[local]][:, cols]
-            choice = self.policy.select(_columns(est, local, cols), ran.to(est.mean.device)).cpu()
+            choice = self.policy.on_columns(cols).select(_columns(est, local, cols), ran.to(est.mean.device)).cpu()
             cols_t = torch.as_tensor(cols, dtype=torch.long)
             out[local] = torch.where(choice >= 0, cols_t[choice.clamp_min(0)], choice)
         return out, est

@@ -1,0 +1,116 @@
+"""Learned cascade routing against the strategies it contains, budget by budget, on real data.
+
+For each trained estimator artifact (``--artifact NAME=PATH``, from ``cascade-routing train-eval``)
+it runs the evaluation protocol (:func:`cascade_routing.estimators.evaluate.evaluate`: λ fitted per
+budget on the calibration split, realised quality and cost on the test split) and reports:
+
+- AUC per strategy, learned and paper-style baseline estimator;
+- per budget: mean test quality of learned cascade routing minus learned routing, paired over the
+  test queries, with a 95% bootstrap CI (:func:`cascade_routing.evaluation.compare.compare_per_budget`);
+- budget adherence per strategy: realised mean test cost / budget (mean over the sweep, and worst);
+- at the largest budget: cascade routing's quality vs the best single model's test quality;
+- how often the routing guard fired and which λ shapes were kept, over the sweep's budgets.
+
+Run (2 CPU cores):
+
+    CASCADE_ROUTING_DATA_DIR=../shared/data/raw .venv/bin/python benchmarks/bench_learned_cr.py \\
+        --artifact routerbench-subset=artifacts/routerbench.safetensors --out benchmarks/results/learned_cr
+
+Writes ``<out>/<name>/`` (the evaluation's files plus ``per_budget.csv``) and ``<out>/summary.json``,
+``<out>/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+
+def sweeps_by_strategy(result, estimator: str = "learned") -> dict:
+    return {r.strategy: r for r in result.curves[f"{estimator} estimator"]}
+
+
+def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, resamples: int | None) -> dict:
+    from cascade_routing.estimators.evaluate import evaluate
+    from cascade_routing.evaluation.compare import budget_adherence, compare_per_budget
+
+    kwargs = {}
+    if budgets_per_pair is not None:
+        kwargs["budgets_per_pair"] = budgets_per_pair
+    if resamples is not None:
+        kwargs["num_resamples"] = resamples
+    result = evaluate(path, out_dir=str(out / name), log_wandb=False, **kwargs)
+    learned = sweeps_by_strategy(result)
+    cr, rt = learned["cascade_routing"], learned["routing"]
+    cmp = compare_per_budget(cr, rt)
+    with open(out / name / "per_budget.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["budget", "strategy", "realised_cost", "quality", "cost_over_budget"])
+        for strategy, res in learned.items():
+            if strategy == "linear_interpolation":
+                continue
+            for b, c, q in zip(res.budgets, res.costs, res.qualities):
+                w.writerow([f"{b:.6g}", strategy, f"{c:.6g}", f"{q:.4f}", f"{c / b:.4f}"])
+        w.writerow([])
+        w.writerow(["budget", "cr_minus_routing", "ci_low", "ci_high"])
+        for b, d, lo, hi in zip(cmp.budgets, cmp.diff, cmp.ci_low, cmp.ci_high):
+            w.writerow([f"{b:.6g}", f"{d:.4f}", f"{lo:.4f}", f"{hi:.4f}"])
+    best_single = float(result.extra["best_single_quality"])
+    adherence = {s: {"mean": round(float(budget_adherence(r).mean()), 4), "max": round(float(budget_adherence(r).max()), 4)}
+                 for s, r in learned.items() if s != "linear_interpolation"}
+    guard = sum(1 for f in cr.fitted if f.max_depth == 1)
+    shapes = [tuple(f.info.get("shape", [1.0])) for f in cr.fitted]
+    summary = {
+        "auc": {f"{r['estimator']}/{r['strategy']}": r["auc"] for r in result.rows},
+        "cr_minus_routing_auc": round(cr.auc - rt.auc, 3),
+        "per_budget_cr_minus_routing": {"min": round(float(cmp.diff.min()), 4), "at_budget": cmp.worst[0],
+                                         "max": round(float(cmp.diff.max()), 4)},
+        "largest_budget": {"budget": float(cr.budgets[-1]), "cascade_routing": round(float(cr.qualities[-1]), 4),
+                           "routing": round(float(rt.qualities[-1]), 4), "best_single_model": best_single},
+        "budget_adherence": adherence,
+        "routing_guard_fired": f"{guard} of {len(cr.fitted)} budgets",
+        "lambda_shapes_kept": {str(list(s)): shapes.count(s) for s in sorted(set(shapes))},
+        "budgets": len(cr.budgets),
+        "test_queries": int(cr.per_query_quality.shape[1]),
+    }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--artifact", action="append", required=True, help="NAME=PATH of a trained artifact")
+    parser.add_argument("--out", default="benchmarks/results/learned_cr")
+    parser.add_argument("--budgets-per-pair", type=int, default=None, help="default: the evaluation protocol's")
+    parser.add_argument("--resamples", type=int, default=None, help="default: the evaluation protocol's")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for spec in args.artifact:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--artifact takes NAME=PATH, got {spec!r}")
+        summaries[name] = report_one(name, path, out, args.budgets_per_pair, args.resamples)
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
+    lines = ["| dataset | CR − routing AUC | worst per-budget CR − routing | CR / routing / best model at the largest budget | guard fired |",
+             "|---|---:|---:|---|---|"]
+    for name, s in summaries.items():
+        lb = s["largest_budget"]
+        lines.append(f"| {name} | {s['cr_minus_routing_auc']:+.2f} | {s['per_budget_cr_minus_routing']['min']:+.4f} "
+                     f"| {lb['cascade_routing']:.3f} / {lb['routing']:.3f} / {lb['best_single_model']:.3f} "
+                     f"| {s['routing_guard_fired']} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""The model pool of a policy: which models it may run, fitted on calibration data.
+
+A model is *dominated* when another model is no more expensive and better on average: in the
+cost–quality plane of the calibration rows (mean cost, mean quality per model) it lies below the
+frontier. :func:`nondominated_models` keeps, cheapest first, each model whose mean quality is strictly
+above that of every cheaper kept model (equal cost: the stable order decides). Running a dominated
+model inside a cascade or a supermodel spends budget that a frontier model would spend better on
+average, so cascades and cascade routing are restricted to the frontier (:class:`PooledPolicy`); the
+chain of a cascade is then the frontier in cost order. Routing keeps every model: it chooses one
+model per query from that query's own estimates.
+
+Pure torch / numpy; no Lightning, no transformers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.policies.base import Policy, PolicyError
+
+
+def nondominated_models(mean_cost: np.ndarray, mean_quality: np.ndarray) -> np.ndarray:
+    """Indices of non-dominated models, cheapest first (see module docstring)."""
+    order = np.argsort(np.asarray(mean_cost), kind="stable")
+    keep, best = [], -np.inf
+    for i in order:
+        if mean_quality[i] > best:
+            keep.append(int(i))
+            best = mean_quality[i]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def nondominated_pool(quality, cost) -> tuple[int, ...]:
+    """The frontier of per-query ``quality``/``cost`` [N, M] (calibration rows), in model-index order."""
+    q = np.asarray(quality.cpu() if isinstance(quality, Tensor) else quality, dtype=np.float64)
+    c = np.asarray(cost.cpu() if isinstance(cost, Tensor) else cost, dtype=np.float64)
+    if q.ndim != 2 or q.shape != c.shape or q.shape[0] == 0:
+        raise PolicyError(f"pool fitting needs quality and cost of shape [N >= 1, M], got {q.shape} and {c.shape}")
+    return tuple(sorted(int(i) for i in nondominated_models(c.mean(0), q.mean(0))))
+
+
+def _columns(estimate: QualityEstimate, cols: Tensor) -> QualityEstimate:
+    cov = None
+    if estimate.cov is not None:
+        cov = estimate.cov.index_select(1, cols).index_select(2, cols)
+    return QualityEstimate(estimate.mean.index_select(1, cols),
+                           None if estimate.std is None else estimate.std.index_select(1, cols), cov)
+
+
+class PooledPolicy(Policy):
+    """``inner`` run on the columns ``pool`` only (model indices into the full model list).
+
+    ``decide``/``select`` take and return full-width tensors and model indices; models outside the
+    pool are never chosen, and a ran-set holding one is an error (it cannot come from this policy).
+    """
+
+    def __init__(self, inner: Policy, pool: tuple[int, ...] | list[int]) -> None:
+        pool = tuple(sorted(int(i) for i in pool))
+        if not pool or len(set(pool)) != len(pool) or pool[0] < 0:
+            raise PolicyError(f"a pool must be distinct model indices >= 0, got {pool}")
+        self.inner = inner
+        self.pool = pool
+        self.name = inner.name
+        self.max_depth = inner.max_depth
+        self.lambda_shapes = inner.lambda_shapes
+
+    def __repr__(self) -> str:
+        return f"PooledPolicy({self.inner!r}, pool={list(self.pool)})"
+
+    def _cols(self, m: int, device) -> Tensor:
+        if self.pool[-1] >= m:
+            raise PolicyError(f"pool {list(self.pool)} names model index {self.pool[-1]} but there are {m} models")
+        return torch.tensor(self.pool, dtype=torch.long, device=device)
+
+    def max_steps(self, num_models: int) -> int:
+        return self.inner.max_steps(len(self.pool))
+
+    def on_columns(self, cols: list[int]) -> Policy:
+        """Re-indexed to the columns ``cols``; the bare policy if none of the pool is left."""
+        pool = tuple(i for i, c in enumerate(cols) if c in self.pool)
+        return PooledPolicy(self.inner, pool) if pool else self.inner
+
+    def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float, **kwargs) -> Tensor:
+        b, m = estimate.mean.shape
+        cols = self._cols(m, cost.device)
+        outside = ran.clone()
+        outside[:, cols] = False
+        if bool(outside.any()):
+            row, col = (int(x) for x in outside.nonzero()[0])
+            raise PolicyError(f"model {col} ran for batch row {row} but is outside this policy's pool {list(self.pool)}")
+        nxt = self.inner.decide(_columns(estimate, cols), cost.index_select(1, cols), ran.index_select(1, cols), lam,
+                                **kwargs)
+        return torch.where(nxt >= 0, cols[nxt.clamp_min(0)], nxt)
+
+    def select(self, estimate: QualityEstimate, ran: Tensor) -> Tensor:
+        cols = self._cols(estimate.mean.shape[1], ran.device)
+        pick = self.inner.select(_columns(estimate, cols), ran.index_select(1, cols))
+        return torch.where(pick >= 0, cols[pick.clamp_min(0)], pick)
