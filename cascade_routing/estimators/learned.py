@@ -9,8 +9,9 @@
 3. uncertainty: ``variance`` → ``std = sqrt(c_m · exp(logvar))``; ``covariance`` → ``cov =
    Σ_{bitmask(ran)} + εI`` (residual covariance of that ran-set); ``none`` → no uncertainty.
 
-Results are memoised per (row, ran-set): the network is deterministic in eval mode and a run
-answer never changes, so re-asking (e.g. while fitting λ) costs a dictionary lookup.
+Results are memoised per (row, ran-set), in one [N, M] table per ran-set: the network is
+deterministic in eval mode and a run answer never changes, so re-asking (e.g. while fitting λ) is an
+array gather.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class LearnedQualityEstimator:
         self.batch_size = batch_size
         self._answer_emb: dict[tuple[int, int], np.ndarray] = {}
         self._agreement = AgreementCache()
-        self._memo: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        # ran-set bitmask -> (mean [N, M], logvar [N, M], filled bool [N]) of the network's outputs
+        self._memo: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.embed_dim = int(query_emb.shape[1])
 
     # ------------------------------------------------------------------ internals
@@ -107,6 +109,14 @@ class LearnedQualityEstimator:
         )
         return torch.sigmoid(logit).numpy(), logvar.numpy()
 
+    def _store(self, state: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        store = self._memo.get(state)
+        if store is None:
+            n, m = self.query_emb.shape[0], len(self.models)
+            store = (np.empty((n, m), np.float32), np.empty((n, m), np.float32), np.zeros(n, dtype=bool))
+            self._memo[state] = store
+        return store
+
     # ------------------------------------------------------------------ API
     def estimate(self, queries: Tensor, ran: Tensor) -> QualityEstimate:
         device = torch.as_tensor(ran).device
@@ -117,17 +127,28 @@ class LearnedQualityEstimator:
         if rows.size and (rows.min() < 0 or rows.max() >= self.query_emb.shape[0]):
             raise IndexError(f"query row ids must lie in [0, {self.query_emb.shape[0]}), got {rows.min()}..{rows.max()}")
         ids = bitmask(torch.from_numpy(ran_np)).numpy()
-        missing = [b for b in range(rows.size) if (int(rows[b]), int(ids[b])) not in self._memo]
-        for s in range(0, len(missing), self.batch_size):
-            sel = np.asarray(missing[s : s + self.batch_size], dtype=np.int64)
-            p, lv = self._compute(rows[sel], ran_np[sel])
-            for k, b in enumerate(sel):
-                self._memo[(int(rows[b]), int(ids[b]))] = (p[k], lv[k])
+        stores = {int(sid): self._store(int(sid)) for sid in np.unique(ids)}
+        at_state = {sid: np.nonzero(ids == sid)[0] for sid in stores}
+        filled = np.empty(rows.size, dtype=bool)
+        for sid, at in at_state.items():
+            filled[at] = stores[sid][2][rows[at]]
+        # positions whose (row, ran-set) is not memoised yet, each pair once
+        todo_a = np.nonzero(~filled)[0]
+        if todo_a.size:
+            _, first = np.unique(np.stack([rows[todo_a], ids[todo_a]], 1), axis=0, return_index=True)
+            missing = todo_a[np.sort(first)]
+            for s in range(0, len(missing), self.batch_size):
+                sel = missing[s : s + self.batch_size]
+                p, lv = self._compute(rows[sel], ran_np[sel])
+                for k, b in enumerate(sel):
+                    store = stores[int(ids[b])]
+                    store[0][rows[b]], store[1][rows[b]], store[2][rows[b]] = p[k], lv[k], True
         m = len(self.models)
         mean = np.empty((rows.size, m), dtype=np.float32)
         logvar = np.empty((rows.size, m), dtype=np.float32)
-        for b in range(rows.size):
-            mean[b], logvar[b] = self._memo[(int(rows[b]), int(ids[b]))]
+        for sid, at in at_state.items():
+            store = stores[sid]
+            mean[at], logvar[at] = store[0][rows[at]], store[1][rows[at]]
         mean_t = torch.from_numpy(mean)
         if self.uncertainty == "variance":
             std = (self.var_scale * torch.from_numpy(logvar).exp()).sqrt()
