@@ -58,6 +58,32 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_input_warnings(messages: list[str], where: str) -> None:
+    """Each message of :mod:`cascade_routing.data.diagnostics` as a bold warning on stderr."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    err = Console(stderr=True)
+    for msg in messages:
+        err.print(f"[bold yellow]WARNING[/] {escape(where)}: {escape(msg)}")
+
+
+def import_input_warnings(queries: list[str], max_length: int, truncation: str) -> list[str]:
+    """Shared-prefix messages, plus input-collapse messages with the default encoder's tokenizer
+    at ``max_length``/``truncation`` when that encoder is installed."""
+    from cascade_routing.data import diagnostics
+
+    messages = diagnostics.prefix_messages(queries)
+    try:
+        from cascade_routing.estimators import encoding
+
+        tokenizer = encoding.load_tokenizer(encoding.default_encoder_path())
+    except (ImportError, OSError):  # no transformers / encoder package: the text check alone
+        return messages
+    inputs = encoding.tokenize(queries, tokenizer, max_length, truncation)
+    return diagnostics.input_warnings(queries, inputs, max_length, truncation, prefixes=False) + messages
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from cascade_routing.data.describe import render_summary, summarize
     from cascade_routing.data.importer import import_table
@@ -67,11 +93,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     ds.save(out)
     _console().print(render_summary(summarize(ds)))
     print(f"saved to {out} (load with cascade_routing.data.load_dataset({str(out)!r}))")
+    print_input_warnings(import_input_warnings(list(ds.queries), args.max_length, args.truncation), str(out))
     return 0
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this stage's subcommands (each sets `func`)."""
+    from cascade_routing.data.diagnostics import DEFAULT_QUERY_TRUNCATION, TRUNCATIONS
+
     data = subparsers.add_parser("data", help="list, fetch, describe and import routing datasets")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
@@ -97,4 +126,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "(format: see cascade_routing.data.importer)")
     p.add_argument("--output", "-o", help="folder to write (default: <file stem>-dataset)")
     p.add_argument("--name", help="dataset name (default: mapping 'name' or the file stem)")
+    p.add_argument("--max-length", type=int, default=128,
+                   help="query tokens the encoder will keep (data.max_length), for the distinct-inputs check")
+    p.add_argument("--truncation", choices=TRUNCATIONS, default=DEFAULT_QUERY_TRUNCATION,
+                   help="query truncation the encoder will use (data.truncation), for the distinct-inputs check")
     p.set_defaults(func=cmd_import)

@@ -92,6 +92,7 @@ def train_eval(config: str, overrides: list[str] | None = None, out: str | None 
     from cascade_routing.estimators.evaluate import evaluate
     from cascade_routing.estimators.export import ExportArtifact
     from cascade_routing.estimators.module import QualityEstimatorModule
+    from cascade_routing.cli.data_commands import print_input_warnings
     from cascade_routing.estimators.runtime import configure_threads
 
     configure_threads()
@@ -107,6 +108,7 @@ def train_eval(config: str, overrides: list[str] | None = None, out: str | None 
                       budgets_per_pair=budgets_per_pair, num_resamples=num_resamples,
                       cache_dir=cli.datamodule.cache_dir, log_wandb=log_wandb)
     print(f"train {train_s:.0f} s, evaluate {result.seconds:.0f} s, total {time.perf_counter() - t0:.0f} s")
+    print_input_warnings(cli.datamodule.input_messages, f"dataset {cli.datamodule.dataset_name!r}")  # again, last
     return result
 
 

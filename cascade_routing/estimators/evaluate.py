@@ -56,6 +56,7 @@ def datamodule_for(artifact: EstimatorArtifact, dataset: str | None = None, cach
         split=cfg.get("split"),
         split_seed=int(cfg.get("split_seed", 0)),
         max_length=int(artifact.encoder["max_length"]),
+        truncation=artifact.query_truncation,
         answer_max_length=int(artifact.encoder["answer_max_length"]),
         answer_encoding=artifact.encoder["answer_encoding"],
         cache_dir=cache_dir,

@@ -75,7 +75,7 @@ def refresh_query_embeddings(network, datamodule, names=("calibration", "val", "
     for name in names:
         split = datamodule.splits[name]
         emb = encoding.encode_texts(list(split.dataset.queries), datamodule.tokenizer, network.encoder,
-                                    "transformer", datamodule.max_length)
+                                    "transformer", datamodule.max_length, truncation=datamodule.truncation)
         split.query_emb = torch.from_numpy(emb)
 
 
