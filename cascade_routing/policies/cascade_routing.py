@@ -42,6 +42,7 @@ from torch import Tensor
 
 from cascade_routing.estimators.base import QualityEstimate
 from cascade_routing.policies.base import Policy, PolicyError, check_inputs
+from cascade_routing.policies import emax_numba
 from cascade_routing.policies.supermodels import (
     MAX_EXHAUSTIVE_SUPERMODELS,
     count_supermodels,
@@ -50,6 +51,7 @@ from cascade_routing.policies.supermodels import (
     normal_draws,
     quality_samples,
     subset_table,
+    use_fused_kernel,
 )
 
 
@@ -142,13 +144,24 @@ class CascadeRouting(Policy):
             if group is None:
                 continue
             emax, added, invalid, free_idx, table = group
-            values = emax - lam[idx, None] * added
-            values = values.masked_fill(invalid, -math.inf)
-            best_val = values.amax(1, keepdim=True)
-            near = values >= best_val - self.tie_tol
-            best = torch.where(near, added, torch.full_like(added, math.inf)).argmin(1)  # least added cost
+            best = self._best(emax, added, lam[idx], invalid if self.force_order and t > 0 else None)
             out[idx] = self._next_model(table.members[best], cost[idx].gather(1, free_idx), free_idx)
         return out
+
+    def _best(self, emax: Tensor, added: Tensor, lam: Tensor, invalid: Tensor | None) -> Tensor:
+        """Row of S* per query: among ``values = emax − λ·added`` (-inf where invalid) within ``tie_tol``
+        of the best, the least added cost, then the lowest row. One fused pass on CPU (numba)."""
+        if use_fused_kernel(emax) and added.dtype == emax.dtype:
+            inv = None if invalid is None else invalid.contiguous().numpy()
+            best = emax_numba.choose(emax.contiguous().numpy(), added.contiguous().numpy(),
+                                     lam.to(emax.dtype).contiguous().numpy(), inv, self.tie_tol)
+            return torch.from_numpy(best)
+        values = emax - lam[:, None] * added
+        if invalid is not None:
+            values = values.masked_fill(invalid, -math.inf)
+        best_val = values.amax(1, keepdim=True)
+        near = values >= best_val - self.tie_tol
+        return torch.where(near, added, torch.full_like(added, math.inf)).argmin(1)  # least added cost
 
     def _next_model(self, chosen: Tensor, cost_free: Tensor, free_idx: Tensor) -> Tensor:
         """The model run next for chosen subsets (bool [b, n] over the free slots); -1 if empty."""
@@ -184,7 +197,7 @@ class CascadeRouting(Policy):
             emax = self._emax(estimate, idx, free_idx, ran_idx, table, z, (cost_free, prune_lam))
         elif cache is not None and rows is not None:
             states = ran_states(ran[idx])
-            emax = _cached_emax(cache, states, rows[idx], lambda sel: self._emax(
+            emax = _cached_emax(cache, table.members.shape[0], states, rows[idx], lambda sel: self._emax(
                 estimate, idx[sel], free_idx[sel], ran_idx[sel], table, z))
         else:
             emax = self._emax(estimate, idx, free_idx, ran_idx, table, z)
@@ -199,8 +212,12 @@ class CascadeRouting(Policy):
     def _emax(self, estimate: QualityEstimate, idx: Tensor, free_idx: Tensor, ran_idx: Tensor, table,
               z: Tensor, prune: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """E[max] [len(idx), S] of ran ∪ s for every subset s of each row's free models, chunked."""
-        widest = max(stop - start for start, stop in table.levels)
-        per_row = max(1, widest * z.shape[0] * estimate.mean.element_size() * 3)
+        fused = prune is None and use_fused_kernel(estimate.mean)
+        if fused:  # the kernel keeps one level per row in its own scratch: only the samples are held
+            per_row = max(1, (table.n + 1) * z.shape[0] * estimate.mean.element_size())
+        else:
+            widest = max(stop - start for start, stop in table.levels)
+            per_row = max(1, widest * z.shape[0] * estimate.mean.element_size() * 3)
         # pruned search keeps only surviving subsets: bigger chunks, fewer ops (worst case still bounded x4)
         chunk = max(1, (self.chunk_bytes * (4 if prune is not None else 1)) // per_row)
         zt = z.T  # [M, K]
@@ -210,7 +227,14 @@ class CascadeRouting(Policy):
             sub = idx[lo:lo + chunk]
             f_idx, r_idx = free_idx[lo:lo + chunk], ran_idx[lo:lo + chunk]
             mean = estimate.mean[sub]
-            if estimate.cov is None:
+            if fused and estimate.cov is None:
+                std = estimate.std[sub] if estimate.std is not None else torch.zeros_like(mean)
+                xf_np, base_np = emax_numba.independent_samples(
+                    mean.numpy(), std.numpy(), f_idx.contiguous().numpy(), r_idx.contiguous().numpy(),
+                    zt.contiguous().numpy())
+                xf = torch.from_numpy(xf_np)
+                base = None if base_np is None else torch.from_numpy(base_np)
+            elif estimate.cov is None:
                 # independent beliefs: sample only the needed columns, each row its own columns
                 std = estimate.std[sub] if estimate.std is not None else torch.zeros_like(mean)
                 xf = mean.gather(1, f_idx)[:, :, None] + std.gather(1, f_idx)[:, :, None] * zt[f_idx]
@@ -228,7 +252,7 @@ class CascadeRouting(Policy):
             else:
                 parts.append(expected_max_pruned(xf.contiguous(), base, table, prune[0][lo:lo + chunk],
                                                  prune[1][lo:lo + chunk], self.tie_tol))
-        return torch.cat(parts, 0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
     def candidates(self, estimate: QualityEstimate, cost: Tensor, state: int, cache: dict | None = None,
                    rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -267,13 +291,34 @@ class CascadeRouting(Policy):
         return bad.any(2)
 
 
-def _cached_emax(cache: dict, states: Tensor, row_ids: Tensor, compute) -> Tensor:
-    """E[max] rows from ``cache[(state, row)]``, computing (in one call) only the pairs not yet stored."""
-    keys = list(zip(states.tolist(), row_ids.tolist()))
-    missing = [i for i, key in enumerate(keys) if key not in cache]
-    if missing:
-        sel = torch.tensor(missing, dtype=torch.long, device=row_ids.device)
-        fresh = compute(sel)
-        for i, val in zip(missing, fresh):
-            cache[keys[i]] = val
-    return torch.stack([cache[key] for key in keys])
+def _cached_emax(cache: dict, width: int, states: Tensor, row_ids: Tensor, compute) -> Tensor:
+    """E[max] rows [B, width] of (ran-state, row) pairs from ``cache``, computing (in one call) only the
+    pairs not yet stored.
+
+    Stored under ``("emax", width)`` as (sorted pair keys int64 [P], E[max] [P, width]) with pair key
+    ``state · 2^32 + row``: a lookup is one ``searchsorted`` and one gather, not a loop over rows.
+    """
+    keys = states.to(torch.long) * 2**32 + row_ids.to(device=states.device, dtype=torch.long)
+    slot = ("emax", width)
+    stored = cache.get(slot)
+    if stored is None:
+        hit = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+        pos = hit.long()
+    else:
+        pos = torch.searchsorted(stored[0], keys).clamp_max(stored[0].numel() - 1)
+        hit = stored[0][pos] == keys
+    if stored is not None and bool(hit.all()):
+        return stored[1].index_select(0, pos)
+    miss = (~hit).nonzero().squeeze(1)
+    fresh = compute(miss)
+    if stored is None:
+        out = fresh.new_empty(keys.numel(), width)
+        all_keys, all_vals = keys[miss], fresh
+    else:
+        out = stored[1].new_empty(keys.numel(), width)
+        out[hit] = stored[1][pos[hit]]
+        all_keys, all_vals = torch.cat([stored[0], keys[miss]]), torch.cat([stored[1], fresh])
+    out[miss] = fresh
+    order = torch.argsort(all_keys, stable=True)
+    cache[slot] = (all_keys[order], all_vals[order])
+    return out
