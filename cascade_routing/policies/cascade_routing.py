@@ -47,6 +47,7 @@ from cascade_routing.policies.supermodels import (
     MAX_EXHAUSTIVE_SUPERMODELS,
     count_supermodels,
     expected_max_pruned,
+    members_as,
     expected_max_table,
     normal_draws,
     quality_samples,
@@ -144,7 +145,7 @@ class CascadeRouting(Policy):
             if group is None:
                 continue
             emax, added, invalid, free_idx, table = group
-            best = self._best(emax, added, lam[idx], invalid if self.force_order and t > 0 else None)
+            best = self._best(emax, added, lam[idx], invalid)
             out[idx] = self._next_model(table.members[best], cost[idx].gather(1, free_idx), free_idx)
         return out
 
@@ -174,7 +175,7 @@ class CascadeRouting(Policy):
         return torch.where(chosen.any(1), nxt, torch.full_like(nxt, -1))
 
     def _group(self, estimate, cost, ran, idx, t, cache, rows, prune_lam: Tensor | None = None):
-        """For rows ``idx`` that all ran ``t`` models: (emax [b, S], added cost [b, S], invalid [b, S],
+        """For rows ``idx`` that all ran ``t`` models: (emax [b, S], added cost [b, S], invalid [b, S] or None,
         free_idx [b, n], table) over the subsets of each row's not-yet-run models (in index order),
         or None if no row can run another model. ``prune_lam`` [b]: skip extensions by the pruning
         lemma at these λ (pruned subsets get emax -inf; the cache is not used since pruning depends on λ)."""
@@ -190,7 +191,7 @@ class CascadeRouting(Policy):
         order = torch.argsort(ran[idx].to(torch.int8), dim=1, stable=True)  # free models first, by index
         free_idx, ran_idx = order[:, :n], order[:, n:]
         table = subset_table(n, r, dev)
-        members_f = table.members.to(cost.dtype)
+        members_f = members_as(table, cost.dtype)
         z = normal_draws(self.num_samples, m, self.seed, dev, estimate.mean.dtype)
         if prune_lam is not None:
             cost_free = cost[idx].gather(1, free_idx)
@@ -206,7 +207,7 @@ class CascadeRouting(Policy):
             bad_slot = free_idx < ran_idx.amax(1, keepdim=True)
             invalid = (bad_slot.to(cost.dtype) @ members_f.T) > 0
         else:
-            invalid = torch.zeros_like(emax, dtype=torch.bool)
+            invalid = None  # every supermodel is allowed
         return emax, added, invalid, free_idx, table
 
     def _emax(self, estimate: QualityEstimate, idx: Tensor, free_idx: Tensor, ran_idx: Tensor, table,
@@ -272,7 +273,8 @@ class CascadeRouting(Policy):
             zero = torch.zeros(b, 1, dtype=estimate.mean.dtype, device=dev)
             return zero, zero.clone(), torch.full((b, 1), -1, dtype=torch.long, device=dev)
         emax, added, invalid, free_idx, table = group
-        emax = emax.masked_fill(invalid, -math.inf)
+        if invalid is not None:
+            emax = emax.masked_fill(invalid, -math.inf)
         s = table.members.shape[0]
         chosen = table.members[None].expand(b, s, -1)
         cost_free = cost.gather(1, free_idx)

@@ -99,24 +99,22 @@ if AVAILABLE:
         # per row: values = emax - lam * added (-inf where invalid); among values >= max - tol the
         # least added cost, first row on ties (torch's argmin)
         b, s = emax.shape
+        values = np.empty(s, emax.dtype)
         for i in range(b):
-            top = -np.inf
+            top = emax.dtype.type(-np.inf)
             for c in range(s):
                 v = emax[i, c] - lam[i] * added[i, c]
                 if has_invalid and invalid[i, c]:
-                    v = -np.inf
+                    v = emax.dtype.type(-np.inf)
+                values[c] = v
                 if v > top:
                     top = v
-            thr = emax.dtype.type(top - tol)  # rounded like torch's float32 `max - tol`
+            thr = top - tol  # in the input dtype, like torch's `max - tol`
             arg = 0
-            low = np.inf
+            low = added.dtype.type(np.inf)
             for c in range(s):
-                v = emax[i, c] - lam[i] * added[i, c]
-                if has_invalid and invalid[i, c]:
-                    v = -np.inf
-                a = added[i, c] if v >= thr else np.inf
-                if a < low:
-                    low = a
+                if values[c] >= thr and added[i, c] < low:
+                    low = added[i, c]
                     arg = c
             best[i] = arg
 

@@ -122,8 +122,25 @@ def normal_draws(
     num_samples: int, num_models: int, seed: int = 0, device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Fixed antithetic scrambled-Sobol standard normal draws z [K, M] (same seed, same draws)."""
-    return _normal_draws_cpu(num_samples, num_models, seed).to(device=device, dtype=dtype)
+    """Fixed antithetic scrambled-Sobol standard normal draws z [K, M] (same seed, same draws).
+
+    Cached per (K, M, seed, device, dtype): the engine asks for them at every decision step."""
+    key = ("draws", num_samples, num_models, seed, str(torch.device(device)), dtype)
+    z = _DEVICE_TABLES.get(key)  # type: ignore[arg-type]
+    if z is None:
+        z = _normal_draws_cpu(num_samples, num_models, seed).to(device=device, dtype=dtype)
+        _DEVICE_TABLES[key] = z  # type: ignore[index]
+    return z
+
+
+def members_as(table: SubsetTable, dtype: torch.dtype) -> Tensor:
+    """``table.members`` as 0/1 values of ``dtype`` [S, n] (cached), for ``added cost = cost_free @ members.T``."""
+    key = ("members", table.n, table.r, str(table.members.device), dtype)
+    hit = _DEVICE_TABLES.get(key)  # type: ignore[arg-type]
+    if hit is None:
+        hit = table.members.to(dtype)
+        _DEVICE_TABLES[key] = hit  # type: ignore[index]
+    return hit
 
 
 def quality_samples(
