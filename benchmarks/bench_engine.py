@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "numba"],
                     help="E[max] backend on CPU (CASCADE_ROUTING_EMAX_BACKEND)")
+    ap.add_argument("--chunk-mb", type=int, default=32,
+                    help="working-memory bound of one E[max] chunk (CascadeRouting chunk_bytes); larger on a GPU")
     ap.add_argument("--json", default=None, help="append the figures of each dtype as a JSON line to this file")
     args = ap.parse_args()
     os.environ["CASCADE_ROUTING_EMAX_BACKEND"] = args.backend
@@ -120,7 +122,7 @@ def bench(args, dtype: torch.dtype) -> None:
     dev = torch.device(args.device)
     quality, cost, qe, ce = make_problem(args.queries, args.models, dtype=dtype)
     qe.to(dev), ce.to(dev)
-    policy = CascadeRouting(max_depth=args.depth, num_samples=args.samples)
+    policy = CascadeRouting(max_depth=args.depth, num_samples=args.samples, chunk_bytes=args.chunk_mb * 2**20)
 
     def run():
         res = simulate(policy, qe, ce, quality, cost, args.lam)
@@ -130,7 +132,7 @@ def bench(args, dtype: torch.dtype) -> None:
 
     run()  # warm-up (tables, draws, kernels)
     # record decisions (CPU) for the baseline replay of a random subsample of query-steps
-    rec = Recorder(max_depth=args.depth, num_samples=args.samples)
+    rec = Recorder(max_depth=args.depth, num_samples=args.samples, chunk_bytes=args.chunk_mb * 2**20)
     simulate(rec, qe, ce, quality, cost, args.lam)
     events = [(s, i) for s, (_, _, _, _, _, out) in enumerate(rec.log) for i in range(len(out))]
     rnd = random.Random(0)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU (about 5 minutes on one GPU); every figure goes to --out.
+# One prepared check for a lent GPU (sized for about 5 minutes on one GPU; not yet timed on one);
+# every figure goes to --out.
 #   1. pytest -k "gpu or cuda"                        (CPU == GPU decisions; skipped without CUDA)
 #   2. bench_engine.py --device DEV at 4k / 64k / 1M queries (float32, 11 models, depth 5, K=128;
 #      decisions asserted identical to the per-query Python baseline)  -> engine.jsonl
@@ -80,11 +81,13 @@ step() {
 
 if [ "$DRY" = 1 ]; then
   SIZES="${GPU_CHECK_SIZES:-256 1024}"; REPEATS=1; BASELINE=5
+  ENGINE_ARGS=()
   REPRO_ARGS=(--quick --resamples 20)
   FT_ARGS=(--trainer.accelerator cpu --trainer.precision 32-true --trainer.limit_train_batches 2
            --trainer.limit_val_batches 1 --data.batch_size 8)
 else
   SIZES="4096 65536 1048576"; REPEATS=3; BASELINE=20
+  ENGINE_ARGS=(--chunk-mb 4096)   # the torch path on a GPU: few large launches
   REPRO_ARGS=()
   FT_ARGS=()
 fi
@@ -96,7 +99,7 @@ fi
 if wants engine; then
   for n in $SIZES; do
     step "bench_engine $n queries" "$OUT/engine_$n.txt" "$PY" benchmarks/bench_engine.py --device "$DEVICE" \
-      --queries "$n" --dtypes float32 --repeats "$REPEATS" --baseline-steps "$BASELINE" --json "$OUT/engine.jsonl"
+      --queries "$n" --dtypes float32 --repeats "$REPEATS" --baseline-steps "$BASELINE" --json "$OUT/engine.jsonl" "${ENGINE_ARGS[@]}"
   done
 fi
 
