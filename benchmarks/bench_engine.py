@@ -8,13 +8,19 @@ plain Python (itertools over supermodels, loops over the draws): it replays a ra
 the engine's recorded (query, state) decisions, must return identical decisions (asserted), and its
 time per query-step is extrapolated to all query-steps. Prints query-steps/s of both and the ratio.
 
-Usage: ``python benchmarks/bench_engine.py [--device cuda] [--baseline-steps 40] [--queries 4096]``
+On CPU the engine uses the fused numba kernels (``--backend auto``); ``--backend torch`` times the
+plain torch ops instead (the GPU path). The load average is printed with the figures (2 shared cores:
+the ratio moves with it). ``--json FILE`` appends the figures as one JSON line.
+
+Usage: ``python benchmarks/bench_engine.py [--threads 1] [--device cuda] [--backend torch] [--queries 4096]``
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
 import random
 import time
 
@@ -97,10 +103,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtypes", default="float64,float32")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "numba"],
+                    help="E[max] backend on CPU (CASCADE_ROUTING_EMAX_BACKEND)")
+    ap.add_argument("--chunk-mb", type=int, default=32,
+                    help="working-memory bound of one E[max] chunk (CascadeRouting chunk_bytes); larger on a GPU")
+    ap.add_argument("--json", default=None, help="append the figures of each dtype as a JSON line to this file")
     args = ap.parse_args()
+    os.environ["CASCADE_ROUTING_EMAX_BACKEND"] = args.backend
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, backend {args.backend}, "
+          f"load average {os.getloadavg()[0]:.2f} (1 min)")
     for dtype in args.dtypes.split(","):
         bench(args, getattr(torch, dtype))
 
@@ -109,7 +122,7 @@ def bench(args, dtype: torch.dtype) -> None:
     dev = torch.device(args.device)
     quality, cost, qe, ce = make_problem(args.queries, args.models, dtype=dtype)
     qe.to(dev), ce.to(dev)
-    policy = CascadeRouting(max_depth=args.depth, num_samples=args.samples)
+    policy = CascadeRouting(max_depth=args.depth, num_samples=args.samples, chunk_bytes=args.chunk_mb * 2**20)
 
     def run():
         res = simulate(policy, qe, ce, quality, cost, args.lam)
@@ -119,7 +132,7 @@ def bench(args, dtype: torch.dtype) -> None:
 
     run()  # warm-up (tables, draws, kernels)
     # record decisions (CPU) for the baseline replay of a random subsample of query-steps
-    rec = Recorder(max_depth=args.depth, num_samples=args.samples)
+    rec = Recorder(max_depth=args.depth, num_samples=args.samples, chunk_bytes=args.chunk_mb * 2**20)
     simulate(rec, qe, ce, quality, cost, args.lam)
     events = [(s, i) for s, (_, _, _, _, _, out) in enumerate(rec.log) for i in range(len(out))]
     rnd = random.Random(0)
@@ -157,7 +170,16 @@ def bench(args, dtype: torch.dtype) -> None:
     print(f"[{dtype}] baseline (pure Python, per query): {base_t * 1e3:.2f} ms per query-step (best of {args.repeats} "
           f"passes over {len(sample)} sampled query-steps, identical decisions) = {base_rate:,.1f} query-steps/s; "
           f"extrapolated total {base_t * query_steps:.0f} s")
-    print(f"[{dtype}] speed-up: {engine_rate / base_rate:,.0f}x")
+    load = os.getloadavg()[0]
+    print(f"[{dtype}] speed-up: {engine_rate / base_rate:,.0f}x (load average {load:.2f})")
+    if args.json:
+        row = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "backend": args.backend,
+               "threads": torch.get_num_threads(), "queries": args.queries, "models": args.models,
+               "depth": args.depth, "samples": args.samples, "query_steps": query_steps,
+               "engine_s": engine_t, "engine_query_steps_per_s": engine_rate, "baseline_ms_per_step": base_t * 1e3,
+               "speedup": engine_rate / base_rate, "identical_decisions": True, "load_average": load}
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     result = reproduce_routerbench(
         out_dir=args.out, dataset=dataset, seed=args.seed, quick=args.quick,
         num_samples=args.num_samples, num_resamples=args.resamples, progress=not args.no_progress,
+        device=args.device,
     )
     print(f"wrote {result.out_dir}/results.csv, table.md, curves.png in {result.seconds:.1f} s")
     return 0
@@ -45,6 +46,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     rb.add_argument("--resamples", type=int, default=500, help="bootstrap resamples for the CI")
     rb.add_argument("--quick", action="store_true", help="first pool, low noise, 4 budgets per pair")
     rb.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rb.add_argument("--device", default="cpu", help="where the estimators' tables and the engine run (cpu, cuda)")
     rb.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: on a shared or busy CPU, multi-threaded small "
                          "kernels slow down by up to 10x; 0 = torch's default)")

@@ -68,9 +68,11 @@ def reproduce_routerbench(
     quick: bool = False,
     progress: bool = True,
     console=None,
+    device: str = "cpu",
 ) -> ReproduceResult:
     """Run the protocol (module docstring); ``quick``: first pool and low noise only, 4 budgets per
-    pair, 100 bootstrap resamples. ``dataset``: a RoutingDataset (default: ``routerbench-subset``)."""
+    pair, 100 bootstrap resamples. ``dataset``: a RoutingDataset (default: ``routerbench-subset``).
+    ``device``: where the synthetic estimators' tables live; the engine follows them."""
     from cascade_routing.data.splits import partition_indices
 
     t0 = time.perf_counter()
@@ -102,6 +104,7 @@ def reproduce_routerbench(
         budgets = sweep_budgets(test_c.mean(0), test_q.mean(0), budgets_per_pair)
         for noise in noise_levels:
             qe, ce = synthetic_estimators(data, noise, fit_rows, seed)
+            qe.to(device), ce.to(device)
             panel = curves.setdefault(f"{pool_name}, {noise} noise", [])
             for strategy in strategies:
                 t1 = time.perf_counter()

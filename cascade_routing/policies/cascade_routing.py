@@ -50,14 +50,17 @@ from torch import Tensor
 
 from cascade_routing.estimators.base import QualityEstimate
 from cascade_routing.policies.base import Policy, PolicyError, check_inputs
+from cascade_routing.policies import emax_numba
 from cascade_routing.policies.supermodels import (
     MAX_EXHAUSTIVE_SUPERMODELS,
     count_supermodels,
     expected_max_pruned,
+    members_as,
     expected_max_table,
     normal_draws,
     quality_samples,
     subset_table,
+    use_fused_kernel,
 )
 
 
@@ -165,14 +168,26 @@ class CascadeRouting(Policy):
             emax, added, invalid, free_idx, table = group
             if allowed is not None:
                 barred = (~allowed[idx].gather(1, free_idx)).to(cost.dtype)
-                invalid = invalid | ((barred @ table.members.to(cost.dtype).T) > 0)
-            values = emax - lam[idx, None] * added
-            values = values.masked_fill(invalid, -math.inf)
-            best_val = values.amax(1, keepdim=True)
-            near = values >= best_val - self.tie_tol
-            best = torch.where(near, added, torch.full_like(added, math.inf)).argmin(1)  # least added cost
+                blocked = (barred @ members_as(table, cost.dtype).T) > 0
+                invalid = blocked if invalid is None else invalid | blocked
+            best = self._best(emax, added, lam[idx], invalid)
             out[idx] = self._next_model(table.members[best], cost[idx].gather(1, free_idx), free_idx)
         return out
+
+    def _best(self, emax: Tensor, added: Tensor, lam: Tensor, invalid: Tensor | None) -> Tensor:
+        """Row of S* per query: among ``values = emax − λ·added`` (-inf where invalid) within ``tie_tol``
+        of the best, the least added cost, then the lowest row. One fused pass on CPU (numba)."""
+        if use_fused_kernel(emax) and added.dtype == emax.dtype:
+            inv = None if invalid is None else invalid.contiguous().numpy()
+            best = emax_numba.choose(emax.contiguous().numpy(), added.contiguous().numpy(),
+                                     lam.to(emax.dtype).contiguous().numpy(), inv, self.tie_tol)
+            return torch.from_numpy(best)
+        values = emax - lam[:, None] * added
+        if invalid is not None:
+            values = values.masked_fill(invalid, -math.inf)
+        best_val = values.amax(1, keepdim=True)
+        near = values >= best_val - self.tie_tol
+        return torch.where(near, added, torch.full_like(added, math.inf)).argmin(1)  # least added cost
 
     def on_columns(self, cols: list[int]) -> "CascadeRouting":
         """This policy for a call that passes only the model columns ``cols`` (e.g. a server dropping
@@ -218,7 +233,7 @@ class CascadeRouting(Policy):
 
     def _group(self, estimate, cost, ran, idx, t, cache, rows, prune_lam: Tensor | None = None,
                depth: int | None = None):
-        """For rows ``idx`` that all ran ``t`` models: (emax [b, S], added cost [b, S], invalid [b, S],
+        """For rows ``idx`` that all ran ``t`` models: (emax [b, S], added cost [b, S], invalid [b, S] or None,
         free_idx [b, n], table) over the subsets of each row's not-yet-run models (in index order),
         or None if no row can run another model. ``prune_lam`` [b]: skip extensions by the pruning
         lemma at these λ (pruned subsets get emax -inf; the cache is not used since pruning depends on λ)."""
@@ -234,15 +249,15 @@ class CascadeRouting(Policy):
         order = torch.argsort(ran[idx].to(torch.int8), dim=1, stable=True)  # free models first, by index
         free_idx, ran_idx = order[:, :n], order[:, n:]
         table = subset_table(n, r, dev)
-        members_f = table.members.to(cost.dtype)
+        members_f = members_as(table, cost.dtype)
         z = normal_draws(self.num_samples, m, self.seed, dev, estimate.mean.dtype)
         if prune_lam is not None:
             cost_free = cost[idx].gather(1, free_idx)
             emax = self._emax(estimate, idx, free_idx, ran_idx, table, z, (cost_free, prune_lam))
         elif cache is not None and rows is not None:
             states = ran_states(ran[idx])
-            # one memo per subset-table depth: a depth-limited call (FittedLambda.max_depth) has other tables
-            emax = _cached_emax(cache.setdefault(("levels", r), {}), states, rows[idx], lambda sel: self._emax(
+            # keyed by the table width too: a depth-limited call (FittedLambda.max_depth) has other tables
+            emax = _cached_emax(cache, table.members.shape[0], states, rows[idx], lambda sel: self._emax(
                 estimate, idx[sel], free_idx[sel], ran_idx[sel], table, z))
         else:
             emax = self._emax(estimate, idx, free_idx, ran_idx, table, z)
@@ -251,14 +266,18 @@ class CascadeRouting(Policy):
             bad_slot = free_idx < ran_idx.amax(1, keepdim=True)
             invalid = (bad_slot.to(cost.dtype) @ members_f.T) > 0
         else:
-            invalid = torch.zeros_like(emax, dtype=torch.bool)
+            invalid = None  # every supermodel is allowed
         return emax, added, invalid, free_idx, table
 
     def _emax(self, estimate: QualityEstimate, idx: Tensor, free_idx: Tensor, ran_idx: Tensor, table,
               z: Tensor, prune: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """E[max] [len(idx), S] of ran ∪ s for every subset s of each row's free models, chunked."""
-        widest = max(stop - start for start, stop in table.levels)
-        per_row = max(1, widest * z.shape[0] * estimate.mean.element_size() * 3)
+        fused = prune is None and use_fused_kernel(estimate.mean)
+        if fused:  # the kernel keeps one level per row in its own scratch: only the samples are held
+            per_row = max(1, (table.n + 1) * z.shape[0] * estimate.mean.element_size())
+        else:
+            widest = max(stop - start for start, stop in table.levels)
+            per_row = max(1, widest * z.shape[0] * estimate.mean.element_size() * 3)
         # pruned search keeps only surviving subsets: bigger chunks, fewer ops (worst case still bounded x4)
         chunk = max(1, (self.chunk_bytes * (4 if prune is not None else 1)) // per_row)
         zt = z.T  # [M, K]
@@ -268,7 +287,14 @@ class CascadeRouting(Policy):
             sub = idx[lo:lo + chunk]
             f_idx, r_idx = free_idx[lo:lo + chunk], ran_idx[lo:lo + chunk]
             mean = estimate.mean[sub]
-            if estimate.cov is None:
+            if fused and estimate.cov is None:
+                std = estimate.std[sub] if estimate.std is not None else torch.zeros_like(mean)
+                xf_np, base_np = emax_numba.independent_samples(
+                    mean.numpy(), std.numpy(), f_idx.contiguous().numpy(), r_idx.contiguous().numpy(),
+                    zt.contiguous().numpy())
+                xf = torch.from_numpy(xf_np)
+                base = None if base_np is None else torch.from_numpy(base_np)
+            elif estimate.cov is None:
                 # independent beliefs: sample only the needed columns, each row its own columns
                 std = estimate.std[sub] if estimate.std is not None else torch.zeros_like(mean)
                 xf = mean.gather(1, f_idx)[:, :, None] + std.gather(1, f_idx)[:, :, None] * zt[f_idx]
@@ -286,7 +312,7 @@ class CascadeRouting(Policy):
             else:
                 parts.append(expected_max_pruned(xf.contiguous(), base, table, prune[0][lo:lo + chunk],
                                                  prune[1][lo:lo + chunk], self.tie_tol))
-        return torch.cat(parts, 0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
     def candidates(self, estimate: QualityEstimate, cost: Tensor, state: int, cache: dict | None = None,
                    rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -306,7 +332,8 @@ class CascadeRouting(Policy):
             zero = torch.zeros(b, 1, dtype=estimate.mean.dtype, device=dev)
             return zero, zero.clone(), torch.full((b, 1), -1, dtype=torch.long, device=dev)
         emax, added, invalid, free_idx, table = group
-        emax = emax.masked_fill(invalid, -math.inf)
+        if invalid is not None:
+            emax = emax.masked_fill(invalid, -math.inf)
         s = table.members.shape[0]
         chosen = table.members[None].expand(b, s, -1)
         cost_free = cost.gather(1, free_idx)
@@ -325,13 +352,34 @@ class CascadeRouting(Policy):
         return bad.any(2)
 
 
-def _cached_emax(cache: dict, states: Tensor, row_ids: Tensor, compute) -> Tensor:
-    """E[max] rows from ``cache[(state, row)]``, computing (in one call) only the pairs not yet stored."""
-    keys = list(zip(states.tolist(), row_ids.tolist()))
-    missing = [i for i, key in enumerate(keys) if key not in cache]
-    if missing:
-        sel = torch.tensor(missing, dtype=torch.long, device=row_ids.device)
-        fresh = compute(sel)
-        for i, val in zip(missing, fresh):
-            cache[keys[i]] = val
-    return torch.stack([cache[key] for key in keys])
+def _cached_emax(cache: dict, width: int, states: Tensor, row_ids: Tensor, compute) -> Tensor:
+    """E[max] rows [B, width] of (ran-state, row) pairs from ``cache``, computing (in one call) only the
+    pairs not yet stored.
+
+    Stored under ``("emax", width)`` as (sorted pair keys int64 [P], E[max] [P, width]) with pair key
+    ``state · 2^32 + row``: a lookup is one ``searchsorted`` and one gather, not a loop over rows.
+    """
+    keys = states.to(torch.long) * 2**32 + row_ids.to(device=states.device, dtype=torch.long)
+    slot = ("emax", width)
+    stored = cache.get(slot)
+    if stored is None:
+        hit = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+        pos = hit.long()
+    else:
+        pos = torch.searchsorted(stored[0], keys).clamp_max(stored[0].numel() - 1)
+        hit = stored[0][pos] == keys
+    if stored is not None and bool(hit.all()):
+        return stored[1].index_select(0, pos)
+    miss = (~hit).nonzero().squeeze(1)
+    fresh = compute(miss)
+    if stored is None:
+        out = fresh.new_empty(keys.numel(), width)
+        all_keys, all_vals = keys[miss], fresh
+    else:
+        out = stored[1].new_empty(keys.numel(), width)
+        out[hit] = stored[1][pos[hit]]
+        all_keys, all_vals = torch.cat([stored[0], keys[miss]]), torch.cat([stored[1], fresh])
+    out[miss] = fresh
+    order = torch.argsort(all_keys, stable=True)
+    cache[slot] = (all_keys[order], all_vals[order])
+    return out

@@ -17,6 +17,7 @@ Pure torch; no Lightning, no transformers.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
@@ -24,6 +25,8 @@ from itertools import combinations
 import numpy as np
 import torch
 from torch import Tensor
+
+from cascade_routing.policies import emax_numba
 
 MAX_EXHAUSTIVE_SUPERMODELS = 2**12
 
@@ -119,8 +122,25 @@ def normal_draws(
     num_samples: int, num_models: int, seed: int = 0, device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Fixed antithetic scrambled-Sobol standard normal draws z [K, M] (same seed, same draws)."""
-    return _normal_draws_cpu(num_samples, num_models, seed).to(device=device, dtype=dtype)
+    """Fixed antithetic scrambled-Sobol standard normal draws z [K, M] (same seed, same draws).
+
+    Cached per (K, M, seed, device, dtype): the engine asks for them at every decision step."""
+    key = ("draws", num_samples, num_models, seed, str(torch.device(device)), dtype)
+    z = _DEVICE_TABLES.get(key)  # type: ignore[arg-type]
+    if z is None:
+        z = _normal_draws_cpu(num_samples, num_models, seed).to(device=device, dtype=dtype)
+        _DEVICE_TABLES[key] = z  # type: ignore[index]
+    return z
+
+
+def members_as(table: SubsetTable, dtype: torch.dtype) -> Tensor:
+    """``table.members`` as 0/1 values of ``dtype`` [S, n] (cached), for ``added cost = cost_free @ members.T``."""
+    key = ("members", table.n, table.r, str(table.members.device), dtype)
+    hit = _DEVICE_TABLES.get(key)  # type: ignore[arg-type]
+    if hit is None:
+        hit = table.members.to(dtype)
+        _DEVICE_TABLES[key] = hit  # type: ignore[index]
+    return hit
 
 
 def quality_samples(
@@ -148,13 +168,60 @@ def quality_samples(
     return mean[:, :, None].expand(b, m, k)
 
 
+EMAX_BACKENDS = ("auto", "torch", "numba")
+
+
+def emax_backend() -> str:
+    """The E[max] table backend: ``CASCADE_ROUTING_EMAX_BACKEND`` = auto (default: the fused numba
+    kernel for float32/float64 CPU tensors when numba loads, torch otherwise) | torch | numba."""
+    name = os.environ.get("CASCADE_ROUTING_EMAX_BACKEND", "auto").strip().lower() or "auto"
+    if name not in EMAX_BACKENDS:
+        raise ValueError(f"CASCADE_ROUTING_EMAX_BACKEND={name!r}; choose one of {list(EMAX_BACKENDS)}")
+    return name
+
+
+@lru_cache(maxsize=256)
+def _kernel_layout(n: int, r: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(prefix int64 [r+1, n], level starts int64 [r+1], widest level, number of subsets) of a table."""
+    table = _subset_table_cpu(n, r)
+    prefix = np.zeros((table.r + 1, n), dtype=np.int64)
+    for level in range(1, table.r + 1):
+        prefix[level] = table.prefix[level]
+    starts = np.array([start for start, _ in table.levels], dtype=np.int64)
+    widest = max(stop - start for start, stop in table.levels)
+    return prefix, starts, widest, table.members.shape[0]
+
+
+def use_fused_kernel(x: Tensor) -> bool:
+    """Whether the numba kernels handle tensors like ``x`` (CPU, float32/float64; see :func:`emax_backend`)."""
+    backend = emax_backend()
+    if backend == "torch" or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if backend == "numba" and not emax_numba.AVAILABLE:
+        raise RuntimeError("CASCADE_ROUTING_EMAX_BACKEND=numba but numba cannot be imported")
+    return emax_numba.AVAILABLE
+
+
 def expected_max_table(free_samples: Tensor, base: Tensor | None, table: SubsetTable) -> Tensor:
     """E[max] for every subset of ``table`` joined with a base set: [B, S].
 
     ``free_samples`` [B, n, K] are the samples of the n candidate models; ``base`` [B, K] is the
     sample max over models already in every supermodel (the models that ran), or None (empty base;
     the empty subset then gets -inf). Row s of the result is ``E[max(base, max_{j in s} x_j)]``.
+    On CPU (float32/float64) the fused kernel of :mod:`cascade_routing.policies.emax_numba` computes
+    it (see :func:`emax_backend`); elsewhere the torch ops below.
     """
+    if use_fused_kernel(free_samples) and not free_samples.requires_grad:
+        prefix, starts, widest, s_total = _kernel_layout(table.n, table.r)
+        xf = free_samples.detach().contiguous().numpy()
+        bs = None if base is None else base.detach().to(free_samples.dtype).contiguous().numpy()
+        out = emax_numba.expected_max_table_numba(xf, bs, prefix, starts, widest, s_total, torch.get_num_threads())
+        return torch.from_numpy(out)
+    return _expected_max_table_torch(free_samples, base, table)
+
+
+def _expected_max_table_torch(free_samples: Tensor, base: Tensor | None, table: SubsetTable) -> Tensor:
+    """The torch path of :func:`expected_max_table` (any device)."""
     b, n, k = free_samples.shape
     s_total = table.members.shape[0]
     out = torch.empty(b, s_total, dtype=free_samples.dtype, device=free_samples.device)
