@@ -146,25 +146,39 @@ def test_auc_definition():
     assert len(b) == 19 and b[0] == 1.0 and b[-1] == 3.0
 
 
-def test_reproduce_quick_on_small_dataset(tmp_path):
+def test_reproduce_on_any_dataset_uses_its_non_dominated_models(tmp_path, capsys):
     from cascade_routing.cli import main
+    from cascade_routing.evaluation.metrics import nondominated_models
+    from cascade_routing.evaluation.reproduce import default_pools, reproduce_routerbench
 
     quality, cost = make_data(400, 4, seed=9)
     ds = RoutingDataset([f"q{i}" for i in range(400)], ["a", "b", "c", "d"], quality, cost,
                         tasks=["t1", "t2"] * 200, name="toy")
     ds.save(tmp_path / "toy")
-    rc = main(["reproduce", "routerbench", "--dataset", str(tmp_path / "toy"), "--out", str(tmp_path / "out"),
+    nd = [ds.models[i] for i in sorted(nondominated_models(ds.cost.mean(0), ds.quality.mean(0)))]
+    pools = default_pools(ds)
+    assert list(pools.values())[-1] == [] and list(pools)[-1] == "all (4)"
+    if len(nd) < 4:
+        assert list(pools.values())[0] == nd
+    rc = main(["reproduce", "routerbench", "--dataset", str(tmp_path / "toy"), "--out", str(tmp_path / "cli"),
                "--quick", "--no-progress", "--resamples", "20"])
-    assert rc == 2  # the paper's pools name RouterBench models the toy dataset lacks: a clear error
-    from cascade_routing.evaluation.reproduce import reproduce_routerbench
+    assert rc == 0
+    assert "toy, synthetic estimators" in capsys.readouterr().out  # the title names the dataset
+    rc = main(["reproduce", "routerbench", "--dataset", str(tmp_path / "toy"), "--out", str(tmp_path / "bad"),
+               "--pool", "mine=a,zzz", "--quick", "--no-progress"])
+    assert rc == 2 and "'zzz' matches nothing" in capsys.readouterr().err
 
-    res = reproduce_routerbench(tmp_path / "out", dataset=ds, pools={"all": []}, noise_levels=("low",),
+    res = reproduce_routerbench(tmp_path / "out", dataset=ds, pools={"mine": ["a", "d"]}, noise_levels=("low",),
                                 budgets_per_pair=3, num_resamples=20, progress=False)
-    assert (tmp_path / "out" / "results.csv").exists() and (tmp_path / "out" / "curves.png").exists()
+    for name in ("results.csv", "curves.png", "curves.svg"):
+        assert (tmp_path / "out" / name).stat().st_size > 500, name
     aucs = {r["strategy"]: r["auc"] for r in res.rows}
     assert set(aucs) == {"linear_interpolation", "routing", "threshold_cascade", "optimal_cascade",
                          "cascade_routing"}
-    assert all(0 < a <= 100 for a in aucs.values())
+    assert {r["models"] for r in res.rows} == {2}
+    # low noise: the estimators are nearly the oracle, so choosing per query beats mixing two models
+    assert aucs["cascade_routing"] > aucs["linear_interpolation"] + 1, aucs
+    assert aucs["routing"] > aucs["linear_interpolation"] + 1, aucs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
