@@ -5,6 +5,8 @@ never writes an artifact; the shipped configs parse and compose."""
 from __future__ import annotations
 
 import csv
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,8 +125,9 @@ def test_export_cli_then_evaluate_writes_points(fitted, capsys):
     first = load_artifact(tmp / "artifacts" / "tiny.safetensors")
     # same checkpoint, same calibration split: the same network weights as the end-of-fit export
     assert all(torch.equal(art.state_dict[k], first.state_dict[k]) for k in first.state_dict)
+    # the training run is still open (as in train-eval): the evaluation logs into it, one run per experiment
     res = evaluate(str(out), out_dir=str(tmp / "eval"), budgets_per_pair=3, num_resamples=30, progress=False,
-                   log_wandb=False, cache_dir=str(tmp / "cache"))
+                   log_wandb=True, cache_dir=str(tmp / "cache"))
     for name in ("results.csv", "points.csv", "table.md", "curves.png", "curves.svg", "estimator_metrics.json"):
         assert (tmp / "eval" / name).stat().st_size > 100, name
     with open(tmp / "eval" / "points.csv") as fh:
@@ -141,6 +144,11 @@ def test_export_cli_then_evaluate_writes_points(fitted, capsys):
         assert np.allclose([float(p["mean_quality"]) for p in pts], curve.qualities)
         for p in pts:
             assert float(p["quality_ci_low"]) <= float(p["mean_quality"]) <= float(p["quality_ci_high"])
+    runs = list(tmp.rglob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].is_relative_to(tmp / "runs" / "tiny"), runs
+    tables = {t.name.split("_")[0]: json.loads(t.read_text()) for t in runs[0].rglob("*.table.json")}
+    assert len(tables["points"]["data"]) == len(points)  # the wandb Table behind the line plot = points.csv
+    assert len(tables["auc"]["data"]) == len(res.rows)
     # post-hoc estimates see the run answers, which reveal correctness in the synthetic data
     learned = res.estimator_metrics["learned"]
     assert learned["posthoc_auroc"] > learned["exante_auroc"] + 0.05, learned
@@ -151,7 +159,10 @@ def test_fast_dev_run_never_writes_or_overwrites_an_artifact(fitted, monkeypatch
     monkeypatch.chdir(tmp)
     target = tmp / "artifacts" / "tiny.safetensors"
     before = target.read_bytes()
-    cli = _fit(fitted["cfg"], tmp, "--trainer.fast_dev_run=true")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = _fit(fitted["cfg"], tmp, "--trainer.fast_dev_run=true")
+    assert not [w for w in caught if "both args and command line" in str(w.message)]
     from cascade_routing.estimators.export import ExportArtifact
 
     export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact))
@@ -164,3 +175,11 @@ def test_datamodule_saves_its_hyperparameters(tmp_path):
 
     dm = RoutingDataModule(dataset="x", split_seed=3, max_length=64)
     assert dm.hparams["split_seed"] == 3 and dm.hparams["max_length"] == 64 and dm.hparams["dataset"] == "x"
+
+
+def test_wandb_logger_passes_no_anonymous_setting(tmp_path):
+    """wandb warns 'The anonymous setting has no effect' whenever init receives it, even as None."""
+    from cascade_routing.estimators.loggers import CascadeWandbLogger
+
+    logger = CascadeWandbLogger(save_dir=str(tmp_path), offline=True, group="g")
+    assert "anonymous" not in logger._wandb_init and logger._wandb_init["group"] == "g"
