@@ -199,8 +199,15 @@ def test_reproduce_cli_quick_on_routerbench(raw_data_dir, tmp_path):
 
     rc = main(["reproduce", "routerbench", "--out", str(tmp_path), "--quick", "--no-progress", "--resamples", "50"])
     assert rc == 0
-    rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 5  # header + 5 strategies (3-model pool, low noise)
+    import csv
+
+    with open(tmp_path / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 5  # 5 strategies (3-model pool, low noise)
+    aucs = {r["strategy"]: float(r["auc"]) for r in rows}
+    # the paper's ordering in this cell (full protocol: 91.62 / 89.51 / 81.02, README Table 1)
+    assert aucs["cascade_routing"] > aucs["linear_interpolation"] + 5, aucs
+    assert aucs["cascade_routing"] >= aucs["routing"] - 0.5, aucs
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
