@@ -58,6 +58,10 @@ def test_repeated_config_later_keys_win(tmp_path, monkeypatch):
     cli = lightning_cli(["--config", "routerbench", "--config", str(overlay)], run=False)
     assert cli.config.model.hidden == 64 and cli.config.data.max_length == 256
     assert cli.config.model.neighbours == 50  # untouched keys keep the composed value
+    from cascade_routing.configs import experiment_name
+
+    # train-eval names its output folder after the first config: eval/routerbench
+    assert experiment_name(["fit", "--config", "configs/routerbench.yaml", "--config", str(overlay)]) == "routerbench"
 
 
 def test_version_flag(capsys):

@@ -80,11 +80,10 @@ def expand_config_args(args: list[str]) -> list[str]:
 
 
 def experiment_name(args: list[str]) -> str | None:
-    """The name of the last ``--config`` in ``args`` (``routerbench`` for ``--config configs/routerbench.yaml``)."""
-    name = None
+    """The name of the first ``--config`` in ``args`` (``routerbench`` for ``--config configs/routerbench.yaml``)."""
     for i, arg in enumerate(args):
         if arg in CONFIG_FLAGS and i + 1 < len(args):
-            name = Path(args[i + 1]).stem
-        elif arg.startswith("--config="):
-            name = Path(arg.split("=", 1)[1]).stem
-    return name
+            return Path(args[i + 1]).stem
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1]).stem
+    return None
