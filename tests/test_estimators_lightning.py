@@ -183,3 +183,14 @@ def test_wandb_logger_passes_no_anonymous_setting(tmp_path):
 
     logger = CascadeWandbLogger(save_dir=str(tmp_path), offline=True, group="g")
     assert "anonymous" not in logger._wandb_init and logger._wandb_init["group"] == "g"
+
+
+def test_export_of_a_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from cascade_routing.cli import main
+
+    assert main(["export", "--ckpt", str(tmp_path / "nope.ckpt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    assert main(["export", "--ckpt", str(foreign)]) == 2
+    assert "carries no datamodule hyperparameters" in capsys.readouterr().err

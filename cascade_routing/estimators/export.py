@@ -389,7 +389,7 @@ def export_checkpoint(
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters")
     if not hparams:
         raise ValueError(f"{ckpt} carries no datamodule hyperparameters (trained before they were saved); retrain")
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's _instantiator etc.
