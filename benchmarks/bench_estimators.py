@@ -1,7 +1,7 @@
 """Benchmark of the learned estimators vs the paper-style baseline, on real data (test splits).
 
 For each dataset (default: rational-llm-cascades, 9 models, and routerbench-subset, 11 models) it
-trains the estimator with the dataset's config (``configs/<name>.yaml``: frozen MiniLM, cached
+trains the estimator with the dataset's shipped config (``routerbench`` / ``rational``: frozen MiniLM, cached
 embeddings) unless ``--artifact`` gives one, then reports:
 
 - AUC per strategy (routing, threshold cascade, optimal cascade, cascade routing) with the learned
@@ -19,7 +19,7 @@ Run (2 CPU cores, ~15-25 min for both datasets on a shared machine):
     CASCADE_ROUTING_DATA_DIR=../shared/data/raw .venv/bin/python benchmarks/bench_estimators.py \\
         --out benchmarks/results/estimators
 
-Writes ``<out>/<dataset>/`` (results.csv, table.md, curves.png, estimator_metrics.json) and
+Writes ``<out>/<dataset>/`` (results.csv, points.csv, table.md, curves.png/.svg, estimator_metrics.json) and
 ``<out>/summary.json`` / ``summary.md``.
 """
 
@@ -40,22 +40,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"rational-llm-cascades": "configs/rational.yaml", "routerbench-subset": "configs/routerbench.yaml"}
+CONFIGS = {"rational-llm-cascades": "rational", "routerbench-subset": "routerbench"}  # shipped config names
 
 
 def train(config: str, out: Path) -> Path:
-    from cascade_routing.cli.estimator_commands import train_eval  # noqa: F401  (import check)
-    from lightning.pytorch.cli import LightningCLI
-
-    from cascade_routing.estimators.datamodule import RoutingDataModule
     from cascade_routing.estimators.export import ExportArtifact
-    from cascade_routing.estimators.module import QualityEstimatorModule
+    from cascade_routing.estimators.training_cli import lightning_cli
 
     artifact = out / "estimator.safetensors"
-    cli = LightningCLI(QualityEstimatorModule, RoutingDataModule, seed_everything_default=0,
-                       save_config_kwargs={"overwrite": True},
-                       args=["fit", "--config", str(REPO / config), "--trainer.enable_progress_bar=false",
-                             f"--trainer.default_root_dir={out / 'runs'}"])
+    cli = lightning_cli(["fit", "--config", config, "--trainer.enable_progress_bar=false",
+                         f"--trainer.default_root_dir={out / 'runs'}"])
     export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact))
     Path(export.artifact_path).replace(artifact)
     return artifact
@@ -106,19 +100,21 @@ def throughput(artifact_path: Path, dataset: str, repeats: int = 3, max_queries:
     out["learned_with_encoder_qps"] = best_of(full)
     out["learned_heads_only_qps"] = best_of(heads)
     out["baseline_qps"] = best_of(base)
-    tok = art._text_encoders()[0]
+    tok = art.tokenizer()
     lengths = [len(x) for x in tok(queries, truncation=True, max_length=128)["input_ids"]]
     out["mean_tokens"] = float(np.mean(lengths))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cascade_routing.evaluation import protocol
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", default=",".join(CONFIGS), help="comma-separated dataset names")
     parser.add_argument("--out", default="benchmarks/results/estimators")
     parser.add_argument("--artifact", action="append", default=[], help="NAME=PATH: reuse a trained artifact")
-    parser.add_argument("--budgets-per-pair", type=int, default=5)
-    parser.add_argument("--resamples", type=int, default=200)
+    parser.add_argument("--budgets-per-pair", type=int, default=protocol.BUDGETS_PER_PAIR)
+    parser.add_argument("--resamples", type=int, default=protocol.NUM_RESAMPLES)
     args = parser.parse_args(argv)
 
     from cascade_routing.estimators.evaluate import evaluate

@@ -56,7 +56,7 @@ def test_queries(art, dataset: str, max_tokens: int, max_queries: int):
     cfg = art.data_config
     ds = load_routing_dataset(dataset)
     test = ds.split(dict(cfg["split"]), seed=int(cfg.get("split_seed", 0)))["test"]
-    tok = art._text_encoders()[0]
+    tok = art.tokenizer()
     keep = np.arange(min(max_queries, test.num_queries))
     sub = test.subset(keep)
     full = np.asarray([len(x) for x in tok(list(sub.queries))["input_ids"]])

@@ -33,3 +33,16 @@ def test_finetune_encoder_round_trip(tmp_path):
 
     q3, _ = bind_split(loaded, dm.splits["test"])
     torch.testing.assert_close(q3.estimate(rows, ran).mean, q2.estimate(rows, ran).mean, atol=1e-5, rtol=1e-4)
+
+
+def test_finetuned_module_loads_from_checkpoint(tmp_path):
+    """The fine-tuned encoder is rebuilt from ``encoder_init_path`` and its trained weights restored."""
+    from cascade_routing.estimators.module import QualityEstimatorModule
+
+    module, dm, trainer, ds = train_tiny(tmp_path, n=120, m=2, epochs=1, finetune=True)
+    assert module.hparams.encoder_init_path == dm.resolved_encoder_path
+    trainer.save_checkpoint(tmp_path / "ft.ckpt")
+    loaded = QualityEstimatorModule.load_from_checkpoint(tmp_path / "ft.ckpt", map_location="cpu")
+    want = module.network.encoder.state_dict()
+    got = loaded.network.encoder.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k].cpu()) for k in want)

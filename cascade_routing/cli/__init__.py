@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cascade-routing",
         description="Routing, cascading and cascade routing among LLMs under a cost budget.",
     )
+    from cascade_routing import __version__
+
+    parser.add_argument("--version", action="version", version=f"cascade-routing {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (data_commands, engine_commands, estimator_commands, serving_commands):
         module.register(sub)

@@ -1,7 +1,7 @@
 """`cascade-routing` subcommands of the engine stage.
 
-- ``cascade-routing reproduce routerbench [--out DIR] [--quick] [--seed S] [--num-samples K]``:
-  the paper's RouterBench experiment, wrapping
+- ``cascade-routing reproduce routerbench [--dataset D] [--pool NAME=m1,m2 ...] [--out DIR] [--quick]``:
+  the paper's RouterBench experiment (on any dataset), wrapping
   :func:`cascade_routing.evaluation.reproduce.reproduce_routerbench`.
 """
 
@@ -22,12 +22,15 @@ def _reproduce(args: argparse.Namespace) -> int:
         from cascade_routing.data import load_dataset
 
         dataset = load_dataset(args.dataset)
+    from cascade_routing.evaluation.reproduce import parse_pool
+
+    pools = dict(parse_pool(p) for p in args.pool) if args.pool else None
     result = reproduce_routerbench(
-        out_dir=args.out, dataset=dataset, seed=args.seed, quick=args.quick,
+        out_dir=args.out, dataset=dataset, pools=pools, seed=args.seed, quick=args.quick,
         num_samples=args.num_samples, num_resamples=args.resamples, progress=not args.no_progress,
         device=args.device,
     )
-    print(f"wrote {result.out_dir}/results.csv, table.md, curves.png in {result.seconds:.1f} s")
+    print(f"wrote {result.out_dir}/results.csv, table.md, curves.png (+ .svg) in {result.seconds:.1f} s")
     return 0
 
 
@@ -41,6 +44,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     rb.add_argument("--out", default="reproduce_routerbench", help="output folder (CSV, markdown table, PNG)")
     rb.add_argument("--dataset", default="routerbench-subset", help="dataset name or folder")
+    rb.add_argument("--pool", action="append", default=[], metavar="NAME=MODEL,MODEL,...",
+                    help="a pool of models (repeatable); default: the paper's pools on RouterBench, else the "
+                         "dataset's non-dominated models and all models")
     rb.add_argument("--seed", type=int, default=0)
     rb.add_argument("--num-samples", type=int, default=128, help="quasi-random draws for E[max]")
     rb.add_argument("--resamples", type=int, default=500, help="bootstrap resamples for the CI")

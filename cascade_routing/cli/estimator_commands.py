@@ -1,5 +1,5 @@
-"""`cascade-routing` subcommands of the estimator stage: ``evaluate``, ``train-eval``, ``inspect-artifact``,
-``distill-encoder``."""
+"""`cascade-routing` subcommands of the estimator stage: ``evaluate``, ``train-eval``, ``export``,
+``inspect-artifact``, ``distill-encoder``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this stage's subcommands (each sets `func`)."""
+    from cascade_routing.evaluation import protocol
     p = subparsers.add_parser(
         "evaluate",
         help="AUC of routing / cascades / cascade routing with a trained estimator vs the paper-style baseline",
@@ -18,8 +19,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--checkpoint", required=True, help="estimator artifact (.safetensors) written by train.py")
     p.add_argument("--dataset", default=None, help="dataset name or folder (default: the one it was trained on)")
     p.add_argument("--out", default="eval", help="output folder for results.csv, table.md, curves.png")
-    p.add_argument("--budgets-per-pair", type=int, default=10, help="budgets between consecutive models")
-    p.add_argument("--resamples", type=int, default=500, help="bootstrap resamples for the 95%% CI")
+    p.add_argument("--budgets-per-pair", type=int, default=protocol.BUDGETS_PER_PAIR,
+                   help="budgets between consecutive non-dominated models (default: the shared protocol)")
+    p.add_argument("--resamples", type=int, default=protocol.NUM_RESAMPLES,
+                   help="bootstrap resamples for the 95%% CI (default: the shared protocol)")
     p.add_argument("--strategies", default=None, help="comma-separated subset of strategies")
     p.add_argument("--no-baseline", action="store_true", help="skip the paper-style baseline estimator")
     p.add_argument("--no-wandb", action="store_true", help="do not log to wandb (offline by default)")
@@ -30,16 +33,32 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     t = subparsers.add_parser(
         "train-eval",
         help="train estimators with a train.py config, then evaluate the artifact it writes",
-        description="Runs `python train.py fit --config CONFIG` in-process, then `evaluate` on its artifact.",
+        description="Runs `python train.py fit --config CONFIG ...` in-process, then `evaluate` on its artifact. "
+                    "CONFIG is a shipped config name (routerbench, rational, routellm_mmlu, ...) or a YAML path; "
+                    "repeat --config to compose (later keys win).",
     )
-    t.add_argument("--config", default="configs/routerbench.yaml", help="LightningCLI YAML config")
+    t.add_argument("--config", action="append", default=None,
+                   help="config name or YAML path; repeatable (default: routerbench)")
     t.add_argument("--out", default=None, help="evaluation output folder (default: eval/<config name>)")
-    t.add_argument("--budgets-per-pair", type=int, default=5)
-    t.add_argument("--resamples", type=int, default=200)
+    t.add_argument("--budgets-per-pair", type=int, default=protocol.BUDGETS_PER_PAIR)
+    t.add_argument("--resamples", type=int, default=protocol.NUM_RESAMPLES)
     t.add_argument("--no-wandb", action="store_true")
     t.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="extra LightningCLI arguments after the options, e.g. -- --trainer.max_epochs=5")
     t.set_defaults(func=_train_eval)
+
+    e = subparsers.add_parser(
+        "export",
+        help="export a training checkpoint (best.ckpt) to an estimator artifact, without retraining",
+        description="Calibration, uncertainty selection and λ tables on the checkpoint's own calibration split "
+                    "(the step ExportArtifact runs at the end of fit).",
+    )
+    e.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
+    e.add_argument("--out", default=None, help="artifact path (default: artifacts/<dataset>.safetensors)")
+    e.add_argument("--budgets-per-pair", type=int, default=3, help="budgets per pair of the fitted λ tables")
+    e.add_argument("--no-lambdas", action="store_true", help="skip fitting the λ tables")
+    e.add_argument("--no-select", action="store_true", help="choose the uncertainty mode by val NLL only")
+    e.set_defaults(func=_export)
 
     i = subparsers.add_parser("inspect-artifact", help="print an estimator artifact's models, prices, budgets")
     i.add_argument("checkpoint")
@@ -79,33 +98,36 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_eval(config: str, overrides: list[str] | None = None, out: str | None = None, budgets_per_pair: int = 5,
-               num_resamples: int = 200, log_wandb: bool = True):
-    """Train with ``config`` (LightningCLI, in-process) and evaluate the artifact it exports."""
+def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | None = None, out: str | None = None,
+               budgets_per_pair: int | None = None, num_resamples: int | None = None, log_wandb: bool = True):
+    """Train with ``config`` (one or more config names / paths, composed in order; the project's
+    LightningCLI, in-process) and evaluate the artifact it exports with the shared protocol.
+
+    One experiment is one wandb run: the training run stays open and the evaluation logs into it.
+    """
     import time
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from lightning.pytorch.cli import LightningCLI
-
-    from cascade_routing.estimators.datamodule import RoutingDataModule
+    from cascade_routing.configs import experiment_name
     from cascade_routing.estimators.evaluate import evaluate
     from cascade_routing.estimators.export import ExportArtifact
-    from cascade_routing.estimators.module import QualityEstimatorModule
     from cascade_routing.cli.data_commands import print_input_warnings
-    from cascade_routing.estimators.runtime import configure_threads
+    from cascade_routing.estimators.training_cli import lightning_cli
+    from cascade_routing.evaluation import protocol
 
-    configure_threads()
+    configs = [config] if isinstance(config, str) else list(config)
+    args = ["fit"] + [a for c in configs for a in ("--config", c)] + list(overrides or [])
     t0 = time.perf_counter()
-    cli = LightningCLI(QualityEstimatorModule, RoutingDataModule, seed_everything_default=0,
-                       save_config_kwargs={"overwrite": True}, args=["fit", "--config", config, *(overrides or [])])
+    cli = lightning_cli(args)
     exports = [c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact)]
-    if not exports or exports[0].artifact_path is None:
-        raise RuntimeError(f"config {config!r} has no ExportArtifact callback, so training wrote no artifact")
+    if not exports:
+        raise RuntimeError(f"config {configs} has no ExportArtifact callback, so training wrote no artifact")
+    if exports[0].artifact_path is None:
+        raise RuntimeError(f"training wrote no artifact (export skipped: {exports[0].skipped}); nothing to evaluate")
     train_s = time.perf_counter() - t0
-    name = os.path.splitext(os.path.basename(config))[0]
+    name = experiment_name(args) or "experiment"
     result = evaluate(str(exports[0].artifact_path), out_dir=out or os.path.join("eval", name),
-                      budgets_per_pair=budgets_per_pair, num_resamples=num_resamples,
+                      budgets_per_pair=budgets_per_pair or protocol.BUDGETS_PER_PAIR,
+                      num_resamples=num_resamples or protocol.NUM_RESAMPLES,
                       cache_dir=cli.datamodule.cache_dir, log_wandb=log_wandb)
     print(f"train {train_s:.0f} s, evaluate {result.seconds:.0f} s, total {time.perf_counter() - t0:.0f} s")
     print_input_warnings(cli.datamodule.input_messages, f"dataset {cli.datamodule.dataset_name!r}")  # again, last
@@ -114,7 +136,17 @@ def train_eval(config: str, overrides: list[str] | None = None, out: str | None 
 
 def _train_eval(args: argparse.Namespace) -> int:
     overrides = [o for o in (args.overrides or []) if o != "--"]
-    train_eval(args.config, overrides, args.out, args.budgets_per_pair, args.resamples, not args.no_wandb)
+    train_eval(args.config or ["routerbench"], overrides, args.out, args.budgets_per_pair, args.resamples,
+               not args.no_wandb)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cascade_routing.estimators.export import export_checkpoint
+    from cascade_routing.estimators.runtime import configure_threads
+
+    configure_threads()
+    export_checkpoint(args.ckpt, args.out, args.budgets_per_pair, not args.no_lambdas, not args.no_select)
     return 0
 
 

@@ -60,7 +60,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                     "GET /v1/routing/stats, routing each query among the backends with a checkpoint.",
     )
     p.add_argument("--checkpoint", required=True, help="estimator artifact (.safetensors) with fitted λ tables")
-    p.add_argument("--backends", required=True, help="backends YAML (see configs/backends.example.yaml)")
+    p.add_argument("--backends", required=True, help="backends YAML (see cascade_routing/configs/backends.example.yaml)")
     p.add_argument("--budget", required=True, type=float, help="mean cost budget per query, USD")
     p.add_argument("--strategy", default="cascade_routing",
                    choices=["cascade_routing", "routing", "threshold_cascade", "optimal_cascade"])

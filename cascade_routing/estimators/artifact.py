@@ -322,6 +322,27 @@ class EstimatorArtifact:
         os.replace(tmp, path)
         return path
 
+    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
+        """:meth:`save` to ``path``; a folder (existing, or a path without suffix) gets ``ARTIFACT_FILENAME`` inside."""
+        return self.save(_artifact_file(path))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], expected_models: list[str] | None = None) -> "EstimatorArtifact":
+        """:func:`load_artifact` of ``path``, a ``.safetensors`` file or a folder written by :meth:`save_pretrained`."""
+        return load_artifact(_artifact_file(path), expected_models)
+
+    def tokenizer(self):
+        """The tokenizer of the artifact's query/answer encoder (loaded once)."""
+        return self._text_encoders()[0]
+
+
+ARTIFACT_FILENAME = "estimator.safetensors"
+
+
+def _artifact_file(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    return path / ARTIFACT_FILENAME if path.is_dir() or not path.suffix else path
+
 
 def _sniff(path: Path) -> str | None:
     """None for a safetensors-shaped file, else what it looks like.

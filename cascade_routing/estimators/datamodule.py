@@ -136,6 +136,7 @@ class RoutingDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()  # into every checkpoint, so the splits can be rebuilt from it alone
         self.dataset_name = dataset
         self.encoder_path = encoder_path
         self.split_fractions = dict(split or DEFAULT_SPLIT)

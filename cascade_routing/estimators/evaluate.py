@@ -7,15 +7,20 @@ cascade, optimal cascade, cascade routing), the engine's ``budget_sweep``: budge
 test split's non-dominated models, λ/γ refitted per budget on the calibration split, realised
 quality and cost on the test split, AUC with a bootstrap 95% CI. Both estimators share the
 artifact's cost estimator, so the comparison isolates quality estimation. The linear
-interpolation between models is reported as a reference. Writes ``results.csv``, ``table.md``,
-``curves.png`` and ``estimator_metrics.json``, prints the table and logs it to wandb (offline
-unless ``WANDB_MODE=online``).
+interpolation between models is reported as a reference. Budgets per pair and bootstrap resamples
+default to the shared protocol (:mod:`cascade_routing.evaluation.protocol`). Writes ``results.csv``
+(AUC per estimator × strategy), ``points.csv`` (the per-budget points behind each curve: budget,
+realised mean cost, mean quality with its bootstrap band), ``table.md``, ``curves.png``/``.svg`` and
+``estimator_metrics.json``, prints the table and logs all of it to wandb (offline unless
+``WANDB_MODE=online``): the AUC table and the points as ``wandb.Table``s, the points as a native line
+plot, the artifact file as a wandb Artifact.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,7 @@ import torch
 
 from cascade_routing.estimators.artifact import DEFAULT_ENCODER, EstimatorArtifact, load_artifact
 from cascade_routing.estimators.datamodule import EncodedSplit, RoutingDataModule
+from cascade_routing.evaluation import protocol
 from cascade_routing.estimators.export import (
     STRATEGIES,
     bind_split,
@@ -44,6 +50,8 @@ class EvaluationResult:
     seconds: float
     out_dir: Path | None = None
     extra: dict = field(default_factory=dict)
+    points: list[dict] = field(default_factory=list)  # per-budget points (evaluation.points.POINT_FIELDS)
+    config: dict = field(default_factory=dict)  # what was evaluated and how (logged to wandb)
 
 
 def datamodule_for(artifact: EstimatorArtifact, dataset: str | None = None, cache_dir: str | None = None) -> RoutingDataModule:
@@ -128,13 +136,13 @@ def evaluate(
     dataset: str | None = None,
     out_dir: str | None = "eval",
     strategies: tuple[str, ...] = STRATEGIES,
-    budgets_per_pair: int = 10,
-    num_resamples: int = 500,
+    budgets_per_pair: int = protocol.BUDGETS_PER_PAIR,
+    num_resamples: int = protocol.NUM_RESAMPLES,
     estimators: tuple[str, ...] = ESTIMATORS,
     cache_dir: str | None = None,
     progress: bool = True,
     log_wandb: bool = True,
-    seed: int = 0,
+    seed: int = protocol.SEED,
     uncertainty: str | None = None,
 ) -> EvaluationResult:
     """See the module docstring. Returns the table rows (one per estimator × strategy).
@@ -143,6 +151,7 @@ def evaluate(
     """
     from cascade_routing.estimators.baseline import BaselineModel
     from cascade_routing.evaluation.metrics import sweep_budgets
+    from cascade_routing.evaluation.points import curve_points
     from cascade_routing.evaluation.sweep import budget_sweep, linear_interpolation_sweep
 
     t0 = time.perf_counter()
@@ -177,6 +186,7 @@ def evaluate(
     rows: list[dict] = []
     curves: dict[str, list] = {}
     lin = linear_interpolation_sweep(test_q, test_c, budgets, num_resamples, seed)
+    points = curve_points(lin, "-", num_resamples, seed)
     rows.append({"estimator": "-", "strategy": "linear_interpolation", "auc": round(lin.auc, 3),
                  "ci_low": round(lin.ci[0], 3), "ci_high": round(lin.ci[1], 3), "seconds": 0.0})
     for est, strategy in jobs:
@@ -186,6 +196,7 @@ def evaluate(
                            fit_rows, test_rows, budgets, texts=data.queries, strategy=strategy,
                            num_resamples=num_resamples, seed=seed)
         curves.setdefault(f"{est} estimator", [lin]).append(res)
+        points += curve_points(res, est, num_resamples, seed)
         rows.append({"estimator": est, "strategy": strategy, "auc": round(res.auc, 3), "ci_low": round(res.ci[0], 3),
                      "ci_high": round(res.ci[1], 3), "seconds": round(time.perf_counter() - t1, 2)})
         if bar is not None:
@@ -195,13 +206,17 @@ def evaluate(
     metrics = estimator_metrics(art, test, baseline)
     metrics["uncertainty_calibration_val"] = art.calibration
     metrics["budgets_raised_to_reachable_floor"] = raised
-    result = EvaluationResult(rows, curves, metrics, time.perf_counter() - t0,
+    config = {"checkpoint": str(checkpoint), "dataset": dm.dataset_name, "strategies": list(strategies),
+              "estimators": list(estimators), "budgets_per_pair": budgets_per_pair, "num_resamples": num_resamples,
+              "seed": seed, "uncertainty": uncertainty or art.uncertainty, "data_config": art.data_config,
+              "train_config": art.train_config, "network_config": art.network_config}
+    result = EvaluationResult(rows, curves, metrics, time.perf_counter() - t0, points=points, config=config,
                               extra={"best_single_quality": float(test_q.mean(0).max())})
     print_table(rows, metrics, dm.dataset_name)
     if out_dir is not None:
         result.out_dir = write_outputs(result, Path(out_dir))
         if log_wandb:
-            log_to_wandb(result, dm.dataset_name)
+            log_to_wandb(result, dm.dataset_name, artifact_path=checkpoint)
     return result
 
 
@@ -232,23 +247,36 @@ def print_table(rows: list[dict], metrics: dict, dataset: str) -> None:
             )
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_outputs(result: EvaluationResult, out: Path) -> Path:
     from cascade_routing.evaluation.plots import plot_curves
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(result.rows[0]))
-        writer.writeheader()
-        writer.writerows(result.rows)
+    _write_csv(out / "results.csv", result.rows)
+    if result.points:
+        _write_csv(out / "points.csv", result.points)
     (out / "table.md").write_text(format_markdown(result.rows))
     (out / "estimator_metrics.json").write_text(json.dumps(result.estimator_metrics, indent=2))
-    plot_curves(result.curves, out / "curves.png", ncols=2)
-    print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'curves.png'}")
+    plot_curves(result.curves, out / "curves.png", ncols=2, num_resamples=result.config.get("num_resamples", 200))
+    print(f"wrote {out / 'results.csv'}, {out / 'points.csv'}, {out / 'table.md'}, {out / 'curves.png'} (+ .svg)")
     return out
 
 
-def log_to_wandb(result: EvaluationResult, dataset: str) -> None:
-    """Log the table, the estimator metrics and the PNG to a wandb run (offline by default)."""
+def log_to_wandb(result: EvaluationResult, dataset: str, artifact_path: str | None = None) -> None:
+    """Log the evaluation to wandb (offline by default), into the active run if there is one.
+
+    ``train-eval`` leaves its training run open, so one experiment is one run: training metrics and
+    the full training config, then here the AUC table and the per-budget points (``wandb.Table``),
+    a native line plot of the points (one series per estimator/strategy), the estimator metrics and
+    the artifact file (``wandb.Artifact``, type ``model``). Standalone ``evaluate`` opens its own run
+    whose config is :attr:`EvaluationResult.config`.
+    """
     import os
 
     import wandb
@@ -256,17 +284,33 @@ def log_to_wandb(result: EvaluationResult, dataset: str) -> None:
     from cascade_routing.estimators.loggers import wandb_offline_default
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    mode = "offline" if wandb_offline_default() else "online"
-    run = wandb.init(project="cascade-routing", job_type="evaluate", name=f"evaluate-{dataset}", mode=mode,
-                     dir=str(result.out_dir), reinit=True)
+    own = wandb.run is None
+    if own:
+        mode = "offline" if wandb_offline_default() else "online"
+        run = wandb.init(project="cascade-routing", job_type="evaluate", name=f"evaluate-{dataset}", mode=mode,
+                         dir=str(result.out_dir), config=result.config)
+    else:
+        run = wandb.run
+        run.config.update({"evaluation": result.config}, allow_val_change=True)
     try:
         cols = list(result.rows[0])
+        auc_table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in result.rows])
+        point_cols = ["series", *result.points[0]] if result.points else []
+        points = wandb.Table(columns=point_cols, data=[[f"{p['estimator']}/{p['strategy']}", *p.values()]
+                                                       for p in result.points])
         run.log({
-            "auc_table": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in result.rows]),
-            "curves": wandb.Image(str(result.out_dir / "curves.png")),
-            **{f"auc/{r['estimator']}/{r['strategy']}": r["auc"] for r in result.rows},
-            **{f"{e}/{k}": v for e in ESTIMATORS if e in result.estimator_metrics
+            "evaluation/auc_table": auc_table,
+            "evaluation/points": points,
+            "evaluation/curves": wandb.plot.line(points, "mean_cost", "mean_quality", stroke="series",
+                                                 title=f"quality vs cost on the test split of {dataset}"),
+            **{f"evaluation/auc/{r['estimator']}/{r['strategy']}": r["auc"] for r in result.rows},
+            **{f"evaluation/{e}/{k}": v for e in ESTIMATORS if e in result.estimator_metrics
                for k, v in result.estimator_metrics[e].items() if isinstance(v, float)},
         })
+        if artifact_path is not None and Path(artifact_path).is_file():
+            model = wandb.Artifact("estimator-" + re.sub(r"[^A-Za-z0-9_.-]", "-", Path(str(dataset)).name), type="model",
+                                   metadata={"uncertainty": result.config.get("uncertainty")})
+            model.add_file(str(artifact_path))
+            run.log_artifact(model)
     finally:
         run.finish()

@@ -22,7 +22,9 @@ Steps (all on held-out splits, never on the training rows):
    with the chosen uncertainty mode and pool (cascade routing also chooses per budget among its
    λ shapes and the routing guard, :func:`~cascade_routing.policies.fitting.fit_lambda`).
 
-:class:`ExportArtifact` runs this at the end of ``fit`` (global rank 0, best checkpoint weights).
+:func:`export_trained` runs this and saves the artifact; :class:`ExportArtifact` calls it at the end of
+``fit`` (global rank 0, best checkpoint weights; skipped under ``fast_dev_run``), and
+:func:`export_checkpoint` (``cascade-routing export --ckpt``) on a saved checkpoint.
 """
 
 from __future__ import annotations
@@ -362,43 +364,109 @@ def build_artifact(
     return art
 
 
+def default_artifact_path(datamodule) -> Path:
+    """``artifacts/<dataset>.safetensors`` (``<dataset>-<encoder folder>`` with a non-default encoder)."""
+    stem = Path(str(datamodule.dataset_name)).name
+    if datamodule.encoder_path:
+        stem += "-" + Path(str(datamodule.encoder_path)).name
+    return Path("artifacts") / f"{stem}.safetensors"
+
+
+def export_trained(
+    module,
+    datamodule,
+    path: str | Path | None = None,
+    budgets_per_pair: int = 3,
+    fit_lambdas: bool = True,
+    select: bool = True,
+    checkpoint: str = "",
+) -> Path:
+    """Build the artifact of a trained module (:func:`build_artifact`), save it, print a summary.
+
+    The one export step: :class:`ExportArtifact` (end of ``fit``) and :func:`export_checkpoint`
+    (``cascade-routing export --ckpt``) both call it. ``path`` None: :func:`default_artifact_path`.
+    """
+    art = build_artifact(module, datamodule, budgets_per_pair=budgets_per_pair, fit_lambdas=fit_lambdas,
+                         select_modes=SELECTION_MODES if select else None)
+    art.metrics["best_checkpoint"] = checkpoint
+    out = art.save(path or default_artifact_path(datamodule))
+    print(f"estimator artifact written to {out}")
+    for name, rep in art.calibration.items():
+        print(f"  uncertainty {name}: NLL {rep['nll']:.3f}, 90% coverage {rep['coverage90']:.3f}")
+    sel = art.uncertainty_selection
+    if sel:
+        scores = ", ".join(f"{k} {v:.2f}" for k, v in sel["scores"].items())
+        print(f"  uncertainty by calibration 2-fold {sel['strategy']} AUC: {scores} -> "
+              f"{candidate_name(sel['chosen'], sel.get('scale', 1.0))} ({sel['seconds']:.0f} s)")
+    return out
+
+
+def export_checkpoint(
+    ckpt: str | Path,
+    path: str | Path | None = None,
+    budgets_per_pair: int = 3,
+    fit_lambdas: bool = True,
+    select: bool = True,
+    cache_dir: str | None = None,
+) -> Path:
+    """Export a Lightning checkpoint (``best.ckpt``) to an artifact, without retraining.
+
+    The module comes from ``QualityEstimatorModule.load_from_checkpoint`` and the data module from
+    the checkpoint's datamodule hyperparameters (same dataset, splits and encoder; embeddings from
+    the cache); then :func:`export_trained`.
+    """
+    from cascade_routing.estimators.datamodule import RoutingDataModule
+    from cascade_routing.estimators.module import QualityEstimatorModule
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters")
+    if not hparams:
+        raise ValueError(f"{ckpt} carries no datamodule hyperparameters (trained before they were saved); retrain")
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's _instantiator etc.
+    if cache_dir is not None:
+        hparams["cache_dir"] = cache_dir
+    datamodule = RoutingDataModule(**hparams)
+    datamodule.setup("fit")
+    module = QualityEstimatorModule.load_from_checkpoint(ckpt, map_location="cpu")
+    return export_trained(module, datamodule, path, budgets_per_pair, fit_lambdas, select, checkpoint=str(ckpt))
+
+
 class ExportArtifact(L.Callback):
-    """At the end of ``fit``: reload the best checkpoint's weights and write the artifact.
+    """At the end of ``fit``: reload the best checkpoint's weights and export (:func:`export_trained`).
+
+    Skipped under ``fast_dev_run`` (and after an interrupted fit), so a debug run never writes or
+    overwrites an artifact. To export again without retraining: ``cascade-routing export --ckpt``.
 
     Args:
-        path: output file (``.safetensors``).
+        path: output file (``.safetensors``); None: :func:`default_artifact_path`.
         budgets_per_pair: budgets between consecutive non-dominated models for the λ tables.
         fit_lambdas: fit the λ/γ tables (set false for quick experiments).
         select_uncertainty: choose the default uncertainty mode by calibration-split decision
             quality (:func:`select_uncertainty`); false: by val NLL.
     """
 
-    def __init__(self, path: str = "artifacts/estimator.safetensors", budgets_per_pair: int = 3, fit_lambdas: bool = True,
+    def __init__(self, path: str | None = None, budgets_per_pair: int = 3, fit_lambdas: bool = True,
                  select_uncertainty: bool = True) -> None:
         self.path = path
         self.budgets_per_pair = budgets_per_pair
         self.fit_lambdas = fit_lambdas
         self.select_uncertainty = select_uncertainty
         self.artifact_path: Path | None = None
+        self.skipped: str | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.fast_dev_run or trainer.interrupted:
+            self.skipped = "fast_dev_run" if trainer.fast_dev_run else "interrupted"
+            if trainer.is_global_zero:
+                print(f"artifact export skipped ({self.skipped}): no artifact written")
+            return
         if not trainer.is_global_zero:
             return
         ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         if ckpt:
             state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
             pl_module.load_state_dict(state)
-        art = build_artifact(pl_module, trainer.datamodule, budgets_per_pair=self.budgets_per_pair,
-                             fit_lambdas=self.fit_lambdas,
-                             select_modes=SELECTION_MODES if self.select_uncertainty else None)
-        art.metrics["best_checkpoint"] = ckpt
-        self.artifact_path = art.save(self.path)
-        print(f"estimator artifact written to {self.artifact_path}")
-        for name, rep in art.calibration.items():
-            print(f"  uncertainty {name}: NLL {rep['nll']:.3f}, 90% coverage {rep['coverage90']:.3f}")
-        sel = art.uncertainty_selection
-        if sel:
-            scores = ", ".join(f"{k} {v:.2f}" for k, v in sel["scores"].items())
-            print(f"  uncertainty by calibration 2-fold {sel['strategy']} AUC: {scores} -> "
-                  f"{candidate_name(sel['chosen'], sel.get('scale', 1.0))} "
-                  f"({sel['seconds']:.0f} s)")
+        self.artifact_path = export_trained(pl_module, trainer.datamodule, self.path, self.budgets_per_pair,
+                                            self.fit_lambdas, self.select_uncertainty, checkpoint=ckpt)

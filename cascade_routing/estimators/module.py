@@ -33,7 +33,12 @@ SPLITS = ("val", "test")
 
 
 class QualityEstimatorModule(L.LightningModule):
-    """Trains a :class:`QualityNetwork`; the network is built in ``setup`` from the datamodule.
+    """Trains a :class:`QualityNetwork`.
+
+    The network is built in ``__init__`` when its shape is known (``network_config``, ``models``:
+    what ``load_from_checkpoint`` passes back from the checkpoint's hyperparameters); otherwise
+    ``setup`` derives it from the datamodule and records it in ``hparams``, so every checkpoint
+    carries what rebuilds the network and ``QualityEstimatorModule.load_from_checkpoint(ckpt)`` works.
 
     Args:
         hidden: width H of the heads.
@@ -52,6 +57,10 @@ class QualityEstimatorModule(L.LightningModule):
         query_embedding_input: also feed the query embedding itself to the query MLP (always on when
             fine-tuning the encoder, whose only path to the heads it is). Off by default: with neighbours and statistics on, feeding it lowered test AUROC on both
             benchmark datasets (README, "Learned estimators").
+        network_config: the :class:`NetworkConfig` as a dict (filled in by ``setup``; leave unset in configs).
+        models: model names in cost order (filled in by ``setup``).
+        binary: 0/1 quality (filled in by ``setup``).
+        encoder_init_path: the fine-tuned encoder's starting folder (filled in by ``setup`` when fine-tuning).
     """
 
     def __init__(
@@ -68,6 +77,10 @@ class QualityEstimatorModule(L.LightningModule):
         neighbours: int = 50,
         text_statistics: bool = True,
         query_embedding_input: bool = False,
+        network_config: dict | None = None,
+        models: list[str] | None = None,
+        binary: bool = True,
+        encoder_init_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -75,6 +88,17 @@ class QualityEstimatorModule(L.LightningModule):
         self.models: list[str] = []
         self.binary = True
         self.metrics = nn.ModuleDict()
+        if network_config is not None:
+            if models is None:
+                raise ValueError("network_config needs models (the model names it was built for)")
+            encoder = None
+            if finetune_encoder:
+                from cascade_routing.estimators.encoding import TextEncoder
+
+                if encoder_init_path is None:
+                    raise ValueError("a fine-tuned network needs encoder_init_path to rebuild its encoder")
+                encoder = TextEncoder.from_path(encoder_init_path)
+            self._build_network(NetworkConfig(**network_config), list(models), bool(binary), encoder)
 
     # ------------------------------------------------------------------ construction
     def build(
@@ -98,8 +122,6 @@ class QualityEstimatorModule(L.LightningModule):
             raise ValueError("model.neighbours needs a frozen encoder; set model.neighbours: 0 to fine-tune the encoder")
         if hp.neighbours and memory is None:
             raise ValueError("model.neighbours > 0 needs the training split's embeddings and qualities (memory)")
-        self.models = list(models)
-        self.binary = binary
         config = NetworkConfig(
             num_models=len(models), embed_dim=embed_dim, num_tasks=num_tasks, hidden=hp.hidden, dropout=hp.dropout,
             num_answer_features=4 + len(models),
@@ -111,9 +133,16 @@ class QualityEstimatorModule(L.LightningModule):
                 hp.query_embedding_input or hp.finetune_encoder or not (hp.neighbours or hp.text_statistics or num_tasks)
             ),
         )
-        self.network = QualityNetwork(config, encoder if hp.finetune_encoder else None)
+        self.hparams.update(network_config=config.to_dict(), models=list(models), binary=bool(binary))
+        self._build_network(config, list(models), bool(binary), encoder if hp.finetune_encoder else None)
         if hp.neighbours:
             self.network.set_memory(*memory)
+
+    def _build_network(self, config: NetworkConfig, models: list[str], binary: bool, encoder: nn.Module | None) -> None:
+        """The network of ``config`` and one metric object per (split, kind, model)."""
+        self.models = models
+        self.binary = binary
+        self.network = QualityNetwork(config, encoder)
         for split in SPLITS:
             for kind in KINDS:
                 for j in range(len(models)):
@@ -128,9 +157,15 @@ class QualityEstimatorModule(L.LightningModule):
 
     def setup(self, stage: str | None = None) -> None:
         dm = self.trainer.datamodule
+        if self.network is not None:
+            if list(dm.models) != self.models:
+                raise ValueError(f"the network was built for models {self.models}, the data has {list(dm.models)}")
+            return
         encoder = dm.encoder if self.hparams.finetune_encoder else None
         if self.hparams.finetune_encoder and not dm.finetune:
             raise ValueError("model.finetune_encoder needs data.finetune: true (token ids in the batches)")
+        if self.hparams.finetune_encoder:
+            self.hparams.update(encoder_init_path=dm.resolved_encoder_path)
         memory = None
         if self.hparams.neighbours:
             train = dm.splits.get("train")

@@ -1,12 +1,16 @@
-"""The paper's RouterBench experiment (Table 1, synthetic estimators) on the RouterBench subset.
+"""The paper's RouterBench experiment (Table 1, synthetic estimators), on RouterBench or any dataset.
 
-Protocol: for each pool ({mixtral-8x7b, gpt-3.5-turbo-1106, gpt-4-1106}, {WizardLM-13B, mixtral-8x7b,
-gpt-3.5-turbo-1106, claude-v2, gpt-4-1106}, all 11 models) and noise level (low / medium / high),
+Pools (:func:`default_pools`): the user's, else on RouterBench the paper's ({mixtral-8x7b,
+gpt-3.5-turbo-1106, gpt-4-1106}, {WizardLM-13B, mixtral-8x7b, gpt-3.5-turbo-1106, claude-v2,
+gpt-4-1106}, all 11 models), else the dataset's non-dominated models (by mean cost and quality over
+all its queries) and all its models.
+Protocol: for each pool and noise level (low / medium / high),
 split the queries 5% fit / 95% test (seeded, stratified by task), build the synthetic estimators
 (noise recalibrated on the fit rows), and for each strategy (linear interpolation, routing, threshold
 cascade, optimal cascade, cascade routing with max_depth 5, force_order off) sweep the budgets,
 refitting λ per budget on the fit rows; report AUC (×100) with a bootstrap 95% CI.
-Writes ``results.csv``, ``table.md`` and ``curves.png`` into the output folder.
+Writes ``results.csv``, ``table.md`` and ``curves.png``/``.svg`` into the output folder; the table's
+title names the dataset.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cascade_routing.estimators.synthetic import synthetic_estimators
-from cascade_routing.evaluation.metrics import sweep_budgets
+from cascade_routing.evaluation.metrics import nondominated_models, sweep_budgets
 from cascade_routing.evaluation.plots import plot_curves
 from cascade_routing.evaluation.sweep import SweepResult, budget_sweep, linear_interpolation_sweep
 from cascade_routing.policies.registry import make_policy
@@ -46,6 +50,33 @@ def resolve_models(available: list[str], wanted: list[str]) -> list[str]:
         out.append(hits[0])
     return out
 
+
+def default_pools(dataset) -> dict[str, list[str]]:
+    """The paper's pools when every one of their models is in ``dataset`` (RouterBench), else
+    ``{"non-dominated (k)": those models, "all (M)": []}`` (one pool when all models are non-dominated)."""
+    try:
+        for wanted in PAPER_POOLS.values():
+            resolve_models(list(dataset.models), wanted)
+        return dict(PAPER_POOLS)
+    except ValueError:
+        pass
+    nd = nondominated_models(dataset.cost.mean(0), dataset.quality.mean(0))
+    pools = {}
+    if len(nd) < len(dataset.models):
+        pools[f"non-dominated ({len(nd)})"] = [dataset.models[i] for i in sorted(nd)]
+    pools[f"all ({len(dataset.models)})"] = []
+    return pools
+
+
+def parse_pool(text: str) -> tuple[str, list[str]]:
+    """``NAME=model,model,...`` (names or unique prefixes) -> (NAME, models); ``model,...`` names itself."""
+    name, _, models = text.rpartition("=")
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise ValueError(f"pool {text!r} lists no models (expected NAME=model,model,...)")
+    return (name.strip() or f"{len(names)} models"), names
+
+
 @dataclass
 class ReproduceResult:
     rows: list[dict]
@@ -71,7 +102,8 @@ def reproduce_routerbench(
     device: str = "cpu",
 ) -> ReproduceResult:
     """Run the protocol (module docstring); ``quick``: first pool and low noise only, 4 budgets per
-    pair, 100 bootstrap resamples. ``dataset``: a RoutingDataset (default: ``routerbench-subset``).
+    pair, 100 bootstrap resamples. ``dataset``: a RoutingDataset (default: ``routerbench-subset``);
+    ``pools``: name -> models (an empty list: all models), default :func:`default_pools`.
     ``device``: where the synthetic estimators' tables live; the engine follows them."""
     from cascade_routing.data.splits import partition_indices
 
@@ -80,7 +112,7 @@ def reproduce_routerbench(
         from cascade_routing.data import load_dataset
 
         dataset = load_dataset("routerbench-subset")
-    pools = dict(PAPER_POOLS if pools is None else pools)
+    pools = dict(default_pools(dataset) if pools is None else pools)
     if quick:
         pools = dict(list(pools.items())[:1])
         noise_levels = noise_levels[:1]
@@ -94,7 +126,7 @@ def reproduce_routerbench(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), desc="reproduce routerbench", unit="sweep")
+        bar = tqdm(total=len(jobs), desc=f"reproduce on {dataset.name}", unit="sweep")
     rows: list[dict] = []
     curves: dict[str, list[SweepResult]] = {}
     for pool_name, wanted in pools.items():
@@ -133,8 +165,8 @@ def reproduce_routerbench(
             writer.writeheader()
             writer.writerows(rows)
         (out / "table.md").write_text(format_table_markdown(rows))
-        plot_curves(curves, out / "curves.png")
-    print_table(rows, console)
+        plot_curves(curves, out / "curves.png", num_resamples=num_resamples, seed=seed)
+    print_table(rows, console, dataset.name)
     return ReproduceResult(rows, curves, seconds, out)
 
 
@@ -167,12 +199,12 @@ def format_table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: list[dict], console=None) -> None:
+def print_table(rows: list[dict], console=None, dataset: str = "routerbench-subset") -> None:
     from rich.console import Console
     from rich.table import Table
 
     cols, strategies, cell = _table_cells(rows)
-    table = Table(title="RouterBench subset, synthetic estimators: AUC ×100 (95% bootstrap CI)")
+    table = Table(title=f"{dataset}, synthetic estimators: AUC ×100 (95% bootstrap CI)")
     table.add_column("strategy")
     for p, n in cols:
         table.add_column(f"{p}\n{n}", justify="right")

@@ -5,8 +5,8 @@ Source: github.com/lm-sys/RouteLLM ``routellm/evals``. Models: ``mistralai/Mixtr
 ``metadata["original_model_names"]``.
 
 Costs. The files have none, so ``cost = (tokens_in * price_in + tokens_out * price_out) / 1e6`` with
-prices in USD per 1M tokens from ``configs/prices.yaml`` (same numbers as :data:`DEFAULT_PRICES`;
-pass ``prices=`` to override) and token counts *estimated from text length*:
+prices in USD per 1M tokens from the shipped ``cascade_routing/configs/prices.yaml``
+(:data:`DEFAULT_PRICES`; pass ``prices=`` to override) and token counts *estimated from text length*:
 ``tokens(text) = ceil(len(text) / 4)`` (:func:`estimate_tokens`). ``metadata["cost_source"]`` says
 so. Token estimates are stored as features ``tokens_in``/``tokens_out``.
 
@@ -44,14 +44,9 @@ import numpy as np
 from cascade_routing.data.converters.common import ConversionReport, parse_number
 from cascade_routing.data.dataset import DatasetError, RoutingDataset
 
-#: Same numbers as ``configs/prices.yaml`` (USD per 1M tokens): full name -> (short name, in, out).
-DEFAULT_PRICES: dict[str, dict[str, Any]] = {
-    "gpt-4-1106-preview": {"name": "gpt-4-1106-preview", "input": 10.0, "output": 30.0},
-    "mistralai/Mixtral-8x7B-Instruct-v0.1": {"name": "mixtral-8x7b-instruct-v0.1", "input": 0.6, "output": 0.6},
-}
 CHARS_PER_TOKEN = 4
 COST_SOURCE = (
-    "prices (USD per 1M tokens, configs/prices.yaml) x token counts estimated from text length: "
+    "prices (USD per 1M tokens, cascade_routing/configs/prices.yaml) x token counts estimated from text length: "
     "tokens = ceil(characters / 4)"
 )
 
@@ -71,20 +66,21 @@ def estimate_tokens(text: str | None) -> int:
     return 0 if not text else math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def repo_prices_path() -> Path:
-    """``configs/prices.yaml`` of a source checkout (next to the package)."""
-    return Path(__file__).resolve().parents[3] / "configs" / "prices.yaml"
+def prices_path() -> Path:
+    """The price table shipped in the package (``cascade_routing/configs/prices.yaml``)."""
+    from cascade_routing.configs import CONFIG_DIR
+
+    return CONFIG_DIR / "prices.yaml"
 
 
 def load_prices(prices: str | os.PathLike[str] | Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Prices as ``{full model name: {"name", "input", "output"}}``, validated.
 
-    ``None`` reads ``configs/prices.yaml`` when present (a source checkout), else :data:`DEFAULT_PRICES`.
+    ``None`` reads the shipped table (:func:`prices_path`).
     """
-    source = "DEFAULT_PRICES"
+    source = "prices"
     if prices is None:
-        path = repo_prices_path()
-        prices = path if path.is_file() else DEFAULT_PRICES
+        prices = prices_path()
     if isinstance(prices, (str, os.PathLike)):
         import yaml
 
@@ -110,9 +106,13 @@ def load_prices(prices: str | os.PathLike[str] | Mapping[str, Any] | None = None
     return out
 
 
+#: The shipped prices (USD per 1M tokens): full name -> {"name": short name, "input", "output"}.
+DEFAULT_PRICES: dict[str, dict[str, Any]] = load_prices()
+
+
 def _price(prices: dict[str, dict[str, Any]], model: str, where: str) -> dict[str, Any]:
     if model not in prices:
-        raise DatasetError(f"{where}: no price for model {model!r}; add it to configs/prices.yaml (known: {sorted(prices)})")
+        raise DatasetError(f"{where}: no price for model {model!r}; add it to the prices (known: {sorted(prices)})")
     return prices[model]
 
 

@@ -1,0 +1,196 @@
+"""Lightning conventions end to end with the tiny encoder: ``train.py fit`` → ``cascade-routing export
+--ckpt`` → ``evaluate``; ``load_from_checkpoint``; datamodule hyperparameters; ``fast_dev_run``
+never writes an artifact; the shipped configs parse and compose."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from estimators_helpers import make_synthetic_dataset, make_tiny_encoder
+
+
+def _config(tmp_path: Path) -> Path:
+    """A tiny experiment composed from the shipped model/trainer groups plus a data file of its own."""
+    data_dir = tmp_path / "data"
+    make_synthetic_dataset(200, 3).save(data_dir)
+    enc = make_tiny_encoder(tmp_path / "encoder")
+    own = {
+        "data": {"dataset": str(data_dir), "encoder_path": str(enc), "cache_dir": str(tmp_path / "cache"),
+                 "batch_size": 32},
+        "model": {"hidden": 32, "lr": 0.005, "neighbours": 20},
+        "trainer": {"max_epochs": 10, "default_root_dir": str(tmp_path / "runs" / "tiny"),
+                    "enable_progress_bar": False, "enable_model_summary": False},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"compose": ["model/frozen", "trainer/cpu", "logger/wandb_csv"], **own}))
+    return path
+
+
+def _fit(cfg: Path, tmp_path: Path, *extra: str):
+    """``python train.py fit --config CFG ...``, in-process (train.py's own ``main``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_entry", Path(__file__).resolve().parents[1] / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    return train.main(["fit", "--config", str(cfg), *extra])
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    import os
+
+    tmp = tmp_path_factory.mktemp("lightning")
+    old = os.getcwd()
+    os.chdir(tmp)  # artifacts/ and runs/ land here
+    try:
+        cfg = _config(tmp)
+        cli = _fit(cfg, tmp)
+    finally:
+        os.chdir(old)
+    return {"tmp": tmp, "cli": cli, "cfg": cfg}
+
+
+def test_fit_fills_paths_from_the_root_and_exports(fitted):
+    """The whole ``train.py fit`` path: config composed from shipped groups, checkpoint, export."""
+    from cascade_routing.estimators.artifact import load_artifact
+    from cascade_routing.estimators.export import ExportArtifact
+
+    tmp, cli = fitted["tmp"], fitted["cli"]
+    ckpt = tmp / "runs" / "tiny" / "checkpoints" / "best.ckpt"
+    assert ckpt.is_file()
+    export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact))
+    assert Path(export.artifact_path) == Path("artifacts/tiny.safetensors")
+    art = load_artifact(tmp / export.artifact_path)
+    assert art.models == ["model-0", "model-1", "model-2"]
+    assert set(art.fitted) == {"routing", "threshold_cascade", "optimal_cascade", "cascade_routing"}
+    assert art.metrics["best_checkpoint"].endswith("best.ckpt")
+    assert list((tmp / "runs" / "tiny").rglob("metrics.csv")), "CSVLogger wrote nothing"
+    # wandb: one offline run carrying the full resolved config (data, trainer and seed too)
+    runs = list((tmp / "runs" / "tiny").rglob("offline-run-*"))
+    assert len(runs) == 1, runs
+    logger = next(lg for lg in cli.trainer.loggers if type(lg).__name__ == "CascadeWandbLogger")
+    config = dict(logger.experiment.config)
+    assert config["data"]["dataset"].endswith("data") and config["seed_everything"] == 0
+    assert config["trainer"]["max_epochs"] == 10 and config["model"]["neighbours"] == 20
+
+
+def test_load_from_checkpoint_rebuilds_the_network(fitted):
+    from cascade_routing.estimators.datamodule import RoutingDataModule
+    from cascade_routing.estimators.module import QualityEstimatorModule
+
+    tmp, cli = fitted["tmp"], fitted["cli"]
+    ckpt = tmp / "runs" / "tiny" / "checkpoints" / "best.ckpt"
+    loaded = QualityEstimatorModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    assert loaded.models == ["model-0", "model-1", "model-2"]
+    assert loaded.network.config.neighbours == 20 and loaded.network.config.hidden == 32
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    dm = RoutingDataModule(**{k: v for k, v in state["datamodule_hyper_parameters"].items() if not k.startswith("_")})
+    assert dm.dataset_name == cli.datamodule.dataset_name and dm.split_fractions == cli.datamodule.split_fractions
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    hparams = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's own keys
+    ref = QualityEstimatorModule(**hparams)
+    ref.load_state_dict(state["state_dict"])
+    ref.eval()
+    with torch.no_grad():
+        ran = batch["eval_ran"]
+        got = loaded.predict_logits(batch, ran)[0]
+        want = ref.predict_logits(batch, ran)[0]
+    assert torch.equal(got, want)
+    # the weights are the trained ones, not a fresh initialisation
+    fresh = QualityEstimatorModule(**hparams).eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh.predict_logits(batch, ran)[0], got)
+
+
+def test_export_cli_then_evaluate_writes_points(fitted, capsys):
+    from cascade_routing.cli import main
+    from cascade_routing.estimators.artifact import load_artifact
+    from cascade_routing.estimators.evaluate import evaluate
+
+    tmp = fitted["tmp"]
+    ckpt = tmp / "runs" / "tiny" / "checkpoints" / "best.ckpt"
+    out = tmp / "exported.safetensors"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--budgets-per-pair", "2", "--no-select"]) == 0
+    art = load_artifact(out)
+    first = load_artifact(tmp / "artifacts" / "tiny.safetensors")
+    # same checkpoint, same calibration split: the same network weights as the end-of-fit export
+    assert all(torch.equal(art.state_dict[k], first.state_dict[k]) for k in first.state_dict)
+    # the training run is still open (as in train-eval): the evaluation logs into it, one run per experiment
+    res = evaluate(str(out), out_dir=str(tmp / "eval"), budgets_per_pair=3, num_resamples=30, progress=False,
+                   log_wandb=True, cache_dir=str(tmp / "cache"))
+    for name in ("results.csv", "points.csv", "table.md", "curves.png", "curves.svg", "estimator_metrics.json"):
+        assert (tmp / "eval" / name).stat().st_size > 100, name
+    with open(tmp / "eval" / "points.csv") as fh:
+        points = list(csv.DictReader(fh))
+    series = {(p["estimator"], p["strategy"]) for p in points}
+    assert len(series) == 1 + 2 * 4  # linear interpolation + 2 estimators × 4 strategies
+    # every AUC in results.csv is the AUC of its own points (one protocol, one table)
+    test = res.curves["learned estimator"][0]
+    for row in res.rows:
+        pts = [p for p in points if p["estimator"] == row["estimator"] and p["strategy"] == row["strategy"]]
+        assert len(pts) == len(test.budgets)
+        curve = next(r for r in res.curves["learned estimator" if row["estimator"] != "baseline" else
+                                           "baseline estimator"] if r.strategy == row["strategy"])
+        assert np.allclose([float(p["mean_quality"]) for p in pts], curve.qualities)
+        for p in pts:
+            assert float(p["quality_ci_low"]) <= float(p["mean_quality"]) <= float(p["quality_ci_high"])
+    runs = list(tmp.rglob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].is_relative_to(tmp / "runs" / "tiny"), runs
+    tables = {t.name.split("_")[0]: json.loads(t.read_text()) for t in runs[0].rglob("*.table.json")}
+    assert len(tables["points"]["data"]) == len(points)  # the wandb Table behind the line plot = points.csv
+    assert len(tables["auc"]["data"]) == len(res.rows)
+    # post-hoc estimates see the run answers, which reveal correctness in the synthetic data
+    learned = res.estimator_metrics["learned"]
+    assert learned["posthoc_auroc"] > learned["exante_auroc"] + 0.05, learned
+
+
+def test_fast_dev_run_never_writes_or_overwrites_an_artifact(fitted, monkeypatch):
+    tmp = fitted["tmp"]
+    monkeypatch.chdir(tmp)
+    target = tmp / "artifacts" / "tiny.safetensors"
+    before = target.read_bytes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = _fit(fitted["cfg"], tmp, "--trainer.fast_dev_run=true")
+    assert not [w for w in caught if "both args and command line" in str(w.message)]
+    from cascade_routing.estimators.export import ExportArtifact
+
+    export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact))
+    assert export.artifact_path is None and export.skipped == "fast_dev_run"
+    assert target.read_bytes() == before
+
+
+def test_datamodule_saves_its_hyperparameters(tmp_path):
+    from cascade_routing.estimators.datamodule import RoutingDataModule
+
+    dm = RoutingDataModule(dataset="x", split_seed=3, max_length=64)
+    assert dm.hparams["split_seed"] == 3 and dm.hparams["max_length"] == 64 and dm.hparams["dataset"] == "x"
+
+
+def test_wandb_logger_passes_no_anonymous_setting(tmp_path):
+    """wandb warns 'The anonymous setting has no effect' whenever init receives it, even as None."""
+    from cascade_routing.estimators.loggers import CascadeWandbLogger
+
+    logger = CascadeWandbLogger(save_dir=str(tmp_path), offline=True, group="g")
+    assert "anonymous" not in logger._wandb_init and logger._wandb_init["group"] == "g"
+
+
+def test_export_of_a_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from cascade_routing.cli import main
+
+    assert main(["export", "--ckpt", str(tmp_path / "nope.ckpt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    assert main(["export", "--ckpt", str(foreign)]) == 2
+    assert "carries no datamodule hyperparameters" in capsys.readouterr().err
