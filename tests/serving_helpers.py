@@ -138,7 +138,7 @@ class ServingStack:
     """
 
     def __init__(self, ds, router, failures=None, timeout_s=5.0, max_retries=1, latency_ms=0.0,
-                 slow_ms=3000.0, budget=None, max_concurrency=64):
+                 slow_ms=3000.0, budget=None, max_concurrency=64, backend_settings=None, **app_kwargs):
         from cascade_routing.serving.backends import BackendPool, parse_backends
         from cascade_routing.serving.replay import backends_document, create_replay_app
         from cascade_routing.serving.server import BackgroundServer, create_app
@@ -149,7 +149,9 @@ class ServingStack:
         try:
             doc = backends_document(ds, self.replay.url, failures=failures, timeout_s=timeout_s,
                                     max_retries=max_retries, backoff_s=0.01, max_concurrency=max_concurrency)
-            self.app = create_app(router, BackendPool(parse_backends(doc, "replay")), budget)
+            doc["defaults"].update(backend_settings or {})
+            self.pool = BackendPool(parse_backends(doc, "replay"))
+            self.app = create_app(router, self.pool, budget, **app_kwargs)
             self.server = BackgroundServer(self.app).start()
         except BaseException:
             self.replay.stop()

@@ -60,7 +60,7 @@ def _assert_error(resp, status, *words):
     (b'{"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}', 404, ["unknown model", "gpt-5"]),
     (b'{"messages": [{"role": "user", "content": "hi"}]}', 400, ["'model' is required"]),
     (b'{"model": "cascade-routing"}', 400, ["'messages'"]),
-    (b'{"model": "cascade-routing", "messages": []}', 400, ["non-empty"]),
+    (b'{"model": "cascade-routing", "messages": []}', 400, ["'messages'", "at least 1"]),
     (b'{"model": "cascade-routing", "messages": [{"role": "system", "content": "x"}]}', 400, ["user message"]),
     (b'{"model": "cascade-routing", "messages": ["hi"]}', 400, ["messages[0]"]),
     (b'{"model": "cascade-routing", "stream": true, "messages": [{"role": "user", "content": "hi"}]}', 400,

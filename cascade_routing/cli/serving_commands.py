@@ -32,12 +32,18 @@ def _fractions(text: str) -> dict[str, float]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from cascade_routing.serving.limits import ServerLimits
     from cascade_routing.serving.server import serve
+    from cascade_routing.serving.store import DEFAULT_STORE
 
+    given = {k: getattr(args, k) for k in ("max_body_bytes", "max_prompt_chars", "max_concurrent", "deadline_s",
+                                           "max_upstream_attempts") if getattr(args, k) is not None}
+    limits = ServerLimits(**given)
     serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host, port=args.port,
           name=args.name, log_level=args.log_level, compute_threads=args.compute_threads,
           max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-          torch_threads=args.torch_threads or None)
+          torch_threads=args.torch_threads or None, limits=limits, api_keys=args.api_keys, store=args.store or DEFAULT_STORE,
+          keep_alive_s=args.keep_alive_s, shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8)
     return 0
 
 
@@ -73,6 +79,24 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="route up to this many concurrent requests together (1: one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="wait this long to fill a batch")
     p.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--int8", action="store_true",
+                   help="quantise the artifact's carried encoder (e.g. a distilled student) to int8")
+    p.add_argument("--api-keys", default=None, metavar="YAML",
+                   help="require bearer keys from this file (default: $CASCADE_ROUTING_API_KEYS if set, else none)")
+    p.add_argument("--store", default=None,
+                   help="spend accounts: sqlite:///PATH (default sqlite:///cascade-routing-spend.sqlite), "
+                        "redis://HOST:PORT/DB or memory://")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="(default 1 MiB) larger request bodies get 413")
+    p.add_argument("--max-prompt-chars", type=int, default=None, help="(default 100,000) more message text gets 400")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="(default 256) chat requests served at once; more get 429 with Retry-After")
+    p.add_argument("--deadline-s", type=float, default=None, help="(default 120) per-request deadline (504 when exceeded)")
+    p.add_argument("--max-upstream-attempts", type=int, default=None,
+                   help="(default 8) backend HTTP attempts per request, retries included")
+    p.add_argument("--keep-alive-s", type=float, default=75.0,
+                   help="idle keep-alive of client connections (keep above the clients' own)")
+    p.add_argument("--shutdown-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, let requests in flight finish this long, then cancel them")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 
