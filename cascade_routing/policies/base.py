@@ -47,6 +47,8 @@ def check_inputs(estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tens
         raise PolicyError(f"lam must be a scalar or [B={b}], got shape {tuple(lam_t.shape)}")
     if bool(torch.isnan(lam_t).any()):
         raise PolicyError("lam (λ) is NaN")
+    if bool(torch.isinf(lam_t).any()):  # inf·0 = NaN in value = quality − λ·cost: quality 0 at cost 0
+        raise PolicyError("lam (λ) must be finite, got inf")
     if bool((lam_t < 0).any()):
         raise PolicyError(f"lam (λ) must be >= 0, got {float(lam_t.min())}")
     return lam_t

@@ -84,6 +84,7 @@ class RequestLimits:
 REQUEST_LIMITS: contextvars.ContextVar[RequestLimits | None] = contextvars.ContextVar("request_limits", default=None)
 
 MAX_RETRY_AFTER_S = 60.0
+_sleep = asyncio.sleep  # the retry wait (a module attribute so tests can record the delays)
 
 
 class CircuitBreaker:
@@ -399,7 +400,7 @@ class Backend:
                     if left is not None and wait >= left:
                         reason, detail = "deadline", f"no time left for a retry after {reason}: {detail}"
                         break
-                    await asyncio.sleep(wait)
+                    await _sleep(wait)
                 if limits is not None:
                     if limits.attempts_left <= 0:
                         if attempts == 0:
