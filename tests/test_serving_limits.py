@@ -91,3 +91,27 @@ def test_upstream_attempts_per_request_are_bounded(ds, router):
         assert sum(f["attempts"] for f in fails) == 4
         assert sum(s.replay_app.state.requests.values()) == 4
         assert {f["reason"] for f in fails} <= {"http_500", "attempt_limit"}
+
+
+def test_idle_keep_alive_connection_outlives_the_clients_expiry(ds, router):
+    """The server keeps an idle client connection open past httpx's 5 s keep-alive expiry (and
+    uvicorn's 5 s default), so a client never sends on a connection the server is closing: the
+    second request on the same socket after 6 s idle is answered."""
+    import http.client
+    import json
+    import time
+
+    from cascade_routing.serving.server import KEEP_ALIVE_S
+
+    assert KEEP_ALIVE_S > 5.0
+    with ServingStack(ds, router) as s:
+        conn = http.client.HTTPConnection(s.server.host, s.server.port, timeout=30)
+        body = json.dumps(_body(ds.queries[0]))
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        assert conn.getresponse().read() and conn.sock is not None
+        sock = conn.sock
+        time.sleep(6.0)
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and conn.sock is sock  # same connection, not a reconnect
+        conn.close()

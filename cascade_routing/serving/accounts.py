@@ -5,7 +5,7 @@ account and in the server-wide account ``"*"`` with ``cost`` = the sum of the co
 it received (an upstream call cut short by a deadline or a client disconnect has no known cost and
 is counted in ``cancelled_calls:<model>`` instead). Counters (all increments, see
 :mod:`cascade_routing.serving.store`): ``requests``, ``answered``, ``errors``, ``timeouts``,
-``disconnects``, ``cost``, ``requests@<budget>`` / ``cost@<budget>`` per fitted budget used,
+``disconnects``, ``cost``, ``cost:<outcome>``, ``requests@<budget>`` / ``cost@<budget>`` per fitted budget used,
 ``runs:<model>``, ``answers:<model>``, ``failures:<model>``, ``cancelled_calls:<model>``.
 
 The snapshot's ``within_budget`` compares, for every budget used, the mean cost of the requests
@@ -39,7 +39,7 @@ class SpendLedger:
         """One finished request: ``outcome`` in :data:`OUTCOMES`; ``cost`` its spend in USD."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
-        inc: dict[str, float] = {"requests": 1, outcome: 1, "cost": cost}
+        inc: dict[str, float] = {"requests": 1, outcome: 1, "cost": cost, f"cost:{outcome}": cost}
         if budget is not None:
             inc[f"requests@{budget!r}"] = 1
             inc[f"cost@{budget!r}"] = cost
@@ -86,6 +86,7 @@ class SpendLedger:
             "timeouts": int(raw.get("timeouts", 0)),
             "disconnects": int(raw.get("disconnects", 0)),
             "total_cost": total,
+            "cost_by_outcome": {o: raw.get(f"cost:{o}", 0.0) for o in OUTCOMES},
             "mean_cost": mean,
             "within_budget": all(b["within_budget"] for b in by_budget.values()),
             "budget_used_fraction": None if not budget else mean / budget,
