@@ -50,7 +50,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,26 +61,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cascade_routing"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not healthy within {timeout_s}s; log:\n{log.read_text()[-3000:]}")
+sys.path.insert(0, str(REPO))
+from tests.serving_helpers import free_port, wait_healthy  # noqa: E402
 
 
 def prepare(args, work: Path):
@@ -102,7 +83,6 @@ def prepare(args, work: Path):
                      "--seed", str(cfg.get("split_seed", 0))]
         path = args.checkpoint
     else:
-        sys.path.insert(0, str(REPO))
         from tests.serving_helpers import make_tiny_artifact, synthetic_dataset
 
         ds = synthetic_dataset(args.queries, seed=1)

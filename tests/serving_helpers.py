@@ -130,6 +130,52 @@ def offline_features(ds: RoutingDataset) -> dict[str, np.ndarray]:
 FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence", "cost")
 
 
+def stand_in_router(ds, budgets=None, binder=None, num_samples=64):
+    """(router, offline simulation at the default budget, default budget) over the stand-in
+    estimators: cascade routing with λ fitted on ``ds`` itself for each of ``budgets`` (default:
+    the middle model's mean cost); the default budget is ``budgets[len // 2]``."""
+    from cascade_routing.evaluation import simulate
+    from cascade_routing.policies import CascadeRouting, fit_lambda, query_uniforms
+    from cascade_routing.serving import CascadeRouter
+
+    policy = CascadeRouting(num_samples=num_samples)
+    budgets = list(budgets) if budgets is not None else [float(ds.cost.mean(0)[1])]
+    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
+    table = {b: fit_lambda(policy, qe, ce, ds.quality, ds.cost, b, queries=ds.queries) for b in budgets}
+    budget = budgets[len(budgets) // 2]
+    router = CascadeRouter(policy, binder or bind, table, ds.models, budget=budget, feature_names=FEATURE_NAMES)
+    sim = simulate(policy, qe, ce, ds.quality, ds.cost, table[budget], query_uniforms(ds.queries))
+    return router, sim, budget
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url, proc, timeout_s, log) -> None:
+    """Wait until ``url/health`` answers 200; RuntimeError with the log's tail if ``proc`` exits or time runs out."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not healthy within {timeout_s}s; log:\n{log.read_text()[-3000:]}")
+
+
 class ServingStack:
     """Replay backend + cascade-routing server, each a uvicorn thread on 127.0.0.1 (real sockets).
 

@@ -10,11 +10,10 @@ import json
 import httpx
 import pytest
 
-from cascade_routing.policies import CascadeRouting, fit_lambda
 from cascade_routing.serving import CascadeRouter
 from cascade_routing.serving.router import RouteRequest
 from cascade_routing.serving.schema import ChatCompletionRequest, RequestError, parse_chat_request
-from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, offline_features, synthetic_dataset
+from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, stand_in_router, synthetic_dataset
 
 NAME = "cascade-routing"
 POISON = "POISON"
@@ -27,11 +26,8 @@ def ds():
 
 @pytest.fixture(scope="module")
 def parts(ds):
-    policy = CascadeRouting(num_samples=64)
-    budget = float(ds.cost.mean(0)[1])
-    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
-    fitted = fit_lambda(policy, qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
-    return policy, {budget: fitted}, budget
+    router, _, budget = stand_in_router(ds)
+    return router.policy, router.fitted_table, budget
 
 
 def poisoned_bind(queries, responses=None, features=None, tasks=None):

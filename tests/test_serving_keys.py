@@ -7,10 +7,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from cascade_routing.policies import CascadeRouting, fit_lambda
-from cascade_routing.serving import CascadeRouter
 from cascade_routing.serving.keys import KeysConfigError, load_keys, parse_keys
-from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, offline_features, synthetic_dataset
+from tests.serving_helpers import ServingStack, stand_in_router, synthetic_dataset
 
 NAME = "cascade-routing"
 A, B, ADMIN = "sk-team-a-0001", "sk-team-b-0002", "sk-admin-0003"
@@ -29,10 +27,7 @@ def budgets(ds):
 
 @pytest.fixture(scope="module")
 def router(ds, budgets):
-    policy = CascadeRouting(num_samples=64)
-    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
-    table = {b: fit_lambda(policy, qe, ce, ds.quality, ds.cost, b, queries=ds.queries) for b in budgets}
-    return CascadeRouter(policy, bind, table, ds.models, budget=budgets[1], feature_names=FEATURE_NAMES)
+    return stand_in_router(ds, budgets)[0]
 
 
 @pytest.fixture

@@ -8,10 +8,8 @@ import asyncio
 import httpx
 import pytest
 
-from cascade_routing.policies import CascadeRouting, fit_lambda
-from cascade_routing.serving import CascadeRouter
 from cascade_routing.serving.limits import ServerLimits
-from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, offline_features, synthetic_dataset
+from tests.serving_helpers import ServingStack, stand_in_router, synthetic_dataset
 
 NAME = "cascade-routing"
 
@@ -23,11 +21,7 @@ def ds():
 
 @pytest.fixture(scope="module")
 def router(ds):
-    policy = CascadeRouting(num_samples=64)
-    budget = float(ds.cost.mean(0)[1])
-    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
-    fitted = fit_lambda(policy, qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
-    return CascadeRouter(policy, bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES)
+    return stand_in_router(ds)[0]
 
 
 def _body(query):

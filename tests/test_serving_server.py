@@ -10,10 +10,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from cascade_routing.evaluation import simulate
-from cascade_routing.policies import CascadeRouting, fit_lambda, query_uniforms
 from cascade_routing.serving import CascadeRouter
-from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, offline_features, synthetic_dataset
+from tests.serving_helpers import ServingStack, stand_in_router, synthetic_dataset
 
 NAME = "cascade-routing"
 
@@ -25,13 +23,7 @@ def ds():
 
 @pytest.fixture(scope="module")
 def setup(ds):
-    policy = CascadeRouting(num_samples=64)
-    budget = float(ds.cost.mean(0)[1])
-    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
-    fitted = fit_lambda(policy, qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
-    router = CascadeRouter(policy, bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES)
-    sim = simulate(policy, qe, ce, ds.quality, ds.cost, fitted, query_uniforms(ds.queries))
-    return router, sim, budget
+    return stand_in_router(ds)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,20 +15,12 @@ import httpx
 import pytest
 import yaml
 
-from cascade_routing.policies import CascadeRouting, fit_lambda
-from cascade_routing.serving import CascadeRouter
 from cascade_routing.serving.accounts import SpendLedger
 from cascade_routing.serving.store import MemoryStore, SQLiteStore, StoreError, open_store
-from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, offline_features, synthetic_dataset
+from tests.serving_helpers import ServingStack, free_port, stand_in_router, synthetic_dataset, wait_healthy
 
 NAME = "cascade-routing"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _chat(url, query, key=None):
@@ -54,16 +45,12 @@ def test_open_store_urls(tmp_path):
     with pytest.raises(StoreError, match="unknown spend store URL"):
         open_store("mongodb://nowhere")
     with pytest.raises(StoreError, match="cannot reach the Redis spend store"):
-        open_store(f"redis://127.0.0.1:{_free_port()}/0")
+        open_store(f"redis://127.0.0.1:{free_port()}/0")
 
 
 def test_sqlite_spend_survives_a_server_restart(tmp_path):
     ds = synthetic_dataset(12)
-    policy = CascadeRouting(num_samples=64)
-    budget = float(ds.cost.mean(0)[1])
-    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
-    fitted = fit_lambda(policy, qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
-    router = CascadeRouter(policy, bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES)
+    router, _, budget = stand_in_router(ds)
     path = tmp_path / "spend.sqlite"
     spent = 0.0
     with ServingStack(ds, router, budget=budget, store=SQLiteStore(path)) as s:
@@ -82,7 +69,7 @@ def redis_url(tmp_path_factory):
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run does this)")
-    port = _free_port()
+    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -108,20 +95,6 @@ def _start_serve(checkpoint, backends, budget, store, keys, port, log):
         [sys.executable, "-m", "cascade_routing", "serve", "--checkpoint", str(checkpoint), "--backends",
          str(backends), "--budget", str(budget), "--store", store, "--api-keys", str(keys), "--port", str(port),
          "--log-level", "warning"], stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-
-def _wait_healthy(url, proc, log, timeout_s=120):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"serve not healthy in {timeout_s}s:\n{log.read_text()[-2000:]}")
 
 
 def _stop(proc):
@@ -150,13 +123,13 @@ def test_two_serve_processes_share_one_account_per_key_in_redis(tmp_path, redis_
     with BackgroundServer(create_replay_app(test)) as replay:
         backends = tmp_path / "backends.yaml"
         backends.write_text(yaml.safe_dump(backends_document(test, replay.url)))
-        ports = [_free_port(), _free_port()]
+        ports = [free_port(), free_port()]
         logs = [tmp_path / "serve0.log", tmp_path / "serve1.log"]
         procs = [_start_serve(checkpoint, backends, budget, redis_url, keys, p, log) for p, log in zip(ports, logs)]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         try:
             for url, proc, log in zip(urls, procs, logs):
-                _wait_healthy(url, proc, log)
+                wait_healthy(url, proc, 180, log)
             spent = {"team-a": 0.0, "team-b": 0.0}
             for k, q in enumerate(test.queries[:6]):
                 name, key = ("team-a", "sk-team-a-1234") if k % 3 else ("team-b", "sk-team-b-5678")
@@ -174,7 +147,7 @@ def test_two_serve_processes_share_one_account_per_key_in_redis(tmp_path, redis_
                 assert b["requests"] == 2 and b["total_cost"] == pytest.approx(spent["team-b"], rel=1e-12)
             _stop(procs[0])  # restart one replica: the totals are still there
             procs[0] = _start_serve(checkpoint, backends, budget, redis_url, keys, ports[0], logs[0])
-            _wait_healthy(urls[0], procs[0], logs[0])
+            wait_healthy(urls[0], procs[0], 180, logs[0])
             spent["team-a"] += _chat(urls[0], test.queries[6], "sk-team-a-1234").json()["routing"]["total_cost"]
             a = stats(urls[0], "sk-team-a-1234")
             assert a["requests"] == 5 and a["total_cost"] == pytest.approx(spent["team-a"], rel=1e-12)
