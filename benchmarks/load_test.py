@@ -4,7 +4,8 @@ Starts two real processes through the CLI — ``cascade-routing replay-backend``
 recorded test split, with ``--latency-ms`` per answer) and ``cascade-routing serve`` (spend store:
 a SQLite file in the run's temp folder) — then, ``--repeat`` times, fires ``--requests`` chat
 completions from an asyncio client (at most ``--concurrency`` in flight), each with a unique
-``X-Request-ID``, cycling over the test queries.
+``X-Request-ID``, cycling over the test queries. Like the OpenAI SDK, the client retries a 429
+``server_busy`` (the server's ``--max-concurrent`` reached) after its ``Retry-After``.
 
 Faults (each optional, mixed into the same run):
 - ``--poison F``: a fraction F of the requests is bad (lone surrogate, NaN temperature, wrong
@@ -122,23 +123,29 @@ async def fire(url: str, payloads: list[tuple[str, bytes, float | None]], concur
                on_response=None):
     """POST every payload (id, body, client timeout or None); returns [(id, response | None, error, s)]."""
     sem = asyncio.Semaphore(concurrency)
+    busy = [0]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         async def one(rid: str, body: bytes, give_up: float | None):
             async with sem:
                 t0 = time.perf_counter()
-                try:
-                    resp = await client.post(url, content=body, timeout=give_up or timeout_s,
-                                             headers={"X-Request-ID": rid, "Content-Type": "application/json"})
-                except httpx.HTTPError as err:
-                    return rid, None, f"{type(err).__name__}: {err}", time.perf_counter() - t0
+                while True:  # like the OpenAI SDK: a 429 server_busy is retried after its Retry-After
+                    try:
+                        resp = await client.post(url, content=body, timeout=give_up or timeout_s,
+                                                 headers={"X-Request-ID": rid, "Content-Type": "application/json"})
+                    except httpx.HTTPError as err:
+                        return rid, None, f"{type(err).__name__}: {err}", time.perf_counter() - t0
+                    if resp.status_code != 429 or "server_busy" not in resp.text:
+                        break
+                    busy[0] += 1
+                    await asyncio.sleep(float(resp.headers.get("retry-after", "1")) * random.uniform(0.5, 1.5))
                 if on_response is not None:
                     on_response()
                 return rid, resp, None, time.perf_counter() - t0
 
         t0 = time.perf_counter()
         out = await asyncio.gather(*(one(*p) for p in payloads))
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, busy[0]
 
 
 def rss_mb(pid: int) -> float | None:
@@ -236,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                         procs[1].send_signal(signal.SIGTERM)
                         sigterm_at.append(time.monotonic())
 
-                results, wall = asyncio.run(asyncio.wait_for(
+                results, wall, busy = asyncio.run(asyncio.wait_for(
                     fire(server + "/v1/chat/completions", payloads, args.concurrency, 300.0, on_response),
                     args.max_seconds))
-                rounds.append((payloads, kinds, results, wall))
-                print(f"round {r}: {len(results)} requests in {wall:.1f}s", flush=True)
+                rounds.append((payloads, kinds, results, wall, busy))
+                print(f"round {r}: {len(results)} requests in {wall:.1f}s ({busy} busy retries)", flush=True)
             rss_after = rss_mb(procs[1].pid)
             stats_live = None
             if not args.sigterm_after:
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             cheapest = test.models[0]
             direct = [(f"direct-{k:05d}", json.dumps({"model": cheapest, "messages": [
                 {"role": "user", "content": test.queries[i]}]}).encode(), None) for k, i in enumerate(rows)]
-            base_results, base_wall = asyncio.run(asyncio.wait_for(
+            base_results, base_wall, _ = asyncio.run(asyncio.wait_for(
                 fire(f"http://127.0.0.1:{rport}/{cheapest}/v1/chat/completions", direct, args.concurrency, 120.0),
                 args.max_seconds))
         finally:
@@ -282,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     costs, overhead, latency, compute, batch, quality, sim_idx = [], [], [], [], [], [], []
     counts = {"answered": 0, "deadline_504": 0, "poison_400": 0, "gave_up": 0, "refused_after_sigterm": 0,
               "lost": 0, "cut_after_sigterm": 0}
-    for r, (payloads, kinds, results, wall) in enumerate(rounds):
-        per_round.append({"round": r, "wall_s": wall, "throughput_rps": len(payloads) / wall})
+    for r, (payloads, kinds, results, wall, busy) in enumerate(rounds):
+        per_round.append({"round": r, "wall_s": wall, "throughput_rps": len(payloads) / wall,
+                          "retried_429_server_busy": busy})
         row_of = {rid: rows[k] for k, (rid, _, _) in enumerate(payloads)}
         for rid, resp, err, lat in results:
             kind = kinds[rid]
@@ -334,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     delivered = float(np.sum(costs))
     base_ok = sum(1 for _, r, _, _ in base_results if r is not None and r.status_code == 200)
     total_requests = args.requests * args.repeat
-    best_wall = min(w for *_, w in rounds)
+    best_wall = min(r[3] for r in rounds)
     by_outcome = account["cost_by_outcome"]
 
     def pct(values, q):

@@ -35,7 +35,7 @@ def stack(ds, router, budgets):
     keys = parse_keys({"keys": [
         {"name": "team-a", "key": A, "budget": budgets[0]},
         {"name": "team-b", "key": B, "max_spend": 1e-9},
-        {"name": "ops", "key": ADMIN},
+        {"name": "ops", "key": ADMIN, "admin": True},
     ]}, "test")
     with ServingStack(ds, router, budget=budgets[1], keys=keys) as s:
         yield s
@@ -86,10 +86,11 @@ def test_per_key_accounts_and_spend_limit(stack, ds, budgets):
     assert mine["budget"] == budgets[0]
     everything = httpx.get(stack.url + "/v1/routing/stats", headers={"Authorization": f"Bearer {ADMIN}"},
                            timeout=10).json()
-    assert everything["key"] == "ops"
-    # the server-wide account (no key) is read through the ledger directly
+    assert everything["key"] == "ops"  # an admin key sees the server-wide account and every key's
+    assert everything["requests"] == 9 and everything["total_cost"] == pytest.approx(sum(costs.values()))
+    assert {k: v["requests"] for k, v in everything["keys"].items()} == {"team-a": 4, "team-b": 1, "ops": 4}
+    assert everything["keys"]["team-b"]["total_cost"] == pytest.approx(costs["team-b"])
     total = stack.app.state.ledger.snapshot()
-    assert total["requests"] == 9 and total["total_cost"] == pytest.approx(sum(costs.values()))
     # requests routed at a lower budget are held to that budget, not mixed into the server's
     assert set(total["by_budget"]) == {repr(budgets[0]), repr(budgets[1])}
     assert total["by_budget"][repr(budgets[0])]["requests"] == 8

@@ -8,6 +8,7 @@ variable ``CASCADE_ROUTING_API_KEYS``)::
         key: sk-team-a-...      # the bearer token; or key_env: NAME_OF_ENV_VAR holding it
         budget: 0.0002          # optional: mean USD per query this key may route at (<= the server's)
         max_spend: 5.0          # optional: total USD after which the key's requests get 429
+        admin: false            # optional: true = /v1/routing/stats shows every key's account
 
 A request's effective budget is ``min(server budget, key budget, routing.budget)``: the client can
 only lower it. Tokens are compared by their SHA-256 digest (no token is kept in memory in clear
@@ -39,6 +40,7 @@ class ApiKey:
     digest: str
     budget: float | None = None
     max_spend: float | None = None
+    admin: bool = False
 
 
 def _digest(token: str) -> str:
@@ -64,7 +66,7 @@ def parse_keys(data: Any, source: str) -> dict[str, ApiKey]:
         where = f"{source}: keys[{i}]"
         if not isinstance(entry, dict):
             raise KeysConfigError(f"{where}: expected a mapping")
-        unknown = set(entry) - {"name", "key", "key_env", "budget", "max_spend"}
+        unknown = set(entry) - {"name", "key", "key_env", "budget", "max_spend", "admin"}
         if unknown:
             raise KeysConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
         name = entry.get("name")
@@ -83,7 +85,10 @@ def parse_keys(data: Any, source: str) -> dict[str, ApiKey]:
         digest = _digest(token)
         if digest in out:
             raise KeysConfigError(f"{where} ({name}): the same token is already used by {out[digest].name!r}")
-        out[digest] = ApiKey(name, digest, _limit(entry, "budget", where), _limit(entry, "max_spend", where))
+        admin = entry.get("admin", False)
+        if not isinstance(admin, bool):
+            raise KeysConfigError(f"{where} ({name}): 'admin' must be true or false")
+        out[digest] = ApiKey(name, digest, _limit(entry, "budget", where), _limit(entry, "max_spend", where), admin)
     return out
 
 

@@ -110,7 +110,7 @@ class RouteResult:
     backend_ms: float = 0.0  # time spent awaiting backends
     routing_ms: float = 0.0  # everything else (binding, estimating, deciding, waiting in the batch)
     compute_ms: float = 0.0  # this query's share of the estimator/policy compute of its batch
-    batch_size: int = 1  # queries routed together with this one (see route_batch)
+    batch_size: int = 1  # queries bound (encoded) together with this one
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in {"answers", "query", "text"}}

@@ -167,10 +167,11 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
         return fail(exc)
 
     def account_view(key: ApiKey | None) -> dict[str, Any]:
-        if key is None:
+        """Server-wide account plus every key's (open server or admin key), else the key's own."""
+        if key is None or key.admin:
             out = ledger.snapshot(ALL)
-            out["keys"] = {k.name: ledger.snapshot(k.name, k.budget) for k in (keys or {}).values()}
-            return out
+            out["keys"] = {k.name: ledger.snapshot(k.name, k.budget or server_budget) for k in (keys or {}).values()}
+            return out if key is None else {**out, "key": key.name}
         return {**ledger.snapshot(key.name, key.budget or server_budget), "key": key.name}
 
     @app.get("/health")
