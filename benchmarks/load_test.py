@@ -14,8 +14,9 @@ Faults (each optional, mixed into the same run):
   it fall back (backend timeout, then the circuit breaker) or hit ``--deadline-s`` (504);
 - ``--disconnect F``: a fraction F of the clients gives up after ``--disconnect-after-s``;
 - ``--sigterm-after N``: SIGTERM to ``serve`` once N responses arrived in the LAST round; the
-  server must finish what it accepted within ``--shutdown-timeout-s`` and exit; requests sent
-  after that are refused (connection error), none may be cut off mid-answer.
+  server must answer everything it accepted within ``--shutdown-timeout-s`` (200, or 503
+  ``server_shutting_down`` for what could not finish) and exit; later requests are refused
+  (connection error); none may be cut off mid-answer.
 
 Checks (exit code 1 if any fails):
 - lost 0 (every good request answered 200; with a slow model 504 also counts as answered) and
@@ -287,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     per_round = []
     seen: dict[str, int] = {}
     costs, overhead, latency, compute, batch, quality, sim_idx = [], [], [], [], [], [], []
-    counts = {"answered": 0, "deadline_504": 0, "poison_400": 0, "gave_up": 0, "refused_after_sigterm": 0,
-              "lost": 0, "cut_after_sigterm": 0}
+    counts = {"answered": 0, "deadline_504": 0, "shutdown_503": 0, "poison_400": 0, "gave_up": 0,
+              "refused_after_sigterm": 0, "lost": 0, "cut_after_sigterm": 0}
     for r, (payloads, kinds, results, wall, busy) in enumerate(rounds):
         per_round.append({"round": r, "wall_s": wall, "throughput_rps": len(payloads) / wall,
                           "retried_429_server_busy": busy})
@@ -315,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if resp.status_code == 504 and args.deadline_s:
                 counts["deadline_504"] += 1
+                continue
+            if resp.status_code == 503 and sigterm_at and "server_shutting_down" in resp.text:
+                counts["shutdown_503"] += 1
                 continue
             if resp.status_code != 200:
                 counts["lost"] += 1
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size_mean": float(np.mean(batch)) if batch else None,
         "budget": budget, "mean_cost": mean_cost, "mean_cost_over_budget": mean_cost / budget if budget else None,
         "delivered_cost": delivered, "account": {k: account[k] for k in (
-            "requests", "answered", "errors", "timeouts", "disconnects", "total_cost", "cost_by_outcome",
+            "requests", "answered", "errors", "timeouts", "disconnects", "shutdowns", "total_cost", "cost_by_outcome",
             "cancelled_calls", "failures")},
         "server_rss_mb_before": rss_before, "server_rss_mb_after": rss_after,
         "server_exit_code": server_exit, "sigterm_to_exit_s_at_most": exit_s,
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"account: answered cost {by_outcome['answered']:.9g} != delivered {delivered:.9g}")
     if not np.isclose(sum(by_outcome.values()), account["total_cost"], rtol=1e-9, atol=1e-12):
         problems.append("account: total != sum over outcomes")
-    accepted = total_requests - counts["poison_400"] - counts["refused_after_sigterm"]
+    accepted = total_requests - counts["poison_400"] - counts["refused_after_sigterm"] - counts["cut_after_sigterm"]
     if account["requests"] != accepted:
         problems.append(f"account holds {account['requests']} requests, {accepted} were accepted")
     if account["answered"] != counts["answered"]:

@@ -194,29 +194,27 @@ def test_no_retry_past_the_request_deadline(monkeypatch):
     assert info.value.reason == "deadline" and info.value.attempts == 1
 
 
-def test_graceful_shutdown_is_bounded_and_records_the_cut_request(ds, setup):
-    """A request stuck on a 30 s backend when the server stops: shutdown waits its grace period
-    (1 s in tests), cancels the request, records it, and the server thread exits."""
+def test_graceful_shutdown_answers_503_within_the_grace_period(ds, setup):
+    """A request stuck on a 30 s backend when the server stops: the server gives it the grace
+    period (2 s here), then cancels its backend call, answers 503 ``server_shutting_down`` (not a
+    cut connection), records it, and exits."""
     router, sim, budget = setup
     slow = ds.models[int(sim.order[0][0])]
-    s = ServingStack(ds, router, budget=budget, failures={slow: "slow"}, slow_ms=30_000, timeout_s=60)
+    s = ServingStack(ds, router, budget=budget, failures={slow: "slow"}, slow_ms=30_000, timeout_s=60,
+                     limits=ServerLimits(shutdown_timeout_s=2))
     try:
-        async def start_request():
-            client = httpx.AsyncClient(timeout=60)
-            task = asyncio.create_task(client.post(s.url + "/v1/chat/completions", json=_body(ds.queries[0])))
-            await asyncio.sleep(0.5)
-            return client, task
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as client:
+                task = asyncio.create_task(client.post(s.url + "/v1/chat/completions", json=_body(ds.queries[0])))
+                while s.app.state.gate.in_flight < 1:
+                    await asyncio.sleep(0.02)
+                await asyncio.to_thread(s.server.stop)
+                return await task
 
-        loop = asyncio.new_event_loop()
-        client, task = loop.run_until_complete(start_request())
-        _wait_for(lambda: s.app.state.gate.in_flight == 1)
-        s.server.stop()
+        resp = asyncio.run(main())
         assert not s.server._thread.is_alive()
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_shutting_down"
         snap = s.app.state.ledger.snapshot()
-        assert snap["requests"] == 1 and snap["cancelled_calls"] == {slow: 1}
-        task.cancel()
-        loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
-        loop.run_until_complete(client.aclose())
-        loop.close()
+        assert snap["requests"] == 1 and snap["shutdowns"] == 1 and snap["cancelled_calls"] == {slow: 1}
     finally:
         s.replay.stop()

@@ -89,6 +89,15 @@ def redis_url(tmp_path_factory):
     proc.wait(10)
 
 
+def test_redis_store_adds_atomically_and_reads_back(redis_url):
+    store = open_store(redis_url)
+    store.add("unit-a", {"cost": 0.5, "requests": 1})
+    store.add("unit-a", {"cost": 0.25, "requests": 1, "runs:m": 2})
+    other = open_store(redis_url)  # a second client (another replica) sees the same counters
+    assert other.read("unit-a") == {"cost": 0.75, "requests": 2, "runs:m": 2}
+    assert "unit-a" in other.accounts() and other.read("nobody") == {}
+
+
 def _start_serve(checkpoint, backends, budget, store, keys, port, log):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(

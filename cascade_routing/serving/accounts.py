@@ -1,11 +1,11 @@
 """Spend accounts: what every request spent, per API key and in total, kept in a counter store.
 
-Each finished request (answered, failed, timed out, cancelled) is recorded once in its key's
+Each finished request (answered, failed, timed out, cut by a disconnect or a shutdown) is recorded once in its key's
 account and in the server-wide account ``"*"`` with ``cost`` = the sum of the costs of the answers
 it received (an upstream call cut short by a deadline or a client disconnect has no known cost and
 is counted in ``cancelled_calls:<model>`` instead). Counters (all increments, see
 :mod:`cascade_routing.serving.store`): ``requests``, ``answered``, ``errors``, ``timeouts``,
-``disconnects``, ``cost``, ``cost:<outcome>``, ``requests@<budget>`` / ``cost@<budget>`` per fitted budget used,
+``disconnects``, ``shutdowns``, ``cost``, ``cost:<outcome>``, ``requests@<budget>`` / ``cost@<budget>`` per fitted budget used,
 ``runs:<model>``, ``answers:<model>``, ``failures:<model>``, ``cancelled_calls:<model>``.
 
 The snapshot's ``within_budget`` compares, for every budget used, the mean cost of the requests
@@ -22,7 +22,7 @@ from cascade_routing.serving.store import CounterStore, MemoryStore
 
 ALL = "*"
 
-OUTCOMES = ("answered", "errors", "timeouts", "disconnects")
+OUTCOMES = ("answered", "errors", "timeouts", "disconnects", "shutdowns")
 
 
 class SpendLedger:
@@ -85,6 +85,7 @@ class SpendLedger:
             "errors": int(raw.get("errors", 0)),
             "timeouts": int(raw.get("timeouts", 0)),
             "disconnects": int(raw.get("disconnects", 0)),
+            "shutdowns": int(raw.get("shutdowns", 0)),
             "total_cost": total,
             "cost_by_outcome": {o: raw.get(f"cost:{o}", 0.0) for o in OUTCOMES},
             "mean_cost": mean,

@@ -10,6 +10,9 @@
   request's backend calls are cancelled and the client gets 504.
 - ``max_upstream_attempts`` (default 8): backend HTTP attempts per request, retries included;
   once spent, further models count as failed (``attempt_limit``).
+- ``shutdown_timeout_s`` (default 30): on SIGTERM, requests in flight get this long to finish
+  (less one second); then they are cancelled and answered 503 ``server_shutting_down`` (spend
+  recorded) before the HTTP server's own grace period cuts connections.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class ServerLimits:
     retry_after_s: int = 1
     deadline_s: float = 120.0
     max_upstream_attempts: int = 8
+    shutdown_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_prompt_chars", "max_concurrent", "max_upstream_attempts"):

@@ -34,6 +34,7 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 499   the client closed the connection (logged; the client never reads it)
 500   a fault in the estimators or the policy for this request (logged), with ``spent``
 502   every model the policy tried failed (``no_model_available``, with ``failures``, ``spent``)
+503   shutting down and the request could not finish in the grace period (``server_shutting_down``)
 504   the request's deadline passed (``deadline_exceeded``); backend calls cancelled, ``spent``
 ====  ==========================================================================================
 """
@@ -41,7 +42,9 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -49,6 +52,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -137,6 +141,7 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
     app.state.ledger = ledger
     app.state.limits = limits
     app.state.gate = gate
+    app.state.draining = asyncio.Event()  # set by DrainingServer when a shutdown begins
 
     def authenticate(request: Request) -> ApiKey | None:
         """The caller's key (None when the server has no keys); 401 without a valid one."""
@@ -259,11 +264,19 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
         finally:
             REQUEST_LIMITS.reset(token)
         watcher = asyncio.create_task(_disconnected(request))
+        drain = asyncio.create_task(app.state.draining.wait())
         outcome, result, error = "errors", None, None
         cancelled: list[str] = []
         try:
-            done, _ = await asyncio.wait({route, watcher}, timeout=max(0.0, deadline - time.monotonic()),
+            done, _ = await asyncio.wait({route, watcher, drain}, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
+            if drain in done and route not in done and watcher not in done:
+                # shutting down: finish within the grace period (less a margin to send the answer)
+                until = min(deadline, time.monotonic() + max(0.0, limits.shutdown_timeout_s - 1.0))
+                done, _ = await asyncio.wait({route, watcher}, timeout=max(0.0, until - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    done = {drain}
             if route in done:
                 try:
                     result = route.result()
@@ -271,7 +284,7 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
                 except Exception as err:  # noqa: BLE001 - this request's own failure
                     error = err
             else:
-                outcome = "disconnects" if watcher in done else "timeouts"
+                outcome = "disconnects" if watcher in done else "shutdowns" if drain in done else "timeouts"
                 if progress.in_flight is not None:
                     cancelled.append(progress.in_flight)
                 route.cancel()
@@ -284,6 +297,7 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             raise
         finally:
             watcher.cancel()
+            drain.cancel()
             key_name = key.name if key else None
             ledger.record(key_name, budget_used, outcome, progress.total_cost(), list(progress.answers),
                           result.model if result else None, [f["model"] for f in progress.failures], cancelled)
@@ -293,6 +307,10 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
                                    f"{limits.deadline_s}s; its backend calls were cancelled", "timeout_error",
                                    code="deadline_exceeded", extra={**spent, "models_run": list(progress.answers)},
                                    headers=headers)
+        if outcome == "shutdowns":
+            return error_response(503, "the server is shutting down and could not finish this request in its "
+                                  f"grace period of {limits.shutdown_timeout_s}s; retry", "server_error",
+                                  code="server_shutting_down", extra=spent, headers={**headers, "Retry-After": "1"})
         if outcome == "disconnects":
             return error_response(499, "client closed the request", "client_closed", code="client_closed",
                                   extra=spent, headers=headers)
@@ -373,7 +391,6 @@ def serve(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import uvicorn
 
     from cascade_routing.serving.keys import load_keys
     from cascade_routing.serving.store import open_store
@@ -387,35 +404,49 @@ def serve(
     router = CascadeRouter.from_checkpoint(checkpoint, budget=budget, strategy=strategy, name=name,
                                            executor=executor, int8=int8)
     pool = BackendPool.from_yaml(backends)
+    limits = dataclasses.replace(limits or ServerLimits(), shutdown_timeout_s=shutdown_timeout_s)
     app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
                      keys=keys, store=open_store(store))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=int(keep_alive_s),
+                            timeout_graceful_shutdown=int(math.ceil(limits.shutdown_timeout_s)), backlog=4096)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=int(keep_alive_s),
-                    timeout_graceful_shutdown=int(shutdown_timeout_s), backlog=4096)
+        DrainingServer(config).run()
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a shutdown first sets the app's ``state.draining`` event, so requests
+    in flight answer 503 within ``ServerLimits.shutdown_timeout_s`` instead of being cut off."""
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        draining = getattr(getattr(self.config.app, "state", None), "draining", None)
+        if draining is not None:
+            draining.set()
+        await super().shutdown(sockets)
 
 
 class BackgroundServer:
     """Run an ASGI app with uvicorn in a daemon thread on 127.0.0.1 and a free port (tests, demos).
 
-    ``with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")``; startup and shutdown are
-    bounded by ``timeout_s``.
+    ``with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")``; startup is bounded by
+    ``timeout_s``, shutdown by the app's ``limits.shutdown_timeout_s`` (1 s for other apps) plus
+    ``timeout_s``.
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0,
                  log_level: str = "warning") -> None:
         import socket
 
-        import uvicorn
-
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=1,
+        limits = getattr(getattr(app, "state", None), "limits", None)
+        grace = math.ceil(limits.shutdown_timeout_s) if limits is not None else 1
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=grace,
                                 backlog=4096, timeout_keep_alive=int(KEEP_ALIVE_S))
-        self.server = uvicorn.Server(config)
+        self.server = DrainingServer(config)
         self.timeout_s = timeout_s
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -437,7 +468,7 @@ class BackgroundServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self._thread.join(self.timeout_s)
+        self._thread.join(self.timeout_s + self.server.config.timeout_graceful_shutdown)
         self._sock.close()
 
     def __enter__(self) -> "BackgroundServer":
