@@ -32,6 +32,7 @@ def _fractions(text: str) -> dict[str, float]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from cascade_routing.policies.controller import ControllerConfig
     from cascade_routing.serving.limits import ServerLimits
     from cascade_routing.serving.server import serve
     from cascade_routing.serving.store import DEFAULT_STORE
@@ -39,11 +40,16 @@ def _serve(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("max_body_bytes", "max_prompt_chars", "max_concurrent", "deadline_s",
                                            "max_upstream_attempts") if getattr(args, k) is not None}
     limits = ServerLimits(**given)
+    controller = None
+    if args.budget_controller:
+        controller = ControllerConfig(window=args.controller_window, k_p=args.controller_kp,
+                                      k_i=args.controller_ki, max_factor=args.controller_max_factor)
     serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host, port=args.port,
           name=args.name, log_level=args.log_level, compute_threads=args.compute_threads,
           max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
           torch_threads=args.torch_threads or None, limits=limits, api_keys=args.api_keys, store=args.store or DEFAULT_STORE,
-          keep_alive_s=args.keep_alive_s, shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8)
+          keep_alive_s=args.keep_alive_s, shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8,
+          controller=controller)
     return 0
 
 
@@ -62,8 +68,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     """Add this stage's subcommands (each sets `func`)."""
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible cascade-routing server over real model endpoints",
-        description="Serve POST /v1/chat/completions (model = --name), GET /v1/models, GET /health and "
-                    "GET /v1/routing/stats, routing each query among the backends with a checkpoint.",
+        description="Serve POST /v1/chat/completions (model = --name; stream: true as SSE), GET /v1/models[/ID], "
+                    "GET /health, GET /v1/routing/stats and GET /metrics (Prometheus), routing each query among "
+                    "the backends with a checkpoint.",
     )
     p.add_argument("--checkpoint", required=True, help="estimator artifact (.safetensors) with fitted λ tables")
     p.add_argument("--backends", required=True, help="backends YAML (see configs/backends.example.yaml)")
@@ -97,6 +104,13 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="idle keep-alive of client connections (keep above the clients' own)")
     p.add_argument("--shutdown-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, let requests in flight finish this long, then cancel them")
+    p.add_argument("--budget-controller", action="store_true",
+                   help="adjust λ online so the realised mean spend meets the budget on shifted traffic")
+    p.add_argument("--controller-window", type=int, default=50, help="requests in the spend window")
+    p.add_argument("--controller-kp", type=float, default=0.5, help="proportional gain (log λ)")
+    p.add_argument("--controller-ki", type=float, default=0.05, help="integral gain per request (log λ)")
+    p.add_argument("--controller-max-factor", type=float, default=30.0,
+                   help="λ stays within [fitted / F, fitted x F]")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 

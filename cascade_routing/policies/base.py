@@ -68,6 +68,9 @@ class Policy:
     max_depth: int | None = None  # the most models one query may run; None: all of them
     # candidate per-step λ shapes for fit_lambda to choose among on calibration rows; None: constant λ
     lambda_shapes: tuple[tuple[float, ...], ...] | None = None
+    # True when ``select`` always returns the model that ran last (then a final step's answer is
+    # known before it arrives, and a server can stream it through)
+    answer_is_last_run: bool = False
 
     def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float) -> Tensor:
         raise NotImplementedError

@@ -88,6 +88,8 @@ class BudgetController:
         self._error = 0.0
         self.version = 0
         self.total_cost = 0.0
+        self._scaled: FittedLambda | None = None
+        self._scaled_key: tuple[int, int] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -122,9 +124,14 @@ class BudgetController:
             return math.exp(self._u)
 
     def scaled(self, fitted: FittedLambda) -> tuple[FittedLambda, float, int]:
-        """(``fitted`` scaled by the current multiplier, the multiplier, the version)."""
-        factor, version = self.take()
-        return scale_fitted(fitted, factor), factor, version
+        """(``fitted`` scaled by the current multiplier, the multiplier, the version). Requests
+        taking it at the same version get the same object (so a server can batch their decisions)."""
+        with self._lock:
+            factor, version = math.exp(self._u), self.version
+            key = (id(fitted), version)
+            if self._scaled_key != key:
+                self._scaled, self._scaled_key = scale_fitted(fitted, factor), key
+            return self._scaled, factor, version
 
     def state(self) -> dict:
         """For stats endpoints and traces."""

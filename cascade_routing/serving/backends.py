@@ -47,10 +47,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import httpx
 import yaml
+
+from cascade_routing.serving.streaming import sse_data
 
 FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence")
 
@@ -314,6 +316,80 @@ def _logprob_confidence(choice: Mapping[str, Any]) -> float | None:
     return sum(values) / len(values)
 
 
+def answer_text(message: Any) -> str | None:
+    """The text of an answer message that the estimators read: its string ``content``, followed by
+    one line ``tool_call NAME ARGUMENTS`` per tool call (a tool-call answer is still an answer);
+    None if the message has neither."""
+    if not isinstance(message, Mapping):
+        return None
+    content = message.get("content")
+    calls = message.get("tool_calls") or []
+    if not isinstance(content, str) and not (isinstance(calls, list) and calls):
+        return None
+    lines = [content] if isinstance(content, str) and content else []
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(function, Mapping):
+            lines.append(f"tool_call {function.get('name')} {function.get('arguments')}")
+    return "\n".join(lines)
+
+
+class _StreamedAnswer:
+    """Rebuilds a ``chat.completion`` body from the chunks of a streamed one (content and
+    tool-call fragments joined per choice, usage and the replay's ``x_*`` fields kept)."""
+
+    def __init__(self) -> None:
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.extra: dict[str, Any] = {}
+
+    def add(self, event: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Fold one chunk in; returns its choices that carry new content or tool calls."""
+        for key in ("usage", "x_cost_usd", "x_recorded_features", "id", "model"):
+            if event.get(key) is not None:
+                self.extra[key] = event[key]
+        new = []
+        for choice in event.get("choices") or []:
+            if not isinstance(choice, Mapping):
+                continue
+            index = int(choice.get("index", 0))
+            acc = self.choices.setdefault(index, {"index": index, "content": [], "tool_calls": {},
+                                                  "logprobs": [], "finish_reason": None})
+            delta = choice.get("delta") or {}
+            if choice.get("finish_reason"):
+                acc["finish_reason"] = choice["finish_reason"]
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
+                acc["logprobs"].extend(logprobs["content"])
+            content = delta.get("content")
+            calls = delta.get("tool_calls")
+            if isinstance(content, str) and content:
+                acc["content"].append(content)
+            for call in calls if isinstance(calls, list) else []:
+                slot = acc["tool_calls"].setdefault(int(call.get("index", 0)),
+                                                    {"id": None, "type": "function",
+                                                     "function": {"name": "", "arguments": ""}})
+                slot["id"] = call.get("id") or slot["id"]
+                fn = call.get("function") or {}
+                slot["function"]["name"] += fn.get("name") or ""
+                slot["function"]["arguments"] += fn.get("arguments") or ""
+            if (isinstance(content, str) and content) or calls:
+                new.append({"index": index, "delta": {k: v for k, v in delta.items() if k != "role"},
+                            "logprobs": logprobs})
+        return new
+
+    def body(self) -> dict[str, Any]:
+        choices = []
+        for index, acc in sorted(self.choices.items()):
+            message: dict[str, Any] = {"role": "assistant",
+                                       "content": "".join(acc["content"]) if acc["content"] or not acc["tool_calls"]
+                                       else None}
+            if acc["tool_calls"]:
+                message["tool_calls"] = [acc["tool_calls"][k] for k in sorted(acc["tool_calls"])]
+            choices.append({"index": index, "message": message, "finish_reason": acc["finish_reason"] or "stop",
+                            "logprobs": {"content": acc["logprobs"]} if acc["logprobs"] else None})
+        return {"object": "chat.completion", "choices": choices, **self.extra}
+
+
 class Backend:
     """Async client of one OpenAI-compatible endpoint, with a concurrency limit and retries."""
 
@@ -339,11 +415,13 @@ class Backend:
         cfg = self.config
         try:
             choice = body["choices"][0]
-            text = choice["message"]["content"]
+            message = choice["message"]
         except (KeyError, IndexError, TypeError):
-            raise BackendError(cfg.name, "bad_response", "no choices[0].message.content", attempts) from None
-        if not isinstance(text, str):
-            raise BackendError(cfg.name, "bad_response", "message content is not a string", attempts)
+            raise BackendError(cfg.name, "bad_response", "no choices[0].message", attempts) from None
+        text = answer_text(message)
+        if text is None:
+            raise BackendError(cfg.name, "bad_response",
+                               "choices[0].message has neither string content nor tool_calls", attempts)
         usage = body.get("usage") or {}
         tokens_in = int(usage.get("prompt_tokens") or 0)
         tokens_out = int(usage.get("completion_tokens") or 0)
@@ -456,6 +534,63 @@ class Backend:
                 return self._parse(body, latency_ms, attempts)
         raise BackendError(cfg.name, reason, detail, attempts)
 
+    async def stream(self, messages: list[dict[str, Any]], on_delta: Callable[[dict[str, Any]], Awaitable[None]],
+                     **params: Any) -> Answer:
+        """Like :meth:`complete`, but with ``stream: true``: each upstream chunk choice that carries
+        content or tool calls is handed to ``await on_delta(choice)`` as it arrives (``{"index",
+        "delta", "logprobs"}``) and the whole answer is returned at the end (usage requested with
+        ``stream_options.include_usage``). Retries only while nothing was handed on; a stream that
+        breaks after that raises :class:`BackendError` with reason ``stream_broken``.
+        """
+        cfg = self.config
+        payload: dict[str, Any] = {**cfg.extra_body, **params, "model": cfg.model_id, "messages": messages,
+                                   "stream": True, "stream_options": {"include_usage": True}}
+        if cfg.logprobs:
+            payload["logprobs"] = True
+        attempts = 0
+        reason, detail = "unknown", ""
+        async with self._semaphore:
+            for attempt in range(cfg.max_retries + 1):
+                if attempt:
+                    await asyncio.sleep(cfg.backoff_s * 2 ** (attempt - 1))
+                attempts += 1
+                start = time.perf_counter()
+                acc = _StreamedAnswer()
+                handed_on = False
+                try:
+                    async with self._client.stream("POST", cfg.url, json=payload, headers=self._headers(),
+                                                   timeout=cfg.timeout_s) as response:
+                        if response.status_code >= 500 or response.status_code == 429:
+                            reason = f"http_{response.status_code}"
+                            detail = (await response.aread()).decode(errors="replace")[:200]
+                            continue
+                        if response.status_code >= 400:
+                            text = (await response.aread()).decode(errors="replace")[:200]
+                            raise BackendError(cfg.name, f"http_{response.status_code}", text, attempts)
+                        async for line in response.aiter_lines():
+                            try:
+                                event = sse_data(line)
+                            except ValueError as err:
+                                raise BackendError(cfg.name, "bad_response", f"bad SSE data: {err}", attempts) from None
+                            if event is None:
+                                continue
+                            if event == "[DONE]":
+                                break
+                            if "error" in event:
+                                raise BackendError(cfg.name, "stream_error", str(event["error"])[:200], attempts)
+                            for choice in acc.add(event):
+                                handed_on = True
+                                await on_delta(choice)
+                except (httpx.TimeoutException, httpx.TransportError) as err:
+                    reason, detail = ("timeout" if isinstance(err, httpx.TimeoutException) else "connection_error",
+                                      f"{type(err).__name__}: {err}")
+                    if handed_on:
+                        raise BackendError(cfg.name, "stream_broken", detail, attempts) from None
+                    continue
+                latency_ms = (time.perf_counter() - start) * 1000.0
+                return self._parse(acc.body(), latency_ms, attempts)
+        raise BackendError(cfg.name, reason, detail, attempts)
+
 
 class BackendPool:
     """The backends of all models, sharing one ``httpx.AsyncClient``. Use as an async context manager."""
@@ -493,6 +628,10 @@ class BackendPool:
 
     async def complete(self, model: str, messages: list[dict[str, Any]], **params: Any) -> Answer:
         return await self[model].complete(messages, **params)
+
+    async def stream(self, model: str, messages: list[dict[str, Any]],
+                     on_delta: Callable[[dict[str, Any]], Awaitable[None]], **params: Any) -> Answer:
+        return await self[model].stream(messages, on_delta, **params)
 
     async def aclose(self) -> None:
         if self._owns_client:

@@ -89,6 +89,7 @@ class StepTrace:
     cost: float = 0.0
     latency_ms: float = 0.0
     error: str | None = None
+    streamed: bool = False  # the backend's tokens went straight to the client (see route_one)
 
 
 @dataclass
@@ -380,6 +381,7 @@ class CascadeRouter:
         budget: float | None = None,
         compute: "Any | None" = None,
         progress: "RouteProgress | None" = None,
+        fitted: "_FittedLike | None" = None,
     ) -> RouteResult:
         """Route one query: decide (through ``compute``, a :class:`~cascade_routing.serving.batching.
         ComputeBatcher` shared with concurrent requests, or a private one), call the chosen backend,
@@ -392,11 +394,21 @@ class CascadeRouter:
         ``backend_ms`` = this query's backend calls; ``routing_ms`` = the rest of its wall time
         (estimating and deciding, waiting for a compute batch); ``compute_ms`` = its share of the
         batched compute.
+
+        ``fitted``: the λ to use instead of the table's entry for ``budget`` (e.g. the entry scaled
+        by the online budget controller; pass the same object to concurrent requests so their
+        decisions still batch).
+
+        Streaming: with ``item.on_delta`` set, a model whose answer is certain to be the one
+        returned (:meth:`_answer_is_final`: routing, or a final step) is called with ``stream: true``
+        (``backends.stream``) and each content / tool-call delta is handed to ``item.on_delta`` as
+        it arrives; otherwise the answer is only known after ``select``.
         """
         from cascade_routing.serving.batching import ComputeBatcher
 
         start = time.perf_counter()
-        used_budget, fitted = self.fitted_for(budget)
+        used_budget, table_fitted = self.fitted_for(budget)
+        fitted = table_fitted if fitted is None else fitted
         own = compute is None
         if own:
             compute = ComputeBatcher(self, max_batch=1, window_ms=0.0)
@@ -411,7 +423,8 @@ class CascadeRouter:
                 progress.steps.append(trace)
                 if decision.model < 0:
                     break
-                await self._run_model(slot, decision.model, trace, backends, messages, item.params, progress)
+                await self._run_model(slot, decision.model, trace, backends, messages, item.params, progress,
+                                      item.on_delta)
             else:  # pragma: no cover - the policy must stop once every model ran or failed
                 raise RuntimeError(f"policy {self.policy!r} did not stop within {2 * len(self.models) + 1} steps")
             choice, final = await compute.select(slot)
@@ -441,9 +454,22 @@ class CascadeRouter:
             batch_size=slot.batch_size,
         )
 
+    def _answer_is_final(self, state: _State, row: int, model: int) -> bool:
+        """Whether ``model``, about to run for ``row``, is certain to give the returned answer: it
+        runs at the query's last possible step (``policy.max_steps`` over the models that have not
+        failed, or no other candidate is left) and either no other model has answered or the
+        policy always returns the last model run (``policy.answer_is_last_run``)."""
+        answered = int(state.ran[row].sum())
+        failed = int(state.failed[row].sum())
+        others_left = len(self.models) - answered - failed - 1
+        last = answered + 1 >= self.policy.max_steps(len(self.models) - failed) or others_left == 0
+        return last and (answered == 0 or bool(getattr(self.policy, "answer_is_last_run", False)))
+
     async def _run_model(self, slot: Any, m: int, trace: StepTrace, backends: Any,
-                         messages: list[dict[str, Any]], params: dict[str, Any], progress: "RouteProgress") -> None:
-        """Call model ``m``'s backend for this request and record the outcome in ``slot`` / ``progress``."""
+                         messages: list[dict[str, Any]], params: dict[str, Any], progress: "RouteProgress",
+                         on_delta: "Callable[[dict[str, Any]], Awaitable[None]] | None" = None) -> None:
+        """Call model ``m``'s backend for this request and record the outcome in ``slot`` / ``progress``
+        (streamed through ``on_delta`` when the answer is certain to be returned, see route_one)."""
         model = self.models[m]
         trace.model = model
         progress.attempted.append(model)
@@ -451,7 +477,15 @@ class CascadeRouter:
         t0 = time.perf_counter()
         answer: Answer | str | None
         try:
-            answer = await _call(backends, model, messages, params)
+            if on_delta is not None and hasattr(backends, "stream") and self._answer_is_final(slot.state, slot.row, m):
+                trace.streamed = True
+
+                async def tagged(choice: dict[str, Any]) -> None:
+                    await on_delta({**choice, "model": model})
+
+                answer = await backends.stream(model, messages, tagged, **params)
+            else:
+                answer = await _call(backends, model, messages, params)
         except BackendError as err:
             answer, trace.error = None, str(err)
             progress.failures.append({"model": model, "reason": err.reason, "detail": err.detail,
@@ -501,6 +535,9 @@ class RouteRequest:
     messages: list[dict[str, Any]] | None = None
     task: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    # streaming sink: ``await on_delta({"index", "delta", "logprobs", "model"})`` per upstream chunk
+    # of a model whose answer is certain to be returned (see CascadeRouter.route_one)
+    on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
 
 # ---------------------------------------------------------------------- helpers

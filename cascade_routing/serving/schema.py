@@ -11,8 +11,10 @@
    rejected: ``extra="forbid"``); the first error becomes the message;
 4. the last user message must have non-empty text (the query the estimators see).
 
-Adding an OpenAI parameter: declare it as a field of :class:`ChatCompletionRequest` and, if the
-backends should receive it, add its name to ``FORWARDED``; :meth:`ChatCompletionRequest.
+Every OpenAI chat parameter is a field: forwarded to the backends (``FORWARDED``, the table in
+:mod:`cascade_routing.serving.params`), read by the server, or refused with 400 naming it
+(:meth:`ChatCompletionRequest.unsupported`). Adding one: declare the field and, if the backends
+should receive it, add its name to ``params.FORWARDED``; :meth:`ChatCompletionRequest.
 forwarded_params` then passes it on exactly as the client set it.
 """
 
@@ -23,6 +25,9 @@ import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cascade_routing.serving.params import FORWARDED as FORWARDED_PARAMS
+from cascade_routing.serving.params import REJECTED
 
 
 class RequestError(Exception):
@@ -66,30 +71,81 @@ class ChatMessage(BaseModel):
         return None
 
 
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the request's usage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: forwarded as given; only its ``type`` is checked here."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions`` body. Unknown fields are a 400 naming the field."""
 
     model_config = ConfigDict(extra="forbid")
 
-    FORWARDED: ClassVar[tuple[str, ...]] = (
-        "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
-    )
+    FORWARDED: ClassVar[tuple[str, ...]] = FORWARDED_PARAMS
     """Fields sent on to every backend (when the client set them)."""
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # refused by unsupported() (declared so the 400 says why, not just "unknown field")
+    audio: Any = None
+    modalities: list[str] | None = None
+    web_search_options: Any = None
     routing: RoutingOptions | None = None
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, why) for the first parameter set that the server refuses, else None."""
+        for name, why in REJECTED.items():
+            if name in self.model_fields_set and getattr(self, name) is not None:
+                if name == "modalities" and self.modalities == ["text"]:
+                    continue
+                return name, why
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "'stream_options' is only allowed with stream: true"
+        return None
+
     def forwarded_params(self) -> dict[str, Any]:
-        """The sampling parameters for the backends: the ``FORWARDED`` fields the client set."""
-        return self.model_dump(include=set(self.FORWARDED), exclude_unset=True)
+        """The parameters for the backends: the ``FORWARDED`` fields the client set (not null)."""
+        return self.model_dump(include=set(self.FORWARDED), exclude_unset=True, exclude_none=True)
 
     def messages_payload(self) -> list[dict[str, Any]]:
         """The messages as plain dicts for the backends (unset optional keys left out)."""
@@ -198,13 +254,18 @@ class ErrorResponse(BaseModel):
 
 
 class AssistantMessage(BaseModel):
+    """The answer message as the selected backend gave it (``tool_calls`` etc. kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
+    logprobs: Any = None
     finish_reason: str = "stop"
 
 

@@ -11,10 +11,19 @@ Endpoints:
   ``task`` is the query's task label. The answer is a ``chat.completion`` plus ``routing`` (models
   run, per-model and total cost, estimates at each step, failures, timing). ``X-Request-ID`` is
   echoed (generated if absent) in the response header and in ``routing.request_id``.
-- ``GET /v1/models``, ``GET /v1/routing/stats`` (spend accounts: server-wide and per API key,
-  batching, breakers), ``GET /health`` (liveness; with a valid key or without keys, the account),
-  ``GET /docs`` and ``GET /openapi.json``. With API keys configured every endpoint but a bare
-  ``/health`` needs ``Authorization: Bearer <key>``.
+  Every OpenAI chat parameter is forwarded or refused with 400 naming it
+  (:mod:`cascade_routing.serving.params`); the answer's choices are the selected backend's own
+  (tool calls, ``n`` choices, logprobs). ``stream: true`` answers with server-sent events
+  (:mod:`cascade_routing.serving.chat_stream`). Headers ``X-Cascade-Routing-Cost-USD`` (the
+  request's real cost), ``X-Cascade-Routing-Model`` and ``X-Cascade-Routing-Models-Run``.
+- ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /v1/routing/stats`` (spend accounts:
+  server-wide and per API key, batching, breakers, the online λ controller), ``GET /health``
+  (liveness; with a valid key or without keys, the account), ``GET /metrics`` (Prometheus,
+  :mod:`cascade_routing.serving.metrics`), ``GET /docs`` and ``GET /openapi.json``. With API keys
+  configured every endpoint but a bare ``/health`` needs ``Authorization: Bearer <key>``.
+- With ``controller`` settings, λ is adjusted online from the realised spend so the mean spend of
+  each budget meets it on live traffic (:mod:`cascade_routing.policies.controller`); every
+  request's trace says which λ multiplier it used (``routing.controller``).
 
 Each request succeeds or fails on its own: it runs its own decide/call loop
 (:meth:`CascadeRouter.route_one`); only the estimator/policy calls are micro-batched
@@ -24,7 +33,7 @@ the spend ledger, also when it fails, times out or its client disconnects.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 
 ====  ==========================================================================================
-400   malformed JSON, invalid field (named in ``param``), no user text, ``stream: true``, budget
+400   malformed JSON, invalid or unsupported field (named in ``param``), no user text, budget
       below every fitted one, prompt longer than ``max_prompt_chars`` (``context_length_exceeded``)
 401   missing or unknown API key (``invalid_api_key``)
 404   unknown ``model`` (``model_not_found``) or route
@@ -56,19 +65,23 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cascade_routing.policies.controller import BudgetControllers, ControllerConfig, lam_in_use
 from cascade_routing.serving.accounts import ALL, SpendLedger
 from cascade_routing.serving.backends import REQUEST_LIMITS, BackendPool, RequestLimits
 from cascade_routing.serving.batching import ComputeBatcher
+from cascade_routing.serving.chat_stream import StreamOutcome, start_stream
 from cascade_routing.serving.keys import ApiKey, lookup
 from cascade_routing.serving.limits import ConcurrencyGate, ServerLimits, read_body
+from cascade_routing.serving.metrics import ServerMetrics
 from cascade_routing.serving.router import (
     CascadeRouter,
     NoModelAvailableError,
     RouteProgress,
     RouteRequest,
+    RouteResult,
     RouterError,
 )
 from cascade_routing.serving.schema import (
@@ -80,6 +93,7 @@ from cascade_routing.serving.schema import (
     parse_chat_request,
 )
 from cascade_routing.serving.store import DEFAULT_STORE, CounterStore
+from cascade_routing.serving.streaming import ChunkWriter
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +117,8 @@ async def _disconnected(request: Request) -> None:
 def create_app(router: CascadeRouter, backends: BackendPool, budget: float | None = None,
                max_batch: int = 64, batch_window_ms: float = 2.0, limits: ServerLimits | None = None,
                keys: dict[str, ApiKey] | None = None, store: CounterStore | None = None,
-               request_model: type[ChatCompletionRequest] = ChatCompletionRequest) -> FastAPI:
+               request_model: type[ChatCompletionRequest] = ChatCompletionRequest,
+               controller: ControllerConfig | None = None) -> FastAPI:
     """The FastAPI app; ``backends`` and ``store`` are closed when the app shuts down.
 
     The estimator/policy calls of concurrent requests are micro-batched (:class:`ComputeBatcher`,
@@ -111,13 +126,16 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
     backend calls. ``limits``: :class:`ServerLimits`. ``keys``: digest -> :class:`ApiKey`
     (:func:`cascade_routing.serving.keys.load_keys`); when given, every endpoint but a bare
     ``/health`` needs ``Authorization: Bearer <key>``. ``store``: where the spend accounts live
-    (default: in memory).
+    (default: in memory). ``controller``: settings of the online λ controller (one per budget in
+    use); None serves the fitted λ unchanged.
     """
     limits = limits or ServerLimits()
     compute = ComputeBatcher(router, max_batch=max_batch, window_ms=batch_window_ms)
     gate = ConcurrencyGate(limits.max_concurrent, limits.retry_after_s)
     server_budget = budget if budget is not None else router.default_budget
     ledger = SpendLedger(store, server_budget)
+    controllers = BudgetControllers(controller) if controller is not None else None
+    metrics = ServerMetrics(server_budget)
     missing = [m for m in router.models if m not in backends]
     if missing:
         raise RouterError(f"no backend configured for model(s) {missing} of the checkpoint")
@@ -141,7 +159,15 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
     app.state.ledger = ledger
     app.state.limits = limits
     app.state.gate = gate
-    app.state.draining = asyncio.Event()  # set by DrainingServer when a shutdown begins
+    app.state.controllers = controllers
+    app.state.metrics = metrics
+
+    def publish_lambda(used_budget: float | None) -> None:
+        _, fitted = router.fitted_for(used_budget)
+        factor = controllers.get(used_budget).factor if controllers is not None and used_budget else 1.0
+        metrics.set_lambda(used_budget, lam_in_use(fitted, factor), factor)  # type: ignore[arg-type]
+
+    publish_lambda(server_budget)
 
     def authenticate(request: Request) -> ApiKey | None:
         """The caller's key (None when the server has no keys); 401 without a valid one."""
@@ -154,6 +180,8 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
         return key
 
     def fail(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+        metrics.error(err.code or ("bad_request" if err.status == 400 else f"http_{err.status}"))
+        metrics.request(err.status, None)
         return error_response(err.status, err.message, "authentication_error" if err.status == 401 else
                               "rate_limit_error" if err.status == 429 else "invalid_request_error",
                               param=err.param, code=err.code, headers={**(headers or {}), **err.headers})
@@ -192,16 +220,30 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
     async def stats(request: Request) -> dict[str, Any]:
         key = authenticate(request)
         return {**account_view(key), "batching": compute.stats(), "in_flight": gate.in_flight,
-                "rejected_busy": gate.rejected,
+                "rejected_busy": gate.rejected, "controller": controllers.state() if controllers else None,
                 "breakers": {m: b.breaker.state for m, b in getattr(backends, "backends", {}).items()}}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": router.name, "object": "model", "created": int(ledger.started),
+                "owned_by": "cascade-routing", "models": router.models, "budgets": router.budgets}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         authenticate(request)
-        return {"object": "list", "data": [{
-            "id": router.name, "object": "model", "created": int(ledger.started),
-            "owned_by": "cascade-routing", "models": router.models, "budgets": router.budgets,
-        }]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> JSONResponse:
+        authenticate(request)
+        if model_id != router.name:
+            raise RequestError(f"unknown model {model_id!r}; this server serves {router.name!r}", "model", 404,
+                               "model_not_found")
+        return JSONResponse(model_card())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        authenticate(request)
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
@@ -219,7 +261,7 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
         return min(caps) if caps else None
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-    async def chat_completions(request: Request) -> JSONResponse:
+    async def chat_completions(request: Request) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"X-Request-ID": request_id}
         try:
@@ -238,31 +280,60 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             gate.leave()
 
     async def _serve_chat(request: Request, request_id: str, headers: dict[str, str],
-                          key: ApiKey | None) -> JSONResponse:
+                          key: ApiKey | None) -> Response:
+        started = time.perf_counter()
         deadline = time.monotonic() + limits.deadline_s
         raw = await read_body(request, limits.max_body_bytes)
         chat = parse_chat_request(raw, request_model)
         if chat.model != router.name:
             raise RequestError(f"unknown model {chat.model!r}; this server serves {router.name!r}", "model", 404,
                                "model_not_found")
-        if chat.stream:
-            raise RequestError("streaming is not supported by the cascade-routing server", "stream")
+        refused = chat.unsupported()
+        if refused is not None:
+            raise RequestError(f"unsupported parameter '{refused[0]}': {refused[1]}", refused[0], 400,
+                               "unsupported_parameter")
         if chat.prompt_chars() > limits.max_prompt_chars:
             raise RequestError(f"the messages have {chat.prompt_chars()} characters of text; the limit is "
                                f"{limits.max_prompt_chars}", "messages", 400, "context_length_exceeded")
         requested = chat.routing.budget if chat.routing else None
         try:
-            budget_used, _ = router.fitted_for(effective_budget(key, requested))
+            budget_used, table_fitted = router.fitted_for(effective_budget(key, requested))
         except RouterError as err:
             raise RequestError(str(err), "routing.budget") from None
+        control = controllers.get(budget_used) if controllers is not None and budget_used else None
+        fitted, factor, version = (table_fitted, 1.0, None) if control is None else control.scaled(table_fitted)
         item = RouteRequest(chat.query() or "", chat.messages_payload(), chat.routing.task if chat.routing else None,
                             chat.forwarded_params())
         progress = RouteProgress()
-        token = REQUEST_LIMITS.set(RequestLimits(limits.max_upstream_attempts, deadline))
-        try:  # the task copies the context: its backend calls share these limits
-            route = asyncio.create_task(router.route_one(item, backends, budget_used, compute, progress))
-        finally:
-            REQUEST_LIMITS.reset(token)
+        key_name = key.name if key else None
+        controller_info: dict[str, Any] | None = None
+
+        def record(outcome: str, result: RouteResult | None, cancelled: list[str]) -> None:
+            """Account for whatever the request spent (ledger, controller, metrics), in every outcome."""
+            nonlocal controller_info
+            spent = progress.total_cost()
+            ledger.record(key_name, budget_used, outcome, spent, list(progress.answers),
+                          result.model if result else None, [f["model"] for f in progress.failures], cancelled)
+            if control is not None:
+                control.observe(spent)
+                controller_info = {"budget": control.budget, "lam_factor": factor, "version": version,
+                                   "observed_as": control.version - 1}
+            metrics.spent(progress.costs(), result.model if result else None,
+                          [f["model"] for f in progress.failures], key_name or "anonymous")
+            publish_lambda(budget_used)
+
+        def run_route() -> "asyncio.Task[RouteResult]":
+            token = REQUEST_LIMITS.set(RequestLimits(limits.max_upstream_attempts, deadline))
+            try:  # the task copies the context: its backend calls share these limits
+                return asyncio.create_task(router.route_one(item, backends, budget_used, compute, progress, fitted))
+            finally:
+                REQUEST_LIMITS.reset(token)
+
+        if chat.stream:
+            return await _stream_chat(chat, item, run_route, record, request_id, headers, deadline, started,
+                                      lambda: controller_info)
+
+        route = run_route()
         watcher = asyncio.create_task(_disconnected(request))
         drain = asyncio.create_task(app.state.draining.wait())
         outcome, result, error = "errors", None, None
@@ -297,54 +368,124 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             raise
         finally:
             watcher.cancel()
-            drain.cancel()
-            key_name = key.name if key else None
-            ledger.record(key_name, budget_used, outcome, progress.total_cost(), list(progress.answers),
-                          result.model if result else None, [f["model"] for f in progress.failures], cancelled)
+            record(outcome, result, cancelled)
+        if result is None:
+            return route_failure(outcome, error, progress, request_id, headers, stream=False)
+        choices, usage, routing, extra_headers = completion_parts(result, request_id, controller_info)
+        body = ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=router.name,
+                                      choices=choices, usage=usage, routing=routing)
+        metrics.request(200, False, time.perf_counter() - started)
+        return JSONResponse(body.model_dump(exclude_none=False), headers={**headers, **extra_headers})
+
+    def route_failure(outcome: str, error: BaseException | None, progress: RouteProgress, request_id: str,
+                      headers: dict[str, str], stream: bool) -> JSONResponse:
+        """The error response of a request whose route did not answer (504, 499, 502 or 500)."""
         spent = {"spent": progress.total_cost(), "request_id": request_id}
-        if outcome == "timeouts":
-            return error_response(504, f"the request did not finish within the server's deadline of "
-                                   f"{limits.deadline_s}s; its backend calls were cancelled", "timeout_error",
-                                   code="deadline_exceeded", extra={**spent, "models_run": list(progress.answers)},
-                                   headers=headers)
-        if outcome == "shutdowns":
-            return error_response(503, "the server is shutting down and could not finish this request in its "
-                                  f"grace period of {limits.shutdown_timeout_s}s; retry", "server_error",
-                                  code="server_shutting_down", extra=spent, headers={**headers, "Retry-After": "1"})
-        if outcome == "disconnects":
-            return error_response(499, "client closed the request", "client_closed", code="client_closed",
-                                  extra=spent, headers=headers)
-        if isinstance(error, NoModelAvailableError):
-            return error_response(502, str(error), "upstream_error", code="no_model_available",
-                                  extra={"failures": error.failures, **spent}, headers=headers)
-        if error is not None:
+        if outcome == "timeouts" or isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+            status, resp = 504, error_response(
+                504, f"the request did not finish within the server's deadline of {limits.deadline_s}s; its "
+                "backend calls were cancelled", "timeout_error", code="deadline_exceeded",
+                extra={**spent, "models_run": list(progress.answers)}, headers=headers)
+        elif outcome == "disconnects":
+            status, resp = 499, error_response(499, "client closed the request", "client_closed", code="client_closed",
+                                               extra=spent, headers=headers)
+        elif isinstance(error, NoModelAvailableError):
+            status, resp = 502, error_response(502, str(error), "upstream_error", code="no_model_available",
+                                               extra={"failures": error.failures, **spent}, headers=headers)
+        else:
             log.error("routing failed for request %s", request_id, exc_info=error)
-            return error_response(500, f"routing failed: {type(error).__name__}: {error}", "server_error",
-                                  extra=spent, headers=headers)
-        assert result is not None
-        answer = result.answers[result.model]
-        usage_in = sum(a.usage.get("prompt_tokens", 0) for a in result.answers.values())
-        usage_out = sum(a.usage.get("completion_tokens", 0) for a in result.answers.values())
-        routing = result.to_dict()
-        routing["request_id"] = request_id
-        body = ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=router.name,
-            choices=[{"index": 0, "message": {"role": "assistant", "content": result.text},
-                      "finish_reason": _finish_reason(answer.raw)}],
-            usage={"prompt_tokens": usage_in, "completion_tokens": usage_out, "total_tokens": usage_in + usage_out},
-            routing=routing,
-        )
-        return JSONResponse(body.model_dump(), headers=headers)
+            status, resp = 500, error_response(500, f"routing failed: {type(error).__name__}: {error}",
+                                               "server_error", extra=spent, headers=headers)
+        metrics.error({504: "deadline_exceeded", 499: "client_closed", 502: "no_model_available"}.get(
+            status, "routing_failed"))
+        metrics.request(status, stream)
+        return resp
+
+    async def _stream_chat(chat: ChatCompletionRequest, item: RouteRequest, run_route: Any, record: Any,
+                           request_id: str, headers: dict[str, str], deadline: float, started: float,
+                           controller_info: Any) -> Response:
+        """``stream: true``: see :mod:`cascade_routing.serving.chat_stream`. The route runs to its end
+        even if the client goes away (its spend is recorded); the deadline still applies."""
+        progress_outcome: dict[str, Any] = {}
+
+        async def submit(_: RouteRequest) -> RouteResult:
+            route = run_route()
+            try:
+                return await asyncio.wait_for(asyncio.shield(route), timeout=max(0.0, deadline - time.monotonic()))
+            except (asyncio.TimeoutError, TimeoutError):
+                route.cancel()
+                await asyncio.gather(route, return_exceptions=True)
+                progress_outcome["outcome"] = "timeouts"
+                raise
+
+        def build(result: RouteResult) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]:
+            return completion_parts(result, request_id, controller_info())
+
+        def on_end(outcome: StreamOutcome) -> None:
+            kind = "answered" if outcome.result is not None else progress_outcome.get("outcome", "errors")
+            record(kind, outcome.result, [])
+            if outcome.result is not None:
+                metrics.request(200, True, time.perf_counter() - started)
+            if outcome.first_token_s is not None:
+                metrics.ttft.labels(outcome.mode).observe(outcome.first_token_s)
+            if outcome.aborted:
+                metrics.error("stream_aborted")
+
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        writer = ChunkWriter(router.name, include_usage)
+        out = await start_stream(submit, item, writer, build, headers, on_end)
+        if isinstance(out, BaseException):
+            return route_failure(progress_outcome.get("outcome", "errors"), out, RouteProgress(), request_id, headers,
+                                 stream=True)
+        return out
 
     return app
 
 
-def _finish_reason(raw: dict[str, Any] | None) -> str:
-    try:
-        reason = raw["choices"][0].get("finish_reason")  # type: ignore[index]
-    except (TypeError, KeyError, IndexError, AttributeError):
-        return "stop"
-    return reason if isinstance(reason, str) else "stop"
+COST_HEADER = "X-Cascade-Routing-Cost-USD"
+
+
+def completion_parts(result: RouteResult, request_id: str, controller: dict[str, Any] | None = None
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(choices, usage, routing trace, response headers) of a routed answer.
+
+    ``choices``: the selected backend's own choices (message with content and/or ``tool_calls``,
+    ``logprobs``, ``finish_reason``; all ``n`` of them), else one built from the answer text.
+    ``usage``: tokens summed over every model that ran. ``routing``: the trace, with the online
+    controller's ``controller`` entry (None without one). Headers: ``X-Cascade-Routing-Cost-USD``
+    (the request's real total cost), ``X-Cascade-Routing-Model``, ``X-Cascade-Routing-Models-Run``.
+    """
+    answer = result.answers[result.model]
+    choices = _backend_choices(answer.raw)
+    if choices is None:
+        choices = [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                    "logprobs": None, "finish_reason": "stop"}]
+    usage_in = sum(a.usage.get("prompt_tokens", 0) for a in result.answers.values())
+    usage_out = sum(a.usage.get("completion_tokens", 0) for a in result.answers.values())
+    routing = result.to_dict()
+    routing["request_id"] = request_id
+    routing["controller"] = controller
+    headers = {COST_HEADER: f"{result.total_cost:.10g}", "X-Cascade-Routing-Model": result.model,
+               "X-Cascade-Routing-Models-Run": ",".join(result.models_run)}
+    return (choices, {"prompt_tokens": usage_in, "completion_tokens": usage_out,
+                      "total_tokens": usage_in + usage_out}, routing, headers)
+
+
+def _backend_choices(raw: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The backend's ``choices`` as OpenAI shapes them (index, message, logprobs, finish_reason)."""
+    choices = raw.get("choices") if isinstance(raw, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return None
+    out = []
+    for k, choice in enumerate(choices):
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+            return None
+        message = {key: value for key, value in choice["message"].items() if value is not None or key == "content"}
+        message["role"] = "assistant"
+        reason = choice.get("finish_reason")
+        out.append({"index": int(choice.get("index", k)), "message": message, "logprobs": choice.get("logprobs"),
+                    "finish_reason": reason if isinstance(reason, str) else "stop"})
+    return out
 
 
 KEEP_ALIVE_S = 75.0
@@ -369,6 +510,7 @@ def serve(
     keep_alive_s: float = KEEP_ALIVE_S,
     shutdown_timeout_s: float = 30.0,
     int8: bool = False,
+    controller: ControllerConfig | None = None,
 ) -> None:
     """Load the checkpoint and the backends YAML and serve until interrupted (blocking).
 
@@ -388,6 +530,8 @@ def serve(
     connection the server is closing and lose it. ``shutdown_timeout_s``: on SIGTERM/SIGINT stop
     accepting, let requests in flight finish for this long, then cancel them (their spend is still
     recorded). ``int8``: dynamically quantise the artifact's encoder's linear layers to int8.
+    ``controller``: keep the mean spend at the budget on live traffic with the online λ controller
+    (:mod:`cascade_routing.policies.controller`); None (default) serves the fitted λ unchanged.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -406,9 +550,7 @@ def serve(
     pool = BackendPool.from_yaml(backends)
     limits = dataclasses.replace(limits or ServerLimits(), shutdown_timeout_s=shutdown_timeout_s)
     app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
-                     keys=keys, store=open_store(store))
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=int(keep_alive_s),
-                            timeout_graceful_shutdown=int(math.ceil(limits.shutdown_timeout_s)), backlog=4096)
+                     keys=keys, store=open_store(store), controller=controller)
     try:
         DrainingServer(config).run()
     finally:
