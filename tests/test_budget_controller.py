@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cascade_routing.evaluation import simulate
-from cascade_routing.evaluation.online import convergence_index, simulate_controlled
+from cascade_routing.evaluation.online import convergence_index, settling_index, simulate_controlled
 from cascade_routing.policies import CascadeRouting, PolicyError, fit_lambda, query_uniforms
 from cascade_routing.policies.controller import BudgetController, ControllerConfig, scale_fitted
 from tests.serving_helpers import bind, offline_features, synthetic_dataset
@@ -100,6 +100,8 @@ def test_convergence_index():
     assert convergence_index(x, 1.0, window=5, tolerance=0.1) == 14
     assert convergence_index([5.0] * 10, 1.0, window=5) is None
     assert convergence_index([1.0] * 3, 1.0, window=5) is None
+    assert settling_index([3.0, 1.5, 1.05, 0.97, 1.0], 1.0, 0.1) == 2
+    assert settling_index([1.0, 2.0], 1.0, 0.1) is None
 
 
 @pytest.fixture(scope="module")

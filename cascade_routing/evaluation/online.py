@@ -111,6 +111,17 @@ def simulate_controlled(
     return ControlledResult(SimulationResult(ran, order, answer, real_q, real_c), factors, versions)
 
 
+def settling_index(values, target: float, tolerance: float) -> int | None:
+    """First index n such that ``|values[k] - target| <= tolerance`` for every k >= n (None if the
+    last value is outside)."""
+    x = np.asarray(values, dtype=np.float64)
+    ok = np.abs(x - target) <= tolerance
+    if x.size == 0 or not ok[-1]:
+        return None
+    bad = np.nonzero(~ok)[0]
+    return 0 if bad.size == 0 else int(bad[-1]) + 1
+
+
 def convergence_index(costs, budget: float, window: int = 50, tolerance: float = 0.1) -> int | None:
     """First request index n such that the trailing ``window``-mean spend stays within
     ±``tolerance`` of ``budget`` from n to the end of ``costs`` (None if it never settles)."""
@@ -118,9 +129,5 @@ def convergence_index(costs, budget: float, window: int = 50, tolerance: float =
     if x.size < window:
         return None
     means = np.convolve(x, np.ones(window) / window, mode="valid")  # means[i] covers i..i+window-1
-    ok = np.abs(means / budget - 1.0) <= tolerance
-    if not ok[-1]:
-        return None
-    bad = np.nonzero(~ok)[0]
-    first_ok = 0 if bad.size == 0 else int(bad[-1]) + 1
-    return first_ok + window - 1
+    first_ok = settling_index(means / budget, 1.0, tolerance)
+    return None if first_ok is None else first_ok + window - 1
