@@ -150,7 +150,7 @@ def serve_stream(universe, stream, binder, policy, fitted, budget, features, con
                 resp = client.post(srv.url + "/v1/chat/completions", json=body)
                 resp.raise_for_status()
                 r = resp.json()["routing"]
-                out.append((r["models_run"], r["total_cost"], r["lam_factor"]))
+                out.append((r["models_run"], r["total_cost"], (r["controller"] or {}).get("lam_factor", 1.0)))
         return out
     finally:
         replay.stop()

@@ -454,6 +454,20 @@ class Backend:
         )
 
     async def complete(self, messages: list[dict[str, Any]], **params: Any) -> Answer:
+        """POST the chat (``stream: false``); see :meth:`_request`."""
+        return await self._request(messages, params, None)
+
+    async def stream(self, messages: list[dict[str, Any]], on_delta: Callable[[dict[str, Any]], Awaitable[None]],
+                     **params: Any) -> Answer:
+        """POST the chat with ``stream: true`` (and ``stream_options.include_usage``): each upstream
+        chunk choice that carries content or tool calls is handed to ``await on_delta(choice)``
+        (``{"index", "delta", "logprobs"}``) as it arrives; the whole answer is returned at the end.
+        Retries as :meth:`complete`, but only while nothing was handed on: a stream that breaks
+        after that raises :class:`BackendError` with reason ``stream_broken``."""
+        return await self._request(messages, params, on_delta)
+
+    async def _request(self, messages: list[dict[str, Any]], params: dict[str, Any],
+                       on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None) -> Answer:
         """POST the chat to the endpoint; retry 5xx/429/timeouts/connection errors with jittered
         backoff (or the endpoint's ``Retry-After``), within the request's limits (module docstring).
 
@@ -463,7 +477,10 @@ class Backend:
         """
         cfg = self.config
         payload: dict[str, Any] = {**cfg.extra_body, **params, "model": cfg.model_id, "messages": messages}
-        payload["stream"] = False
+        payload["stream"] = on_delta is not None
+        if on_delta is not None:
+            payload["stream_options"] = {"include_usage": True}
+        handed_on = [False]
         if cfg.logprobs:
             payload["logprobs"] = True
         limits = REQUEST_LIMITS.get()
@@ -504,93 +521,70 @@ class Backend:
                 wait = 0.0
                 start = time.perf_counter()
                 try:
-                    response = await self._client.post(cfg.url, json=payload, headers=self._headers(), timeout=timeout)
+                    status, retry_after, text, body = await self._exchange(payload, timeout, on_delta, handed_on,
+                                                                           attempts)
                 except asyncio.CancelledError:
                     self.breaker.abandon()
                     raise
-                except httpx.TimeoutException as err:
+                except (httpx.TimeoutException, httpx.TransportError) as err:
                     self.breaker.failure()
-                    reason, detail = "timeout", f"{type(err).__name__} after {timeout:.3g}s"
-                    continue
-                except httpx.TransportError as err:
-                    self.breaker.failure()
-                    reason, detail = "connection_error", f"{type(err).__name__}: {err}"
+                    if isinstance(err, httpx.TimeoutException):
+                        reason, detail = "timeout", f"{type(err).__name__} after {timeout:.3g}s"
+                    else:
+                        reason, detail = "connection_error", f"{type(err).__name__}: {err}"
+                    if handed_on[0]:  # part of the answer is already with the client: no retry
+                        raise BackendError(cfg.name, "stream_broken", detail, attempts) from None
                     continue
                 latency_ms = (time.perf_counter() - start) * 1000.0
-                if response.status_code >= 500 or response.status_code == 429:
+                if status >= 500 or status == 429:
                     self.breaker.failure()
-                    reason, detail = f"http_{response.status_code}", response.text[:200]
-                    hinted = retry_after_s(response.headers.get("retry-after"))
+                    reason, detail = f"http_{status}", text
+                    hinted = retry_after_s(retry_after)
                     if hinted is not None:
                         wait = min(hinted, MAX_RETRY_AFTER_S)
                     continue
                 self.breaker.success()
-                if response.status_code >= 400:
-                    raise BackendError(cfg.name, f"http_{response.status_code}", response.text[:200], attempts)
-                try:
-                    body = response.json()
-                except ValueError:
-                    raise BackendError(cfg.name, "bad_response", "body is not JSON", attempts) from None
+                if status >= 400:
+                    raise BackendError(cfg.name, f"http_{status}", text, attempts)
                 return self._parse(body, latency_ms, attempts)
         raise BackendError(cfg.name, reason, detail, attempts)
 
-    async def stream(self, messages: list[dict[str, Any]], on_delta: Callable[[dict[str, Any]], Awaitable[None]],
-                     **params: Any) -> Answer:
-        """Like :meth:`complete`, but with ``stream: true``: each upstream chunk choice that carries
-        content or tool calls is handed to ``await on_delta(choice)`` as it arrives (``{"index",
-        "delta", "logprobs"}``) and the whole answer is returned at the end (usage requested with
-        ``stream_options.include_usage``). Retries only while nothing was handed on; a stream that
-        breaks after that raises :class:`BackendError` with reason ``stream_broken``.
-        """
+    async def _exchange(self, payload: dict[str, Any], timeout: float,
+                        on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None, handed_on: list[bool],
+                        attempts: int) -> tuple[int, str | None, str, Any]:
+        """One HTTP attempt: (status, Retry-After header, error text (first 200 chars), body). The
+        body is the parsed JSON, or for a stream the completion rebuilt from its chunks (each
+        delta handed to ``on_delta`` on the way; ``handed_on[0]`` set once one was)."""
         cfg = self.config
-        payload: dict[str, Any] = {**cfg.extra_body, **params, "model": cfg.model_id, "messages": messages,
-                                   "stream": True, "stream_options": {"include_usage": True}}
-        if cfg.logprobs:
-            payload["logprobs"] = True
-        attempts = 0
-        reason, detail = "unknown", ""
-        async with self._semaphore:
-            for attempt in range(cfg.max_retries + 1):
-                if attempt:
-                    await asyncio.sleep(cfg.backoff_s * 2 ** (attempt - 1))
-                attempts += 1
-                start = time.perf_counter()
-                acc = _StreamedAnswer()
-                handed_on = False
+        if on_delta is None:
+            response = await self._client.post(cfg.url, json=payload, headers=self._headers(), timeout=timeout)
+            if response.status_code >= 400:
+                return response.status_code, response.headers.get("retry-after"), response.text[:200], None
+            try:
+                return response.status_code, None, "", response.json()
+            except ValueError:
+                raise BackendError(cfg.name, "bad_response", "body is not JSON", attempts) from None
+        async with self._client.stream("POST", cfg.url, json=payload, headers=self._headers(),
+                                       timeout=timeout) as response:
+            if response.status_code >= 400:
+                text = (await response.aread()).decode(errors="replace")[:200]
+                return response.status_code, response.headers.get("retry-after"), text, None
+            acc = _StreamedAnswer()
+            async for line in response.aiter_lines():
                 try:
-                    async with self._client.stream("POST", cfg.url, json=payload, headers=self._headers(),
-                                                   timeout=cfg.timeout_s) as response:
-                        if response.status_code >= 500 or response.status_code == 429:
-                            reason = f"http_{response.status_code}"
-                            detail = (await response.aread()).decode(errors="replace")[:200]
-                            continue
-                        if response.status_code >= 400:
-                            text = (await response.aread()).decode(errors="replace")[:200]
-                            raise BackendError(cfg.name, f"http_{response.status_code}", text, attempts)
-                        async for line in response.aiter_lines():
-                            try:
-                                event = sse_data(line)
-                            except ValueError as err:
-                                raise BackendError(cfg.name, "bad_response", f"bad SSE data: {err}", attempts) from None
-                            if event is None:
-                                continue
-                            if event == "[DONE]":
-                                break
-                            if "error" in event:
-                                raise BackendError(cfg.name, "stream_error", str(event["error"])[:200], attempts)
-                            for choice in acc.add(event):
-                                handed_on = True
-                                await on_delta(choice)
-                except (httpx.TimeoutException, httpx.TransportError) as err:
-                    reason, detail = ("timeout" if isinstance(err, httpx.TimeoutException) else "connection_error",
-                                      f"{type(err).__name__}: {err}")
-                    if handed_on:
-                        raise BackendError(cfg.name, "stream_broken", detail, attempts) from None
+                    event = sse_data(line)
+                except ValueError as err:
+                    raise BackendError(cfg.name, "bad_response", f"bad SSE data: {err}", attempts) from None
+                if event is None:
                     continue
-                latency_ms = (time.perf_counter() - start) * 1000.0
-                return self._parse(acc.body(), latency_ms, attempts)
-        raise BackendError(cfg.name, reason, detail, attempts)
-
+                if event == "[DONE]":
+                    break
+                if "error" in event:
+                    raise BackendError(cfg.name, "stream_error", str(event["error"])[:200], attempts)
+                for choice in acc.add(event):
+                    handed_on[0] = True
+                    await on_delta(choice)
+            return response.status_code, None, "", acc.body()
 
 class BackendPool:
     """The backends of all models, sharing one ``httpx.AsyncClient``. Use as an async context manager."""
