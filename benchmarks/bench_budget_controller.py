@@ -1,9 +1,10 @@
 """Budget keeping on a shifted request stream: fixed offline λ vs the online λ controller vs an
 exact hindsight λ, served through the live server (replay backends on loopback).
 
-The stream (test rows only, unique query texts): ``--segment`` requests of the task whose fixed-λ
-spend is highest, then ``--segment`` of the cheapest task, then ``--segment`` drawn from all
-tasks. It is sent sequentially to ``serve`` twice (fixed λ; ``--budget-controller``); every
+The stream (test rows only, unique query texts, no row twice): ``--segment`` requests of the task
+whose fixed-λ spend is highest, then ``--segment`` of the cheapest task, then ``--segment`` drawn
+from all tasks, in which every model's price is multiplied by ``--price-factor`` (a price change;
+default 1). It is sent sequentially to ``serve`` twice (fixed λ; ``--budget-controller``); every
 response is checked against the offline simulation of the same stream (``simulate`` for fixed λ,
 ``simulate_controlled`` for the controller): same models run, same cost (exit code 1 otherwise).
 The hindsight λ is ``fit_lambda`` on the stream's own outcomes at the same budget (the best a
@@ -113,7 +114,7 @@ def prepare(args):
 
 
 def make_stream(universe, pool, qe, ce, policy, fitted, segment: int, seed: int):
-    """(stream rows of U, segment names, per-task fixed-λ mean spend)."""
+    """(stream rows of U, segment lengths, segment names, per-task fixed-λ mean spend)."""
     rows = torch.tensor(pool)
     u = query_uniforms([universe.queries[i] for i in pool])
     sim = simulate(policy, qe, ce, universe.quality[rows], universe.cost[rows], fitted, u, rows)
@@ -123,30 +124,36 @@ def make_stream(universe, pool, qe, ce, policy, fitted, segment: int, seed: int)
     rng = np.random.default_rng(seed)
     pool_arr = np.array(pool)
 
+    used: set[int] = set()
+
     def draw(cands):
-        return rng.choice(cands, size=min(segment, len(cands)), replace=False).tolist()
+        cands = np.array([c for c in cands if c not in used])
+        out = rng.choice(cands, size=min(segment, len(cands)), replace=False).tolist()
+        used.update(out)
+        return out
 
     segs = [draw(pool_arr[tasks == high]), draw(pool_arr[tasks == low]), draw(pool_arr)]
     names = [f"{high} (most expensive)", f"{low} (cheapest)", "mixed"]
     return sum(segs, []), [len(s) for s in segs], names, spend
 
 
-def serve_stream(universe, stream, binder, policy, fitted, budget, features, controller, latency_ms):
-    """Send the stream sequentially through replay + server; per request (models_run, cost, factor)."""
-    sub = universe.subset(sorted(set(stream)))
+def serve_stream(served, binder, policy, fitted, budget, features, controller, latency_ms):
+    """Send the ``served`` dataset's queries in order through replay + server (sequentially); per
+    request (models_run, cost, λ factor)."""
+    sub = served
     replay = BackgroundServer(create_replay_app(sub, latency_ms=latency_ms)).start()
     executor = ThreadPoolExecutor(1)
     try:
-        router = CascadeRouter(policy, binder, {budget: fitted}, universe.models, budget=budget,
+        router = CascadeRouter(policy, binder, {budget: fitted}, served.models, budget=budget,
                                feature_names=features, executor=executor)
         doc = backends_document(sub, replay.url, timeout_s=60, max_retries=0)
         app = create_app(router, BackendPool(parse_backends(doc, "replay")), budget, controller=controller)
         out = []
         with BackgroundServer(app) as srv, httpx.Client(timeout=120) as client:
-            for i in stream:
-                body = {"model": "cascade-routing", "messages": [{"role": "user", "content": universe.queries[i]}]}
-                if universe.tasks is not None:
-                    body["routing"] = {"task": universe.tasks[i]}
+            for i in range(served.num_queries):
+                body = {"model": "cascade-routing", "messages": [{"role": "user", "content": served.queries[i]}]}
+                if served.tasks is not None:
+                    body["routing"] = {"task": served.tasks[i]}
                 resp = client.post(srv.url + "/v1/chat/completions", json=body)
                 resp.raise_for_status()
                 r = resp.json()["routing"]
@@ -190,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ki", type=float, default=0.05)
     p.add_argument("--max-factor", type=float, default=30.0)
     p.add_argument("--tolerance", type=float, default=0.1, help="convergence band around the budget")
+    p.add_argument("--price-factor", type=float, default=1.0,
+                   help="multiply every price in the third (mixed) segment by this (artifact mode)")
     p.add_argument("--latency-ms", type=float, default=0.0, help="replay latency per answer")
     p.add_argument("--offline-only", action="store_true", help="skip the server runs")
     p.add_argument("--seed", type=int, default=0)
@@ -199,10 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     universe, pool, qe, ce, fitted, binder, policy, budget, features, what = prepare(args)
     stream, lengths, names, task_spend = make_stream(universe, pool, qe, ce, policy, fitted, args.segment, args.seed)
-    rows = torch.tensor(stream)
-    texts = [universe.queries[i] for i in stream]
-    u = query_uniforms(texts)
-    quality, cost = universe.quality[rows], universe.cost[rows]
+    served = universe.subset(stream, name="stream")
+    if args.price_factor != 1.0:
+        if args.estimators == "synthetic":
+            raise SystemExit("--price-factor needs --estimators artifact (the synthetic cost estimator reads U's costs)")
+        served.cost[-lengths[2]:] *= args.price_factor
+        names[2] += f", prices x{args.price_factor:g}"
+    if args.estimators == "artifact":  # offline estimators see what the server sees: the served rows
+        qe, ce = binder(served.queries, served.responses, {**served.features, "cost": served.cost}, served.tasks)
+        rows = torch.arange(served.num_queries)
+    else:
+        rows = torch.tensor(stream)
+    u = query_uniforms(served.queries)
+    quality, cost = torch.as_tensor(served.quality), torch.as_tensor(served.cost)
     cfg = ControllerConfig(window=args.window, k_p=args.kp, k_i=args.ki, max_factor=args.max_factor)
     fixed = simulate(policy, qe, ce, quality, cost, fitted, u, rows)
     ctrl = simulate_controlled(policy, qe, ce, quality, cost, fitted, budget, cfg, uniforms=u, rows=rows)
@@ -235,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     mismatches = 0
     if not args.offline_only:
         ts = time.perf_counter()
-        served_fixed = serve_stream(universe, stream, binder, policy, fitted, budget, features, None, args.latency_ms)
-        served_ctrl = serve_stream(universe, stream, binder, policy, fitted, budget, features, cfg, args.latency_ms)
-        mismatches += check_equal(served_fixed, fixed.order, fixed.cost, universe.models, "fixed")
-        mismatches += check_equal(served_ctrl, ctrl.result.order, ctrl.result.cost, universe.models, "controller")
+        served_fixed = serve_stream(served, binder, policy, fitted, budget, features, None, args.latency_ms)
+        served_ctrl = serve_stream(served, binder, policy, fitted, budget, features, cfg, args.latency_ms)
+        mismatches += check_equal(served_fixed, fixed.order, fixed.cost, served.models, "fixed")
+        mismatches += check_equal(served_ctrl, ctrl.result.order, ctrl.result.cost, served.models, "controller")
         res["server"] = {
             "requests": 2 * len(stream), "mismatches_vs_offline": mismatches,
             "fixed_mean_cost_over_budget": float(np.mean([c for _, c, _ in served_fixed])) / budget,

@@ -176,6 +176,18 @@ def wait_healthy(url, proc, timeout_s, log) -> None:
     raise RuntimeError(f"{url} not healthy within {timeout_s}s; log:\n{log.read_text()[-3000:]}")
 
 
+def split_and_fit(ds: RoutingDataset, policy, budget_of):
+    """Halve ``ds`` into calibration / test (seed 0) and fit λ of ``policy`` with the stand-in
+    estimators on the calibration half at ``budget_of(mean cost per model)``: (fitted, budget, test)."""
+    from cascade_routing.policies import fit_lambda
+
+    parts = ds.split({"calibration": 0.5, "test": 0.5}, seed=0)
+    cal, test = parts["calibration"], parts["test"]
+    qe, ce = bind(cal.queries, cal.responses, offline_features(cal))
+    budget = float(budget_of(cal.cost.mean(0)))
+    return fit_lambda(policy, qe, ce, cal.quality, cal.cost, budget, queries=cal.queries), budget, test
+
+
 class ServingStack:
     """Replay backend + cascade-routing server, each a uvicorn thread on 127.0.0.1 (real sockets).
 

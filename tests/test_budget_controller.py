@@ -10,9 +10,9 @@ import torch
 
 from cascade_routing.evaluation import simulate
 from cascade_routing.evaluation.online import convergence_index, settling_index, simulate_controlled
-from cascade_routing.policies import CascadeRouting, PolicyError, fit_lambda, query_uniforms
+from cascade_routing.policies import CascadeRouting, PolicyError, query_uniforms
 from cascade_routing.policies.controller import BudgetController, ControllerConfig, scale_fitted
-from tests.serving_helpers import bind, offline_features, synthetic_dataset
+from tests.serving_helpers import bind, offline_features, split_and_fit, synthetic_dataset
 
 
 def reference_factors(costs, budget, cfg: ControllerConfig) -> list[float]:
@@ -106,13 +106,8 @@ def test_convergence_index():
 
 @pytest.fixture(scope="module")
 def fitted_setup():
-    ds = synthetic_dataset(120, seed=5)
-    parts = ds.split({"calibration": 0.5, "test": 0.5}, seed=0)
-    cal, test = parts["calibration"], parts["test"]
     policy = CascadeRouting(max_depth=3)
-    qe, ce = bind(cal.queries, cal.responses, offline_features(cal))
-    budget = float(cal.cost.mean(0)[1])
-    fitted = fit_lambda(policy, qe, ce, cal.quality, cal.cost, budget, uniforms=query_uniforms(cal.queries))
+    fitted, budget, test = split_and_fit(synthetic_dataset(120, seed=5), policy, lambda mean_cost: mean_cost[1])
     return policy, fitted, budget, test
 
 

@@ -11,10 +11,17 @@ import numpy as np
 import pytest
 
 from cascade_routing.evaluation.online import simulate_controlled
-from cascade_routing.policies import CascadeRouting, fit_lambda, query_uniforms
+from cascade_routing.policies import CascadeRouting, query_uniforms
 from cascade_routing.policies.controller import ControllerConfig
 from cascade_routing.serving import CascadeRouter
-from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, offline_features, synthetic_dataset
+from tests.serving_helpers import (
+    FEATURE_NAMES,
+    ServingStack,
+    bind,
+    offline_features,
+    split_and_fit,
+    synthetic_dataset,
+)
 
 NAME = "cascade-routing"
 CONFIG = ControllerConfig(window=4, k_p=0.5, k_i=0.4, max_factor=50.0)
@@ -23,12 +30,9 @@ CONFIG = ControllerConfig(window=4, k_p=0.5, k_i=0.4, max_factor=50.0)
 @pytest.fixture(scope="module")
 def setup():
     ds = synthetic_dataset(80, seed=7)
-    parts = ds.split({"calibration": 0.5, "test": 0.5}, seed=0)
-    cal, test = parts["calibration"], parts["test"]
     policy = CascadeRouting(num_samples=64)
-    qe, ce = bind(cal.queries, cal.responses, offline_features(cal))
-    budget = float(cal.cost.mean(0)[0]) * 1.5  # tight: the cheapest model plus a little
-    fitted = fit_lambda(policy, qe, ce, cal.quality, cal.cost, budget, queries=cal.queries)
+    # tight: the cheapest model plus a little
+    fitted, budget, test = split_and_fit(ds, policy, lambda mean_cost: mean_cost[0] * 1.5)
     router = CascadeRouter(policy, bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES)
     # a shifted stream: the queries whose fixed-λ runs spend most first
     order = np.argsort(-test.cost.sum(1), kind="stable")
