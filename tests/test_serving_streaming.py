@@ -82,14 +82,19 @@ def test_parameter_table():
         assert err.value.param == name, (body, err.value.message)
 
 
-def test_streamed_backend_failing_before_tokens_falls_back():
-    """Routing streams its model through; when that endpoint answers 500, the model is dropped and
-    the next choice streams instead; the client sees one clean answer and the failure in the trace."""
+def _routing_stack_parts():
+    """A synthetic dataset and a routing router (one model per query: streams pass through)."""
     ds = synthetic_dataset(20, seed=4)
     budget = float(ds.cost.mean(0)[1])
     qe, ce = bind(ds.queries, ds.responses, offline_features(ds))
     fitted = fit_lambda(Routing(), qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
-    router = CascadeRouter(Routing(), bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES)
+    return ds, CascadeRouter(Routing(), bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES)
+
+
+def test_streamed_backend_failing_before_tokens_falls_back():
+    """Routing streams its model through; when that endpoint answers 500, the model is dropped and
+    the next choice streams instead; the client sees one clean answer and the failure in the trace."""
+    ds, router = _routing_stack_parts()
     first = router.next_model(ds.queries[0], {})
     with ServingStack(ds, router, failures={first: "500"}, timeout_s=2) as s:
         body = {"model": "cascade-routing", "stream": True,
@@ -103,3 +108,18 @@ def test_streamed_backend_failing_before_tokens_falls_back():
     text = "".join(c["delta"].get("content", "") for e in events[:-1] for c in e["choices"])
     assert text == ds.responses[0, ds.model_index(trace["model"])]
     assert [s["streamed"] for s in trace["steps"] if s["model"]] == [True, True]
+
+
+def test_stream_holds_its_concurrency_slot_until_it_ends():
+    """A streamed request counts as in flight (ServerLimits.max_concurrent) until its last chunk."""
+    ds, router = _routing_stack_parts()
+    with ServingStack(ds, router, latency_ms=3000, timeout_s=30) as s:
+        body = {"model": "cascade-routing", "stream": True, "messages": [{"role": "user", "content": ds.queries[1]}]}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+            lines = resp.iter_lines()
+            while not (event := sse_data(next(lines))) or not event["choices"][0]["delta"].get("content"):
+                pass  # up to the first token (after ~3000 / 8 ms); the rest takes ~2.6 s more
+            assert httpx.get(s.url + "/v1/routing/stats", timeout=10).json()["in_flight"] == 1
+            rest = [e for e in map(sse_data, lines) if e is not None]
+        assert rest[-1] == "[DONE]"
+        assert httpx.get(s.url + "/v1/routing/stats", timeout=10).json()["in_flight"] == 0

@@ -65,7 +65,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cascade_routing.policies.controller import BudgetControllers, ControllerConfig, lam_in_use
@@ -272,12 +272,18 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             gate.enter()
         except RequestError as err:
             return fail(err, headers)
+        held = True
         try:
-            return await _serve_chat(request, request_id, headers, key)
+            response = await _serve_chat(request, request_id, headers, key)
+            if isinstance(response, StreamingResponse):  # a stream holds its place until it ends
+                response.body_iterator = _then(response.body_iterator, gate.leave)
+                held = False
+            return response
         except RequestError as err:
             return fail(err, headers)
         finally:
-            gate.leave()
+            if held:
+                gate.leave()
 
     async def _serve_chat(request: Request, request_id: str, headers: dict[str, str],
                           key: ApiKey | None) -> Response:
@@ -440,6 +446,15 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
         return out
 
     return app
+
+
+async def _then(chunks: AsyncIterator[Any], done: Any) -> AsyncIterator[Any]:
+    """``chunks`` passed through; ``done()`` once they end or the client goes away."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        done()
 
 
 COST_HEADER = "X-Cascade-Routing-Cost-USD"
