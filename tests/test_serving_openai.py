@@ -212,3 +212,4 @@ def test_metrics_count_requests_and_spend(ds):
     lam = [v for (n, _), v in samples.items() if n == "cascade_routing_lambda"]
     assert lam and lam[0] > 0
     assert samples[("cascade_routing_budget_usd", ())] == pytest.approx(stats["budget"])
+    assert samples[("cascade_routing_time_to_first_token_seconds_count", (("mode", "buffered"),))] == 1

@@ -49,22 +49,28 @@ async def start_stream(
     headers: dict[str, str],
     on_end: Callable[[StreamOutcome], None],
     piece_chars: int = 16,
+    on_first_token: Callable[[float, str], None] | None = None,
 ) -> "StreamingResponse | BaseException":
     """Route ``item`` with a token sink and return the streaming response, or the exception that
     happened before anything was sent (the caller turns it into an error response).
 
     ``submit(item)`` routes; ``build(result)`` gives (choices, usage, routing trace, headers) of the
     answer as the non-streamed body would; ``on_end(outcome)`` is called once when routing ended
-    (also if the client went away mid-stream).
+    (also if the client went away mid-stream); ``on_first_token(seconds, mode)`` when the first
+    content goes out (``mode``: ``passthrough`` or ``buffered``).
     """
     start = time.perf_counter()
     queue: asyncio.Queue = asyncio.Queue()
     outcome = StreamOutcome()
 
+    def first_token(mode: str) -> None:
+        outcome.first_token_s, outcome.mode = time.perf_counter() - start, mode
+        if on_first_token is not None:
+            on_first_token(outcome.first_token_s, mode)
+
     async def on_delta(choice: dict[str, Any]) -> None:
         if outcome.first_token_s is None:
-            outcome.first_token_s = time.perf_counter() - start
-            outcome.mode = "passthrough"
+            first_token("passthrough")
             outcome.extra["model"] = choice.get("model")
         await queue.put(("delta", choice))
 
@@ -127,7 +133,7 @@ async def start_stream(
             tail = writer.tail(finish, usage, routing)
         else:
             if outcome.first_token_s is None:
-                outcome.first_token_s = time.perf_counter() - start
+                first_token("buffered")
             tail = completion_chunks(writer, choices, usage, routing, piece_chars)[1:]  # role already sent
         for chunk in tail:
             yield sse(chunk)

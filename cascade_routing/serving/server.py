@@ -167,7 +167,7 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
         factor = controllers.get(used_budget).factor if controllers is not None and used_budget else 1.0
         metrics.set_lambda(used_budget, lam_in_use(fitted, factor), factor)  # type: ignore[arg-type]
 
-    publish_lambda(server_budget)
+    publish_lambda(router.fitted_for(server_budget)[0])
 
     def authenticate(request: Request) -> ApiKey | None:
         """The caller's key (None when the server has no keys); 401 without a valid one."""
@@ -432,14 +432,13 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             record(kind, outcome.result, [])
             if outcome.result is not None:
                 metrics.request(200, True, time.perf_counter() - started)
-            if outcome.first_token_s is not None:
-                metrics.ttft.labels(outcome.mode).observe(outcome.first_token_s)
             if outcome.aborted:
                 metrics.error("stream_aborted")
 
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         writer = ChunkWriter(router.name, include_usage)
-        out = await start_stream(submit, item, writer, build, headers, on_end)
+        out = await start_stream(submit, item, writer, build, headers, on_end,
+                                 on_first_token=lambda seconds, mode: metrics.ttft.labels(mode).observe(seconds))
         if isinstance(out, BaseException):
             return route_failure(progress_outcome.get("outcome", "errors"), out, RouteProgress(), request_id, headers,
                                  stream=True)
