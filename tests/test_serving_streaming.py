@@ -123,3 +123,15 @@ def test_stream_holds_its_concurrency_slot_until_it_ends():
             rest = [e for e in map(sse_data, lines) if e is not None]
         assert rest[-1] == "[DONE]"
         assert httpx.get(s.url + "/v1/routing/stats", timeout=10).json()["in_flight"] == 0
+
+
+def test_stream_that_fails_before_any_token_is_a_json_error():
+    """No model can answer: the client gets the usual 502 JSON error, not a broken event stream."""
+    ds, router = _routing_stack_parts()
+    with ServingStack(ds, router, failures={m: "500" for m in ds.models}, timeout_s=2) as s:
+        body = {"model": "cascade-routing", "stream": True, "messages": [{"role": "user", "content": ds.queries[0]}]}
+        resp = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30)
+        assert resp.status_code == 502 and resp.headers["content-type"].startswith("application/json")
+        err = resp.json()["error"]
+        assert err["code"] == "no_model_available" and {f["model"] for f in err["failures"]} == set(ds.models)
+        assert err["spent"] == 0.0

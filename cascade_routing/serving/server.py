@@ -336,8 +336,8 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
                 REQUEST_LIMITS.reset(token)
 
         if chat.stream:
-            return await _stream_chat(chat, item, run_route, record, request_id, headers, deadline, started,
-                                      lambda: controller_info)
+            return await _stream_chat(chat, item, run_route, record, progress, request_id, headers, deadline,
+                                      started, lambda: controller_info)
 
         route = run_route()
         watcher = asyncio.create_task(_disconnected(request))
@@ -408,8 +408,8 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
         return resp
 
     async def _stream_chat(chat: ChatCompletionRequest, item: RouteRequest, run_route: Any, record: Any,
-                           request_id: str, headers: dict[str, str], deadline: float, started: float,
-                           controller_info: Any) -> Response:
+                           progress: RouteProgress, request_id: str, headers: dict[str, str], deadline: float,
+                           started: float, controller_info: Any) -> Response:
         """``stream: true``: see :mod:`cascade_routing.serving.chat_stream`. The route runs to its end
         even if the client goes away (its spend is recorded); the deadline still applies."""
         progress_outcome: dict[str, Any] = {}
@@ -440,7 +440,7 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
         out = await start_stream(submit, item, writer, build, headers, on_end,
                                  on_first_token=lambda seconds, mode: metrics.ttft.labels(mode).observe(seconds))
         if isinstance(out, BaseException):
-            return route_failure(progress_outcome.get("outcome", "errors"), out, RouteProgress(), request_id, headers,
+            return route_failure(progress_outcome.get("outcome", "errors"), out, progress, request_id, headers,
                                  stream=True)
         return out
 
