@@ -159,6 +159,7 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
     app.state.ledger = ledger
     app.state.limits = limits
     app.state.gate = gate
+    app.state.draining = asyncio.Event()  # set by DrainingServer when a shutdown begins
     app.state.controllers = controllers
     app.state.metrics = metrics
 
@@ -374,6 +375,7 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             raise
         finally:
             watcher.cancel()
+            drain.cancel()
             record(outcome, result, cancelled)
         if result is None:
             return route_failure(outcome, error, progress, request_id, headers, stream=False)
@@ -385,9 +387,14 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
 
     def route_failure(outcome: str, error: BaseException | None, progress: RouteProgress, request_id: str,
                       headers: dict[str, str], stream: bool) -> JSONResponse:
-        """The error response of a request whose route did not answer (504, 499, 502 or 500)."""
+        """The error response of a request whose route did not answer (504, 503, 499, 502 or 500)."""
         spent = {"spent": progress.total_cost(), "request_id": request_id}
-        if outcome == "timeouts" or isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        if outcome == "shutdowns":
+            status, resp = 503, error_response(
+                503, "the server is shutting down and could not finish this request in its grace period of "
+                f"{limits.shutdown_timeout_s}s; retry", "server_error", code="server_shutting_down", extra=spent,
+                headers={**headers, "Retry-After": "1"})
+        elif outcome == "timeouts" or isinstance(error, (asyncio.TimeoutError, TimeoutError)):
             status, resp = 504, error_response(
                 504, f"the request did not finish within the server's deadline of {limits.deadline_s}s; its "
                 "backend calls were cancelled", "timeout_error", code="deadline_exceeded",
@@ -402,8 +409,8 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             log.error("routing failed for request %s", request_id, exc_info=error)
             status, resp = 500, error_response(500, f"routing failed: {type(error).__name__}: {error}",
                                                "server_error", extra=spent, headers=headers)
-        metrics.error({504: "deadline_exceeded", 499: "client_closed", 502: "no_model_available"}.get(
-            status, "routing_failed"))
+        metrics.error({504: "deadline_exceeded", 503: "server_shutting_down", 499: "client_closed",
+                       502: "no_model_available"}.get(status, "routing_failed"))
         metrics.request(status, stream)
         return resp
 
@@ -565,6 +572,8 @@ def serve(
     limits = dataclasses.replace(limits or ServerLimits(), shutdown_timeout_s=shutdown_timeout_s)
     app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
                      keys=keys, store=open_store(store), controller=controller)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=int(keep_alive_s),
+                            timeout_graceful_shutdown=int(math.ceil(limits.shutdown_timeout_s)), backlog=4096)
     try:
         DrainingServer(config).run()
     finally:
