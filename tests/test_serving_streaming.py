@@ -135,3 +135,27 @@ def test_stream_that_fails_before_any_token_is_a_json_error():
         err = resp.json()["error"]
         assert err["code"] == "no_model_available" and {f["model"] for f in err["failures"]} == set(ds.models)
         assert err["spent"] == 0.0
+
+
+def test_client_leaving_mid_stream_still_records_the_spend():
+    """The client closes the stream after the first token: routing finishes anyway and its spend
+    is in the account (answered), and the slot is released."""
+    import time
+
+    ds, router = _routing_stack_parts()
+    with ServingStack(ds, router, latency_ms=1600, timeout_s=30) as s:
+        body = {"model": "cascade-routing", "stream": True, "messages": [{"role": "user", "content": ds.queries[2]}]}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+            for line in resp.iter_lines():
+                event = sse_data(line)
+                if isinstance(event, dict) and event["choices"] and event["choices"][0]["delta"].get("content"):
+                    break  # leave after the first token
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            stats = httpx.get(s.url + "/v1/routing/stats", timeout=10).json()
+            if stats["requests"] == 1:
+                break
+            time.sleep(0.1)
+    model = router.next_model(ds.queries[2], {})
+    assert stats["requests"] == 1 and stats["answered"] == 1 and stats["in_flight"] == 0
+    assert stats["total_cost"] == pytest.approx(float(ds.cost[2, ds.model_index(model)]), rel=1e-9)

@@ -29,6 +29,9 @@ from cascade_routing.serving.router import RouteRequest, RouteResult
 from cascade_routing.serving.streaming import DONE, SSE_HEADERS, ChunkWriter, completion_chunks, error_event, sse
 
 
+_RUNNING: set[asyncio.Task] = set()
+
+
 @dataclass
 class StreamOutcome:
     """What a streamed request ended with (for the server's accounting and metrics)."""
@@ -88,6 +91,8 @@ async def start_stream(
             await queue.put(("end", None))
 
     task = asyncio.create_task(run())
+    _RUNNING.add(task)  # a strong reference until it ends: the response may outlive this frame
+    task.add_done_callback(_RUNNING.discard)
     kind, first = await queue.get()
     if kind == "end" and outcome.error is not None:
         return outcome.error
@@ -104,7 +109,7 @@ async def start_stream(
         yield sse(writer.role())
         sent = False
         pending: list[tuple[str, Any]] = [(kind, first)]
-        # If the client goes away, this generator is closed; ``task`` still runs to its end, so
+        # If the client goes away, this generator is closed; the routing task still runs to its end, so
         # the request's spend is accounted by ``on_end``.
         while True:
             k, payload = pending.pop() if pending else await queue.get()
