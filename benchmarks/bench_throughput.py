@@ -37,6 +37,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cascade_routing.serving.checkpoint import quantize_int8  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = {
     "routerbench-subset": ("artifacts/routerbench.safetensors", "artifacts/routerbench_fast.safetensors"),
@@ -61,15 +63,6 @@ def test_queries(art, dataset: str, max_tokens: int, max_queries: int):
     sub = test.subset(keep)
     full = np.asarray([len(x) for x in tok(list(sub.queries))["input_ids"]])
     return sub, np.minimum(full, max_tokens), int(test.num_queries), float((full > max_tokens).mean())
-
-
-def quantize_int8(art):
-    """In place: the carried encoder's Linear layers -> dynamic int8 (weights int8, activations per batch)."""
-    net = art.network()
-    if net.encoder is None:
-        raise ValueError("int8 needs an artifact that carries its encoder (net.encoder.*)")
-    net.encoder.model = torch.ao.quantization.quantize_dynamic(net.encoder.model, {torch.nn.Linear}, dtype=torch.qint8)
-    return art
 
 
 def make_runs(art, ds):

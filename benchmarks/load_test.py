@@ -1,32 +1,47 @@
 """Bounded load test of the cascade-routing server on loopback (127.0.0.1 only).
 
 Starts two real processes through the CLI — ``cascade-routing replay-backend`` (answers from the
-recorded test split, with ``--latency-ms`` per answer) and ``cascade-routing serve`` — then fires
-``--requests`` chat completions at once from an asyncio client (at most ``--concurrency`` in flight),
-each with a unique ``X-Request-ID``, cycling over the test queries.
+recorded test split, with ``--latency-ms`` per answer) and ``cascade-routing serve`` (spend store:
+a SQLite file in the run's temp folder) — then, ``--repeat`` times, fires ``--requests`` chat
+completions from an asyncio client (at most ``--concurrency`` in flight), each with a unique
+``X-Request-ID``, cycling over the test queries. Like the OpenAI SDK, the client retries a 429
+``server_busy`` (the server's ``--max-concurrent`` reached) after its ``Retry-After``.
+
+Faults (each optional, mixed into the same run):
+- ``--poison F``: a fraction F of the requests is bad (lone surrogate, NaN temperature, wrong
+  type, unknown field); each must get 400 and nothing else may notice;
+- ``--slow-model M``: the replay answers model M only after ``--slow-ms``; requests that would use
+  it fall back (backend timeout, then the circuit breaker) or hit ``--deadline-s`` (504);
+- ``--disconnect F``: a fraction F of the clients gives up after ``--disconnect-after-s``;
+- ``--sigterm-after N``: SIGTERM to ``serve`` once N responses arrived in the LAST round; the
+  server must answer everything it accepted within ``--shutdown-timeout-s`` (200, or 503
+  ``server_shutting_down`` for what could not finish) and exit; later requests are refused
+  (connection error); none may be cut off mid-answer.
 
 Checks (exit code 1 if any fails):
-- zero lost responses (every request answered 200) and zero duplicated/mismatched ones (each
-  request id echoed exactly once, in the header and in ``routing.request_id``, and the answer is a
-  recorded response of the model the trace names for that query);
-- mean spend per request <= budget x (1 + ``--budget-tolerance``) (λ is fitted on the calibration
-  split; the test queries are different ones, so a deviation is possible and reported);
-- with ``--check-simulation`` (default on): the server's mean spend and quality over these very
-  requests equal the offline ``simulate`` of the same checkpoint and budget (so any gap to the
-  budget is the estimators' calibration -> test generalisation, not the serving path).
+- lost 0 (every good request answered 200; with a slow model 504 also counts as answered) and
+  duplicated 0 (each request id echoed exactly once, in the header and ``routing.request_id``, and
+  the answer is the recorded response of the model the trace names);
+- the spend account (read from the store after the server exited) equals the sum of the delivered
+  costs (``cost_by_outcome.answered``) plus the costs of the timed-out, errored and cancelled
+  requests (the other outcomes), with one record per accepted request;
+- without faults: mean spend <= budget x (1 + ``--budget-tolerance``), and with
+  ``--check-simulation`` (default) the server's mean spend and quality equal the offline
+  ``simulate`` of the same checkpoint, budget and requests.
 
-Reports: throughput (requests/s), client latency p50/p95, the routing overhead per request (server
-time not spent awaiting its own backend calls: ``routing.routing_ms``, which includes waiting for
-the batch and the queue), its pure compute share (estimators + policy, ``routing.compute_ms``: the
-batch's compute time divided by the batch size), the mean micro-batch size, and, as the baseline measured in the same
-run, the throughput of the same number of requests sent straight to the replay backend of the
-cheapest model (one backend call per request, no routing) at the same concurrency.
+Reports: throughput (requests/s) and, as the baseline measured in the same run, the throughput of
+the same number of requests sent straight to the replay backend of the cheapest model at the same
+concurrency (ratio); client latency p50/p95/p99; the routing overhead per request (server time
+not awaiting its own backends, ``routing.routing_ms``) and its compute share (``compute_ms``); the
+server's RSS before and after the requests.
 
 Without ``--checkpoint`` it builds a small real artifact (tiny random encoder, untrained network,
 λ fitted on a calibration split) on a synthetic dataset of ``--queries`` rows; with
 ``--checkpoint PATH`` it uses that trained artifact and the dataset/split recorded in it.
 
     .venv/bin/python benchmarks/load_test.py --requests 1000 --concurrency 200 --latency-ms 20
+    .venv/bin/python benchmarks/load_test.py --requests 1000 --concurrency 200 --poison 0.05 \
+        --disconnect 0.05 --slow-model WizardLM-13B-V1.2 --sigterm-after 900 --checkpoint artifacts/routerbench.safetensors
 """
 
 from __future__ import annotations
@@ -35,7 +50,8 @@ import argparse
 import asyncio
 import json
 import os
-import socket
+import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,26 +63,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cascade_routing"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not healthy within {timeout_s}s; log:\n{log.read_text()[-3000:]}")
+sys.path.insert(0, str(REPO))
+from tests.serving_helpers import free_port, wait_healthy  # noqa: E402
 
 
 def prepare(args, work: Path):
@@ -87,7 +85,6 @@ def prepare(args, work: Path):
                      "--seed", str(cfg.get("split_seed", 0))]
         path = args.checkpoint
     else:
-        sys.path.insert(0, str(REPO))
         from tests.serving_helpers import make_tiny_artifact, synthetic_dataset
 
         ds = synthetic_dataset(args.queries, seed=1)
@@ -115,41 +112,82 @@ def simulate_split(checkpoint: str, test, strategy: str, budget: float) -> tuple
     return sim.cost.numpy(), sim.quality.numpy()
 
 
-async def fire(url: str, payloads: list[tuple[str, dict]], concurrency: int, timeout_s: float):
+POISON = [
+    b'{"model": "cascade-routing", "messages": [{"role": "user", "content": "\\ud800 bad"}]}',
+    b'{"model": "cascade-routing", "temperature": NaN, "messages": [{"role": "user", "content": "hi"}]}',
+    b'{"model": "cascade-routing", "messages": [{"role": "user", "content": 42}]}',
+    b'{"model": "cascade-routing", "frobnicate": true, "messages": [{"role": "user", "content": "hi"}]}',
+]
+
+
+async def fire(url: str, payloads: list[tuple[str, bytes, float | None]], concurrency: int, timeout_s: float,
+               on_response=None):
+    """POST every payload (id, body, client timeout or None); returns [(id, response | None, error, s)]."""
     sem = asyncio.Semaphore(concurrency)
+    busy = [0]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def one(rid: str, body: dict):
+        async def one(rid: str, body: bytes, give_up: float | None):
             async with sem:
                 t0 = time.perf_counter()
-                try:
-                    resp = await client.post(url, json=body, headers={"X-Request-ID": rid})
-                except httpx.HTTPError as err:
-                    return rid, None, f"{type(err).__name__}: {err}", time.perf_counter() - t0
+                while True:  # like the OpenAI SDK: a 429 server_busy is retried after its Retry-After
+                    try:
+                        resp = await client.post(url, content=body, timeout=give_up or timeout_s,
+                                                 headers={"X-Request-ID": rid, "Content-Type": "application/json"})
+                    except httpx.HTTPError as err:
+                        return rid, None, f"{type(err).__name__}: {err}", time.perf_counter() - t0
+                    if resp.status_code != 429 or "server_busy" not in resp.text:
+                        break
+                    busy[0] += 1
+                    await asyncio.sleep(float(resp.headers.get("retry-after", "1")) * random.uniform(0.5, 1.5))
+                if on_response is not None:
+                    on_response()
                 return rid, resp, None, time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        out = await asyncio.gather(*(one(rid, body) for rid, body in payloads))
-        return out, time.perf_counter() - t0
+        out = await asyncio.gather(*(one(*p) for p in payloads))
+        return out, time.perf_counter() - t0, busy[0]
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=200, help="client requests in flight at most")
+    p.add_argument("--repeat", type=int, default=1, help="rounds against the same server processes")
     p.add_argument("--latency-ms", type=float, default=20.0, help="replay latency per answer")
     p.add_argument("--queries", type=int, default=200, help="synthetic dataset size (without --checkpoint)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--strategy", default="cascade_routing")
     p.add_argument("--budget", type=float, default=None, help="default: the middle fitted budget")
     p.add_argument("--budget-tolerance", type=float, default=0.10)
-    p.add_argument("--max-seconds", type=float, default=300.0, help="bound on the whole request phase")
+    p.add_argument("--poison", type=float, default=0.0, help="fraction of bad requests (each must get 400)")
+    p.add_argument("--disconnect", type=float, default=0.0, help="fraction of clients that give up early")
+    p.add_argument("--disconnect-after-s", type=float, default=0.5)
+    p.add_argument("--slow-model", default=None, help="replay answers this model after --slow-ms")
+    p.add_argument("--slow-ms", type=float, default=30_000.0)
+    p.add_argument("--deadline-s", type=float, default=None, help="serve --deadline-s")
+    p.add_argument("--sigterm-after", type=int, default=None, help="SIGTERM serve after N responses of the last round")
+    p.add_argument("--shutdown-timeout-s", type=float, default=10.0)
+    p.add_argument("--server-args", default="", help="extra arguments for `serve` (one string)")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="bound on each request phase")
     p.add_argument("--json", default=None, help="also write the report here")
     p.add_argument("--no-check-simulation", dest="check_simulation", action="store_false",
                    help="skip the offline simulation of the same requests")
     args = p.parse_args(argv)
+    faults = bool(args.poison or args.disconnect or args.slow_model or args.sigterm_after)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    rng = random.Random(0)
     with tempfile.TemporaryDirectory(prefix="cr-load-") as tmp:
         work = Path(tmp)
         t_prep = time.perf_counter()
@@ -159,111 +197,201 @@ def main(argv: list[str] | None = None) -> int:
         rport, sport = free_port(), free_port()
         backends = work / "backends.yaml"
         rlog, slog = work / "replay.log", work / "server.log"
+        store = work / "spend.sqlite"
         procs = []
+        rounds = []
         try:
+            fail = ["--fail", f"{args.slow_model}=slow", "--slow-ms", str(args.slow_ms)] if args.slow_model else []
             procs.append(subprocess.Popen(
                 CLI + ["replay-backend", *data_args, "--port", str(rport), "--latency-ms", str(args.latency_ms),
-                       "--write-backends", str(backends), "--log-level", "warning"],
+                       "--write-backends", str(backends), "--log-level", "warning", *fail],
                 stdout=rlog.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO))
             wait_healthy(f"http://127.0.0.1:{rport}", procs[0], 120, rlog)
+            extra = ["--deadline-s", str(args.deadline_s)] if args.deadline_s else []
             procs.append(subprocess.Popen(
                 CLI + ["serve", "--checkpoint", checkpoint, "--backends", str(backends), "--budget", str(budget),
-                       "--strategy", strategy, "--port", str(sport), "--log-level", "warning"],
+                       "--strategy", strategy, "--port", str(sport), "--log-level", "warning",
+                       "--store", f"sqlite:///{store}", "--shutdown-timeout-s", str(args.shutdown_timeout_s),
+                       *extra, *args.server_args.split()],
                 stdout=slog.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO))
             server = f"http://127.0.0.1:{sport}"
             wait_healthy(server, procs[1], 180, slog)
+            rss_before = rss_mb(procs[1].pid)
 
             rows = [i % test.num_queries for i in range(args.requests)]
-            payloads = []
-            for k, i in enumerate(rows):
-                body = {"model": "cascade-routing", "messages": [{"role": "user", "content": test.queries[i]}]}
-                if test.tasks is not None:
-                    body["routing"] = {"task": test.tasks[i]}
-                payloads.append((f"req-{k:05d}", body))
-            results, wall = asyncio.run(asyncio.wait_for(
-                fire(server + "/v1/chat/completions", payloads, args.concurrency, 120.0), args.max_seconds))
-            stats = httpx.get(server + "/v1/routing/stats", timeout=10).json()
+            sigterm_at: list[float] = []
+            for r in range(args.repeat):
+                payloads, kinds = [], {}
+                for k, i in enumerate(rows):
+                    rid = f"r{r}-{k:05d}"
+                    roll = rng.random()
+                    if roll < args.poison:
+                        payloads.append((rid, POISON[k % len(POISON)], None))
+                        kinds[rid] = "poison"
+                        continue
+                    body = {"model": "cascade-routing", "messages": [{"role": "user", "content": test.queries[i]}]}
+                    if test.tasks is not None:
+                        body["routing"] = {"task": test.tasks[i]}
+                    give_up = args.disconnect_after_s if roll < args.poison + args.disconnect else None
+                    kinds[rid] = "disconnect" if give_up else "good"
+                    payloads.append((rid, json.dumps(body).encode(), give_up))
+                last = r == args.repeat - 1
+                counter = [0]
+
+                def on_response(last=last, counter=counter):
+                    counter[0] += 1
+                    if last and args.sigterm_after and counter[0] == args.sigterm_after:
+                        procs[1].send_signal(signal.SIGTERM)
+                        sigterm_at.append(time.monotonic())
+
+                results, wall, busy = asyncio.run(asyncio.wait_for(
+                    fire(server + "/v1/chat/completions", payloads, args.concurrency, 300.0, on_response),
+                    args.max_seconds))
+                rounds.append((payloads, kinds, results, wall, busy))
+                print(f"round {r}: {len(results)} requests in {wall:.1f}s ({busy} busy retries)", flush=True)
+            rss_after = rss_mb(procs[1].pid)
+            stats_live = None
+            if not args.sigterm_after:
+                stats_live = httpx.get(server + "/v1/routing/stats", timeout=10).json()
 
             cheapest = test.models[0]
-            direct = [(f"direct-{k:05d}", {"model": cheapest, "messages": body["messages"]})
-                      for k, (_, body) in enumerate(payloads)]
-            base_results, base_wall = asyncio.run(asyncio.wait_for(
+            direct = [(f"direct-{k:05d}", json.dumps({"model": cheapest, "messages": [
+                {"role": "user", "content": test.queries[i]}]}).encode(), None) for k, i in enumerate(rows)]
+            base_results, base_wall, _ = asyncio.run(asyncio.wait_for(
                 fire(f"http://127.0.0.1:{rport}/{cheapest}/v1/chat/completions", direct, args.concurrency, 120.0),
                 args.max_seconds))
         finally:
+            exit_s = None
             for proc in reversed(procs):
-                proc.terminate()
+                if proc.poll() is None and not (proc is procs[-1] and sigterm_at):
+                    proc.terminate()
             for proc in procs:
                 try:
-                    proc.wait(10)
+                    proc.wait(args.shutdown_timeout_s + 30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        if args.check_simulation:
+            if sigterm_at and len(procs) > 1:
+                exit_s = time.monotonic() - sigterm_at[0]  # upper bound: measured after the baseline phase
+        from cascade_routing.serving.accounts import SpendLedger
+        from cascade_routing.serving.store import SQLiteStore
+
+        account = SpendLedger(SQLiteStore(store)).snapshot()
+        if args.check_simulation and not faults:
             t_sim = time.perf_counter()
             sim_costs, sim_qualities = simulate_split(checkpoint, test, strategy, budget)
             print(f"offline simulation of the test split in {time.perf_counter() - t_sim:.1f}s", flush=True)
+        server_exit = procs[1].returncode if len(procs) > 1 else None
+        server_log_tail = slog.read_text()[-2000:] if slog.exists() else ""
 
     # ------------------------------------------------------------------ checks
     problems: list[str] = []
+    per_round = []
     seen: dict[str, int] = {}
-    costs, overhead, backend_ms, latency, models_run, compute, batch, quality = [], [], [], [], [], [], [], []
-    expected_rid = {rid: rows[k] for k, (rid, _) in enumerate(payloads)}
-    for rid, resp, err, lat in results:
-        if resp is None or resp.status_code != 200:
-            problems.append(f"{rid}: {err or (resp.status_code, resp.text[:200])}")
-            continue
-        body = resp.json()
-        echoed = body["routing"]["request_id"]
-        if echoed != rid or resp.headers.get("x-request-id") != rid:
-            problems.append(f"{rid}: echoed id {echoed!r} / header {resp.headers.get('x-request-id')!r}")
-        seen[echoed] = seen.get(echoed, 0) + 1
-        i = expected_rid[rid]
-        j = test.model_index(body["routing"]["model"])
-        if body["choices"][0]["message"]["content"] != test.responses[i, j]:
-            problems.append(f"{rid}: answer text is not the recorded answer of {test.models[j]} for row {i}")
-        costs.append(body["routing"]["total_cost"])
-        quality.append(float(test.quality[i, j]))
-        overhead.append(body["routing"]["routing_ms"])
-        compute.append(body["routing"]["compute_ms"])
-        batch.append(body["routing"]["batch_size"])
-        backend_ms.append(body["routing"]["backend_ms"])
-        models_run.append(len(body["routing"]["models_run"]))
-        latency.append(lat * 1000)
-    lost = args.requests - len(costs)
+    costs, overhead, latency, compute, batch, quality, sim_idx = [], [], [], [], [], [], []
+    counts = {"answered": 0, "deadline_504": 0, "shutdown_503": 0, "poison_400": 0, "gave_up": 0,
+              "refused_after_sigterm": 0, "lost": 0, "cut_after_sigterm": 0}
+    for r, (payloads, kinds, results, wall, busy) in enumerate(rounds):
+        per_round.append({"round": r, "wall_s": wall, "throughput_rps": len(payloads) / wall,
+                          "retried_429_server_busy": busy})
+        row_of = {rid: rows[k] for k, (rid, _, _) in enumerate(payloads)}
+        for rid, resp, err, lat in results:
+            kind = kinds[rid]
+            if kind == "poison":
+                if resp is not None and resp.status_code == 400:
+                    counts["poison_400"] += 1
+                else:
+                    problems.append(f"{rid}: poison got {err or (resp.status_code, resp.text[:120])}")
+                continue
+            if resp is None:
+                if kind == "disconnect" and "Timeout" in (err or ""):
+                    counts["gave_up"] += 1
+                elif sigterm_at and "ConnectError" in (err or ""):
+                    counts["refused_after_sigterm"] += 1
+                elif sigterm_at:
+                    counts["cut_after_sigterm"] += 1
+                    problems.append(f"{rid}: cut off after SIGTERM: {err}")
+                else:
+                    counts["lost"] += 1
+                    problems.append(f"{rid}: lost: {err}")
+                continue
+            if resp.status_code == 504 and args.deadline_s:
+                counts["deadline_504"] += 1
+                continue
+            if resp.status_code == 503 and sigterm_at and "server_shutting_down" in resp.text:
+                counts["shutdown_503"] += 1
+                continue
+            if resp.status_code != 200:
+                counts["lost"] += 1
+                problems.append(f"{rid}: HTTP {resp.status_code} {resp.text[:200]}")
+                continue
+            body = resp.json()
+            echoed = body["routing"]["request_id"]
+            if echoed != rid or resp.headers.get("x-request-id") != rid:
+                problems.append(f"{rid}: echoed id {echoed!r} / header {resp.headers.get('x-request-id')!r}")
+            seen[echoed] = seen.get(echoed, 0) + 1
+            i = row_of[rid]
+            j = test.model_index(body["routing"]["model"])
+            if body["choices"][0]["message"]["content"] != test.responses[i, j]:
+                problems.append(f"{rid}: answer text is not the recorded answer of {test.models[j]} for row {i}")
+            counts["answered"] += 1
+            costs.append(body["routing"]["total_cost"])
+            quality.append(float(test.quality[i, j]))
+            overhead.append(body["routing"]["routing_ms"])
+            compute.append(body["routing"]["compute_ms"])
+            batch.append(body["routing"]["batch_size"])
+            latency.append(lat * 1000)
+            sim_idx.append(i)
     duplicated = sum(c - 1 for c in seen.values() if c > 1)
-    missing_ids = len(set(expected_rid) - set(seen))
     mean_cost = float(np.mean(costs)) if costs else float("nan")
+    delivered = float(np.sum(costs))
     base_ok = sum(1 for _, r, _, _ in base_results if r is not None and r.status_code == 200)
+    total_requests = args.requests * args.repeat
+    best_wall = min(r[3] for r in rounds)
+    by_outcome = account["cost_by_outcome"]
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if values else None
+
     report = {
         "command": "python benchmarks/load_test.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "requests": args.requests, "concurrency": args.concurrency, "latency_ms": args.latency_ms,
-        "test_queries": test.num_queries, "models": test.models, "strategy": strategy,
-        "ok": len(costs), "lost": lost, "duplicated": duplicated, "missing_ids": missing_ids,
-        "wall_s": wall, "throughput_rps": args.requests / wall,
-        "client_latency_ms_p50": float(np.percentile(latency, 50)) if latency else None,
-        "client_latency_ms_p95": float(np.percentile(latency, 95)) if latency else None,
-        "routing_overhead_ms_mean": float(np.mean(overhead)) if overhead else None,
-        "routing_overhead_ms_p50": float(np.percentile(overhead, 50)) if overhead else None,
-        "routing_overhead_ms_p95": float(np.percentile(overhead, 95)) if overhead else None,
+        "load_average": os.getloadavg(),
+        "requests": total_requests, "concurrency": args.concurrency, "latency_ms": args.latency_ms,
+        "test_queries": test.num_queries, "models": test.num_models, "strategy": strategy,
+        **counts, "duplicated": duplicated, "rounds": per_round,
+        "client_latency_ms_p50": pct(latency, 50), "client_latency_ms_p95": pct(latency, 95),
+        "client_latency_ms_p99": pct(latency, 99),
+        "routing_overhead_ms_p50": pct(overhead, 50), "routing_overhead_ms_p95": pct(overhead, 95),
         "routing_compute_ms_mean": float(np.mean(compute)) if compute else None,
         "batch_size_mean": float(np.mean(batch)) if batch else None,
-        "backend_wait_ms_mean": float(np.mean(backend_ms)) if backend_ms else None,
-        "models_run_mean": float(np.mean(models_run)) if models_run else None,
         "budget": budget, "mean_cost": mean_cost, "mean_cost_over_budget": mean_cost / budget if budget else None,
-        "server_stats_mean_cost": stats["mean_cost"], "server_stats_requests": stats["requests"],
+        "delivered_cost": delivered, "account": {k: account[k] for k in (
+            "requests", "answered", "errors", "timeouts", "disconnects", "shutdowns", "total_cost", "cost_by_outcome",
+            "cancelled_calls", "failures")},
+        "server_rss_mb_before": rss_before, "server_rss_mb_after": rss_after,
+        "server_exit_code": server_exit, "sigterm_to_exit_s_at_most": exit_s,
         "baseline_direct_backend_rps": args.requests / base_wall, "baseline_ok": base_ok,
-        "throughput_ratio_vs_direct_backend": (args.requests / wall) / (args.requests / base_wall),
+        "throughput_rps_best_round": args.requests / best_wall,
+        "throughput_ratio_vs_direct_backend": base_wall / best_wall,
     }
-    if lost:
-        problems.append(f"{lost} lost responses")
-    if duplicated or missing_ids:
-        problems.append(f"{duplicated} duplicated and {missing_ids} missing request ids")
-    if stats["requests"] != len(costs):
-        problems.append(f"server counted {stats['requests']} requests, client got {len(costs)}")
-    if not mean_cost <= budget * (1 + args.budget_tolerance):
+    if counts["lost"] or duplicated:
+        problems.append(f"{counts['lost']} lost, {duplicated} duplicated")
+    if not np.isclose(by_outcome["answered"], delivered, rtol=1e-9, atol=1e-12):
+        problems.append(f"account: answered cost {by_outcome['answered']:.9g} != delivered {delivered:.9g}")
+    if not np.isclose(sum(by_outcome.values()), account["total_cost"], rtol=1e-9, atol=1e-12):
+        problems.append("account: total != sum over outcomes")
+    accepted = total_requests - counts["poison_400"] - counts["refused_after_sigterm"] - counts["cut_after_sigterm"]
+    if account["requests"] != accepted:
+        problems.append(f"account holds {account['requests']} requests, {accepted} were accepted")
+    if account["answered"] != counts["answered"]:
+        problems.append(f"account answered {account['answered']} != delivered {counts['answered']}")
+    if stats_live is not None and stats_live["requests"] != account["requests"]:
+        problems.append("live stats and stored account disagree")
+    if args.sigterm_after and server_exit is None:
+        problems.append("serve did not exit after SIGTERM")
+    if not faults and not mean_cost <= budget * (1 + args.budget_tolerance):
         problems.append(f"mean spend {mean_cost:.6g} over budget {budget:.6g} (+{args.budget_tolerance:.0%})")
-    if args.check_simulation and costs:
-        idx = np.asarray([expected_rid[r] for r, resp, _, _ in results if resp is not None and resp.status_code == 200])
+    if args.check_simulation and not faults and costs:
+        idx = np.asarray(sim_idx)
         sim_cost, sim_quality = float(sim_costs[idx].mean()), float(sim_qualities[idx].mean())
         report["offline_simulation_mean_cost"] = sim_cost
         report["offline_simulation_mean_quality"] = sim_quality
@@ -272,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"server mean cost/quality {mean_cost:.6g}/{np.mean(quality):.4f} != offline "
                             f"simulation {sim_cost:.6g}/{sim_quality:.4f}")
     report["problems"] = problems[:20]
+    if problems:
+        report["server_log_tail"] = server_log_tail
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

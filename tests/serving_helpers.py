@@ -130,6 +130,64 @@ def offline_features(ds: RoutingDataset) -> dict[str, np.ndarray]:
 FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence", "cost")
 
 
+def stand_in_router(ds, budgets=None, binder=None, num_samples=64):
+    """(router, offline simulation at the default budget, default budget) over the stand-in
+    estimators: cascade routing with λ fitted on ``ds`` itself for each of ``budgets`` (default:
+    the middle model's mean cost); the default budget is ``budgets[len // 2]``."""
+    from cascade_routing.evaluation import simulate
+    from cascade_routing.policies import CascadeRouting, fit_lambda, query_uniforms
+    from cascade_routing.serving import CascadeRouter
+
+    policy = CascadeRouting(num_samples=num_samples)
+    budgets = list(budgets) if budgets is not None else [float(ds.cost.mean(0)[1])]
+    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
+    table = {b: fit_lambda(policy, qe, ce, ds.quality, ds.cost, b, queries=ds.queries) for b in budgets}
+    budget = budgets[len(budgets) // 2]
+    router = CascadeRouter(policy, binder or bind, table, ds.models, budget=budget, feature_names=FEATURE_NAMES)
+    sim = simulate(policy, qe, ce, ds.quality, ds.cost, table[budget], query_uniforms(ds.queries))
+    return router, sim, budget
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url, proc, timeout_s, log) -> None:
+    """Wait until ``url/health`` answers 200; RuntimeError with the log's tail if ``proc`` exits or time runs out."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not healthy within {timeout_s}s; log:\n{log.read_text()[-3000:]}")
+
+
+def split_and_fit(ds: RoutingDataset, policy, budget_of):
+    """Halve ``ds`` into calibration / test (seed 0) and fit λ of ``policy`` with the stand-in
+    estimators on the calibration half at ``budget_of(mean cost per model)``: (fitted, budget, test)."""
+    from cascade_routing.policies import fit_lambda
+
+    parts = ds.split({"calibration": 0.5, "test": 0.5}, seed=0)
+    cal, test = parts["calibration"], parts["test"]
+    qe, ce = bind(cal.queries, cal.responses, offline_features(cal))
+    budget = float(budget_of(cal.cost.mean(0)))
+    return fit_lambda(policy, qe, ce, cal.quality, cal.cost, budget, queries=cal.queries), budget, test
+
+
 class ServingStack:
     """Replay backend + cascade-routing server, each a uvicorn thread on 127.0.0.1 (real sockets).
 
@@ -138,7 +196,7 @@ class ServingStack:
     """
 
     def __init__(self, ds, router, failures=None, timeout_s=5.0, max_retries=1, latency_ms=0.0,
-                 slow_ms=3000.0, budget=None, max_concurrency=64):
+                 slow_ms=3000.0, budget=None, max_concurrency=64, backend_settings=None, **app_kwargs):
         from cascade_routing.serving.backends import BackendPool, parse_backends
         from cascade_routing.serving.replay import backends_document, create_replay_app
         from cascade_routing.serving.server import BackgroundServer, create_app
@@ -149,7 +207,9 @@ class ServingStack:
         try:
             doc = backends_document(ds, self.replay.url, failures=failures, timeout_s=timeout_s,
                                     max_retries=max_retries, backoff_s=0.01, max_concurrency=max_concurrency)
-            self.app = create_app(router, BackendPool(parse_backends(doc, "replay")), budget)
+            doc["defaults"].update(backend_settings or {})
+            self.pool = BackendPool(parse_backends(doc, "replay"))
+            self.app = create_app(router, self.pool, budget, **app_kwargs)
             self.server = BackgroundServer(self.app).start()
         except BaseException:
             self.replay.stop()

@@ -10,10 +10,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from cascade_routing.evaluation import simulate
-from cascade_routing.policies import CascadeRouting, fit_lambda, query_uniforms
 from cascade_routing.serving import CascadeRouter
-from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, offline_features, synthetic_dataset
+from tests.serving_helpers import ServingStack, stand_in_router, synthetic_dataset
 
 NAME = "cascade-routing"
 
@@ -25,13 +23,7 @@ def ds():
 
 @pytest.fixture(scope="module")
 def setup(ds):
-    policy = CascadeRouting(num_samples=64)
-    budget = float(ds.cost.mean(0)[1])
-    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
-    fitted = fit_lambda(policy, qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
-    router = CascadeRouter(policy, bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES)
-    sim = simulate(policy, qe, ce, ds.quality, ds.cost, fitted, query_uniforms(ds.queries))
-    return router, sim, budget
+    return stand_in_router(ds)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +52,16 @@ def _assert_error(resp, status, *words):
     (b'{"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}', 404, ["unknown model", "gpt-5"]),
     (b'{"messages": [{"role": "user", "content": "hi"}]}', 400, ["'model' is required"]),
     (b'{"model": "cascade-routing"}', 400, ["'messages'"]),
-    (b'{"model": "cascade-routing", "messages": []}', 400, ["non-empty"]),
+    (b'{"model": "cascade-routing", "messages": []}', 400, ["'messages'", "at least 1"]),
     (b'{"model": "cascade-routing", "messages": [{"role": "system", "content": "x"}]}', 400, ["user message"]),
     (b'{"model": "cascade-routing", "messages": ["hi"]}', 400, ["messages[0]"]),
-    (b'{"model": "cascade-routing", "stream": true, "messages": [{"role": "user", "content": "hi"}]}', 400,
-     ["streaming"]),
+    (b'{"model": "cascade-routing", "audio": {"voice": "alloy"}, "messages": [{"role": "user", "content": "hi"}]}',
+     400, ["audio"]),
+    (b'{"model": "cascade-routing", "frobnicate": 1, "messages": [{"role": "user", "content": "hi"}]}', 400,
+     ["frobnicate"]),
+    (b'{"model": "cascade-routing", "n": 0, "messages": [{"role": "user", "content": "hi"}]}', 400, ["'n'"]),
+    (b'{"model": "cascade-routing", "stream_options": {"include_usage": true}, '
+     b'"messages": [{"role": "user", "content": "hi"}]}', 400, ["stream_options"]),
     (b'{"model": "cascade-routing", "routing": {"budget": -1}, "messages": [{"role": "user", "content": "hi"}]}',
      400, ["routing.budget"]),
     (b'{"model": "cascade-routing", "routing": {"budget": 1e-12}, "messages": [{"role": "user", "content": "hi"}]}',

@@ -32,12 +32,24 @@ def _fractions(text: str) -> dict[str, float]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from cascade_routing.policies.controller import ControllerConfig
+    from cascade_routing.serving.limits import ServerLimits
     from cascade_routing.serving.server import serve
+    from cascade_routing.serving.store import DEFAULT_STORE
 
+    given = {k: getattr(args, k) for k in ("max_body_bytes", "max_prompt_chars", "max_concurrent", "deadline_s",
+                                           "max_upstream_attempts") if getattr(args, k) is not None}
+    limits = ServerLimits(**given)
+    controller = None
+    if args.budget_controller:
+        controller = ControllerConfig(window=args.controller_window, k_p=args.controller_kp,
+                                      k_i=args.controller_ki, max_factor=args.controller_max_factor)
     serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host, port=args.port,
           name=args.name, log_level=args.log_level, compute_threads=args.compute_threads,
           max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-          torch_threads=args.torch_threads or None)
+          torch_threads=args.torch_threads or None, limits=limits, api_keys=args.api_keys, store=args.store or DEFAULT_STORE,
+          keep_alive_s=args.keep_alive_s, shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8,
+          controller=controller)
     return 0
 
 
@@ -56,8 +68,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     """Add this stage's subcommands (each sets `func`)."""
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible cascade-routing server over real model endpoints",
-        description="Serve POST /v1/chat/completions (model = --name), GET /v1/models, GET /health and "
-                    "GET /v1/routing/stats, routing each query among the backends with a checkpoint.",
+        description="Serve POST /v1/chat/completions (model = --name; stream: true as SSE), GET /v1/models[/ID], "
+                    "GET /health, GET /v1/routing/stats and GET /metrics (Prometheus), routing each query among "
+                    "the backends with a checkpoint.",
     )
     p.add_argument("--checkpoint", required=True, help="estimator artifact (.safetensors) with fitted λ tables")
     p.add_argument("--backends", required=True, help="backends YAML (see cascade_routing/configs/backends.example.yaml)")
@@ -73,6 +86,31 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="route up to this many concurrent requests together (1: one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="wait this long to fill a batch")
     p.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--int8", action="store_true",
+                   help="quantise the artifact's carried encoder (e.g. a distilled student) to int8")
+    p.add_argument("--api-keys", default=None, metavar="YAML",
+                   help="require bearer keys from this file (default: $CASCADE_ROUTING_API_KEYS if set, else none)")
+    p.add_argument("--store", default=None,
+                   help="spend accounts: sqlite:///PATH (default sqlite:///cascade-routing-spend.sqlite), "
+                        "redis://HOST:PORT/DB or memory://")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="(default 1 MiB) larger request bodies get 413")
+    p.add_argument("--max-prompt-chars", type=int, default=None, help="(default 100,000) more message text gets 400")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="(default 256) chat requests served at once; more get 429 with Retry-After")
+    p.add_argument("--deadline-s", type=float, default=None, help="(default 120) per-request deadline (504 when exceeded)")
+    p.add_argument("--max-upstream-attempts", type=int, default=None,
+                   help="(default 8) backend HTTP attempts per request, retries included")
+    p.add_argument("--keep-alive-s", type=float, default=75.0,
+                   help="idle keep-alive of client connections (keep above the clients' own)")
+    p.add_argument("--shutdown-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, let requests in flight finish this long, then cancel them")
+    p.add_argument("--budget-controller", action="store_true",
+                   help="adjust λ online so the realised mean spend meets the budget on shifted traffic")
+    p.add_argument("--controller-window", type=int, default=50, help="requests in the spend window")
+    p.add_argument("--controller-kp", type=float, default=0.5, help="proportional gain (log λ)")
+    p.add_argument("--controller-ki", type=float, default=0.05, help="integral gain per request (log λ)")
+    p.add_argument("--controller-max-factor", type=float, default=30.0,
+                   help="λ stays within [fitted / F, fitted x F]")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 

@@ -34,6 +34,7 @@ Every problem raises :class:`DatasetError` naming the file, row, model and colum
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -47,8 +48,43 @@ from cascade_routing.data.converters.common import ConversionReport, parse_numbe
 from cascade_routing.data.dataset import DatasetError, RoutingDataset
 
 
+def _read_utf8(path: Path) -> str:
+    """The text of ``path``; a file that is not UTF-8 is an error naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DatasetError(f"{path}: line {line} is not valid UTF-8 (byte {err.start}: {err.reason}); "
+                           "save the file as UTF-8") from None
+
+
+def _unique_key_loader():
+    """A YAML SafeLoader that refuses a mapping with a repeated key (PyYAML keeps the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # type: ignore[override]
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (line {line}; first on line {seen[key]})",
+                        key_node.start_mark)
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def load_mapping(mapping: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """A mapping dict from a dict, a YAML/JSON file, or an inline JSON/YAML string."""
+    """A mapping dict from a dict, a YAML/JSON file, or an inline JSON/YAML string.
+
+    A string without a newline that names a ``.yaml``/``.yml``/``.json`` file or has no ``:`` is
+    a path: a missing file is an error, never parsed as YAML text. Repeated keys are an error.
+    """
     if isinstance(mapping, Mapping):
         return dict(mapping)
     import yaml
@@ -57,9 +93,11 @@ def load_mapping(mapping: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
     path = Path(text)
     where = "mapping"
     if path.is_file():
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        text, where = _read_utf8(path), str(path)
+    elif "\n" not in text and (path.suffix.lower() in (".yaml", ".yml", ".json") or ":" not in text):
+        raise DatasetError(f"mapping file {text} does not exist")
     try:
-        value = yaml.safe_load(text)  # YAML is a superset of JSON
+        value = yaml.load(text, Loader=_unique_key_loader())  # YAML is a superset of JSON
     except yaml.YAMLError as err:
         raise DatasetError(f"{where}: cannot parse the column mapping: {err}") from None
     if not isinstance(value, dict):
@@ -103,7 +141,7 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
             raise DatasetError(f"{path}: cannot read Parquet: {err}") from None
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(_read_utf8(path).splitlines()):
             if not line.strip():
                 continue
             try:
@@ -116,9 +154,7 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
         return rows
     if suffix == ".csv":
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
+        rows = list(csv.DictReader(io.StringIO(_read_utf8(path), newline="")))
         for i, row in enumerate(rows):
             if None in row or any(v is None for v in row.values()):
                 raise DatasetError(f"{path}: data row {i} has a different number of cells than the header")

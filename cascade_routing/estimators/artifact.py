@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -131,11 +131,29 @@ class EstimatorArtifact:
     # ------------------------------------------------------------------ network / encoders
     def network(self) -> QualityNetwork:
         if self._network is None:
-            cfg = NetworkConfig(**self.network_config)
-            encoder_module = None
-            if any(k.startswith("encoder.") for k in self.state_dict):
-                encoder_module = encoding.TextEncoder(self._encoder_skeleton())
-            net = QualityNetwork(cfg, encoder_module)
+            known = {f.name for f in fields(NetworkConfig)}
+            unknown = sorted(set(self.network_config) - known)
+            if unknown:
+                raise ArtifactError(f"artifact {self.source or ''} has unknown network config key(s) {unknown}; "
+                                    f"known: {sorted(known)}")
+            try:
+                cfg = NetworkConfig(**self.network_config)
+                encoder_module = None
+                if any(k.startswith("encoder.") for k in self.state_dict):
+                    encoder_module = encoding.TextEncoder(self._encoder_skeleton())
+                net = QualityNetwork(cfg, encoder_module)
+            except (TypeError, ValueError) as err:
+                raise ArtifactError(f"artifact {self.source or ''} has an unusable network config "
+                                    f"{self.network_config}: {err}") from None
+            # load_state_dict would silently cast (e.g. I32 bytes read as integers into a float
+            # parameter): every stored tensor must have exactly the dtype and shape the config needs.
+            for key, ref in net.state_dict().items():
+                got = self.state_dict.get(key)
+                if got is not None and (got.dtype != ref.dtype or got.shape != ref.shape):
+                    raise ArtifactError(
+                        f"artifact {self.source or ''} tensor net.{key} is {got.dtype} {tuple(got.shape)}, but the "
+                        f"stored network config needs {ref.dtype} {tuple(ref.shape)}"
+                    )
             try:
                 net.load_state_dict(self.state_dict, strict=True)
             except RuntimeError as err:

@@ -47,6 +47,8 @@ def check_inputs(estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tens
         raise PolicyError(f"lam must be a scalar or [B={b}], got shape {tuple(lam_t.shape)}")
     if bool(torch.isnan(lam_t).any()):
         raise PolicyError("lam (λ) is NaN")
+    if bool(torch.isinf(lam_t).any()):  # inf·0 = NaN in value = quality − λ·cost: quality 0 at cost 0
+        raise PolicyError("lam (λ) must be finite, got inf")
     if bool((lam_t < 0).any()):
         raise PolicyError(f"lam (λ) must be >= 0, got {float(lam_t.min())}")
     return lam_t
@@ -66,6 +68,9 @@ class Policy:
     max_depth: int | None = None  # the most models one query may run; None: all of them
     # candidate per-step λ shapes for fit_lambda to choose among on calibration rows; None: constant λ
     lambda_shapes: tuple[tuple[float, ...], ...] | None = None
+    # True when ``select`` always returns the model that ran last (then a final step's answer is
+    # known before it arrives, and a server can stream it through)
+    answer_is_last_run: bool = False
 
     def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float) -> Tensor:
         raise NotImplementedError

@@ -37,6 +37,8 @@ class ThresholdCascade(Policy):
 
     name = "threshold_cascade"
 
+    answer_is_last_run = True  # select() below
+
     def __init__(self, max_depth: int | None = None) -> None:
         self.max_depth = max_depth
 

@@ -5,7 +5,10 @@ YAML layout (see ``configs/backends.example.yaml``)::
     defaults:                 # optional; every key may be overridden per model
       timeout_s: 60           # per attempt (connect + read)
       max_retries: 2          # extra attempts after the first, on 5xx / 429 / timeout / connection error
-      backoff_s: 0.5          # wait before retry k (k = 0, 1, ...) is backoff_s * 2**k
+      backoff_s: 0.5          # wait before retry k (k = 0, 1, ...): backoff_s * 2**k * U(0.5, 1.5), or the
+                              # endpoint's Retry-After (seconds) when it is longer (capped at 60 s)
+      breaker_failures: 5     # circuit breaker: open after this many consecutive failed attempts
+      breaker_reset_s: 10     # ... stay open this long, then let ONE probe through (half-open)
       max_concurrency: 32     # requests in flight to this model at once (an asyncio semaphore)
       logprobs: false         # ask the endpoint for token log-probs (feature ``logprob_confidence``)
     models:
@@ -26,20 +29,30 @@ Features of an answer (the names used project-wide): ``tokens_in``, ``tokens_out
 answer token's log-prob: the definition of the rational-llm-cascades data). A response may carry
 ``x_recorded_features`` (the replay backend does): those values override the measured ones, so a
 replay reproduces the recorded dataset exactly.
+
+Per-request limits (set by the server through :data:`REQUEST_LIMITS`, a context variable, so
+every backend call made for one request shares them): a total number of HTTP attempts over all
+models and retries, and a deadline; a call never starts an attempt, nor sleeps before a retry,
+past the deadline, and each attempt's timeout is cut to the time left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import email.utils
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import httpx
 import yaml
+
+from cascade_routing.serving.streaming import sse_data
 
 FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence")
 
@@ -57,6 +70,86 @@ class BackendError(RuntimeError):
         self.reason = reason
         self.detail = detail
         self.attempts = attempts
+
+
+@dataclass
+class RequestLimits:
+    """Shared by every backend call of one request: attempts left and the deadline (``time.monotonic``)."""
+
+    attempts_left: int
+    deadline: float | None = None
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+REQUEST_LIMITS: contextvars.ContextVar[RequestLimits | None] = contextvars.ContextVar("request_limits", default=None)
+
+MAX_RETRY_AFTER_S = 60.0
+_sleep = asyncio.sleep  # the retry wait (a module attribute so tests can record the delays)
+
+
+class CircuitBreaker:
+    """Per backend: closed -> open after ``failures`` consecutive failed attempts; while open every
+    call fails at once (``circuit_open``); after ``reset_s`` it is half-open and lets ONE probe
+    through: success closes it, failure opens it again for ``reset_s``."""
+
+    def __init__(self, failures: int = 5, reset_s: float = 10.0, clock=time.monotonic) -> None:
+        self.failures = failures
+        self.reset_s = reset_s
+        self._clock = clock
+        self.consecutive = 0
+        self.opened_at: float | None = None
+        self._probing = False
+        self.opened = 0  # times it opened
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half_open" if self._clock() - self.opened_at >= self.reset_s else "open"
+
+    def allow(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def abandon(self) -> None:
+        """The attempt was cancelled (no verdict): let another probe through."""
+        self._probing = False
+
+    def success(self) -> None:
+        self.consecutive = 0
+        self.opened_at = None
+        self._probing = False
+
+    def failure(self) -> None:
+        self.consecutive += 1
+        if self._probing or self.consecutive >= self.failures:
+            if self.opened_at is None or self._probing:
+                self.opened += 1
+            self.opened_at = self._clock()
+        self._probing = False
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 @dataclass
@@ -89,6 +182,8 @@ class BackendConfig:
     max_concurrency: int = 32
     logprobs: bool = False
     trust_reported_cost: bool = False
+    breaker_failures: int = 5
+    breaker_reset_s: float = 10.0
     extra_body: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -103,6 +198,8 @@ _DEFAULTS: dict[str, Any] = {
     "max_concurrency": 32,
     "logprobs": False,
     "trust_reported_cost": False,
+    "breaker_failures": 5,
+    "breaker_reset_s": 10.0,
 }
 _KNOWN = {
     "name", "base_url", "model_id", "api_key_env", "price_per_input_token", "price_per_output_token",
@@ -162,11 +259,15 @@ def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendCo
             max_retries = int(settings["max_retries"])
             backoff_s = float(settings["backoff_s"])
             max_concurrency = int(settings["max_concurrency"])
+            breaker_failures = int(settings["breaker_failures"])
+            breaker_reset_s = float(settings["breaker_reset_s"])
         except (TypeError, ValueError) as err:
             raise BackendConfigError(f"{where}: bad numeric setting: {err}") from None
-        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1:
+        if (timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1 or breaker_failures < 1
+                or breaker_reset_s < 0):
             raise BackendConfigError(
-                f"{where}: need timeout_s > 0, max_retries >= 0, backoff_s >= 0, max_concurrency >= 1"
+                f"{where}: need timeout_s > 0, max_retries >= 0, backoff_s >= 0, max_concurrency >= 1, "
+                "breaker_failures >= 1, breaker_reset_s >= 0"
             )
         configs[name] = BackendConfig(
             name=name,
@@ -181,6 +282,8 @@ def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendCo
             max_concurrency=max_concurrency,
             logprobs=bool(settings["logprobs"]),
             trust_reported_cost=bool(settings["trust_reported_cost"]),
+            breaker_failures=breaker_failures,
+            breaker_reset_s=breaker_reset_s,
             extra_body=dict(entry.get("extra_body") or {}),
         )
     return configs
@@ -213,6 +316,80 @@ def _logprob_confidence(choice: Mapping[str, Any]) -> float | None:
     return sum(values) / len(values)
 
 
+def answer_text(message: Any) -> str | None:
+    """The text of an answer message that the estimators read: its string ``content``, followed by
+    one line ``tool_call NAME ARGUMENTS`` per tool call (a tool-call answer is still an answer);
+    None if the message has neither."""
+    if not isinstance(message, Mapping):
+        return None
+    content = message.get("content")
+    calls = message.get("tool_calls") or []
+    if not isinstance(content, str) and not (isinstance(calls, list) and calls):
+        return None
+    lines = [content] if isinstance(content, str) and content else []
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(function, Mapping):
+            lines.append(f"tool_call {function.get('name')} {function.get('arguments')}")
+    return "\n".join(lines)
+
+
+class _StreamedAnswer:
+    """Rebuilds a ``chat.completion`` body from the chunks of a streamed one (content and
+    tool-call fragments joined per choice, usage and the replay's ``x_*`` fields kept)."""
+
+    def __init__(self) -> None:
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.extra: dict[str, Any] = {}
+
+    def add(self, event: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Fold one chunk in; returns its choices that carry new content or tool calls."""
+        for key in ("usage", "x_cost_usd", "x_recorded_features", "id", "model"):
+            if event.get(key) is not None:
+                self.extra[key] = event[key]
+        new = []
+        for choice in event.get("choices") or []:
+            if not isinstance(choice, Mapping):
+                continue
+            index = int(choice.get("index", 0))
+            acc = self.choices.setdefault(index, {"index": index, "content": [], "tool_calls": {},
+                                                  "logprobs": [], "finish_reason": None})
+            delta = choice.get("delta") or {}
+            if choice.get("finish_reason"):
+                acc["finish_reason"] = choice["finish_reason"]
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
+                acc["logprobs"].extend(logprobs["content"])
+            content = delta.get("content")
+            calls = delta.get("tool_calls")
+            if isinstance(content, str) and content:
+                acc["content"].append(content)
+            for call in calls if isinstance(calls, list) else []:
+                slot = acc["tool_calls"].setdefault(int(call.get("index", 0)),
+                                                    {"id": None, "type": "function",
+                                                     "function": {"name": "", "arguments": ""}})
+                slot["id"] = call.get("id") or slot["id"]
+                fn = call.get("function") or {}
+                slot["function"]["name"] += fn.get("name") or ""
+                slot["function"]["arguments"] += fn.get("arguments") or ""
+            if (isinstance(content, str) and content) or calls:
+                new.append({"index": index, "delta": {k: v for k, v in delta.items() if k != "role"},
+                            "logprobs": logprobs})
+        return new
+
+    def body(self) -> dict[str, Any]:
+        choices = []
+        for index, acc in sorted(self.choices.items()):
+            message: dict[str, Any] = {"role": "assistant",
+                                       "content": "".join(acc["content"]) if acc["content"] or not acc["tool_calls"]
+                                       else None}
+            if acc["tool_calls"]:
+                message["tool_calls"] = [acc["tool_calls"][k] for k in sorted(acc["tool_calls"])]
+            choices.append({"index": index, "message": message, "finish_reason": acc["finish_reason"] or "stop",
+                            "logprobs": {"content": acc["logprobs"]} if acc["logprobs"] else None})
+        return {"object": "chat.completion", "choices": choices, **self.extra}
+
+
 class Backend:
     """Async client of one OpenAI-compatible endpoint, with a concurrency limit and retries."""
 
@@ -220,6 +397,7 @@ class Backend:
         self.config = config
         self._client = client
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
 
     @property
     def name(self) -> str:
@@ -237,11 +415,13 @@ class Backend:
         cfg = self.config
         try:
             choice = body["choices"][0]
-            text = choice["message"]["content"]
+            message = choice["message"]
         except (KeyError, IndexError, TypeError):
-            raise BackendError(cfg.name, "bad_response", "no choices[0].message.content", attempts) from None
-        if not isinstance(text, str):
-            raise BackendError(cfg.name, "bad_response", "message content is not a string", attempts)
+            raise BackendError(cfg.name, "bad_response", "no choices[0].message", attempts) from None
+        text = answer_text(message)
+        if text is None:
+            raise BackendError(cfg.name, "bad_response",
+                               "choices[0].message has neither string content nor tool_calls", attempts)
         usage = body.get("usage") or {}
         tokens_in = int(usage.get("prompt_tokens") or 0)
         tokens_out = int(usage.get("completion_tokens") or 0)
@@ -274,46 +454,137 @@ class Backend:
         )
 
     async def complete(self, messages: list[dict[str, Any]], **params: Any) -> Answer:
-        """POST the chat to the endpoint; retry 5xx/429/timeouts/connection errors with backoff.
+        """POST the chat (``stream: false``); see :meth:`_request`."""
+        return await self._request(messages, params, None)
 
-        Raises :class:`BackendError` when every attempt failed or on a non-retryable 4xx.
+    async def stream(self, messages: list[dict[str, Any]], on_delta: Callable[[dict[str, Any]], Awaitable[None]],
+                     **params: Any) -> Answer:
+        """POST the chat with ``stream: true`` (and ``stream_options.include_usage``): each upstream
+        chunk choice that carries content or tool calls is handed to ``await on_delta(choice)``
+        (``{"index", "delta", "logprobs"}``) as it arrives; the whole answer is returned at the end.
+        Retries as :meth:`complete`, but only while nothing was handed on: a stream that breaks
+        after that raises :class:`BackendError` with reason ``stream_broken``."""
+        return await self._request(messages, params, on_delta)
+
+    async def _request(self, messages: list[dict[str, Any]], params: dict[str, Any],
+                       on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None) -> Answer:
+        """POST the chat to the endpoint; retry 5xx/429/timeouts/connection errors with jittered
+        backoff (or the endpoint's ``Retry-After``), within the request's limits (module docstring).
+
+        Raises :class:`BackendError` when every attempt failed, on a non-retryable 4xx, when the
+        circuit breaker is open (``circuit_open``), or when the request's attempts or time are spent
+        (``attempt_limit`` / ``deadline``).
         """
         cfg = self.config
         payload: dict[str, Any] = {**cfg.extra_body, **params, "model": cfg.model_id, "messages": messages}
-        payload["stream"] = False
+        payload["stream"] = on_delta is not None
+        if on_delta is not None:
+            payload["stream_options"] = {"include_usage": True}
+        handed_on = [False]
         if cfg.logprobs:
             payload["logprobs"] = True
+        limits = REQUEST_LIMITS.get()
         attempts = 0
         reason, detail = "unknown", ""
+        wait = 0.0
         async with self._semaphore:
             for attempt in range(cfg.max_retries + 1):
                 if attempt:
-                    await asyncio.sleep(cfg.backoff_s * 2 ** (attempt - 1))
+                    wait = max(wait, cfg.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+                    left = None if limits is None else limits.time_left()
+                    if left is not None and wait >= left:
+                        reason, detail = "deadline", f"no time left for a retry after {reason}: {detail}"
+                        break
+                    await _sleep(wait)
+                if limits is not None:
+                    if limits.attempts_left <= 0:
+                        if attempts == 0:
+                            reason, detail = "attempt_limit", "the request's upstream attempts are spent"
+                        break
+                    left = limits.time_left()
+                    if left is not None and left <= 0:
+                        reason, detail = "deadline", "the request's deadline passed"
+                        break
+                if not self.breaker.allow():
+                    if attempts == 0:
+                        reason = "circuit_open"
+                        detail = (f"{self.breaker.consecutive} consecutive failures; next probe within "
+                                  f"{cfg.breaker_reset_s}s")
+                    break
+                if limits is not None:
+                    limits.attempts_left -= 1
                 attempts += 1
+                timeout = cfg.timeout_s
+                left = None if limits is None else limits.time_left()
+                if left is not None:
+                    timeout = max(0.001, min(timeout, left))
+                wait = 0.0
                 start = time.perf_counter()
                 try:
-                    response = await self._client.post(
-                        cfg.url, json=payload, headers=self._headers(), timeout=cfg.timeout_s
-                    )
-                except httpx.TimeoutException as err:
-                    reason, detail = "timeout", f"{type(err).__name__} after {cfg.timeout_s}s"
-                    continue
-                except httpx.TransportError as err:
-                    reason, detail = "connection_error", f"{type(err).__name__}: {err}"
+                    status, retry_after, text, body = await self._exchange(payload, timeout, on_delta, handed_on,
+                                                                           attempts)
+                except asyncio.CancelledError:
+                    self.breaker.abandon()
+                    raise
+                except (httpx.TimeoutException, httpx.TransportError) as err:
+                    self.breaker.failure()
+                    if isinstance(err, httpx.TimeoutException):
+                        reason, detail = "timeout", f"{type(err).__name__} after {timeout:.3g}s"
+                    else:
+                        reason, detail = "connection_error", f"{type(err).__name__}: {err}"
+                    if handed_on[0]:  # part of the answer is already with the client: no retry
+                        raise BackendError(cfg.name, "stream_broken", detail, attempts) from None
                     continue
                 latency_ms = (time.perf_counter() - start) * 1000.0
-                if response.status_code >= 500 or response.status_code == 429:
-                    reason, detail = f"http_{response.status_code}", response.text[:200]
+                if status >= 500 or status == 429:
+                    self.breaker.failure()
+                    reason, detail = f"http_{status}", text
+                    hinted = retry_after_s(retry_after)
+                    if hinted is not None:
+                        wait = min(hinted, MAX_RETRY_AFTER_S)
                     continue
-                if response.status_code >= 400:
-                    raise BackendError(cfg.name, f"http_{response.status_code}", response.text[:200], attempts)
-                try:
-                    body = response.json()
-                except ValueError:
-                    raise BackendError(cfg.name, "bad_response", "body is not JSON", attempts) from None
+                self.breaker.success()
+                if status >= 400:
+                    raise BackendError(cfg.name, f"http_{status}", text, attempts)
                 return self._parse(body, latency_ms, attempts)
         raise BackendError(cfg.name, reason, detail, attempts)
 
+    async def _exchange(self, payload: dict[str, Any], timeout: float,
+                        on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None, handed_on: list[bool],
+                        attempts: int) -> tuple[int, str | None, str, Any]:
+        """One HTTP attempt: (status, Retry-After header, error text (first 200 chars), body). The
+        body is the parsed JSON, or for a stream the completion rebuilt from its chunks (each
+        delta handed to ``on_delta`` on the way; ``handed_on[0]`` set once one was)."""
+        cfg = self.config
+        if on_delta is None:
+            response = await self._client.post(cfg.url, json=payload, headers=self._headers(), timeout=timeout)
+            if response.status_code >= 400:
+                return response.status_code, response.headers.get("retry-after"), response.text[:200], None
+            try:
+                return response.status_code, None, "", response.json()
+            except ValueError:
+                raise BackendError(cfg.name, "bad_response", "body is not JSON", attempts) from None
+        async with self._client.stream("POST", cfg.url, json=payload, headers=self._headers(),
+                                       timeout=timeout) as response:
+            if response.status_code >= 400:
+                text = (await response.aread()).decode(errors="replace")[:200]
+                return response.status_code, response.headers.get("retry-after"), text, None
+            acc = _StreamedAnswer()
+            async for line in response.aiter_lines():
+                try:
+                    event = sse_data(line)
+                except ValueError as err:
+                    raise BackendError(cfg.name, "bad_response", f"bad SSE data: {err}", attempts) from None
+                if event is None:
+                    continue
+                if event == "[DONE]":
+                    break
+                if "error" in event:
+                    raise BackendError(cfg.name, "stream_error", str(event["error"])[:200], attempts)
+                for choice in acc.add(event):
+                    handed_on[0] = True
+                    await on_delta(choice)
+            return response.status_code, None, "", acc.body()
 
 class BackendPool:
     """The backends of all models, sharing one ``httpx.AsyncClient``. Use as an async context manager."""
@@ -328,8 +599,11 @@ class BackendPool:
             raise BackendConfigError("no backends configured")
         self.configs = dict(configs)
         self._owns_client = client is None
+        # keepalive_expiry below the usual 5 s server keep-alive: a pooled connection is dropped by
+        # us before the endpoint closes it, so a request is never written to a closing socket.
         self._client = client or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                keepalive_expiry=2.0)
         )
         self.backends = {name: Backend(cfg, self._client) for name, cfg in self.configs.items()}
 
@@ -348,6 +622,10 @@ class BackendPool:
 
     async def complete(self, model: str, messages: list[dict[str, Any]], **params: Any) -> Answer:
         return await self[model].complete(messages, **params)
+
+    async def stream(self, model: str, messages: list[dict[str, Any]],
+                     on_delta: Callable[[dict[str, Any]], Awaitable[None]], **params: Any) -> Answer:
+        return await self[model].stream(messages, on_delta, **params)
 
     async def aclose(self) -> None:
         if self._owns_client:

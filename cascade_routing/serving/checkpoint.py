@@ -9,6 +9,10 @@ Features handed to the bound estimators: ``tokens_in``, ``tokens_out``, ``latenc
 (the exact cost of a run model), plus ``logprob_confidence`` when the artifact's training data had
 it (``data_config["features"]`` when stored, else the dataset it names). Override with
 ``feature_names=``. A backend that should feed ``logprob_confidence`` needs ``logprobs: true``.
+
+Fast encoder path: an artifact trained on the distilled student (``distill-encoder``) carries it
+and embeds queries with it (about 14x MiniLM's speed on CPU); ``int8=True`` additionally quantises
+the carried encoder's linear layers to int8 (dynamic quantisation, ``torch.ao``).
 """
 
 from __future__ import annotations
@@ -33,12 +37,28 @@ def artifact_feature_names(artifact: Any) -> tuple[str, ...]:
     return BASE_FEATURES
 
 
+def quantize_int8(artifact: Any) -> Any:
+    """In place: the carried encoder's Linear layers -> dynamic int8 (weights int8, activations per batch)."""
+    import torch
+
+    from cascade_routing.estimators.artifact import ArtifactError
+
+    net = artifact.network()
+    if net.encoder is None:
+        raise ArtifactError("int8 needs an artifact that carries its encoder (net.encoder.*), e.g. one trained "
+                            "on a distilled student; this one embeds with the default MiniLM")
+    net.encoder.model = torch.ao.quantization.quantize_dynamic(net.encoder.model, {torch.nn.Linear}, dtype=torch.qint8)
+    return artifact
+
+
 def router_parts(path: "str | os.PathLike[str]", strategy: str = "cascade_routing",
-                 policy_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                 policy_kwargs: dict[str, Any] | None = None, int8: bool = False) -> dict[str, Any]:
     """Keyword arguments for :class:`CascadeRouter` (all but ``budget``) from the artifact at ``path``."""
     from cascade_routing.estimators.artifact import ArtifactError, load_artifact
 
     artifact = load_artifact(path)
+    if int8:
+        quantize_int8(artifact)
     table = artifact.fitted.get(strategy)
     if not table:
         raise ArtifactError(

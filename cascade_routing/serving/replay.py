@@ -11,7 +11,16 @@ of that model with:
   recorded numeric features (backends configured with ``trust_reported_cost: true`` use the
   former; every backend lets the latter override measured features), so routing through the
   replay reproduces the offline simulation exactly;
-- a configurable latency (``latency_ms`` fixed, plus uniform ``jitter_ms``).
+- a configurable latency (``latency_ms`` fixed, plus uniform ``jitter_ms``);
+- the request's parameters echoed: ``x_received`` in the body (everything but ``messages`` and
+  ``model``) and the last 1,000 requests in ``app.state.received``; ``n`` choices (each the
+  recorded answer; usage and cost n times the recorded completion); with ``tools`` (and
+  ``tool_choice`` not ``"none"``) the answer is a call of the chosen (else first) function with
+  arguments ``{"answer": <recorded text>}`` and ``finish_reason: "tool_calls"``;
+- ``stream: true``: SSE chunks (:mod:`cascade_routing.serving.streaming`), the content in
+  ``stream_pieces`` pieces with the latency spread evenly before them (first token after
+  latency / pieces), ``x_cost_usd``/``x_recorded_features`` on the finish chunks, a usage chunk when
+  ``stream_options.include_usage``.
 
 Unknown text -> 404, unknown model -> 404, malformed body -> 400 (OpenAI error shape). ``GET
 /<model>/v1/models`` and ``GET /health`` exist too.
@@ -33,15 +42,17 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from collections import deque
+from typing import Any, AsyncIterator, Mapping
 
 import numpy as np
 import yaml
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from cascade_routing.data.converters.routellm import estimate_tokens as text_tokens
 from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.serving.streaming import DONE, ChunkWriter, message_deltas, split_text, sse
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +90,7 @@ def create_replay_app(
     failures: Mapping[str, str] | None = None,
     slow_ms: float = 30_000.0,
     seed: int = 0,
+    stream_pieces: int = 8,
 ) -> FastAPI:
     """The replay app for ``dataset`` (see module docstring)."""
     if dataset.responses is None:
@@ -108,6 +120,8 @@ def create_replay_app(
     app.state.duplicate_texts = duplicates
     app.state.requests = {m: 0 for m in dataset.models}
     app.state.latency_ms = float(latency_ms)
+    app.state.stream_pieces = int(stream_pieces)
+    app.state.received = deque(maxlen=1000)  # the last requests' parameters, for tests and debugging
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -144,8 +158,7 @@ def create_replay_app(
         delay = app.state.latency_ms + (rng.uniform(0, jitter_ms) if jitter_ms > 0 else 0.0)
         if mode == "slow":
             delay = max(delay, slow_ms)
-        if delay > 0:
-            await asyncio.sleep(delay / 1000.0)
+        stream_delay = delay
         j = models[model]
         response = dataset.responses[row, j]
         if response is None:
@@ -155,20 +168,81 @@ def create_replay_app(
         feats = {k: float(v[row, j]) for k, v in dataset.features.items()}
         tokens_in = int(round(feats["tokens_in"])) if "tokens_in" in feats else estimate_tokens(text)
         tokens_out = int(round(feats["tokens_out"])) if "tokens_out" in feats else estimate_tokens(response)
+        received = {k: v for k, v in body.items() if k not in ("messages", "model")}
+        app.state.received.append({"model": model, "query": text, **received})
+        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
+        message = _replay_message(response, body.get("tools"), body.get("tool_choice"), row)
+        finish = "tool_calls" if "tool_calls" in message else "stop"
+        usage = {"prompt_tokens": tokens_in, "completion_tokens": n * tokens_out,
+                 "total_tokens": tokens_in + n * tokens_out}
+        extra = {"x_cost_usd": n * float(dataset.cost[row, j]), "x_recorded_features": feats,
+                 "x_received": received}
+        head = {"id": f"chatcmpl-replay-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        if body.get("stream"):
+            if mode == "slow":  # nothing at all until the client has given up
+                await asyncio.sleep(delay / 1000.0)
+                stream_delay = 0.0
+            options = body.get("stream_options") or {}
+            return StreamingResponse(
+                _replay_chunks(head, message, finish, n, usage, extra, bool(options.get("include_usage")),
+                               app.state.stream_pieces, stream_delay),
+                media_type="text/event-stream")
+        if delay > 0:
+            await asyncio.sleep(delay / 1000.0)
         return JSONResponse({
-            "id": f"chatcmpl-replay-{uuid.uuid4().hex}",
+            **head,
             "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": response},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
-                      "total_tokens": tokens_in + tokens_out},
-            "x_cost_usd": float(dataset.cost[row, j]),
-            "x_recorded_features": feats,
+            "choices": [{"index": i, "message": message, "finish_reason": finish, "logprobs": None}
+                        for i in range(n)],
+            "usage": usage,
+            **extra,
         })
 
     return app
+
+
+def _replay_message(response: str, tools: Any, tool_choice: Any, row: int) -> dict[str, Any]:
+    """The recorded answer as an assistant message; when the request offers ``tools`` (and
+    ``tool_choice`` is not ``"none"``), a call of the chosen (else the first) function with
+    arguments ``{"answer": <recorded text>}``, so tool forwarding is visible to the client."""
+    if not isinstance(tools, list) or not tools or tool_choice == "none":
+        return {"role": "assistant", "content": response}
+    name = None
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name")
+    if name is None:
+        first = tools[0] if isinstance(tools[0], dict) else {}
+        name = (first.get("function") or {}).get("name", "tool")
+    call = {"id": f"call_replay_{row}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps({"answer": response})}}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
+async def _replay_chunks(head: dict[str, Any], message: dict[str, Any], finish: str, n: int, usage: dict[str, Any],
+                         extra: dict[str, Any], include_usage: bool, pieces: int, delay_ms: float
+                         ) -> AsyncIterator[bytes]:
+    """The answer as SSE chunks: ``pieces`` content pieces per choice, the latency spread evenly
+    before them (the first token arrives after ``delay_ms / pieces``); finish chunks carry the
+    replay's ``x_*`` fields; a usage chunk if asked for."""
+    writer = ChunkWriter(head["model"], include_usage, head["id"], head["created"])
+    content = message.get("content") or ""
+    size = max(1, -(-len(content) // max(1, pieces)))
+    yield sse(writer.role())
+    for k, piece in enumerate(split_text(content, size) if content else []):
+        if delay_ms > 0:
+            await asyncio.sleep(delay_ms / max(1, pieces) / 1000.0)
+        for i in range(n):
+            yield sse(writer.delta({"content": piece}, i))
+    if not content and delay_ms > 0:
+        await asyncio.sleep(delay_ms / 1000.0)
+    for i in range(n):
+        for delta in message_deltas({"tool_calls": message.get("tool_calls")}):
+            yield sse(writer.delta(delta, i))
+    for i in range(n):
+        yield sse({**writer.finish(finish, i), **extra})
+    if include_usage:
+        yield sse(writer.usage(usage))
+    yield DONE
 
 
 def closed_port(host: str = "127.0.0.1") -> int:

@@ -91,6 +91,7 @@ class StepTrace:
     cost: float = 0.0
     latency_ms: float = 0.0
     error: str | None = None
+    streamed: bool = False  # the backend's tokens went straight to the client (see route_one)
 
 
 @dataclass
@@ -112,7 +113,7 @@ class RouteResult:
     backend_ms: float = 0.0  # time spent awaiting backends
     routing_ms: float = 0.0  # everything else (binding, estimating, deciding, waiting in the batch)
     compute_ms: float = 0.0  # this query's share of the estimator/policy compute of its batch
-    batch_size: int = 1  # queries routed together with this one (see route_batch)
+    batch_size: int = 1  # queries bound (encoded) together with this one
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in {"answers", "query", "text"}}
@@ -211,12 +212,14 @@ class CascadeRouter:
         budget: float,
         strategy: str = "cascade_routing",
         name: str = "cascade-routing",
+        int8: bool = False,
         **kwargs: Any,
     ) -> "CascadeRouter":
-        """Load an estimator artifact and build the router for ``strategy`` at ``budget``."""
+        """Load an estimator artifact and build the router for ``strategy`` at ``budget``
+        (``int8``: quantise a carried encoder, see :mod:`cascade_routing.serving.checkpoint`)."""
         from cascade_routing.serving.checkpoint import router_parts
 
-        parts = router_parts(path, strategy)
+        parts = router_parts(path, strategy, int8=int8)
         return cls(budget=budget, name=name, **{**parts, **kwargs})
 
     # ------------------------------------------------------------------ λ
@@ -349,134 +352,181 @@ class CascadeRouter:
         ``(messages, **params) -> Answer | str``. ``messages`` default to one user message ``query``.
         Raises :class:`NoModelAvailableError` if every model the policy tried failed.
         """
-        item = RouteRequest(query, messages, task, params)
-        (out,) = await self.route_batch([item], backends, budget)
-        if isinstance(out, BaseException):
-            raise out
-        return out
+        return await self.route_one(RouteRequest(query, messages, task, params), backends, budget)
 
     async def route_batch(
         self,
         items: Sequence["RouteRequest"],
         backends: "_CompleteFn | Mapping[str, Callable[..., Awaitable[Answer | str]]]",
         budget: float | None = None,
-    ) -> list["RouteResult | NoModelAvailableError"]:
-        """Route a batch of queries in lockstep: at each step ONE estimator call and ONE ``decide``
-        for every query still active, then all their backend calls concurrently; finally one
-        ``select``. The decisions are those of routing each query alone (the policy and the bound
-        estimators are per row), while the per-call overhead of the estimators is shared.
+    ) -> list["RouteResult | BaseException"]:
+        """Route several queries concurrently, sharing the estimator calls (one bind, one
+        ``decide`` per step and bound batch, one ``select``); each query runs its own backend calls.
 
-        Per query: ``backend_ms`` = its own backend calls; ``routing_ms`` = the rest of its wall
-        time (binding, estimating and deciding for the batch, waiting for the step's other calls).
+        Per-query isolation: the result list holds a :class:`RouteResult` or the exception of that
+        query alone (e.g. :class:`NoModelAvailableError`); one failing query never fails another.
         """
-        start = time.perf_counter()
-        n = len(items)
-        if n == 0:
+        if not items:
             return []
-        used_budget, fitted = self.fitted_for(budget)
-        loop = asyncio.get_running_loop()
+        from cascade_routing.serving.batching import ComputeBatcher
 
-        compute_s = [0.0] * n
+        compute = ComputeBatcher(self, max_batch=len(items), window_ms=0.0)
+        try:
+            return list(await asyncio.gather(
+                *(self.route_one(it, backends, budget, compute) for it in items), return_exceptions=True))
+        finally:
+            await compute.aclose()
 
-        async def compute(rows_: Sequence[int], fn: Callable[..., Any], *args: Any) -> Any:
-            """Run ``fn`` (inline or on the executor); its duration is shared among ``rows_``."""
-            def timed() -> tuple[Any, float]:
-                t0 = time.perf_counter()
-                return fn(*args), time.perf_counter() - t0
+    async def route_one(
+        self,
+        item: "RouteRequest",
+        backends: "_CompleteFn | Mapping[str, Callable[..., Awaitable[Answer | str]]]",
+        budget: float | None = None,
+        compute: "Any | None" = None,
+        progress: "RouteProgress | None" = None,
+        fitted: "_FittedLike | None" = None,
+    ) -> RouteResult:
+        """Route one query: decide (through ``compute``, a :class:`~cascade_routing.serving.batching.
+        ComputeBatcher` shared with concurrent requests, or a private one), call the chosen backend,
+        record its answer, repeat until the policy stops, then select the answer.
 
-            if self.executor is None:
-                result, took = timed()
-            else:
-                result, took = await loop.run_in_executor(self.executor, timed)
-            for i in rows_:
-                compute_s[i] += took / max(1, len(rows_))
-            return result
+        ``progress`` (optional) is filled as the route advances: whatever happens (an exception,
+        cancellation by a deadline or a client disconnect) it holds every answer received so far
+        and its cost, so the caller can always account for what the request spent.
 
-        tasks = [it.task for it in items]
-        state = await compute(range(n), self._state, [it.query for it in items], None,
-                              None if all(t is None for t in tasks) else tasks)
-        messages = [it.messages if it.messages is not None else [{"role": "user", "content": it.query}]
-                    for it in items]
-        steps: list[list[StepTrace]] = [[] for _ in range(n)]
-        failures: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        answers: list[dict[str, Answer]] = [{} for _ in range(n)]
-        attempted: list[list[str]] = [[] for _ in range(n)]
-        backend_s = [0.0] * n
-        active = list(range(n))
+        ``backend_ms`` = this query's backend calls; ``routing_ms`` = the rest of its wall time
+        (estimating and deciding, waiting for a compute batch); ``compute_ms`` = its share of the
+        batched compute.
 
-        async def run_one(i: int, m: int, trace: StepTrace) -> None:
-            model = self.models[m]
-            t0 = time.perf_counter()
-            answer: Answer | str | None
-            try:
-                answer = await _call(backends, model, messages[i], items[i].params)
-            except BackendError as err:
-                answer, trace.error = None, str(err)
-                failures[i].append({"model": model, "reason": err.reason, "detail": err.detail,
-                                    "attempts": err.attempts})
-            except KeyError as err:
-                answer, trace.error = None, str(err)
-                failures[i].append({"model": model, "reason": "no_backend", "detail": str(err), "attempts": 0})
-            backend_s[i] += time.perf_counter() - t0
-            if answer is None:
-                trace.status = "failed"
-            else:
-                if isinstance(answer, str):
-                    answer = Answer(model=model, text=answer, cost=0.0)
-                trace.status, trace.cost, trace.latency_ms = "ok", answer.cost, answer.latency_ms
-                answers[i][model] = answer
-            state.record(i, m, answer)
+        ``fitted``: the λ to use instead of the table's entry for ``budget`` (e.g. the entry scaled
+        by the online budget controller; pass the same object to concurrent requests so their
+        decisions still batch).
 
-        for step in range(2 * len(self.models) + 1):  # each step adds a ran or failed model per row
-            if not active:
-                break
-            rows = torch.as_tensor(active, dtype=torch.long)
-            nxt, est, cost, lam = await compute(active, self._decide, state, rows, fitted)
-            calls = []
-            still = []
-            for k, i in enumerate(active):
-                trace = StepTrace(step, float(lam[k]), *_belief_dicts(self.models, est, cost, k))
-                steps[i].append(trace)
-                m = int(nxt[k])
-                if m < 0:
-                    continue
-                trace.model = self.models[m]
-                attempted[i].append(trace.model)
-                calls.append(run_one(i, m, trace))
-                still.append(i)
-            await asyncio.gather(*calls)
-            active = still
-        else:  # pragma: no cover - the policy must stop once every model ran or failed
-            raise RuntimeError(f"policy {self.policy!r} did not stop within {2 * len(self.models) + 1} steps")
-        choice, est = await compute(range(n), self._select, state, torch.arange(n))
+        Streaming: with ``item.on_delta`` set, a model whose answer is certain to be the one
+        returned (:meth:`_answer_is_final`: routing, or a final step) is called with ``stream: true``
+        (``backends.stream``) and each content / tool-call delta is handed to ``item.on_delta`` as
+        it arrives; otherwise the answer is only known after ``select``.
+        """
+        from cascade_routing.serving.batching import ComputeBatcher
+
+        start = time.perf_counter()
+        used_budget, table_fitted = self.fitted_for(budget)
+        fitted = table_fitted if fitted is None else fitted
+        own = compute is None
+        if own:
+            compute = ComputeBatcher(self, max_batch=1, window_ms=0.0)
+        progress = progress if progress is not None else RouteProgress()
+        messages = item.messages if item.messages is not None else [{"role": "user", "content": item.query}]
+        try:
+            slot = await compute.bind(item.query, item.task, fitted)
+            for step in range(2 * len(self.models) + 1):  # each step adds a ran or failed model
+                decision = await compute.decide(slot, fitted)
+                trace = StepTrace(step, decision.lam, decision.estimate_mean, decision.estimate_std,
+                                  decision.cost_estimate)
+                progress.steps.append(trace)
+                if decision.model < 0:
+                    break
+                await self._run_model(slot, decision.model, trace, backends, messages, item.params, progress,
+                                      item.on_delta)
+            else:  # pragma: no cover - the policy must stop once every model ran or failed
+                raise RuntimeError(f"policy {self.policy!r} did not stop within {2 * len(self.models) + 1} steps")
+            choice, final = await compute.select(slot)
+        finally:
+            if own:
+                await compute.aclose()
+        if choice < 0:
+            raise NoModelAvailableError(item.query, progress.failures)
+        model = self.models[choice]
         total = time.perf_counter() - start
-        out: list[RouteResult | NoModelAvailableError] = []
-        for i, it in enumerate(items):
-            c = int(choice[i])
-            if c < 0:
-                out.append(NoModelAvailableError(it.query, failures[i]))
-                continue
-            model = self.models[c]
-            costs = {name: a.cost for name, a in answers[i].items()}
-            out.append(RouteResult(
-                query=it.query,
-                text=answers[i][model].text,
-                model=model,
-                models_run=list(answers[i]),
-                attempted=attempted[i],
-                costs=costs,
-                total_cost=float(sum(costs.values())),
-                steps=steps[i],
-                failures=failures[i],
-                budget=used_budget,
-                final_estimate=dict(zip(self.models, est.mean[i].double().cpu().tolist())),
-                answers=answers[i],
-                backend_ms=backend_s[i] * 1000.0,
-                routing_ms=(total - backend_s[i]) * 1000.0,
-                compute_ms=compute_s[i] * 1000.0,
-                batch_size=n,
-            ))
-        return out
+        return RouteResult(
+            query=item.query,
+            text=progress.answers[model].text,
+            model=model,
+            models_run=list(progress.answers),
+            attempted=list(progress.attempted),
+            costs=progress.costs(),
+            total_cost=progress.total_cost(),
+            steps=progress.steps,
+            failures=progress.failures,
+            budget=used_budget,
+            final_estimate=final,
+            answers=progress.answers,
+            backend_ms=progress.backend_s * 1000.0,
+            routing_ms=(total - progress.backend_s) * 1000.0,
+            compute_ms=slot.compute_s * 1000.0,
+            batch_size=slot.batch_size,
+        )
+
+    def _answer_is_final(self, state: _State, row: int, model: int) -> bool:
+        """Whether ``model``, about to run for ``row``, is certain to give the returned answer: it
+        runs at the query's last possible step (``policy.max_steps`` over the models that have not
+        failed, or no other candidate is left) and either no other model has answered or the
+        policy always returns the last model run (``policy.answer_is_last_run``)."""
+        answered = int(state.ran[row].sum())
+        failed = int(state.failed[row].sum())
+        others_left = len(self.models) - answered - failed - 1
+        last = answered + 1 >= self.policy.max_steps(len(self.models) - failed) or others_left == 0
+        return last and (answered == 0 or bool(getattr(self.policy, "answer_is_last_run", False)))
+
+    async def _run_model(self, slot: Any, m: int, trace: StepTrace, backends: Any,
+                         messages: list[dict[str, Any]], params: dict[str, Any], progress: "RouteProgress",
+                         on_delta: "Callable[[dict[str, Any]], Awaitable[None]] | None" = None) -> None:
+        """Call model ``m``'s backend for this request and record the outcome in ``slot`` / ``progress``
+        (streamed through ``on_delta`` when the answer is certain to be returned, see route_one)."""
+        model = self.models[m]
+        trace.model = model
+        progress.attempted.append(model)
+        progress.in_flight = model
+        t0 = time.perf_counter()
+        answer: Answer | str | None
+        try:
+            if on_delta is not None and hasattr(backends, "stream") and self._answer_is_final(slot.state, slot.row, m):
+                trace.streamed = True
+
+                async def tagged(choice: dict[str, Any]) -> None:
+                    await on_delta({**choice, "model": model})
+
+                answer = await backends.stream(model, messages, tagged, **params)
+            else:
+                answer = await _call(backends, model, messages, params)
+        except BackendError as err:
+            answer, trace.error = None, str(err)
+            progress.failures.append({"model": model, "reason": err.reason, "detail": err.detail,
+                                      "attempts": err.attempts})
+        except KeyError as err:
+            answer, trace.error = None, str(err)
+            progress.failures.append({"model": model, "reason": "no_backend", "detail": str(err), "attempts": 0})
+        finally:
+            progress.backend_s += time.perf_counter() - t0
+            progress.in_flight = None
+        if answer is None:
+            trace.status = "failed"
+        else:
+            if isinstance(answer, str):
+                answer = Answer(model=model, text=answer, cost=0.0)
+            trace.status, trace.cost, trace.latency_ms = "ok", answer.cost, answer.latency_ms
+            progress.answers[model] = answer
+        slot.state.record(slot.row, m, answer)
+
+
+@dataclass
+class RouteProgress:
+    """What one route has done so far (filled by :meth:`CascadeRouter.route_one` as it goes):
+    answers received (with their costs), models attempted, failures, decision traces, and the
+    model whose call is in flight (None between calls)."""
+
+    answers: dict[str, Answer] = field(default_factory=dict)
+    attempted: list[str] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[StepTrace] = field(default_factory=list)
+    backend_s: float = 0.0
+    in_flight: str | None = None
+
+    def costs(self) -> dict[str, float]:
+        return {name: a.cost for name, a in self.answers.items()}
+
+    def total_cost(self) -> float:
+        return float(sum(a.cost for a in self.answers.values()))
 
 
 @dataclass
@@ -488,6 +538,9 @@ class RouteRequest:
     messages: list[dict[str, Any]] | None = None
     task: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    # streaming sink: ``await on_delta({"index", "delta", "logprobs", "model"})`` per upstream chunk
+    # of a model whose answer is certain to be returned (see CascadeRouter.route_one)
+    on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
 
 # ---------------------------------------------------------------------- helpers

@@ -2,195 +2,190 @@
 
 Endpoints:
 
-- ``POST /v1/chat/completions``: ``model`` must be the router's name. The query the estimators see
-  is the text of the LAST user message (string content, or the text parts of a content list
-  joined by newlines); the full ``messages`` list is forwarded to each backend, together with the
-  sampling parameters ``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``. Optional
-  extension: ``"routing": {"budget": B, "task": "..."}``: use the fitted λ of another budget (the
-  largest fitted budget <= B) and/or give the query's task label to estimators that use one. The answer is a
-  standard ``chat.completion`` body plus ``routing`` (models run, per-model and total cost,
-  estimates at each step, failures, timing). The header ``X-Request-ID`` is echoed (generated if
-  absent) in the response header and in ``routing.request_id``.
-- ``GET /v1/models``: the router's name (and the models behind it).
-- ``GET /health`` and ``GET /v1/routing/stats``: status and the running spend account (requests
-  served, total and mean spend vs the configured mean budget, per-model runs and failures).
+- ``POST /v1/chat/completions``: the body is validated by :mod:`cascade_routing.serving.schema`
+  (pydantic) before any work. ``model`` must be the router's name. The query the estimators see
+  is the text of the LAST user message; the full ``messages`` list is forwarded to each backend,
+  together with the sampling parameters the client set (``ChatCompletionRequest.FORWARDED``).
+  Optional extension ``"routing": {"budget": B, "task": "..."}``: a budget can only LOWER the
+  caller's cap (``min(server budget, key budget, B)``, then the largest fitted budget <= that);
+  ``task`` is the query's task label. The answer is a ``chat.completion`` plus ``routing`` (models
+  run, per-model and total cost, estimates at each step, failures, timing). ``X-Request-ID`` is
+  echoed (generated if absent) in the response header and in ``routing.request_id``.
+  Every OpenAI chat parameter is forwarded or refused with 400 naming it
+  (:mod:`cascade_routing.serving.params`); the answer's choices are the selected backend's own
+  (tool calls, ``n`` choices, logprobs). ``stream: true`` answers with server-sent events
+  (:mod:`cascade_routing.serving.chat_stream`). Headers ``X-Cascade-Routing-Cost-USD`` (the
+  request's real cost), ``X-Cascade-Routing-Model`` and ``X-Cascade-Routing-Models-Run``.
+- ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /v1/routing/stats`` (spend accounts:
+  server-wide and per API key, batching, breakers, the online λ controller), ``GET /health``
+  (liveness; with a valid key or without keys, the account), ``GET /metrics`` (Prometheus,
+  :mod:`cascade_routing.serving.metrics`), ``GET /docs`` and ``GET /openapi.json``. With API keys
+  configured every endpoint but a bare ``/health`` needs ``Authorization: Bearer <key>``.
+- With ``controller`` settings, λ is adjusted online from the realised spend so the mean spend of
+  each budget meets it on live traffic (:mod:`cascade_routing.policies.controller`); every
+  request's trace says which λ multiplier it used (``routing.controller``).
 
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: malformed JSON, a
-body that is not an object, missing/empty ``messages``, no user message, ``stream: true`` or a bad
-``routing.budget`` -> 400; unknown ``model`` -> 404; every model failed -> 502; a fault in the
-estimators or the policy -> 500 (logged).
+Each request succeeds or fails on its own: it runs its own decide/call loop
+(:meth:`CascadeRouter.route_one`); only the estimator/policy calls are micro-batched
+(:class:`ComputeBatcher`, which isolates a failing job); whatever a request spent is recorded in
+the spend ledger, also when it fails, times out or its client disconnects.
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
+
+====  ==========================================================================================
+400   malformed JSON, invalid or unsupported field (named in ``param``), no user text, budget
+      below every fitted one, prompt longer than ``max_prompt_chars`` (``context_length_exceeded``)
+401   missing or unknown API key (``invalid_api_key``)
+404   unknown ``model`` (``model_not_found``) or route
+413   body larger than ``max_body_bytes`` (``request_too_large``)
+429   ``max_concurrent`` requests in flight (``server_busy``, with ``Retry-After``), or the key's
+      ``max_spend`` is used up (``insufficient_quota``)
+499   the client closed the connection (logged; the client never reads it)
+500   a fault in the estimators or the policy for this request (logged), with ``spent``
+502   every model the policy tried failed (``no_model_available``, with ``failures``, ``spent``)
+503   shutting down and the request could not finish in the grace period (``server_shutting_down``)
+504   the request's deadline passed (``deadline_exceeded``); backend calls cancelled, ``spent``
+====  ==========================================================================================
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
+import math
 import os
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cascade_routing.serving.backends import BackendPool
-from cascade_routing.serving.batching import RequestBatcher
-from cascade_routing.serving.router import CascadeRouter, NoModelAvailableError, RouteRequest, RouterError
+from cascade_routing.policies.controller import BudgetControllers, ControllerConfig, lam_in_use
+from cascade_routing.serving.accounts import ALL, SpendLedger
+from cascade_routing.serving.backends import REQUEST_LIMITS, BackendPool, RequestLimits
+from cascade_routing.serving.batching import ComputeBatcher
+from cascade_routing.serving.chat_stream import StreamOutcome, start_stream
+from cascade_routing.serving.keys import ApiKey, lookup
+from cascade_routing.serving.limits import ConcurrencyGate, ServerLimits, read_body
+from cascade_routing.serving.metrics import ServerMetrics
+from cascade_routing.serving.router import (
+    CascadeRouter,
+    NoModelAvailableError,
+    RouteProgress,
+    RouteRequest,
+    RouteResult,
+    RouterError,
+)
+from cascade_routing.serving.schema import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ErrorBody,
+    ErrorResponse,
+    RequestError,
+    parse_chat_request,
+)
+from cascade_routing.serving.store import DEFAULT_STORE, CounterStore
+from cascade_routing.serving.streaming import ChunkWriter
 
 log = logging.getLogger(__name__)
-
-FORWARDED_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed")
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None,
-                   extra: dict[str, Any] | None = None) -> JSONResponse:
-    """A JSON error in OpenAI's shape."""
-    body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    if extra:
-        body["error"].update(extra)
-    return JSONResponse(body, status_code=status)
+                   extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON error in OpenAI's shape (:class:`ErrorResponse`)."""
+    body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code, **(extra or {})))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-class _BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
-
-
-@dataclass
-class SpendAccount:
-    """Running account of spend against the configured mean budget (thread-safe)."""
-
-    budget: float | None
-    requests: int = 0
-    errors: int = 0
-    total_cost: float = 0.0
-    runs: dict[str, int] = field(default_factory=dict)
-    answers: dict[str, int] = field(default_factory=dict)
-    failures: dict[str, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, models_run: list[str], answer_model: str, cost: float, failed: list[str]) -> None:
-        with self._lock:
-            self.requests += 1
-            self.total_cost += cost
-            for m in models_run:
-                self.runs[m] = self.runs.get(m, 0) + 1
-            self.answers[answer_model] = self.answers.get(answer_model, 0) + 1
-            for m in failed:
-                self.failures[m] = self.failures.get(m, 0) + 1
-
-    def add_error(self, failed: list[str]) -> None:
-        with self._lock:
-            self.errors += 1
-            for m in failed:
-                self.failures[m] = self.failures.get(m, 0) + 1
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            mean = self.total_cost / self.requests if self.requests else 0.0
-            return {
-                "budget": self.budget,
-                "requests": self.requests,
-                "errors": self.errors,
-                "total_cost": self.total_cost,
-                "mean_cost": mean,
-                "within_budget": None if self.budget is None else mean <= self.budget * (1 + 1e-9),
-                "budget_used_fraction": None if not self.budget else mean / self.budget,
-                "runs": dict(self.runs),
-                "answers": dict(self.answers),
-                "failures": dict(self.failures),
-                "uptime_s": time.time() - self.started,
-            }
-
-
-def _text_of(content: Any) -> str | None:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        parts = [p for p in parts if isinstance(p, str)]
-        return "\n".join(parts) if parts else None
-    return None
-
-
-def parse_chat_request(body: Any, router_name: str
-                       ) -> tuple[str, list[dict[str, Any]], dict[str, Any], float | None, str | None]:
-    """Validate a chat-completions body: (query, messages, forwarded params, budget, task)."""
-    if not isinstance(body, dict):
-        raise _BadRequest("request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _BadRequest("'model' is required (a string)", "model")
-    if model != router_name:
-        raise _BadRequest(f"unknown model {model!r}; this server serves {router_name!r}", "model", 404,
-                          "model_not_found")
-    if body.get("stream"):
-        raise _BadRequest("streaming is not supported by the cascade-routing server", "stream")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _BadRequest("'messages' must be a non-empty list", "messages")
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or "content" not in msg:
-            raise _BadRequest(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
-    query = None
-    for msg in reversed(messages):
-        if msg["role"] == "user":
-            query = _text_of(msg["content"])
-            break
-    if not query:
-        raise _BadRequest("'messages' must contain a user message with non-empty text", "messages")
-    params = {k: body[k] for k in FORWARDED_PARAMS if k in body}
-    budget, task = None, None
-    routing = body.get("routing")
-    if routing is not None:
-        if not isinstance(routing, dict):
-            raise _BadRequest("'routing' must be an object, e.g. {\"budget\": 0.001}", "routing")
-        if "budget" in routing:
-            b = routing["budget"]
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not b >= 0 or b == float("inf"):
-                raise _BadRequest(f"routing.budget must be a finite number >= 0, got {b!r}", "routing.budget")
-            budget = float(b)
-        if "task" in routing:
-            if not isinstance(routing["task"], str):
-                raise _BadRequest("routing.task must be a string", "routing.task")
-            task = routing["task"]
-    return query, messages, params, budget, task
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def create_app(router: CascadeRouter, backends: BackendPool, budget: float | None = None,
-               max_batch: int = 64, batch_window_ms: float = 2.0) -> FastAPI:
-    """The FastAPI app; ``backends`` is closed when the app shuts down.
+               max_batch: int = 64, batch_window_ms: float = 2.0, limits: ServerLimits | None = None,
+               keys: dict[str, ApiKey] | None = None, store: CounterStore | None = None,
+               request_model: type[ChatCompletionRequest] = ChatCompletionRequest,
+               controller: ControllerConfig | None = None) -> FastAPI:
+    """The FastAPI app; ``backends`` and ``store`` are closed when the app shuts down.
 
-    Concurrent requests are routed in micro-batches (:class:`RequestBatcher`, at most ``max_batch``
-    queries, formed within ``batch_window_ms``); ``max_batch=1`` routes each request alone.
+    The estimator/policy calls of concurrent requests are micro-batched (:class:`ComputeBatcher`,
+    at most ``max_batch`` jobs formed within ``batch_window_ms``); each request runs its own
+    backend calls. ``limits``: :class:`ServerLimits`. ``keys``: digest -> :class:`ApiKey`
+    (:func:`cascade_routing.serving.keys.load_keys`); when given, every endpoint but a bare
+    ``/health`` needs ``Authorization: Bearer <key>``. ``store``: where the spend accounts live
+    (default: in memory). ``controller``: settings of the online λ controller (one per budget in
+    use); None serves the fitted λ unchanged.
     """
-    batcher = RequestBatcher(router, backends, max_batch=max_batch, window_ms=batch_window_ms)
+    limits = limits or ServerLimits()
+    compute = ComputeBatcher(router, max_batch=max_batch, window_ms=batch_window_ms)
+    gate = ConcurrencyGate(limits.max_concurrent, limits.retry_after_s)
+    server_budget = budget if budget is not None else router.default_budget
+    ledger = SpendLedger(store, server_budget)
+    controllers = BudgetControllers(controller) if controller is not None else None
+    metrics = ServerMetrics(server_budget)
+    missing = [m for m in router.models if m not in backends]
+    if missing:
+        raise RouterError(f"no backend configured for model(s) {missing} of the checkpoint")
+    for key in (keys or {}).values():
+        if key.budget is not None:
+            router.fitted_for(min(key.budget, server_budget) if server_budget is not None else key.budget)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await batcher.aclose()
+            await compute.aclose()
             await backends.aclose()
+            ledger.store.close()
 
-    app = FastAPI(title="cascade-routing", lifespan=lifespan)
+    app = FastAPI(title="cascade-routing", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.router = router
     app.state.backends = backends
-    app.state.batcher = batcher
-    app.state.account = SpendAccount(budget if budget is not None else router.default_budget)
-    missing = [m for m in router.models if m not in backends]
-    if missing:
-        raise RouterError(f"no backend configured for model(s) {missing} of the checkpoint")
+    app.state.batcher = compute
+    app.state.ledger = ledger
+    app.state.limits = limits
+    app.state.gate = gate
+    app.state.draining = asyncio.Event()  # set by DrainingServer when a shutdown begins
+    app.state.controllers = controllers
+    app.state.metrics = metrics
+
+    def publish_lambda(used_budget: float | None) -> None:
+        _, fitted = router.fitted_for(used_budget)
+        factor = controllers.get(used_budget).factor if controllers is not None and used_budget else 1.0
+        metrics.set_lambda(used_budget, lam_in_use(fitted, factor), factor)  # type: ignore[arg-type]
+
+    publish_lambda(router.fitted_for(server_budget)[0])
+
+    def authenticate(request: Request) -> ApiKey | None:
+        """The caller's key (None when the server has no keys); 401 without a valid one."""
+        if not keys:
+            return None
+        key = lookup(keys, request.headers.get("authorization"))
+        if key is None:
+            raise RequestError("missing or invalid API key: send 'Authorization: Bearer <key>'", None, 401,
+                               "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return key
+
+    def fail(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+        metrics.error(err.code or ("bad_request" if err.status == 400 else f"http_{err.status}"))
+        metrics.request(err.status, None)
+        return error_response(err.status, err.message, "authentication_error" if err.status == 401 else
+                              "rate_limit_error" if err.status == 429 else "invalid_request_error",
+                              param=err.param, code=err.code, headers={**(headers or {}), **err.headers})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -201,91 +196,320 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, f"invalid request: {exc.errors()}")
 
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return fail(exc)
+
+    def account_view(key: ApiKey | None) -> dict[str, Any]:
+        """Server-wide account plus every key's (open server or admin key), else the key's own."""
+        if key is None or key.admin:
+            out = ledger.snapshot(ALL)
+            out["keys"] = {k.name: ledger.snapshot(k.name, k.budget or server_budget) for k in (keys or {}).values()}
+            return out if key is None else {**out, "key": key.name}
+        return {**ledger.snapshot(key.name, key.budget or server_budget), "key": key.name}
+
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        try:
+            key = authenticate(request)
+        except RequestError:
+            return {"status": "ok"}  # liveness only; details need a key
         return {"status": "ok", "model": router.name, "models": router.models,
-                "budget": app.state.account.budget, "spend": app.state.account.snapshot()}
+                "budget": server_budget, "spend": account_view(key)}
 
     @app.get("/v1/routing/stats")
-    async def stats() -> dict[str, Any]:
-        return {**app.state.account.snapshot(), "batching": batcher.stats()}
+    async def stats(request: Request) -> dict[str, Any]:
+        key = authenticate(request)
+        return {**account_view(key), "batching": compute.stats(), "in_flight": gate.in_flight,
+                "rejected_busy": gate.rejected, "controller": controllers.state() if controllers else None,
+                "breakers": {m: b.breaker.state for m, b in getattr(backends, "backends", {}).items()}}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": router.name, "object": "model", "created": int(ledger.started),
+                "owned_by": "cascade-routing", "models": router.models, "budgets": router.budgets}
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": router.name, "object": "model", "created": int(app.state.account.started),
-            "owned_by": "cascade-routing", "models": router.models, "budgets": router.budgets,
-        }]}
+    async def models(request: Request) -> dict[str, Any]:
+        authenticate(request)
+        return {"object": "list", "data": [model_card()]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> JSONResponse:
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> JSONResponse:
+        authenticate(request)
+        if model_id != router.name:
+            raise RequestError(f"unknown model {model_id!r}; this server serves {router.name!r}", "model", 404,
+                               "model_not_found")
+        return JSONResponse(model_card())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        authenticate(request)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        authenticate(request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        authenticate(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="cascade-routing")
+
+    def effective_budget(key: ApiKey | None, requested: float | None) -> float | None:
+        """min(server budget, key budget, requested): a client can only lower its budget."""
+        caps = [b for b in (server_budget, key.budget if key else None, requested) if b is not None]
+        return min(caps) if caps else None
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(request: Request) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"X-Request-ID": request_id}
-        raw = await request.body()
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            resp = error_response(400, f"malformed JSON body: {err}")
-            resp.headers.update(headers)
-            return resp
+            key = authenticate(request)
+            if key is not None and key.max_spend is not None and ledger.spent(key.name) >= key.max_spend:
+                raise RequestError(f"API key {key.name!r} has spent its limit of {key.max_spend} USD", None, 429,
+                                   "insufficient_quota")
+            gate.enter()
+        except RequestError as err:
+            return fail(err, headers)
+        held = True
         try:
-            query, messages, params, budget_req, task = parse_chat_request(body, router.name)
-            router.fitted_for(budget_req)
-        except _BadRequest as err:
-            resp = error_response(err.status, err.message, param=err.param, code=err.code)
-            resp.headers.update(headers)
-            return resp
+            response = await _serve_chat(request, request_id, headers, key)
+            if isinstance(response, StreamingResponse):  # a stream holds its place until it ends
+                response.body_iterator = _then(response.body_iterator, gate.leave)
+                held = False
+            return response
+        except RequestError as err:
+            return fail(err, headers)
+        finally:
+            if held:
+                gate.leave()
+
+    async def _serve_chat(request: Request, request_id: str, headers: dict[str, str],
+                          key: ApiKey | None) -> Response:
+        started = time.perf_counter()
+        deadline = time.monotonic() + limits.deadline_s
+        raw = await read_body(request, limits.max_body_bytes)
+        chat = parse_chat_request(raw, request_model)
+        if chat.model != router.name:
+            raise RequestError(f"unknown model {chat.model!r}; this server serves {router.name!r}", "model", 404,
+                               "model_not_found")
+        refused = chat.unsupported()
+        if refused is not None:
+            raise RequestError(f"unsupported parameter '{refused[0]}': {refused[1]}", refused[0], 400,
+                               "unsupported_parameter")
+        if chat.prompt_chars() > limits.max_prompt_chars:
+            raise RequestError(f"the messages have {chat.prompt_chars()} characters of text; the limit is "
+                               f"{limits.max_prompt_chars}", "messages", 400, "context_length_exceeded")
+        requested = chat.routing.budget if chat.routing else None
+        try:
+            budget_used, table_fitted = router.fitted_for(effective_budget(key, requested))
         except RouterError as err:
-            resp = error_response(400, str(err), param="routing.budget")
-            resp.headers.update(headers)
-            return resp
+            raise RequestError(str(err), "routing.budget") from None
+        control = controllers.get(budget_used) if controllers is not None and budget_used else None
+        fitted, factor, version = (table_fitted, 1.0, None) if control is None else control.scaled(table_fitted)
+        item = RouteRequest(chat.query() or "", chat.messages_payload(), chat.routing.task if chat.routing else None,
+                            chat.forwarded_params())
+        progress = RouteProgress()
+        key_name = key.name if key else None
+        controller_info: dict[str, Any] | None = None
+
+        def record(outcome: str, result: RouteResult | None, cancelled: list[str]) -> None:
+            """Account for whatever the request spent (ledger, controller, metrics), in every outcome."""
+            nonlocal controller_info
+            spent = progress.total_cost()
+            ledger.record(key_name, budget_used, outcome, spent, list(progress.answers),
+                          result.model if result else None, [f["model"] for f in progress.failures], cancelled)
+            if control is not None:
+                control.observe(spent)
+                controller_info = {"budget": control.budget, "lam_factor": factor, "version": version,
+                                   "observed_as": control.version - 1}
+            metrics.spent(progress.costs(), result.model if result else None,
+                          [f["model"] for f in progress.failures], key_name or "anonymous")
+            publish_lambda(budget_used)
+
+        def run_route() -> "asyncio.Task[RouteResult]":
+            token = REQUEST_LIMITS.set(RequestLimits(limits.max_upstream_attempts, deadline))
+            try:  # the task copies the context: its backend calls share these limits
+                return asyncio.create_task(router.route_one(item, backends, budget_used, compute, progress, fitted))
+            finally:
+                REQUEST_LIMITS.reset(token)
+
+        if chat.stream:
+            return await _stream_chat(chat, item, run_route, record, progress, request_id, headers, deadline,
+                                      started, lambda: controller_info)
+
+        route = run_route()
+        watcher = asyncio.create_task(_disconnected(request))
+        drain = asyncio.create_task(app.state.draining.wait())
+        outcome, result, error = "errors", None, None
+        cancelled: list[str] = []
         try:
-            result = await batcher.submit(RouteRequest(query, messages, task, params), budget_req)
-        except NoModelAvailableError as err:
-            app.state.account.add_error([f["model"] for f in err.failures])
-            resp = error_response(502, str(err), "upstream_error", code="no_model_available",
-                                  extra={"failures": err.failures, "request_id": request_id})
-            resp.headers.update(headers)
-            return resp
-        except Exception as err:  # noqa: BLE001 - an estimator/policy fault: a JSON 500, logged
-            log.exception("routing failed for request %s", request_id)
-            app.state.account.add_error([])
-            resp = error_response(500, f"routing failed: {type(err).__name__}: {err}", "server_error",
-                                  extra={"request_id": request_id})
-            resp.headers.update(headers)
-            return resp
-        app.state.account.add(result.models_run, result.model, result.total_cost,
-                              [f["model"] for f in result.failures])
-        answer = result.answers[result.model]
-        usage_in = sum(a.usage.get("prompt_tokens", 0) for a in result.answers.values())
-        usage_out = sum(a.usage.get("completion_tokens", 0) for a in result.answers.values())
-        routing = result.to_dict()
-        routing["request_id"] = request_id
-        body_out = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": router.name,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": _finish_reason(answer.raw),
-            }],
-            "usage": {"prompt_tokens": usage_in, "completion_tokens": usage_out,
-                      "total_tokens": usage_in + usage_out},
-            "routing": routing,
-        }
-        return JSONResponse(body_out, headers=headers)
+            done, _ = await asyncio.wait({route, watcher, drain}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if drain in done and route not in done and watcher not in done:
+                # shutting down: finish within the grace period (less a margin to send the answer)
+                until = min(deadline, time.monotonic() + max(0.0, limits.shutdown_timeout_s - 1.0))
+                done, _ = await asyncio.wait({route, watcher}, timeout=max(0.0, until - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    done = {drain}
+            if route in done:
+                try:
+                    result = route.result()
+                    outcome = "answered"
+                except Exception as err:  # noqa: BLE001 - this request's own failure
+                    error = err
+            else:
+                outcome = "disconnects" if watcher in done else "shutdowns" if drain in done else "timeouts"
+                if progress.in_flight is not None:
+                    cancelled.append(progress.in_flight)
+                route.cancel()
+                await asyncio.gather(route, return_exceptions=True)
+        except asyncio.CancelledError:  # the server is shutting down past its grace period
+            if progress.in_flight is not None:
+                cancelled.append(progress.in_flight)
+            route.cancel()
+            outcome = "disconnects"
+            raise
+        finally:
+            watcher.cancel()
+            drain.cancel()
+            record(outcome, result, cancelled)
+        if result is None:
+            return route_failure(outcome, error, progress, request_id, headers, stream=False)
+        choices, usage, routing, extra_headers = completion_parts(result, request_id, controller_info)
+        body = ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=router.name,
+                                      choices=choices, usage=usage, routing=routing)
+        metrics.request(200, False, time.perf_counter() - started)
+        return JSONResponse(body.model_dump(exclude_none=False), headers={**headers, **extra_headers})
+
+    def route_failure(outcome: str, error: BaseException | None, progress: RouteProgress, request_id: str,
+                      headers: dict[str, str], stream: bool) -> JSONResponse:
+        """The error response of a request whose route did not answer (504, 503, 499, 502 or 500)."""
+        spent = {"spent": progress.total_cost(), "request_id": request_id}
+        if outcome == "shutdowns":
+            status, resp = 503, error_response(
+                503, "the server is shutting down and could not finish this request in its grace period of "
+                f"{limits.shutdown_timeout_s}s; retry", "server_error", code="server_shutting_down", extra=spent,
+                headers={**headers, "Retry-After": "1"})
+        elif outcome == "timeouts" or isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+            status, resp = 504, error_response(
+                504, f"the request did not finish within the server's deadline of {limits.deadline_s}s; its "
+                "backend calls were cancelled", "timeout_error", code="deadline_exceeded",
+                extra={**spent, "models_run": list(progress.answers)}, headers=headers)
+        elif outcome == "disconnects":
+            status, resp = 499, error_response(499, "client closed the request", "client_closed", code="client_closed",
+                                               extra=spent, headers=headers)
+        elif isinstance(error, NoModelAvailableError):
+            status, resp = 502, error_response(502, str(error), "upstream_error", code="no_model_available",
+                                               extra={"failures": error.failures, **spent}, headers=headers)
+        else:
+            log.error("routing failed for request %s", request_id, exc_info=error)
+            status, resp = 500, error_response(500, f"routing failed: {type(error).__name__}: {error}",
+                                               "server_error", extra=spent, headers=headers)
+        metrics.error({504: "deadline_exceeded", 503: "server_shutting_down", 499: "client_closed",
+                       502: "no_model_available"}.get(status, "routing_failed"))
+        metrics.request(status, stream)
+        return resp
+
+    async def _stream_chat(chat: ChatCompletionRequest, item: RouteRequest, run_route: Any, record: Any,
+                           progress: RouteProgress, request_id: str, headers: dict[str, str], deadline: float,
+                           started: float, controller_info: Any) -> Response:
+        """``stream: true``: see :mod:`cascade_routing.serving.chat_stream`. The route runs to its end
+        even if the client goes away (its spend is recorded); the deadline still applies."""
+        progress_outcome: dict[str, Any] = {}
+
+        async def submit(_: RouteRequest) -> RouteResult:
+            route = run_route()
+            try:
+                return await asyncio.wait_for(asyncio.shield(route), timeout=max(0.0, deadline - time.monotonic()))
+            except (asyncio.TimeoutError, TimeoutError):
+                route.cancel()
+                await asyncio.gather(route, return_exceptions=True)
+                progress_outcome["outcome"] = "timeouts"
+                raise
+
+        def build(result: RouteResult) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]:
+            return completion_parts(result, request_id, controller_info())
+
+        def on_end(outcome: StreamOutcome) -> None:
+            kind = "answered" if outcome.result is not None else progress_outcome.get("outcome", "errors")
+            record(kind, outcome.result, [])
+            if outcome.result is not None:
+                metrics.request(200, True, time.perf_counter() - started)
+            if outcome.aborted:
+                metrics.error("stream_aborted")
+
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        writer = ChunkWriter(router.name, include_usage)
+        out = await start_stream(submit, item, writer, build, headers, on_end,
+                                 on_first_token=lambda seconds, mode: metrics.ttft.labels(mode).observe(seconds))
+        if isinstance(out, BaseException):
+            return route_failure(progress_outcome.get("outcome", "errors"), out, progress, request_id, headers,
+                                 stream=True)
+        return out
 
     return app
 
 
-def _finish_reason(raw: dict[str, Any] | None) -> str:
+async def _then(chunks: AsyncIterator[Any], done: Any) -> AsyncIterator[Any]:
+    """``chunks`` passed through; ``done()`` once they end or the client goes away."""
     try:
-        reason = raw["choices"][0].get("finish_reason")  # type: ignore[index]
-    except (TypeError, KeyError, IndexError, AttributeError):
-        return "stop"
-    return reason if isinstance(reason, str) else "stop"
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        done()
+
+
+COST_HEADER = "X-Cascade-Routing-Cost-USD"
+
+
+def completion_parts(result: RouteResult, request_id: str, controller: dict[str, Any] | None = None
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(choices, usage, routing trace, response headers) of a routed answer.
+
+    ``choices``: the selected backend's own choices (message with content and/or ``tool_calls``,
+    ``logprobs``, ``finish_reason``; all ``n`` of them), else one built from the answer text.
+    ``usage``: tokens summed over every model that ran. ``routing``: the trace, with the online
+    controller's ``controller`` entry (None without one). Headers: ``X-Cascade-Routing-Cost-USD``
+    (the request's real total cost), ``X-Cascade-Routing-Model``, ``X-Cascade-Routing-Models-Run``.
+    """
+    answer = result.answers[result.model]
+    choices = _backend_choices(answer.raw)
+    if choices is None:
+        choices = [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                    "logprobs": None, "finish_reason": "stop"}]
+    usage_in = sum(a.usage.get("prompt_tokens", 0) for a in result.answers.values())
+    usage_out = sum(a.usage.get("completion_tokens", 0) for a in result.answers.values())
+    routing = result.to_dict()
+    routing["request_id"] = request_id
+    routing["controller"] = controller
+    headers = {COST_HEADER: f"{result.total_cost:.10g}", "X-Cascade-Routing-Model": result.model,
+               "X-Cascade-Routing-Models-Run": ",".join(result.models_run)}
+    return (choices, {"prompt_tokens": usage_in, "completion_tokens": usage_out,
+                      "total_tokens": usage_in + usage_out}, routing, headers)
+
+
+def _backend_choices(raw: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The backend's ``choices`` as OpenAI shapes them (index, message, logprobs, finish_reason)."""
+    choices = raw.get("choices") if isinstance(raw, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return None
+    out = []
+    for k, choice in enumerate(choices):
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+            return None
+        message = {key: value for key, value in choice["message"].items() if value is not None or key == "content"}
+        message["role"] = "assistant"
+        reason = choice.get("finish_reason")
+        out.append({"index": int(choice.get("index", k)), "message": message, "logprobs": choice.get("logprobs"),
+                    "finish_reason": reason if isinstance(reason, str) else "stop"})
+    return out
+
+
+KEEP_ALIVE_S = 75.0
 
 
 def serve(
@@ -301,6 +525,13 @@ def serve(
     max_batch: int = 64,
     batch_window_ms: float = 2.0,
     torch_threads: int | None = 1,
+    limits: ServerLimits | None = None,
+    api_keys: "str | os.PathLike[str] | None" = None,
+    store: str | None = DEFAULT_STORE,
+    keep_alive_s: float = KEEP_ALIVE_S,
+    shutdown_timeout_s: float = 30.0,
+    int8: bool = False,
+    controller: ControllerConfig | None = None,
 ) -> None:
     """Load the checkpoint and the backends YAML and serve until interrupted (blocking).
 
@@ -312,46 +543,75 @@ def serve(
     The router's CPU work (estimators, policy) runs on ``compute_threads`` worker threads (default
     1: the work is serialised, the event loop stays free for HTTP I/O; Hugging Face fast
     tokenizers are not safe to share between threads, keep 1 unless the estimator allows more).
+
+    ``api_keys``: a keys file (:mod:`cascade_routing.serving.keys`; else ``$CASCADE_ROUTING_API_KEYS``;
+    neither = no authentication). ``store``: the spend store URL (:func:`~cascade_routing.serving.
+    store.open_store`). ``keep_alive_s``: idle HTTP keep-alive of client connections; it must
+    exceed the clients' own idle expiry (httpx: 5 s), else a client can send a request on a
+    connection the server is closing and lose it. ``shutdown_timeout_s``: on SIGTERM/SIGINT stop
+    accepting, let requests in flight finish for this long, then cancel them (their spend is still
+    recorded). ``int8``: dynamically quantise the artifact's encoder's linear layers to int8.
+    ``controller``: keep the mean spend at the budget on live traffic with the online λ controller
+    (:mod:`cascade_routing.policies.controller`); None (default) serves the fitted λ unchanged.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import uvicorn
+
+    from cascade_routing.serving.keys import load_keys
+    from cascade_routing.serving.store import open_store
 
     if torch_threads is not None:
         import torch
 
         torch.set_num_threads(torch_threads)
+    keys = load_keys(api_keys)
     executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="routing")
     router = CascadeRouter.from_checkpoint(checkpoint, budget=budget, strategy=strategy, name=name,
-                                           executor=executor)
+                                           executor=executor, int8=int8)
     pool = BackendPool.from_yaml(backends)
-    app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms)
+    limits = dataclasses.replace(limits or ServerLimits(), shutdown_timeout_s=shutdown_timeout_s)
+    app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
+                     keys=keys, store=open_store(store), controller=controller)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=int(keep_alive_s),
+                            timeout_graceful_shutdown=int(math.ceil(limits.shutdown_timeout_s)), backlog=4096)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        DrainingServer(config).run()
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a shutdown first sets the app's ``state.draining`` event, so requests
+    in flight answer 503 within ``ServerLimits.shutdown_timeout_s`` instead of being cut off."""
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        draining = getattr(getattr(self.config.app, "state", None), "draining", None)
+        if draining is not None:
+            draining.set()
+        await super().shutdown(sockets)
 
 
 class BackgroundServer:
     """Run an ASGI app with uvicorn in a daemon thread on 127.0.0.1 and a free port (tests, demos).
 
-    ``with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")``; startup and shutdown are
-    bounded by ``timeout_s``.
+    ``with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")``; startup is bounded by
+    ``timeout_s``, shutdown by the app's ``limits.shutdown_timeout_s`` (1 s for other apps) plus
+    ``timeout_s``.
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0,
                  log_level: str = "warning") -> None:
         import socket
 
-        import uvicorn
-
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=1,
-                                backlog=4096)
-        self.server = uvicorn.Server(config)
+        limits = getattr(getattr(app, "state", None), "limits", None)
+        grace = math.ceil(limits.shutdown_timeout_s) if limits is not None else 1
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=grace,
+                                backlog=4096, timeout_keep_alive=int(KEEP_ALIVE_S))
+        self.server = DrainingServer(config)
         self.timeout_s = timeout_s
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -373,7 +633,7 @@ class BackgroundServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self._thread.join(self.timeout_s)
+        self._thread.join(self.timeout_s + self.server.config.timeout_graceful_shutdown)
         self._sock.close()
 
     def __enter__(self) -> "BackgroundServer":

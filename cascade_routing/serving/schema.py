@@ -1,0 +1,287 @@
+"""Request and response schema of the OpenAI-compatible server (pydantic v2 models).
+
+:func:`parse_chat_request` turns the raw body into a :class:`ChatCompletionRequest` or raises
+:class:`RequestError` (HTTP status, message naming the field, ``param`` = the field's dotted path):
+
+1. the bytes must be UTF-8 JSON whose top level is an object (400 ``malformed JSON`` otherwise);
+2. every string anywhere in the body must be encodable as UTF-8 (a lone surrogate such as
+   ``"\\ud800"`` is rejected, naming its path, e.g. ``messages[0].content``) and every number
+   finite (``NaN`` / ``Infinity``, which Python's JSON reader accepts, are rejected the same way);
+3. the fields are validated by :class:`ChatCompletionRequest` (types, ranges, unknown fields are
+   rejected: ``extra="forbid"``); the first error becomes the message;
+4. the last user message must have non-empty text (the query the estimators see).
+
+Every OpenAI chat parameter is a field: forwarded to the backends (``FORWARDED``, the table in
+:mod:`cascade_routing.serving.params`), read by the server, or refused with 400 naming it
+(:meth:`ChatCompletionRequest.unsupported`). Adding one: declare the field and, if the backends
+should receive it, add its name to ``params.FORWARDED``; :meth:`ChatCompletionRequest.
+forwarded_params` then passes it on exactly as the client set it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cascade_routing.serving.params import FORWARDED as FORWARDED_PARAMS
+from cascade_routing.serving.params import REJECTED
+
+
+class RequestError(Exception):
+    """A request the server refuses before doing any work: ``status``, ``message``, ``param``, ``code``."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+        self.headers = dict(headers or {})
+
+
+class RoutingOptions(BaseModel):
+    """The ``routing`` extension: ``budget`` (USD per query; can only LOWER the caller's cap) and
+    ``task`` (the query's task label, for estimators trained with tasks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    task: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One chat message. ``content`` is a string, a list of content parts (``{"type": "text",
+    "text": ...}``, images, ...) or null (e.g. an assistant message with tool calls). Other keys
+    (``name``, ``tool_calls``, ``tool_call_id``) are kept and forwarded as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None
+
+    def text(self) -> str | None:
+        """The message's text: the string content, or its text parts joined by newlines."""
+        if isinstance(self.content, str):
+            return self.content
+        if isinstance(self.content, list):
+            parts = [p.get("text") for p in self.content if p.get("type") == "text"]
+            parts = [p for p in parts if isinstance(p, str)]
+            return "\n".join(parts) if parts else None
+        return None
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the request's usage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: forwarded as given; only its ``type`` is checked here."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions`` body. Unknown fields are a 400 naming the field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    FORWARDED: ClassVar[tuple[str, ...]] = FORWARDED_PARAMS
+    """Fields sent on to every backend (when the client set them)."""
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # refused by unsupported() (declared so the 400 says why, not just "unknown field")
+    audio: Any = None
+    modalities: list[str] | None = None
+    web_search_options: Any = None
+    routing: RoutingOptions | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, why) for the first parameter set that the server refuses, else None."""
+        for name, why in REJECTED.items():
+            if name in self.model_fields_set and getattr(self, name) is not None:
+                if name == "modalities" and self.modalities == ["text"]:
+                    continue
+                return name, why
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "'stream_options' is only allowed with stream: true"
+        return None
+
+    def forwarded_params(self) -> dict[str, Any]:
+        """The parameters for the backends: the ``FORWARDED`` fields the client set (not null)."""
+        return self.model_dump(include=set(self.FORWARDED), exclude_unset=True, exclude_none=True)
+
+    def messages_payload(self) -> list[dict[str, Any]]:
+        """The messages as plain dicts for the backends (unset optional keys left out)."""
+        return [m.model_dump(exclude_unset=True) for m in self.messages]
+
+    def query(self) -> str | None:
+        """The text of the LAST user message (what the estimators see), or None."""
+        for msg in reversed(self.messages):
+            if msg.role == "user":
+                return msg.text() or None
+        return None
+
+    def prompt_chars(self) -> int:
+        """Characters of text over all messages (the prompt-length limit counts these)."""
+        return sum(len(m.text() or "") for m in self.messages)
+
+
+def find_invalid_value(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(path, problem) of the first string that is not valid Unicode (lone surrogate) or number
+    that is not finite, anywhere in a decoded JSON value; None if all are fine."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return path, f"contains an invalid Unicode code point (lone surrogate) at position {err.start}"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, f"must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = find_invalid_value(key, f"{path}.{key}" if path else "<key>")
+            if found is None:
+                found = find_invalid_value(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = find_invalid_value(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[dict[str,any]]", "function-after", "none") or "[" in str(part):
+            continue  # union-branch labels pydantic adds to the location
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def validation_message(err: ValidationError) -> tuple[str, str]:
+    """(message, param) for the first error of a pydantic ``ValidationError``."""
+    first = err.errors()[0]
+    param = _loc(tuple(first["loc"]))
+    if first["type"] == "missing":
+        return f"'{param}' is required", param
+    if first["type"] == "extra_forbidden":
+        return f"unknown field '{param}'", param
+    shown = repr(first.get("input"))
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"invalid '{param}': {first['msg']} (got {shown})", param
+
+
+def parse_chat_request(raw: bytes, request_model: type[ChatCompletionRequest] = ChatCompletionRequest
+                       ) -> ChatCompletionRequest:
+    """Validate a raw request body (see module docstring); raises :class:`RequestError`."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(f"malformed JSON body: {err}") from None
+    except RecursionError:
+        raise RequestError("malformed JSON body: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    bad = find_invalid_value(body)
+    if bad is not None:
+        raise RequestError(f"invalid '{bad[0]}': {bad[1]}", bad[0])
+    try:
+        request = request_model.model_validate(body)
+    except ValidationError as err:
+        message, param = validation_message(err)
+        raise RequestError(message, param) from None
+    if request.query() is None:
+        raise RequestError("'messages' must contain a user message with non-empty text", "messages")
+    return request
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error object; the server may add keys (``failures``, ``request_id``, ``spent``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class AssistantMessage(BaseModel):
+    """The answer message as the selected backend gave it (``tool_calls`` etc. kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: Any = None
+    finish_reason: str = "stop"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletionResponse(BaseModel):
+    """A standard ``chat.completion`` plus ``routing`` (models run, costs, per-step estimates)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    routing: dict[str, Any]

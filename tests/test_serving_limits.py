@@ -1,0 +1,111 @@
+"""Server limits over loopback HTTP: body size (413), prompt length (400), concurrent requests
+(429 with Retry-After instead of unbounded queueing), upstream attempts per request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from cascade_routing.serving.limits import ServerLimits
+from tests.serving_helpers import ServingStack, stand_in_router, synthetic_dataset
+
+NAME = "cascade-routing"
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return synthetic_dataset(20)
+
+
+@pytest.fixture(scope="module")
+def router(ds):
+    return stand_in_router(ds)[0]
+
+
+def _body(query):
+    return {"model": NAME, "messages": [{"role": "user", "content": query}]}
+
+
+def test_body_over_the_limit_is_413_and_never_forwarded(ds, router):
+    limits = ServerLimits(max_body_bytes=2000)
+    with ServingStack(ds, router, limits=limits) as s:
+        big = _body("x" * 5000)
+        resp = httpx.post(s.url + "/v1/chat/completions", json=big, timeout=10)
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: the limit applies while streaming
+            for _ in range(10):
+                yield b" " * 500
+
+        resp = httpx.post(s.url + "/v1/chat/completions", content=chunks(), timeout=10)
+        assert resp.status_code == 413
+        assert sum(s.replay_app.state.requests.values()) == 0  # nothing reached a backend
+        assert httpx.post(s.url + "/v1/chat/completions", json=_body(ds.queries[0]), timeout=10).status_code == 200
+
+
+def test_prompt_over_the_limit_is_400_naming_the_limit(ds, router):
+    with ServingStack(ds, router, limits=ServerLimits(max_prompt_chars=100)) as s:
+        body = {"model": NAME, "messages": [{"role": "system", "content": "s" * 60},
+                                            {"role": "user", "content": "u" * 60}]}
+        resp = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=10)
+        err = resp.json()["error"]
+        assert resp.status_code == 400 and err["code"] == "context_length_exceeded" and "100" in err["message"]
+        assert sum(s.replay_app.state.requests.values()) == 0
+
+
+def test_saturated_server_answers_429_with_retry_after(ds, router):
+    """2 slots, backends 600 ms: of 6 simultaneous requests 2 are served, 4 refused at once."""
+    limits = ServerLimits(max_concurrent=2, retry_after_s=3)
+    with ServingStack(ds, router, limits=limits, latency_ms=600) as s:
+        async def main():
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await asyncio.gather(*(client.post(s.url + "/v1/chat/completions", json=_body(q))
+                                              for q in ds.queries[:6]))
+
+        responses = asyncio.run(main())
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [200, 200, 429, 429, 429, 429]
+        busy = [r for r in responses if r.status_code == 429]
+        assert all(r.headers["retry-after"] == "3" and r.json()["error"]["code"] == "server_busy" for r in busy)
+        stats = httpx.get(s.url + "/v1/routing/stats", timeout=10).json()
+        assert stats["rejected_busy"] == 4 and stats["in_flight"] == 0 and stats["requests"] == 2
+
+
+def test_upstream_attempts_per_request_are_bounded(ds, router):
+    """Every model answers 500 and each allows 5 retries: the request still makes only 4 attempts."""
+    failures = {m: "500" for m in ds.models}
+    limits = ServerLimits(max_upstream_attempts=4)
+    with ServingStack(ds, router, failures=failures, max_retries=5, limits=limits,
+                      backend_settings={"breaker_failures": 100}) as s:
+        resp = httpx.post(s.url + "/v1/chat/completions", json=_body(ds.queries[0]), timeout=30)
+        assert resp.status_code == 502
+        fails = resp.json()["error"]["failures"]
+        assert sum(f["attempts"] for f in fails) == 4
+        assert sum(s.replay_app.state.requests.values()) == 4
+        assert {f["reason"] for f in fails} <= {"http_500", "attempt_limit"}
+
+
+def test_idle_keep_alive_connection_outlives_the_clients_expiry(ds, router):
+    """The server keeps an idle client connection open past httpx's 5 s keep-alive expiry (and
+    uvicorn's 5 s default), so a client never sends on a connection the server is closing: the
+    second request on the same socket after 6 s idle is answered."""
+    import http.client
+    import json
+    import time
+
+    from cascade_routing.serving.server import KEEP_ALIVE_S
+
+    assert KEEP_ALIVE_S > 5.0
+    with ServingStack(ds, router) as s:
+        conn = http.client.HTTPConnection(s.server.host, s.server.port, timeout=30)
+        body = json.dumps(_body(ds.queries[0]))
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        assert conn.getresponse().read() and conn.sock is not None
+        sock = conn.sock
+        time.sleep(6.0)
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and conn.sock is sock  # same connection, not a reconnect
+        conn.close()
