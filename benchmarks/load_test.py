@@ -101,13 +101,12 @@ def prepare(args, work: Path):
 def simulate_split(checkpoint: str, test, strategy: str, budget: float) -> tuple[np.ndarray, np.ndarray]:
     """Per-row realised cost and quality of ``simulate`` (same checkpoint, budget, λ mix) on ``test``."""
     from cascade_routing.estimators.artifact import load_artifact
-    from cascade_routing.estimators.export import make_policy
     from cascade_routing.evaluation import simulate
     from cascade_routing.policies import query_uniforms
 
     art = load_artifact(checkpoint)
     qe, ce = art.bind(test.queries, test.responses, {**test.features, "cost": test.cost}, test.tasks)
-    sim = simulate(make_policy(strategy), qe, ce, test.quality, test.cost, art.fitted_lambda(strategy, budget),
+    sim = simulate(art.policy(strategy), qe, ce, test.quality, test.cost, art.fitted_lambda(strategy, budget),
                    query_uniforms(test.queries))
     return sim.cost.numpy(), sim.quality.numpy()
 
