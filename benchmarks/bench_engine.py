@@ -21,6 +21,8 @@ import argparse
 import itertools
 import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cascade_routing sets it; torch must not be imported first
 import random
 import time
 
