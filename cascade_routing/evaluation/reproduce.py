@@ -7,8 +7,8 @@ all its queries) and all its models.
 Protocol: for each pool and noise level (low / medium / high),
 split the queries 5% fit / 95% test (seeded, stratified by task), build the synthetic estimators
 (noise recalibrated on the fit rows), and for each strategy (linear interpolation, routing, threshold
-cascade, optimal cascade, cascade routing with max_depth 5, force_order off) sweep the budgets,
-refitting λ per budget on the fit rows; report AUC (×100) with a bootstrap 95% CI.
+cascade, optimal cascade, cascade routing with max_depth 5, force_order off, one constant λ and no
+routing guard: the paper's method) sweep the budgets, refitting λ per budget on the fit rows; report AUC (×100) with a bootstrap 95% CI.
 Writes ``results.csv``, ``table.md`` and ``curves.png``/``.svg`` into the output folder; the table's
 title names the dataset.
 """
@@ -143,9 +143,9 @@ def reproduce_routerbench(
                 if strategy == "linear_interpolation":
                     res = linear_interpolation_sweep(test_q, test_c, budgets, num_resamples, seed)
                 else:
-                    res = budget_sweep(make_policy(strategy, num_samples, seed), qe, ce, data.quality, data.cost,
-                                       fit_rows, test_rows, budgets, texts=data.queries, strategy=strategy,
-                                       num_resamples=num_resamples, seed=seed)
+                    policy = make_policy(strategy, num_samples, seed, step_ratios=None, routing_guard=False)
+                    res = budget_sweep(policy, qe, ce, data.quality, data.cost, fit_rows, test_rows, budgets,
+                                       texts=data.queries, strategy=strategy, num_resamples=num_resamples, seed=seed)
                 panel.append(res)
                 rows.append({"pool": pool_name, "models": len(names), "noise": noise, "strategy": strategy,
                              "auc": round(res.auc, 3), "ci_low": round(res.ci[0], 3), "ci_high": round(res.ci[1], 3),
