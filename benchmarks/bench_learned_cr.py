@@ -17,7 +17,7 @@ Run (2 CPU cores):
         --artifact routerbench-subset=artifacts/routerbench.safetensors --out benchmarks/results/learned_cr
 
 Writes ``<out>/<name>/`` (the evaluation's files plus ``per_budget.csv``) and ``<out>/summary.json``,
-``<out>/summary.md``.
+``<out>/summary.md`` (datasets already in ``<out>/summary.json`` and not rerun are kept).
 """
 
 from __future__ import annotations
@@ -93,13 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summaries = {}
+    summary_path = out / "summary.json"
+    # datasets benchmarked earlier into the same folder stay in the summary (rerun one, keep the rest)
+    summaries = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     for spec in args.artifact:
         name, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"--artifact takes NAME=PATH, got {spec!r}")
         summaries[name] = report_one(name, path, out, args.budgets_per_pair, args.resamples)
-    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
+    summary_path.write_text(json.dumps(summaries, indent=2))
     lines = ["| dataset | CR − routing AUC | worst per-budget CR − routing | CR / routing / best model at the largest budget | guard fired |",
              "|---|---:|---:|---|---|"]
     for name, s in summaries.items():
