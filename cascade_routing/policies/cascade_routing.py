@@ -51,6 +51,7 @@ from torch import Tensor
 from cascade_routing.estimators.base import QualityEstimate
 from cascade_routing.policies.base import Policy, PolicyError, check_inputs
 from cascade_routing.policies import emax_numba
+from cascade_routing.policies.pool import check_pool_fits, checked_pool, reindex_pool
 from cascade_routing.policies.supermodels import (
     MAX_EXHAUSTIVE_SUPERMODELS,
     count_supermodels,
@@ -98,11 +99,7 @@ class CascadeRouting(Policy):
                 if not v or min(v) < 0 or max(v) <= 0 or any(math.isnan(x) for x in v):
                     raise PolicyError(f"each λ shape must be non-empty, >= 0 with a positive entry, got {v}")
         self.lambda_shapes = lambda_shapes or None
-        if pool is not None:
-            pool = tuple(sorted({int(i) for i in pool}))
-            if not pool or pool[0] < 0:
-                raise PolicyError(f"a pool must be model indices >= 0, got {pool}")
-        self.pool = pool
+        self.pool = None if pool is None else checked_pool(pool)
         self.routing_guard = routing_guard
         self.max_depth = max_depth
         self.force_order = force_order
@@ -194,7 +191,7 @@ class CascadeRouting(Policy):
         failed backends): the pool re-indexed to those columns (no pool if none of it is left)."""
         if self.pool is None:
             return self
-        pool = tuple(i for i, c in enumerate(cols) if c in self.pool)
+        pool = reindex_pool(self.pool, cols)
         clone = copy.copy(self)
         clone.pool = pool or None
         return clone
@@ -209,8 +206,7 @@ class CascadeRouting(Policy):
         if self.pool is None:
             return None
         b, m = cost.shape
-        if self.pool[-1] >= m:
-            raise PolicyError(f"pool {list(self.pool)} names model index {self.pool[-1]} but there are {m} models")
+        check_pool_fits(self.pool, m)
         in_pool = torch.zeros(m, dtype=torch.bool, device=cost.device)
         in_pool[list(self.pool)] = True
         mean = estimate.mean

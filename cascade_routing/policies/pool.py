@@ -42,6 +42,25 @@ def nondominated_pool(quality, cost) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in nondominated_models(c.mean(0), q.mean(0))))
 
 
+def checked_pool(pool) -> tuple[int, ...]:
+    """``pool`` as a sorted tuple of distinct model indices >= 0 (non-empty), else PolicyError."""
+    out = tuple(sorted(int(i) for i in pool))
+    if not out or len(set(out)) != len(out) or out[0] < 0:
+        raise PolicyError(f"a pool must be distinct model indices >= 0, got {out}")
+    return out
+
+
+def check_pool_fits(pool: tuple[int, ...], num_models: int) -> None:
+    """Raise unless every index of ``pool`` names one of ``num_models`` models."""
+    if pool[-1] >= num_models:
+        raise PolicyError(f"pool {list(pool)} names model index {pool[-1]} but there are {num_models} models")
+
+
+def reindex_pool(pool: tuple[int, ...], cols: list[int]) -> tuple[int, ...]:
+    """The pool's members among the model columns ``cols``, as positions in ``cols`` (may be empty)."""
+    return tuple(i for i, c in enumerate(cols) if c in pool)
+
+
 def _columns(estimate: QualityEstimate, cols: Tensor) -> QualityEstimate:
     cov = None
     if estimate.cov is not None:
@@ -58,11 +77,8 @@ class PooledPolicy(Policy):
     """
 
     def __init__(self, inner: Policy, pool: tuple[int, ...] | list[int]) -> None:
-        pool = tuple(sorted(int(i) for i in pool))
-        if not pool or len(set(pool)) != len(pool) or pool[0] < 0:
-            raise PolicyError(f"a pool must be distinct model indices >= 0, got {pool}")
         self.inner = inner
-        self.pool = pool
+        self.pool = checked_pool(pool)
         self.name = inner.name
         self.max_depth = inner.max_depth
         self.lambda_shapes = inner.lambda_shapes
@@ -71,8 +87,7 @@ class PooledPolicy(Policy):
         return f"PooledPolicy({self.inner!r}, pool={list(self.pool)})"
 
     def _cols(self, m: int, device) -> Tensor:
-        if self.pool[-1] >= m:
-            raise PolicyError(f"pool {list(self.pool)} names model index {self.pool[-1]} but there are {m} models")
+        check_pool_fits(self.pool, m)
         return torch.tensor(self.pool, dtype=torch.long, device=device)
 
     def max_steps(self, num_models: int) -> int:
@@ -80,7 +95,7 @@ class PooledPolicy(Policy):
 
     def on_columns(self, cols: list[int]) -> Policy:
         """Re-indexed to the columns ``cols``; the bare policy if none of the pool is left."""
-        pool = tuple(i for i, c in enumerate(cols) if c in self.pool)
+        pool = reindex_pool(self.pool, cols)
         return PooledPolicy(self.inner, pool) if pool else self.inner
 
     def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float, **kwargs) -> Tensor:
