@@ -72,7 +72,7 @@ def prepare(args):
     budget, feature names, description)."""
     policy = make_policy(args.strategy)
     if args.estimators == "synthetic":
-        from cascade_routing.estimators.synthetic import synthetic_estimators
+        from cascade_routing.evaluation.synthetic import synthetic_estimators
 
         ds = load_dataset(args.dataset)
         parts = ds.split({"calibration": 0.2, "test": 0.8}, seed=args.seed)

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from cascade_routing.estimators.synthetic import SyntheticCostEstimator, SyntheticQualityEstimator
+from cascade_routing.evaluation.synthetic import SyntheticCostEstimator, SyntheticQualityEstimator
 from cascade_routing.evaluation import simulate
 from cascade_routing.policies import CascadeRouting
 from cascade_routing.policies.supermodels import normal_draws

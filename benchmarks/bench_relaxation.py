@@ -17,7 +17,7 @@ import torch
 
 from cascade_routing.data import load_dataset
 from cascade_routing.data.splits import partition_indices
-from cascade_routing.estimators.synthetic import synthetic_estimators
+from cascade_routing.evaluation.synthetic import synthetic_estimators
 from cascade_routing.evaluation import simulate
 from cascade_routing.evaluation.metrics import sweep_budgets
 from cascade_routing.evaluation.reproduce import PAPER_POOLS, resolve_models

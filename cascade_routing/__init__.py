@@ -31,7 +31,7 @@ _API = {
                      "fit_lambda", "make_policy", "STRATEGIES"), "cascade_routing.policies"),
     **dict.fromkeys(("simulate", "budget_sweep", "sweep_budgets", "auc", "SimulationResult", "SweepResult"),
                     "cascade_routing.evaluation"),
-    "synthetic_estimators": "cascade_routing.estimators.synthetic",
+    "synthetic_estimators": "cascade_routing.evaluation.synthetic",
     **dict.fromkeys(("EstimatorArtifact", "load_artifact", "ArtifactError"), "cascade_routing.estimators.artifact"),
     "evaluate": "cascade_routing.estimators.evaluate",
     "QualityEstimatorModule": "cascade_routing.estimators.module",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cascade_routing.estimators.synthetic import SyntheticCostEstimator, SyntheticQualityEstimator
+from cascade_routing.evaluation.synthetic import SyntheticCostEstimator, SyntheticQualityEstimator
 
 
 def make_data(n: int = 300, m: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

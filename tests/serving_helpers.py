@@ -1,5 +1,5 @@
 """Small stand-ins for the serving tests: a synthetic dataset with recorded answers and a
-text-bound estimator pair implementing the ``cascade_routing.estimators.base`` protocols.
+text-bound estimator pair implementing the ``cascade_routing.interfaces`` protocols.
 
 The stand-in estimators read ``responses``/``features`` only where ``ran`` (like the learned ones),
 so the same binder serves offline simulation (bound to a whole split) and the live router (bound to
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cascade_routing.data.dataset import RoutingDataset
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 
 MODELS = ["small", "medium", "large"]
 PRICE_OUT = {"small": 1e-6, "medium": 5e-6, "large": 2.5e-5}  # USD per output token

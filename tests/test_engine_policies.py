@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.policies import CascadeRouting, OptimalCascade, PolicyError, Routing, ThresholdCascade
 from cascade_routing.policies.supermodels import (
     expected_max,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_routing.estimators.synthetic import SyntheticCostEstimator, SyntheticQualityEstimator
+from cascade_routing.evaluation.synthetic import SyntheticCostEstimator, SyntheticQualityEstimator
 from cascade_routing.evaluation import simulate
 from cascade_routing.policies import CascadeRouting, OptimalCascade, PolicyError
 from cascade_routing.policies.relaxation import (

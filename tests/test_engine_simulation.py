@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cascade_routing.data.dataset import RoutingDataset
-from cascade_routing.estimators.synthetic import (
+from cascade_routing.evaluation.synthetic import (
     OracleCostEstimator,
     OracleQualityEstimator,
     SyntheticCostEstimator,

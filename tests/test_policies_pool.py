@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.evaluation import simulate
 from cascade_routing.policies import CascadeRouting, FittedLambda, PolicyError, Routing, ThresholdCascade, fit_lambda
 from cascade_routing.policies.pool import PooledPolicy, nondominated_pool

@@ -10,10 +10,10 @@ import struct
 import pytest
 import torch
 
-from cascade_routing.data.dataset import DatasetError
+from cascade_routing.data.errors import DatasetError
 from cascade_routing.data.importer import import_table, load_mapping
 from cascade_routing.estimators.artifact import ArtifactError, load_artifact
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.policies import CascadeRouting, Routing
 from cascade_routing.policies.base import PolicyError
 from tests.serving_helpers import make_tiny_artifact, synthetic_dataset

@@ -6,7 +6,8 @@ dataset folder), :func:`fetch`, :func:`list_datasets`, :class:`RoutingDataset` (
 with a column mapping), :func:`summarize` (what ``cascade-routing data describe`` prints).
 """
 
-from cascade_routing.data.dataset import DatasetError, RoutingDataset
+from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.data.errors import DatasetError
 from cascade_routing.data.describe import summarize
 from cascade_routing.data.fetch import ChecksumError
 from cascade_routing.data.importer import import_table

@@ -28,9 +28,7 @@ from typing import Any
 
 import numpy as np
 
-
-class DatasetError(ValueError):
-    """Raised when routing data is malformed; the message names the file, row, model or field."""
+from cascade_routing.data.errors import DatasetError
 
 
 def _first_bad_cell(mask: np.ndarray) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
-from cascade_routing.data.dataset import DatasetError
+from cascade_routing.data.errors import DatasetError
 
 DATA_DIR_ENV = "CASCADE_ROUTING_DATA_DIR"
 CHUNK = 1 << 16

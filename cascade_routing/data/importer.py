@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 
 from cascade_routing.data.converters.common import ConversionReport, parse_number
-from cascade_routing.data.dataset import DatasetError, RoutingDataset
+from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.data.errors import DatasetError
 
 
 def _read_utf8(path: Path) -> str:

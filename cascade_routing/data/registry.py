@@ -24,7 +24,8 @@ from pathlib import Path
 import httpx
 
 from cascade_routing.data.checksums import SHA256
-from cascade_routing.data.dataset import DatasetError, RoutingDataset
+from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.data.errors import DatasetError
 from cascade_routing.data.fetch import RemoteFile, cache_root, fetch_files
 from cascade_routing.data.storage import is_dataset_folder, load_dataset_folder
 

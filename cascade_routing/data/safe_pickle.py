@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cascade_routing.data.dataset import DatasetError
+from cascade_routing.data.errors import DatasetError
 
 
 class UnsafePickleError(DatasetError):

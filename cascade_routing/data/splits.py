@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cascade_routing.data.dataset import DatasetError
+from cascade_routing.data.errors import DatasetError
 
 
 class SplitError(DatasetError):

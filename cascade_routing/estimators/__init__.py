@@ -1,5 +1,8 @@
-"""Quality and cost estimators (pure torch interface in ``base``)."""
+"""Quality and cost estimators: the learned estimator and its artifact, the paper-style baseline, the cost model.
 
-from cascade_routing.estimators.base import CostEstimator, QualityEstimate, QualityEstimator
+The estimator protocol lives in :mod:`cascade_routing.interfaces` (re-exported here).
+"""
+
+from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator  # the protocol, re-exported
 
 __all__ = ["CostEstimator", "QualityEstimate", "QualityEstimator"]

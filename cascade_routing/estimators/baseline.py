@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.data.dataset import RoutingDataset
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.estimators.features import (
     AgreementCache,
     answer_features,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.estimators.features import AgreementCache, answer_features
 from cascade_routing.estimators.masks import bitmask
 from cascade_routing.estimators.network import QualityNetwork

@@ -5,7 +5,7 @@ server with :class:`~cascade_routing.policies.controller.BudgetController` serve
 stream: request k is decided with the fitted λ times the multiplier after the controller observed
 the realised costs of requests 0..k-1 (``observed_before`` generalises this to concurrent
 traffic: request k saw the first ``observed_before[k]`` costs in ``completion`` order). Each request
-is simulated by :func:`~cascade_routing.evaluation.simulate.simulate` on its own row, so with a
+is simulated by :func:`~cascade_routing.policies.rollout.simulate` on its own row, so with a
 multiplier of 1 throughout it equals the fixed-λ simulation query by query.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.evaluation.simulate import SimulationResult, _as_tensor, simulate
+from cascade_routing.policies.rollout import SimulationResult, _as_tensor, simulate
 from cascade_routing.policies.base import Policy, PolicyError
 from cascade_routing.policies.controller import BudgetController, ControllerConfig, scale_fitted
 from cascade_routing.policies.fitting import FittedLambda

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade_routing.estimators.synthetic import synthetic_estimators
+from cascade_routing.evaluation.synthetic import synthetic_estimators
 from cascade_routing.evaluation.metrics import nondominated_models, sweep_budgets
 from cascade_routing.evaluation.plots import plot_curves
 from cascade_routing.evaluation.sweep import SweepResult, budget_sweep, linear_interpolation_sweep

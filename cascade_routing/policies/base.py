@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 
 
 class PolicyError(ValueError):

@@ -48,7 +48,7 @@ import math
 import torch
 from torch import Tensor
 
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.policies.base import Policy, PolicyError, check_inputs
 from cascade_routing.policies import emax_numba
 from cascade_routing.policies.pool import check_pool_fits, checked_pool, reindex_pool

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.policies.base import Policy, PolicyError, check_inputs
 from cascade_routing.policies.supermodels import normal_draws, quality_samples
 

@@ -195,7 +195,7 @@ def _fit_scale(policy, quality_estimator, cost_estimator, q, c, budget, uniforms
                shape, max_depth: int | None = None) -> FittedLambda:
     """Bisection on the scale s of λ_t = s·shape_t and the γ mix (see module docstring); ``max_depth``
     is fitted along (stored in the result)."""
-    from cascade_routing.evaluation.simulate import simulate  # evaluation builds on policies
+    from cascade_routing.policies.rollout import simulate  # rollout imports this module
 
     v = torch.ones(1, dtype=torch.float64) if shape is None else torch.as_tensor(shape, dtype=torch.float64).reshape(-1)
     if bool((v < 0).any()) or bool(torch.isnan(v).any()) or float(v.max()) <= 0:

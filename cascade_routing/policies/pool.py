@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.policies.base import Policy, PolicyError
 
 

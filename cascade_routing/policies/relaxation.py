@@ -27,6 +27,7 @@ from torch import Tensor
 
 from cascade_routing.policies.base import PolicyError
 from cascade_routing.policies.fitting import FittedLambda, fit_lambda
+from cascade_routing.policies.rollout import simulate
 
 
 def relaxed_quality_cost(policy, quality_estimator, cost_estimator, quality, cost, lam: Tensor, tau: float,
@@ -102,8 +103,6 @@ def relaxed_quality_cost(policy, quality_estimator, cost_estimator, quality, cos
 
 
 def _exact(policy, qe, ce, quality, cost, lam, rows, uniforms, cache):
-    from cascade_routing.evaluation.simulate import simulate
-
     return simulate(policy, qe, ce, quality, cost, lam, uniforms, rows, cache)
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.policies.base import Policy, check_inputs
 
 

@@ -1,6 +1,6 @@
 """``CascadeRouter``: a fitted policy + bound estimators driving real models, one query at a time.
 
-The router makes exactly the decisions of :func:`cascade_routing.evaluation.simulate` for the same
+The router makes exactly the decisions of :func:`cascade_routing.policies.rollout.simulate` for the same
 policy, estimators and fitted λ:
 
 - the estimators are bound to the query (``binder(queries, responses, features, tasks)``), with a
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.estimators.base import CostEstimator, QualityEstimate, QualityEstimator
+from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator
 from cascade_routing.serving.backends import Answer, BackendError
 
 Binder = Callable[..., "tuple[QualityEstimator, CostEstimator]"]

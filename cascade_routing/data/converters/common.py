@@ -8,7 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cascade_routing.data.dataset import DatasetError
+from cascade_routing.data.errors import DatasetError
 
 logger = logging.getLogger("cascade_routing.data")
 

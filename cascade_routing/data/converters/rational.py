@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from cascade_routing.data.converters.common import ConversionReport
-from cascade_routing.data.dataset import DatasetError, RoutingDataset
+from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.data.errors import DatasetError
 from cascade_routing.data.safe_pickle import safe_load
 
 #: Stored in place of a log-probability confidence of -inf (log of a probability of exactly 0).

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from cascade_routing.data.converters.common import ConversionReport, parse_number
-from cascade_routing.data.dataset import DatasetError, RoutingDataset
+from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.data.errors import DatasetError
 
 CHARS_PER_TOKEN = 4
 COST_SOURCE = (

@@ -48,7 +48,8 @@ from cascade_routing.data.converters.common import (
     parse_list_literal,
     parse_number,
 )
-from cascade_routing.data.dataset import DatasetError, RoutingDataset
+from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.data.errors import DatasetError
 
 #: Full RouterBench model name -> short name used in this library (organisation prefix dropped).
 ROUTERBENCH_SHORT_NAMES: dict[str, str] = {

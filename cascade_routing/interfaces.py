@@ -1,4 +1,4 @@
-"""The estimator interface every policy, simulation and server consumes.
+"""The estimator interface every policy, simulation and server consumes (the stage between data and policies).
 
 An estimator is *bound* to a table of queries (a dataset split, or the single query a server is
 answering) and is addressed by row index, so that the engine never sees text:

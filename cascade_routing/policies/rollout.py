@@ -1,0 +1,126 @@
+"""The rollout: offline simulation of a policy on queries whose every model outcome is known.
+
+It lives in the policy stage because λ fitting is defined through it (the fitted λ is the one whose
+rollout meets the budget); :mod:`cascade_routing.evaluation` re-exports it.
+
+The loop is over steps, never over queries: at step t every still-active query gets its belief
+given what ran, the policy decides (next model or stop), the chosen models are marked as run. When
+every query stopped, the policy selects the answer model; realised quality is the ground truth of
+the answer model and realised cost the sum of the true costs of every model that ran.
+
+λ for step t and query i: ``lam_low[t]`` if ``u_i < gamma`` else ``lam_high[t]`` (the last entry
+is reused for later steps), see :class:`cascade_routing.policies.fitting.FittedLambda`.
+Device-agnostic: tensors live where the estimators put them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cascade_routing.policies.base import Policy, PolicyError
+from cascade_routing.policies.fitting import FittedLambda, as_fitted
+
+
+@dataclass
+class SimulationResult:
+    """Per query: ``ran`` bool [N, M], ``order`` long [N, T] (models in run order, -1 padded),
+    ``answer`` long [N] (-1 if nothing ran), realised ``quality`` [N] and ``cost`` [N]."""
+
+    ran: Tensor
+    order: Tensor
+    answer: Tensor
+    quality: Tensor
+    cost: Tensor
+
+    @property
+    def mean_quality(self) -> float:
+        return float(self.quality.double().mean())
+
+    @property
+    def mean_cost(self) -> float:
+        return float(self.cost.double().mean())
+
+    @property
+    def num_run(self) -> Tensor:
+        return self.ran.sum(1)
+
+
+def _as_tensor(x, name: str, dtype=torch.float64) -> Tensor:
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(dtype)
+    if t.dim() != 2:
+        raise PolicyError(f"{name} must be [N, M], got shape {tuple(t.shape)}")
+    if bool(torch.isnan(t).any()):
+        raise PolicyError(f"{name} contains NaN")
+    return t
+
+
+def simulate(
+    policy: Policy,
+    quality_estimator,
+    cost_estimator,
+    quality,
+    cost,
+    fitted: FittedLambda | float | Tensor,
+    uniforms: Tensor | None = None,
+    rows: Tensor | None = None,
+    cache: dict | None = None,
+    seed: int = 0,
+) -> SimulationResult:
+    """Run ``policy`` on N queries with ground truth ``quality``/``cost`` [N, M].
+
+    ``rows`` (long [N]): row ids of these queries in the estimators' table (default 0..N-1).
+    ``uniforms`` [N] in [0, 1): the per-query draws for the λ tie mix (default: seeded by ``seed``).
+    ``cache``: optional memo of supermodel E[max] tables (cascade routing), reused across calls with
+    the same policy and estimators (e.g. while fitting λ).
+    """
+    quality = _as_tensor(quality, "quality")
+    cost = _as_tensor(cost, "cost")
+    n, m = quality.shape
+    if cost.shape != (n, m):
+        raise PolicyError(f"cost has shape {tuple(cost.shape)}, quality {tuple(quality.shape)}")
+    fitted = as_fitted(fitted)
+    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    if rows.shape != (n,):
+        raise PolicyError(f"rows must be [N={n}], got shape {tuple(rows.shape)}")
+    if uniforms is None:
+        gen = torch.Generator().manual_seed(seed)
+        uniforms = torch.rand(n, generator=gen, dtype=torch.float64)
+    uniforms = torch.as_tensor(uniforms, dtype=torch.float64)
+    if uniforms.shape != (n,):
+        raise PolicyError(f"uniforms must be [N={n}], got shape {tuple(uniforms.shape)}")
+    use_low = uniforms < fitted.gamma
+
+    steps = policy.max_steps(m) if fitted.max_depth is None else min(policy.max_steps(m), fitted.max_depth)
+    ran = torch.zeros(n, m, dtype=torch.bool)
+    order = torch.full((n, steps), -1, dtype=torch.long)
+    active = torch.ones(n, dtype=torch.bool)
+    device = None
+    for step in range(steps):
+        idx = torch.nonzero(active).squeeze(1)
+        if idx.numel() == 0:
+            break
+        q_rows = rows[idx]
+        est = quality_estimator.estimate(q_rows, ran[idx] if device is None else ran[idx].to(device))
+        device = est.mean.device
+        c_est = cost_estimator.estimate(q_rows.to(device), ran[idx].to(device))
+        lam = fitted.lam_for(step, use_low[idx]).to(device=device, dtype=est.mean.dtype)
+        kwargs = {"cache": cache, "rows": q_rows.to(device)} if cache is not None else {}
+        kwargs.update(fitted.decide_kwargs())
+        nxt = policy.decide(est, c_est.to(est.mean.dtype), ran[idx].to(device), lam, **kwargs).cpu()
+        go = nxt >= 0
+        if bool((ran[idx[go], nxt[go]]).any()):
+            raise PolicyError(f"policy {policy!r} chose a model that already ran")
+        ran[idx[go], nxt[go]] = True
+        order[idx, step] = nxt
+        active[idx[~go]] = False
+    est = quality_estimator.estimate(rows.to(device) if device else rows, ran.to(device) if device else ran)
+    answer = policy.select(est, ran.to(est.mean.device)).cpu()
+    got = answer >= 0
+    realised_q = torch.zeros(n, dtype=torch.float64)
+    realised_q[got] = quality[got.nonzero().squeeze(1), answer[got]]
+    realised_c = (cost * ran).sum(1)
+    return SimulationResult(ran, order, answer, realised_q, realised_c)
