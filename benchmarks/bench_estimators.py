@@ -44,8 +44,8 @@ CONFIGS = {"rational-llm-cascades": "rational", "routerbench-subset": "routerben
 
 
 def train(config: str, out: Path) -> Path:
-    from cascade_routing.estimators.export import ExportArtifact
-    from cascade_routing.estimators.training_cli import lightning_cli
+    from cascade_routing.training.export import ExportArtifact
+    from cascade_routing.training.lightning_cli import lightning_cli
 
     artifact = out / "estimator.safetensors"
     cli = lightning_cli(["fit", "--config", config, "--trainer.enable_progress_bar=false",
@@ -59,7 +59,7 @@ def throughput(artifact_path: Path, dataset: str, repeats: int = 3, max_queries:
     """Queries per second of ex-ante estimation on test queries (<= 128 tokens), three estimators."""
     from cascade_routing.estimators.artifact import load_artifact
     from cascade_routing.estimators.baseline import BaselineModel
-    from cascade_routing.estimators.evaluate import datamodule_for
+    from cascade_routing.training.heldout import datamodule_for
 
     art = load_artifact(artifact_path)
     dm = datamodule_for(art, dataset)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resamples", type=int, default=protocol.NUM_RESAMPLES)
     args = parser.parse_args(argv)
 
-    from cascade_routing.estimators.evaluate import evaluate
+    from cascade_routing.training.heldout import evaluate
     from cascade_routing.estimators.runtime import configure_threads
 
     configure_threads()

@@ -1,7 +1,7 @@
 """Learned cascade routing against the strategies it contains, budget by budget, on real data.
 
 For each trained estimator artifact (``--artifact NAME=PATH``, from ``cascade-routing train-eval``)
-it runs the evaluation protocol (:func:`cascade_routing.estimators.evaluate.evaluate`: λ fitted per
+it runs the evaluation protocol (:func:`cascade_routing.training.heldout.evaluate`: λ fitted per
 budget on the calibration split, realised quality and cost on the test split) and reports:
 
 - AUC per strategy, learned and paper-style baseline estimator;
@@ -39,7 +39,7 @@ def sweeps_by_strategy(result, estimator: str = "learned") -> dict:
 
 
 def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, resamples: int | None) -> dict:
-    from cascade_routing.estimators.evaluate import evaluate
+    from cascade_routing.training.heldout import evaluate
     from cascade_routing.evaluation.compare import budget_adherence, compare_per_budget
 
     kwargs = {}

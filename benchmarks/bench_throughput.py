@@ -53,7 +53,7 @@ def test_queries(art, dataset: str, max_tokens: int, max_queries: int):
     Returns (rows, token counts after truncation to ``max_tokens`` -- what the encoder sees, as the
     artifact truncates at its ``max_length`` = 128 --, test size, fraction longer than ``max_tokens``).
     """
-    from cascade_routing.estimators.datamodule import load_routing_dataset
+    from cascade_routing.training.datamodule import load_routing_dataset
 
     cfg = art.data_config
     ds = load_routing_dataset(dataset)

@@ -46,8 +46,8 @@ def measure(dataset: str, truncation: str, max_epochs: int | None) -> dict:
 
     from cascade_routing.data import diagnostics
     from cascade_routing.estimators import encoding
-    from cascade_routing.estimators.datamodule import RoutingDataModule
-    from cascade_routing.estimators.module import QualityEstimatorModule
+    from cascade_routing.training.datamodule import RoutingDataModule
+    from cascade_routing.training.module import QualityEstimatorModule
 
     cfg = yaml.safe_load((REPO / CONFIGS[dataset]).read_text())
     data = {**cfg["data"], "dataset": dataset, "truncation": truncation}

@@ -33,9 +33,9 @@ _API = {
                     "cascade_routing.evaluation"),
     "synthetic_estimators": "cascade_routing.evaluation.synthetic",
     **dict.fromkeys(("EstimatorArtifact", "load_artifact", "ArtifactError"), "cascade_routing.estimators.artifact"),
-    "evaluate": "cascade_routing.estimators.evaluate",
-    "QualityEstimatorModule": "cascade_routing.estimators.module",
-    "RoutingDataModule": "cascade_routing.estimators.datamodule",
+    "evaluate": "cascade_routing.training.heldout",
+    "QualityEstimatorModule": "cascade_routing.training.module",
+    "RoutingDataModule": "cascade_routing.training.datamodule",
     "train_eval": "cascade_routing.cli.estimator_commands",
     **dict.fromkeys(("CascadeRouter", "BackendPool"), "cascade_routing.serving"),
 }

@@ -79,8 +79,8 @@ def train_tiny(tmp_path: Path, n: int = 240, m: int = 3, epochs: int = 4, seed: 
     """Train a tiny estimator on synthetic data; returns (module, datamodule, trainer, dataset)."""
     import lightning as L
 
-    from cascade_routing.estimators.datamodule import RoutingDataModule
-    from cascade_routing.estimators.module import QualityEstimatorModule
+    from cascade_routing.training.datamodule import RoutingDataModule
+    from cascade_routing.training.module import QualityEstimatorModule
 
     enc = make_tiny_encoder(tmp_path / "encoder")
     ds = make_synthetic_dataset(n, m, seed)

@@ -258,7 +258,7 @@ def make_tiny_artifact(ds, folder, strategies=("cascade_routing", "routing"), bu
     from cascade_routing.estimators import encoding
     from cascade_routing.estimators.artifact import EstimatorArtifact
     from cascade_routing.estimators.cost import CostModel
-    from cascade_routing.estimators.export import make_policy
+    from cascade_routing.policies.registry import make_policy
     from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
     from cascade_routing.evaluation.metrics import sweep_budgets
     from cascade_routing.policies import fit_lambda, query_uniforms

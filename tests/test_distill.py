@@ -11,7 +11,7 @@ import torch
 
 from cascade_routing.estimators import encoding
 from cascade_routing.estimators.artifact import ArtifactError, load_artifact
-from cascade_routing.estimators.distill import StudentConfig, distill_encoder, init_embeddings_from_teacher
+from cascade_routing.training.distill import StudentConfig, distill_encoder, init_embeddings_from_teacher
 
 from estimators_helpers import WORDS, make_synthetic_dataset
 
@@ -57,7 +57,7 @@ def test_distillation_lowers_loss_and_writes_loadable_folder(tmp_path):
     model = encoding.load_encoder_model(str(tmp_path / "student"))
     assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 1
     # the weights' digest sits in config.json, so the embedding-cache key changes when re-distilled
-    from cascade_routing.estimators.distill import weights_digest
+    from cascade_routing.training.distill import weights_digest
 
     assert model.config.distillation_id == weights_digest(model)
     assert (tmp_path / "student" / "model.safetensors").exists()
@@ -96,8 +96,8 @@ def test_embedding_init_projects_teacher_and_rejects_other_vocabulary(tmp_path):
 def _train_with_encoder(tmp_path, encoder_path: str, n: int = 120, m: int = 3, epochs: int = 2):
     import lightning as L
 
-    from cascade_routing.estimators.datamodule import RoutingDataModule
-    from cascade_routing.estimators.module import QualityEstimatorModule
+    from cascade_routing.training.datamodule import RoutingDataModule
+    from cascade_routing.training.module import QualityEstimatorModule
 
     ds = make_synthetic_dataset(n, m, 0)
     dm = RoutingDataModule.from_dataset(ds, encoder_path=encoder_path, cache_dir=str(tmp_path / "cache"), batch_size=32)
@@ -112,11 +112,11 @@ def _train_with_encoder(tmp_path, encoder_path: str, n: int = 120, m: int = 3, e
 @pytest.fixture(scope="module")
 def student_artifact(tmp_path_factory):
     """A tiny student folder with the real default MiniLM tokenizer, heads trained on it, artifact saved."""
-    from cascade_routing.estimators.export import build_artifact
+    from cascade_routing.calibration.build import build_artifact
 
     from transformers import AutoConfig, BertModel
 
-    from cascade_routing.estimators.distill import student_bert_config
+    from cascade_routing.training.distill import student_bert_config
 
     tmp = tmp_path_factory.mktemp("student")
     # what distill_encoder writes (test above), built directly to keep this fast: a small BertModel
@@ -152,7 +152,7 @@ def test_student_artifact_predicts_identically_without_the_student_folder(studen
     torch.testing.assert_close(q2.estimate(rows, torch.zeros_like(ran)).mean, before_ex.mean)
     torch.testing.assert_close(q2.estimate(rows, ran).mean, before_post.mean)
     # and equal to the training-time path (cached embeddings of the data module)
-    from cascade_routing.estimators.export import bind_split
+    from cascade_routing.calibration.binding import bind_split
 
     test = student_artifact["dm"].splits["test"]
     k = len(test.dataset.queries)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cascade_routing.estimators.artifact import ArtifactError, load_artifact
-from cascade_routing.estimators.export import bind_split, build_artifact
+from cascade_routing.calibration.binding import bind_split
+from cascade_routing.calibration.build import build_artifact
 
 from estimators_helpers import train_tiny
 
@@ -30,8 +31,8 @@ def test_training_lowers_loss_and_logs_metrics(tmp_path):
 
     import lightning as L
 
-    from cascade_routing.estimators.datamodule import RoutingDataModule
-    from cascade_routing.estimators.module import QualityEstimatorModule
+    from cascade_routing.training.datamodule import RoutingDataModule
+    from cascade_routing.training.module import QualityEstimatorModule
     from estimators_helpers import make_tiny_encoder
 
     enc = make_tiny_encoder(tmp_path / "enc")

@@ -28,7 +28,7 @@ def _config(tmp_path: Path, strategy: str, devices: int) -> Path:
             "accelerator": "cpu", "devices": devices, "strategy": strategy, "max_epochs": 2,
             "default_root_dir": str(tmp_path / "runs"), "enable_progress_bar": False, "enable_model_summary": False,
             "logger": [
-                {"class_path": "cascade_routing.estimators.loggers.CascadeWandbLogger",
+                {"class_path": "cascade_routing.training.loggers.CascadeWandbLogger",
                  "init_args": {"save_dir": str(tmp_path / "runs"), "name": "t"}},
                 {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs")}},
             ],
@@ -37,7 +37,7 @@ def _config(tmp_path: Path, strategy: str, devices: int) -> Path:
                  "init_args": {"monitor": "val/mean_loss", "dirpath": str(tmp_path / "ckpt"), "filename": "best"}},
                 {"class_path": "lightning.pytorch.callbacks.EarlyStopping",
                  "init_args": {"monitor": "val/mean_loss", "patience": 3}},
-                {"class_path": "cascade_routing.estimators.export.ExportArtifact",
+                {"class_path": "cascade_routing.training.export.ExportArtifact",
                  "init_args": {"path": str(tmp_path / "est.safetensors"), "fit_lambdas": False}},
             ],
         },

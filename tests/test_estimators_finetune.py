@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cascade_routing.estimators.artifact import load_artifact
-from cascade_routing.estimators.export import build_artifact
+from cascade_routing.calibration.build import build_artifact
 
 from estimators_helpers import train_tiny
 
@@ -29,7 +29,7 @@ def test_finetune_encoder_round_trip(tmp_path):
     before = TextEncoder.from_path(dm.resolved_encoder_path).state_dict()
     after = module.network.encoder.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    from cascade_routing.estimators.export import bind_split
+    from cascade_routing.calibration.binding import bind_split
 
     q3, _ = bind_split(loaded, dm.splits["test"])
     torch.testing.assert_close(q3.estimate(rows, ran).mean, q2.estimate(rows, ran).mean, atol=1e-5, rtol=1e-4)
@@ -37,7 +37,7 @@ def test_finetune_encoder_round_trip(tmp_path):
 
 def test_finetuned_module_loads_from_checkpoint(tmp_path):
     """The fine-tuned encoder is rebuilt from ``encoder_init_path`` and its trained weights restored."""
-    from cascade_routing.estimators.module import QualityEstimatorModule
+    from cascade_routing.training.module import QualityEstimatorModule
 
     module, dm, trainer, ds = train_tiny(tmp_path, n=120, m=2, epochs=1, finetune=True)
     assert module.hparams.encoder_init_path == dm.resolved_encoder_path

@@ -62,7 +62,7 @@ def fitted(tmp_path_factory):
 def test_fit_fills_paths_from_the_root_and_exports(fitted):
     """The whole ``train.py fit`` path: config composed from shipped groups, checkpoint, export."""
     from cascade_routing.estimators.artifact import load_artifact
-    from cascade_routing.estimators.export import ExportArtifact
+    from cascade_routing.training.export import ExportArtifact
 
     tmp, cli = fitted["tmp"], fitted["cli"]
     ckpt = tmp / "runs" / "tiny" / "checkpoints" / "best.ckpt"
@@ -84,8 +84,8 @@ def test_fit_fills_paths_from_the_root_and_exports(fitted):
 
 
 def test_load_from_checkpoint_rebuilds_the_network(fitted):
-    from cascade_routing.estimators.datamodule import RoutingDataModule
-    from cascade_routing.estimators.module import QualityEstimatorModule
+    from cascade_routing.training.datamodule import RoutingDataModule
+    from cascade_routing.training.module import QualityEstimatorModule
 
     tmp, cli = fitted["tmp"], fitted["cli"]
     ckpt = tmp / "runs" / "tiny" / "checkpoints" / "best.ckpt"
@@ -115,7 +115,7 @@ def test_load_from_checkpoint_rebuilds_the_network(fitted):
 def test_export_cli_then_evaluate_writes_points(fitted, capsys):
     from cascade_routing.cli import main
     from cascade_routing.estimators.artifact import load_artifact
-    from cascade_routing.estimators.evaluate import evaluate
+    from cascade_routing.training.heldout import evaluate
 
     tmp = fitted["tmp"]
     ckpt = tmp / "runs" / "tiny" / "checkpoints" / "best.ckpt"
@@ -163,7 +163,7 @@ def test_fast_dev_run_never_writes_or_overwrites_an_artifact(fitted, monkeypatch
         warnings.simplefilter("always")
         cli = _fit(fitted["cfg"], tmp, "--trainer.fast_dev_run=true")
     assert not [w for w in caught if "both args and command line" in str(w.message)]
-    from cascade_routing.estimators.export import ExportArtifact
+    from cascade_routing.training.export import ExportArtifact
 
     export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact))
     assert export.artifact_path is None and export.skipped == "fast_dev_run"
@@ -171,7 +171,7 @@ def test_fast_dev_run_never_writes_or_overwrites_an_artifact(fitted, monkeypatch
 
 
 def test_datamodule_saves_its_hyperparameters(tmp_path):
-    from cascade_routing.estimators.datamodule import RoutingDataModule
+    from cascade_routing.training.datamodule import RoutingDataModule
 
     dm = RoutingDataModule(dataset="x", split_seed=3, max_length=64)
     assert dm.hparams["split_seed"] == 3 and dm.hparams["max_length"] == 64 and dm.hparams["dataset"] == "x"
@@ -179,7 +179,7 @@ def test_datamodule_saves_its_hyperparameters(tmp_path):
 
 def test_wandb_logger_passes_no_anonymous_setting(tmp_path):
     """wandb warns 'The anonymous setting has no effect' whenever init receives it, even as None."""
-    from cascade_routing.estimators.loggers import CascadeWandbLogger
+    from cascade_routing.training.loggers import CascadeWandbLogger
 
     logger = CascadeWandbLogger(save_dir=str(tmp_path), offline=True, group="g")
     assert "anonymous" not in logger._wandb_init and logger._wandb_init["group"] == "g"

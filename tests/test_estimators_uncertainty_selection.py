@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_routing.estimators.artifact import load_artifact
-from cascade_routing.estimators.export import (
+from cascade_routing.calibration.binding import bind_split
+from cascade_routing.calibration.build import build_artifact
+from cascade_routing.calibration.selection import (
     SELECTION_MODES,
     SELECTION_SCALES,
-    build_artifact,
     candidate_name,
     scaled_estimator,
     select_uncertainty,
 )
-from cascade_routing.estimators.export import bind_split
+from cascade_routing.estimators.artifact import load_artifact
 from cascade_routing.estimators.features import compose_features
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
@@ -29,10 +29,10 @@ def constant_lambda_policies():
     """Cascade routing with one λ in these tests (5x fewer λ fits; the λ shapes have their own tests)."""
     import functools
 
-    import cascade_routing.estimators.export as export
+    import cascade_routing.policies.registry as registry
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(export, "make_policy", functools.partial(export.make_policy, step_ratios=None))
+    with pytest.MonkeyPatch.context() as mp:  # EstimatorArtifact.policy reads registry.make_policy when called
+        mp.setattr(registry, "make_policy", functools.partial(registry.make_policy, step_ratios=None))
         yield
 
 
@@ -99,7 +99,7 @@ def test_network_config_answer_feature_width_defaults_to_compose_features():
 def test_selection_follows_the_fold_scores(exported, monkeypatch, winner):
     """With the sweep's AUC (and per-query quality) forced per mode, the recorded scores are those AUCs
     and the best candidate that clearly beats ``none`` wins (``none`` itself when it is best)."""
-    import cascade_routing.evaluation.sweep as sweep
+    import cascade_routing.calibration.selection as sweep  # the sweep as the selection calls it
 
     art, dm, _ = exported
     real = sweep.budget_sweep
@@ -138,7 +138,7 @@ def test_safetensors_header_length_that_looks_like_pickle_or_zip_is_not_refused(
 
 def test_scaled_candidates_shrink_the_uncertainty_and_the_winner_is_stored(exported, monkeypatch):
     """α·Σ / α·σ² as the formula says; a forced winner "covariance*0.3" is folded into the stored table."""
-    import cascade_routing.evaluation.sweep as sweep
+    import cascade_routing.calibration.selection as sweep  # the sweep as the selection calls it
     import torch
 
     art, dm, tmp = exported
@@ -174,9 +174,9 @@ def test_scaled_candidates_shrink_the_uncertainty_and_the_winner_is_stored(expor
     assert (sel["chosen"], sel["scale"]) == ("covariance", 0.3)
     assert set(sel["scores"]) == {"none", "variance", "variance*0.3", "covariance", "covariance*0.3"}
     monkeypatch.setattr(sweep, "budget_sweep", real)
-    import cascade_routing.estimators.export as export
+    import cascade_routing.calibration.build as build
 
-    monkeypatch.setattr(export, "select_uncertainty", lambda *a, **k: sel)
+    monkeypatch.setattr(build, "select_uncertainty", lambda *a, **k: sel)
     module, dm2, _, _ = train_tiny(tmp / "again", n=200, m=3, epochs=1)
     plain = build_artifact(module, dm2, fit_lambdas=False, select_modes=None, progress=False)
     shrunk = build_artifact(module, dm2, fit_lambdas=False, progress=False)

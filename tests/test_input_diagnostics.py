@@ -90,8 +90,8 @@ def test_shared_prefix_dataset_warns_with_right_truncation_and_trains_on_distinc
 ) -> None:
     import lightning as L
 
-    from cascade_routing.estimators.datamodule import RoutingDataModule
-    from cascade_routing.estimators.module import QualityEstimatorModule
+    from cascade_routing.training.datamodule import RoutingDataModule
+    from cascade_routing.training.module import QualityEstimatorModule
 
     ds = with_prefix(make_synthetic_dataset(120, 3))
     kw = dict(encoder_path=str(tiny_encoder), cache_dir=str(tmp_path / "cache"), batch_size=32, max_length=32)

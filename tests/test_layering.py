@@ -141,12 +141,12 @@ def test_serving_imports_no_lightning():
     assert out.stdout.strip() == "", f"serving loaded Lightning modules: {out.stdout.strip()[:200]}"
 
 
-def test_policies_and_evaluation_import_no_lightning():
-    """The engine stages are plain torch: no Lightning."""
+def test_policies_evaluation_and_calibration_import_no_lightning():
+    """The engine stages and the calibration after training are plain torch: no Lightning."""
     code = (
         "import sys\n"
         "import cascade_routing.policies, cascade_routing.policies.relaxation, cascade_routing.evaluation\n"
-        "import cascade_routing.evaluation.reproduce\n"
+        "import cascade_routing.evaluation.reproduce, cascade_routing.calibration\n"
         "print(','.join(sorted(m for m in sys.modules if m == 'lightning' or m.startswith('lightning.'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

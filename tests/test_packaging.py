@@ -29,8 +29,8 @@ def test_configs_resolve_by_name_and_by_path():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_shipped_experiments_compose_into_a_valid_lightning_config(name, tmp_path, monkeypatch):
     """Every experiment parses with LightningCLI; the important model settings are visible in model/frozen."""
-    from cascade_routing.estimators.export import ExportArtifact
-    from cascade_routing.estimators.training_cli import lightning_cli
+    from cascade_routing.training.export import ExportArtifact
+    from cascade_routing.training.lightning_cli import lightning_cli
 
     monkeypatch.chdir(tmp_path)
     cli = lightning_cli(["--config", name], run=False)
@@ -48,7 +48,7 @@ def test_shipped_experiments_compose_into_a_valid_lightning_config(name, tmp_pat
 
 def test_repeated_config_later_keys_win(tmp_path, monkeypatch):
     from cascade_routing.configs import expand_config_args
-    from cascade_routing.estimators.training_cli import lightning_cli
+    from cascade_routing.training.lightning_cli import lightning_cli
 
     monkeypatch.chdir(tmp_path)
     overlay = tmp_path / "overlay.yaml"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from cascade_routing.estimators.artifact import load_artifact
-from cascade_routing.estimators.export import make_policy
+from cascade_routing.policies.registry import make_policy
 from cascade_routing.evaluation import simulate
 from cascade_routing.policies import query_uniforms
 from cascade_routing.serving import CascadeRouter

@@ -68,7 +68,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def _strategies(arg: str | None):
-    from cascade_routing.estimators.export import STRATEGIES
+    from cascade_routing.policies.registry import STRATEGIES
 
     if not arg:
         return STRATEGIES
@@ -80,7 +80,7 @@ def _strategies(arg: str | None):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from cascade_routing.estimators.evaluate import ESTIMATORS, evaluate
+    from cascade_routing.training.heldout import ESTIMATORS, evaluate
     from cascade_routing.estimators.runtime import configure_threads
 
     configure_threads()
@@ -108,10 +108,10 @@ def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | N
     import time
 
     from cascade_routing.configs import experiment_name
-    from cascade_routing.estimators.evaluate import evaluate
-    from cascade_routing.estimators.export import ExportArtifact
+    from cascade_routing.training.heldout import evaluate
+    from cascade_routing.training.export import ExportArtifact
     from cascade_routing.cli.data_commands import print_input_warnings
-    from cascade_routing.estimators.training_cli import lightning_cli
+    from cascade_routing.training.lightning_cli import lightning_cli
     from cascade_routing.evaluation import protocol
 
     configs = [config] if isinstance(config, str) else list(config)
@@ -142,7 +142,7 @@ def _train_eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cascade_routing.estimators.export import export_checkpoint
+    from cascade_routing.training.export import export_checkpoint
     from cascade_routing.estimators.runtime import configure_threads
 
     configure_threads()
@@ -173,7 +173,7 @@ def _register_distill(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
         help="distil a small student encoder from the frozen MiniLM teacher on a dataset's train split",
         description="Trains a student BertModel (teacher's tokenizer) to match the teacher's mean-pooled "
                     "embeddings of the train-split queries (+ train answers) and saves a Hugging Face folder "
-                    "usable as data.encoder_path. See cascade_routing/estimators/distill.py.",
+                    "usable as data.encoder_path. See cascade_routing/training/distill.py.",
     )
     d.add_argument("--dataset", required=True, help="dataset name or folder")
     d.add_argument("--out", required=True, help="output folder (Hugging Face model + tokenizer)")
@@ -195,7 +195,7 @@ def _register_distill(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from cascade_routing.estimators.distill import StudentConfig, distill_for_dataset
+    from cascade_routing.training.distill import StudentConfig, distill_for_dataset
     from cascade_routing.estimators.runtime import configure_threads
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

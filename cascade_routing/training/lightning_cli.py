@@ -18,8 +18,8 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from cascade_routing.configs import expand_config_args
-from cascade_routing.estimators.datamodule import RoutingDataModule
-from cascade_routing.estimators.module import QualityEstimatorModule
+from cascade_routing.training.datamodule import RoutingDataModule
+from cascade_routing.training.module import QualityEstimatorModule
 
 class ConfigToLoggers(SaveConfigCallback):
     """Writes ``config.yaml`` (Lightning's default) and puts the full resolved config into wandb."""

@@ -327,7 +327,7 @@ def train_split_texts(
     ``split_seed``), so no val / calibration / test text is used. Answers: a seeded sample of the
     distinct non-empty train-split responses not already among the texts (all of them if fewer).
     """
-    from cascade_routing.estimators.datamodule import DEFAULT_SPLIT, load_routing_dataset
+    from cascade_routing.training.datamodule import DEFAULT_SPLIT, load_routing_dataset
 
     ds = load_routing_dataset(dataset)
     parts = ds.split(dict(split or DEFAULT_SPLIT), seed=split_seed)

@@ -29,15 +29,11 @@ import numpy as np
 import torch
 
 from cascade_routing.estimators.artifact import DEFAULT_ENCODER, EstimatorArtifact, load_artifact
-from cascade_routing.estimators.datamodule import EncodedSplit, RoutingDataModule
+from cascade_routing.training.datamodule import EncodedSplit, RoutingDataModule
 from cascade_routing.evaluation import protocol
-from cascade_routing.estimators.export import (
-    STRATEGIES,
-    bind_split,
-    calibrated_policy,
-    min_reachable_budget,
-    refresh_query_embeddings,
-)
+from cascade_routing.calibration.binding import bind_split, refresh_query_embeddings
+from cascade_routing.calibration.lambda_tables import min_reachable_budget
+from cascade_routing.policies.registry import STRATEGIES, calibrated_policy
 
 ESTIMATORS = ("learned", "baseline")
 
@@ -281,7 +277,7 @@ def log_to_wandb(result: EvaluationResult, dataset: str, artifact_path: str | No
 
     import wandb
 
-    from cascade_routing.estimators.loggers import wandb_offline_default
+    from cascade_routing.training.loggers import wandb_offline_default
 
     os.environ.setdefault("WANDB_SILENT", "true")
     own = wandb.run is None

@@ -28,7 +28,7 @@ from cascade_routing.estimators.masks import all_masks, bitmask, random_ran_mask
 from cascade_routing.estimators.network import QualityNetwork
 
 if TYPE_CHECKING:
-    from cascade_routing.estimators.datamodule import EncodedSplit
+    from cascade_routing.training.datamodule import EncodedSplit
 
 Z90 = 1.6448536269514722
 

@@ -1,0 +1,86 @@
+"""Export as a training step: from a Lightning checkpoint or at the end of ``fit``.
+
+Both call the plain function :func:`~cascade_routing.calibration.build.export_trained`;
+:class:`ExportArtifact` is skipped under ``fast_dev_run`` (and after an interrupted fit), so a debug
+run never writes or overwrites an artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from cascade_routing.calibration.build import export_trained
+
+
+def export_checkpoint(
+    ckpt: str | Path,
+    path: str | Path | None = None,
+    budgets_per_pair: int = 3,
+    fit_lambdas: bool = True,
+    select: bool = True,
+    cache_dir: str | None = None,
+) -> Path:
+    """Export a Lightning checkpoint (``best.ckpt``) to an artifact, without retraining.
+
+    The module comes from ``QualityEstimatorModule.load_from_checkpoint`` and the data module from
+    the checkpoint's datamodule hyperparameters (same dataset, splits and encoder; embeddings from
+    the cache); then :func:`export_trained`.
+    """
+    from cascade_routing.training.datamodule import RoutingDataModule
+    from cascade_routing.training.module import QualityEstimatorModule
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters")
+    if not hparams:
+        raise ValueError(f"{ckpt} carries no datamodule hyperparameters (trained before they were saved); retrain")
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's _instantiator etc.
+    if cache_dir is not None:
+        hparams["cache_dir"] = cache_dir
+    datamodule = RoutingDataModule(**hparams)
+    datamodule.setup("fit")
+    module = QualityEstimatorModule.load_from_checkpoint(ckpt, map_location="cpu")
+    return export_trained(module, datamodule, path, budgets_per_pair, fit_lambdas, select, checkpoint=str(ckpt))
+
+
+class ExportArtifact(L.Callback):
+    """At the end of ``fit``: reload the best checkpoint's weights and export (:func:`~cascade_routing.calibration.build.export_trained`).
+
+    Skipped under ``fast_dev_run`` (and after an interrupted fit), so a debug run never writes or
+    overwrites an artifact. To export again without retraining: ``cascade-routing export --ckpt``.
+
+    Args:
+        path: output file (``.safetensors``); None: :func:`~cascade_routing.calibration.build.default_artifact_path`.
+        budgets_per_pair: budgets between consecutive non-dominated models for the λ tables.
+        fit_lambdas: fit the λ/γ tables (set false for quick experiments).
+        select_uncertainty: choose the default uncertainty mode by calibration-split decision
+            quality (:func:`~cascade_routing.calibration.selection.select_uncertainty`); false: by val NLL.
+    """
+
+    def __init__(self, path: str | None = None, budgets_per_pair: int = 3, fit_lambdas: bool = True,
+                 select_uncertainty: bool = True) -> None:
+        self.path = path
+        self.budgets_per_pair = budgets_per_pair
+        self.fit_lambdas = fit_lambdas
+        self.select_uncertainty = select_uncertainty
+        self.artifact_path: Path | None = None
+        self.skipped: str | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.fast_dev_run or trainer.interrupted:
+            self.skipped = "fast_dev_run" if trainer.fast_dev_run else "interrupted"
+            if trainer.is_global_zero:
+                print(f"artifact export skipped ({self.skipped}): no artifact written")
+            return
+        if not trainer.is_global_zero:
+            return
+        ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        if ckpt:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+            pl_module.load_state_dict(state)
+        self.artifact_path = export_trained(pl_module, trainer.datamodule, self.path, self.budgets_per_pair,
+                                            self.fit_lambdas, self.select_uncertainty, checkpoint=ckpt)
