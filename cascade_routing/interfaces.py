@@ -10,6 +10,8 @@ answering) and is addressed by row index, so that the engine never sees text:
   Models that have run carry their post-hoc estimate (uncertainty ~0 when the answer is known).
 - ``CostEstimator.estimate(queries, ran) -> Tensor`` [B, M]: estimated cost in USD of every model;
   exact for models in ``ran``.
+- :func:`bitmask`: the integer id of a ran-set, shared by policies (E[max] caches) and estimators
+  (per-ran-set tables).
 
 This module is pure torch: no Lightning, no transformers.
 """
@@ -45,6 +47,19 @@ class QualityEstimate:
     def has_uncertainty(self) -> bool:
         return self.std is not None or self.cov is not None
 
+    def take(self, rows: Tensor | None = None, cols: Tensor | list[int] | None = None) -> "QualityEstimate":
+        """The belief restricted to the query rows ``rows`` and the model columns ``cols`` (long
+        indices, None: all); ``cov`` is restricted on both of its model axes."""
+        mean, std, cov = self.mean, self.std, self.cov
+        if rows is not None:
+            r = torch.as_tensor(rows, dtype=torch.long).to(mean.device)
+            mean, std, cov = (None if t is None else t.index_select(0, r) for t in (mean, std, cov))
+        if cols is not None:
+            c = torch.as_tensor(cols, dtype=torch.long).to(mean.device)
+            mean, std = (None if t is None else t.index_select(1, c) for t in (mean, std))
+            cov = None if cov is None else cov.index_select(1, c).index_select(2, c)
+        return QualityEstimate(mean, std, cov)
+
     def to(self, device: torch.device | str) -> "QualityEstimate":
         return QualityEstimate(
             self.mean.to(device),
@@ -69,3 +84,9 @@ class CostEstimator(Protocol):
     models: list[str]
 
     def estimate(self, queries: Tensor, ran: Tensor) -> Tensor: ...
+
+
+def bitmask(ran: Tensor) -> Tensor:
+    """long [B]: the id of each row's ran-set, ``Σ_m ran[b, m] · 2^m`` (bit m set iff model m ran)."""
+    weights = 2 ** torch.arange(ran.shape[-1], device=ran.device)
+    return (ran.long() * weights).sum(-1)

@@ -104,6 +104,30 @@ def test_threshold_cascade_skips_failed_model_and_never_answers_with_it(ds):
     assert router.select(q, {"small": None, "medium": "WRONG", "large": None}) == "medium"
 
 
+def test_server_and_artifact_pick_the_same_fitted_lambda(ds):
+    """One budget-lookup rule: the router (server) and the artifact (simulation) agree on every budget,
+    including a budget read back with float rounding just below a fitted one."""
+    from cascade_routing.estimators.artifact import ArtifactError, EstimatorArtifact
+    from cascade_routing.estimators.cost import CostModel
+    from cascade_routing.policies.lambda_table import lookup_fitted
+
+    budgets = [1e-4, 3e-4, 1e-3]
+    table = {b: FittedLambda(torch.tensor([1.0 / b]), torch.tensor([1.0 / b])) for b in budgets}
+    router = CascadeRouter(Routing(), bind, table, ds.models, budget=1e-3)
+    art = EstimatorArtifact(models=list(ds.models), network_config={}, state_dict={},
+                            cost_model=CostModel.fit(ds), encoder={}, fitted={"routing": table})
+    for requested in [1e-4, 1e-4 * (1 - 1e-12), 2e-4, 3e-4, 5e-4, 1e-3, 2.0]:
+        used, fitted = router.fitted_for(requested)
+        assert fitted is art.fitted_lambda("routing", requested)
+        assert (used, fitted) == lookup_fitted(table, requested)
+        assert used == max(b for b in budgets if b <= requested * (1 + 1e-9))
+    assert lookup_fitted(table, 9e-5) is None
+    with pytest.raises(ArtifactError, match="below the smallest fitted budget"):
+        art.fitted_lambda("routing", 9e-5)
+    with pytest.raises(RouterError, match="smallest fitted budget"):
+        router.fitted_for(9e-5)
+
+
 def test_budget_table_lookup(ds):
     policy = Routing()
     table = {1e-4: FittedLambda(torch.tensor([5.0]), torch.tensor([5.0])),

@@ -117,16 +117,19 @@ class EstimatorArtifact:
         return make_policy(strategy, pool=tuple(self.models.index(n) for n in names), **kwargs)
 
     def fitted_lambda(self, strategy: str, budget: float):
-        """The fitted λ/γ of ``strategy`` at the largest stored budget <= ``budget``."""
+        """The fitted λ/γ of ``strategy`` at the largest stored budget <= ``budget``
+        (:func:`~cascade_routing.policies.lambda_table.lookup_fitted`, the server's rule too)."""
         if strategy not in self.fitted or not self.fitted[strategy]:
             raise ArtifactError(f"no fitted λ for strategy {strategy!r}; artifact has {sorted(self.fitted)}")
+        from cascade_routing.policies.lambda_table import lookup_fitted
+
         table = self.fitted[strategy]
-        ok = [b for b in table if b <= budget * (1 + 1e-9)]
-        if not ok:
+        found = lookup_fitted(table, budget)
+        if found is None:
             raise ArtifactError(
                 f"budget {budget:.6g} is below the smallest fitted budget {min(table):.6g} for {strategy!r}"
             )
-        return table[max(ok)]
+        return found[1]
 
     # ------------------------------------------------------------------ network / encoders
     def network(self) -> QualityNetwork:

@@ -24,20 +24,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.data.dataset import RoutingDataset
-
-
-def _nonneg_lstsq(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """argmin_{a,b >= 0} ||a x1 + b x2 - y||² (2 variables: check the interior and both edges)."""
-    x = np.stack([x1, x2], 1)
-    cands = []
-    sol, *_ = np.linalg.lstsq(x, y, rcond=None)
-    if (sol >= 0).all():
-        cands.append((float(sol[0]), float(sol[1])))
-    for j in range(2):
-        d = float(x[:, j] @ x[:, j])
-        coef = max(0.0, float(x[:, j] @ y) / d) if d > 0 else 0.0
-        cands.append((coef, 0.0) if j == 0 else (0.0, coef))
-    return min(cands, key=lambda ab: float(((x @ np.asarray(ab)) - y) @ ((x @ np.asarray(ab)) - y)))
+from cascade_routing.data.prices import nonneg_lstsq
 
 
 @dataclass
@@ -69,7 +56,7 @@ class CostModel:
         chars = np.asarray([len(q) for q in data.queries], dtype=np.float64)
         price_in, price_out, coef, out_mean = [], [], [], []
         for j in range(m):
-            a, b = _nonneg_lstsq(tin[:, j], tout[:, j], data.cost[:, j])
+            a, b = nonneg_lstsq(tin[:, j], tout[:, j], data.cost[:, j])
             price_in.append(a)
             price_out.append(b)
             design = np.stack([chars, np.ones_like(chars)], 1)

@@ -23,6 +23,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from cascade_routing.estimators.agreement import masked_agreement
+
 ANSWER_FEATURES: tuple[str, ...] = ("log_length", "confidence", "has_confidence", "agreement")
 CONFIDENCE_FEATURE = "logprob_confidence"
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -135,12 +137,8 @@ def compose_features(static: torch.Tensor, pair_sim: torch.Tensor, ran: torch.Te
     pairs of unrun models are zeroed here, whatever the inputs hold.
     """
     ran = ran.bool()
-    rf = ran.to(static.dtype)
     static = torch.where(ran.unsqueeze(-1), static, torch.zeros((), dtype=static.dtype))
-    eye = torch.eye(ran.shape[1], dtype=rf.dtype, device=rf.device)
-    pair = rf.unsqueeze(2) * rf.unsqueeze(1) * (1 - eye)
-    sim = torch.where(pair.bool(), pair_sim.to(static.dtype), torch.zeros((), dtype=static.dtype))
-    agree = sim.sum(-1) / pair.sum(-1).clamp_min(1.0)
+    sim, agree = masked_agreement(pair_sim, ran, static.dtype)
     return torch.cat([static, agree.unsqueeze(-1), sim], dim=-1)
 
 

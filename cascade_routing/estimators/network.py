@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from cascade_routing.estimators.agreement import masked_agreement
 from cascade_routing.estimators.neighbours import neighbour_prior
 
 LOGVAR_MIN, LOGVAR_MAX = -14.0, 2.0
@@ -163,10 +164,7 @@ class QualityNetwork(nn.Module):
         zero = torch.zeros((), dtype=query_emb.dtype)
         proj = torch.where(r, prepared["proj"], self.answer_proj.bias.to(query_emb.dtype))
         answer_feat = torch.where(r, answer_feat, zero)
-        eye = torch.eye(rf.shape[1], dtype=rf.dtype, device=rf.device)
-        pair = rf.unsqueeze(2) * rf.unsqueeze(1) * (1 - eye)
-        sim = torch.where(pair.bool(), prepared["sim"], zero)
-        agree = sim.sum(-1) / pair.sum(-1).clamp_min(1.0)  # [B, M]
+        sim, agree = masked_agreement(prepared["sim"], ran, query_emb.dtype)  # [B, M, M], [B, M]
 
         h = self.query_mlp(self.query_inputs(query_emb, task, query_feat))
 

@@ -48,7 +48,7 @@ import math
 import torch
 from torch import Tensor
 
-from cascade_routing.interfaces import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate, bitmask
 from cascade_routing.policies.base import Policy, PolicyError, check_inputs
 from cascade_routing.policies import emax_numba
 from cascade_routing.policies.pool import check_pool_fits, checked_pool, reindex_pool
@@ -63,12 +63,6 @@ from cascade_routing.policies.supermodels import (
     subset_table,
     use_fused_kernel,
 )
-
-
-def ran_states(ran: Tensor) -> Tensor:
-    """Bitmask (int64) of each row's ran set: bit m set iff model m ran."""
-    weights = 2 ** torch.arange(ran.shape[1], device=ran.device, dtype=torch.long)
-    return (ran.long() * weights).sum(1)
 
 
 class CascadeRouting(Policy):
@@ -251,7 +245,7 @@ class CascadeRouting(Policy):
             cost_free = cost[idx].gather(1, free_idx)
             emax = self._emax(estimate, idx, free_idx, ran_idx, table, z, (cost_free, prune_lam))
         elif cache is not None and rows is not None:
-            states = ran_states(ran[idx])
+            states = bitmask(ran[idx])
             # keyed by the table width too: a depth-limited call (FittedLambda.max_depth) has other tables
             emax = _cached_emax(cache, table.members.shape[0], states, rows[idx], lambda sel: self._emax(
                 estimate, idx[sel], free_idx[sel], ran_idx[sel], table, z))

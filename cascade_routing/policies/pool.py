@@ -61,14 +61,6 @@ def reindex_pool(pool: tuple[int, ...], cols: list[int]) -> tuple[int, ...]:
     return tuple(i for i, c in enumerate(cols) if c in pool)
 
 
-def _columns(estimate: QualityEstimate, cols: Tensor) -> QualityEstimate:
-    cov = None
-    if estimate.cov is not None:
-        cov = estimate.cov.index_select(1, cols).index_select(2, cols)
-    return QualityEstimate(estimate.mean.index_select(1, cols),
-                           None if estimate.std is None else estimate.std.index_select(1, cols), cov)
-
-
 class PooledPolicy(Policy):
     """``inner`` run on the columns ``pool`` only (model indices into the full model list).
 
@@ -106,11 +98,11 @@ class PooledPolicy(Policy):
         if bool(outside.any()):
             row, col = (int(x) for x in outside.nonzero()[0])
             raise PolicyError(f"model {col} ran for batch row {row} but is outside this policy's pool {list(self.pool)}")
-        nxt = self.inner.decide(_columns(estimate, cols), cost.index_select(1, cols), ran.index_select(1, cols), lam,
+        nxt = self.inner.decide(estimate.take(cols=cols), cost.index_select(1, cols), ran.index_select(1, cols), lam,
                                 **kwargs)
         return torch.where(nxt >= 0, cols[nxt.clamp_min(0)], nxt)
 
     def select(self, estimate: QualityEstimate, ran: Tensor) -> Tensor:
         cols = self._cols(estimate.mean.shape[1], ran.device)
-        pick = self.inner.select(_columns(estimate, cols), ran.index_select(1, cols))
+        pick = self.inner.select(estimate.take(cols=cols), ran.index_select(1, cols))
         return torch.where(pick >= 0, cols[pick.clamp_min(0)], pick)

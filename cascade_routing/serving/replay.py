@@ -52,6 +52,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from cascade_routing.data.converters.routellm import estimate_tokens as text_tokens
 from cascade_routing.data.dataset import RoutingDataset
+from cascade_routing.data.prices import nonneg_lstsq
 from cascade_routing.serving.streaming import DONE, ChunkWriter, message_deltas, split_text, sse
 
 log = logging.getLogger(__name__)
@@ -253,16 +254,15 @@ def closed_port(host: str = "127.0.0.1") -> int:
 
 
 def _fit_prices(dataset: RoutingDataset, j: int) -> tuple[float, float]:
-    """USD per input/output token for model j: least squares of the recorded cost on recorded
-    (or text-estimated) token counts, clamped at 0. Informational only when the cost is trusted."""
+    """USD per input/output token for model j: non-negative least squares of the recorded cost on
+    recorded (or text-estimated) token counts (the cost model's fit,
+    :func:`~cascade_routing.data.prices.nonneg_lstsq`). Informational only when the cost is trusted."""
     if "tokens_in" in dataset.features and "tokens_out" in dataset.features:
         t_in, t_out = dataset.features["tokens_in"][:, j], dataset.features["tokens_out"][:, j]
     else:
         t_in = np.array([estimate_tokens(q) for q in dataset.queries], dtype=np.float64)
         t_out = np.array([estimate_tokens(str(r or "")) for r in dataset.responses[:, j]], dtype=np.float64)
-    x = np.stack([t_in, t_out], 1)
-    sol, *_ = np.linalg.lstsq(x, dataset.cost[:, j], rcond=None)
-    return max(0.0, float(sol[0])), max(0.0, float(sol[1]))
+    return nonneg_lstsq(t_in, t_out, dataset.cost[:, j])
 
 
 def backends_document(

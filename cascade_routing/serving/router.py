@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator
+from cascade_routing.policies.lambda_table import lookup_fitted
 from cascade_routing.serving.backends import Answer, BackendError
 
 Binder = Callable[..., "tuple[QualityEstimator, CostEstimator]"]
@@ -228,20 +229,19 @@ class CascadeRouter:
         return sorted(b for b in self.fitted_table if b is not None)
 
     def fitted_for(self, budget: float | None) -> tuple[float | None, _FittedLike]:
-        """(budget used, fitted λ) for a requested budget; see the class docstring."""
+        """(budget used, fitted λ) for a requested budget; see the class docstring (the rule is
+        :func:`~cascade_routing.policies.lambda_table.lookup_fitted`, shared with the artifact)."""
         if budget is None:
             budget = self.default_budget
             if budget in self.fitted_table:
                 return budget, self.fitted_table[budget]
-        if budget in self.fitted_table:
-            return budget, self.fitted_table[budget]
-        below = [b for b in self.budgets if b <= float(budget) * (1 + 1e-9)]
-        if not below:
+        found = lookup_fitted(self.fitted_table, budget)
+        if found is None:
             raise RouterError(
                 f"no fitted λ for budget {budget}: the smallest fitted budget is "
                 f"{self.budgets[0] if self.budgets else None} (fitted: {self.budgets})"
             )
-        return below[-1], self.fitted_table[below[-1]]
+        return found
 
     # ------------------------------------------------------------------ core
     def _state(self, queries: list[str], answers_list: Sequence[Mapping[str, Any]] | None,
@@ -273,13 +273,13 @@ class CascadeRouter:
             steps = ran.sum(1)
             if len(cols) == 0:
                 continue
-            sub_est = _columns(est, local, cols)
+            sub_est = est.take(local, cols)
             sub_cost = cost[local][:, cols]
             for t in torch.unique(steps).tolist():
                 at = (steps == t).nonzero().squeeze(1)
                 lam = fitted.lam_for(int(t), state.use_low[sub_rows[at]]).to(
                     device=sub_est.mean.device, dtype=sub_est.mean.dtype)
-                nxt = self.policy.on_columns(cols).decide(_rows(sub_est, at), sub_cost[at], ran[at].to(sub_est.mean.device),
+                nxt = self.policy.on_columns(cols).decide(sub_est.take(at), sub_cost[at], ran[at].to(sub_est.mean.device),
                                                           lam, **fitted.decide_kwargs()).cpu()
                 cols_t = torch.as_tensor(cols, dtype=torch.long)
                 mapped = torch.where(nxt >= 0, cols_t[nxt.clamp_min(0)], nxt)
@@ -294,7 +294,7 @@ class CascadeRouter:
             if len(cols) == 0:
                 continue
             ran = state.ran[rows[local]][:, cols]
-            choice = self.policy.on_columns(cols).select(_columns(est, local, cols), ran.to(est.mean.device)).cpu()
+            choice = self.policy.on_columns(cols).select(est.take(local, cols), ran.to(est.mean.device)).cpu()
             cols_t = torch.as_tensor(cols, dtype=torch.long)
             out[local] = torch.where(choice >= 0, cols_t[choice.clamp_min(0)], choice)
         return out, est
@@ -564,22 +564,6 @@ def _groups(failed: Tensor) -> list[tuple[Tensor, list[int]]]:
         (torch.tensor(rows, dtype=torch.long), [j for j, f in enumerate(pattern) if not f])
         for pattern, rows in patterns.items()
     ]
-
-
-def _columns(est: QualityEstimate, rows: Tensor, cols: list[int]) -> QualityEstimate:
-    """The estimate restricted to ``rows`` and the model columns ``cols`` (cov: rows and columns)."""
-    c = torch.as_tensor(cols, dtype=torch.long, device=est.mean.device)
-    r = rows.to(est.mean.device)
-    mean = est.mean[r][:, c]
-    std = None if est.std is None else est.std[r][:, c]
-    cov = None if est.cov is None else est.cov[r][:, c][:, :, c]
-    return QualityEstimate(mean, std, cov)
-
-
-def _rows(est: QualityEstimate, rows: Tensor) -> QualityEstimate:
-    r = rows.to(est.mean.device)
-    return QualityEstimate(est.mean[r], None if est.std is None else est.std[r],
-                           None if est.cov is None else est.cov[r])
 
 
 def _belief_dicts(models: list[str], est: QualityEstimate, cost: Tensor, k: int = 0

@@ -25,7 +25,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from cascade_routing.estimators.features import TEXT_STATISTICS, compose_features
-from cascade_routing.estimators.masks import all_masks
+from cascade_routing.estimators.masks import all_masks, random_ran_masks
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
 KINDS = ("exante", "posthoc")
@@ -193,9 +193,7 @@ class QualityEstimatorModule(L.LightningModule):
             masks = all_masks(num_models).to(self.device)
             rows = torch.arange(batch_size, device=self.device).repeat_interleave(masks.shape[0])
             return rows, masks.repeat(batch_size, 1)
-        k = torch.randint(0, num_models + 1, (batch_size, hp.masks_per_query), device=self.device)
-        ranks = torch.rand(batch_size, hp.masks_per_query, num_models, device=self.device).argsort(-1).argsort(-1)
-        rand = (ranks < k.unsqueeze(-1)).reshape(-1, num_models)
+        rand = random_ran_masks(batch_size * hp.masks_per_query, num_models, device=self.device)
         empty = torch.zeros(batch_size, 1, num_models, dtype=torch.bool, device=self.device)
         masks = torch.cat([empty, rand.reshape(batch_size, -1, num_models)], dim=1)
         rows = torch.arange(batch_size, device=self.device).repeat_interleave(masks.shape[1])
