@@ -24,3 +24,21 @@ def raw_data_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"CASCADE_ROUTING_DATA_DIR={path} is not a folder; tests need the data mirror")
     return path
+
+
+@pytest.fixture(scope="module")
+def ds(request):
+    """The synthetic serving dataset of a test module (``tests.serving_helpers.synthetic_dataset``):
+    ``SERVING_ROWS`` queries and ``SERVING_SEED`` (module constants; defaults 30 and 0). A module that
+    needs other data defines its own ``ds``."""
+    from tests.serving_helpers import synthetic_dataset
+
+    return synthetic_dataset(getattr(request.module, "SERVING_ROWS", 30), seed=getattr(request.module, "SERVING_SEED", 0))
+
+
+@pytest.fixture(scope="module")
+def stand_in(ds):
+    """``(router, offline simulation, budget)`` of ``tests.serving_helpers.stand_in_router`` on ``ds``."""
+    from tests.serving_helpers import stand_in_router
+
+    return stand_in_router(ds)

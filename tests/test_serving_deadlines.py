@@ -21,19 +21,12 @@ from cascade_routing.serving.backends import (
     retry_after_s,
 )
 from cascade_routing.serving.limits import ServerLimits
-from tests.serving_helpers import ServingStack, stand_in_router, synthetic_dataset
+from tests.serving_helpers import ServingStack
 
 NAME = "cascade-routing"
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset(30)
-
-
-@pytest.fixture(scope="module")
-def setup(ds):
-    return stand_in_router(ds)
+SERVING_ROWS = 30  # queries of the conftest's ``ds``
 
 
 def _body(query):
@@ -57,8 +50,8 @@ def _wait_for(predicate, timeout_s=20.0):
         time.sleep(0.02)
 
 
-def test_deadline_gives_504_cancels_the_call_and_records_what_was_spent(ds, setup):
-    router, sim, budget = setup
+def test_deadline_gives_504_cancels_the_call_and_records_what_was_spent(ds, stand_in):
+    router, sim, budget = stand_in
     slow = ds.models[1]
     row = _first_run_by(sim, ds, slow, second=True)  # a paid answer first, then the slow model
     with ServingStack(ds, router, budget=budget, failures={slow: "slow"}, slow_ms=20_000, timeout_s=60,
@@ -74,8 +67,8 @@ def test_deadline_gives_504_cancels_the_call_and_records_what_was_spent(ds, setu
         assert stats["total_cost"] == pytest.approx(err["spent"])
 
 
-def test_client_disconnect_cancels_the_backend_calls(ds, setup):
-    router, sim, budget = setup
+def test_client_disconnect_cancels_the_backend_calls(ds, stand_in):
+    router, sim, budget = stand_in
     slow = ds.models[int(sim.order[0][0])]
     with ServingStack(ds, router, budget=budget, failures={slow: "slow"}, slow_ms=20_000, timeout_s=60) as s:
         with pytest.raises(httpx.ReadTimeout):
@@ -86,9 +79,9 @@ def test_client_disconnect_cancels_the_backend_calls(ds, setup):
         assert s.app.state.gate.in_flight == 0
 
 
-def test_a_slow_model_for_one_request_never_delays_another(ds, setup):
+def test_a_slow_model_for_one_request_never_delays_another(ds, stand_in):
     """Request A's first model is slow (3 s); request B never uses it: B is answered while A waits."""
-    router, sim, budget = setup
+    router, sim, budget = stand_in
     slow = ds.models[1]
     a = _first_run_by(sim, ds, slow)
     b = next(i for i in range(len(ds.queries))
@@ -129,8 +122,8 @@ def test_circuit_breaker_opens_probes_and_closes():
     assert br.state == "closed" and br.allow() and br.opened == 2
 
 
-def test_breaker_stops_calls_to_a_model_that_is_down(ds, setup):
-    router, sim, budget = setup
+def test_breaker_stops_calls_to_a_model_that_is_down(ds, stand_in):
+    router, sim, budget = stand_in
     failures = {m: "500" for m in ds.models}
     with ServingStack(ds, router, budget=budget, failures=failures, max_retries=2,
                       backend_settings={"breaker_failures": 2, "breaker_reset_s": 60}) as s:
@@ -194,11 +187,11 @@ def test_no_retry_past_the_request_deadline(monkeypatch):
     assert info.value.reason == "deadline" and info.value.attempts == 1
 
 
-def test_graceful_shutdown_answers_503_within_the_grace_period(ds, setup):
+def test_graceful_shutdown_answers_503_within_the_grace_period(ds, stand_in):
     """A request stuck on a 30 s backend when the server stops: the server gives it the grace
     period (2 s here), then cancels its backend call, answers 503 ``server_shutting_down`` (not a
     cut connection), records it, and exits."""
-    router, sim, budget = setup
+    router, sim, budget = stand_in
     slow = ds.models[int(sim.order[0][0])]
     s = ServingStack(ds, router, budget=budget, failures={slow: "slow"}, slow_ms=30_000, timeout_s=60,
                      limits=ServerLimits(shutdown_timeout_s=2))

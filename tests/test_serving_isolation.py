@@ -13,15 +13,13 @@ import pytest
 from cascade_routing.serving import CascadeRouter
 from cascade_routing.serving.router import RouteRequest
 from cascade_routing.serving.schema import ChatCompletionRequest, RequestError, parse_chat_request
-from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, stand_in_router, synthetic_dataset
+from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, stand_in_router
 
 NAME = "cascade-routing"
 POISON = "POISON"
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset(40)
+SERVING_ROWS = 40  # queries of the conftest's ``ds``
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,13 @@ import httpx
 import pytest
 
 from cascade_routing.serving.keys import KeysConfigError, load_keys, parse_keys
-from tests.serving_helpers import ServingStack, stand_in_router, synthetic_dataset
+from tests.serving_helpers import ServingStack, stand_in_router
 
 NAME = "cascade-routing"
 A, B, ADMIN = "sk-team-a-0001", "sk-team-b-0002", "sk-admin-0003"
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset(24)
+SERVING_ROWS = 24  # queries of the conftest's ``ds``
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,17 @@ import httpx
 import pytest
 
 from cascade_routing.serving.limits import ServerLimits
-from tests.serving_helpers import ServingStack, stand_in_router, synthetic_dataset
+from tests.serving_helpers import ServingStack
 
 NAME = "cascade-routing"
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset(20)
+SERVING_ROWS = 20  # queries of the conftest's ``ds``
 
 
 @pytest.fixture(scope="module")
-def router(ds):
-    return stand_in_router(ds)[0]
+def router(stand_in):
+    return stand_in[0]
 
 
 def _body(query):

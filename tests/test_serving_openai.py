@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cascade_routing.policies import CascadeRouting, Routing, fit_lambda
 from cascade_routing.serving import CascadeRouter
-from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, offline_features, synthetic_dataset
+from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, offline_features
 
 NAME = "cascade-routing"
 TOOLS = [{"type": "function", "function": {
@@ -23,9 +23,8 @@ TOOLS = [{"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}}]
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset(30, seed=2)
+SERVING_ROWS = 30  # queries of the conftest's ``ds``
+SERVING_SEED = 2
 
 
 def _router(ds, policy):

@@ -13,9 +13,7 @@ from cascade_routing.serving.replay import create_replay_app, estimate_tokens, w
 from tests.serving_helpers import synthetic_dataset
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset(12)
+SERVING_ROWS = 12  # queries of the conftest's ``ds``
 
 
 def _post(app, path, body=None, content=None):

@@ -10,7 +10,7 @@ import torch
 from cascade_routing.evaluation import simulate
 from cascade_routing.policies import CascadeRouting, FittedLambda, Routing, ThresholdCascade, fit_lambda, query_uniforms
 from cascade_routing.serving import Answer, BackendError, CascadeRouter, NoModelAvailableError, RouterError
-from tests.serving_helpers import FEATURE_NAMES, MODELS, bind, offline_features, synthetic_dataset
+from tests.serving_helpers import FEATURE_NAMES, MODELS, bind, offline_features
 
 POLICIES = {
     "routing": Routing,
@@ -19,9 +19,7 @@ POLICIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset(40)
+SERVING_ROWS = 40  # queries of the conftest's ``ds``
 
 
 def _fitted(ds, policy, budget):

@@ -11,24 +11,17 @@ import httpx
 import pytest
 
 from cascade_routing.serving import CascadeRouter
-from tests.serving_helpers import ServingStack, stand_in_router, synthetic_dataset
+from tests.serving_helpers import ServingStack
 
 NAME = "cascade-routing"
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset(30)
+SERVING_ROWS = 30  # queries of the conftest's ``ds``
 
 
 @pytest.fixture(scope="module")
-def setup(ds):
-    return stand_in_router(ds)
-
-
-@pytest.fixture(scope="module")
-def stack(ds, setup):
-    with ServingStack(ds, setup[0], budget=setup[2]) as s:
+def stack(ds, stand_in):
+    with ServingStack(ds, stand_in[0], budget=stand_in[2]) as s:
         yield s
 
 
@@ -77,8 +70,8 @@ def test_unknown_route_is_json_404(stack):
     _assert_error(httpx.get(stack.url + "/v1/nothing", timeout=10), 404)
 
 
-def test_models_health_and_answer_shape(stack, ds, setup):
-    router, sim, budget = setup
+def test_models_health_and_answer_shape(stack, ds, stand_in):
+    router, sim, budget = stand_in
     models = httpx.get(stack.url + "/v1/models", timeout=10).json()
     assert models["object"] == "list" and models["data"][0]["id"] == NAME
     assert models["data"][0]["models"] == ds.models
@@ -103,9 +96,9 @@ def test_models_health_and_answer_shape(stack, ds, setup):
     assert stats["mean_cost"] == pytest.approx(stats["total_cost"] / stats["requests"])
 
 
-def test_end_to_end_equals_offline_simulation(stack, ds, setup):
+def test_end_to_end_equals_offline_simulation(stack, ds, stand_in):
     """Per query: same models run in the same order, same answer model, realised quality and cost."""
-    router, sim, budget = setup
+    router, sim, budget = stand_in
     for i, q in enumerate(ds.queries):
         r = _chat(stack.url, q).json()["routing"]
         expected = [ds.models[j] for j in sim.order[i].tolist() if j >= 0]
@@ -117,8 +110,8 @@ def test_end_to_end_equals_offline_simulation(stack, ds, setup):
 
 
 @pytest.mark.parametrize("mode", ["down", "500", "slow"])
-def test_failing_backend_falls_back(ds, setup, mode):
-    router, sim, budget = setup
+def test_failing_backend_falls_back(ds, stand_in, mode):
+    router, sim, budget = stand_in
     query = ds.queries[2]
     first = router.next_model(query, {})
     with ServingStack(ds, router, failures={first: mode}, timeout_s=0.3, slow_ms=2000) as s:
@@ -132,8 +125,8 @@ def test_failing_backend_falls_back(ds, setup, mode):
         assert httpx.get(s.url + "/health", timeout=10).json()["spend"]["failures"] == {first: 1}
 
 
-def test_502_when_no_model_can_answer(ds, setup):
-    router, sim, budget = setup
+def test_502_when_no_model_can_answer(ds, stand_in):
+    router, sim, budget = stand_in
     failures = {ds.models[0]: "down", ds.models[1]: "500", ds.models[2]: "500"}
     with ServingStack(ds, router, failures=failures, timeout_s=0.3) as s:
         resp = _chat(s.url, ds.queries[0])
@@ -142,8 +135,8 @@ def test_502_when_no_model_can_answer(ds, setup):
         assert httpx.get(s.url + "/health", timeout=10).json()["spend"]["errors"] == 1
 
 
-def test_estimator_fault_is_a_json_500(ds, setup):
-    router, sim, budget = setup
+def test_estimator_fault_is_a_json_500(ds, stand_in):
+    router, sim, budget = stand_in
 
     def broken_binder(*args, **kwargs):
         raise RuntimeError("estimator exploded")
