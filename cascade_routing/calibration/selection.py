@@ -52,6 +52,59 @@ def _subsample_budgets(budgets: np.ndarray, max_budgets: int) -> np.ndarray:
     return budgets[idx]
 
 
+def _candidates(artifact: EstimatorArtifact, modes: tuple[str, ...], scales: tuple[float, ...]
+                ) -> tuple[dict[str, tuple[str, float]], list[str]]:
+    """({candidate name: (mode, α)} in the order modes × scales (``none`` once), modes skipped because
+    the artifact cannot serve them (``covariance`` without tables))."""
+    usable = [m for m in modes if not (m == "covariance" and artifact.covariances is None)]
+    skipped = [m for m in modes if m not in usable]
+    if not usable:
+        raise ValueError(f"no usable uncertainty mode among {modes} (artifact has no covariances)")
+    if not scales or any(not (a > 0) for a in scales):
+        raise ValueError(f"uncertainty scales must be > 0, got {scales}")
+    candidates: dict[str, tuple[str, float]] = {}
+    for mode in usable:
+        for a in ((1.0,) if mode == "none" else scales):
+            candidates.setdefault(candidate_name(mode, float(a)), (mode, float(a)))
+    return candidates, skipped
+
+
+def _score_budgets(ds, score_rows: np.ndarray, budgets_per_pair: int, max_budgets: int, floor: float) -> np.ndarray:
+    """The budgets a fold is scored at: ``budgets_per_pair`` between the scored half's non-dominated
+    models, at most ``max_budgets`` of them, none below ``floor``."""
+    c, q = ds.cost[score_rows], ds.quality[score_rows]
+    b = _subsample_budgets(sweep_budgets(c.mean(0), q.mean(0), budgets_per_pair), max_budgets)
+    return np.unique(np.maximum(b, floor))
+
+
+def _fold_sweep(ds, qe, cost_est, fit_rows: np.ndarray, score_rows: np.ndarray, budgets: np.ndarray, strategy: str,
+                num_samples: int, seed: int):
+    """λ of ``strategy`` fitted per budget on ``fit_rows``, simulated on ``score_rows`` (no bootstrap)."""
+    # one constant λ and no guard: modes are compared under the plain policy (shapes and the guard are
+    # chosen per budget afterwards, when the λ tables are fitted)
+    policy = calibrated_policy(strategy, ds.quality[fit_rows], ds.cost[fit_rows], num_samples=num_samples,
+                               seed=seed, step_ratios=None, routing_guard=False)
+    return budget_sweep(policy, qe, cost_est, ds.quality, ds.cost, fit_rows, score_rows, budgets,
+                        texts=list(ds.queries), strategy=strategy, num_resamples=1, seed=seed)
+
+
+def _choose(ds, folds, names: list[str], scores: dict[str, float],
+            fold_points: dict[str, list[tuple[np.ndarray, np.ndarray]]], level: float, seed: int
+            ) -> tuple[str, dict[str, float]]:
+    """(winner, {candidate: bootstrap ``1 − level`` quantile of its 2-fold AUC gain over the default
+    ``names[0]``}): the highest-scoring candidate among the default and those whose score is above the
+    default's with a gain quantile > 0 (ties → the earlier)."""
+    refs = []
+    for _, score_rows in folds:
+        ref = reference_points(ds.quality[score_rows], ds.cost[score_rows])
+        refs.append((ref.c_min, ref.c_max, ref.q_lowest))
+    default = names[0]
+    gain_low = {name: round(paired_auc_gain_quantile(fold_points[name], fold_points[default], refs, 1.0 - level,
+                                                     seed=seed), 4) for name in names[1:]}
+    eligible = [name for name in names[1:] if scores[name] > scores[default] and gain_low[name] > 0.0]
+    return max([default, *eligible], key=lambda name: (scores[name], -names.index(name))), gain_low
+
+
 def select_uncertainty(
     artifact: EstimatorArtifact,
     split,
@@ -92,26 +145,13 @@ def select_uncertainty(
     n = ds.quality.shape[0]
     if n < 4:
         raise ValueError(f"uncertainty selection needs >= 4 calibration rows, got {n}")
-    usable = [m for m in modes if not (m == "covariance" and artifact.covariances is None)]
-    skipped = [m for m in modes if m not in usable]
-    if not usable:
-        raise ValueError(f"no usable uncertainty mode among {modes} (artifact has no covariances)")
-    if not scales or any(not (a > 0) for a in scales):
-        raise ValueError(f"uncertainty scales must be > 0, got {scales}")
-    candidates: dict[str, tuple[str, float]] = {}
-    for mode in usable:
-        for a in ((1.0,) if mode == "none" else scales):
-            candidates.setdefault(candidate_name(mode, float(a)), (mode, float(a)))
+    candidates, skipped = _candidates(artifact, modes, scales)
     perm = np.random.default_rng(seed).permutation(n)
     half_a, half_b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
     folds = ((half_a, half_b), (half_b, half_a))
     base_q, cost_est = bind_split(artifact, split, uncertainty="none")
-    fold_budgets = []
     floor = min_reachable_budget(cost_est, ds.cost) * (1 + 1e-6)
-    for fit_rows, score_rows in folds:
-        c, q = ds.cost[score_rows], ds.quality[score_rows]
-        b = _subsample_budgets(sweep_budgets(c.mean(0), q.mean(0), budgets_per_pair), max_budgets)
-        fold_budgets.append(np.unique(np.maximum(b, floor)))
+    fold_budgets = [_score_budgets(ds, score_rows, budgets_per_pair, max_budgets, floor) for _, score_rows in folds]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -123,12 +163,7 @@ def select_uncertainty(
     for name, (mode, a) in candidates.items():
         qe = scaled_estimator(base_q, mode, a)  # shares the memo of network outputs
         for (fit_rows, score_rows), budgets in zip(folds, fold_budgets):
-            # one constant λ and no guard: modes are compared under the plain policy (shapes and the
-            # guard are chosen per budget afterwards, when the λ tables are fitted)
-            policy = calibrated_policy(strategy, ds.quality[fit_rows], ds.cost[fit_rows], num_samples=num_samples,
-                                       seed=seed, step_ratios=None, routing_guard=False)
-            res = budget_sweep(policy, qe, cost_est, ds.quality, ds.cost, fit_rows, score_rows, budgets,
-                               texts=list(ds.queries), strategy=strategy, num_resamples=1, seed=seed)
+            res = _fold_sweep(ds, qe, cost_est, fit_rows, score_rows, budgets, strategy, num_samples, seed)
             fold_scores.setdefault(name, []).append(round(float(res.auc), 4))
             fold_points.setdefault(name, []).append((res.per_query_cost, res.per_query_quality))
             if bar is not None:
@@ -137,15 +172,8 @@ def select_uncertainty(
         bar.close()
     scores = {name: round(float(np.mean(v)), 4) for name, v in fold_scores.items()}
     names = list(candidates)
-    refs = []
-    for _, score_rows in folds:
-        ref = reference_points(ds.quality[score_rows], ds.cost[score_rows])
-        refs.append((ref.c_min, ref.c_max, ref.q_lowest))
     default = names[0]
-    gain_low = {name: round(paired_auc_gain_quantile(fold_points[name], fold_points[default], refs, 1.0 - level,
-                                                     seed=seed), 4) for name in names[1:]}
-    eligible = [name for name in names[1:] if scores[name] > scores[default] and gain_low[name] > 0.0]
-    best = max([default, *eligible], key=lambda name: (scores[name], -names.index(name)))
+    best, gain_low = _choose(ds, folds, names, scores, fold_points, level, seed)
     return {
         "chosen": candidates[best][0],
         "scale": candidates[best][1],

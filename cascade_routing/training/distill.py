@@ -189,25 +189,9 @@ def distill_encoder(
     texts = [str(t) for t in texts]
     if len(texts) < 2:
         raise ValueError(f"distillation needs at least 2 texts, got {len(texts)}")
-    teacher_path = encoding.resolve_encoder_path(teacher_path)
-    tokenizer = encoding.load_tokenizer(teacher_path)
-    teacher = encoding.load_encoder_model(teacher_path)
-    if len(tokenizer) > int(teacher.config.vocab_size):
-        raise ValueError(
-            f"teacher tokenizer at {teacher_path!r} has {len(tokenizer)} tokens but the teacher's vocabulary has "
-            f"{teacher.config.vocab_size}; the student shares both, so they must agree"
-        )
-    if teacher_embeddings is None:
-        cache = encoding.EmbeddingCache(cache_dir or encoding.default_cache_dir())
-        teacher_enc = encoding.TextEncoder(teacher)
-        teacher_embeddings = cache.get_or_compute(
-            texts, teacher_path, "transformer", max_length,
-            lambda t: encoding.encode_texts(t, tokenizer, teacher_enc, "transformer", max_length,
-                                            progress="teacher embeddings" if progress else None),
-        )
-    target = torch.as_tensor(np.asarray(teacher_embeddings, dtype=np.float32))
-    if target.shape[0] != len(texts):
-        raise ValueError(f"{target.shape[0]} teacher embeddings for {len(texts)} texts")
+    teacher_path, tokenizer, teacher = _load_teacher(teacher_path)
+    target = _teacher_targets(texts, teacher_path, tokenizer, teacher, teacher_embeddings, cache_dir, max_length,
+                              progress)
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -221,77 +205,17 @@ def distill_encoder(
     n_held = max(1, int(round(heldout_fraction * len(texts)))) if heldout_fraction > 0 else 0
     held, train = perm[:n_held], perm[n_held:]
     token_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    pad_id = int(tokenizer.pad_token_id or 0)
-    train_lengths = torch.tensor([len(token_ids[int(i)]) for i in train])
-    total_var = float(((target[train] - target[train].mean(0)) ** 2).sum(1).mean())
-    if not total_var > 1e-8 * max(1.0, float((target[train] ** 2).sum(1).mean())):
-        raise ValueError(
-            f"the teacher's embeddings of the {train.numel()} training texts are (nearly) identical "
-            f"(total variance {total_var:.3g}); nothing to distil (texts all unknown tokens to its tokenizer?)"
-        )
-
-    def rel_mse(pred: Tensor, tgt: Tensor) -> Tensor:
-        return ((pred - tgt) ** 2).sum(1).mean() / total_var
-
-    @torch.no_grad()
-    def evaluate(rows: Tensor) -> float:
-        if rows.numel() == 0:
-            return float("nan")
-        net.eval()
-        # sorted by length for tight padding; order does not change the mean
-        rows = rows[torch.argsort(torch.tensor([len(token_ids[int(i)]) for i in rows]))]
-        num = 0.0
-        for start in range(0, rows.numel(), 128):
-            r = rows[start : start + 128]
-            ids, mask = encoding.pad_token_ids([token_ids[int(i)] for i in r], pad_id)
-            num += float(((net(ids, mask) - target[r]) ** 2).sum())
-        return num / rows.numel() / total_var
+    loss = _RelativeLoss(net, token_ids, int(tokenizer.pad_token_id or 0), target, train)
 
     # the bias of the projection starts at the teacher's mean embedding
     with torch.no_grad():
         net.proj.bias.copy_(target[train].mean(0))
-    initial = evaluate(held)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    steps = epochs * math.ceil(train.numel() / batch_size)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
-    )
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=f"distil L{student.layers}/H{student.hidden}", unit="step")
-    train_curve, held_curve = [], []
-    for _epoch in range(epochs):
-        net.train()
-        running, count = 0.0, 0
-        for part in _length_batches(train_lengths, batch_size, gen):
-            rows = train[part]
-            ids, mask = encoding.pad_token_ids([token_ids[int(i)] for i in rows], pad_id)
-            loss = rel_mse(net(ids, mask), target[rows])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            running += float(loss.detach()) * rows.numel()
-            count += rows.numel()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{running / count:.3f}")
-        train_curve.append(round(running / max(1, count), 5))
-        held_curve.append(round(evaluate(held), 5))
-    if bar is not None:
-        bar.close()
+    initial = loss.heldout(held)
+    train_curve, held_curve = _train_student(loss, train, held, epochs, batch_size, lr, gen,
+                                             f"distil L{student.layers}/H{student.hidden}" if progress else None)
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # encoder_fingerprint (the embedding-cache key) hashes config.json's bytes but only the *sizes*
-    # of weight files, so a re-distilled student of the same shape must differ in its config
-    model.config.distillation_id = weights_digest(model)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    _save_student(model, tokenizer, out)
     result = DistillResult(
         path=str(out),
         teacher=teacher_path,
@@ -312,6 +236,125 @@ def distill_encoder(
     )
     (out / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+def _load_teacher(teacher_path: str | None):
+    """(resolved path, tokenizer, encoder model) of the teacher; its tokenizer must fit its vocabulary
+    (the student shares both)."""
+    teacher_path = encoding.resolve_encoder_path(teacher_path)
+    tokenizer = encoding.load_tokenizer(teacher_path)
+    teacher = encoding.load_encoder_model(teacher_path)
+    if len(tokenizer) > int(teacher.config.vocab_size):
+        raise ValueError(
+            f"teacher tokenizer at {teacher_path!r} has {len(tokenizer)} tokens but the teacher's vocabulary has "
+            f"{teacher.config.vocab_size}; the student shares both, so they must agree"
+        )
+    return teacher_path, tokenizer, teacher
+
+
+def _teacher_targets(texts: list[str], teacher_path: str, tokenizer, teacher, teacher_embeddings: np.ndarray | None,
+                     cache_dir: str | Path | None, max_length: int, progress: bool) -> Tensor:
+    """[len(texts), D] float32 teacher embeddings: the given ones, else from the embedding cache
+    (computing what is missing with the teacher)."""
+    if teacher_embeddings is None:
+        cache = encoding.EmbeddingCache(cache_dir or encoding.default_cache_dir())
+        teacher_enc = encoding.TextEncoder(teacher)
+        teacher_embeddings = cache.get_or_compute(
+            texts, teacher_path, "transformer", max_length,
+            lambda t: encoding.encode_texts(t, tokenizer, teacher_enc, "transformer", max_length,
+                                            progress="teacher embeddings" if progress else None),
+        )
+    target = torch.as_tensor(np.asarray(teacher_embeddings, dtype=np.float32))
+    if target.shape[0] != len(texts):
+        raise ValueError(f"{target.shape[0]} teacher embeddings for {len(texts)} texts")
+    return target
+
+
+class _RelativeLoss:
+    """The distillation loss ``Σ_d (pred − target)² / total variance`` (mean over texts), where the
+    total variance is that of the teacher's embeddings of the training texts ``train``."""
+
+    def __init__(self, net: _Distiller, token_ids: list[list[int]], pad_id: int, target: Tensor,
+                 train: Tensor) -> None:
+        self.net, self.token_ids, self.pad_id, self.target = net, token_ids, pad_id, target
+        self.total_var = float(((target[train] - target[train].mean(0)) ** 2).sum(1).mean())
+        if not self.total_var > 1e-8 * max(1.0, float((target[train] ** 2).sum(1).mean())):
+            raise ValueError(
+                f"the teacher's embeddings of the {train.numel()} training texts are (nearly) identical "
+                f"(total variance {self.total_var:.3g}); nothing to distil (texts all unknown tokens to its tokenizer?)"
+            )
+
+    def batch(self, rows: Tensor) -> Tensor:
+        """The differentiable loss of the texts ``rows``."""
+        ids, mask = encoding.pad_token_ids([self.token_ids[int(i)] for i in rows], self.pad_id)
+        return ((self.net(ids, mask) - self.target[rows]) ** 2).sum(1).mean() / self.total_var
+
+    @torch.no_grad()
+    def heldout(self, rows: Tensor) -> float:
+        """The loss of the texts ``rows`` in eval mode (nan when there are none)."""
+        if rows.numel() == 0:
+            return float("nan")
+        self.net.eval()
+        # sorted by length for tight padding; order does not change the mean
+        rows = rows[torch.argsort(torch.tensor([len(self.token_ids[int(i)]) for i in rows]))]
+        num = 0.0
+        for start in range(0, rows.numel(), 128):
+            r = rows[start : start + 128]
+            ids, mask = encoding.pad_token_ids([self.token_ids[int(i)] for i in r], self.pad_id)
+            num += float(((self.net(ids, mask) - self.target[r]) ** 2).sum())
+        return num / rows.numel() / self.total_var
+
+
+def _train_student(loss: _RelativeLoss, train: Tensor, held: Tensor, epochs: int, batch_size: int, lr: float,
+                   gen: torch.Generator, progress: str | None) -> tuple[list[float], list[float]]:
+    """AdamW (weight decay 0.01), linear warm-up over 5% of the steps then cosine decay, gradient norm
+    clipped at 1, batches of similar length drawn from ``gen``; returns the mean training loss and the
+    held-out loss per epoch (``progress``: the bar's label, None: no bar)."""
+    net = loss.net
+    train_lengths = torch.tensor([len(loss.token_ids[int(i)]) for i in train])
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    steps = epochs * math.ceil(train.numel() / batch_size)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=progress, unit="step")
+    train_curve, held_curve = [], []
+    for _epoch in range(epochs):
+        net.train()
+        running, count = 0.0, 0
+        for part in _length_batches(train_lengths, batch_size, gen):
+            rows = train[part]
+            value = loss.batch(rows)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            running += float(value.detach()) * rows.numel()
+            count += rows.numel()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / count:.3f}")
+        train_curve.append(round(running / max(1, count), 5))
+        held_curve.append(round(loss.heldout(held), 5))
+    if bar is not None:
+        bar.close()
+    return train_curve, held_curve
+
+
+def _save_student(model, tokenizer, out: Path) -> None:
+    """``save_pretrained`` of the student (safetensors) and the teacher's tokenizer into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    # encoder_fingerprint (the embedding-cache key) hashes config.json's bytes but only the *sizes*
+    # of weight files, so a re-distilled student of the same shape must differ in its config
+    model.config.distillation_id = weights_digest(model)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
 def train_split_texts(
