@@ -7,7 +7,7 @@ transformers; each name loads its own stage on first use)::
     from cascade_routing import EstimatorArtifact, CascadeRouter
 
 Deeper names stay in their stage's package (``cascade_routing.data``, ``.policies``,
-``.evaluation``, ``.estimators``, ``.serving``).
+``.evaluation``, ``.estimators``, ``.calibration``, ``.training``, ``.serving``).
 """
 
 from __future__ import annotations

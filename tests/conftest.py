@@ -33,7 +33,8 @@ def ds(request):
     needs other data defines its own ``ds``."""
     from tests.serving_helpers import synthetic_dataset
 
-    return synthetic_dataset(getattr(request.module, "SERVING_ROWS", 30), seed=getattr(request.module, "SERVING_SEED", 0))
+    module = request.module
+    return synthetic_dataset(getattr(module, "SERVING_ROWS", 30), seed=getattr(module, "SERVING_SEED", 0))
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,8 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
         "    from . import rollout\n")
     monkeypatch.setitem(globals(), "ROOT", fake_root)
     monkeypatch.setitem(globals(), "PACKAGE", pkg)
-    assert upward_imports() == ["cascade_routing/policies/bad.py:7 (policies) imports cascade_routing.serving (serving)"]
+    assert upward_imports() == [
+        "cascade_routing/policies/bad.py:7 (policies) imports cascade_routing.serving (serving)"]
 
 
 def test_readme_declares_the_same_order():
@@ -131,7 +132,8 @@ def test_readme_declares_the_same_order():
 def lightning_loaded_by(imports: str) -> str:
     """The Lightning modules a fresh interpreter has loaded after running ``imports``."""
     code = (f"import sys\n{imports}\n"
-            "print(','.join(sorted(m for m in sys.modules if m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning')))))")
+            "print(','.join(sorted(m for m in sys.modules\n"
+            "                      if m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning')))))")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 

@@ -45,6 +45,20 @@ from cascade_routing.policies.registry import POOLED_STRATEGIES, STRATEGIES
 MAX_COVARIANCE_MODELS = 11  # 2^11 ran-sets × M² floats; above this only the variance head is stored
 
 
+def _uncertainty_tables(network, cal, val, m: int):
+    """Steps 1–2: ``(var_scale, report, method with the lowest val NLL, covariance table kind or None,
+    that table or None)``; covariance tables only for ``m <= MAX_COVARIANCE_MODELS``."""
+    var_scale = fit_variance_scale(network, cal)
+    tables = {}
+    if m <= MAX_COVARIANCE_MODELS:
+        tables["residual_covariance"] = residual_covariances(network, cal, centered=True)
+        tables["residual_second_moment"] = residual_covariances(network, cal, centered=False)
+    report = calibration_report(network, val, var_scale, tables)
+    chosen_by_nll = min(report, key=lambda k: report[k]["nll"])
+    best_table = min(tables, key=lambda k: report[k]["nll"]) if tables else None
+    return var_scale, report, chosen_by_nll, best_table, tables[best_table] if best_table else None
+
+
 def build_artifact(
     module,
     datamodule,
@@ -67,15 +81,7 @@ def build_artifact(
     refresh_query_embeddings(network, datamodule)
     cal, val = datamodule.splits["calibration"], datamodule.splits["val"]
     m = len(datamodule.models)
-    var_scale = fit_variance_scale(network, cal)
-    tables = {}
-    if m <= MAX_COVARIANCE_MODELS:
-        tables["residual_covariance"] = residual_covariances(network, cal, centered=True)
-        tables["residual_second_moment"] = residual_covariances(network, cal, centered=False)
-    report = calibration_report(network, val, var_scale, tables)
-    chosen_by_nll = min(report, key=lambda k: report[k]["nll"])
-    best_table = min(tables, key=lambda k: report[k]["nll"]) if tables else None
-    covs = tables[best_table] if best_table else None
+    var_scale, report, chosen_by_nll, best_table, covs = _uncertainty_tables(network, cal, val, m)
     encoder_ref, encoder_tensors = encoder_reference(datamodule, network)  # carries a non-default frozen encoder
     art = EstimatorArtifact(
         models=list(datamodule.models),

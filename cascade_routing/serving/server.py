@@ -129,169 +129,137 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
     (default: in memory). ``controller``: settings of the online λ controller (one per budget in
     use); None serves the fitted λ unchanged.
     """
-    limits = limits or ServerLimits()
-    compute = ComputeBatcher(router, max_batch=max_batch, window_ms=batch_window_ms)
-    gate = ConcurrencyGate(limits.max_concurrent, limits.retry_after_s)
-    server_budget = budget if budget is not None else router.default_budget
-    ledger = SpendLedger(store, server_budget)
-    controllers = BudgetControllers(controller) if controller is not None else None
-    metrics = ServerMetrics(server_budget)
-    missing = [m for m in router.models if m not in backends]
-    if missing:
-        raise RouterError(f"no backend configured for model(s) {missing} of the checkpoint")
-    for key in (keys or {}).values():
-        if key.budget is not None:
-            router.fitted_for(min(key.budget, server_budget) if server_budget is not None else key.budget)
+    s = _ServerCore(router, backends, budget, max_batch, batch_window_ms, limits, keys, store, request_model,
+                    controller)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await compute.aclose()
-            await backends.aclose()
-            ledger.store.close()
+            await s.compute.aclose()
+            await s.backends.aclose()
+            s.ledger.store.close()
 
     app = FastAPI(title="cascade-routing", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    s.app = app
     app.state.router = router
     app.state.backends = backends
-    app.state.batcher = compute
-    app.state.ledger = ledger
-    app.state.limits = limits
-    app.state.gate = gate
+    app.state.batcher = s.compute
+    app.state.ledger = s.ledger
+    app.state.limits = s.limits
+    app.state.gate = s.gate
     app.state.draining = asyncio.Event()  # set by DrainingServer when a shutdown begins
-    app.state.controllers = controllers
-    app.state.metrics = metrics
+    app.state.controllers = s.controllers
+    app.state.metrics = s.metrics
+    s.publish_lambda(router.fitted_for(s.server_budget)[0])
+    _add_error_handlers(app, s)
+    _add_info_routes(app, s)
 
-    def publish_lambda(used_budget: float | None) -> None:
-        _, fitted = router.fitted_for(used_budget)
-        factor = controllers.get(used_budget).factor if controllers is not None and used_budget else 1.0
-        metrics.set_lambda(used_budget, lam_in_use(fitted, factor), factor)  # type: ignore[arg-type]
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(request: Request) -> Response:
+        return await s.chat_completions(request)
 
-    publish_lambda(router.fitted_for(server_budget)[0])
+    return app
 
-    def authenticate(request: Request) -> ApiKey | None:
+
+class _ServerCore:
+    """The state one app serves from (router, backends, batcher, gate, ledger, controllers, metrics)
+    and the request logic :func:`create_app`'s routes call."""
+
+    def __init__(self, router: CascadeRouter, backends: BackendPool, budget: float | None, max_batch: int,
+                 batch_window_ms: float, limits: ServerLimits | None, keys: dict[str, ApiKey] | None,
+                 store: CounterStore | None, request_model: type[ChatCompletionRequest],
+                 controller: ControllerConfig | None) -> None:
+        self.router, self.backends, self.keys, self.request_model = router, backends, keys, request_model
+        self.limits = limits or ServerLimits()
+        self.compute = ComputeBatcher(router, max_batch=max_batch, window_ms=batch_window_ms)
+        self.gate = ConcurrencyGate(self.limits.max_concurrent, self.limits.retry_after_s)
+        self.server_budget = budget if budget is not None else router.default_budget
+        self.ledger = SpendLedger(store, self.server_budget)
+        self.controllers = BudgetControllers(controller) if controller is not None else None
+        self.metrics = ServerMetrics(self.server_budget)
+        self.app: FastAPI | None = None
+        missing = [m for m in router.models if m not in backends]
+        if missing:
+            raise RouterError(f"no backend configured for model(s) {missing} of the checkpoint")
+        for key in (keys or {}).values():
+            if key.budget is not None:
+                router.fitted_for(min(key.budget, self.server_budget) if self.server_budget is not None else key.budget)
+
+    # ------------------------------------------------------------------ shared helpers
+    def publish_lambda(self, used_budget: float | None) -> None:
+        _, fitted = self.router.fitted_for(used_budget)
+        factor = self.controllers.get(used_budget).factor if self.controllers is not None and used_budget else 1.0
+        self.metrics.set_lambda(used_budget, lam_in_use(fitted, factor), factor)  # type: ignore[arg-type]
+
+    def authenticate(self, request: Request) -> ApiKey | None:
         """The caller's key (None when the server has no keys); 401 without a valid one."""
-        if not keys:
+        if not self.keys:
             return None
-        key = lookup(keys, request.headers.get("authorization"))
+        key = lookup(self.keys, request.headers.get("authorization"))
         if key is None:
             raise RequestError("missing or invalid API key: send 'Authorization: Bearer <key>'", None, 401,
                                "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return key
 
-    def fail(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
-        metrics.error(err.code or ("bad_request" if err.status == 400 else f"http_{err.status}"))
-        metrics.request(err.status, None)
+    def fail(self, err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+        self.metrics.error(err.code or ("bad_request" if err.status == 400 else f"http_{err.status}"))
+        self.metrics.request(err.status, None)
         return error_response(err.status, err.message, "authentication_error" if err.status == 401 else
                               "rate_limit_error" if err.status == 429 else "invalid_request_error",
                               param=err.param, code=err.code, headers={**(headers or {}), **err.headers})
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error",
-                              code="not_found" if exc.status_code == 404 else None)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, f"invalid request: {exc.errors()}")
-
-    @app.exception_handler(RequestError)
-    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return fail(exc)
-
-    def account_view(key: ApiKey | None) -> dict[str, Any]:
+    def account_view(self, key: ApiKey | None) -> dict[str, Any]:
         """Server-wide account plus every key's (open server or admin key), else the key's own."""
+        ledger, server_budget = self.ledger, self.server_budget
         if key is None or key.admin:
             out = ledger.snapshot(ALL)
-            out["keys"] = {k.name: ledger.snapshot(k.name, k.budget or server_budget) for k in (keys or {}).values()}
+            out["keys"] = {k.name: ledger.snapshot(k.name, k.budget or server_budget)
+                           for k in (self.keys or {}).values()}
             return out if key is None else {**out, "key": key.name}
         return {**ledger.snapshot(key.name, key.budget or server_budget), "key": key.name}
 
-    @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
-        try:
-            key = authenticate(request)
-        except RequestError:
-            return {"status": "ok"}  # liveness only; details need a key
-        return {"status": "ok", "model": router.name, "models": router.models,
-                "budget": server_budget, "spend": account_view(key)}
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.router.name, "object": "model", "created": int(self.ledger.started),
+                "owned_by": "cascade-routing", "models": self.router.models, "budgets": self.router.budgets}
 
-    @app.get("/v1/routing/stats")
-    async def stats(request: Request) -> dict[str, Any]:
-        key = authenticate(request)
-        return {**account_view(key), "batching": compute.stats(), "in_flight": gate.in_flight,
-                "rejected_busy": gate.rejected, "controller": controllers.state() if controllers else None,
-                "breakers": {m: b.breaker.state for m, b in getattr(backends, "backends", {}).items()}}
-
-    def model_card() -> dict[str, Any]:
-        return {"id": router.name, "object": "model", "created": int(ledger.started),
-                "owned_by": "cascade-routing", "models": router.models, "budgets": router.budgets}
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authenticate(request)
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request) -> JSONResponse:
-        authenticate(request)
-        if model_id != router.name:
-            raise RequestError(f"unknown model {model_id!r}; this server serves {router.name!r}", "model", 404,
-                               "model_not_found")
-        return JSONResponse(model_card())
-
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics(request: Request) -> Response:
-        authenticate(request)
-        return Response(metrics.render(), media_type=metrics.content_type)
-
-    @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(request: Request) -> JSONResponse:
-        authenticate(request)
-        return JSONResponse(app.openapi())
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs(request: Request) -> HTMLResponse:
-        authenticate(request)
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="cascade-routing")
-
-    def effective_budget(key: ApiKey | None, requested: float | None) -> float | None:
+    def effective_budget(self, key: ApiKey | None, requested: float | None) -> float | None:
         """min(server budget, key budget, requested): a client can only lower its budget."""
-        caps = [b for b in (server_budget, key.budget if key else None, requested) if b is not None]
+        caps = [b for b in (self.server_budget, key.budget if key else None, requested) if b is not None]
         return min(caps) if caps else None
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-    async def chat_completions(request: Request) -> Response:
+    # ------------------------------------------------------------------ chat completions
+    async def chat_completions(self, request: Request) -> Response:
+        """Authenticate, check the key's spend limit, take a place at the gate, serve; a stream holds
+        its place until it ends."""
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"X-Request-ID": request_id}
         try:
-            key = authenticate(request)
-            if key is not None and key.max_spend is not None and ledger.spent(key.name) >= key.max_spend:
+            key = self.authenticate(request)
+            if key is not None and key.max_spend is not None and self.ledger.spent(key.name) >= key.max_spend:
                 raise RequestError(f"API key {key.name!r} has spent its limit of {key.max_spend} USD", None, 429,
                                    "insufficient_quota")
-            gate.enter()
+            self.gate.enter()
         except RequestError as err:
-            return fail(err, headers)
+            return self.fail(err, headers)
         held = True
         try:
-            response = await _serve_chat(request, request_id, headers, key)
+            response = await self.serve_chat(request, request_id, headers, key)
             if isinstance(response, StreamingResponse):  # a stream holds its place until it ends
-                response.body_iterator = _then(response.body_iterator, gate.leave)
+                response.body_iterator = _then(response.body_iterator, self.gate.leave)
                 held = False
             return response
         except RequestError as err:
-            return fail(err, headers)
+            return self.fail(err, headers)
         finally:
             if held:
-                gate.leave()
+                self.gate.leave()
 
-    async def _serve_chat(request: Request, request_id: str, headers: dict[str, str],
-                          key: ApiKey | None) -> Response:
-        started = time.perf_counter()
-        deadline = time.monotonic() + limits.deadline_s
-        raw = await read_body(request, limits.max_body_bytes)
-        chat = parse_chat_request(raw, request_model)
+    def parse_chat(self, raw: bytes) -> ChatCompletionRequest:
+        """The validated request: this server's model, supported parameters, prompt within the limit."""
+        router, limits = self.router, self.limits
+        chat = parse_chat_request(raw, self.request_model)
         if chat.model != router.name:
             raise RequestError(f"unknown model {chat.model!r}; this server serves {router.name!r}", "model", 404,
                                "model_not_found")
@@ -302,12 +270,21 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
         if chat.prompt_chars() > limits.max_prompt_chars:
             raise RequestError(f"the messages have {chat.prompt_chars()} characters of text; the limit is "
                                f"{limits.max_prompt_chars}", "messages", 400, "context_length_exceeded")
+        return chat
+
+    async def serve_chat(self, request: Request, request_id: str, headers: dict[str, str],
+                         key: ApiKey | None) -> Response:
+        router, limits, metrics = self.router, self.limits, self.metrics
+        started = time.perf_counter()
+        deadline = time.monotonic() + limits.deadline_s
+        raw = await read_body(request, limits.max_body_bytes)
+        chat = self.parse_chat(raw)
         requested = chat.routing.budget if chat.routing else None
         try:
-            budget_used, table_fitted = router.fitted_for(effective_budget(key, requested))
+            budget_used, table_fitted = router.fitted_for(self.effective_budget(key, requested))
         except RouterError as err:
             raise RequestError(str(err), "routing.budget") from None
-        control = controllers.get(budget_used) if controllers is not None and budget_used else None
+        control = self.controllers.get(budget_used) if self.controllers is not None and budget_used else None
         fitted, factor, version = (table_fitted, 1.0, None) if control is None else control.scaled(table_fitted)
         item = RouteRequest(chat.query() or "", chat.messages_payload(), chat.routing.task if chat.routing else None,
                             chat.forwarded_params())
@@ -319,30 +296,45 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             """Account for whatever the request spent (ledger, controller, metrics), in every outcome."""
             nonlocal controller_info
             spent = progress.total_cost()
-            ledger.record(key_name, budget_used, outcome, spent, list(progress.answers),
-                          result.model if result else None, [f["model"] for f in progress.failures], cancelled)
+            self.ledger.record(key_name, budget_used, outcome, spent, list(progress.answers),
+                               result.model if result else None, [f["model"] for f in progress.failures], cancelled)
             if control is not None:
                 control.observe(spent)
                 controller_info = {"budget": control.budget, "lam_factor": factor, "version": version,
                                    "observed_as": control.version - 1}
             metrics.spent(progress.costs(), result.model if result else None,
                           [f["model"] for f in progress.failures], key_name or "anonymous")
-            publish_lambda(budget_used)
+            self.publish_lambda(budget_used)
 
         def run_route() -> "asyncio.Task[RouteResult]":
             token = REQUEST_LIMITS.set(RequestLimits(limits.max_upstream_attempts, deadline))
             try:  # the task copies the context: its backend calls share these limits
-                return asyncio.create_task(router.route_one(item, backends, budget_used, compute, progress, fitted))
+                return asyncio.create_task(router.route_one(item, self.backends, budget_used, self.compute, progress,
+                                                            fitted))
             finally:
                 REQUEST_LIMITS.reset(token)
 
         if chat.stream:
-            return await _stream_chat(chat, item, run_route, record, progress, request_id, headers, deadline,
-                                      started, lambda: controller_info)
+            return await self.stream_chat(chat, item, run_route, record, progress, request_id, headers, deadline,
+                                          started, lambda: controller_info)
 
-        route = run_route()
+        outcome, result, error = await self.await_route(request, run_route(), progress, deadline, record)
+        if result is None:
+            return self.route_failure(outcome, error, progress, request_id, headers, stream=False)
+        choices, usage, routing, extra_headers = completion_parts(result, request_id, controller_info)
+        body = ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=router.name,
+                                      choices=choices, usage=usage, routing=routing)
+        metrics.request(200, False, time.perf_counter() - started)
+        return JSONResponse(body.model_dump(exclude_none=False), headers={**headers, **extra_headers})
+
+    async def await_route(self, request: Request, route: "asyncio.Task[RouteResult]", progress: RouteProgress,
+                          deadline: float, record: Any) -> tuple[str, RouteResult | None, BaseException | None]:
+        """Wait for ``route`` until it answers, the client leaves, the deadline passes or a shutdown's
+        grace period ends (then it is cancelled); ``record`` the spend in every case. Returns
+        ``(outcome, result, error)``."""
+        limits = self.limits
         watcher = asyncio.create_task(_disconnected(request))
-        drain = asyncio.create_task(app.state.draining.wait())
+        drain = asyncio.create_task(self.app.state.draining.wait())
         outcome, result, error = "errors", None, None
         cancelled: list[str] = []
         try:
@@ -377,17 +369,12 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             watcher.cancel()
             drain.cancel()
             record(outcome, result, cancelled)
-        if result is None:
-            return route_failure(outcome, error, progress, request_id, headers, stream=False)
-        choices, usage, routing, extra_headers = completion_parts(result, request_id, controller_info)
-        body = ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=router.name,
-                                      choices=choices, usage=usage, routing=routing)
-        metrics.request(200, False, time.perf_counter() - started)
-        return JSONResponse(body.model_dump(exclude_none=False), headers={**headers, **extra_headers})
+        return outcome, result, error
 
-    def route_failure(outcome: str, error: BaseException | None, progress: RouteProgress, request_id: str,
+    def route_failure(self, outcome: str, error: BaseException | None, progress: RouteProgress, request_id: str,
                       headers: dict[str, str], stream: bool) -> JSONResponse:
         """The error response of a request whose route did not answer (504, 503, 499, 502 or 500)."""
+        limits, metrics = self.limits, self.metrics
         spent = {"spent": progress.total_cost(), "request_id": request_id}
         if outcome == "shutdowns":
             status, resp = 503, error_response(
@@ -414,11 +401,12 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
         metrics.request(status, stream)
         return resp
 
-    async def _stream_chat(chat: ChatCompletionRequest, item: RouteRequest, run_route: Any, record: Any,
-                           progress: RouteProgress, request_id: str, headers: dict[str, str], deadline: float,
-                           started: float, controller_info: Any) -> Response:
+    async def stream_chat(self, chat: ChatCompletionRequest, item: RouteRequest, run_route: Any, record: Any,
+                          progress: RouteProgress, request_id: str, headers: dict[str, str], deadline: float,
+                          started: float, controller_info: Any) -> Response:
         """``stream: true``: see :mod:`cascade_routing.serving.chat_stream`. The route runs to its end
         even if the client goes away (its spend is recorded); the deadline still applies."""
+        metrics = self.metrics
         progress_outcome: dict[str, Any] = {}
 
         async def submit(_: RouteRequest) -> RouteResult:
@@ -443,15 +431,79 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
                 metrics.error("stream_aborted")
 
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        writer = ChunkWriter(router.name, include_usage)
+        writer = ChunkWriter(self.router.name, include_usage)
         out = await start_stream(submit, item, writer, build, headers, on_end,
                                  on_first_token=lambda seconds, mode: metrics.ttft.labels(mode).observe(seconds))
         if isinstance(out, BaseException):
-            return route_failure(progress_outcome.get("outcome", "errors"), out, progress, request_id, headers,
-                                 stream=True)
+            return self.route_failure(progress_outcome.get("outcome", "errors"), out, progress, request_id, headers,
+                                      stream=True)
         return out
 
-    return app
+
+def _add_error_handlers(app: FastAPI, s: _ServerCore) -> None:
+    """Every error as a JSON body in OpenAI's shape."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error",
+                              code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, f"invalid request: {exc.errors()}")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return s.fail(exc)
+
+
+def _add_info_routes(app: FastAPI, s: _ServerCore) -> None:
+    """Health, spend and routing statistics, the model list, Prometheus metrics, the OpenAPI docs."""
+    router = s.router
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        try:
+            key = s.authenticate(request)
+        except RequestError:
+            return {"status": "ok"}  # liveness only; details need a key
+        return {"status": "ok", "model": router.name, "models": router.models,
+                "budget": s.server_budget, "spend": s.account_view(key)}
+
+    @app.get("/v1/routing/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        key = s.authenticate(request)
+        return {**s.account_view(key), "batching": s.compute.stats(), "in_flight": s.gate.in_flight,
+                "rejected_busy": s.gate.rejected, "controller": s.controllers.state() if s.controllers else None,
+                "breakers": {m: b.breaker.state for m, b in getattr(s.backends, "backends", {}).items()}}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        s.authenticate(request)
+        return {"object": "list", "data": [s.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> JSONResponse:
+        s.authenticate(request)
+        if model_id != router.name:
+            raise RequestError(f"unknown model {model_id!r}; this server serves {router.name!r}", "model", 404,
+                               "model_not_found")
+        return JSONResponse(s.model_card())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        s.authenticate(request)
+        return Response(s.metrics.render(), media_type=s.metrics.content_type)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        s.authenticate(request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        s.authenticate(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="cascade-routing")
 
 
 async def _then(chunks: AsyncIterator[Any], done: Any) -> AsyncIterator[Any]:

@@ -127,52 +127,45 @@ def estimator_metrics(artifact: EstimatorArtifact, split: EncodedSplit, baseline
     return out
 
 
-def evaluate(
-    checkpoint: str,
-    dataset: str | None = None,
-    out_dir: str | None = "eval",
-    strategies: tuple[str, ...] = STRATEGIES,
-    budgets_per_pair: int = protocol.BUDGETS_PER_PAIR,
-    num_resamples: int = protocol.NUM_RESAMPLES,
-    estimators: tuple[str, ...] = ESTIMATORS,
-    cache_dir: str | None = None,
-    progress: bool = True,
-    log_wandb: bool = True,
-    seed: int = protocol.SEED,
-    uncertainty: str | None = None,
-) -> EvaluationResult:
-    """See the module docstring. Returns the table rows (one per estimator × strategy).
-
-    ``uncertainty`` overrides the artifact's uncertainty method (variance, covariance, none).
-    """
+def _bound_estimators(art: EstimatorArtifact, dm: RoutingDataModule, table: EncodedSplit, estimators: tuple[str, ...],
+                      uncertainty: str | None, progress: bool):
+    """({estimator name: quality estimator bound to ``table``}, the artifact's cost estimator, the
+    baseline model or None): the learned estimator, and the paper-style baseline fitted on the train
+    split with its covariances on the calibration split when ``"baseline"`` is asked for."""
     from cascade_routing.estimators.baseline import BaselineModel
-    from cascade_routing.evaluation.metrics import sweep_budgets
-    from cascade_routing.evaluation.points import curve_points
-    from cascade_routing.evaluation.sweep import budget_sweep, linear_interpolation_sweep
 
-    t0 = time.perf_counter()
-    art = load_artifact(checkpoint)
-    dm = datamodule_for(art, dataset, cache_dir)
-    cal, test = dm.splits["calibration"], dm.splits["test"]
-    table = concat_splits(cal, test)
-    n_cal = cal.quality.shape[0]
-    fit_rows = np.arange(n_cal)
-    test_rows = np.arange(n_cal, table.quality.shape[0])
     data = table.dataset
     learned_q, cost_est = bind_split(art, table, uncertainty=uncertainty)
     bound = {"learned": learned_q}
     baseline = None
     if "baseline" in estimators:
         baseline = BaselineModel.fit(dm.splits["train"].dataset, progress=progress)
-        baseline.fit_covariances(cal.dataset)
+        baseline.fit_covariances(dm.splits["calibration"].dataset)
         bound["baseline"] = baseline.bind(data.queries, data.responses, data.features, data.tasks)
-    test_q, test_c = data.quality[test_rows], data.cost[test_rows]
+    return bound, cost_est, baseline
+
+
+def _test_budgets(art: EstimatorArtifact, cal: EncodedSplit, test_q: np.ndarray, test_c: np.ndarray,
+                  budgets_per_pair: int) -> tuple[np.ndarray, int]:
+    """(the protocol's budgets on the test split, how many were raised): a budget the cost estimates
+    cannot reach on the fit rows is raised to that floor."""
+    from cascade_routing.evaluation.metrics import sweep_budgets
+
     budgets = sweep_budgets(test_c.mean(0), test_q.mean(0), budgets_per_pair)
-    # budgets the cost estimates cannot reach on the fit rows are raised to that floor (counted)
     fit_ce = bind_split(art, cal)[1]
     floor = min_reachable_budget(fit_ce, cal.dataset.cost) * (1 + 1e-6)
-    raised = int((budgets < floor).sum())
-    budgets = np.maximum(budgets, floor)
+    return np.maximum(budgets, floor), int((budgets < floor).sum())
+
+
+def _sweeps(data, bound: dict, cost_est, fit_rows: np.ndarray, test_rows: np.ndarray, budgets: np.ndarray,
+            estimators: tuple[str, ...], strategies: tuple[str, ...], num_resamples: int, seed: int, progress: bool
+            ) -> tuple[list[dict], dict[str, list], list]:
+    """(table rows, curves per estimator, curve points): the linear interpolation, then for every
+    estimator × strategy λ fitted per budget on ``fit_rows`` and simulated on ``test_rows``."""
+    from cascade_routing.evaluation.points import curve_points
+    from cascade_routing.evaluation.sweep import budget_sweep, linear_interpolation_sweep
+
+    test_q, test_c = data.quality[test_rows], data.cost[test_rows]
     jobs = [(e, s) for e in estimators for s in strategies]
     bar = None
     if progress:
@@ -199,6 +192,41 @@ def evaluate(
             bar.update(1)
     if bar is not None:
         bar.close()
+    return rows, curves, points
+
+
+def evaluate(
+    checkpoint: str,
+    dataset: str | None = None,
+    out_dir: str | None = "eval",
+    strategies: tuple[str, ...] = STRATEGIES,
+    budgets_per_pair: int = protocol.BUDGETS_PER_PAIR,
+    num_resamples: int = protocol.NUM_RESAMPLES,
+    estimators: tuple[str, ...] = ESTIMATORS,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    log_wandb: bool = True,
+    seed: int = protocol.SEED,
+    uncertainty: str | None = None,
+) -> EvaluationResult:
+    """See the module docstring. Returns the table rows (one per estimator × strategy).
+
+    ``uncertainty`` overrides the artifact's uncertainty method (variance, covariance, none).
+    """
+    t0 = time.perf_counter()
+    art = load_artifact(checkpoint)
+    dm = datamodule_for(art, dataset, cache_dir)
+    cal, test = dm.splits["calibration"], dm.splits["test"]
+    table = concat_splits(cal, test)
+    n_cal = cal.quality.shape[0]
+    fit_rows = np.arange(n_cal)
+    test_rows = np.arange(n_cal, table.quality.shape[0])
+    data = table.dataset
+    bound, cost_est, baseline = _bound_estimators(art, dm, table, estimators, uncertainty, progress)
+    test_q, test_c = data.quality[test_rows], data.cost[test_rows]
+    budgets, raised = _test_budgets(art, cal, test_q, test_c, budgets_per_pair)
+    rows, curves, points = _sweeps(data, bound, cost_est, fit_rows, test_rows, budgets, estimators, strategies,
+                                   num_resamples, seed, progress)
     metrics = estimator_metrics(art, test, baseline)
     metrics["uncertainty_calibration_val"] = art.calibration
     metrics["budgets_raised_to_reachable_floor"] = raised
