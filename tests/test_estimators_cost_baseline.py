@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from cascade_routing.estimators.baseline import BaselineModel, fit_logistic
@@ -91,3 +92,16 @@ def test_baseline_learns_and_never_reads_unrun_answers():
         v[:, 1:] = 0.99
     qe2 = model.bind(test.queries, resp, feats, test.tasks)
     assert torch.equal(qe2.estimate(rows, ran).mean, est.mean)
+
+
+def test_nonneg_price_fit_on_the_boundary():
+    """When the unconstrained least squares wants a negative price, the fit is the best non-negative
+    one (the edge with that price at 0), not the clamped unconstrained solution."""
+    from cascade_routing.data.prices import nonneg_lstsq
+
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.uniform(1, 10, 50), rng.uniform(1, 10, 50)
+    y = 2.0 * x1 - 0.5 * x2
+    a, b = nonneg_lstsq(x1, x2, y)
+    assert b == 0.0 and a == pytest.approx(float(x1 @ y / (x1 @ x1)))
+    assert nonneg_lstsq(x1, x2, 3.0 * x1 + 0.25 * x2) == pytest.approx((3.0, 0.25))

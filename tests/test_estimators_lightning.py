@@ -194,3 +194,20 @@ def test_export_of_a_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path, ca
     torch.save({"state_dict": {}}, foreign)
     assert main(["export", "--ckpt", str(foreign)]) == 2
     assert "carries no datamodule hyperparameters" in capsys.readouterr().err
+
+
+def test_training_masks_are_an_empty_mask_then_random_ran_masks():
+    """Above ``max_enumerated_masks`` the training masks per row are the empty mask followed by
+    ``masks_per_query`` draws of :func:`random_ran_masks` (one sampler for training and calibration)."""
+    from cascade_routing.estimators.masks import random_ran_masks
+    from cascade_routing.training.module import QualityEstimatorModule
+
+    module = QualityEstimatorModule(masks_per_query=3, max_enumerated_masks=16)
+    torch.manual_seed(5)
+    rows, ran = module._training_masks(4, 6)  # 2^6 > 16: sampled
+    torch.manual_seed(5)
+    expected = random_ran_masks(12, 6).reshape(4, 3, 6)
+    ran = ran.reshape(4, 4, 6)
+    assert not ran[:, 0].any() and torch.equal(ran[:, 1:], expected)
+    assert torch.equal(rows, torch.arange(4).repeat_interleave(4))
+    assert ran[:, 1:].any()  # not all empty: the comparison above has something to compare

@@ -98,3 +98,15 @@ def test_cli_parses_serving_commands():
     assert args.split_fractions == {"train": 0.6, "calibration": 0.2, "test": 0.2}
     with pytest.raises(SystemExit):
         parser.parse_args(["replay-backend", "--dataset", "x", "--fail", "gpt-4=flaky"])
+
+
+def test_replay_prices_are_the_cost_models_fit(ds):
+    """One price fit: the replay backend's per-token prices are the cost model's non-negative fit."""
+    from cascade_routing.estimators.cost import CostModel
+    from cascade_routing.serving.replay import _fit_prices
+
+    model = CostModel.fit(ds)
+    assert model.mode == "tokens"
+    for j in range(ds.num_models):
+        assert _fit_prices(ds, j) == (model.price_in[j], model.price_out[j])
+        assert min(_fit_prices(ds, j)) >= 0.0
