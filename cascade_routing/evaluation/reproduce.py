@@ -140,12 +140,7 @@ def reproduce_routerbench(
             panel = curves.setdefault(f"{pool_name}, {noise} noise", [])
             for strategy in strategies:
                 t1 = time.perf_counter()
-                if strategy == "linear_interpolation":
-                    res = linear_interpolation_sweep(test_q, test_c, budgets, num_resamples, seed)
-                else:
-                    policy = make_policy(strategy, num_samples, seed, step_ratios=None, routing_guard=False)
-                    res = budget_sweep(policy, qe, ce, data.quality, data.cost, fit_rows, test_rows, budgets,
-                                       texts=data.queries, strategy=strategy, num_resamples=num_resamples, seed=seed)
+                res = _sweep(strategy, qe, ce, data, fit_rows, test_rows, budgets, num_resamples, num_samples, seed)
                 panel.append(res)
                 rows.append({"pool": pool_name, "models": len(names), "noise": noise, "strategy": strategy,
                              "auc": round(res.auc, 3), "ci_low": round(res.ci[0], 3), "ci_high": round(res.ci[1], 3),
@@ -156,18 +151,34 @@ def reproduce_routerbench(
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
-    out = None
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "results.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (out / "table.md").write_text(format_table_markdown(rows))
-        plot_curves(curves, out / "curves.png", num_resamples=num_resamples, seed=seed)
+    out = None if out_dir is None else _write_outputs(Path(out_dir), rows, curves, num_resamples, seed)
     print_table(rows, console, dataset.name)
     return ReproduceResult(rows, curves, seconds, out)
+
+
+def _sweep(strategy: str, qe, ce, data, fit_rows, test_rows, budgets: np.ndarray, num_resamples: int,
+           num_samples: int, seed: int) -> SweepResult:
+    """One cell of the table: the linear interpolation of the test split's models, or ``strategy``
+    (one constant λ, no routing guard: the paper's policies) with λ fitted per budget on ``fit_rows``
+    and simulated on ``test_rows``."""
+    if strategy == "linear_interpolation":
+        return linear_interpolation_sweep(data.quality[test_rows], data.cost[test_rows], budgets, num_resamples, seed)
+    policy = make_policy(strategy, num_samples, seed, step_ratios=None, routing_guard=False)
+    return budget_sweep(policy, qe, ce, data.quality, data.cost, fit_rows, test_rows, budgets,
+                        texts=data.queries, strategy=strategy, num_resamples=num_resamples, seed=seed)
+
+
+def _write_outputs(out: Path, rows: list[dict], curves: dict[str, list[SweepResult]], num_resamples: int,
+                   seed: int) -> Path:
+    """``results.csv``, ``table.md`` and ``curves.png`` (+ ``.svg``) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "table.md").write_text(format_table_markdown(rows))
+    plot_curves(curves, out / "curves.png", num_resamples=num_resamples, seed=seed)
+    return out
 
 
 def _table_cells(rows: list[dict]):
