@@ -28,6 +28,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -36,6 +38,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 def sweeps_by_strategy(result, estimator: str = "learned") -> dict:
     return {r.strategy: r for r in result.curves[f"{estimator} estimator"]}
+
+
+def answer_signal(metrics: dict) -> dict:
+    """Mean over models of the learned estimator's test AUROC before any model ran and after only
+    the model's own answer: the information a cascade can act on after its first model."""
+    ex, own = metrics.get("exante_auroc"), metrics.get("own_answer_auroc")
+    if ex is None or own is None:
+        return {}
+    return {"exante_auroc": round(ex, 3), "own_answer_auroc": round(own, 3), "gain": round(own - ex, 3)}
 
 
 def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, resamples: int | None) -> dict:
@@ -67,12 +78,15 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
     adherence = {s: {"mean": round(float(budget_adherence(r).mean()), 4), "max": round(float(budget_adherence(r).max()), 4)}
                  for s, r in learned.items() if s != "linear_interpolation"}
     guard = sum(1 for f in cr.fitted if f.max_depth == 1)
+    worst = int(np.argmin(cmp.diff))
     shapes = [tuple(f.info.get("shape", [1.0])) for f in cr.fitted]
     summary = {
         "auc": {f"{r['estimator']}/{r['strategy']}": r["auc"] for r in result.rows},
         "cr_minus_routing_auc": round(cr.auc - rt.auc, 3),
         "per_budget_cr_minus_routing": {"min": round(float(cmp.diff.min()), 4), "at_budget": cmp.worst[0],
+                                         "min_ci95": [round(float(cmp.ci_low[worst]), 4), round(float(cmp.ci_high[worst]), 4)],
                                          "max": round(float(cmp.diff.max()), 4)},
+        "answer_signal": answer_signal(result.estimator_metrics["learned"]),
         "largest_budget": {"budget": float(cr.budgets[-1]), "cascade_routing": round(float(cr.qualities[-1]), 4),
                            "routing": round(float(rt.qualities[-1]), 4), "best_single_model": best_single},
         "budget_adherence": adherence,
@@ -102,13 +116,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--artifact takes NAME=PATH, got {spec!r}")
         summaries[name] = report_one(name, path, out, args.budgets_per_pair, args.resamples)
     summary_path.write_text(json.dumps(summaries, indent=2))
-    lines = ["| dataset | CR − routing AUC | worst per-budget CR − routing | CR / routing / best model at the largest budget | guard fired |",
-             "|---|---:|---:|---|---|"]
+    lines = ["| dataset | CR − routing AUC | worst per-budget CR − routing [95% CI] "
+             "| CR / routing / best model at the largest budget | guard fired "
+             "| AUROC ex-ante → after own answer |",
+             "|---|---:|---:|---|---|---|"]
     for name, s in summaries.items():
-        lb = s["largest_budget"]
-        lines.append(f"| {name} | {s['cr_minus_routing_auc']:+.2f} | {s['per_budget_cr_minus_routing']['min']:+.4f} "
-                     f"| {lb['cascade_routing']:.3f} / {lb['routing']:.3f} / {lb['best_single_model']:.3f} "
-                     f"| {s['routing_guard_fired']} |")
+        lb, pb, sig = s["largest_budget"], s["per_budget_cr_minus_routing"], s.get("answer_signal", {})
+        ci = pb.get("min_ci95")
+        lines.append(f"| {name} | {s['cr_minus_routing_auc']:+.2f} | {pb['min']:+.4f}"
+                     + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+                     + f" | {lb['cascade_routing']:.3f} / {lb['routing']:.3f} / {lb['best_single_model']:.3f} "
+                     f"| {s['routing_guard_fired']} | "
+                     + (f"{sig['exante_auroc']:.3f} → {sig['own_answer_auroc']:.3f}" if sig else "–") + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

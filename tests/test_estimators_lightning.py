@@ -152,6 +152,9 @@ def test_export_cli_then_evaluate_writes_points(fitted, capsys):
     # post-hoc estimates see the run answers, which reveal correctness in the synthetic data
     learned = res.estimator_metrics["learned"]
     assert learned["posthoc_auroc"] > learned["exante_auroc"] + 0.05, learned
+    # ... and so does a model's own answer alone (what a cascade decides on after its first model)
+    assert learned["own_answer_auroc"] > learned["exante_auroc"] + 0.05, learned
+    assert all("own_answer_auroc" in e for e in learned["per_model"].values())
 
 
 def test_fast_dev_run_never_writes_or_overwrites_an_artifact(fitted, monkeypatch):

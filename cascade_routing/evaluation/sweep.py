@@ -3,8 +3,10 @@
 Follows the paper's protocol (see :mod:`cascade_routing.evaluation.metrics`): budgets between the
 pool's non-dominated models by mean *test* cost, λ (and γ) refitted per budget on the fit rows, the
 curve of realised (mean test cost, mean test quality), its AUC with a bootstrap CI.
-A budget below the cheapest model's mean cost *on the fit rows* cannot be fitted there; it is raised
-to that cost and counted in ``SweepResult.raised_budgets`` (never silently).
+A budget below what the policy can spend *on the fit rows* cannot be fitted there: below the cheapest
+model's mean cost, or below the mean cost of each query's cheapest model by estimate (λ fitting
+raises :class:`~cascade_routing.policies.base.BudgetUnreachable` with that cost). It is raised to that
+cost and counted in ``SweepResult.raised_budgets`` (never silently).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from cascade_routing.evaluation.metrics import auc, bootstrap_auc, linear_interpolation_curve, nondominated_models
 from cascade_routing.evaluation.simulate import simulate
-from cascade_routing.policies.base import Policy
+from cascade_routing.policies.base import BudgetUnreachable, Policy
 from cascade_routing.policies.fitting import FittedLambda, fit_lambda, query_uniforms
 
 
@@ -114,11 +116,15 @@ def budget_sweep(
     pc, pq, fitted = [], [], []
     raised = 0
     for b in budgets:
-        b_fit = float(b)
-        if b_fit < floor:
-            b_fit, raised = floor, raised + 1
-        f = fit_lambda(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows], b_fit,
-                       uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache=fit_cache)
+        b_fit = max(float(b), floor)
+        try:
+            f = fit_lambda(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows], b_fit,
+                           uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache=fit_cache)
+        except BudgetUnreachable as e:  # below what the policy can spend with these cost estimates
+            b_fit = e.min_cost * (1 + 1e-9)
+            f = fit_lambda(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows], b_fit,
+                           uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache=fit_cache)
+        raised += b_fit > float(b)
         res = simulate(policy, quality_estimator, cost_estimator, quality[test_rows], cost[test_rows], f,
                        u_all[test_rows], torch.as_tensor(test_rows), test_cache)
         pc.append(res.cost.numpy())

@@ -23,6 +23,19 @@ class PolicyError(ValueError):
     """Bad input to a policy or to λ fitting; the message names the problem."""
 
 
+class BudgetUnreachable(PolicyError):
+    """No λ brings the policy's mean cost on the fit rows down to the budget.
+
+    ``min_cost`` is the mean cost at the largest λ tried (float32-safe), where every query runs only
+    its cheapest model *by estimate*; that can cost more than the cheapest model's mean realised
+    cost. A budget of ``min_cost`` can always be fitted.
+    """
+
+    def __init__(self, message: str, min_cost: float) -> None:
+        super().__init__(message)
+        self.min_cost = float(min_cost)
+
+
 def check_inputs(estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float) -> Tensor:
     """Validate shapes, NaNs and signs; return ``lam`` as a [B] tensor on the estimate's device."""
     mean = estimate.mean

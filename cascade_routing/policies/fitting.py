@@ -30,8 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.policies.base import Policy, PolicyError
+from cascade_routing.policies.base import BudgetUnreachable, Policy, PolicyError
 from cascade_routing.policies.significance import DEFAULT_LEVEL, significantly_better
+
+# Largest λ the bisection tries: λ·cost must stay finite in float32 (the policies' usual dtype).
+MAX_LAMBDA = 1e30
 
 
 def query_uniforms(texts: list[str]) -> Tensor:
@@ -218,11 +221,12 @@ def _fit_scale(policy, quality_estimator, cost_estimator, q, c, budget, uniforms
     grow = 0
     while res_hi.mean_cost > budget_cmp:
         lo, res_lo = hi, res_hi
-        hi *= 4.0
+        if hi * float(v.max()) >= MAX_LAMBDA:
+            raise BudgetUnreachable(
+                f"budget {budget:.6g} not reachable by {policy!r} on these rows: even λ={lo:.3g} costs "
+                f"{res_lo.mean_cost:.6g} (queries still run their cheapest model by estimate)", res_lo.mean_cost)
+        hi = min(hi * 4.0, MAX_LAMBDA / float(v.max()))
         grow += 1
-        if grow > 60:
-            raise PolicyError(
-                f"budget {budget:.6g} not reachable by {policy!r}: even λ={lo:.3g} costs {res_lo.mean_cost:.6g}")
         res_hi = run(hi)
     it = 0
     while it < max_iter and hi - lo > rel_tol * hi:

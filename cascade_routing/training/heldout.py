@@ -94,7 +94,13 @@ def concat_splits(a: EncodedSplit, b: EncodedSplit) -> EncodedSplit:
 
 
 def estimator_metrics(artifact: EstimatorArtifact, split: EncodedSplit, baseline=None) -> dict:
-    """Per-model AUROC of ex-ante estimates and of post-hoc estimates of run models (split's eval masks)."""
+    """Per-model AUROC of three estimates of model m's quality on the split:
+
+    - ``exante_auroc``: before any model ran;
+    - ``own_answer_auroc``: after only m ran (what a cascade learns from m's own answer; its gain
+      over ``exante_auroc`` bounds what running m first and deciding on can add over routing);
+    - ``posthoc_auroc``: after the split's evaluation ran-sets, over the cells where m ran.
+    """
     from torchmetrics.functional.classification import binary_auroc
 
     ds = split.dataset
@@ -114,13 +120,16 @@ def estimator_metrics(artifact: EstimatorArtifact, split: EncodedSplit, baseline
             entry = {}
             if 0 < float(yj.sum()) < n:
                 entry["exante_auroc"] = float(binary_auroc(ex[:, j], yj.long()))
+                only_j = torch.zeros(n, m, dtype=torch.bool)
+                only_j[:, j] = True
+                entry["own_answer_auroc"] = float(binary_auroc(qe.estimate(rows, only_j).mean[:, j], yj.long()))
             sel = split.eval_ran[:, j]
             ys = yj[sel]
             if sel.any() and 0 < float(ys.sum()) < ys.numel():
                 entry["posthoc_auroc"] = float(binary_auroc(post[sel, j], ys.long()))
             per[model] = entry
         means = {
-            k: float(np.mean([e[k] for e in per.values() if k in e])) for k in ("exante_auroc", "posthoc_auroc")
+            k: float(np.mean([e[k] for e in per.values() if k in e])) for k in ("exante_auroc", "own_answer_auroc", "posthoc_auroc")
             if any(k in e for e in per.values())
         }
         out[name] = {"per_model": per, **means}
@@ -267,6 +276,7 @@ def print_table(rows: list[dict], metrics: dict, dataset: str) -> None:
             e = metrics[est]
             console.print(
                 f"{est}: ex-ante AUROC (mean over models) {e.get('exante_auroc', float('nan')):.3f}, "
+                f"after its own answer only {e.get('own_answer_auroc', float('nan')):.3f}, "
                 f"post-hoc AUROC of run models {e.get('posthoc_auroc', float('nan')):.3f}"
             )
 
