@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_routing.estimators.base import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.evaluation.sweep import budget_sweep
 from cascade_routing.policies import BudgetUnreachable, CascadeRouting, Routing, fit_lambda
 

@@ -129,7 +129,8 @@ def estimator_metrics(artifact: EstimatorArtifact, split: EncodedSplit, baseline
                 entry["posthoc_auroc"] = float(binary_auroc(post[sel, j], ys.long()))
             per[model] = entry
         means = {
-            k: float(np.mean([e[k] for e in per.values() if k in e])) for k in ("exante_auroc", "own_answer_auroc", "posthoc_auroc")
+            k: float(np.mean([e[k] for e in per.values() if k in e]))
+            for k in ("exante_auroc", "own_answer_auroc", "posthoc_auroc")
             if any(k in e for e in per.values())
         }
         out[name] = {"per_model": per, **means}
