@@ -17,7 +17,7 @@ import torch
 from cascade_routing.evaluation.metrics import auc, bootstrap_auc, linear_interpolation_curve, nondominated_models
 from cascade_routing.evaluation.simulate import simulate
 from cascade_routing.policies.base import Policy
-from cascade_routing.policies.fitting import FittedLambda, fit_lambda, query_uniforms
+from cascade_routing.policies.fitting import FittedLambda, fit_lambdas, query_uniforms
 
 
 @dataclass
@@ -109,21 +109,18 @@ def budget_sweep(
         u_all = torch.rand(len(quality), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = reference_points(quality[test_rows], cost[test_rows])
     floor = float(cost[fit_rows].mean(0).min())
-    fit_cache: dict = {}
     test_cache: dict = {}
-    pc, pq, fitted = [], [], []
-    raised = 0
-    for b in budgets:
-        b_fit = float(b)
-        if b_fit < floor:
-            b_fit, raised = floor, raised + 1
-        f = fit_lambda(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows], b_fit,
-                       uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache=fit_cache)
+    pc, pq = [], []
+    b_fit = [max(float(b), floor) for b in budgets]
+    raised = sum(float(b) < floor for b in budgets)
+    # every budget's λ at once (the fits advance together, one batched simulation per bisection round)
+    fitted = fit_lambdas(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows], b_fit,
+                         uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache={})
+    for f in fitted:
         res = simulate(policy, quality_estimator, cost_estimator, quality[test_rows], cost[test_rows], f,
                        u_all[test_rows], torch.as_tensor(test_rows), test_cache)
         pc.append(res.cost.numpy())
         pq.append(res.quality.numpy())
-        fitted.append(f)
         if progress is not None:
             progress()
     pc_a, pq_a = np.stack(pc), np.stack(pq)
