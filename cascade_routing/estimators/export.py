@@ -40,7 +40,7 @@ import torch
 from cascade_routing.estimators import encoding
 from cascade_routing.estimators.artifact import EstimatorArtifact, encoder_reference
 from cascade_routing.estimators.cost import CostModel
-from cascade_routing.estimators.uncertainty import calibration_report, fit_variance_scale, residual_covariances
+from cascade_routing.estimators.uncertainty import calibration_report, fit_variance_scale, residual_moments
 from cascade_routing.policies.pool import nondominated_pool
 from cascade_routing.policies.significance import DEFAULT_LEVEL
 from cascade_routing.policies.registry import POOLED_STRATEGIES, STRATEGIES, calibrated_policy, make_policy  # noqa: F401
@@ -323,8 +323,8 @@ def build_artifact(
     var_scale = fit_variance_scale(network, cal)
     tables = {}
     if m <= MAX_COVARIANCE_MODELS:
-        tables["residual_covariance"] = residual_covariances(network, cal, centered=True)
-        tables["residual_second_moment"] = residual_covariances(network, cal, centered=False)
+        # one network pass over every (row, ran-set) pair gives both tables
+        tables["residual_covariance"], tables["residual_second_moment"] = residual_moments(network, cal)
     report = calibration_report(network, val, var_scale, tables)
     chosen_by_nll = min(report, key=lambda k: report[k]["nll"])
     best_table = min(tables, key=lambda k: report[k]["nll"]) if tables else None
