@@ -45,22 +45,6 @@ class Request:
     scales: list[float]
 
 
-@dataclass
-class Outcome:
-    """Realised per-query ``cost`` and ``quality`` [N] of the calibration rows at one scale."""
-
-    cost: Tensor
-    quality: Tensor
-
-    @property
-    def mean_cost(self) -> float:
-        return float(self.cost.double().mean())
-
-    @property
-    def mean_quality(self) -> float:
-        return float(self.quality.double().mean())
-
-
 def lambda_fit_mode() -> str:
     """``CASCADE_ROUTING_LAMBDA_FIT`` = batched (default) | sequential (one simulation per scale)."""
     mode = os.environ.get("CASCADE_ROUTING_LAMBDA_FIT", "batched").strip().lower() or "batched"
@@ -72,8 +56,8 @@ def lambda_fit_mode() -> str:
 def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor | None, uniforms: Tensor,
                  max_iter: int, rel_tol: float, max_depth: int | None = None
                  ) -> Generator[Request, list, "FittedLambda"]:  # noqa: F821
-    """One fit as a generator (module docstring): yields :class:`Request` s, receives their outcomes
-    (objects with ``cost``, ``quality``, ``mean_cost``), returns the :class:`FittedLambda`."""
+    """One fit as a generator (module docstring): yields :class:`Request` s, receives their
+    :class:`~cascade_routing.evaluation.simulate.SimulationResult` s, returns the :class:`FittedLambda`."""
     from cascade_routing.policies.fitting import FittedLambda, _budget_gamma
 
     v = torch.ones(1, dtype=torch.float64) if shape is None else torch.as_tensor(shape, dtype=torch.float64).reshape(-1)
@@ -159,15 +143,15 @@ def _simulate_one(policy, quality_estimator, cost_estimator, quality, cost, unif
 
 
 def simulate_batched(reqs: list[Request], policy: Policy, quality_estimator, cost_estimator, quality: np.ndarray,
-                     cost: np.ndarray, uniforms: Tensor, rows: Tensor | None, cache: dict) -> list[list[Outcome]]:
-    """Outcomes of every (request, scale): the N calibration rows repeated once per scale, with
+                     cost: np.ndarray, uniforms: Tensor, rows: Tensor | None, cache: dict) -> list[list]:
+    """SimulationResults of every (request, scale): the N calibration rows repeated once per scale, with
     λ_t = s·shape_t per copy, simulated in batches of at most :data:`MAX_BATCH_ROWS` rows per depth limit."""
-    from cascade_routing.evaluation.simulate import simulate  # evaluation builds on policies
+    from cascade_routing.evaluation.simulate import SimulationResult, simulate  # evaluation builds on policies
     from cascade_routing.policies.fitting import FittedLambda
 
     n = quality.shape[0]
     rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-    outs: list[list[Outcome | None]] = [[None] * len(r.scales) for r in reqs]
+    outs: list[list] = [[None] * len(r.scales) for r in reqs]
     points_per_batch = max(1, MAX_BATCH_ROWS // max(n, 1))
     by_depth: dict[int | None, list[tuple[int, int]]] = {}
     for i, r in enumerate(reqs):
@@ -186,5 +170,7 @@ def simulate_batched(reqs: list[Request], policy: Policy, quality_estimator, cos
                            FittedLambda(torch.zeros(1), torch.zeros(1), 0.0, max_depth=depth), uniforms.repeat(p),
                            rows.repeat(p), cache, lam_rows=lam_rows)
             for k, (i, j) in enumerate(chunk):
-                outs[i][j] = Outcome(res.cost[k * n:(k + 1) * n].clone(), res.quality[k * n:(k + 1) * n].clone())
-    return outs  # type: ignore[return-value]
+                part = slice(k * n, (k + 1) * n)
+                outs[i][j] = SimulationResult(res.ran[part], res.order[part], res.answer[part],
+                                              res.quality[part].clone(), res.cost[part].clone())
+    return outs
