@@ -1,4 +1,5 @@
-"""Batched λ fitting (policies/lambda_search.py): the same fits as one simulation per scale, fewer calls."""
+"""Batched λ fitting (policies/lambda_search.py): the same fits as one simulation per scale, fewer calls;
+the caches and thread limits the Table 1 protocol relies on."""
 
 from __future__ import annotations
 
@@ -146,3 +147,20 @@ def test_per_query_lambda_rows_equal_separate_runs(table1):
     for k, res in enumerate(alone):
         assert torch.equal(both.order[k * n:(k + 1) * n], res.order)
         assert torch.equal(both.cost[k * n:(k + 1) * n], res.cost)
+
+
+def test_reproduce_threads_limit_numpy_blas_as_well_as_torch():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from cascade_routing.cli.engine_commands import limit_threads
+
+    torch_before = torch.get_num_threads()
+    blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    try:
+        limit_threads(1)
+        assert torch.get_num_threads() == 1
+        assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == [1] * len(blas_before)
+    finally:
+        torch.set_num_threads(torch_before)
+        if blas_before:
+            threadpool_limits(max(blas_before), user_api="blas")
