@@ -90,3 +90,12 @@ def test_repeated_queries_get_the_prior_of_their_single_search():
     single = torch.cat([neighbour_prior(q[b : b + 1], keys, labels, k=5) for b in range(6)])
     expected = single[[int(torch.nonzero((q == row).all(1))[0]) for row in repeated]]
     torch.testing.assert_close(neighbour_prior(repeated, keys, labels, k=5), expected)
+
+
+def test_runs_of_repeated_queries_get_the_prior_of_their_single_search():
+    # the layout of residual covariances: each query repeated once per ran-set, in runs; plus a later repeat
+    keys, labels = _memory()
+    q = torch.randn(5, keys.shape[1])
+    layout = torch.tensor([0, 0, 0, 1, 2, 2, 3, 4, 4, 0, 0, 1])
+    single = torch.cat([neighbour_prior(q[b : b + 1], keys, labels, k=5) for b in range(5)])
+    assert torch.equal(neighbour_prior(q[layout], keys, labels, k=5), single[layout])

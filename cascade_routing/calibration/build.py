@@ -36,7 +36,7 @@ from pathlib import Path
 from cascade_routing.calibration.binding import refresh_query_embeddings
 from cascade_routing.calibration.lambda_tables import fit_lambda_tables
 from cascade_routing.calibration.selection import SELECTION_MODES, SELECTION_SCALES, candidate_name, select_uncertainty
-from cascade_routing.calibration.uncertainty import calibration_report, fit_variance_scale, residual_covariances
+from cascade_routing.calibration.uncertainty import calibration_report, fit_variance_scale, residual_moments
 from cascade_routing.estimators.artifact import EstimatorArtifact, encoder_reference
 from cascade_routing.estimators.cost import CostModel
 from cascade_routing.policies.pool import nondominated_pool
@@ -51,8 +51,8 @@ def _uncertainty_tables(network, cal, val, m: int):
     var_scale = fit_variance_scale(network, cal)
     tables = {}
     if m <= MAX_COVARIANCE_MODELS:
-        tables["residual_covariance"] = residual_covariances(network, cal, centered=True)
-        tables["residual_second_moment"] = residual_covariances(network, cal, centered=False)
+        # one network pass over every (row, ran-set) pair gives both tables
+        tables["residual_covariance"], tables["residual_second_moment"] = residual_moments(network, cal)
     report = calibration_report(network, val, var_scale, tables)
     chosen_by_nll = min(report, key=lambda k: report[k]["nll"])
     best_table = min(tables, key=lambda k: report[k]["nll"]) if tables else None

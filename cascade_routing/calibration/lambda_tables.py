@@ -14,7 +14,7 @@ import torch
 from cascade_routing.calibration.binding import bind_split
 from cascade_routing.estimators.artifact import EstimatorArtifact
 from cascade_routing.evaluation.metrics import sweep_budgets
-from cascade_routing.policies.fitting import fit_lambda, query_uniforms
+from cascade_routing.policies.fitting import fit_lambdas, query_uniforms
 from cascade_routing.policies.registry import STRATEGIES
 
 
@@ -48,18 +48,17 @@ def fit_lambda_tables(
     floor = max(float(ds.cost.mean(0).min()), min_reachable_budget(ce, ds.cost) * (1 + 1e-6))
     uniforms = query_uniforms(ds.queries)
     out: dict[str, dict[float, object]] = {}
-    jobs = [(s, float(b)) for s in strategies for b in budgets]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs), desc="fit λ (calibration)", unit="budget", leave=False)
-    caches: dict[str, dict] = {}
-    for strategy, budget in jobs:
+        bar = tqdm(total=len(strategies), desc="fit λ (calibration)", unit="strategy", leave=False)
+    for strategy in strategies:
         policy = artifact.policy(strategy, num_samples=num_samples)
-        f = fit_lambda(policy, qe, ce, ds.quality, ds.cost, max(budget, floor), uniforms=uniforms,
-                       cache=caches.setdefault(strategy, {}))
-        out.setdefault(strategy, {})[budget] = f
+        # every budget of the strategy at once (the bisections advance together, batched)
+        fits = fit_lambdas(policy, qe, ce, ds.quality, ds.cost, [max(float(b), floor) for b in budgets],
+                           uniforms=uniforms, cache={})
+        out[strategy] = {float(b): f for b, f in zip(budgets, fits)}
         if bar is not None:
             bar.update(1)
     if bar is not None:

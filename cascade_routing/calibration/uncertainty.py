@@ -59,6 +59,14 @@ def residual_covariances(
     ``centered=False`` gives the second moment ``E_i[r_i r_iᵀ]`` instead (the spread around 0, which
     also counts a systematic shift of the estimate once more models have run).
     """
+    cov, second = residual_moments(network, split, rows_per_chunk)
+    return cov if centered else second
+
+
+@torch.no_grad()
+def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_chunk: int = 8) -> tuple[Tensor, Tensor]:
+    """Both tables of :func:`residual_covariances` (centered covariance, second moment) from one pass of
+    the network over every (row, ran-set) pair: the pass is the cost (N · 2^M forward rows)."""
     network.eval()
     n, m = split.quality.shape
     masks = all_masks(m)
@@ -81,11 +89,10 @@ def residual_covariances(
         r = (p_all[rows][idx] - torch.sigmoid(logit)).double().reshape(k, s_count, m)
         sum_r += r.sum(0)
         sum_rr += torch.einsum("ksa,ksb->sab", r, r)
-    if not centered:
-        return (sum_rr / n).float()
+    second = (sum_rr / n).float()
     mean = sum_r / n
     cov = sum_rr / n - mean.unsqueeze(-1) * mean.unsqueeze(-2)
-    return (cov * n / max(n - 1, 1)).float()
+    return (cov * n / max(n - 1, 1)).float(), second
 
 
 def _residuals(network: QualityNetwork, split: "EncodedSplit", masks_per_row: int, seed: int):

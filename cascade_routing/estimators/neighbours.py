@@ -35,7 +35,11 @@ def neighbour_prior(query_emb: Tensor, keys: Tensor, labels: Tensor, k: int) -> 
         raise ValueError(f"neighbour prior needs more than k={k} training queries, memory has {keys.shape[0]}")
     if query_emb.shape[0] > 1:
         # callers repeat each query once per ran-mask (training, residual covariances, λ fitting):
-        # search each distinct embedding once
+        # search each distinct embedding once; repeats in runs (repeat_interleave) need no sort
+        starts = torch.ones(query_emb.shape[0], dtype=torch.bool, device=query_emb.device)
+        starts[1:] = (query_emb[1:] != query_emb[:-1]).any(1)
+        if not bool(starts.all()):
+            return neighbour_prior(query_emb[starts], keys, labels, k)[torch.cumsum(starts, 0) - 1]
         unique, inverse = torch.unique(query_emb, dim=0, return_inverse=True)
         if unique.shape[0] < query_emb.shape[0]:
             return neighbour_prior(unique, keys, labels, k)[inverse]

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from cascade_routing.policies.pool import nondominated_models  # one rule for pools and sweeps
@@ -57,6 +59,19 @@ def linear_interpolation_curve(mean_cost: np.ndarray, mean_quality: np.ndarray, 
     return b, np.interp(b, c, q)
 
 
+@lru_cache(maxsize=8)
+def resample_weights(n: int, num_resamples: int, seed: int = 0) -> np.ndarray:
+    """[R, n] read-only: row r is ``bincount(rng.integers(0, n, n)) / n`` (the r-th bootstrap resample
+    of n queries as weights, ``rng = default_rng(seed)``); cached, as every curve of a table and its
+    plot resample the same test queries with the same seed."""
+    rng = np.random.default_rng(seed)
+    w = np.empty((num_resamples, n), dtype=np.float64)
+    for r in range(num_resamples):
+        w[r] = np.bincount(rng.integers(0, n, n), minlength=n) / n
+    w.setflags(write=False)
+    return w
+
+
 def bootstrap_auc(
     per_query_cost: np.ndarray, per_query_quality: np.ndarray, c_min: float, c_max: float,
     q_lowest: float, num_resamples: int = 500, seed: int = 0, level: float = 0.95,
@@ -67,11 +82,11 @@ def bootstrap_auc(
     each of the P curve points (budgets). The reference costs/quality (c_min, c_max, q_lowest) are
     held fixed.
     """
-    rng = np.random.default_rng(seed)
     p, n = per_query_cost.shape
+    weights = resample_weights(n, num_resamples, seed)
     values = np.empty(num_resamples)
     for r in range(num_resamples):
-        counts = np.bincount(rng.integers(0, n, n), minlength=n) / n
+        counts = weights[r]
         values[r] = auc(per_query_cost @ counts, per_query_quality @ counts, c_min, c_max, q_lowest)
     alpha = (1 - level) / 2
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cascade_routing.evaluation.metrics import resample_weights
+
 POINT_FIELDS = ("estimator", "strategy", "budget", "mean_cost", "mean_quality", "quality_ci_low", "quality_ci_high")
 
 
@@ -21,8 +23,7 @@ def quality_band(per_query_quality: np.ndarray, num_resamples: int = 200, seed: 
     if num_resamples < 1 or n == 0:
         mean = q.mean(1) if n else np.full(q.shape[0], np.nan)
         return mean, mean
-    rng = np.random.default_rng(seed)
-    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) / n for _ in range(num_resamples)])
+    weights = resample_weights(n, num_resamples, seed)
     means = q @ weights.T  # [P, R]
     alpha = (1 - level) / 2
     return np.quantile(means, alpha, axis=1), np.quantile(means, 1 - alpha, axis=1)

@@ -19,7 +19,7 @@ import torch
 from cascade_routing.evaluation.metrics import auc, bootstrap_auc, linear_interpolation_curve, nondominated_models
 from cascade_routing.evaluation.simulate import simulate
 from cascade_routing.policies.base import BudgetUnreachable, Policy
-from cascade_routing.policies.fitting import FittedLambda, fit_lambda, query_uniforms
+from cascade_routing.policies.fitting import FittedLambda, fit_lambdas, query_uniforms
 
 
 @dataclass
@@ -111,25 +111,25 @@ def budget_sweep(
         u_all = torch.rand(len(quality), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = reference_points(quality[test_rows], cost[test_rows])
     floor = float(cost[fit_rows].mean(0).min())
-    fit_cache: dict = {}
     test_cache: dict = {}
-    pc, pq, fitted = [], [], []
-    raised = 0
-    for b in budgets:
-        b_fit = max(float(b), floor)
+    pc, pq = [], []
+    b_fit = [max(float(b), floor) for b in budgets]
+    while True:  # every budget's λ at once (the fits advance together, one batched simulation per round)
         try:
-            f = fit_lambda(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows], b_fit,
-                           uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache=fit_cache)
+            fitted = fit_lambdas(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows], b_fit,
+                                 uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache={})
+            break
         except BudgetUnreachable as e:  # below what the policy can spend with these cost estimates
-            b_fit = e.min_cost * (1 + 1e-9)
-            f = fit_lambda(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows], b_fit,
-                           uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache=fit_cache)
-        raised += b_fit > float(b)
+            reachable = e.min_cost * (1 + 1e-9)
+            if all(b >= reachable for b in b_fit):
+                raise
+            b_fit = [max(b, reachable) for b in b_fit]
+    raised = sum(bf > float(b) for bf, b in zip(b_fit, budgets))
+    for f in fitted:
         res = simulate(policy, quality_estimator, cost_estimator, quality[test_rows], cost[test_rows], f,
                        u_all[test_rows], torch.as_tensor(test_rows), test_cache)
         pc.append(res.cost.numpy())
         pq.append(res.quality.numpy())
-        fitted.append(f)
         if progress is not None:
             progress()
     pc_a, pq_a = np.stack(pc), np.stack(pq)

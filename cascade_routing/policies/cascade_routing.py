@@ -342,34 +342,54 @@ class CascadeRouting(Policy):
         return bad.any(2)
 
 
-def _cached_emax(cache: dict, width: int, states: Tensor, row_ids: Tensor, compute) -> Tensor:
-    """E[max] rows [B, width] of (ran-state, row) pairs from ``cache``, computing (in one call) only the
-    pairs not yet stored.
+def _cached_emax(cache: dict, width: int, states: Tensor, row_ids: Tensor, compute, kind: str = "emax") -> Tensor:
+    """E[max] rows [B, width] of (ran-state, row) pairs from ``cache``, computing (in one call, once per
+    distinct pair) only the pairs not yet stored.
 
-    Stored under ``("emax", width)`` as (sorted pair keys int64 [P], E[max] [P, width]) with pair key
-    ``state · 2^32 + row``: a lookup is one ``searchsorted`` and one gather, not a loop over rows.
+    Stored under ``(kind, width)`` as (sorted pair keys int64 [P], their rows in the value buffer [P],
+    value buffer [capacity, width], rows used) with pair key ``state · 2^32 + row``: a lookup is one
+    ``searchsorted`` and one gather, not a loop over rows; new pairs are appended to the buffer
+    (its capacity doubles when full), so storing them never copies the stored values.
+    ``compute(sel)`` gets batch positions (one per distinct missing pair, in batch order) and returns
+    their rows.
     """
     keys = states.to(torch.long) * 2**32 + row_ids.to(device=states.device, dtype=torch.long)
-    slot = ("emax", width)
+    slot = (kind, width)
     stored = cache.get(slot)
     if stored is None:
         hit = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
         pos = hit.long()
     else:
-        pos = torch.searchsorted(stored[0], keys).clamp_max(stored[0].numel() - 1)
-        hit = stored[0][pos] == keys
-    if stored is not None and bool(hit.all()):
-        return stored[1].index_select(0, pos)
+        sorted_keys, where, vals, used = stored
+        pos = torch.searchsorted(sorted_keys, keys).clamp_max(sorted_keys.numel() - 1)
+        hit = sorted_keys[pos] == keys
+        if bool(hit.all()):
+            return vals.index_select(0, where[pos])
     miss = (~hit).nonzero().squeeze(1)
-    fresh = compute(miss)
+    # the same pair may be missing in several rows (λ fitting batches copies of the rows): compute it once
+    new_keys, inverse = torch.unique(keys[miss], return_inverse=True)
+    first = torch.full((new_keys.numel(),), miss.numel(), dtype=torch.long, device=keys.device)
+    first.scatter_reduce_(0, inverse, torch.arange(miss.numel(), device=keys.device), "amin")
+    by_position = torch.argsort(first)
+    computed = compute(miss[first[by_position]])
+    fresh = torch.empty_like(computed)
+    fresh[by_position] = computed  # aligned with new_keys
+    k = new_keys.numel()
     if stored is None:
-        out = fresh.new_empty(keys.numel(), width)
-        all_keys, all_vals = keys[miss], fresh
-    else:
-        out = stored[1].new_empty(keys.numel(), width)
-        out[hit] = stored[1][pos[hit]]
-        all_keys, all_vals = torch.cat([stored[0], keys[miss]]), torch.cat([stored[1], fresh])
-    out[miss] = fresh
-    order = torch.argsort(all_keys, stable=True)
-    cache[slot] = (all_keys[order], all_vals[order])
+        sorted_keys = new_keys.new_empty(0)
+        where = new_keys.new_empty(0)
+        vals, used = fresh.new_empty(max(k, 64), width), 0
+    if used + k > vals.shape[0]:
+        grown = vals.new_empty(max(2 * vals.shape[0], used + k), width)
+        grown[:used] = vals[:used]
+        vals = grown
+    vals[used:used + k] = fresh
+    out = vals.new_empty(keys.numel(), width)
+    if stored is not None:
+        out[hit] = vals.index_select(0, where[pos[hit]])
+    out[miss] = fresh[inverse]
+    all_keys = torch.cat([sorted_keys, new_keys])
+    all_where = torch.cat([where, torch.arange(used, used + k, device=keys.device)])
+    order = torch.argsort(all_keys)
+    cache[slot] = (all_keys[order], all_where[order], vals, used + k)
     return out

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from cascade_routing.interfaces import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate, bitmask
 from cascade_routing.policies.base import Policy, PolicyError, check_inputs
 from cascade_routing.policies.supermodels import normal_draws, quality_samples
 
@@ -75,19 +75,22 @@ class OptimalCascade(Policy):
     def __repr__(self) -> str:
         return f"OptimalCascade(max_depth={self.max_depth}, num_samples={self.num_samples}, seed={self.seed})"
 
-    def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float, **_) -> Tensor:
+    def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float,
+               cache: dict | None = None, rows: Tensor | None = None, **_) -> Tensor:
+        """Next model per query (-1 = stop). ``cache``/``rows``: optional memo of the prefix E[max]
+        keyed by (ran-state, row), as in :meth:`CascadeRouting.decide` (valid while the estimator is
+        deterministic in (row, ran))."""
         lam = check_inputs(estimate, cost, ran, lam)
         b, m = ran.shape
         t = _prefix_length(ran)
         depth = self.max_steps(m)
-        z = normal_draws(self.num_samples, m, self.seed, cost.device, estimate.mean.dtype)
-        x = quality_samples(estimate.mean, z, estimate.std, estimate.cov)  # [B, M, K]
-        emax = torch.empty_like(estimate.mean)  # [B, M]: E[max of prefix 0..k]
-        running = x[:, 0, :]
-        emax[:, 0] = running.mean(-1)
-        for j in range(1, m):
-            running = torch.maximum(running, x[:, j, :])
-            emax[:, j] = running.mean(-1)
+        if cache is not None and rows is not None:
+            from cascade_routing.policies.cascade_routing import _cached_emax
+
+            emax = _cached_emax(cache, m, bitmask(ran), rows, lambda sel: self._prefix_emax(estimate, sel),
+                                kind="prefix_emax")
+        else:
+            emax = self._prefix_emax(estimate)
         k = torch.arange(m, device=cost.device)[None, :]
         added = torch.where(k >= t[:, None], cost, torch.zeros_like(cost)).cumsum(1)
         values = emax - lam[:, None] * added
@@ -107,14 +110,7 @@ class OptimalCascade(Policy):
         if state != (1 << t) - 1:
             raise PolicyError(f"a cascade needs the ran set to be a prefix of the model order; state {state:b} is not")
         depth = self.max_steps(m)
-        z = normal_draws(self.num_samples, m, self.seed, cost.device, estimate.mean.dtype)
-        x = quality_samples(estimate.mean, z, estimate.std, estimate.cov)
-        emax = torch.empty_like(estimate.mean)
-        running = x[:, 0, :]
-        emax[:, 0] = running.mean(-1)
-        for j in range(1, m):
-            running = torch.maximum(running, x[:, j, :])
-            emax[:, j] = running.mean(-1)
+        emax = self._prefix_emax(estimate)
         k = torch.arange(m, device=cost.device)[None, :].expand(b, m)
         added = torch.where(k >= t, cost, torch.zeros_like(cost)).cumsum(1)
         allowed = (k >= max(t - 1, 0)) & (k < max(depth, t))
@@ -123,3 +119,20 @@ class OptimalCascade(Policy):
         emax = emax.masked_fill(~allowed, -math.inf)
         action = torch.where(k >= t, torch.full_like(k, t), torch.full_like(k, -1))
         return emax, added, action
+
+    def _prefix_emax(self, estimate: QualityEstimate, sel: Tensor | None = None) -> Tensor:
+        """[B, M] (rows ``sel`` of the batch, default all): E[max of the prefix 0..k] for every k."""
+        mean, std, cov = estimate.mean, estimate.std, estimate.cov
+        if sel is not None:
+            mean = mean[sel]
+            std = None if std is None else std[sel]
+            cov = None if cov is None else cov[sel]
+        z = normal_draws(self.num_samples, mean.shape[1], self.seed, mean.device, mean.dtype)
+        x = quality_samples(mean, z, std, cov)  # [B, M, K]
+        emax = torch.empty_like(mean)
+        running = x[:, 0, :]
+        emax[:, 0] = running.mean(-1)
+        for j in range(1, mean.shape[1]):
+            running = torch.maximum(running, x[:, j, :])
+            emax[:, j] = running.mean(-1)
+        return emax

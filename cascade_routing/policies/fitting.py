@@ -30,11 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.policies.base import BudgetUnreachable, Policy, PolicyError
+from cascade_routing.policies.base import Policy, PolicyError
 from cascade_routing.policies.significance import DEFAULT_LEVEL, significantly_better
-
-# Largest λ the bisection tries: λ·cost must stay finite in float32 (the policies' usual dtype).
-MAX_LAMBDA = 1e30
 
 
 def query_uniforms(texts: list[str]) -> Tensor:
@@ -150,7 +147,41 @@ def fit_lambda(
     the policy's ``lambda_shapes`` candidates, best by calibration quality (module docstring), or
     a constant λ when it has none.
     """
-    q, c = _check(quality, cost, budget)
+    return fit_lambdas(policy, quality_estimator, cost_estimator, quality, cost, [budget], queries,
+                       uniforms=uniforms, rows=rows, shape=shape, cache=cache, max_iter=max_iter, rel_tol=rel_tol,
+                       seed=seed)[0]
+
+
+def fit_lambdas(
+    policy: Policy,
+    quality_estimator,
+    cost_estimator,
+    quality,
+    cost,
+    budgets,
+    queries: list[str] | None = None,
+    *,
+    uniforms: Tensor | None = None,
+    rows: Tensor | None = None,
+    shape: Tensor | None = None,
+    cache: dict | None = None,
+    max_iter: int = 40,
+    rel_tol: float = 1e-5,
+    seed: int = 0,
+) -> list[FittedLambda]:
+    """:func:`fit_lambda` for every budget of ``budgets`` on the same calibration rows, one fit each.
+
+    The fits are the same as one :func:`fit_lambda` call per budget; their bisections (every budget ×
+    λ shape × routing-guard candidate) advance in lockstep, and each round simulates all their next
+    λ values as one batch of rows (:mod:`cascade_routing.policies.lambda_search`).
+    """
+    from cascade_routing.policies.lambda_search import drive, scale_search  # the bisection, batched
+
+    budgets = [float(b) for b in budgets]
+    checked = [_check(quality, cost, b) for b in budgets]
+    if not checked:
+        return []
+    q, c = checked[0]
     n = q.shape[0]
     if uniforms is None:
         uniforms = query_uniforms(queries) if queries is not None else torch.rand(
@@ -162,16 +193,25 @@ def fit_lambda(
         cache = {}
     shapes = getattr(policy, "lambda_shapes", None) if shape is None else None
     guard = shape is None and bool(getattr(policy, "routing_guard", False))
-    args = (policy, quality_estimator, cost_estimator, q, c, budget, uniforms, rows, cache, max_iter, rel_tol)
     if not shapes and not guard:
-        return _fit_scale(*args, shape)
-    fits = [_fit_scale(*args, None if cand is None else torch.as_tensor(cand, dtype=torch.float64))
-            for cand in (shapes or [None])]
-    if guard:  # the routing the policy generalises: the same policy limited to depth 1
-        fits.append(_fit_scale(*args, None, max_depth=1))
-    best = choose_significant(fits, seed=seed)
-    best.info["shape_scores"] = [round(float(f.calibration_quality), 6) for f in fits]
-    return best
+        candidates: list[tuple[Tensor | None, int | None]] = [(shape, None)]
+    else:
+        candidates = [(None if cand is None else torch.as_tensor(cand, dtype=torch.float64), None)
+                      for cand in (shapes or [None])]
+        if guard:  # the routing the policy generalises: the same policy limited to depth 1
+            candidates.append((None, 1))
+    searches = [scale_search(policy, c, b, v, uniforms, max_iter, rel_tol, depth)
+                for b in budgets for v, depth in candidates]
+    fits = drive(searches, policy, quality_estimator, cost_estimator, q, c, uniforms, rows, cache)
+    if len(candidates) == 1:
+        return fits
+    out = []
+    for i in range(len(budgets)):
+        group = fits[i * len(candidates):(i + 1) * len(candidates)]
+        best = choose_significant(group, seed=seed)
+        best.info["shape_scores"] = [round(float(f.calibration_quality), 6) for f in group]
+        out.append(best)
+    return out
 
 
 def choose_significant(fits: list["FittedLambda"], level: float = DEFAULT_LEVEL, seed: int = 0) -> "FittedLambda":
@@ -192,59 +232,6 @@ def choose_significant(fits: list["FittedLambda"], level: float = DEFAULT_LEVEL,
             best = f
     best.info["chosen_by"] = "default" if best is default else f"paired bootstrap (level {level})"
     return best
-
-
-def _fit_scale(policy, quality_estimator, cost_estimator, q, c, budget, uniforms, rows, cache, max_iter, rel_tol,
-               shape, max_depth: int | None = None) -> FittedLambda:
-    """Bisection on the scale s of λ_t = s·shape_t and the γ mix (see module docstring); ``max_depth``
-    is fitted along (stored in the result)."""
-    from cascade_routing.policies.rollout import simulate  # rollout imports this module
-
-    v = torch.ones(1, dtype=torch.float64) if shape is None else torch.as_tensor(shape, dtype=torch.float64).reshape(-1)
-    if bool((v < 0).any()) or bool(torch.isnan(v).any()) or float(v.max()) <= 0:
-        raise PolicyError(f"λ shape must be >= 0 with a positive entry, got {v.tolist()}")
-
-    def run(scale: float):
-        lam = FittedLambda(scale * v, scale * v, 0.0, max_depth=max_depth)
-        return simulate(policy, quality_estimator, cost_estimator, q, c, lam, uniforms, rows, cache)
-
-    slack = 1e-9 * budget + 1e-15  # float rounding of mean costs
-    budget_cmp = budget + slack
-    res0 = run(0.0)
-    if res0.mean_cost <= budget_cmp:
-        return FittedLambda(0.0 * v, 0.0 * v, 0.0, budget, res0.mean_cost, res0.mean_quality,
-                            {"iterations": 0, "shape": v.tolist(), "per_query_quality": res0.quality.numpy()},
-                            max_depth)
-    lo, res_lo = 0.0, res0
-    hi = 1.0 / max(float(c.mean()), 1e-12)
-    res_hi = run(hi)
-    grow = 0
-    while res_hi.mean_cost > budget_cmp:
-        lo, res_lo = hi, res_hi
-        if hi * float(v.max()) >= MAX_LAMBDA:
-            raise BudgetUnreachable(
-                f"budget {budget:.6g} not reachable by {policy!r} on these rows: even λ={lo:.3g} costs "
-                f"{res_lo.mean_cost:.6g} (queries still run their cheapest model by estimate)", res_lo.mean_cost)
-        hi = min(hi * 4.0, MAX_LAMBDA / float(v.max()))
-        grow += 1
-        res_hi = run(hi)
-    it = 0
-    while it < max_iter and hi - lo > rel_tol * hi:
-        mid = 0.5 * (lo + hi)
-        res = run(mid)
-        if res.mean_cost > budget_cmp:
-            lo, res_lo = mid, res
-        else:
-            hi, res_hi = mid, res
-        it += 1
-    gamma = _budget_gamma(res_lo.cost, res_hi.cost, uniforms, budget_cmp)
-    use_low = uniforms < gamma
-    mix_cost = float(torch.where(use_low, res_lo.cost, res_hi.cost).mean())
-    per_query_quality = torch.where(use_low, res_lo.quality, res_hi.quality)
-    mix_quality = float(per_query_quality.mean())
-    return FittedLambda(lo * v, hi * v, gamma, budget, mix_cost, mix_quality,
-                        {"iterations": it + grow + 2, "cost_low": res_lo.mean_cost, "cost_high": res_hi.mean_cost,
-                         "shape": v.tolist(), "per_query_quality": per_query_quality.numpy()}, max_depth)
 
 
 def _budget_gamma(cost_low: Tensor, cost_high: Tensor, uniforms: Tensor, budget: float) -> float:

@@ -69,13 +69,16 @@ def simulate(
     rows: Tensor | None = None,
     cache: dict | None = None,
     seed: int = 0,
+    lam_rows: Tensor | None = None,
 ) -> SimulationResult:
     """Run ``policy`` on N queries with ground truth ``quality``/``cost`` [N, M].
 
     ``rows`` (long [N]): row ids of these queries in the estimators' table (default 0..N-1).
     ``uniforms`` [N] in [0, 1): the per-query draws for the λ tie mix (default: seeded by ``seed``).
     ``cache``: optional memo of supermodel E[max] tables (cascade routing), reused across calls with
-    the same policy and estimators (e.g. while fitting λ).
+    the same policy and estimators (e.g. while fitting λ). ``lam_rows`` [N, T] (float64): λ of each
+    query per step instead of ``fitted``'s (step t >= T uses column T-1; ``fitted`` still gives the
+    depth limit), so many λ values run in one batch (:mod:`cascade_routing.policies.lambda_search`).
     """
     quality = _as_tensor(quality, "quality")
     cost = _as_tensor(cost, "cost")
@@ -93,6 +96,8 @@ def simulate(
     if uniforms.shape != (n,):
         raise PolicyError(f"uniforms must be [N={n}], got shape {tuple(uniforms.shape)}")
     use_low = uniforms < fitted.gamma
+    if lam_rows is not None and (lam_rows.dim() != 2 or lam_rows.shape[0] != n or lam_rows.shape[1] == 0):
+        raise PolicyError(f"lam_rows must be [N={n}, T >= 1], got shape {tuple(lam_rows.shape)}")
 
     steps = policy.max_steps(m) if fitted.max_depth is None else min(policy.max_steps(m), fitted.max_depth)
     ran = torch.zeros(n, m, dtype=torch.bool)
@@ -107,7 +112,8 @@ def simulate(
         est = quality_estimator.estimate(q_rows, ran[idx] if device is None else ran[idx].to(device))
         device = est.mean.device
         c_est = cost_estimator.estimate(q_rows.to(device), ran[idx].to(device))
-        lam = fitted.lam_for(step, use_low[idx]).to(device=device, dtype=est.mean.dtype)
+        lam = fitted.lam_for(step, use_low[idx]) if lam_rows is None else lam_rows[idx, min(step, lam_rows.shape[1] - 1)]
+        lam = lam.to(device=device, dtype=est.mean.dtype)
         kwargs = {"cache": cache, "rows": q_rows.to(device)} if cache is not None else {}
         kwargs.update(fitted.decide_kwargs())
         nxt = policy.decide(est, c_est.to(est.mean.dtype), ran[idx].to(device), lam, **kwargs).cpu()

@@ -1,0 +1,180 @@
+"""The bisection of :func:`~cascade_routing.policies.fitting.fit_lambdas`, many fits at once.
+
+One fit (a budget, a λ shape ``v``, an optional depth limit) is a generator, :func:`scale_search`:
+it yields the scales s (λ_t = s·v_t) it needs simulated next and receives their results. The steps
+are those of a plain bisection on s (the mean calibration cost decreases, stepwise, as s grows):
+
+1. s = 0 and s = h₀ = 1 / mean cost (both at once); s = 0 within the budget ends the fit;
+2. while the upper end is over budget: lo = hi, hi = 4·hi, up to λ = :data:`MAX_LAMBDA` (finite in
+   float32); still over budget there raises :class:`~cascade_routing.policies.base.BudgetUnreachable`
+   with the mean cost at that λ;
+3. while ``it < max_iter`` and ``hi − lo > rel_tol·hi``: mid = (lo + hi) / 2 replaces the end on
+   its side of the budget;
+
+then γ as in the module docstring of :mod:`cascade_routing.policies.fitting`. :func:`drive` runs
+many such generators in lockstep: each round, the next scales of every unfinished fit are simulated
+as one batch (the calibration rows repeated once per scale, each copy with its own λ per step; at
+most :data:`MAX_BATCH_ROWS` rows per simulation), so the per-step cost of a simulation (Python,
+dispatch, validation) is paid once per round instead of once per scale and fit. Rows are
+simulated independently and the E[max] tables come from the shared ``cache`` keyed by (ran-state,
+row), so every fit ends with the same λ, γ and calibration figures as when each scale is simulated
+on its own (``CASCADE_ROUTING_LAMBDA_FIT=sequential`` does that: the reference path, checked equal in
+``tests/test_lambda_search.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cascade_routing.policies.base import BudgetUnreachable, Policy, PolicyError
+
+MAX_LAMBDA = 1e30  # largest λ tried: λ·cost must stay finite in float32 (the policies' usual dtype)
+MAX_BATCH_ROWS = 8192  # rows per batched simulation (memory: rows × supermodels floats per step)
+LAMBDA_FIT_MODES = ("batched", "sequential")
+
+
+@dataclass
+class Request:
+    """Scales to simulate for one fit: λ_t = s·shape_t (the last entry for later steps), depth limit."""
+
+    shape: Tensor
+    max_depth: int | None
+    scales: list[float]
+
+
+def lambda_fit_mode() -> str:
+    """``CASCADE_ROUTING_LAMBDA_FIT`` = batched (default) | sequential (one simulation per scale)."""
+    mode = os.environ.get("CASCADE_ROUTING_LAMBDA_FIT", "batched").strip().lower() or "batched"
+    if mode not in LAMBDA_FIT_MODES:
+        raise ValueError(f"CASCADE_ROUTING_LAMBDA_FIT={mode!r}; choose one of {list(LAMBDA_FIT_MODES)}")
+    return mode
+
+
+def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor | None, uniforms: Tensor,
+                 max_iter: int, rel_tol: float, max_depth: int | None = None
+                 ) -> Generator[Request, list, "FittedLambda"]:  # noqa: F821
+    """One fit as a generator (module docstring): yields :class:`Request` s, receives their
+    :class:`~cascade_routing.policies.rollout.SimulationResult` s, returns the :class:`FittedLambda`."""
+    from cascade_routing.policies.fitting import FittedLambda, _budget_gamma
+
+    v = torch.ones(1, dtype=torch.float64) if shape is None else torch.as_tensor(shape, dtype=torch.float64).reshape(-1)
+    if bool((v < 0).any()) or bool(torch.isnan(v).any()) or float(v.max()) <= 0:
+        raise PolicyError(f"λ shape must be >= 0 with a positive entry, got {v.tolist()}")
+    slack = 1e-9 * budget + 1e-15  # float rounding of mean costs
+    budget_cmp = budget + slack
+    hi = 1.0 / max(float(cost.mean()), 1e-12)
+    res0, res_hi = yield Request(v, max_depth, [0.0, hi])
+    if res0.mean_cost <= budget_cmp:
+        return FittedLambda(0.0 * v, 0.0 * v, 0.0, budget, res0.mean_cost, res0.mean_quality,
+                            {"iterations": 0, "shape": v.tolist(), "per_query_quality": res0.quality.numpy()},
+                            max_depth)
+    lo, res_lo = 0.0, res0
+    grow = 0
+    while res_hi.mean_cost > budget_cmp:
+        lo, res_lo = hi, res_hi
+        if hi * float(v.max()) >= MAX_LAMBDA:
+            raise BudgetUnreachable(
+                f"budget {budget:.6g} not reachable by {policy!r} on these rows: even λ={lo:.3g} costs "
+                f"{res_lo.mean_cost:.6g} (queries still run their cheapest model by estimate)", res_lo.mean_cost)
+        hi = min(hi * 4.0, MAX_LAMBDA / float(v.max()))
+        grow += 1
+        (res_hi,) = yield Request(v, max_depth, [hi])
+    it = 0
+    while it < max_iter and hi - lo > rel_tol * hi:
+        mid = 0.5 * (lo + hi)
+        (res,) = yield Request(v, max_depth, [mid])
+        if res.mean_cost > budget_cmp:
+            lo, res_lo = mid, res
+        else:
+            hi, res_hi = mid, res
+        it += 1
+    gamma = _budget_gamma(res_lo.cost, res_hi.cost, uniforms, budget_cmp)
+    use_low = uniforms < gamma
+    mix_cost = float(torch.where(use_low, res_lo.cost, res_hi.cost).mean())
+    per_query_quality = torch.where(use_low, res_lo.quality, res_hi.quality)
+    mix_quality = float(per_query_quality.mean())
+    return FittedLambda(lo * v, hi * v, gamma, budget, mix_cost, mix_quality,
+                        {"iterations": it + grow + 2, "cost_low": res_lo.mean_cost, "cost_high": res_hi.mean_cost,
+                         "shape": v.tolist(), "per_query_quality": per_query_quality.numpy()}, max_depth)
+
+
+def drive(searches: list[Generator], policy: Policy, quality_estimator, cost_estimator, quality: np.ndarray,
+          cost: np.ndarray, uniforms: Tensor, rows: Tensor | None, cache: dict) -> list:
+    """Run the generators of :func:`scale_search` to their ends; their results, in order.
+
+    Each round simulates the pending requests of all unfinished searches together
+    (:func:`simulate_batched`), or one by one with ``CASCADE_ROUTING_LAMBDA_FIT=sequential``."""
+    sequential = lambda_fit_mode() == "sequential"
+    results: list = [None] * len(searches)
+    pending: dict[int, Request] = {}
+
+    def advance(i: int, sent) -> None:
+        try:
+            pending[i] = searches[i].send(sent)
+        except StopIteration as stop:
+            results[i] = stop.value
+            pending.pop(i, None)
+
+    for i in range(len(searches)):
+        advance(i, None)
+    while pending:
+        order = list(pending)
+        reqs = [pending[i] for i in order]
+        if sequential:
+            outs = [[_simulate_one(policy, quality_estimator, cost_estimator, quality, cost, uniforms, rows, cache,
+                                   r.shape, r.max_depth, s) for s in r.scales] for r in reqs]
+        else:
+            outs = simulate_batched(reqs, policy, quality_estimator, cost_estimator, quality, cost, uniforms, rows,
+                                    cache)
+        for i, out in zip(order, outs):
+            advance(i, out)
+    return results
+
+
+def _simulate_one(policy, quality_estimator, cost_estimator, quality, cost, uniforms, rows, cache, shape, max_depth,
+                  scale):
+    from cascade_routing.policies.rollout import simulate  # rollout imports fitting, which imports this module
+    from cascade_routing.policies.fitting import FittedLambda
+
+    lam = FittedLambda(scale * shape, scale * shape, 0.0, max_depth=max_depth)
+    return simulate(policy, quality_estimator, cost_estimator, quality, cost, lam, uniforms, rows, cache)
+
+
+def simulate_batched(reqs: list[Request], policy: Policy, quality_estimator, cost_estimator, quality: np.ndarray,
+                     cost: np.ndarray, uniforms: Tensor, rows: Tensor | None, cache: dict) -> list[list]:
+    """SimulationResults of every (request, scale): the N calibration rows repeated once per scale, with
+    λ_t = s·shape_t per copy, simulated in batches of at most :data:`MAX_BATCH_ROWS` rows per depth limit."""
+    from cascade_routing.policies.rollout import SimulationResult, simulate  # rollout imports fitting
+    from cascade_routing.policies.fitting import FittedLambda
+
+    n = quality.shape[0]
+    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    outs: list[list] = [[None] * len(r.scales) for r in reqs]
+    points_per_batch = max(1, MAX_BATCH_ROWS // max(n, 1))
+    by_depth: dict[int | None, list[tuple[int, int]]] = {}
+    for i, r in enumerate(reqs):
+        by_depth.setdefault(r.max_depth, []).extend((i, j) for j in range(len(r.scales)))
+    for depth, points in by_depth.items():
+        for start in range(0, len(points), points_per_batch):
+            chunk = points[start:start + points_per_batch]
+            width = max(reqs[i].shape.numel() for i, _ in chunk)
+            lam_rows = torch.empty(len(chunk) * n, width, dtype=torch.float64)
+            for k, (i, j) in enumerate(chunk):
+                v = reqs[i].shape
+                lam = reqs[i].scales[j] * v  # as FittedLambda(s·v) holds it; later steps reuse the last entry
+                lam_rows[k * n:(k + 1) * n] = torch.cat([lam, lam[-1:].expand(width - v.numel())])
+            p = len(chunk)
+            res = simulate(policy, quality_estimator, cost_estimator, np.tile(quality, (p, 1)), np.tile(cost, (p, 1)),
+                           FittedLambda(torch.zeros(1), torch.zeros(1), 0.0, max_depth=depth), uniforms.repeat(p),
+                           rows.repeat(p), cache, lam_rows=lam_rows)
+            for k, (i, j) in enumerate(chunk):
+                part = slice(k * n, (k + 1) * n)
+                outs[i][j] = SimulationResult(res.ran[part], res.order[part], res.answer[part],
+                                              res.quality[part].clone(), res.cost[part].clone())
+    return outs
