@@ -33,7 +33,10 @@ Reports: throughput (requests/s) and, as the baseline measured in the same run, 
 the same number of requests sent straight to the replay backend of the cheapest model at the same
 concurrency (ratio); client latency p50/p95/p99; the routing overhead per request (server time
 not awaiting its own backends, ``routing.routing_ms``) and its compute share (``compute_ms``); the
-server's RSS before and after the requests.
+backend calls per request; the server's RSS before the requests and after each round (growth that
+keeps going round after round is a leak, growth in the first round only is warm-up); the CPU time
+(user + system) per request of the replay backend, ``serve`` and this client, per round and in the
+baseline phase (on a shared machine CPU per request survives the load where wall time does not).
 
 Without ``--checkpoint`` it builds a small real artifact (tiny random encoder, untrained network,
 λ fitted on a calibration split) on a synthetic dataset of ``--queries`` rows; with
@@ -158,6 +161,28 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads; None = this process)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cpu_snapshot(procs) -> tuple[float, float, float]:
+    """(replay, serve, this client) CPU seconds so far."""
+    return cpu_s(procs[0].pid), cpu_s(procs[1].pid) if len(procs) > 1 else float("nan"), cpu_s()
+
+
+def cpu_per_request_ms(before, after, n: int) -> dict[str, float]:
+    """CPU milliseconds per request of each process between two :func:`cpu_snapshot`\ s."""
+    return {name: (a - b) * 1000.0 / n for name, b, a in zip(("replay", "serve", "client"), before, after)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1000)
@@ -243,11 +268,15 @@ def main(argv: list[str] | None = None) -> int:
                         procs[1].send_signal(signal.SIGTERM)
                         sigterm_at.append(time.monotonic())
 
+                cpu_before = cpu_snapshot(procs)
                 results, wall, busy = asyncio.run(asyncio.wait_for(
                     fire(server + "/v1/chat/completions", payloads, args.concurrency, 300.0, on_response),
                     args.max_seconds))
-                rounds.append((payloads, kinds, results, wall, busy))
-                print(f"round {r}: {len(results)} requests in {wall:.1f}s ({busy} busy retries)", flush=True)
+                rss_round = rss_mb(procs[1].pid)
+                cpu_round = cpu_per_request_ms(cpu_before, cpu_snapshot(procs), len(payloads))
+                rounds.append((payloads, kinds, results, wall, busy, rss_round, cpu_round))
+                print(f"round {r}: {len(results)} requests in {wall:.1f}s ({busy} busy retries), server RSS "
+                      f"{rss_round} MB", flush=True)
             rss_after = rss_mb(procs[1].pid)
             stats_live = None
             if not args.sigterm_after:
@@ -256,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
             cheapest = test.models[0]
             direct = [(f"direct-{k:05d}", json.dumps({"model": cheapest, "messages": [
                 {"role": "user", "content": test.queries[i]}]}).encode(), None) for k, i in enumerate(rows)]
+            cpu_before = cpu_snapshot(procs)
             base_results, base_wall, _ = asyncio.run(asyncio.wait_for(
                 fire(f"http://127.0.0.1:{rport}/{cheapest}/v1/chat/completions", direct, args.concurrency, 120.0),
                 args.max_seconds))
+            base_cpu = cpu_per_request_ms(cpu_before, cpu_snapshot(procs), len(direct))
         finally:
             exit_s = None
             for proc in reversed(procs):
@@ -283,16 +314,22 @@ def main(argv: list[str] | None = None) -> int:
         server_log_tail = slog.read_text()[-2000:] if slog.exists() else ""
 
     # ------------------------------------------------------------------ checks
+    def pct(values, q):
+        return float(np.percentile(values, q)) if values else None
+
     problems: list[str] = []
     per_round = []
     seen: dict[str, int] = {}
     costs, overhead, latency, compute, batch, quality, sim_idx = [], [], [], [], [], [], []
+    calls, backend = [], []  # backend calls (attempted models) and time awaiting them, per answered request
     counts = {"answered": 0, "deadline_504": 0, "shutdown_503": 0, "poison_400": 0, "gave_up": 0,
               "refused_after_sigterm": 0, "lost": 0, "cut_after_sigterm": 0}
-    for r, (payloads, kinds, results, wall, busy) in enumerate(rounds):
+    for r, (payloads, kinds, results, wall, busy, rss_round, cpu_round) in enumerate(rounds):
         per_round.append({"round": r, "wall_s": wall, "throughput_rps": len(payloads) / wall,
-                          "retried_429_server_busy": busy})
+                          "retried_429_server_busy": busy, "server_rss_mb_after": rss_round,
+                          "cpu_ms_per_request": cpu_round})
         row_of = {rid: rows[k] for k, (rid, _, _) in enumerate(payloads)}
+        first_of_round = len(latency)
         for rid, resp, err, lat in results:
             kind = kinds[rid]
             if kind == "poison":
@@ -338,8 +375,15 @@ def main(argv: list[str] | None = None) -> int:
             overhead.append(body["routing"]["routing_ms"])
             compute.append(body["routing"]["compute_ms"])
             batch.append(body["routing"]["batch_size"])
+            calls.append(len(body["routing"]["attempted"]))
+            backend.append(body["routing"]["backend_ms"])
             latency.append(lat * 1000)
             sim_idx.append(i)
+        per_round[-1].update(answered=len(latency) - first_of_round,
+                             client_latency_ms_p50=pct(latency[first_of_round:], 50),
+                             routing_overhead_ms_p50=pct(overhead[first_of_round:], 50),
+                             routing_compute_ms_mean=float(np.mean(compute[first_of_round:]))
+                             if len(compute) > first_of_round else None)
     duplicated = sum(c - 1 for c in seen.values() if c > 1)
     mean_cost = float(np.mean(costs)) if costs else float("nan")
     delivered = float(np.sum(costs))
@@ -347,9 +391,6 @@ def main(argv: list[str] | None = None) -> int:
     total_requests = args.requests * args.repeat
     best_wall = min(r[3] for r in rounds)
     by_outcome = account["cost_by_outcome"]
-
-    def pct(values, q):
-        return float(np.percentile(values, q)) if values else None
 
     report = {
         "command": "python benchmarks/load_test.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -361,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         "client_latency_ms_p99": pct(latency, 99),
         "routing_overhead_ms_p50": pct(overhead, 50), "routing_overhead_ms_p95": pct(overhead, 95),
         "routing_compute_ms_mean": float(np.mean(compute)) if compute else None,
+        "backend_ms_p50": pct(backend, 50),
+        "backend_calls_per_request_mean": float(np.mean(calls)) if calls else None,
         "batch_size_mean": float(np.mean(batch)) if batch else None,
         "budget": budget, "mean_cost": mean_cost, "mean_cost_over_budget": mean_cost / budget if budget else None,
         "delivered_cost": delivered, "account": {k: account[k] for k in (
@@ -369,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         "server_rss_mb_before": rss_before, "server_rss_mb_after": rss_after,
         "server_exit_code": server_exit, "sigterm_to_exit_s_at_most": exit_s,
         "baseline_direct_backend_rps": args.requests / base_wall, "baseline_ok": base_ok,
+        "baseline_cpu_ms_per_request": base_cpu,
         "throughput_rps_best_round": args.requests / best_wall,
         "throughput_ratio_vs_direct_backend": base_wall / best_wall,
+        # the same, counting every backend call of a routed request (the direct baseline makes one)
+        "backend_call_ratio_vs_direct_backend": base_wall / best_wall * float(np.mean(calls)) if calls else None,
     }
     if counts["lost"] or duplicated:
         problems.append(f"{counts['lost']} lost, {duplicated} duplicated")

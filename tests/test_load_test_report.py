@@ -1,0 +1,69 @@
+"""The load test's per-process measurements (CPU per request, RSS per round) and its report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_test():
+    spec = importlib.util.spec_from_file_location("load_test", REPO / "benchmarks" / "load_test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _spin(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_cpu_of_a_process_from_proc_matches_its_own_clock():
+    lt = _load_test()
+    own_before, proc_before = lt.cpu_s(), lt.cpu_s(os.getpid())
+    _spin(0.3)
+    own, proc = lt.cpu_s() - own_before, lt.cpu_s(os.getpid()) - proc_before
+    assert own >= 0.29
+    assert abs(proc - own) < 0.05  # /proc ticks are 10 ms
+    assert lt.cpu_s(2**22 + 12345) != lt.cpu_s(2**22 + 12345)  # no such process: nan
+
+
+def test_cpu_per_request_is_the_delta_of_each_process_over_the_requests():
+    lt = _load_test()
+    out = lt.cpu_per_request_ms((1.0, 2.0, 3.0), (1.5, 4.0, 3.1), 100)
+    assert out == pytest.approx({"replay": 5.0, "serve": 20.0, "client": 1.0})
+
+
+def test_rss_of_this_process():
+    lt = _load_test()
+    assert lt.rss_mb(os.getpid()) > 1.0
+    assert lt.rss_mb(2**22 + 12345) is None
+
+
+@pytest.mark.slow
+def test_load_test_reports_rss_and_cpu_after_each_round(tmp_path):
+    import subprocess
+
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load_test.py"), "--requests", "40",
+                           "--concurrency", "10", "--repeat", "2", "--queries", "60", "--json", str(out),
+                           "--budget-tolerance", "10"],  # 40 requests of a tiny untrained artifact
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["lost"] == 0 and report["duplicated"] == 0 and report["answered"] == 80
+    assert [r["answered"] for r in report["rounds"]] == [40, 40]
+    for r in report["rounds"]:
+        assert r["server_rss_mb_after"] > 0
+        assert r["cpu_ms_per_request"]["serve"] > 0 and r["cpu_ms_per_request"]["client"] > 0
+    assert report["backend_calls_per_request_mean"] >= 1.0
+    assert report["baseline_cpu_ms_per_request"]["replay"] >= 0
