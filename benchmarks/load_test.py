@@ -173,6 +173,36 @@ def cpu_s(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def account_problems(account: dict, counts: dict, delivered: float, total_requests: int) -> list[str]:
+    """How the stored spend account disagrees with what the clients saw (empty: it agrees).
+
+    ``account``: the server's totals (``requests``, ``answered``, ``total_cost``, ``cost_by_outcome``);
+    ``counts``: the client-side outcome counts; ``delivered``: the summed cost of the answers received.
+    Every request the server accepted is in the account (poison refused with 400, connections refused
+    or cut by the SIGTERM are not accepted). A request the server answered and billed while its client
+    was giving up, or while the SIGTERM cut its connection, is answered in the account but never
+    received: at most ``gave_up + cut_after_sigterm`` of them, and the answered cost is then at least
+    the delivered cost; otherwise the two are equal.
+    """
+    problems = []
+    by_outcome = account["cost_by_outcome"]
+    unreceived = account["answered"] - counts["answered"]
+    abandoned = counts["gave_up"] + counts["cut_after_sigterm"]
+    if not 0 <= unreceived <= abandoned:
+        problems.append(f"account answered {account['answered']} != delivered {counts['answered']} "
+                        f"(+ at most {abandoned} abandoned)")
+    elif unreceived == 0 and not np.isclose(by_outcome["answered"], delivered, rtol=1e-9, atol=1e-12):
+        problems.append(f"account: answered cost {by_outcome['answered']:.9g} != delivered {delivered:.9g}")
+    elif by_outcome["answered"] < delivered * (1 - 1e-9) - 1e-12:
+        problems.append(f"account: answered cost {by_outcome['answered']:.9g} < delivered {delivered:.9g}")
+    if not np.isclose(sum(by_outcome.values()), account["total_cost"], rtol=1e-9, atol=1e-12):
+        problems.append("account: total != sum over outcomes")
+    accepted = total_requests - counts["poison_400"] - counts["refused_after_sigterm"] - counts["cut_after_sigterm"]
+    if account["requests"] != accepted:
+        problems.append(f"account holds {account['requests']} requests, {accepted} were accepted")
+    return problems
+
+
 def cpu_snapshot(procs) -> tuple[float, float, float]:
     """(replay, serve, this client) CPU seconds so far."""
     return cpu_s(procs[0].pid), cpu_s(procs[1].pid) if len(procs) > 1 else float("nan"), cpu_s()
@@ -392,7 +422,6 @@ def main(argv: list[str] | None = None) -> int:
     base_ok = sum(1 for _, r, _, _ in base_results if r is not None and r.status_code == 200)
     total_requests = args.requests * args.repeat
     best_wall = min(r[3] for r in rounds)
-    by_outcome = account["cost_by_outcome"]
 
     report = {
         "command": "python benchmarks/load_test.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -422,22 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if counts["lost"] or duplicated:
         problems.append(f"{counts['lost']} lost, {duplicated} duplicated")
-    # a request the server answered (and billed) while its client was giving up or being cut off by the
-    # SIGTERM counts as answered in the account but never reaches the client: at most that many
-    unreceived = account["answered"] - counts["answered"]
-    report["answered_not_received"] = unreceived
-    if not 0 <= unreceived <= counts["gave_up"] + counts["cut_after_sigterm"]:
-        problems.append(f"account answered {account['answered']} != delivered {counts['answered']} "
-                        f"(+ at most {counts['gave_up'] + counts['cut_after_sigterm']} abandoned)")
-    elif unreceived == 0 and not np.isclose(by_outcome["answered"], delivered, rtol=1e-9, atol=1e-12):
-        problems.append(f"account: answered cost {by_outcome['answered']:.9g} != delivered {delivered:.9g}")
-    elif by_outcome["answered"] < delivered * (1 - 1e-9) - 1e-12:
-        problems.append(f"account: answered cost {by_outcome['answered']:.9g} < delivered {delivered:.9g}")
-    if not np.isclose(sum(by_outcome.values()), account["total_cost"], rtol=1e-9, atol=1e-12):
-        problems.append("account: total != sum over outcomes")
-    accepted = total_requests - counts["poison_400"] - counts["refused_after_sigterm"] - counts["cut_after_sigterm"]
-    if account["requests"] != accepted:
-        problems.append(f"account holds {account['requests']} requests, {accepted} were accepted")
+    report["answered_not_received"] = account["answered"] - counts["answered"]
+    problems += account_problems(account, counts, delivered, total_requests)
     if stats_live is not None and stats_live["requests"] != account["requests"]:
         problems.append("live stats and stored account disagree")
     if args.sigterm_after and server_exit is None:

@@ -68,3 +68,37 @@ def test_load_test_reports_rss_and_cpu_after_each_round(tmp_path):
         assert r["cpu_ms_per_request"]["serve"] > 0 and r["cpu_ms_per_request"]["client"] > 0
     assert report["backend_calls_per_request_mean"] >= 1.0
     assert report["baseline_cpu_ms_per_request"]["replay"] >= 0
+
+
+def _counts(**over):
+    base = {"answered": 90, "poison_400": 5, "gave_up": 3, "refused_after_sigterm": 1, "cut_after_sigterm": 1}
+    return {**base, **over}
+
+
+def _account(requests=94, answered=90, answered_cost=0.9, other_cost=0.05):
+    return {"requests": requests, "answered": answered, "total_cost": answered_cost + other_cost,
+            "cost_by_outcome": {"answered": answered_cost, "disconnects": other_cost}}
+
+
+def test_account_agrees_when_every_accepted_request_is_stored_and_billed():
+    lt = _load_test()
+    assert lt.account_problems(_account(), _counts(), delivered=0.9, total_requests=101) == []
+
+
+def test_account_may_hold_answers_abandoned_by_their_clients_but_no_more():
+    lt = _load_test()
+    # 2 answers the server billed while their clients gave up: allowed (3 gave up + 1 cut)
+    assert lt.account_problems(_account(answered=92, answered_cost=0.92), _counts(), 0.9, 101) == []
+    # 5 such answers: more than the 4 clients that left
+    assert any("abandoned" in p for p in lt.account_problems(_account(answered=95, answered_cost=0.95), _counts(),
+                                                                0.9, 101))
+    # fewer answers stored than the clients received: never
+    assert any("abandoned" in p for p in lt.account_problems(_account(answered=89), _counts(), 0.9, 101))
+
+
+def test_account_problems_name_a_missing_request_and_a_cost_mismatch():
+    lt = _load_test()
+    probs = lt.account_problems(_account(requests=93), _counts(), 0.9, 101)
+    assert probs == ["account holds 93 requests, 94 were accepted"]
+    probs = lt.account_problems(_account(answered_cost=0.8), _counts(), 0.9, 101)
+    assert any("answered cost" in p for p in probs)
