@@ -28,8 +28,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -78,12 +76,12 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
     adherence = {s: {"mean": round(float(budget_adherence(r).mean()), 4), "max": round(float(budget_adherence(r).max()), 4)}
                  for s, r in learned.items() if s != "linear_interpolation"}
     guard = sum(1 for f in cr.fitted if f.max_depth == 1)
-    worst = int(np.argmin(cmp.diff))
+    worst = cmp.worst_index
     shapes = [tuple(f.info.get("shape", [1.0])) for f in cr.fitted]
     summary = {
         "auc": {f"{r['estimator']}/{r['strategy']}": r["auc"] for r in result.rows},
         "cr_minus_routing_auc": round(cr.auc - rt.auc, 3),
-        "per_budget_cr_minus_routing": {"min": round(float(cmp.diff.min()), 4), "at_budget": cmp.worst[0],
+        "per_budget_cr_minus_routing": {"min": round(float(cmp.diff[worst]), 4), "at_budget": cmp.worst[0],
                                          "min_ci95": [round(float(cmp.ci_low[worst]), 4), round(float(cmp.ci_high[worst]), 4)],
                                          "max": round(float(cmp.diff.max()), 4)},
         "answer_signal": answer_signal(result.estimator_metrics["learned"]),

@@ -27,9 +27,14 @@ class BudgetComparison:
     ci_high: np.ndarray
 
     @property
+    def worst_index(self) -> int:
+        """Index of the budget where A trails B the most."""
+        return int(np.argmin(self.diff))
+
+    @property
     def worst(self) -> tuple[float, float]:
         """(budget, diff) where A trails B the most."""
-        i = int(np.argmin(self.diff))
+        i = self.worst_index
         return float(self.budgets[i]), float(self.diff[i])
 
 

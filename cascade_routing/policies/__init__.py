@@ -9,7 +9,7 @@ from cascade_routing.policies.routing import Routing
 from cascade_routing.policies.supermodels import expected_max, normal_draws, supermodel_table
 
 __all__ = [
-    "STRATEGIES", "BudgetUnreachable", "CascadeRouting", "FittedLambda", "OptimalCascade", "Policy", "PolicyError", "Routing",
-    "ThresholdCascade", "expected_max", "fit_lambda", "make_policy", "normal_draws", "query_uniforms",
+    "STRATEGIES", "BudgetUnreachable", "CascadeRouting", "FittedLambda", "OptimalCascade", "Policy", "PolicyError",
+    "Routing", "ThresholdCascade", "expected_max", "fit_lambda", "make_policy", "normal_draws", "query_uniforms",
     "select_best_ran", "supermodel_table",
 ]

@@ -1,0 +1,34 @@
+"""Per-budget paired comparison of two sweeps (evaluation/compare.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from cascade_routing.evaluation.compare import budget_adherence, compare_per_budget
+
+
+def _sweep(name, per_query_quality, costs):
+    q = np.asarray(per_query_quality, dtype=np.float64)
+    return SimpleNamespace(strategy=name, budgets=np.array([1.0, 2.0, 3.0]), per_query_quality=q,
+                           qualities=q.mean(1), costs=np.asarray(costs, dtype=np.float64))
+
+
+def test_per_budget_difference_its_ci_and_the_worst_budget():
+    a = _sweep("a", [[1, 1, 0, 0], [0, 0, 0, 1], [1, 1, 1, 1]], [0.9, 2.0, 3.3])
+    b = _sweep("b", [[1, 0, 0, 0], [1, 1, 0, 1], [1, 1, 1, 1]], [1.0, 1.8, 3.0])
+    cmp = compare_per_budget(a, b, num_resamples=200)
+    assert np.allclose(cmp.diff, [0.25, -0.5, 0.0])
+    assert np.all(cmp.ci_low <= cmp.diff) and np.all(cmp.diff <= cmp.ci_high)
+    assert cmp.ci_low[2] == cmp.ci_high[2] == 0.0  # identical answers: no spread
+    assert cmp.worst_index == 1 and cmp.worst == (2.0, -0.5)
+    assert np.allclose(budget_adherence(a), [0.9, 1.0, 1.1])
+
+
+def test_sweeps_over_other_budgets_are_refused():
+    a = _sweep("a", [[1, 0]] * 3, [1, 2, 3])
+    b = _sweep("b", [[1, 0, 1]] * 3, [1, 2, 3])
+    with pytest.raises(ValueError, match="do not share"):
+        compare_per_budget(a, b)
