@@ -62,6 +62,14 @@ def _recalibrate(noisy: np.ndarray, truth: np.ndarray, fit_rows: np.ndarray) -> 
     return out
 
 
+def _table(values, models: list[str], name: str) -> np.ndarray:
+    """``values`` as float64 [N, M] with one column per model, or a ValueError naming ``name``."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != len(models):
+        raise ValueError(f"{name} must be [N, M={len(models)}], got shape {x.shape}")
+    return x
+
+
 def _as_rows(fit_rows, n: int) -> np.ndarray:
     rows = np.arange(n) if fit_rows is None else np.asarray(fit_rows, dtype=np.int64)
     if rows.size < 2:
@@ -84,9 +92,7 @@ class SyntheticQualityEstimator(_MovableTables):
 
     def __init__(self, quality: np.ndarray, models: list[str], noise: str | NoiseLevel = "low",
                  fit_rows=None, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
-        y = np.asarray(quality, dtype=np.float64)
-        if y.ndim != 2 or y.shape[1] != len(models):
-            raise ValueError(f"quality must be [N, M={len(models)}], got shape {y.shape}")
+        y = _table(quality, models, "quality")
         if not np.isfinite(y).all():
             raise ValueError("quality has non-finite values")
         level = _noise(noise)
@@ -112,9 +118,7 @@ class SyntheticCostEstimator(_MovableTables):
 
     def __init__(self, cost: np.ndarray, models: list[str], noise: str | NoiseLevel = "low",
                  fit_rows=None, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
-        c = np.asarray(cost, dtype=np.float64)
-        if c.ndim != 2 or c.shape[1] != len(models):
-            raise ValueError(f"cost must be [N, M={len(models)}], got shape {c.shape}")
+        c = _table(cost, models, "cost")
         level = _noise(noise)
         rows = _as_rows(fit_rows, c.shape[0])
         rng = np.random.default_rng(seed + 1_000_003)
