@@ -14,7 +14,6 @@ from cascade_routing.evaluation.synthetic import (
     OracleQualityEstimator,
     SyntheticCostEstimator,
     SyntheticQualityEstimator,
-    synthetic_estimators,
 )
 from cascade_routing.evaluation import simulate
 from cascade_routing.evaluation.metrics import auc, nondominated_models, sweep_budgets

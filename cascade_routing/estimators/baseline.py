@@ -25,7 +25,6 @@ from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.estimators.features import (
     AgreementCache,
     answer_features,
-    compose_features,
     pair_similarity,
     static_features,
     task_onehot,
