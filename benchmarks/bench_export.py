@@ -5,7 +5,8 @@ export itself, without loading the checkpoint and data) from the written artifac
 command's wall and CPU time and the load average. ``--baseline-src DIR`` (a checkout of another
 revision, e.g. ``git archive main | tar -x -C DIR``) first exports the same checkpoint with DIR's
 code (``PYTHONPATH=DIR``) in the same session, then prints the ratios and whether both artifacts
-carry the same export results (:mod:`compare_artifacts`). ``--json PATH`` writes the figures.
+carry the same export results (:mod:`compare_artifacts`; the covariance table on the ran-sets both hold,
+and how many each holds). ``--json PATH`` writes the figures.
 Usage: ``python benchmarks/bench_export.py --ckpt runs/routerbench/checkpoints/best.ckpt [--baseline-src DIR]``
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_reproduce import run  # noqa: E402
-from compare_artifacts import differences  # noqa: E402
+from compare_artifacts import differences, held_ran_sets  # noqa: E402
 
 from cascade_routing.estimators.artifact import load_artifact  # noqa: E402
 
@@ -45,10 +46,13 @@ def main() -> None:
         arts[name] = load_artifact(path)
         res["export_s"] = arts[name].metrics.get("export_seconds")
         res["selection_s"] = arts[name].uncertainty_selection.get("seconds")
+        if arts[name].covariances is not None:
+            res["covariance_sets"] = int(held_ran_sets(arts[name]).sum())
         figures[name] = res
         print(f"{name}: export {res['export_s']} s (uncertainty selection {res['selection_s']} s) of a "
               f"{res['wall_s']} s command, CPU {res['cpu_s']} s; load before/after "
-              f"{res['load_before']}/{res['load_after']}; uncertainty {arts[name].uncertainty}")
+              f"{res['load_before']}/{res['load_after']}; uncertainty {arts[name].uncertainty}; covariances for "
+              f"{res.get('covariance_sets')} ran-sets")
     if args.baseline_src:
         diff = differences(arts["baseline"], arts["this"])
         figures.update({"export_ratio": round(figures["baseline"]["export_s"] / figures["this"]["export_s"], 2),

@@ -3,7 +3,9 @@
 Compared: the chosen uncertainty mode, ``var_scale``, the covariance table, the calibration report,
 the uncertainty-selection scores and fold AUCs, the pools, and every fitted λ table (λ low/high,
 γ, depth limit, calibration cost/quality per strategy and budget), all exactly; ``seconds`` and
-``export_seconds`` are the only fields allowed to differ.
+``export_seconds`` are the only fields allowed to differ. The covariance table is compared on the
+ran-sets both artifacts hold (a table restricted by ``covariance_coverage`` holds fewer; how many
+each holds is printed).
 Usage: ``python benchmarks/compare_artifacts.py A.safetensors B.safetensors``
 """
 
@@ -22,10 +24,12 @@ def differences(a, b) -> list[str]:
     for name in ("uncertainty", "covariance_kind", "calibration", "pools"):
         if getattr(a, name) != getattr(b, name):
             out.append(name)
-    for name in ("var_scale", "covariances"):
-        x, y = getattr(a, name), getattr(b, name)
-        if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
-            out.append(name)
+    x, y = a.var_scale, b.var_scale
+    if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
+        out.append("var_scale")
+    x, y = a.covariances, b.covariances
+    if (x is None) != (y is None) or (x is not None and not torch.equal(x[held_ran_sets(a) & held_ran_sets(b)], y[held_ran_sets(a) & held_ran_sets(b)])):
+        out.append("covariances")
     sel_a = {k: v for k, v in a.uncertainty_selection.items() if k != "seconds"}
     sel_b = {k: v for k, v in b.uncertainty_selection.items() if k != "seconds"}
     if sel_a != sel_b:
@@ -39,12 +43,18 @@ def differences(a, b) -> list[str]:
     return out
 
 
+def held_ran_sets(art) -> torch.Tensor:
+    """bool [2^M]: the ran-sets whose covariance the artifact holds (a restricted table is NaN elsewhere)."""
+    return ~torch.isnan(art.covariances).flatten(1).any(1)
+
+
 def main() -> None:
     a, b = (load_artifact(p) for p in sys.argv[1:3])
     diff = differences(a, b)
     for art, path in ((a, sys.argv[1]), (b, sys.argv[2])):
+        held = "" if art.covariances is None else f", covariances for {int(held_ran_sets(art).sum())} ran-sets"
         print(f"{path}: export_seconds {art.metrics.get('export_seconds')}, uncertainty {art.uncertainty}, "
-              f"selection {art.uncertainty_selection.get('seconds')} s")
+              f"selection {art.uncertainty_selection.get('seconds')} s{held}")
     print("identical export results" if not diff else f"differ in: {', '.join(diff)}")
     sys.exit(1 if diff else 0)
 

@@ -3,9 +3,13 @@
 Steps (all on held-out splits, never on the training rows):
 
 1. variance-head calibration ``c_m`` and residual covariances per ran-set on the calibration split
-   (the paper's centered covariance and the uncentered second moment);
+   (the paper's centered covariance and the uncentered second moment), for the ran-sets the stored
+   policies can read -- every set with at most ``covariance_max_run`` models run (cascade routing's
+   depth), the prefixes of the cost order and of the pool (the cascades' chains) -- and the sets the
+   calibration report of step 2 draws; entries of other sets are never computed;
 2. the methods compared on the val split (:func:`uncertainty.calibration_report`, NLL and 90%
-   coverage, reported); the covariance table (centered or second moment) with the lower NLL is stored;
+   coverage, reported); the covariance table (centered or second moment) with the lower NLL is stored,
+   restricted to the sets the policies can read (``EstimatorArtifact.covariance_coverage``);
 3. the cost model fitted on the training split;
 4. the artifact's default uncertainty mode among variance head / residual covariance / none, each
    learned form also shrunk toward none by a factor α (σ² → α·σ², Σ → α·Σ, α in
@@ -33,30 +37,55 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from cascade_routing.calibration.binding import refresh_query_embeddings
 from cascade_routing.calibration.lambda_tables import fit_lambda_tables
 from cascade_routing.calibration.selection import SELECTION_MODES, SELECTION_SCALES, candidate_name, select_uncertainty
-from cascade_routing.calibration.uncertainty import calibration_report, fit_variance_scale, residual_moments
+from cascade_routing.calibration.uncertainty import (
+    calibration_report,
+    fit_variance_scale,
+    report_ran_sets,
+    residual_moments,
+)
 from cascade_routing.estimators.artifact import EstimatorArtifact, encoder_reference
 from cascade_routing.estimators.cost import CostModel
+from cascade_routing.estimators.learned import coverage_ids
 from cascade_routing.policies.pool import nondominated_pool
-from cascade_routing.policies.registry import POOLED_STRATEGIES, STRATEGIES
+from cascade_routing.policies.registry import CASCADE_ROUTING_MAX_DEPTH, POOLED_STRATEGIES, STRATEGIES
 
 MAX_COVARIANCE_MODELS = 11  # 2^11 ran-sets × M² floats; above this only the variance head is stored
 
 
-def _uncertainty_tables(network, cal, val, m: int):
+def _uncertainty_tables(network, cal, val, models: list[str], coverage: dict | None):
     """Steps 1–2: ``(var_scale, report, method with the lowest val NLL, covariance table kind or None,
-    that table or None)``; covariance tables only for ``m <= MAX_COVARIANCE_MODELS``."""
+    that table or None)``; covariance tables only for ``M <= MAX_COVARIANCE_MODELS``, computed for the
+    sets of ``coverage`` (None: all) and of the report, stored with NaN outside ``coverage``."""
     var_scale = fit_variance_scale(network, cal)
     tables = {}
-    if m <= MAX_COVARIANCE_MODELS:
+    if len(models) <= MAX_COVARIANCE_MODELS:
+        kept = coverage_ids(coverage, models)
+        sets = None if coverage is None else torch.unique(torch.cat([kept, report_ran_sets(val)]))
         # one network pass over every (row, ran-set) pair gives both tables
-        tables["residual_covariance"], tables["residual_second_moment"] = residual_moments(network, cal)
+        tables["residual_covariance"], tables["residual_second_moment"] = residual_moments(network, cal, sets=sets)
     report = calibration_report(network, val, var_scale, tables)
     chosen_by_nll = min(report, key=lambda k: report[k]["nll"])
     best_table = min(tables, key=lambda k: report[k]["nll"]) if tables else None
-    return var_scale, report, chosen_by_nll, best_table, tables[best_table] if best_table else None
+    table = tables[best_table] if best_table else None
+    if table is not None and coverage is not None:  # drop the sets only the report read
+        dropped = torch.ones(table.shape[0], dtype=torch.bool)
+        dropped[kept] = False
+        table = table.masked_fill(dropped[:, None, None], float("nan"))
+    return var_scale, report, chosen_by_nll, best_table, table
+
+
+def covariance_coverage(models: list[str], pool: list[str], max_run: int | None) -> dict | None:
+    """The ran-sets a covariance table is kept for: every set with at most ``max_run`` models run (cascade
+    routing's depth) plus the prefixes of the cost order and of ``pool`` (the cascades' chains, which may
+    run more models); None (every set) when ``max_run`` is None or covers all."""
+    if max_run is None or max_run >= len(models):
+        return None
+    return {"max_run": int(max_run), "chains": [list(models), list(pool)]}
 
 
 def build_artifact(
@@ -69,9 +98,12 @@ def build_artifact(
     select_modes: tuple[str, ...] | None = SELECTION_MODES,
     selection_seed: int = 0,
     select_scales: tuple[float, ...] = SELECTION_SCALES,
+    covariance_max_run: int | None = CASCADE_ROUTING_MAX_DEPTH,
 ) -> EstimatorArtifact:
     """See the module docstring. ``module.network`` must be trained (``module.hparams`` is recorded);
-    ``datamodule`` set up (``splits``, ``models``, encoder settings).
+    ``datamodule`` set up (``splits``, ``models``, encoder settings). ``covariance_max_run``: the
+    covariance table holds the sets with at most this many models run plus the chains' prefixes
+    (:func:`covariance_coverage`; None: every ran-set).
 
     ``select_modes=None`` skips the decision-quality selection (step 4); the default is then the
     method with the lower val NLL, as before.
@@ -80,8 +112,10 @@ def build_artifact(
     network = module.network.cpu().eval()
     refresh_query_embeddings(network, datamodule)
     cal, val = datamodule.splits["calibration"], datamodule.splits["val"]
-    m = len(datamodule.models)
-    var_scale, report, chosen_by_nll, best_table, covs = _uncertainty_tables(network, cal, val, m)
+    models = list(datamodule.models)
+    frontier = [models[i] for i in nondominated_pool(cal.dataset.quality, cal.dataset.cost)]
+    coverage = covariance_coverage(models, frontier, covariance_max_run)
+    var_scale, report, chosen_by_nll, best_table, covs = _uncertainty_tables(network, cal, val, models, coverage)
     encoder_ref, encoder_tensors = encoder_reference(datamodule, network)  # carries a non-default frozen encoder
     art = EstimatorArtifact(
         models=list(datamodule.models),
@@ -95,11 +129,11 @@ def build_artifact(
         covariance_kind=best_table,
         var_scale=var_scale,
         covariances=covs,
+        covariance_coverage=coverage if covs is not None else None,
         calibration=report,
         data_config=datamodule.data_config(),
         train_config=dict(module.hparams),
     )
-    frontier = [art.models[i] for i in nondominated_pool(cal.dataset.quality, cal.dataset.cost)]
     art.pools = {strategy: frontier for strategy in strategies if strategy in POOLED_STRATEGIES}
     if select_modes:
         sel = select_uncertainty(art, cal, tuple(select_modes), tuple(select_scales), seed=selection_seed,

@@ -7,7 +7,8 @@ estimate will still move once every model has run (the paper's notion; it drives
   ``c_m = mean(r_m² / exp(logvar_m))`` over calibration rows × random ran-masks (so the head's
   scale is fitted on held-out data).
 - Residual covariance (the paper): for every ran-set s (bitmask, ``Σ_m ran_m 2^m``),
-  ``Σ_s = Cov_{i ∈ calibration}(p_i(all) − p_i(s))`` [M, M], the same for every query.
+  ``Σ_s = Cov_{i ∈ calibration}(p_i(all) − p_i(s))`` [M, M], the same for every query. The table
+  may be computed for some ran-sets only (``sets``): the cost is one network pass per (row, set).
 
 :func:`calibration_report` compares them on held-out rows: mean Gaussian NLL of r under each
 marginal σ (lower is better) and the coverage of the central 90% interval ``|r| ≤ 1.645σ``
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from cascade_routing.training.datamodule import EncodedSplit
 
 Z90 = 1.6448536269514722
+REPORT_MASKS_PER_ROW, REPORT_SEED = 4, 1  # the random ran-masks :func:`calibration_report` scores by default
 
 
 @torch.no_grad()
@@ -52,24 +54,29 @@ def split_predictions(
 
 @torch.no_grad()
 def residual_covariances(
-    network: QualityNetwork, split: "EncodedSplit", rows_per_chunk: int = 8, centered: bool = True
+    network: QualityNetwork, split: "EncodedSplit", rows_per_chunk: int = 8, centered: bool = True,
+    sets: Tensor | None = None,
 ) -> Tensor:
-    """[2^M, M, M]: ``Cov_i(p_i(all) − p_i(s))`` for every ran-set s, over the rows of ``split``.
+    """[2^M, M, M]: ``Cov_i(p_i(all) − p_i(s))`` for every ran-set s of ``sets`` (long ids; None: all
+    2^M), over the rows of ``split``; rows of sets not in ``sets`` are NaN.
 
     ``centered=False`` gives the second moment ``E_i[r_i r_iᵀ]`` instead (the spread around 0, which
     also counts a systematic shift of the estimate once more models have run).
     """
-    cov, second = residual_moments(network, split, rows_per_chunk)
+    cov, second = residual_moments(network, split, rows_per_chunk, sets)
     return cov if centered else second
 
 
 @torch.no_grad()
-def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_chunk: int = 8) -> tuple[Tensor, Tensor]:
+def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_chunk: int = 8,
+                     sets: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Both tables of :func:`residual_covariances` (centered covariance, second moment) from one pass of
-    the network over every (row, ran-set) pair: the pass is the cost (N · 2^M forward rows)."""
+    the network over every (row, ran-set of ``sets``) pair: the pass is the cost (N · |sets| forward
+    rows). An entry depends only on its own set's pass, so it is the same whichever ``sets`` are asked."""
     network.eval()
     n, m = split.quality.shape
-    masks = all_masks(m)
+    ids = torch.arange(2**m) if sets is None else torch.unique(torch.as_tensor(sets, dtype=torch.long))
+    masks = all_masks(m)[ids]
     s_count = masks.shape[0]
     full = torch.ones(n, m, dtype=torch.bool)
     p_all, _ = split_predictions(network, split, torch.arange(n), full)
@@ -84,22 +91,51 @@ def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_ch
         feat = compose_features(split.static[rows][idx], split.pair_sim[rows][idx], ran)
         logit, _ = network.forward_prepared(
             split.query_emb[rows][idx], ran, {key: v[idx] for key, v in prep.items()}, feat, split.task[rows][idx],
-            split.query_feat[rows][idx],
+            split.query_feat[rows][idx], with_logvar=False,
         )
-        r = (p_all[rows][idx] - torch.sigmoid(logit)).double().reshape(k, s_count, m)
+        r = (p_all[rows][idx] - _sigmoid_vectorised(logit)).double().reshape(k, s_count, m)
         sum_r += r.sum(0)
         sum_rr += torch.einsum("ksa,ksb->sab", r, r)
     second = (sum_rr / n).float()
     mean = sum_r / n
-    cov = sum_rr / n - mean.unsqueeze(-1) * mean.unsqueeze(-2)
-    return (cov * n / max(n - 1, 1)).float(), second
+    cov = (sum_rr / n - mean.unsqueeze(-1) * mean.unsqueeze(-2)) * n / max(n - 1, 1)
+    return _on_all_sets(cov.float(), ids, m), _on_all_sets(second, ids, m)
+
+
+def _sigmoid_vectorised(x: Tensor) -> Tensor:
+    """``torch.sigmoid(x)`` with every element on torch's vectorised CPU path: a thread's tail shorter
+    than two vectors takes a scalar path that can differ in the last bit, so without the zero padding
+    an entry would depend on how many ran-sets share its batch."""
+    flat = x.reshape(-1)
+    pad = -flat.numel() % (64 * torch.get_num_threads())
+    return torch.sigmoid(torch.cat([flat, flat.new_zeros(pad)]))[: flat.numel()].view_as(x)
+
+
+def _on_all_sets(table: Tensor, ids: Tensor, m: int) -> Tensor:
+    """[2^M, M, M] with ``table``'s rows at ``ids`` and NaN elsewhere."""
+    if ids.numel() == 2**m:
+        return table
+    out = torch.full((2**m, m, m), math.nan, dtype=table.dtype)
+    out[ids] = table
+    return out
+
+
+def report_ran_sets(split: "EncodedSplit", masks_per_row: int = REPORT_MASKS_PER_ROW, seed: int = REPORT_SEED) -> Tensor:
+    """Sorted long ids of the ran-sets :func:`calibration_report` reads on ``split`` (its random masks)."""
+    n, m = split.quality.shape
+    return torch.unique(bitmask(_report_masks(n, m, masks_per_row, seed)[1]))
+
+
+def _report_masks(n: int, m: int, masks_per_row: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(rows, ran): each of the ``n`` rows ``masks_per_row`` times, each with a random ran-mask."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.arange(n).repeat(masks_per_row)
+    return rows, random_ran_masks(rows.numel(), m, gen)
 
 
 def _residuals(network: QualityNetwork, split: "EncodedSplit", masks_per_row: int, seed: int):
     n, m = split.quality.shape
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.arange(n).repeat(masks_per_row)
-    ran = random_ran_masks(rows.numel(), m, gen)
+    rows, ran = _report_masks(n, m, masks_per_row, seed)
     p_all, _ = split_predictions(network, split, torch.arange(n), torch.ones(n, m, dtype=torch.bool))
     p, logvar = split_predictions(network, split, rows, ran)
     return rows, ran, p_all[rows] - p, logvar
@@ -119,10 +155,11 @@ def calibration_report(
     split: "EncodedSplit",
     var_scale: Tensor,
     covariances: Tensor | dict[str, Tensor] | None,
-    masks_per_row: int = 4,
-    seed: int = 1,
+    masks_per_row: int = REPORT_MASKS_PER_ROW,
+    seed: int = REPORT_SEED,
 ) -> dict[str, dict[str, float]]:
-    """NLL and 90% coverage of the residual under each uncertainty method (see module docstring)."""
+    """NLL and 90% coverage of the residual under each uncertainty method (see module docstring).
+    A covariance table must hold every ran-set of :func:`report_ran_sets` (same ``masks_per_row``, ``seed``)."""
     _, ran, r, logvar = _residuals(network, split, masks_per_row, seed)
     keep = (~ran) & ~ran.all(1, keepdim=True)
     methods = {"variance_head": (var_scale * logvar.exp()).double()}
@@ -130,6 +167,10 @@ def calibration_report(
         covariances = {"residual_covariance": covariances}
     for name, cov in (covariances or {}).items():
         methods[name] = torch.diagonal(cov[bitmask(ran)], dim1=-2, dim2=-1).double()
+        if bool(torch.isnan(methods[name]).any()):
+            missing = sorted({int(i) for i in bitmask(ran)[torch.isnan(methods[name]).any(1)]})
+            raise ValueError(f"covariance table {name!r} lacks {len(missing)} ran-sets the report reads "
+                             f"(ids {missing[:5]}...); compute it for report_ran_sets(split)")
     out = {}
     rr = r.double()[keep]
     for name, var in methods.items():

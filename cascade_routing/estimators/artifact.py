@@ -2,7 +2,10 @@
 
 Layout: a safetensors file whose tensors are the network weights (``net.<name>``), the per-model
 variance calibration ``var_scale`` [M] and, when computed, the residual covariances
-``covariances`` [2^M, M, M]; its string metadata holds ``format`` = ``cascade-routing-estimator``,
+``covariances`` [2^M, M, M], or [S, M, M] for a table restricted to the S ran-sets of
+``covariance_coverage`` (every set with at most ``max_run`` models run plus the prefixes of
+``chains``, in id order; in memory the other rows are NaN and a lookup of one raises
+:class:`~cascade_routing.estimators.learned.UncoveredRanSetError`); its string metadata holds ``format`` = ``cascade-routing-estimator``,
 ``format_version`` and ``payload``: JSON with the model names (cheapest first), prices and the
 cost model, the network config, the encoder reference (the default MiniLM is stored as
 ``"default"``; a fine-tuned query encoder travels inside ``net.encoder.*``), the data config, the
@@ -43,7 +46,7 @@ from torch import Tensor
 from cascade_routing.estimators import encoding
 from cascade_routing.estimators.cost import BoundCostEstimator, CostModel
 from cascade_routing.estimators.features import task_onehot, text_statistics
-from cascade_routing.estimators.learned import UNCERTAINTY_MODES, LearnedQualityEstimator
+from cascade_routing.estimators.learned import UNCERTAINTY_MODES, LearnedQualityEstimator, coverage_ids
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
 FORMAT_TAG = "cascade-routing-estimator"
@@ -72,6 +75,7 @@ class EstimatorArtifact:
     var_scale: Tensor | None = None
     covariances: Tensor | None = None
     covariance_kind: str | None = None  # residual_covariance (centered) or residual_second_moment
+    covariance_coverage: dict | None = None  # {"max_run", "chains"} of a restricted table; None: all ran-sets
     calibration: dict = field(default_factory=dict)
     uncertainty_selection: dict = field(default_factory=dict)  # export.select_uncertainty's scores
     pools: dict[str, list[str]] = field(default_factory=dict)  # strategy -> models it may run (calibration frontier)
@@ -300,6 +304,7 @@ class EstimatorArtifact:
             var_scale=self.var_scale,
             covariances=self.covariances,
             query_feat=query_feat,
+            covariance_coverage=self.covariance_coverage,
         )
         cost = BoundCostEstimator(self.cost_model, queries, features, tasks)
         return quality, cost
@@ -316,6 +321,7 @@ class EstimatorArtifact:
             "binary": self.binary,
             "uncertainty": self.uncertainty,
             "covariance_kind": self.covariance_kind,
+            "covariance_coverage": self.covariance_coverage,
             "calibration": self.calibration,
             "uncertainty_selection": self.uncertainty_selection,
             "pools": self.pools,
@@ -335,7 +341,10 @@ class EstimatorArtifact:
         if self.var_scale is not None:
             tensors["var_scale"] = self.var_scale.detach().cpu().float().contiguous()
         if self.covariances is not None:
-            tensors["covariances"] = self.covariances.detach().cpu().float().contiguous()
+            table = self.covariances.detach().cpu().float()
+            if self.covariance_coverage is not None:  # only the covered rows (the others are NaN)
+                table = table[coverage_ids(self.covariance_coverage, self.models)]
+            tensors["covariances"] = table.contiguous()
         # version 2 only adds optional encoder keys, so a loaded version-1 artifact is written as valid version 2
         meta = {"format": FORMAT_TAG, "format_version": str(FORMAT_VERSION), "payload": json.dumps(self.payload())}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -433,6 +442,7 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
             var_scale=tensors.get("var_scale"),
             covariances=tensors.get("covariances"),
             covariance_kind=p.get("covariance_kind"),
+            covariance_coverage=p.get("covariance_coverage"),
             calibration=dict(p.get("calibration", {})),
             uncertainty_selection=dict(p.get("uncertainty_selection", {})),
             pools={str(k): [str(x) for x in v] for k, v in p.get("pools", {}).items()},
@@ -456,14 +466,35 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
         )
     if art.var_scale is not None and tuple(art.var_scale.shape) != (m,):
         raise ArtifactError(f"checkpoint {str(path)!r}: var_scale has shape {tuple(art.var_scale.shape)}, expected ({m},)")
-    if art.covariances is not None and tuple(art.covariances.shape) != (2**m, m, m):
-        raise ArtifactError(
-            f"checkpoint {str(path)!r}: covariances have shape {tuple(art.covariances.shape)}, expected ({2**m}, {m}, {m})"
-        )
+    if art.covariances is not None:
+        art.covariances = _covariances_on_all_sets(art, path)
     if expected_models is not None:
         art.check_models(list(expected_models), where="the expected model list")
     art.network()  # fail now, not at first use, if the weights do not fit
     return art
+
+
+def _covariances_on_all_sets(art: EstimatorArtifact, path: Path) -> Tensor:
+    """The stored table as [2^M, M, M]: a restricted one (``covariance_coverage``) expanded with NaN rows."""
+    m = len(art.models)
+    try:
+        ids = coverage_ids(art.covariance_coverage, art.models)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"checkpoint {str(path)!r}: unusable covariance_coverage {art.covariance_coverage!r}: "
+                            f"{type(err).__name__}: {err}") from None
+    what = "" if art.covariance_coverage is None else f" (the {ids.numel()} ran-sets of {art.covariance_coverage})"
+    if tuple(art.covariances.shape) != (ids.numel(), m, m):
+        raise ArtifactError(
+            f"checkpoint {str(path)!r}: covariances have shape {tuple(art.covariances.shape)}, expected "
+            f"({ids.numel()}, {m}, {m}){what}"
+        )
+    if art.covariance_coverage is None:
+        return art.covariances
+    if not bool(torch.isfinite(art.covariances).all()):
+        raise ArtifactError(f"checkpoint {str(path)!r}: covariances hold NaN or inf")
+    table = torch.full((2**m, m, m), float("nan"), dtype=art.covariances.dtype)
+    table[ids] = art.covariances
+    return table
 
 
 def encoder_reference(datamodule, network) -> tuple[dict, dict[str, Tensor]]:

@@ -8,6 +8,8 @@
    answer features (``features.answer_features``) and runs the network: ``mean = σ(logit)``;
 3. uncertainty: ``variance`` → ``std = sqrt(c_m · exp(logvar))``; ``covariance`` → ``cov =
    Σ_{bitmask(ran)} + εI`` (residual covariance of that ran-set); ``none`` → no uncertainty.
+   A table restricted to some ran-sets (``covariance_coverage``: every set with at most ``max_run``
+   models run plus the prefixes of ``chains``) raises :class:`UncoveredRanSetError` for any other set.
 
 Results are memoised per (row, ran-set), in one [N, M] table per ran-set: the network is
 deterministic in eval mode and a run answer never changes, so re-asking (e.g. while fitting λ) is an
@@ -24,11 +26,28 @@ from torch import Tensor
 
 from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.estimators.features import AgreementCache, answer_features
-from cascade_routing.estimators.masks import bitmask
+from cascade_routing.estimators.masks import bitmask, covered_ran_sets, ran_set_names
 from cascade_routing.estimators.network import QualityNetwork
 
 UNCERTAINTY_MODES = ("variance", "covariance", "none")
 COV_JITTER = 1e-6
+
+
+class UncoveredRanSetError(LookupError):
+    """A covariance lookup of a ran-set outside the artifact's restricted table."""
+
+
+def coverage_ids(coverage: Mapping | None, models: list[str]) -> Tensor:
+    """Sorted long ids of the ran-sets a covariance table with ``coverage`` holds (None: all 2^M):
+    every set with at most ``coverage["max_run"]`` models run plus the prefixes of ``coverage["chains"]``
+    (lists of model names in run order)."""
+    if coverage is None:
+        return torch.arange(2 ** len(models))
+    unknown = sorted({name for chain in coverage["chains"] for name in chain} - set(models))
+    if unknown:
+        raise ValueError(f"covariance coverage names models {unknown} that are not among {models}")
+    chains = [[models.index(name) for name in chain] for chain in coverage["chains"]]
+    return covered_ran_sets(len(models), coverage["max_run"], chains)
 
 
 class LearnedQualityEstimator:
@@ -49,6 +68,7 @@ class LearnedQualityEstimator:
         covariances: Tensor | None = None,
         batch_size: int = 4096,
         query_feat: Tensor | None = None,
+        covariance_coverage: Mapping | None = None,
     ) -> None:
         if uncertainty not in UNCERTAINTY_MODES:
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY_MODES}, got {uncertainty!r}")
@@ -71,6 +91,11 @@ class LearnedQualityEstimator:
         self.uncertainty = uncertainty
         self.var_scale = torch.ones(m) if var_scale is None else var_scale.float()
         self.covariances = None if covariances is None else covariances.float()
+        self.covariance_coverage = covariance_coverage
+        self._covered: np.ndarray | None = None  # bool [2^M] of a restricted table; None: every ran-set
+        if covariance_coverage is not None:
+            self._covered = np.zeros(2**m, dtype=bool)
+            self._covered[coverage_ids(covariance_coverage, self.models).numpy()] = True
         self.batch_size = batch_size
         self._answer_emb: dict[tuple[int, int], np.ndarray] = {}
         self._agreement = AgreementCache()
@@ -154,6 +179,19 @@ class LearnedQualityEstimator:
             std = (self.var_scale * torch.from_numpy(logvar).exp()).sqrt()
             return QualityEstimate(mean_t, std=std).to(device)
         if self.uncertainty == "covariance":
+            self._check_covered(ids)
             cov = self.covariances[torch.from_numpy(ids)] + COV_JITTER * torch.eye(m)
             return QualityEstimate(mean_t, cov=cov).to(device)
         return QualityEstimate(mean_t).to(device)
+
+    def _check_covered(self, ids: np.ndarray) -> None:
+        if self._covered is None or bool(self._covered[ids].all()):
+            return
+        state = int(ids[~self._covered[ids]][0])
+        cov = self.covariance_coverage
+        raise UncoveredRanSetError(
+            f"ran-set {ran_set_names(state, self.models)} ({bin(state).count('1')} models run) is not in this "
+            f"artifact's residual covariance table, which covers the ran-sets with at most {cov['max_run']} models "
+            f"run and the prefixes of the chains {cov['chains']} ({int(self._covered.sum())} of {self._covered.size} "
+            f"sets); use uncertainty 'variance' or 'none' for deeper states"
+        )

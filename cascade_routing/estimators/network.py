@@ -156,8 +156,10 @@ class QualityNetwork(nn.Module):
         answer_feat: Tensor,
         task: Tensor | None = None,
         query_feat: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """:meth:`forward` given :meth:`prepare_answers` output; unrun cells are masked here too."""
+        with_logvar: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward` given :meth:`prepare_answers` output; unrun cells are masked here too.
+        ``with_logvar=False`` skips the variance head (``logvar`` None; ``logit`` unchanged)."""
         ran = ran.bool()
         r = ran.unsqueeze(-1)
         rf = ran.to(query_emb.dtype)
@@ -174,5 +176,7 @@ class QualityNetwork(nn.Module):
         z = h + self.joint_mlp(torch.cat([h, ctx, rf], dim=-1))
 
         logit = self.mean_head(z) + rf * (a * self.mean_self).sum(-1)
+        if not with_logvar:
+            return logit, None
         logvar = self.logvar_head(z) + rf * (a * self.logvar_self).sum(-1)
         return logit, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)

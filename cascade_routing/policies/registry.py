@@ -18,9 +18,10 @@ from cascade_routing.policies.routing import Routing
 STRATEGIES: tuple[str, ...] = ("routing", "threshold_cascade", "optimal_cascade", "cascade_routing")
 POOLED_STRATEGIES: tuple[str, ...] = ("threshold_cascade", "optimal_cascade", "cascade_routing")
 CASCADE_ROUTING_STEP_RATIOS: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0, 4.0)  # κ = λ(step >= 1) / λ(step 0)
+CASCADE_ROUTING_MAX_DEPTH = 5  # the most models cascade routing runs for one query (the paper's RouterBench setting)
 
 
-def make_policy(strategy: str, num_samples: int = 128, seed: int = 0, max_depth: int = 5,
+def make_policy(strategy: str, num_samples: int = 128, seed: int = 0, max_depth: int = CASCADE_ROUTING_MAX_DEPTH,
                 step_ratios: tuple[float, ...] | None = CASCADE_ROUTING_STEP_RATIOS,
                 pool: tuple[int, ...] | None = None, routing_guard: bool = True) -> Policy:
     """The engine's policy for a strategy name; a clear error listing the names otherwise.
