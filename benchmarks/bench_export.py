@@ -1,7 +1,8 @@
 """Time of the artifact export (calibration tables, uncertainty selection, λ tables) of a checkpoint.
 
 Runs ``cascade-routing export --ckpt CKPT`` in a child process and reads ``export_seconds`` (the
-export itself, without loading the checkpoint and data) from the written artifact, next to the
+export itself, without loading the checkpoint and data) and, where the artifact records them, the
+seconds of its steps (uncertainty tables, uncertainty selection, λ tables) from the written artifact, next to the
 command's wall and CPU time and the load average. ``--baseline-src DIR`` (a checkout of another
 revision, e.g. ``git archive main | tar -x -C DIR``) first exports the same checkpoint with DIR's
 code (``PYTHONPATH=DIR``) in the same session, then prints the ratios and whether both artifacts
@@ -46,10 +47,13 @@ def main() -> None:
         arts[name] = load_artifact(path)
         res["export_s"] = arts[name].metrics.get("export_seconds")
         res["selection_s"] = arts[name].uncertainty_selection.get("seconds")
+        res["uncertainty_tables_s"] = arts[name].metrics.get("uncertainty_tables_seconds")  # None where not recorded
+        res["lambda_tables_s"] = arts[name].metrics.get("lambda_tables_seconds")
         if arts[name].covariances is not None:
             res["covariance_sets"] = int(held_ran_sets(arts[name]).sum())
         figures[name] = res
-        print(f"{name}: export {res['export_s']} s (uncertainty selection {res['selection_s']} s) of a "
+        print(f"{name}: export {res['export_s']} s (uncertainty tables {res['uncertainty_tables_s']} s, selection "
+              f"{res['selection_s']} s, λ tables {res['lambda_tables_s']} s) of a "
               f"{res['wall_s']} s command, CPU {res['cpu_s']} s; load before/after "
               f"{res['load_before']}/{res['load_after']}; uncertainty {arts[name].uncertainty}; covariances for "
               f"{res.get('covariance_sets')} ran-sets")

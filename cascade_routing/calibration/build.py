@@ -116,6 +116,7 @@ def build_artifact(
     frontier = [models[i] for i in nondominated_pool(cal.dataset.quality, cal.dataset.cost)]
     coverage = covariance_coverage(models, frontier, covariance_max_run)
     var_scale, report, chosen_by_nll, best_table, covs = _uncertainty_tables(network, cal, val, models, coverage)
+    uncertainty_seconds = round(time.perf_counter() - t0, 2)
     encoder_ref, encoder_tensors = encoder_reference(datamodule, network)  # carries a non-default frozen encoder
     art = EstimatorArtifact(
         models=list(datamodule.models),
@@ -146,7 +147,10 @@ def build_artifact(
             elif sel["chosen"] == "covariance":
                 art.covariances = art.covariances * sel["scale"]
     if fit_lambdas:
+        t_fit = time.perf_counter()
         art.fitted = fit_lambda_tables(art, cal, strategies, budgets_per_pair, progress=progress)
+        art.metrics["lambda_tables_seconds"] = round(time.perf_counter() - t_fit, 2)
+    art.metrics["uncertainty_tables_seconds"] = uncertainty_seconds  # steps 1-2 (the residual pass)
     art.metrics["export_seconds"] = round(time.perf_counter() - t0, 2)
     return art
 
