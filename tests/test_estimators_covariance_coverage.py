@@ -149,3 +149,24 @@ def test_full_table_artifacts_written_before_coverage_existed_still_load_and_ser
     qe, _ = bind_split(old, dm.splits["calibration"], uncertainty="covariance")
     ran = torch.ones(1, M, dtype=torch.bool)  # any ran-set, e.g. all models run
     assert torch.equal(qe.estimate(torch.tensor([0]), ran).cov[0], full.covariances[2**M - 1] + 1e-6 * torch.eye(M))
+
+
+def test_residual_moments_match_a_direct_computation_for_any_subset_of_sets(exports):
+    from cascade_routing.calibration.uncertainty import residual_moments, split_predictions
+
+    *_, dm, _, network = exports
+    cal = dm.splits["calibration"]
+    n = cal.quality.shape[0]
+    cov, second = residual_moments(network, cal, rows_per_chunk=3, sets_per_pass=5)
+    p_all, _ = split_predictions(network, cal, torch.arange(n), torch.ones(n, M, dtype=torch.bool))
+    for state in range(2**M):
+        p, _ = split_predictions(network, cal, torch.arange(n), all_masks(M)[state].expand(n, M))
+        r = (p_all - p).double()
+        torch.testing.assert_close(cov[state], torch.cov(r.T).float(), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(second[state], (r.T @ r / n).float(), rtol=1e-4, atol=1e-7)
+    sub = torch.tensor([0, 5, 9, 15])
+    cov_sub, second_sub = residual_moments(network, cal, rows_per_chunk=3, sets=sub, sets_per_pass=3)
+    assert torch.equal(cov_sub[sub], cov[sub]) and torch.equal(second_sub[sub], second[sub])
+    others = torch.ones(2**M, dtype=torch.bool)
+    others[sub] = False
+    assert bool(torch.isnan(cov_sub[others]).all()) and bool(torch.isnan(second_sub[others]).all())

@@ -69,10 +69,14 @@ def residual_covariances(
 
 @torch.no_grad()
 def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_chunk: int = 8,
-                     sets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     sets: Tensor | None = None, sets_per_pass: int = 512) -> tuple[Tensor, Tensor]:
     """Both tables of :func:`residual_covariances` (centered covariance, second moment) from one pass of
     the network over every (row, ran-set of ``sets``) pair: the pass is the cost (N · |sets| forward
-    rows). An entry depends only on its own set's pass, so it is the same whichever ``sets`` are asked."""
+    rows). An entry depends only on its own set's pass, so it is the same whichever ``sets`` are asked.
+
+    The network runs on one row and at most ``sets_per_pass`` ran-sets at a time (small working
+    tensors; a row's outputs do not depend on what else is in its batch); the moments are summed over
+    chunks of ``rows_per_chunk`` rows."""
     network.eval()
     n, m = split.quality.shape
     ids = torch.arange(2**m) if sets is None else torch.unique(torch.as_tensor(sets, dtype=torch.long))
@@ -84,22 +88,34 @@ def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_ch
     sum_rr = torch.zeros(s_count, m, m, dtype=torch.float64)
     for start in range(0, n, rows_per_chunk):
         rows = torch.arange(start, min(n, start + rows_per_chunk))
-        k = rows.numel()
+        # answer projections of the chunk's rows at once (a small product's rounding depends on its size)
         prep = network.prepare_answers(split.answer_emb[rows])
-        idx = torch.arange(k).repeat_interleave(s_count)
-        ran = masks.repeat(k, 1)
-        feat = compose_features(split.static[rows][idx], split.pair_sim[rows][idx], ran)
-        logit, _ = network.forward_prepared(
-            split.query_emb[rows][idx], ran, {key: v[idx] for key, v in prep.items()}, feat, split.task[rows][idx],
-            split.query_feat[rows][idx], with_logvar=False,
-        )
-        r = (p_all[rows][idx] - _sigmoid_vectorised(logit)).double().reshape(k, s_count, m)
+        r = torch.stack([_row_residuals(network, split, int(i), masks, p_all[i], {key: v[j : j + 1] for key, v in prep.items()},
+                                        sets_per_pass) for j, i in enumerate(rows)])  # [k, S, M]
         sum_r += r.sum(0)
         sum_rr += torch.einsum("ksa,ksb->sab", r, r)
     second = (sum_rr / n).float()
     mean = sum_r / n
     cov = (sum_rr / n - mean.unsqueeze(-1) * mean.unsqueeze(-2)) * n / max(n - 1, 1)
     return _on_all_sets(cov.float(), ids, m), _on_all_sets(second, ids, m)
+
+
+def _row_residuals(network: QualityNetwork, split: "EncodedSplit", row: int, masks: Tensor, p_all: Tensor,
+                   prep: dict[str, Tensor], sets_per_pass: int) -> Tensor:
+    """float64 [S, M]: ``p(all) − p(s)`` of split row ``row`` under each of ``masks`` [S, M] (``prep``: the
+    row's :meth:`~QualityNetwork.prepare_answers`, [1, ...])."""
+    at = torch.tensor([row])
+    out = []
+    for lo in range(0, masks.shape[0], sets_per_pass):
+        ran = masks[lo : lo + sets_per_pass]
+        idx = torch.zeros(ran.shape[0], dtype=torch.long)  # the row, once per mask
+        feat = compose_features(split.static[at][idx], split.pair_sim[at][idx], ran)
+        logit, _ = network.forward_prepared(
+            split.query_emb[at][idx], ran, {key: v[idx] for key, v in prep.items()}, feat, split.task[at][idx],
+            split.query_feat[at][idx], with_logvar=False,
+        )
+        out.append(p_all - _sigmoid_vectorised(logit))
+    return torch.cat(out).double()
 
 
 def _sigmoid_vectorised(x: Tensor) -> Tensor:
