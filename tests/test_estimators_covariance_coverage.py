@@ -170,3 +170,17 @@ def test_residual_moments_match_a_direct_computation_for_any_subset_of_sets(expo
     others = torch.ones(2**M, dtype=torch.bool)
     others[sub] = False
     assert bool(torch.isnan(cov_sub[others]).all()) and bool(torch.isnan(second_sub[others]).all())
+
+
+def test_residual_moments_accumulator_is_the_covariance_and_second_moment_over_rows():
+    from cascade_routing.estimators.residuals import ResidualMoments
+
+    r = torch.randn(37, 5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.3
+    acc = ResidualMoments(5, 3)
+    with pytest.raises(ValueError, match="no residual rows"):
+        acc.covariance()
+    for lo in range(0, 37, 8):  # chunks of rows, the last one short
+        acc.add(r[lo : lo + 8])
+    for s in range(5):
+        torch.testing.assert_close(acc.covariance()[s], torch.cov(r[:, s].T).float())
+        torch.testing.assert_close(acc.second_moment()[s], (r[:, s].T @ r[:, s] / 37).float())

@@ -27,6 +27,7 @@ from torch import Tensor
 from cascade_routing.estimators.features import compose_features
 from cascade_routing.estimators.masks import all_masks, bitmask, random_ran_masks
 from cascade_routing.estimators.network import QualityNetwork
+from cascade_routing.estimators.residuals import ResidualMoments
 
 if TYPE_CHECKING:
     from cascade_routing.training.datamodule import EncodedSplit
@@ -84,20 +85,15 @@ def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_ch
     s_count = masks.shape[0]
     full = torch.ones(n, m, dtype=torch.bool)
     p_all, _ = split_predictions(network, split, torch.arange(n), full)
-    sum_r = torch.zeros(s_count, m, dtype=torch.float64)
-    sum_rr = torch.zeros(s_count, m, m, dtype=torch.float64)
+    moments = ResidualMoments(s_count, m)
     for start in range(0, n, rows_per_chunk):
         rows = torch.arange(start, min(n, start + rows_per_chunk))
         # answer projections of the chunk's rows at once (a small product's rounding depends on its size)
         prep = network.prepare_answers(split.answer_emb[rows])
         r = torch.stack([_row_residuals(network, split, int(i), masks, p_all[i], {key: v[j : j + 1] for key, v in prep.items()},
                                         sets_per_pass) for j, i in enumerate(rows)])  # [k, S, M]
-        sum_r += r.sum(0)
-        sum_rr += torch.einsum("ksa,ksb->sab", r, r)
-    second = (sum_rr / n).float()
-    mean = sum_r / n
-    cov = (sum_rr / n - mean.unsqueeze(-1) * mean.unsqueeze(-2)) * n / max(n - 1, 1)
-    return _on_all_sets(cov.float(), ids, m), _on_all_sets(second, ids, m)
+        moments.add(r)
+    return _on_all_sets(moments.covariance(), ids, m), _on_all_sets(moments.second_moment(), ids, m)
 
 
 def _row_residuals(network: QualityNetwork, split: "EncodedSplit", row: int, masks: Tensor, p_all: Tensor,

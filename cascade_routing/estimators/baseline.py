@@ -30,6 +30,7 @@ from cascade_routing.estimators.features import (
     task_onehot,
 )
 from cascade_routing.estimators.masks import all_masks, bitmask
+from cascade_routing.estimators.residuals import ResidualMoments
 
 ANSWER_COLUMNS = (1, 0, 3)  # confidence, log_length, agreement (indices into ANSWER_FEATURES)
 
@@ -140,10 +141,10 @@ class BaselineModel:
             ms = masks[start : start + 64]
             x = design_all_masks(task, static, pair, ms)
             p = torch.sigmoid(torch.einsum("snf,smf->snm", x, self.weights[bitmask(ms)]))
-            r = (p_all.unsqueeze(0) - p).double()  # [S, N, M]
-            mean = r.mean(1, keepdim=True)
-            covs.append(torch.einsum("sna,snb->sab", r - mean, r - mean) / max(n - 1, 1))
-        self.covariances = torch.cat(covs).float()
+            moments = ResidualMoments(ms.shape[0], m)
+            moments.add((p_all.unsqueeze(0) - p).transpose(0, 1))  # [N, S, M]
+            covs.append(moments.covariance())
+        self.covariances = torch.cat(covs)
         return self.covariances
 
     def bind(
