@@ -100,15 +100,17 @@ def _row_residuals(network: QualityNetwork, split: "EncodedSplit", row: int, mas
                    prep: dict[str, Tensor], sets_per_pass: int) -> Tensor:
     """float64 [S, M]: ``p(all) − p(s)`` of split row ``row`` under each of ``masks`` [S, M] (``prep``: the
     row's :meth:`~QualityNetwork.prepare_answers`, [1, ...])."""
-    at = torch.tensor([row])
+    inputs = {"static": split.static, "pair_sim": split.pair_sim, "query_emb": split.query_emb, "task": split.task,
+              "query_feat": split.query_feat}
+    one = {key: v[row : row + 1] for key, v in inputs.items()}
     out = []
     for lo in range(0, masks.shape[0], sets_per_pass):
         ran = masks[lo : lo + sets_per_pass]
-        idx = torch.zeros(ran.shape[0], dtype=torch.long)  # the row, once per mask
-        feat = compose_features(split.static[at][idx], split.pair_sim[at][idx], ran)
+        b = ran.shape[0]
+        rep = {key: v.expand(b, *v.shape[1:]) for key, v in (one | prep).items()}  # the row once per mask (views)
+        feat = compose_features(rep["static"], rep["pair_sim"], ran)
         logit, _ = network.forward_prepared(
-            split.query_emb[at][idx], ran, {key: v[idx] for key, v in prep.items()}, feat, split.task[at][idx],
-            split.query_feat[at][idx], with_logvar=False,
+            rep["query_emb"], ran, {key: rep[key] for key in prep}, feat, rep["task"], rep["query_feat"], with_logvar=False,
         )
         out.append(p_all - _sigmoid_vectorised(logit))
     return torch.cat(out).double()
