@@ -45,6 +45,8 @@ class EvaluationResult:
     estimator_metrics: dict
     seconds: float
     out_dir: Path | None = None
+    # best_single_quality: the best one-model test mean; test_quality [N_test, M] and calibration_mean_quality
+    # [M] (one model alone per query, for paired comparisons against a single model)
     extra: dict = field(default_factory=dict)
     points: list[dict] = field(default_factory=list)  # per-budget points (evaluation.points.POINT_FIELDS)
     config: dict = field(default_factory=dict)  # what was evaluated and how (logged to wandb)
@@ -245,7 +247,10 @@ def evaluate(
               "seed": seed, "uncertainty": uncertainty or art.uncertainty, "data_config": art.data_config,
               "train_config": art.train_config, "network_config": art.network_config}
     result = EvaluationResult(rows, curves, metrics, time.perf_counter() - t0, points=points, config=config,
-                              extra={"best_single_quality": float(test_q.mean(0).max())})
+                              extra={"best_single_quality": float(test_q.mean(0).max()),
+                                     "test_quality": np.asarray(test_q, dtype=np.float64),
+                                     "calibration_mean_quality": np.asarray(cal.quality, dtype=np.float64).mean(0),
+                                     "models": list(art.models)})
     print_table(rows, metrics, dm.dataset_name)
     if out_dir is not None:
         result.out_dir = write_outputs(result, Path(out_dir))
