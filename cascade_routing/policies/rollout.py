@@ -4,7 +4,8 @@ It lives in the policy stage because λ fitting is defined through it (the fitte
 rollout meets the budget); :mod:`cascade_routing.evaluation` re-exports it.
 
 The loop is over steps, never over queries: at step t every still-active query gets its belief
-given what ran, the policy decides (next model or stop), the chosen models are marked as run. When
+given what ran, the policy decides (next model or stop; :func:`~cascade_routing.policies.step.decide_step`,
+the step the online router runs too), the chosen models are marked as run. When
 every query stopped, the policy selects the answer model; realised quality is the ground truth of
 the answer model and realised cost the sum of the true costs of every model that ran.
 
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from cascade_routing.policies.base import Policy, PolicyError
 from cascade_routing.policies.fitting import FittedLambda, as_fitted
+from cascade_routing.policies.step import decide_step, select_step
 
 
 @dataclass
@@ -112,19 +114,14 @@ def simulate(
         est = quality_estimator.estimate(q_rows, ran[idx] if device is None else ran[idx].to(device))
         device = est.mean.device
         c_est = cost_estimator.estimate(q_rows.to(device), ran[idx].to(device))
-        lam = fitted.lam_for(step, use_low[idx]) if lam_rows is None else lam_rows[idx, min(step, lam_rows.shape[1] - 1)]
-        lam = lam.to(device=device, dtype=est.mean.dtype)
-        kwargs = {"cache": cache, "rows": q_rows.to(device)} if cache is not None else {}
-        kwargs.update(fitted.decide_kwargs())
-        nxt = policy.decide(est, c_est.to(est.mean.dtype), ran[idx].to(device), lam, **kwargs).cpu()
+        nxt, _ = decide_step(policy, est, c_est, ran[idx], fitted, use_low[idx],
+                             lam_rows=None if lam_rows is None else lam_rows[idx], cache=cache, rows=q_rows)
         go = nxt >= 0
-        if bool((ran[idx[go], nxt[go]]).any()):
-            raise PolicyError(f"policy {policy!r} chose a model that already ran")
         ran[idx[go], nxt[go]] = True
         order[idx, step] = nxt
         active[idx[~go]] = False
     est = quality_estimator.estimate(rows.to(device) if device else rows, ran.to(device) if device else ran)
-    answer = policy.select(est, ran.to(est.mean.device)).cpu()
+    answer = select_step(policy, est, ran)
     got = answer >= 0
     realised_q = torch.zeros(n, dtype=torch.float64)
     realised_q[got] = quality[got.nonzero().squeeze(1), answer[got]]
