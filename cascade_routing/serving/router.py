@@ -388,43 +388,31 @@ class CascadeRouter:
         messages = item.messages if item.messages is not None else [{"role": "user", "content": item.query}]
         try:
             slot = await compute.bind(item.query, item.task, fitted)
-            for step in range(2 * len(self.models) + 1):  # each step adds a ran or failed model
-                decision = await compute.decide(slot, fitted)
-                trace = StepTrace(step, decision.lam, decision.estimate_mean, decision.estimate_std,
-                                  decision.cost_estimate)
-                progress.steps.append(trace)
-                if decision.model < 0:
-                    break
-                await self._run_model(slot, decision.model, trace, backends, messages, item.params, progress,
-                                      item.on_delta)
-            else:  # pragma: no cover - the policy must stop once every model ran or failed
-                raise RuntimeError(f"policy {self.policy!r} did not stop within {2 * len(self.models) + 1} steps")
+            await self._drive(slot, compute, fitted, backends, messages, item, progress)
             choice, final = await compute.select(slot)
         finally:
             if own:
                 await compute.aclose()
         if choice < 0:
             raise NoModelAvailableError(item.query, progress.failures)
-        model = self.models[choice]
-        total = time.perf_counter() - start
-        return RouteResult(
-            query=item.query,
-            text=progress.answers[model].text,
-            model=model,
-            models_run=list(progress.answers),
-            attempted=list(progress.attempted),
-            costs=progress.costs(),
-            total_cost=progress.total_cost(),
-            steps=progress.steps,
-            failures=progress.failures,
-            budget=used_budget,
-            final_estimate=final,
-            answers=progress.answers,
-            backend_ms=progress.backend_s * 1000.0,
-            routing_ms=(total - progress.backend_s) * 1000.0,
-            compute_ms=slot.compute_s * 1000.0,
-            batch_size=slot.batch_size,
-        )
+        return progress.result(item.query, self.models[choice], used_budget, final, slot,
+                               time.perf_counter() - start)
+
+    async def _drive(self, slot: Any, compute: Any, fitted: FittedLike, backends: Any,
+                     messages: list[dict[str, Any]], item: "RouteRequest", progress: "RouteProgress") -> None:
+        """Decide, run the chosen model, record its answer, repeat until the policy stops (each step
+        adds a model that answered or failed, so it stops within 2M + 1 steps)."""
+        for step in range(2 * len(self.models) + 1):
+            decision = await compute.decide(slot, fitted)
+            trace = StepTrace(step, decision.lam, decision.estimate_mean, decision.estimate_std,
+                              decision.cost_estimate)
+            progress.steps.append(trace)
+            if decision.model < 0:
+                return
+            await self._run_model(slot, decision.model, trace, backends, messages, item.params, progress,
+                                  item.on_delta)
+        limit = 2 * len(self.models) + 1  # pragma: no cover - the policy stops once every model ran or failed
+        raise RuntimeError(f"policy {self.policy!r} did not stop within {limit} steps")  # pragma: no cover
 
     def _answer_is_final(self, state: _State, row: int, model: int) -> bool:
         """Whether ``model``, about to run for ``row``, is certain to give the returned answer: it
@@ -493,6 +481,29 @@ class RouteProgress:
 
     def costs(self) -> dict[str, float]:
         return {name: a.cost for name, a in self.answers.items()}
+
+    def result(self, query: str, model: str, budget: float | None, final_estimate: dict[str, float], slot: Any,
+               wall_s: float) -> RouteResult:
+        """The :class:`RouteResult` of a finished route that returns ``model``'s answer; ``routing_ms``
+        is ``wall_s`` less the time spent awaiting backends."""
+        return RouteResult(
+            query=query,
+            text=self.answers[model].text,
+            model=model,
+            models_run=list(self.answers),
+            attempted=list(self.attempted),
+            costs=self.costs(),
+            total_cost=self.total_cost(),
+            steps=self.steps,
+            failures=self.failures,
+            budget=budget,
+            final_estimate=final_estimate,
+            answers=self.answers,
+            backend_ms=self.backend_s * 1000.0,
+            routing_ms=(wall_s - self.backend_s) * 1000.0,
+            compute_ms=slot.compute_s * 1000.0,
+            batch_size=slot.batch_size,
+        )
 
     def total_cost(self) -> float:
         return float(sum(a.cost for a in self.answers.values()))
