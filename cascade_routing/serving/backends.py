@@ -224,10 +224,8 @@ def _price(entry: Mapping[str, Any], kind: str, where: str) -> float:
     return value if per_token is not None else value / 1e6
 
 
-def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendConfig]:
-    """Validate a parsed backends document (see module docstring); returns name -> config."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("models"), list) or not data["models"]:
-        raise BackendConfigError(f"{source}: expected a mapping with a non-empty list 'models'")
+def _defaults(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The settings every model starts from: :data:`_DEFAULTS` updated by the document's ``defaults``."""
     defaults = dict(_DEFAULTS)
     user_defaults = data.get("defaults") or {}
     if not isinstance(user_defaults, Mapping):
@@ -236,56 +234,72 @@ def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendCo
     if unknown:
         raise BackendConfigError(f"{source}: unknown key(s) in defaults: {sorted(unknown)}")
     defaults.update(user_defaults)
+    return defaults
+
+
+def _model_config(entry: Any, source: str, i: int, defaults: Mapping[str, Any], taken: Mapping[str, Any]
+                  ) -> BackendConfig:
+    """Entry ``i`` of ``models`` validated (name not in ``taken``, known keys, http(s) URL, numeric
+    settings in range, prices) into a :class:`BackendConfig`; errors name ``source`` and the entry."""
+    where = f"{source}: models[{i}]"
+    if not isinstance(entry, Mapping):
+        raise BackendConfigError(f"{where}: expected a mapping, got {type(entry).__name__}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise BackendConfigError(f"{where}: 'name' must be a non-empty string")
+    where = f"{source}: model {name!r}"
+    unknown = set(entry) - _KNOWN
+    if unknown:
+        raise BackendConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+    if name in taken:
+        raise BackendConfigError(f"{where}: duplicate model name")
+    base_url = entry.get("base_url")
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise BackendConfigError(f"{where}: 'base_url' must be an http(s) URL, got {base_url!r}")
+    settings = {k: entry.get(k, defaults[k]) for k in _DEFAULTS}
+    try:
+        timeout_s = float(settings["timeout_s"])
+        max_retries = int(settings["max_retries"])
+        backoff_s = float(settings["backoff_s"])
+        max_concurrency = int(settings["max_concurrency"])
+        breaker_failures = int(settings["breaker_failures"])
+        breaker_reset_s = float(settings["breaker_reset_s"])
+    except (TypeError, ValueError) as err:
+        raise BackendConfigError(f"{where}: bad numeric setting: {err}") from None
+    if (timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1 or breaker_failures < 1
+            or breaker_reset_s < 0):
+        raise BackendConfigError(
+            f"{where}: need timeout_s > 0, max_retries >= 0, backoff_s >= 0, max_concurrency >= 1, "
+            "breaker_failures >= 1, breaker_reset_s >= 0"
+        )
+    return BackendConfig(
+        name=name,
+        base_url=base_url,
+        model_id=str(entry.get("model_id", name)),
+        price_in=_price(entry, "input", where),
+        price_out=_price(entry, "output", where),
+        api_key_env=entry.get("api_key_env"),
+        timeout_s=timeout_s,
+        max_retries=max_retries,
+        backoff_s=backoff_s,
+        max_concurrency=max_concurrency,
+        logprobs=bool(settings["logprobs"]),
+        trust_reported_cost=bool(settings["trust_reported_cost"]),
+        breaker_failures=breaker_failures,
+        breaker_reset_s=breaker_reset_s,
+        extra_body=dict(entry.get("extra_body") or {}),
+    )
+
+
+def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendConfig]:
+    """Validate a parsed backends document (see module docstring); returns name -> config."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("models"), list) or not data["models"]:
+        raise BackendConfigError(f"{source}: expected a mapping with a non-empty list 'models'")
+    defaults = _defaults(data, source)
     configs: dict[str, BackendConfig] = {}
     for i, entry in enumerate(data["models"]):
-        where = f"{source}: models[{i}]"
-        if not isinstance(entry, Mapping):
-            raise BackendConfigError(f"{where}: expected a mapping, got {type(entry).__name__}")
-        name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise BackendConfigError(f"{where}: 'name' must be a non-empty string")
-        where = f"{source}: model {name!r}"
-        unknown = set(entry) - _KNOWN
-        if unknown:
-            raise BackendConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
-        if name in configs:
-            raise BackendConfigError(f"{where}: duplicate model name")
-        base_url = entry.get("base_url")
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise BackendConfigError(f"{where}: 'base_url' must be an http(s) URL, got {base_url!r}")
-        settings = {k: entry.get(k, defaults[k]) for k in _DEFAULTS}
-        try:
-            timeout_s = float(settings["timeout_s"])
-            max_retries = int(settings["max_retries"])
-            backoff_s = float(settings["backoff_s"])
-            max_concurrency = int(settings["max_concurrency"])
-            breaker_failures = int(settings["breaker_failures"])
-            breaker_reset_s = float(settings["breaker_reset_s"])
-        except (TypeError, ValueError) as err:
-            raise BackendConfigError(f"{where}: bad numeric setting: {err}") from None
-        if (timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1 or breaker_failures < 1
-                or breaker_reset_s < 0):
-            raise BackendConfigError(
-                f"{where}: need timeout_s > 0, max_retries >= 0, backoff_s >= 0, max_concurrency >= 1, "
-                "breaker_failures >= 1, breaker_reset_s >= 0"
-            )
-        configs[name] = BackendConfig(
-            name=name,
-            base_url=base_url,
-            model_id=str(entry.get("model_id", name)),
-            price_in=_price(entry, "input", where),
-            price_out=_price(entry, "output", where),
-            api_key_env=entry.get("api_key_env"),
-            timeout_s=timeout_s,
-            max_retries=max_retries,
-            backoff_s=backoff_s,
-            max_concurrency=max_concurrency,
-            logprobs=bool(settings["logprobs"]),
-            trust_reported_cost=bool(settings["trust_reported_cost"]),
-            breaker_failures=breaker_failures,
-            breaker_reset_s=breaker_reset_s,
-            extra_body=dict(entry.get("extra_body") or {}),
-        )
+        config = _model_config(entry, source, i, defaults, configs)
+        configs[config.name] = config
     return configs
 
 
