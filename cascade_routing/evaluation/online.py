@@ -63,6 +63,36 @@ def simulate_controlled(
     controller state after the costs of ``completion[:observed_before[k]]``, each of which must be a
     request before k. Default: sequential (``observed_before[k] = k``, ``completion = 0..N-1``).
     """
+    q, c, rows, uniforms, observed_before, completion = _stream_inputs(quality, cost, rows, uniforms,
+                                                                       observed_before, completion)
+    n, m = q.shape
+    controller = BudgetController(budget, config)
+    costs: list[float | None] = [None] * n
+    fed = 0
+    ran = torch.zeros(n, m, dtype=torch.bool)
+    steps = policy.max_steps(m)
+    order = torch.full((n, steps), -1, dtype=torch.long)
+    answer = torch.full((n,), -1, dtype=torch.long)
+    real_q = torch.zeros(n, dtype=torch.float64)
+    real_c = torch.zeros(n, dtype=torch.float64)
+    factors = torch.ones(n, dtype=torch.float64)
+    versions = torch.zeros(n, dtype=torch.long)
+    for k in range(n):
+        fed = _observe_until(controller, costs, completion, fed, int(observed_before[k]), k)
+        factor, version = controller.take()
+        factors[k], versions[k] = factor, version
+        r = simulate(policy, quality_estimator, cost_estimator, q[k:k + 1], c[k:k + 1],
+                     scale_fitted(fitted, factor), uniforms[k:k + 1], rows[k:k + 1], cache)
+        ran[k], answer[k], real_q[k], real_c[k] = r.ran[0], r.answer[0], r.quality[0], r.cost[0]
+        order[k, : r.order.shape[1]] = r.order[0]
+        costs[k] = float(r.cost[0])
+    return ControlledResult(SimulationResult(ran, order, answer, real_q, real_c), factors, versions)
+
+
+def _stream_inputs(quality, cost, rows, uniforms, observed_before, completion
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int], list[int]]:
+    """:func:`simulate_controlled`'s inputs checked and with their defaults (all rows; sequential
+    observation)."""
     q = _as_tensor(quality, "quality")
     c = _as_tensor(cost, "cost")
     n, m = q.shape
@@ -80,35 +110,22 @@ def simulate_controlled(
         completion = list(range(n))
     if len(observed_before) != n or sorted(completion) != list(range(n)):
         raise PolicyError("observed_before must have N entries and completion must be a permutation of 0..N-1")
-    controller = BudgetController(budget, config)
-    costs: list[float | None] = [None] * n
-    fed = 0
-    ran = torch.zeros(n, m, dtype=torch.bool)
-    steps = policy.max_steps(m)
-    order = torch.full((n, steps), -1, dtype=torch.long)
-    answer = torch.full((n,), -1, dtype=torch.long)
-    real_q = torch.zeros(n, dtype=torch.float64)
-    real_c = torch.zeros(n, dtype=torch.float64)
-    factors = torch.ones(n, dtype=torch.float64)
-    versions = torch.zeros(n, dtype=torch.long)
-    for k in range(n):
-        want = int(observed_before[k])
-        if want < fed:
-            raise PolicyError(f"observed_before must not decrease (request {k}: {want} after {fed})")
-        while fed < want:
-            j = completion[fed]
-            if j >= k or costs[j] is None:
-                raise PolicyError(f"request {k} saw the cost of request {j}, which had not been served yet")
-            controller.observe(costs[j])
-            fed += 1
-        factor, version = controller.take()
-        factors[k], versions[k] = factor, version
-        r = simulate(policy, quality_estimator, cost_estimator, q[k:k + 1], c[k:k + 1],
-                     scale_fitted(fitted, factor), uniforms[k:k + 1], rows[k:k + 1], cache)
-        ran[k], answer[k], real_q[k], real_c[k] = r.ran[0], r.answer[0], r.quality[0], r.cost[0]
-        order[k, : r.order.shape[1]] = r.order[0]
-        costs[k] = float(r.cost[0])
-    return ControlledResult(SimulationResult(ran, order, answer, real_q, real_c), factors, versions)
+    return q, c, rows, uniforms, observed_before, completion
+
+
+def _observe_until(controller: BudgetController, costs: list[float | None], completion: list[int], fed: int,
+                   want: int, k: int) -> int:
+    """Feed the controller the costs of ``completion[fed:want]`` before request ``k`` is decided;
+    returns ``want``. Each must be a request before k that was served, and ``want`` never decreases."""
+    if want < fed:
+        raise PolicyError(f"observed_before must not decrease (request {k}: {want} after {fed})")
+    while fed < want:
+        j = completion[fed]
+        if j >= k or costs[j] is None:
+            raise PolicyError(f"request {k} saw the cost of request {j}, which had not been served yet")
+        controller.observe(costs[j])
+        fed += 1
+    return fed
 
 
 def settling_index(values, target: float, tolerance: float) -> int | None:
