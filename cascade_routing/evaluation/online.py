@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.policies.rollout import SimulationResult, _as_tensor, simulate
+from cascade_routing.policies.rollout import SimulationResult, rollout_inputs, simulate
 from cascade_routing.policies.base import Policy, PolicyError
 from cascade_routing.policies.controller import BudgetController, ControllerConfig, scale_fitted
 from cascade_routing.policies.fitting import FittedLambda
@@ -93,17 +93,13 @@ def _stream_inputs(quality, cost, rows, uniforms, observed_before, completion
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int], list[int]]:
     """:func:`simulate_controlled`'s inputs checked and with their defaults (all rows; sequential
     observation)."""
-    q = _as_tensor(quality, "quality")
-    c = _as_tensor(cost, "cost")
-    n, m = q.shape
-    if c.shape != (n, m):
-        raise PolicyError(f"cost has shape {tuple(c.shape)}, quality {tuple(q.shape)}")
-    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    q, c, rows = rollout_inputs(quality, cost, rows)
+    n = q.shape[0]
     if uniforms is None:
         raise PolicyError("pass uniforms (query_uniforms of the stream's texts) so the λ mix matches a server")
     uniforms = torch.as_tensor(uniforms, dtype=torch.float64)
-    if rows.shape != (n,) or uniforms.shape != (n,):
-        raise PolicyError(f"rows and uniforms must be [N={n}], got {tuple(rows.shape)}, {tuple(uniforms.shape)}")
+    if uniforms.shape != (n,):
+        raise PolicyError(f"uniforms must be [N={n}], got shape {tuple(uniforms.shape)}")
     if observed_before is None:
         observed_before = list(range(n))
     if completion is None:

@@ -60,6 +60,20 @@ def _as_tensor(x, name: str, dtype=torch.float64) -> Tensor:
     return t
 
 
+def rollout_inputs(quality, cost, rows) -> tuple[Tensor, Tensor, Tensor]:
+    """Ground truth ``quality`` and ``cost`` as float64 [N, M] of the same shape without NaN, and the
+    queries' ``rows`` in the estimators' table as long [N] (default 0..N-1)."""
+    quality = _as_tensor(quality, "quality")
+    cost = _as_tensor(cost, "cost")
+    n, m = quality.shape
+    if cost.shape != (n, m):
+        raise PolicyError(f"cost has shape {tuple(cost.shape)}, quality {tuple(quality.shape)}")
+    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    if rows.shape != (n,):
+        raise PolicyError(f"rows must be [N={n}], got shape {tuple(rows.shape)}")
+    return quality, cost, rows
+
+
 def simulate(
     policy: Policy,
     quality_estimator,
@@ -82,15 +96,9 @@ def simulate(
     query per step instead of ``fitted``'s (step t >= T uses column T-1; ``fitted`` still gives the
     depth limit), so many λ values run in one batch (:mod:`cascade_routing.policies.lambda_search`).
     """
-    quality = _as_tensor(quality, "quality")
-    cost = _as_tensor(cost, "cost")
+    quality, cost, rows = rollout_inputs(quality, cost, rows)
     n, m = quality.shape
-    if cost.shape != (n, m):
-        raise PolicyError(f"cost has shape {tuple(cost.shape)}, quality {tuple(quality.shape)}")
     fitted = as_fitted(fitted)
-    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-    if rows.shape != (n,):
-        raise PolicyError(f"rows must be [N={n}], got shape {tuple(rows.shape)}")
     if uniforms is None:
         gen = torch.Generator().manual_seed(seed)
         uniforms = torch.rand(n, generator=gen, dtype=torch.float64)
