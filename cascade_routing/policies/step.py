@@ -100,7 +100,7 @@ def decide_step(
     b, m = ran.shape
     device, dtype = estimate.mean.device, estimate.mean.dtype
     cost = cost.to(dtype)
-    out = torch.full((b,), -1, dtype=torch.long)
+    out = torch.full((b,), -1, dtype=torch.long)  # rows with no candidate left stop, at λ 0
     lams = torch.zeros(b, dtype=torch.float64)
     for local, cols in candidate_groups(candidates, m):
         if not cols:
@@ -108,17 +108,14 @@ def decide_step(
         if cache is not None and len(cols) != m:
             raise PolicyError("an E[max] cache needs every model as a candidate; rows with dropped models have none")
         sub_policy, sub_est, sub_cost, sub_ran = _restrict(policy, estimate, cost, ran, local, cols)
-        positions = torch.arange(b) if local is None else local
-        steps = sub_ran.sum(1)
-        for t in torch.unique(steps).tolist():
-            at = None if bool((steps == t).all()) else (steps == t).nonzero().squeeze(1)
-            pos = positions if at is None else positions[at]
+        for t, at in _step_groups(sub_ran.sum(1)):
+            pos = local if at is None else at if local is None else local[at]  # None: every row
             if lam_rows is None:
-                lam = fitted.lam_for(int(t), use_low[pos])
+                lam = fitted.lam_for(t, _pick(use_low, pos))
             else:
-                lam = lam_rows[pos, min(int(t), lam_rows.shape[1] - 1)]
+                lam = _pick(lam_rows[:, min(t, lam_rows.shape[1] - 1)], pos)
             lam = lam.to(device=device, dtype=dtype)
-            kwargs = {} if cache is None else {"cache": cache, "rows": rows[pos].to(device)}
+            kwargs = {} if cache is None else {"cache": cache, "rows": _pick(rows, pos).to(device)}
             kwargs.update(fitted.decide_kwargs())
             est_t = sub_est if at is None else sub_est.take(at)
             cost_t = sub_cost if at is None else sub_cost[at.to(sub_cost.device)]
@@ -127,9 +124,24 @@ def decide_step(
             go = nxt >= 0
             if bool(ran_t[go, nxt[go]].any()):
                 raise PolicyError(f"policy {policy!r} chose a model that already ran")
+            if pos is None:  # one group holds every row
+                return _to_full(nxt, cols, m), lam.double().cpu()
             out[pos] = _to_full(nxt, cols, m)
             lams[pos] = lam.double().cpu()
     return out, lams
+
+
+def _pick(x: Tensor, pos: Tensor | None) -> Tensor:
+    """``x[pos]``, or ``x`` itself for every row (``pos`` None)."""
+    return x if pos is None else x[pos]
+
+
+def _step_groups(steps: Tensor) -> list[tuple[int, Tensor | None]]:
+    """``(step, row positions or None for all rows)`` per distinct value of ``steps`` [B]."""
+    first = int(steps[0])
+    if bool((steps == first).all()):
+        return [(first, None)]
+    return [(int(t), (steps == t).nonzero().squeeze(1)) for t in torch.unique(steps).tolist()]
 
 
 def select_step(policy: Policy, estimate: QualityEstimate, ran: Tensor, candidates: Tensor | None = None) -> Tensor:
