@@ -7,8 +7,11 @@ budget on the calibration split, realised quality and cost on the test split) an
 - AUC per strategy, learned and paper-style baseline estimator;
 - per budget: mean test quality of learned cascade routing minus learned routing, paired over the
   test queries, with a 95% bootstrap CI (:func:`cascade_routing.evaluation.compare.compare_per_budget`);
-- budget adherence per strategy: realised mean test cost / budget (mean over the sweep, and worst);
-- at the largest budget: cascade routing's quality vs the best single model's test quality;
+- budget adherence per strategy: realised mean test cost / budget (mean over the sweep with a 95%
+  bootstrap CI over test queries, and worst);
+- at the largest budget: cascade routing's quality vs the best single model's test quality, and the
+  paired difference (95% CI) against the model that is best on the *calibration* split (the single
+  model a user would have picked without looking at the test queries);
 - how often the routing guard fired and which λ shapes were kept, over the sweep's budgets.
 
 Run (2 CPU cores):
@@ -32,6 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+ADHERENCE_ORDER = ("routing", "threshold_cascade", "optimal_cascade", "cascade_routing")
+
 
 
 def sweeps_by_strategy(result, estimator: str = "learned") -> dict:
@@ -49,7 +54,7 @@ def answer_signal(metrics: dict) -> dict:
 
 def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, resamples: int | None) -> dict:
     from cascade_routing.training.heldout import evaluate
-    from cascade_routing.evaluation.compare import budget_adherence, compare_per_budget
+    from cascade_routing.evaluation.compare import adherence_interval, budget_adherence, compare_per_budget, paired_interval
 
     kwargs = {}
     if budgets_per_pair is not None:
@@ -73,8 +78,15 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
         for b, d, lo, hi in zip(cmp.budgets, cmp.diff, cmp.ci_low, cmp.ci_high):
             w.writerow([f"{b:.6g}", f"{d:.4f}", f"{lo:.4f}", f"{hi:.4f}"])
     best_single = float(result.extra["best_single_quality"])
-    adherence = {s: {"mean": round(float(budget_adherence(r).mean()), 4), "max": round(float(budget_adherence(r).max()), 4)}
-                 for s, r in learned.items() if s != "linear_interpolation"}
+    adherence = {}
+    for s, r in learned.items():
+        if s != "linear_interpolation":
+            mean, low, high = adherence_interval(r)
+            adherence[s] = {"mean": round(mean, 4), "ci95": [round(low, 4), round(high, 4)],
+                            "max": round(float(budget_adherence(r).max()), 4)}
+    models, test_q = result.extra["models"], result.extra["test_quality"]
+    cal_best = int(result.extra["calibration_mean_quality"].argmax())
+    gap = paired_interval(cr.per_query_quality[-1], test_q[:, cal_best])
     guard = sum(1 for f in cr.fitted if f.max_depth == 1)
     worst = cmp.worst_index
     shapes = [tuple(f.info.get("shape", [1.0])) for f in cr.fitted]
@@ -86,7 +98,10 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
                                          "max": round(float(cmp.diff.max()), 4)},
         "answer_signal": answer_signal(result.estimator_metrics["learned"]),
         "largest_budget": {"budget": float(cr.budgets[-1]), "cascade_routing": round(float(cr.qualities[-1]), 4),
-                           "routing": round(float(rt.qualities[-1]), 4), "best_single_model": best_single},
+                           "routing": round(float(rt.qualities[-1]), 4), "best_single_model": best_single,
+                           "calibration_best_model": models[cal_best],
+                           "cr_minus_calibration_best_model": round(gap[0], 4),
+                           "cr_minus_calibration_best_model_ci95": [round(gap[1], 4), round(gap[2], 4)]},
         "budget_adherence": adherence,
         "routing_guard_fired": f"{guard} of {len(cr.fitted)} budgets",
         "lambda_shapes_kept": {str(list(s)): shapes.count(s) for s in sorted(set(shapes))},
@@ -115,17 +130,28 @@ def main(argv: list[str] | None = None) -> int:
         summaries[name] = report_one(name, path, out, args.budgets_per_pair, args.resamples)
     summary_path.write_text(json.dumps(summaries, indent=2))
     lines = ["| dataset | CR − routing AUC | worst per-budget CR − routing [95% CI] "
-             "| CR / routing / best model at the largest budget | guard fired "
-             "| AUROC ex-ante → after own answer |",
-             "|---|---:|---:|---|---|---|"]
+             "| CR / routing / best model at the largest budget | CR − calibration's best model there [95% CI] "
+             "| guard fired | AUROC ex-ante → after own answer |",
+             "|---|---:|---:|---|---|---|---|"]
     for name, s in summaries.items():
         lb, pb, sig = s["largest_budget"], s["per_budget_cr_minus_routing"], s.get("answer_signal", {})
         ci = pb.get("min_ci95")
         lines.append(f"| {name} | {s['cr_minus_routing_auc']:+.2f} | {pb['min']:+.4f}"
                      + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
                      + f" | {lb['cascade_routing']:.3f} / {lb['routing']:.3f} / {lb['best_single_model']:.3f} "
-                     f"| {s['routing_guard_fired']} | "
+                     + (f"| {lb['cr_minus_calibration_best_model']:+.4f} [{lb['cr_minus_calibration_best_model_ci95'][0]:+.4f}, "
+                        f"{lb['cr_minus_calibration_best_model_ci95'][1]:+.4f}] ({lb['calibration_best_model']}) "
+                        if "calibration_best_model" in lb else "| – ")
+                     + f"| {s['routing_guard_fired']} | "
                      + (f"{sig['exante_auroc']:.3f} → {sig['own_answer_auroc']:.3f}" if sig else "–") + " |")
+    lines += ["", "Budget adherence (realised mean test cost / budget, mean over the sweep [95% CI over test queries]):", "",
+              "| dataset | " + " | ".join(ADHERENCE_ORDER) + " |", "|---|" + "---:|" * len(ADHERENCE_ORDER)]
+    for name, s in summaries.items():
+        cells = []
+        for strategy in ADHERENCE_ORDER:
+            a = s["budget_adherence"].get(strategy)
+            cells.append("–" if a is None else f"{a['mean']:.3f}" + (f" [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]" if "ci95" in a else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

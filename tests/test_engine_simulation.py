@@ -145,6 +145,19 @@ def test_auc_definition():
     assert len(b) == 19 and b[0] == 1.0 and b[-1] == 3.0
 
 
+def test_protocol_budgets_reach_the_top_model_on_the_fit_rows_too():
+    from cascade_routing.evaluation.metrics import protocol_budgets
+
+    test_cost, test_quality = np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.6, 0.8])
+    grid = sweep_budgets(test_cost, test_quality, 3)
+    # the top model (index 2) costs more on the fit rows than on test: one more budget, at that cost
+    dearer = protocol_budgets(test_cost, test_quality, np.array([1.1, 1.9, 3.4]), 3)
+    assert np.array_equal(dearer[:-1], grid) and dearer[-1] == 3.4
+    # cheaper or equal there (and a dominated model dearer there: not the top one): the plain grid
+    assert np.array_equal(protocol_budgets(test_cost, test_quality, np.array([1.0, 9.0, 2.8]), 3), grid)
+    assert np.array_equal(protocol_budgets(test_cost, test_quality, test_cost, 3), grid)
+
+
 def test_reproduce_on_any_dataset_uses_its_non_dominated_models(tmp_path, capsys):
     import csv
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_routing.estimators.baseline import BaselineModel, fit_logistic
+from cascade_routing.estimators.agreement import masked_agreement
+from cascade_routing.estimators.baseline import BaselineModel, design_all_masks, fit_logistic
+from cascade_routing.estimators.masks import all_masks
 from cascade_routing.estimators.cost import BoundCostEstimator, CostModel
 
 from estimators_helpers import make_synthetic_dataset
@@ -43,6 +45,22 @@ def test_cost_model_mean_mode_without_tokens():
     np.testing.assert_allclose(model.predict(["x"], ["unseen-task"])[0], ds.cost.mean(0))
     model2 = CostModel.from_dict(model.to_dict())
     np.testing.assert_array_equal(model2.predict(ds.queries, ds.tasks), pred)
+
+
+def test_design_all_masks_agreement_is_the_masked_agreement_rule():
+    gen = torch.Generator().manual_seed(0)
+    n, m, tasks = 7, 4, 2
+    pair = torch.rand(n, m, m, generator=gen, dtype=torch.float64)
+    pair = (pair + pair.transpose(1, 2)) / 2 * (1 - torch.eye(m, dtype=torch.float64))  # zero diagonal
+    static = torch.rand(n, m, 4, generator=gen, dtype=torch.float64)
+    task = torch.eye(tasks, dtype=torch.float64)[torch.randint(0, tasks, (n,), generator=gen)]
+    masks = all_masks(m)
+    x = design_all_masks(task, static, pair, masks)  # [S, N, T + 3M + 1]
+    assert x.shape == (masks.shape[0], n, tasks + 3 * m + 1)
+    for s, mask in enumerate(masks):
+        _, want = masked_agreement(pair, mask.expand(n, m), torch.float64)
+        torch.testing.assert_close(x[s, :, tasks + 2: tasks + 3 * m: 3], want, rtol=0, atol=1e-12)
+        assert bool((x[s, :, tasks: tasks + 3 * m].reshape(n, m, 3)[:, ~mask] == 0).all())  # unrun: zeros
 
 
 def test_logistic_fit_matches_lbfgs():

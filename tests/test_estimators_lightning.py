@@ -144,6 +144,11 @@ def test_export_cli_then_evaluate_writes_points(fitted, capsys):
         assert np.allclose([float(p["mean_quality"]) for p in pts], curve.qualities)
         for p in pts:
             assert float(p["quality_ci_low"]) <= float(p["mean_quality"]) <= float(p["quality_ci_high"])
+    # single-model references for paired comparisons: one column per model, the test mean's best = best_single
+    test_q = res.extra["test_quality"]
+    assert test_q.shape == (test.per_query_quality.shape[1], len(art.models)) == (test_q.shape[0], len(res.extra["models"]))
+    assert res.extra["best_single_quality"] == float(test_q.mean(0).max())
+    assert res.extra["calibration_mean_quality"].shape == (len(art.models),)
     runs = list(tmp.rglob("offline-run-*"))
     assert len(runs) == 1 and runs[0].is_relative_to(tmp / "runs" / "tiny"), runs
     tables = {t.name.split("_")[0]: json.loads(t.read_text()) for t in runs[0].rglob("*.table.json")}

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cascade_routing.evaluation.compare import budget_adherence, compare_per_budget
+from cascade_routing.evaluation.compare import adherence_interval, budget_adherence, compare_per_budget, paired_interval
 
 
 def _sweep(name, per_query_quality, costs):
@@ -32,3 +32,23 @@ def test_sweeps_over_other_budgets_are_refused():
     b = _sweep("b", [[1, 0, 1]] * 3, [1, 2, 3])
     with pytest.raises(ValueError, match="do not share"):
         compare_per_budget(a, b)
+
+
+def test_sweep_adherence_is_the_mean_over_budgets_with_a_query_bootstrap_ci():
+    # budgets 1, 2; per-query costs chosen so budget 1 is overshot by 20% and budget 2 met exactly
+    sweep = SimpleNamespace(budgets=np.array([1.0, 2.0]),
+                            per_query_cost=np.array([[1.0, 1.4, 1.0, 1.4], [2.0, 2.0, 2.0, 2.0]]))
+    mean, low, high = adherence_interval(sweep, num_resamples=300)
+    assert mean == pytest.approx((1.2 + 1.0) / 2)
+    assert low < mean < high  # the first budget's cost varies over queries
+    steady = SimpleNamespace(budgets=np.array([1.0]), per_query_cost=np.full((1, 5), 1.02))
+    assert adherence_interval(steady, num_resamples=50) == pytest.approx((1.02, 1.02, 1.02))
+
+
+def test_paired_interval_of_per_query_differences():
+    mean, low, high = paired_interval([1, 1, 0, 1], [1, 0, 0, 0], num_resamples=300)
+    assert mean == pytest.approx(0.5)
+    assert 0.0 <= low <= mean <= high <= 1.0
+    assert paired_interval([1, 0], [1, 0]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same length"):
+        paired_interval([1, 0], [1])

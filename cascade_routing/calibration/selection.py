@@ -105,6 +105,32 @@ def _choose(ds, folds, names: list[str], scores: dict[str, float],
     return max([default, *eligible], key=lambda name: (scores[name], -names.index(name))), gain_low
 
 
+def _score_candidates(ds, candidates: dict[str, tuple[str, float]], base_q, cost_est, folds, fold_budgets,
+                      strategy: str, num_samples: int, seed: int, progress: bool
+                      ) -> tuple[dict[str, list[float]], dict[str, list[tuple[np.ndarray, np.ndarray]]]]:
+    """Per candidate (mode, α): the AUC of each fold (λ fitted on one half, scored on the other) and
+    the fold's per-query (cost, quality) points, for :func:`select_uncertainty`."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(candidates) * 2, desc="select uncertainty (calibration, 2-fold)", unit="fold",
+                   leave=False)
+    fold_scores: dict[str, list[float]] = {}
+    fold_points: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for name, (mode, a) in candidates.items():
+        qe = scaled_estimator(base_q, mode, a)  # shares the memo of network outputs
+        for (fit_rows, score_rows), budgets in zip(folds, fold_budgets):
+            res = _fold_sweep(ds, qe, cost_est, fit_rows, score_rows, budgets, strategy, num_samples, seed)
+            fold_scores.setdefault(name, []).append(round(float(res.auc), 4))
+            fold_points.setdefault(name, []).append((res.per_query_cost, res.per_query_quality))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return fold_scores, fold_points
+
+
 def select_uncertainty(
     artifact: EstimatorArtifact,
     split,
@@ -152,24 +178,8 @@ def select_uncertainty(
     base_q, cost_est = bind_split(artifact, split, uncertainty="none")
     floor = min_reachable_budget(cost_est, ds.cost) * (1 + 1e-6)
     fold_budgets = [_score_budgets(ds, score_rows, budgets_per_pair, max_budgets, floor) for _, score_rows in folds]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(candidates) * 2, desc="select uncertainty (calibration, 2-fold)", unit="fold",
-                   leave=False)
-    fold_scores: dict[str, list[float]] = {}
-    fold_points: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for name, (mode, a) in candidates.items():
-        qe = scaled_estimator(base_q, mode, a)  # shares the memo of network outputs
-        for (fit_rows, score_rows), budgets in zip(folds, fold_budgets):
-            res = _fold_sweep(ds, qe, cost_est, fit_rows, score_rows, budgets, strategy, num_samples, seed)
-            fold_scores.setdefault(name, []).append(round(float(res.auc), 4))
-            fold_points.setdefault(name, []).append((res.per_query_cost, res.per_query_quality))
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    fold_scores, fold_points = _score_candidates(ds, candidates, base_q, cost_est, folds, fold_budgets, strategy,
+                                                 num_samples, seed, progress)
     scores = {name: round(float(np.mean(v)), 4) for name, v in fold_scores.items()}
     names = list(candidates)
     default = names[0]

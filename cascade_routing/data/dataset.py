@@ -56,11 +56,18 @@ class RoutingDataset:
         self.models = list(self.models)
         self.quality = np.asarray(self.quality, dtype=np.float64)
         self.cost = np.asarray(self.cost, dtype=np.float64)
-        n, m = len(self.queries), len(self.models)
         where = f"dataset {self.name!r}"
-        if n == 0:
+        if not self.queries:
             raise DatasetError(f"{where}: empty dataset (no queries)")
-        if m == 0:
+        self._check_models(where)
+        self._check_outcomes(where)
+        self._check_answers(where)
+        self._check_labels(where)
+        self._sort_models_by_mean_cost()
+
+    def _check_models(self, where: str) -> None:
+        """At least one model; names non-empty strings, unique."""
+        if not self.models:
             raise DatasetError(f"{where}: no models")
         for i, model in enumerate(self.models):
             if not isinstance(model, str) or not model:
@@ -70,6 +77,10 @@ class RoutingDataset:
             if model in seen:
                 raise DatasetError(f"{where}: duplicate model name {model!r}")
             seen.add(model)
+
+    def _check_outcomes(self, where: str) -> None:
+        """``quality`` and ``cost`` are finite [N, M], quality in [0, 1], cost >= 0."""
+        n, m = len(self.queries), len(self.models)
         for fname, arr in (("quality", self.quality), ("cost", self.cost)):
             if arr.shape != (n, m):
                 raise DatasetError(
@@ -96,6 +107,10 @@ class RoutingDataset:
                 f"{where}: field 'cost' must be >= 0; row {r}, model {self.models[c]!r} "
                 f"has {float(self.cost[r, c])!r}"
             )
+
+    def _check_answers(self, where: str) -> None:
+        """``responses`` (object) and every feature (finite float64) are [N, M]; converts them."""
+        n, m = len(self.queries), len(self.models)
         if self.responses is not None:
             self.responses = np.asarray(self.responses, dtype=object)
             if self.responses.shape != (n, m):
@@ -118,6 +133,10 @@ class RoutingDataset:
                 )
             features[key] = arr
         self.features = features
+
+    def _check_labels(self, where: str) -> None:
+        """One task label per query (if any) and unique query ids (default ``0..N-1``)."""
+        n = len(self.queries)
         if self.tasks is not None:
             self.tasks = [str(t) for t in self.tasks]
             if len(self.tasks) != n:
@@ -131,7 +150,6 @@ class RoutingDataset:
             if len(set(self.query_ids)) != n:
                 dup = next(q for q in self.query_ids if self.query_ids.count(q) > 1)
                 raise DatasetError(f"{where}: duplicate query id {dup!r}")
-        self._sort_models_by_mean_cost()
 
     def _sort_models_by_mean_cost(self) -> None:
         order = np.argsort(self.cost.mean(axis=0), kind="stable")

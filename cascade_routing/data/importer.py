@@ -163,22 +163,10 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
     raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .csv, .jsonl or .parquet)")
 
 
-def import_table(
-    path: str | os.PathLike[str], mapping: str | os.PathLike[str] | Mapping[str, Any], *, name: str | None = None
-) -> RoutingDataset:
-    """Read ``path`` with the column ``mapping`` (module docstring) into a validated dataset."""
-    file = Path(path)
-    spec = load_mapping(mapping)
-    if "query" not in spec:
-        raise DatasetError("mapping: missing required key 'query' (the query-text column)")
-    policy = str(spec.get("missing", "error"))
-    if policy not in ("error", "drop"):
-        raise DatasetError(f"mapping: 'missing' must be 'error' or 'drop', got {policy!r}")
-    models = _model_columns(spec)
-    rows = _read_table(file)
-    if not rows:
-        raise DatasetError(f"{file}: empty dataset (no data rows)")
-    columns = set().union(*(r.keys() for r in rows[:1]))
+def _check_columns(file: Path, spec: Mapping[str, Any], models: dict[str, dict[str, Any]], columns: set[str]
+                   ) -> list[str]:
+    """Raise unless every column the mapping names is in the table's ``columns`` and every model maps
+    the same features; return the feature names, sorted."""
     needed = {("-", "query"): spec["query"]}
     for key in ("query_id", "task"):
         if spec.get(key):
@@ -200,27 +188,54 @@ def import_table(
     for m, e in models.items():
         if sorted(e.get("features") or {}) != feature_names:
             raise DatasetError(f"mapping: model {m!r} lacks features {sorted(set(feature_names) - set(e.get('features') or {}))}")
+    return feature_names
+
+
+def _model_cells(row: Mapping[str, Any], where: str, models: dict[str, dict[str, Any]], feature_names: list[str]
+                 ) -> tuple[list, list, list, dict[str, list], list[str]]:
+    """One row's per-model quality, cost, response and feature cells (parsed and range-checked), and
+    the columns whose cell is empty."""
+    q_row, c_row, r_row, f_row, missing = [], [], [], {f: [] for f in feature_names}, []
+    for m, e in models.items():
+        q = parse_number(row.get(e["quality"]), f"{where}, model {m!r}, column {e['quality']!r}", low=0.0, high=1.0)
+        c = parse_number(row.get(e["cost"]), f"{where}, model {m!r}, column {e['cost']!r}", low=0.0)
+        missing += [col for col, v in ((e["quality"], q), (e["cost"], c)) if v is None]
+        q_row.append(q)
+        c_row.append(c)
+        r = row.get(e["response"]) if e.get("response") else None
+        r_row.append(None if r is None or r == "" else str(r))
+        for f in feature_names:
+            col = e["features"][f]
+            v = parse_number(row.get(col), f"{where}, model {m!r}, column {col!r}")
+            if v is None:
+                missing.append(col)
+            f_row[f].append(v)
+    return q_row, c_row, r_row, f_row, missing
+
+
+def import_table(
+    path: str | os.PathLike[str], mapping: str | os.PathLike[str] | Mapping[str, Any], *, name: str | None = None
+) -> RoutingDataset:
+    """Read ``path`` with the column ``mapping`` (module docstring) into a validated dataset."""
+    file = Path(path)
+    spec = load_mapping(mapping)
+    if "query" not in spec:
+        raise DatasetError("mapping: missing required key 'query' (the query-text column)")
+    policy = str(spec.get("missing", "error"))
+    if policy not in ("error", "drop"):
+        raise DatasetError(f"mapping: 'missing' must be 'error' or 'drop', got {policy!r}")
+    models = _model_columns(spec)
+    rows = _read_table(file)
+    if not rows:
+        raise DatasetError(f"{file}: empty dataset (no data rows)")
+    feature_names = _check_columns(file, spec, models, set().union(*(r.keys() for r in rows[:1])))
     report = ConversionReport(source=name or spec.get("name") or file.stem, rows_read=len(rows))
     queries, ids, tasks, qual, cost, resp = [], [], [], [], [], []
     feats: dict[str, list[list[float]]] = {f: [] for f in feature_names}
     any_response = any(e.get("response") for e in models.values())
     for i, row in enumerate(rows):
         where = f"{file.name} row {i}"
-        q_row, c_row, r_row, f_row, missing = [], [], [], {f: [] for f in feature_names}, []
-        for m, e in models.items():
-            q = parse_number(row.get(e["quality"]), f"{where}, model {m!r}, column {e['quality']!r}", low=0.0, high=1.0)
-            c = parse_number(row.get(e["cost"]), f"{where}, model {m!r}, column {e['cost']!r}", low=0.0)
-            missing += [col for col, v in ((e["quality"], q), (e["cost"], c)) if v is None]
-            q_row.append(q)
-            c_row.append(c)
-            r = row.get(e["response"]) if e.get("response") else None
-            r_row.append(None if r is None or r == "" else str(r))
-            for f in feature_names:
-                col = e["features"][f]
-                v = parse_number(row.get(col), f"{where}, model {m!r}, column {col!r}")
-                if v is None:
-                    missing.append(col)
-                f_row[f].append(v)
+        q_row, c_row, r_row, f_row, missing = _model_cells(row, where, models, feature_names)
         text = row.get(spec["query"])
         if text is None or text == "":
             missing.append(spec["query"])

@@ -93,13 +93,13 @@ def is_dataset_folder(path: str | os.PathLike[str]) -> bool:
     return p.is_dir() and (p / META_FILE).is_file() and (p / TABLE_FILE).is_file()
 
 
-def load_dataset_folder(path: str | os.PathLike[str]) -> RoutingDataset:
-    """Read a folder written by :func:`save_dataset`, validating it."""
-    folder = Path(path)
+def _read_meta(folder: Path) -> dict[str, Any]:
+    """The folder's ``metadata.json``, checked: both files exist, JSON, format tag and version, the
+    required fields and their types."""
     if not folder.is_dir():
         raise DatasetError(f"{folder}: not a dataset folder (expected a folder with {META_FILE} and {TABLE_FILE})")
-    meta_path, table_path = folder / META_FILE, folder / TABLE_FILE
-    for p in (meta_path, table_path):
+    meta_path = folder / META_FILE
+    for p in (meta_path, folder / TABLE_FILE):
         if not p.is_file():
             raise DatasetError(f"{folder}: missing {p.name} (not a saved cascade-routing dataset)")
     try:
@@ -116,50 +116,68 @@ def load_dataset_folder(path: str | os.PathLike[str]) -> RoutingDataset:
     for key, kind in (("models", list), ("features", list), ("name", str), ("num_queries", int)):
         if not isinstance(meta.get(key), kind):
             raise DatasetError(f"{meta_path}: field {key!r} missing or not a {kind.__name__}")
+    return meta
+
+
+class _Columns:
+    """The Parquet table's columns by name, with errors naming the file, the column and the row."""
+
+    def __init__(self, table: pa.Table, path: Path) -> None:
+        self.table, self.path, self.names = table, path, set(table.column_names)
+
+    def column(self, name: str) -> list[Any]:
+        if name not in self.names:
+            raise DatasetError(f"{self.path}: missing column {name!r}")
+        return self.table.column(name).to_pylist()
+
+    def numeric(self, name: str) -> np.ndarray:
+        """A float64 column with no missing value."""
+        values = self.column(name)
+        if any(v is None for v in values):
+            row = next(i for i, v in enumerate(values) if v is None)
+            raise DatasetError(f"{self.path}: column {name!r} has a missing value at row {row}")
+        try:
+            return np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{self.path}: column {name!r} is not numeric") from None
+
+    def per_model(self, kind: str, models: list[str], feature: str | None = None) -> np.ndarray:
+        """[N, M]: the numeric ``kind`` (``quality``, ``cost``, ``feature``) column of every model."""
+        if not models:
+            return np.zeros((self.table.num_rows, 0))
+        return np.stack([self.numeric(_col(kind, m, feature)) for m in models], axis=1)
+
+
+def load_dataset_folder(path: str | os.PathLike[str]) -> RoutingDataset:
+    """Read a folder written by :func:`save_dataset`, validating it."""
+    folder = Path(path)
+    meta = _read_meta(folder)
+    table_path = folder / TABLE_FILE
     try:
         table = pq.read_table(table_path)
     except (pa.ArrowInvalid, OSError) as err:
         raise DatasetError(f"{table_path}: cannot read Parquet table: {err}") from None
     n = table.num_rows
     if n != meta["num_queries"]:
-        raise DatasetError(f"{table_path}: {n} rows but {meta_path.name} says num_queries={meta['num_queries']}")
-    names = set(table.column_names)
-
-    def column(name: str) -> list[Any]:
-        if name not in names:
-            raise DatasetError(f"{table_path}: missing column {name!r}")
-        return table.column(name).to_pylist()
-
-    def numeric(name: str) -> np.ndarray:
-        values = column(name)
-        if any(v is None for v in values):
-            row = next(i for i, v in enumerate(values) if v is None)
-            raise DatasetError(f"{table_path}: column {name!r} has a missing value at row {row}")
-        try:
-            return np.asarray(values, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise DatasetError(f"{table_path}: column {name!r} is not numeric") from None
-
+        raise DatasetError(f"{table_path}: {n} rows but {META_FILE} says num_queries={meta['num_queries']}")
+    cols = _Columns(table, table_path)
     models: list[str] = meta["models"]
-    quality = np.stack([numeric(_col("quality", m)) for m in models], axis=1) if models else np.zeros((n, 0))
-    cost = np.stack([numeric(_col("cost", m)) for m in models], axis=1) if models else np.zeros((n, 0))
+    quality, cost = cols.per_model("quality", models), cols.per_model("cost", models)
     responses = None
     if meta.get("has_responses"):
         responses = np.empty((n, len(models)), dtype=object)
         for j, m in enumerate(models):
-            responses[:, j] = column(_col("response", m))
-    features = {
-        f: np.stack([numeric(_col("feature", m, f)) for m in models], axis=1) for f in meta["features"]
-    }
+            responses[:, j] = cols.column(_col("response", m))
+    features = {f: cols.per_model("feature", models, f) for f in meta["features"]}
     return RoutingDataset(
-        queries=column("query"),
+        queries=cols.column("query"),
         models=models,
         quality=quality,
         cost=cost,
         responses=responses,
         features=features,
-        tasks=column("task") if meta.get("has_tasks") else None,
-        query_ids=column("query_id"),
+        tasks=cols.column("task") if meta.get("has_tasks") else None,
+        query_ids=cols.column("query_id"),
         metadata=meta.get("metadata") or {},
         name=meta["name"],
     )

@@ -394,11 +394,9 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
-def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | None = None) -> EstimatorArtifact:
-    """Read an artifact written by :meth:`EstimatorArtifact.save` (see module docstring for errors)."""
-    from cascade_routing.policies.fitting import FittedLambda
-
-    path = Path(path)
+def _read_file(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(metadata, tensors) of an artifact file, refusing anything that is not a safetensors file of
+    this format at a readable version without loading it (pickles, torch.save archives, corrupt files)."""
     if not path.is_file():
         raise ArtifactError(f"checkpoint {str(path)!r} does not exist or is not a file")
     kind = _sniff(path)
@@ -427,11 +425,18 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
             f"checkpoint {str(path)!r} has artifact format version {version!r}; this library reads versions "
             f"{list(READABLE_VERSIONS)} (retrain or use the matching cascade-routing release)"
         )
+    return meta, tensors
+
+
+def _from_payload(path: Path, meta: dict[str, str], tensors: dict[str, Tensor]) -> EstimatorArtifact:
+    """The artifact from the JSON payload and tensors of a file (the inverse of
+    :meth:`EstimatorArtifact.save`); a missing or mistyped field is an :class:`ArtifactError`."""
+    from cascade_routing.policies.fitting import FittedLambda
+
     try:
         p = json.loads(meta["payload"])
-        models = [str(x) for x in p["models"]]
-        art = EstimatorArtifact(
-            models=models,
+        return EstimatorArtifact(
+            models=[str(x) for x in p["models"]],
             network_config=dict(p["network_config"]),
             state_dict={k[4:]: v for k, v in tensors.items() if k.startswith("net.")},
             cost_model=CostModel.from_dict(p["cost_model"]),
@@ -453,11 +458,16 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
             data_config=dict(p.get("data_config", {})),
             train_config=dict(p.get("train_config", {})),
             metrics=dict(p.get("metrics", {})),
-            format_version=int(version),
+            format_version=int(meta["format_version"]),
             source=str(path),
         )
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
         raise ArtifactError(f"checkpoint {str(path)!r} has a malformed payload: {type(err).__name__}: {err}") from None
+
+
+def _check_consistent(art: EstimatorArtifact, path: Path) -> None:
+    """Raise unless the network, cost model and variance scale fit the model list (covariances:
+    :func:`_covariances_on_all_sets`)."""
     m = len(art.models)
     if art.network_config.get("num_models") != m or art.cost_model.models != art.models:
         raise ArtifactError(
@@ -466,6 +476,14 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
         )
     if art.var_scale is not None and tuple(art.var_scale.shape) != (m,):
         raise ArtifactError(f"checkpoint {str(path)!r}: var_scale has shape {tuple(art.var_scale.shape)}, expected ({m},)")
+
+
+def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | None = None) -> EstimatorArtifact:
+    """Read an artifact written by :meth:`EstimatorArtifact.save` (see module docstring for errors)."""
+    path = Path(path)
+    meta, tensors = _read_file(path)
+    art = _from_payload(path, meta, tensors)
+    _check_consistent(art, path)
     if art.covariances is not None:
         art.covariances = _covariances_on_all_sets(art, path)
     if expected_models is not None:

@@ -46,7 +46,10 @@ def design_all_masks(task: Tensor, static: Tensor, pair: Tensor, masks: Tensor) 
     """[S, N, F] design matrices for every mask in ``masks`` [S, M] at once (same columns as :func:`design`).
 
     With all answers known (training/calibration rows), the agreement of run model m under mask r is
-    ``Σ_{k≠m} r_k S_mk / max(1, Σ_{k≠m} r_k)`` (``pair`` has a zero diagonal), 0 for unrun m.
+    ``Σ_{k≠m} r_k S_mk / max(1, Σ_{k≠m} r_k)`` (``pair`` has a zero diagonal), 0 for unrun m: the rule of
+    :func:`~cascade_routing.estimators.agreement.masked_agreement`, computed for all masks by one
+    contraction instead of per (mask, row) [M, M] blocks (whose float32 sums round differently, so
+    the fitted baseline would change in its last bits).
     """
     r = masks.to(static.dtype)  # [S, M]
     n, m = static.shape[:2]

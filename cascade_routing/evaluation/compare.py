@@ -43,14 +43,44 @@ def compare_per_budget(a, b, num_resamples: int = 1000, seed: int = 0, level: fl
     if a.per_query_quality.shape != b.per_query_quality.shape or not np.allclose(a.budgets, b.budgets):
         raise ValueError(f"sweeps {a.strategy!r} and {b.strategy!r} do not share budgets and test queries")
     diff_q = a.per_query_quality - b.per_query_quality  # [P, N]
-    p, n = diff_q.shape
-    rng = np.random.default_rng(seed)
-    means = np.stack([diff_q[:, rng.integers(0, n, n)].mean(1) for _ in range(num_resamples)])  # [R, P]
-    alpha = (1.0 - level) / 2
+    low, high = _bootstrap_interval(diff_q, num_resamples, seed, level)
     return BudgetComparison(np.asarray(a.budgets, dtype=np.float64), a.qualities, b.qualities, a.costs, b.costs,
-                            diff_q.mean(1), np.quantile(means, alpha, axis=0), np.quantile(means, 1 - alpha, axis=0))
+                            diff_q.mean(1), low, high)
+
+
+def _bootstrap_interval(per_query: np.ndarray, num_resamples: int, seed: int, level: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI [P] of the row means of ``per_query`` [P, N], queries (columns) resampled."""
+    per_query = np.asarray(per_query, dtype=np.float64)
+    n = per_query.shape[1]
+    rng = np.random.default_rng(seed)
+    means = np.stack([per_query[:, rng.integers(0, n, n)].mean(1) for _ in range(num_resamples)])  # [R, P]
+    alpha = (1.0 - level) / 2
+    return np.quantile(means, alpha, axis=0), np.quantile(means, 1 - alpha, axis=0)
 
 
 def budget_adherence(result) -> np.ndarray:
     """Realised mean test cost over the budget, per budget of a sweep."""
     return np.asarray(result.costs, dtype=np.float64) / np.asarray(result.budgets, dtype=np.float64)
+
+
+def adherence_interval(result, num_resamples: int = 1000, seed: int = 0, level: float = 0.95
+                       ) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the sweep's mean budget adherence ``(1/P) Σ_b mean_i(c_{b,i}) / b`` and
+    its percentile bootstrap CI, the test queries resampled (one draw shared by every budget)."""
+    ratio = np.asarray(result.per_query_cost, dtype=np.float64) / np.asarray(result.budgets, dtype=np.float64)[:, None]
+    per_query = ratio.mean(0, keepdims=True)  # [1, N]: Σ_b c_{b,i} / (P b), whose mean over i is the adherence
+    low, high = _bootstrap_interval(per_query, num_resamples, seed, level)
+    return float(per_query.mean()), float(low[0]), float(high[0])
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, num_resamples: int = 1000, seed: int = 0, level: float = 0.95
+                    ) -> tuple[float, float, float]:
+    """``(mean, low, high)`` of ``mean_i(a_i − b_i)`` for per-query values on the same queries, with a
+    percentile bootstrap CI over queries."""
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired values must be non-empty and of the same length, got {a.size} and {b.size}")
+    diff = (a - b)[None, :]
+    low, high = _bootstrap_interval(diff, num_resamples, seed, level)
+    return float(diff.mean()), float(low[0]), float(high[0])

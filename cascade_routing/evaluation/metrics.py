@@ -4,6 +4,9 @@
   is strictly above every cheaper kept model.
 - :func:`sweep_budgets`: ``per_pair`` budgets evenly spaced (``linspace``, endpoints included, shared
   endpoints once) between the mean costs of each consecutive pair of non-dominated models.
+- :func:`protocol_budgets`: :func:`sweep_budgets` on the test split, plus the most expensive
+  non-dominated model's mean cost on the fit (calibration) rows when that is higher: λ is fitted on
+  those costs, and below that budget no policy can afford the model for every query there.
 - :func:`auc`: area under the linearly interpolated curve through the (cost, quality) points on
   ``[c_min, c_max]`` (cheapest and most expensive model's mean cost), extended flat to the right of the
   last point and starting at ``(c_min, q_lowest)`` (the lowest single-model quality) on the left,
@@ -30,6 +33,17 @@ def sweep_budgets(mean_cost: np.ndarray, mean_quality: np.ndarray, per_pair: int
     parts = [np.linspace(costs[i], costs[i + 1], per_pair) for i in range(len(nd) - 1)]
     out = [parts[0]] + [p[1:] for p in parts[1:]]
     return np.concatenate(out)
+
+
+def protocol_budgets(test_mean_cost: np.ndarray, test_mean_quality: np.ndarray, fit_mean_cost: np.ndarray,
+                     per_pair: int) -> np.ndarray:
+    """The evaluation protocol's budgets (see module docstring): ``sweep_budgets`` of the test split's
+    models, then ``fit_mean_cost[top]`` appended if it exceeds the last budget (``top``: the test split's
+    most expensive non-dominated model)."""
+    budgets = sweep_budgets(np.asarray(test_mean_cost), np.asarray(test_mean_quality), per_pair)
+    top = int(nondominated_models(np.asarray(test_mean_cost), np.asarray(test_mean_quality))[-1])
+    top_fit = float(np.asarray(fit_mean_cost, dtype=np.float64)[top])
+    return np.append(budgets, top_fit) if top_fit > budgets[-1] * (1 + 1e-9) else budgets
 
 
 def auc(costs: np.ndarray, qualities: np.ndarray, c_min: float, c_max: float, q_lowest: float) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.policies.rollout import SimulationResult, _as_tensor, simulate
+from cascade_routing.policies.rollout import SimulationResult, rollout_inputs, simulate
 from cascade_routing.policies.base import Policy, PolicyError
 from cascade_routing.policies.controller import BudgetController, ControllerConfig, scale_fitted
 from cascade_routing.policies.fitting import FittedLambda
@@ -63,23 +63,9 @@ def simulate_controlled(
     controller state after the costs of ``completion[:observed_before[k]]``, each of which must be a
     request before k. Default: sequential (``observed_before[k] = k``, ``completion = 0..N-1``).
     """
-    q = _as_tensor(quality, "quality")
-    c = _as_tensor(cost, "cost")
+    q, c, rows, uniforms, observed_before, completion = _stream_inputs(quality, cost, rows, uniforms,
+                                                                       observed_before, completion)
     n, m = q.shape
-    if c.shape != (n, m):
-        raise PolicyError(f"cost has shape {tuple(c.shape)}, quality {tuple(q.shape)}")
-    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-    if uniforms is None:
-        raise PolicyError("pass uniforms (query_uniforms of the stream's texts) so the λ mix matches a server")
-    uniforms = torch.as_tensor(uniforms, dtype=torch.float64)
-    if rows.shape != (n,) or uniforms.shape != (n,):
-        raise PolicyError(f"rows and uniforms must be [N={n}], got {tuple(rows.shape)}, {tuple(uniforms.shape)}")
-    if observed_before is None:
-        observed_before = list(range(n))
-    if completion is None:
-        completion = list(range(n))
-    if len(observed_before) != n or sorted(completion) != list(range(n)):
-        raise PolicyError("observed_before must have N entries and completion must be a permutation of 0..N-1")
     controller = BudgetController(budget, config)
     costs: list[float | None] = [None] * n
     fed = 0
@@ -92,15 +78,7 @@ def simulate_controlled(
     factors = torch.ones(n, dtype=torch.float64)
     versions = torch.zeros(n, dtype=torch.long)
     for k in range(n):
-        want = int(observed_before[k])
-        if want < fed:
-            raise PolicyError(f"observed_before must not decrease (request {k}: {want} after {fed})")
-        while fed < want:
-            j = completion[fed]
-            if j >= k or costs[j] is None:
-                raise PolicyError(f"request {k} saw the cost of request {j}, which had not been served yet")
-            controller.observe(costs[j])
-            fed += 1
+        fed = _observe_until(controller, costs, completion, fed, int(observed_before[k]), k)
         factor, version = controller.take()
         factors[k], versions[k] = factor, version
         r = simulate(policy, quality_estimator, cost_estimator, q[k:k + 1], c[k:k + 1],
@@ -109,6 +87,41 @@ def simulate_controlled(
         order[k, : r.order.shape[1]] = r.order[0]
         costs[k] = float(r.cost[0])
     return ControlledResult(SimulationResult(ran, order, answer, real_q, real_c), factors, versions)
+
+
+def _stream_inputs(quality, cost, rows, uniforms, observed_before, completion
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int], list[int]]:
+    """:func:`simulate_controlled`'s inputs checked and with their defaults (all rows; sequential
+    observation)."""
+    q, c, rows = rollout_inputs(quality, cost, rows)
+    n = q.shape[0]
+    if uniforms is None:
+        raise PolicyError("pass uniforms (query_uniforms of the stream's texts) so the λ mix matches a server")
+    uniforms = torch.as_tensor(uniforms, dtype=torch.float64)
+    if uniforms.shape != (n,):
+        raise PolicyError(f"uniforms must be [N={n}], got shape {tuple(uniforms.shape)}")
+    if observed_before is None:
+        observed_before = list(range(n))
+    if completion is None:
+        completion = list(range(n))
+    if len(observed_before) != n or sorted(completion) != list(range(n)):
+        raise PolicyError("observed_before must have N entries and completion must be a permutation of 0..N-1")
+    return q, c, rows, uniforms, observed_before, completion
+
+
+def _observe_until(controller: BudgetController, costs: list[float | None], completion: list[int], fed: int,
+                   want: int, k: int) -> int:
+    """Feed the controller the costs of ``completion[fed:want]`` before request ``k`` is decided;
+    returns ``want``. Each must be a request before k that was served, and ``want`` never decreases."""
+    if want < fed:
+        raise PolicyError(f"observed_before must not decrease (request {k}: {want} after {fed})")
+    while fed < want:
+        j = completion[fed]
+        if j >= k or costs[j] is None:
+            raise PolicyError(f"request {k} saw the cost of request {j}, which had not been served yet")
+        controller.observe(costs[j])
+        fed += 1
+    return fed
 
 
 def settling_index(values, target: float, tolerance: float) -> int | None:

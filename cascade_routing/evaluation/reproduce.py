@@ -131,29 +131,38 @@ def reproduce_routerbench(
     curves: dict[str, list[SweepResult]] = {}
     for pool_name, wanted in pools.items():
         names = resolve_models(dataset.models, wanted) if wanted else list(dataset.models)
-        data = dataset.select_models(names)
-        test_q, test_c = data.quality[test_rows], data.cost[test_rows]
-        budgets = sweep_budgets(test_c.mean(0), test_q.mean(0), budgets_per_pair)
-        for noise in noise_levels:
-            qe, ce = synthetic_estimators(data, noise, fit_rows, seed)
-            qe.to(device), ce.to(device)
-            panel = curves.setdefault(f"{pool_name}, {noise} noise", [])
-            for strategy in strategies:
-                t1 = time.perf_counter()
-                res = _sweep(strategy, qe, ce, data, fit_rows, test_rows, budgets, num_resamples, num_samples, seed)
-                panel.append(res)
-                rows.append({"pool": pool_name, "models": len(names), "noise": noise, "strategy": strategy,
-                             "auc": round(res.auc, 3), "ci_low": round(res.ci[0], 3), "ci_high": round(res.ci[1], 3),
-                             "budgets": len(budgets), "raised_budgets": res.raised_budgets,
-                             "seconds": round(time.perf_counter() - t1, 2)})
-                if bar is not None:
-                    bar.update(1)
+        _sweep_pool(pool_name, dataset.select_models(names), noise_levels, strategies, fit_rows, test_rows,
+                    budgets_per_pair, num_resamples, num_samples, seed, device, rows, curves, bar)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
     out = None if out_dir is None else _write_outputs(Path(out_dir), rows, curves, num_resamples, seed)
     print_table(rows, console, dataset.name)
     return ReproduceResult(rows, curves, seconds, out)
+
+
+def _sweep_pool(pool_name: str, data, noise_levels: tuple[str, ...], strategies: tuple[str, ...], fit_rows,
+                test_rows, budgets_per_pair: int, num_resamples: int, num_samples: int, seed: int, device: str,
+                rows: list[dict], curves: dict[str, list[SweepResult]], bar=None) -> None:
+    """Every (noise level, strategy) sweep of one model pool (``data``: the dataset restricted to
+    it), at budgets spread over its test split's non-dominated models; appends one table row each to
+    ``rows`` and the sweeps to ``curves["<pool>, <noise> noise"]``."""
+    test_q, test_c = data.quality[test_rows], data.cost[test_rows]
+    budgets = sweep_budgets(test_c.mean(0), test_q.mean(0), budgets_per_pair)
+    for noise in noise_levels:
+        qe, ce = synthetic_estimators(data, noise, fit_rows, seed)
+        qe.to(device), ce.to(device)
+        panel = curves.setdefault(f"{pool_name}, {noise} noise", [])
+        for strategy in strategies:
+            t1 = time.perf_counter()
+            res = _sweep(strategy, qe, ce, data, fit_rows, test_rows, budgets, num_resamples, num_samples, seed)
+            panel.append(res)
+            rows.append({"pool": pool_name, "models": data.num_models, "noise": noise, "strategy": strategy,
+                         "auc": round(res.auc, 3), "ci_low": round(res.ci[0], 3), "ci_high": round(res.ci[1], 3),
+                         "budgets": len(budgets), "raised_budgets": res.raised_budgets,
+                         "seconds": round(time.perf_counter() - t1, 2)})
+            if bar is not None:
+                bar.update(1)
 
 
 def _sweep(strategy: str, qe, ce, data, fit_rows, test_rows, budgets: np.ndarray, num_resamples: int,

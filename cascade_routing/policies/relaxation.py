@@ -30,6 +30,56 @@ from cascade_routing.policies.fitting import FittedLambda, fit_lambda
 from cascade_routing.policies.rollout import simulate
 
 
+def _ran_of(state: int, k: int, m: int) -> Tensor:
+    """bool [k, m]: ``k`` rows whose ran-set is the bitmask ``state`` (bit j: model j ran)."""
+    ran = torch.zeros(k, m, dtype=torch.bool)
+    for j in range(m):
+        if state >> j & 1:
+            ran[:, j] = True
+    return ran
+
+
+def _answer_quality(policy, estimate, ran: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+    """Realised quality [k] of the answer ``policy.select`` returns for rows ``idx`` (0 where none ran)."""
+    answer = policy.select(estimate, ran)
+    return y[idx, answer.clamp_min(0)] * (answer >= 0)
+
+
+def _advance_state(policy, quality_estimator, cost_estimator, y: Tensor, c: Tensor, rows: Tensor, state: int,
+                   p: Tensor, alive: Tensor, lam_t: Tensor, tau: float, last: bool, cache: dict,
+                   new: dict[int, Tensor], exp_q: Tensor, exp_c: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of the queries ``alive`` in ran-state ``state`` with probability ``p`` [N]: the mass
+    that stops adds its answer's quality to ``exp_q``; the mass that runs model a adds a's true cost
+    to ``exp_c`` and moves to state ``state | 2^a`` in ``new``. At the ``last`` step all of it stops."""
+    m = y.shape[1]
+    ran = _ran_of(state, alive.numel(), m)
+    est = quality_estimator.estimate(rows[alive], ran)
+    q_ans = _answer_quality(policy, est, ran, y, alive)
+    pa = p[alive]
+    if last:
+        return exp_q + (pa * q_ans).sum(), exp_c
+    c_est = cost_estimator.estimate(rows[alive], ran).to(torch.float64)
+    key = ("relax", state)
+    if key not in cache:
+        cache[key] = {}
+    emax, added, action = policy.candidates(est, c_est.to(est.mean.dtype), state, cache=cache[key],
+                                            rows=rows[alive])
+    values = emax.to(torch.float64) - lam_t * added.to(torch.float64)
+    probs = torch.softmax(values / tau, dim=1)
+    act = torch.zeros(alive.numel(), m + 1, dtype=torch.float64).scatter_add(1, action + 1, probs)
+    exp_q = exp_q + (pa * act[:, 0] * q_ans).sum()
+    for a in range(m):
+        pr = act[:, a + 1]
+        if not bool((pr.detach() > 0).any()):
+            continue
+        move = pa * pr
+        exp_c = exp_c + (move * c[alive, a]).sum()
+        nxt = state | (1 << a)
+        full = torch.zeros(y.shape[0], dtype=torch.float64).index_add(0, alive, move)
+        new[nxt] = new[nxt] + full if nxt in new else full
+    return exp_q, exp_c
+
+
 def relaxed_quality_cost(policy, quality_estimator, cost_estimator, quality, cost, lam: Tensor, tau: float,
                          rows: Tensor | None = None, cache: dict | None = None, min_mass: float = 1e-6
                          ) -> tuple[Tensor, Tensor]:
@@ -52,50 +102,17 @@ def relaxed_quality_cost(policy, quality_estimator, cost_estimator, quality, cos
         lam_t = lam[min(step, lam.numel() - 1)]
         for state, p in states.items():
             alive = (p.detach() > min_mass).nonzero().squeeze(1)
-            if alive.numel() == 0:
-                continue
-            ran = torch.zeros(alive.numel(), m, dtype=torch.bool)
-            for j in range(m):
-                if state >> j & 1:
-                    ran[:, j] = True
-            est = quality_estimator.estimate(rows[alive], ran)
-            answer = policy.select(est, ran)
-            q_ans = y[alive, answer.clamp_min(0)] * (answer >= 0)
-            pa = p[alive]
-            if step == steps:
-                exp_q = exp_q + (pa * q_ans).sum()
-                continue
-            c_est = cost_estimator.estimate(rows[alive], ran).to(torch.float64)
-            key = ("relax", state)
-            if key not in cache:
-                cache[key] = {}
-            emax, added, action = policy.candidates(est, c_est.to(est.mean.dtype), state, cache=cache[key],
-                                                    rows=rows[alive])
-            values = emax.to(torch.float64) - lam_t * added.to(torch.float64)
-            probs = torch.softmax(values / tau, dim=1)
-            act = torch.zeros(alive.numel(), m + 1, dtype=torch.float64).scatter_add(1, action + 1, probs)
-            exp_q = exp_q + (pa * act[:, 0] * q_ans).sum()
-            for a in range(m):
-                pr = act[:, a + 1]
-                if not bool((pr.detach() > 0).any()):
-                    continue
-                move = pa * pr
-                exp_c = exp_c + (move * c[alive, a]).sum()
-                nxt = state | (1 << a)
-                full = torch.zeros(n, dtype=torch.float64).index_add(0, alive, move)
-                new[nxt] = new[nxt] + full if nxt in new else full
+            if alive.numel() > 0:
+                exp_q, exp_c = _advance_state(policy, quality_estimator, cost_estimator, y, c, rows, state, p, alive,
+                                              lam_t, tau, step == steps, cache, new, exp_q, exp_c)
         # mass below min_mass stops where it is
         for state, p in states.items():
             small = (p.detach() <= min_mass) & (p.detach() > 0)
-            if bool(small.any()):
+            if bool(small.any()) and state:
                 idx = small.nonzero().squeeze(1)
-                ran = torch.zeros(idx.numel(), m, dtype=torch.bool)
-                for j in range(m):
-                    if state >> j & 1:
-                        ran[:, j] = True
-                if state:
-                    answer = policy.select(quality_estimator.estimate(rows[idx], ran), ran)
-                    exp_q = exp_q + (p[idx] * y[idx, answer.clamp_min(0)] * (answer >= 0)).sum()
+                ran = _ran_of(state, idx.numel(), m)
+                q_ans = _answer_quality(policy, quality_estimator.estimate(rows[idx], ran), ran, y, idx)
+                exp_q = exp_q + (p[idx] * q_ans).sum()
         states = new
         if not states:
             break

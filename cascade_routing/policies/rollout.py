@@ -4,7 +4,8 @@ It lives in the policy stage because λ fitting is defined through it (the fitte
 rollout meets the budget); :mod:`cascade_routing.evaluation` re-exports it.
 
 The loop is over steps, never over queries: at step t every still-active query gets its belief
-given what ran, the policy decides (next model or stop), the chosen models are marked as run. When
+given what ran, the policy decides (next model or stop; :func:`~cascade_routing.policies.step.decide_step`,
+the step the online router runs too), the chosen models are marked as run. When
 every query stopped, the policy selects the answer model; realised quality is the ground truth of
 the answer model and realised cost the sum of the true costs of every model that ran.
 
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from cascade_routing.policies.base import Policy, PolicyError
 from cascade_routing.policies.fitting import FittedLambda, as_fitted
+from cascade_routing.policies.step import decide_step, select_step
 
 
 @dataclass
@@ -58,6 +60,20 @@ def _as_tensor(x, name: str, dtype=torch.float64) -> Tensor:
     return t
 
 
+def rollout_inputs(quality, cost, rows) -> tuple[Tensor, Tensor, Tensor]:
+    """Ground truth ``quality`` and ``cost`` as float64 [N, M] of the same shape without NaN, and the
+    queries' ``rows`` in the estimators' table as long [N] (default 0..N-1)."""
+    quality = _as_tensor(quality, "quality")
+    cost = _as_tensor(cost, "cost")
+    n, m = quality.shape
+    if cost.shape != (n, m):
+        raise PolicyError(f"cost has shape {tuple(cost.shape)}, quality {tuple(quality.shape)}")
+    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    if rows.shape != (n,):
+        raise PolicyError(f"rows must be [N={n}], got shape {tuple(rows.shape)}")
+    return quality, cost, rows
+
+
 def simulate(
     policy: Policy,
     quality_estimator,
@@ -80,15 +96,9 @@ def simulate(
     query per step instead of ``fitted``'s (step t >= T uses column T-1; ``fitted`` still gives the
     depth limit), so many λ values run in one batch (:mod:`cascade_routing.policies.lambda_search`).
     """
-    quality = _as_tensor(quality, "quality")
-    cost = _as_tensor(cost, "cost")
+    quality, cost, rows = rollout_inputs(quality, cost, rows)
     n, m = quality.shape
-    if cost.shape != (n, m):
-        raise PolicyError(f"cost has shape {tuple(cost.shape)}, quality {tuple(quality.shape)}")
     fitted = as_fitted(fitted)
-    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-    if rows.shape != (n,):
-        raise PolicyError(f"rows must be [N={n}], got shape {tuple(rows.shape)}")
     if uniforms is None:
         gen = torch.Generator().manual_seed(seed)
         uniforms = torch.rand(n, generator=gen, dtype=torch.float64)
@@ -112,19 +122,14 @@ def simulate(
         est = quality_estimator.estimate(q_rows, ran[idx] if device is None else ran[idx].to(device))
         device = est.mean.device
         c_est = cost_estimator.estimate(q_rows.to(device), ran[idx].to(device))
-        lam = fitted.lam_for(step, use_low[idx]) if lam_rows is None else lam_rows[idx, min(step, lam_rows.shape[1] - 1)]
-        lam = lam.to(device=device, dtype=est.mean.dtype)
-        kwargs = {"cache": cache, "rows": q_rows.to(device)} if cache is not None else {}
-        kwargs.update(fitted.decide_kwargs())
-        nxt = policy.decide(est, c_est.to(est.mean.dtype), ran[idx].to(device), lam, **kwargs).cpu()
+        nxt, _ = decide_step(policy, est, c_est, ran[idx], fitted, use_low[idx],
+                             lam_rows=None if lam_rows is None else lam_rows[idx], cache=cache, rows=q_rows)
         go = nxt >= 0
-        if bool((ran[idx[go], nxt[go]]).any()):
-            raise PolicyError(f"policy {policy!r} chose a model that already ran")
         ran[idx[go], nxt[go]] = True
         order[idx, step] = nxt
         active[idx[~go]] = False
     est = quality_estimator.estimate(rows.to(device) if device else rows, ran.to(device) if device else ran)
-    answer = policy.select(est, ran.to(est.mean.device)).cpu()
+    answer = select_step(policy, est, ran)
     got = answer >= 0
     realised_q = torch.zeros(n, dtype=torch.float64)
     realised_q[got] = quality[got.nonzero().squeeze(1), answer[got]]

@@ -282,6 +282,39 @@ def _table_aux(table: SubsetTable) -> tuple[Tensor, Tensor, Tensor]:
     return hit
 
 
+def _extensions(table: SubsetTable, level: int, last_of: Tensor, pair_row: Tensor, pair_sub: Tensor, n: int
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Every extension of the surviving subsets of ``level - 1`` (query ``pair_row``, local index
+    ``pair_sub``) by a model after their largest member: ``(parent position among the survivors,
+    added model j, query row, child row in the table)``, each [E]; None when there is none."""
+    dev = pair_row.device
+    start_prev = table.levels[level - 1][0]
+    start = table.levels[level][0]
+    last = last_of[start_prev + pair_sub]  # largest slot of each parent
+    counts = (n - 1 - last).clamp_min(0)
+    if int(counts.sum()) == 0:
+        return None
+    parent = torch.repeat_interleave(torch.arange(pair_row.numel(), device=dev), counts)
+    first = torch.cumsum(counts, 0) - counts
+    j = last[parent] + 1 + (torch.arange(parent.numel(), device=dev) - first[parent])
+    row = pair_row[parent]
+    # child row in the table: group j of this level lists the parents (local order) with last < j
+    offsets = torch.tensor([0] + list(np.cumsum(table.prefix[level])[:-1]), device=dev, dtype=torch.long)
+    child = start + offsets[j] + pair_sub[parent]
+    return parent, j, row, child
+
+
+def _pruned(flat_out: Tensor, s_total: int, table: SubsetTable, row: Tensor, child: Tensor, val: Tensor,
+            lam: Tensor, cost_free: Tensor, tol: float) -> Tensor:
+    """bool [E]: children the pruning lemma rules out: for some member j, ``s \\ j`` was pruned (-inf)
+    or the gain ``val − E[max(s \\ j)]`` is below ``λ c_j − tol``."""
+    sub_val = flat_out[(row * s_total)[:, None] + table.minus.index_select(0, child).clamp_min(0)]  # [E, n]
+    gain = val[:, None] - sub_val
+    bad = table.members.index_select(0, child) & (
+        torch.isinf(sub_val) | (gain < lam[row, None] * cost_free.index_select(0, row) - tol))
+    return bad.any(1)
+
+
 def expected_max_pruned(free_samples: Tensor, base: Tensor | None, table: SubsetTable, cost_free: Tensor,
                         lam: Tensor, tol: float) -> Tensor:
     """Like :func:`expected_max_table`, but skipping extensions ruled out by the pruning lemma.
@@ -313,43 +346,22 @@ def expected_max_pruned(free_samples: Tensor, base: Tensor | None, table: Subset
     samples = cur.reshape(b * n, k).index_select(0, pair_row * n + pair_sub)  # [P, K]
     flat_x = free_samples.reshape(b * n, k)
     flat_out = out.view(-1)
-    minus = table.minus
-    members = table.members
     for level in range(2, table.r + 1):
         if pair_row.numel() == 0:
             break
-        start_prev = table.levels[level - 1][0]
-        start = table.levels[level][0]
-        last = last_of[start_prev + pair_sub]  # largest slot of each parent
-        counts = (n - 1 - last).clamp_min(0)
-        if int(counts.sum()) == 0:
+        ext = _extensions(table, level, last_of, pair_row, pair_sub, n)
+        if ext is None:
             break
-        parent = torch.repeat_interleave(torch.arange(pair_row.numel(), device=dev), counts)
-        first = torch.cumsum(counts, 0) - counts
-        j = last[parent] + 1 + (torch.arange(parent.numel(), device=dev) - first[parent])
-        row = pair_row[parent]
-        # child row in the table: group j of this level lists the parents (local order) with last < j
-        offsets = torch.tensor([0] + list(np.cumsum(table.prefix[level])[:-1]), device=dev, dtype=torch.long)
-        child = start + offsets[j] + pair_sub[parent]
+        parent, j, row, child = ext
         x = torch.maximum(samples.index_select(0, parent), flat_x.index_select(0, row * n + j))  # [E, K]
         val = x.mean(-1)
         flat_out.index_copy_(0, row * s_total + child, val)
-        if level == table.r:
-            # survivors of the top level are not extended; pruned ones still must read -inf
-            sub_val = flat_out[(row * s_total)[:, None] + minus.index_select(0, child).clamp_min(0)]
-            gain = val[:, None] - sub_val
-            bad = members.index_select(0, child) & (torch.isinf(sub_val) | (gain < lam[row, None] * cost_free.index_select(0, row) - tol))
-            drop = bad.any(1)
-            flat_out.index_fill_(0, (row * s_total + child)[drop], -math.inf)
+        drop = _pruned(flat_out, s_total, table, row, child, val, lam, cost_free, tol)
+        flat_out.index_fill_(0, (row * s_total + child)[drop], -math.inf)
+        if level == table.r:  # survivors of the top level are not extended
             break
-        # pruning check against every member's removal
-        mem = members.index_select(0, child)  # [E, n]
-        sub_val = flat_out[(row * s_total)[:, None] + minus.index_select(0, child).clamp_min(0)]  # [E, n]
-        gain = val[:, None] - sub_val
-        bad = mem & (torch.isinf(sub_val) | (gain < lam[row, None] * cost_free.index_select(0, row) - tol))
-        keep = ~bad.any(1)
-        flat_out.index_fill_(0, (row * s_total + child)[~keep], -math.inf)
-        keep_idx = keep.nonzero().squeeze(1)
+        keep_idx = (~drop).nonzero().squeeze(1)
+        start = table.levels[level][0]
         pair_row, pair_sub = row.index_select(0, keep_idx), (child - start).index_select(0, keep_idx)
         samples = x.index_select(0, keep_idx)
     return out

@@ -224,10 +224,8 @@ def _price(entry: Mapping[str, Any], kind: str, where: str) -> float:
     return value if per_token is not None else value / 1e6
 
 
-def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendConfig]:
-    """Validate a parsed backends document (see module docstring); returns name -> config."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("models"), list) or not data["models"]:
-        raise BackendConfigError(f"{source}: expected a mapping with a non-empty list 'models'")
+def _defaults(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The settings every model starts from: :data:`_DEFAULTS` updated by the document's ``defaults``."""
     defaults = dict(_DEFAULTS)
     user_defaults = data.get("defaults") or {}
     if not isinstance(user_defaults, Mapping):
@@ -236,56 +234,72 @@ def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendCo
     if unknown:
         raise BackendConfigError(f"{source}: unknown key(s) in defaults: {sorted(unknown)}")
     defaults.update(user_defaults)
+    return defaults
+
+
+def _model_config(entry: Any, source: str, i: int, defaults: Mapping[str, Any], taken: Mapping[str, Any]
+                  ) -> BackendConfig:
+    """Entry ``i`` of ``models`` validated (name not in ``taken``, known keys, http(s) URL, numeric
+    settings in range, prices) into a :class:`BackendConfig`; errors name ``source`` and the entry."""
+    where = f"{source}: models[{i}]"
+    if not isinstance(entry, Mapping):
+        raise BackendConfigError(f"{where}: expected a mapping, got {type(entry).__name__}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise BackendConfigError(f"{where}: 'name' must be a non-empty string")
+    where = f"{source}: model {name!r}"
+    unknown = set(entry) - _KNOWN
+    if unknown:
+        raise BackendConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+    if name in taken:
+        raise BackendConfigError(f"{where}: duplicate model name")
+    base_url = entry.get("base_url")
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise BackendConfigError(f"{where}: 'base_url' must be an http(s) URL, got {base_url!r}")
+    settings = {k: entry.get(k, defaults[k]) for k in _DEFAULTS}
+    try:
+        timeout_s = float(settings["timeout_s"])
+        max_retries = int(settings["max_retries"])
+        backoff_s = float(settings["backoff_s"])
+        max_concurrency = int(settings["max_concurrency"])
+        breaker_failures = int(settings["breaker_failures"])
+        breaker_reset_s = float(settings["breaker_reset_s"])
+    except (TypeError, ValueError) as err:
+        raise BackendConfigError(f"{where}: bad numeric setting: {err}") from None
+    if (timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1 or breaker_failures < 1
+            or breaker_reset_s < 0):
+        raise BackendConfigError(
+            f"{where}: need timeout_s > 0, max_retries >= 0, backoff_s >= 0, max_concurrency >= 1, "
+            "breaker_failures >= 1, breaker_reset_s >= 0"
+        )
+    return BackendConfig(
+        name=name,
+        base_url=base_url,
+        model_id=str(entry.get("model_id", name)),
+        price_in=_price(entry, "input", where),
+        price_out=_price(entry, "output", where),
+        api_key_env=entry.get("api_key_env"),
+        timeout_s=timeout_s,
+        max_retries=max_retries,
+        backoff_s=backoff_s,
+        max_concurrency=max_concurrency,
+        logprobs=bool(settings["logprobs"]),
+        trust_reported_cost=bool(settings["trust_reported_cost"]),
+        breaker_failures=breaker_failures,
+        breaker_reset_s=breaker_reset_s,
+        extra_body=dict(entry.get("extra_body") or {}),
+    )
+
+
+def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendConfig]:
+    """Validate a parsed backends document (see module docstring); returns name -> config."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("models"), list) or not data["models"]:
+        raise BackendConfigError(f"{source}: expected a mapping with a non-empty list 'models'")
+    defaults = _defaults(data, source)
     configs: dict[str, BackendConfig] = {}
     for i, entry in enumerate(data["models"]):
-        where = f"{source}: models[{i}]"
-        if not isinstance(entry, Mapping):
-            raise BackendConfigError(f"{where}: expected a mapping, got {type(entry).__name__}")
-        name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise BackendConfigError(f"{where}: 'name' must be a non-empty string")
-        where = f"{source}: model {name!r}"
-        unknown = set(entry) - _KNOWN
-        if unknown:
-            raise BackendConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
-        if name in configs:
-            raise BackendConfigError(f"{where}: duplicate model name")
-        base_url = entry.get("base_url")
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise BackendConfigError(f"{where}: 'base_url' must be an http(s) URL, got {base_url!r}")
-        settings = {k: entry.get(k, defaults[k]) for k in _DEFAULTS}
-        try:
-            timeout_s = float(settings["timeout_s"])
-            max_retries = int(settings["max_retries"])
-            backoff_s = float(settings["backoff_s"])
-            max_concurrency = int(settings["max_concurrency"])
-            breaker_failures = int(settings["breaker_failures"])
-            breaker_reset_s = float(settings["breaker_reset_s"])
-        except (TypeError, ValueError) as err:
-            raise BackendConfigError(f"{where}: bad numeric setting: {err}") from None
-        if (timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1 or breaker_failures < 1
-                or breaker_reset_s < 0):
-            raise BackendConfigError(
-                f"{where}: need timeout_s > 0, max_retries >= 0, backoff_s >= 0, max_concurrency >= 1, "
-                "breaker_failures >= 1, breaker_reset_s >= 0"
-            )
-        configs[name] = BackendConfig(
-            name=name,
-            base_url=base_url,
-            model_id=str(entry.get("model_id", name)),
-            price_in=_price(entry, "input", where),
-            price_out=_price(entry, "output", where),
-            api_key_env=entry.get("api_key_env"),
-            timeout_s=timeout_s,
-            max_retries=max_retries,
-            backoff_s=backoff_s,
-            max_concurrency=max_concurrency,
-            logprobs=bool(settings["logprobs"]),
-            trust_reported_cost=bool(settings["trust_reported_cost"]),
-            breaker_failures=breaker_failures,
-            breaker_reset_s=breaker_reset_s,
-            extra_body=dict(entry.get("extra_body") or {}),
-        )
+        config = _model_config(entry, source, i, defaults, configs)
+        configs[config.name] = config
     return configs
 
 
@@ -390,6 +404,16 @@ class _StreamedAnswer:
         return {"object": "chat.completion", "choices": choices, **self.extra}
 
 
+@dataclass
+class _Retry:
+    """One request's attempts so far: how many were made, why the last one failed, the wait before the next."""
+
+    attempts: int = 0
+    reason: str = "unknown"
+    detail: str = ""
+    wait: float = 0.0
+
+
 class Backend:
     """Async client of one OpenAI-compatible endpoint, with a concurrency limit and retries."""
 
@@ -475,79 +499,109 @@ class Backend:
         circuit breaker is open (``circuit_open``), or when the request's attempts or time are spent
         (``attempt_limit`` / ``deadline``).
         """
+        payload = self._payload(messages, params, on_delta)
+        limits = REQUEST_LIMITS.get()
+        retry = _Retry()
+        handed_on = [False]
+        async with self._semaphore:
+            for attempt in range(self.config.max_retries + 1):
+                if attempt and not await self._backoff(retry, attempt, limits):
+                    break
+                if self._refused(retry, limits):
+                    break
+                answer = await self._attempt(payload, limits, on_delta, handed_on, retry)
+                if answer is not None:
+                    return answer
+        raise BackendError(self.config.name, retry.reason, retry.detail, retry.attempts)
+
+    def _payload(self, messages: list[dict[str, Any]], params: dict[str, Any],
+                 on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None) -> dict[str, Any]:
+        """The request body: the endpoint's ``extra_body``, the caller's ``params``, model id, messages,
+        ``stream`` (with usage in the last chunk when streaming) and ``logprobs`` if configured."""
         cfg = self.config
         payload: dict[str, Any] = {**cfg.extra_body, **params, "model": cfg.model_id, "messages": messages}
         payload["stream"] = on_delta is not None
         if on_delta is not None:
             payload["stream_options"] = {"include_usage": True}
-        handed_on = [False]
         if cfg.logprobs:
             payload["logprobs"] = True
-        limits = REQUEST_LIMITS.get()
-        attempts = 0
-        reason, detail = "unknown", ""
-        wait = 0.0
-        async with self._semaphore:
-            for attempt in range(cfg.max_retries + 1):
-                if attempt:
-                    wait = max(wait, cfg.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
-                    left = None if limits is None else limits.time_left()
-                    if left is not None and wait >= left:
-                        reason, detail = "deadline", f"no time left for a retry after {reason}: {detail}"
-                        break
-                    await _sleep(wait)
-                if limits is not None:
-                    if limits.attempts_left <= 0:
-                        if attempts == 0:
-                            reason, detail = "attempt_limit", "the request's upstream attempts are spent"
-                        break
-                    left = limits.time_left()
-                    if left is not None and left <= 0:
-                        reason, detail = "deadline", "the request's deadline passed"
-                        break
-                if not self.breaker.allow():
-                    if attempts == 0:
-                        reason = "circuit_open"
-                        detail = (f"{self.breaker.consecutive} consecutive failures; next probe within "
-                                  f"{cfg.breaker_reset_s}s")
-                    break
-                if limits is not None:
-                    limits.attempts_left -= 1
-                attempts += 1
-                timeout = cfg.timeout_s
-                left = None if limits is None else limits.time_left()
-                if left is not None:
-                    timeout = max(0.001, min(timeout, left))
-                wait = 0.0
-                start = time.perf_counter()
-                try:
-                    status, retry_after, text, body = await self._exchange(payload, timeout, on_delta, handed_on,
-                                                                           attempts)
-                except asyncio.CancelledError:
-                    self.breaker.abandon()
-                    raise
-                except (httpx.TimeoutException, httpx.TransportError) as err:
-                    self.breaker.failure()
-                    if isinstance(err, httpx.TimeoutException):
-                        reason, detail = "timeout", f"{type(err).__name__} after {timeout:.3g}s"
-                    else:
-                        reason, detail = "connection_error", f"{type(err).__name__}: {err}"
-                    if handed_on[0]:  # part of the answer is already with the client: no retry
-                        raise BackendError(cfg.name, "stream_broken", detail, attempts) from None
-                    continue
-                latency_ms = (time.perf_counter() - start) * 1000.0
-                if status >= 500 or status == 429:
-                    self.breaker.failure()
-                    reason, detail = f"http_{status}", text
-                    hinted = retry_after_s(retry_after)
-                    if hinted is not None:
-                        wait = min(hinted, MAX_RETRY_AFTER_S)
-                    continue
-                self.breaker.success()
-                if status >= 400:
-                    raise BackendError(cfg.name, f"http_{status}", text, attempts)
-                return self._parse(body, latency_ms, attempts)
-        raise BackendError(cfg.name, reason, detail, attempts)
+        return payload
+
+    async def _backoff(self, retry: "_Retry", attempt: int, limits: RequestLimits | None) -> bool:
+        """Sleep before retry ``attempt`` (>= 1): jittered exponential backoff, at least the endpoint's
+        Retry-After; False (reason ``deadline``) when that wait would outlast the request's time."""
+        retry.wait = max(retry.wait, self.config.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+        left = None if limits is None else limits.time_left()
+        if left is not None and retry.wait >= left:
+            retry.reason, retry.detail = "deadline", f"no time left for a retry after {retry.reason}: {retry.detail}"
+            return False
+        await _sleep(retry.wait)
+        return True
+
+    def _refused(self, retry: "_Retry", limits: RequestLimits | None) -> bool:
+        """True when no attempt may start: the request's attempts or time are spent, or the circuit
+        breaker is open (``attempt_limit`` / ``circuit_open`` are the reason only if no attempt was made)."""
+        if limits is not None:
+            if limits.attempts_left <= 0:
+                if retry.attempts == 0:
+                    retry.reason, retry.detail = "attempt_limit", "the request's upstream attempts are spent"
+                return True
+            left = limits.time_left()
+            if left is not None and left <= 0:
+                retry.reason, retry.detail = "deadline", "the request's deadline passed"
+                return True
+        if not self.breaker.allow():
+            if retry.attempts == 0:
+                retry.reason = "circuit_open"
+                retry.detail = (f"{self.breaker.consecutive} consecutive failures; next probe within "
+                                f"{self.config.breaker_reset_s}s")
+            return True
+        return False
+
+    async def _attempt(self, payload: dict[str, Any], limits: RequestLimits | None,
+                       on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None, handed_on: list[bool],
+                       retry: "_Retry") -> Answer | None:
+        """One attempt, counted against the request's limits and timed out at the lesser of the
+        endpoint's timeout and the request's time left: the answer, or None to retry (the failure and
+        any Retry-After wait recorded in ``retry``). Raises :class:`BackendError` on a non-retryable
+        4xx, and on a stream that broke after part of it was handed on (``stream_broken``)."""
+        cfg = self.config
+        if limits is not None:
+            limits.attempts_left -= 1
+        retry.attempts += 1
+        timeout = cfg.timeout_s
+        left = None if limits is None else limits.time_left()
+        if left is not None:
+            timeout = max(0.001, min(timeout, left))
+        retry.wait = 0.0
+        start = time.perf_counter()
+        try:
+            status, retry_after, text, body = await self._exchange(payload, timeout, on_delta, handed_on,
+                                                                   retry.attempts)
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
+        except (httpx.TimeoutException, httpx.TransportError) as err:
+            self.breaker.failure()
+            if isinstance(err, httpx.TimeoutException):
+                retry.reason, retry.detail = "timeout", f"{type(err).__name__} after {timeout:.3g}s"
+            else:
+                retry.reason, retry.detail = "connection_error", f"{type(err).__name__}: {err}"
+            if handed_on[0]:  # part of the answer is already with the client: no retry
+                raise BackendError(cfg.name, "stream_broken", retry.detail, retry.attempts) from None
+            return None
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        if status >= 500 or status == 429:
+            self.breaker.failure()
+            retry.reason, retry.detail = f"http_{status}", text
+            hinted = retry_after_s(retry_after)
+            if hinted is not None:
+                retry.wait = min(hinted, MAX_RETRY_AFTER_S)
+            return None
+        self.breaker.success()
+        if status >= 400:
+            raise BackendError(cfg.name, f"http_{status}", text, retry.attempts)
+        return self._parse(body, latency_ms, retry.attempts)
 
     async def _exchange(self, payload: dict[str, Any], timeout: float,
                         on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None, handed_on: list[bool],

@@ -44,11 +44,111 @@ class StreamOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+Build = Callable[[RouteResult], tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]]
+
+
+class _TokenSink:
+    """The queue between the routing task and the response: ``("delta", choice)`` per passed-through
+    upstream chunk, then ``("end", None)`` once routing ended (result or error in ``outcome``)."""
+
+    def __init__(self, on_first_token: Callable[[float, str], None] | None) -> None:
+        self.start = time.perf_counter()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.outcome = StreamOutcome()
+        self._on_first_token = on_first_token
+
+    def first_token(self, mode: str) -> None:
+        """Record that the first content goes out now, ``passthrough`` or ``buffered``."""
+        self.outcome.first_token_s, self.outcome.mode = time.perf_counter() - self.start, mode
+        if self._on_first_token is not None:
+            self._on_first_token(self.outcome.first_token_s, mode)
+
+    async def on_delta(self, choice: dict[str, Any]) -> None:
+        """The router's token sink (``RouteRequest.on_delta``)."""
+        if self.outcome.first_token_s is None:
+            self.first_token("passthrough")
+            self.outcome.extra["model"] = choice.get("model")
+        await self.queue.put(("delta", choice))
+
+    async def route(self, submit: Callable[[RouteRequest], Awaitable[RouteResult]], item: RouteRequest,
+                    on_end: Callable[[StreamOutcome], None]) -> None:
+        """Route ``item``, keep its result or error in ``outcome``, call ``on_end``, then signal the end."""
+        try:
+            self.outcome.result = await submit(item)
+        except BaseException as err:  # noqa: BLE001 - reported to the client by the response
+            self.outcome.error = err
+            if isinstance(err, asyncio.CancelledError):
+                raise
+        finally:
+            on_end(self.outcome)
+            await self.queue.put(("end", None))
+
+
+def _response_headers(headers: dict[str, str], kind: str, outcome: StreamOutcome, build: Build) -> dict[str, str]:
+    """The stream's headers: the caller's, SSE's, and the routing trace's when routing has already
+    ended (buffered), or only the streamed model's name (pass-through: the cost is not known yet)."""
+    out = dict(headers)
+    out.update(SSE_HEADERS)
+    if kind == "end":
+        assert outcome.result is not None
+        out.update(build(outcome.result)[3])
+    elif outcome.extra.get("model"):
+        out["X-Cascade-Routing-Model"] = str(outcome.extra["model"])
+    return out
+
+
+def _tail(sink: _TokenSink, sent: bool, writer: ChunkWriter, build: Build, piece_chars: int) -> list[bytes]:
+    """The events after the streamed deltas, up to ``[DONE]``: an error event if routing failed or the
+    streamed model is not the answer after tokens went out (``outcome.aborted``); else the finish
+    chunk (pass-through) or the whole answer in chunks (buffered), with usage and the routing trace."""
+    outcome = sink.outcome
+    if outcome.error is not None:
+        outcome.aborted = sent
+        return [sse(error_event(f"routing failed after the stream started: {outcome.error}", code="stream_aborted")),
+                DONE]
+    result = outcome.result
+    assert result is not None
+    choices, usage, routing, _ = build(result)
+    streamed_ok = any(s.streamed and s.status == "ok" and s.model == result.model for s in result.steps)
+    if sent and not streamed_ok:
+        outcome.aborted = True
+        return [sse(error_event("the streamed model failed mid-answer and another model answered "
+                                f"({result.model}); retry without stream for its answer",
+                                code="stream_aborted", routing=routing)), DONE]
+    if sent:
+        finish = {int(c.get("index", 0)): c.get("finish_reason") or "stop" for c in choices}
+        chunks = writer.tail(finish, usage, routing)
+    else:
+        if outcome.first_token_s is None:
+            sink.first_token("buffered")
+        chunks = completion_chunks(writer, choices, usage, routing, piece_chars)[1:]  # role already sent
+    return [sse(chunk) for chunk in chunks] + [DONE]
+
+
+async def _events(sink: _TokenSink, first: tuple[str, Any], writer: ChunkWriter, build: Build, piece_chars: int
+                  ) -> AsyncIterator[bytes]:
+    """The SSE body: the role chunk, each passed-through delta as it arrives, then :func:`_tail`.
+
+    If the client goes away, this generator is closed; the routing task still runs to its end, so
+    the request's spend is accounted by ``on_end``."""
+    yield sse(writer.role())
+    sent = False
+    pending: list[tuple[str, Any]] = [first]
+    while True:
+        k, payload = pending.pop() if pending else await sink.queue.get()
+        if k != "delta":
+            break
+        sent = True
+        yield sse(writer.delta(payload["delta"], payload.get("index", 0), logprobs=payload.get("logprobs")))
+    for event in _tail(sink, sent, writer, build, piece_chars):
+        yield event
+
+
 async def start_stream(
     submit: Callable[[RouteRequest], Awaitable[RouteResult]],
     item: RouteRequest,
     writer: ChunkWriter,
-    build: Callable[[RouteResult], tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]],
+    build: Build,
     headers: dict[str, str],
     on_end: Callable[[StreamOutcome], None],
     piece_chars: int = 16,
@@ -62,86 +162,14 @@ async def start_stream(
     (also if the client went away mid-stream); ``on_first_token(seconds, mode)`` when the first
     content goes out (``mode``: ``passthrough`` or ``buffered``).
     """
-    start = time.perf_counter()
-    queue: asyncio.Queue = asyncio.Queue()
-    outcome = StreamOutcome()
-
-    def first_token(mode: str) -> None:
-        outcome.first_token_s, outcome.mode = time.perf_counter() - start, mode
-        if on_first_token is not None:
-            on_first_token(outcome.first_token_s, mode)
-
-    async def on_delta(choice: dict[str, Any]) -> None:
-        if outcome.first_token_s is None:
-            first_token("passthrough")
-            outcome.extra["model"] = choice.get("model")
-        await queue.put(("delta", choice))
-
-    item.on_delta = on_delta
-
-    async def run() -> None:
-        try:
-            outcome.result = await submit(item)
-        except BaseException as err:  # noqa: BLE001 - reported to the client below
-            outcome.error = err
-            if isinstance(err, asyncio.CancelledError):
-                raise
-        finally:
-            on_end(outcome)
-            await queue.put(("end", None))
-
-    task = asyncio.create_task(run())
+    sink = _TokenSink(on_first_token)
+    item.on_delta = sink.on_delta
+    task = asyncio.create_task(sink.route(submit, item, on_end))
     _RUNNING.add(task)  # a strong reference until it ends: the response may outlive this frame
     task.add_done_callback(_RUNNING.discard)
-    kind, first = await queue.get()
-    if kind == "end" and outcome.error is not None:
-        return outcome.error
-    response_headers = dict(headers)
-    response_headers.update(SSE_HEADERS)
-    if kind == "end":
-        assert outcome.result is not None
-        _, _, _, extra_headers = build(outcome.result)
-        response_headers.update(extra_headers)
-    elif outcome.extra.get("model"):
-        response_headers["X-Cascade-Routing-Model"] = str(outcome.extra["model"])
-
-    async def events() -> AsyncIterator[bytes]:
-        yield sse(writer.role())
-        sent = False
-        pending: list[tuple[str, Any]] = [(kind, first)]
-        # If the client goes away, this generator is closed; the routing task still runs to its end, so
-        # the request's spend is accounted by ``on_end``.
-        while True:
-            k, payload = pending.pop() if pending else await queue.get()
-            if k != "delta":
-                break
-            sent = True
-            yield sse(writer.delta(payload["delta"], payload.get("index", 0), logprobs=payload.get("logprobs")))
-        if outcome.error is not None:
-            outcome.aborted = sent
-            yield sse(error_event(f"routing failed after the stream started: {outcome.error}", code="stream_aborted"))
-            yield DONE
-            return
-        result = outcome.result
-        assert result is not None
-        choices, usage, routing, _ = build(result)
-        streamed_ok = any(s.streamed and s.status == "ok" and s.model == result.model for s in result.steps)
-        if sent and not streamed_ok:
-            outcome.aborted = True
-            yield sse(error_event("the streamed model failed mid-answer and another model answered "
-                                  f"({result.model}); retry without stream for its answer",
-                                  code="stream_aborted", routing=routing))
-            yield DONE
-            return
-        if sent:
-            finish = {int(c.get("index", 0)): c.get("finish_reason") or "stop" for c in choices}
-            tail = writer.tail(finish, usage, routing)
-        else:
-            if outcome.first_token_s is None:
-                first_token("buffered")
-            tail = completion_chunks(writer, choices, usage, routing, piece_chars)[1:]  # role already sent
-        for chunk in tail:
-            yield sse(chunk)
-        yield DONE
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers=response_headers)
+    kind, first = await sink.queue.get()
+    if kind == "end" and sink.outcome.error is not None:
+        return sink.outcome.error
+    response_headers = _response_headers(headers, kind, sink.outcome, build)
+    return StreamingResponse(_events(sink, (kind, first), writer, build, piece_chars),
+                             media_type="text/event-stream", headers=response_headers)

@@ -47,7 +47,7 @@ from typing import Any, AsyncIterator, Mapping
 
 import numpy as np
 import yaml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cascade_routing.data.converters.routellm import estimate_tokens as text_tokens
@@ -84,24 +84,19 @@ def estimate_tokens(text: str) -> int:
     return max(1, text_tokens(text))
 
 
-def create_replay_app(
-    dataset: RoutingDataset,
-    latency_ms: float = 0.0,
-    jitter_ms: float = 0.0,
-    failures: Mapping[str, str] | None = None,
-    slow_ms: float = 30_000.0,
-    seed: int = 0,
-    stream_pieces: int = 8,
-) -> FastAPI:
-    """The replay app for ``dataset`` (see module docstring)."""
-    if dataset.responses is None:
-        raise ValueError(f"dataset {dataset.name!r} has no recorded responses; the replay backend needs them")
+def _check_failures(dataset: RoutingDataset, failures: Mapping[str, str] | None) -> dict[str, str]:
+    """``failures`` as a dict, each naming a model of ``dataset`` and one of :data:`FAILURE_MODES`."""
     failures = dict(failures or {})
     for model, mode in failures.items():
         if model not in dataset.models:
             raise ValueError(f"failure set for unknown model {model!r}; dataset models: {dataset.models}")
         if mode not in FAILURE_MODES:
             raise ValueError(f"unknown failure mode {mode!r} for {model!r}; use one of {FAILURE_MODES}")
+    return failures
+
+
+def _text_index(dataset: RoutingDataset) -> tuple[dict[str, int], int]:
+    """``query text -> first row`` with that text, and how many rows repeat an earlier text (logged)."""
     index: dict[str, int] = {}
     duplicates = 0
     for i, text in enumerate(dataset.queries):
@@ -112,35 +107,28 @@ def create_replay_app(
     if duplicates:
         log.warning("replay %s: %d query rows repeat an earlier text; those answer from the first row",
                     dataset.name, duplicates)
-    models = {m: j for j, m in enumerate(dataset.models)}
-    rng = random.Random(seed)
+    return index, duplicates
 
-    app = FastAPI(title=f"cascade-routing replay of {dataset.name}")
-    app.state.dataset = dataset
-    app.state.failures = failures
-    app.state.duplicate_texts = duplicates
-    app.state.requests = {m: 0 for m in dataset.models}
-    app.state.latency_ms = float(latency_ms)
-    app.state.stream_pieces = int(stream_pieces)
-    app.state.received = deque(maxlen=1000)  # the last requests' parameters, for tests and debugging
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "dataset": dataset.name, "models": dataset.models,
-                "queries": dataset.num_queries, "failures": app.state.failures, "requests": app.state.requests}
+class _Replay:
+    """The replay's lookup tables and its chat handler (module docstring); run-time settings
+    (failures, latency, stream pieces, counters) live in ``app.state``."""
 
-    @app.get("/{model}/v1/models")
-    async def list_models(model: str) -> JSONResponse:
-        if model not in models:
-            return _error(404, f"unknown model {model!r}", "model_not_found")
-        return JSONResponse({"object": "list", "data": [{"id": model, "object": "model", "owned_by": "replay"}]})
+    def __init__(self, app: FastAPI, dataset: RoutingDataset, jitter_ms: float, slow_ms: float, seed: int) -> None:
+        self.app, self.dataset = app, dataset
+        self.index, self.duplicates = _text_index(dataset)
+        self.models = {m: j for j, m in enumerate(dataset.models)}
+        self.rng = random.Random(seed)
+        self.jitter_ms, self.slow_ms = jitter_ms, slow_ms
 
-    @app.post("/{model}/v1/chat/completions")
-    async def chat(model: str, request: Request) -> JSONResponse:
-        if model not in models:
+    async def chat(self, model: str, request: Request) -> Response:
+        """One chat completion: the simulated failure of ``model`` if set, else the recorded answer
+        of the request's last user message, after the configured latency, streamed if asked."""
+        state, dataset = self.app.state, self.dataset
+        if model not in self.models:
             return _error(404, f"unknown model {model!r}; replay models: {dataset.models}", "model_not_found")
-        app.state.requests[model] += 1
-        mode = app.state.failures.get(model)
+        state.requests[model] += 1
+        mode = state.failures.get(model)
         if mode == "500":
             return JSONResponse({"error": {"message": f"simulated failure of {model}", "type": "server_error",
                                            "param": None, "code": None}}, status_code=500)
@@ -153,43 +141,30 @@ def create_replay_app(
         text = _last_user_text(body)
         if text is None:
             return _error(400, "no user message in 'messages'")
-        row = index.get(text)
+        row = self.index.get(text)
         if row is None:
             return _error(404, f"query not in the recorded dataset {dataset.name!r}: {text[:80]!r}", "unknown_query")
-        delay = app.state.latency_ms + (rng.uniform(0, jitter_ms) if jitter_ms > 0 else 0.0)
+        delay = state.latency_ms + (self.rng.uniform(0, self.jitter_ms) if self.jitter_ms > 0 else 0.0)
         if mode == "slow":
-            delay = max(delay, slow_ms)
-        stream_delay = delay
-        j = models[model]
-        response = dataset.responses[row, j]
-        if response is None:
+            delay = max(delay, self.slow_ms)
+        received = {k: v for k, v in body.items() if k not in ("messages", "model")}
+        reply = self._reply(model, row, text, body, received)
+        if reply is None:
             return JSONResponse({"error": {"message": f"no recorded response of {model} for this query",
                                            "type": "server_error", "param": None, "code": None}}, status_code=500)
-        response = str(response)
-        feats = {k: float(v[row, j]) for k, v in dataset.features.items()}
-        tokens_in = int(round(feats["tokens_in"])) if "tokens_in" in feats else estimate_tokens(text)
-        tokens_out = int(round(feats["tokens_out"])) if "tokens_out" in feats else estimate_tokens(response)
-        received = {k: v for k, v in body.items() if k not in ("messages", "model")}
-        app.state.received.append({"model": model, "query": text, **received})
-        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
-        message = _replay_message(response, body.get("tools"), body.get("tool_choice"), row)
-        finish = "tool_calls" if "tool_calls" in message else "stop"
-        usage = {"prompt_tokens": tokens_in, "completion_tokens": n * tokens_out,
-                 "total_tokens": tokens_in + n * tokens_out}
-        extra = {"x_cost_usd": n * float(dataset.cost[row, j]), "x_recorded_features": feats,
-                 "x_received": received}
-        head = {"id": f"chatcmpl-replay-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        state.received.append({"model": model, "query": text, **received})
         if body.get("stream"):
+            stream_delay = delay
             if mode == "slow":  # nothing at all until the client has given up
                 await asyncio.sleep(delay / 1000.0)
                 stream_delay = 0.0
             options = body.get("stream_options") or {}
             return StreamingResponse(
-                _replay_chunks(head, message, finish, n, usage, extra, bool(options.get("include_usage")),
-                               app.state.stream_pieces, stream_delay),
+                _replay_chunks(*reply, bool(options.get("include_usage")), state.stream_pieces, stream_delay),
                 media_type="text/event-stream")
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
+        head, message, finish, n, usage, extra = reply
         return JSONResponse({
             **head,
             "object": "chat.completion",
@@ -198,6 +173,67 @@ def create_replay_app(
             "usage": usage,
             **extra,
         })
+
+    def _reply(self, model: str, row: int, text: str, body: dict[str, Any], received: dict[str, Any]
+               ) -> tuple[dict[str, Any], dict[str, Any], str, int, dict[str, int], dict[str, Any]] | None:
+        """(head, message, finish reason, n, usage, ``x_*`` extras) of the recorded answer of ``model``
+        to ``row``, or None when the dataset has no response in that cell."""
+        dataset, j = self.dataset, self.models[model]
+        response = dataset.responses[row, j]
+        if response is None:
+            return None
+        response = str(response)
+        feats = {k: float(v[row, j]) for k, v in dataset.features.items()}
+        tokens_in = int(round(feats["tokens_in"])) if "tokens_in" in feats else estimate_tokens(text)
+        tokens_out = int(round(feats["tokens_out"])) if "tokens_out" in feats else estimate_tokens(response)
+        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
+        message = _replay_message(response, body.get("tools"), body.get("tool_choice"), row)
+        finish = "tool_calls" if "tool_calls" in message else "stop"
+        usage = {"prompt_tokens": tokens_in, "completion_tokens": n * tokens_out,
+                 "total_tokens": tokens_in + n * tokens_out}
+        extra = {"x_cost_usd": n * float(dataset.cost[row, j]), "x_recorded_features": feats,
+                 "x_received": received}
+        head = {"id": f"chatcmpl-replay-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        return head, message, finish, n, usage, extra
+
+
+def create_replay_app(
+    dataset: RoutingDataset,
+    latency_ms: float = 0.0,
+    jitter_ms: float = 0.0,
+    failures: Mapping[str, str] | None = None,
+    slow_ms: float = 30_000.0,
+    seed: int = 0,
+    stream_pieces: int = 8,
+) -> FastAPI:
+    """The replay app for ``dataset`` (see module docstring)."""
+    if dataset.responses is None:
+        raise ValueError(f"dataset {dataset.name!r} has no recorded responses; the replay backend needs them")
+    failures = _check_failures(dataset, failures)
+    app = FastAPI(title=f"cascade-routing replay of {dataset.name}")
+    replay = _Replay(app, dataset, jitter_ms, slow_ms, seed)
+    app.state.dataset = dataset
+    app.state.failures = failures
+    app.state.duplicate_texts = replay.duplicates
+    app.state.requests = {m: 0 for m in dataset.models}
+    app.state.latency_ms = float(latency_ms)
+    app.state.stream_pieces = int(stream_pieces)
+    app.state.received = deque(maxlen=1000)  # the last requests' parameters, for tests and debugging
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "dataset": dataset.name, "models": dataset.models,
+                "queries": dataset.num_queries, "failures": app.state.failures, "requests": app.state.requests}
+
+    @app.get("/{model}/v1/models")
+    async def list_models(model: str) -> JSONResponse:
+        if model not in replay.models:
+            return _error(404, f"unknown model {model!r}", "model_not_found")
+        return JSONResponse({"object": "list", "data": [{"id": model, "object": "model", "owned_by": "replay"}]})
+
+    @app.post("/{model}/v1/chat/completions")
+    async def chat(model: str, request: Request) -> Response:
+        return await replay.chat(model, request)
 
     return app
 

@@ -1,7 +1,9 @@
 """``CascadeRouter``: a fitted policy + bound estimators driving real models, one query at a time.
 
 The router makes exactly the decisions of :func:`cascade_routing.policies.rollout.simulate` for the same
-policy, estimators and fitted λ:
+policy, estimators and fitted λ: both run each step through
+:func:`~cascade_routing.policies.step.decide_step` and the answer through
+:func:`~cascade_routing.policies.step.select_step`.
 
 - the estimators are bound to the query (``binder(queries, responses, features, tasks)``), with a
   ``responses`` object array [B, M] and a ``features`` dict of float arrays [B, M] that the router
@@ -42,6 +44,7 @@ from torch import Tensor
 
 from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator
 from cascade_routing.policies.lambda_table import lookup_fitted
+from cascade_routing.policies.step import FittedLike, decide_step, select_step
 from cascade_routing.serving.backends import Answer, BackendError
 
 Binder = Callable[..., "tuple[QualityEstimator, CostEstimator]"]
@@ -63,15 +66,6 @@ class NoModelAvailableError(RuntimeError):
         super().__init__(f"no model could answer the query; failures: {names}")
         self.query = query
         self.failures = failures
-
-
-class _FittedLike(Protocol):
-    gamma: float
-    budget: float | None
-
-    def lam_for(self, step: int, use_low: Tensor) -> Tensor: ...
-
-    def decide_kwargs(self) -> dict: ...
 
 
 class _CompleteFn(Protocol):
@@ -165,7 +159,7 @@ class CascadeRouter:
         self,
         policy: Any,
         binder: Binder,
-        fitted: "_FittedLike | Mapping[float, _FittedLike]",
+        fitted: "FittedLike | Mapping[float, FittedLike]",
         models: Sequence[str],
         prices: Mapping[str, Any] | None = None,
         budget: float | None = None,
@@ -190,7 +184,7 @@ class CascadeRouter:
         self._uniforms = uniforms
         if hasattr(fitted, "lam_for"):
             key = budget if budget is not None else getattr(fitted, "budget", None)
-            self.fitted_table: dict[float | None, _FittedLike] = {key: fitted}  # type: ignore[dict-item]
+            self.fitted_table: dict[float | None, FittedLike] = {key: fitted}  # type: ignore[dict-item]
             self.default_budget = key
         else:
             table = {float(b): f for b, f in dict(fitted).items()}  # type: ignore[union-attr]
@@ -228,7 +222,7 @@ class CascadeRouter:
     def budgets(self) -> list[float]:
         return sorted(b for b in self.fitted_table if b is not None)
 
-    def fitted_for(self, budget: float | None) -> tuple[float | None, _FittedLike]:
+    def fitted_for(self, budget: float | None) -> tuple[float | None, FittedLike]:
         """(budget used, fitted λ) for a requested budget; see the class docstring (the rule is
         :func:`~cascade_routing.policies.lambda_table.lookup_fitted`, shared with the artifact)."""
         if budget is None:
@@ -259,45 +253,20 @@ class CascadeRouter:
         cost = state.ce.estimate(state.rows[rows].to(est.mean.device), state.ran[rows].to(est.mean.device))
         return est, cost.to(est.mean.dtype)
 
-    def _decide(self, state: _State, rows: Tensor, fitted: _FittedLike
+    def _decide(self, state: _State, rows: Tensor, fitted: FittedLike
                 ) -> tuple[Tensor, QualityEstimate, Tensor, Tensor]:
-        """Next model index (-1 = stop) for ``rows``, plus the beliefs and λ used."""
+        """Next model index (-1 = stop) for ``rows``, plus the beliefs and λ used (the step of
+        :func:`~cascade_routing.policies.step.decide_step`, failed models dropped from the candidates)."""
         if state.use_low is None:
             state.use_low = self._uniforms(state.queries) < fitted.gamma
         est, cost = self._beliefs(state, rows)
-        out = torch.full((len(rows),), -1, dtype=torch.long)
-        lams = torch.zeros(len(rows), dtype=torch.float64)
-        for local, cols in _groups(state.failed[rows]):
-            sub_rows = rows[local]
-            ran = state.ran[sub_rows][:, cols]
-            steps = ran.sum(1)
-            if len(cols) == 0:
-                continue
-            sub_est = est.take(local, cols)
-            sub_cost = cost[local][:, cols]
-            for t in torch.unique(steps).tolist():
-                at = (steps == t).nonzero().squeeze(1)
-                lam = fitted.lam_for(int(t), state.use_low[sub_rows[at]]).to(
-                    device=sub_est.mean.device, dtype=sub_est.mean.dtype)
-                nxt = self.policy.on_columns(cols).decide(sub_est.take(at), sub_cost[at], ran[at].to(sub_est.mean.device),
-                                                          lam, **fitted.decide_kwargs()).cpu()
-                cols_t = torch.as_tensor(cols, dtype=torch.long)
-                mapped = torch.where(nxt >= 0, cols_t[nxt.clamp_min(0)], nxt)
-                out[local[at]] = mapped
-                lams[local[at]] = lam.double().cpu()
-        return out, est, cost, lams
+        nxt, lams = decide_step(self.policy, est, cost, state.ran[rows], fitted, state.use_low[rows],
+                                candidates=~state.failed[rows])
+        return nxt, est, cost, lams
 
     def _select(self, state: _State, rows: Tensor) -> tuple[Tensor, QualityEstimate]:
         est, _ = self._beliefs(state, rows)
-        out = torch.full((len(rows),), -1, dtype=torch.long)
-        for local, cols in _groups(state.failed[rows]):
-            if len(cols) == 0:
-                continue
-            ran = state.ran[rows[local]][:, cols]
-            choice = self.policy.on_columns(cols).select(est.take(local, cols), ran.to(est.mean.device)).cpu()
-            cols_t = torch.as_tensor(cols, dtype=torch.long)
-            out[local] = torch.where(choice >= 0, cols_t[choice.clamp_min(0)], choice)
-        return out, est
+        return select_step(self.policy, est, state.ran[rows], candidates=~state.failed[rows]), est
 
     # ------------------------------------------------------------------ step API
     def next_models(self, queries: Sequence[str], answers_list: Sequence[Mapping[str, Any]] | None = None,
@@ -384,7 +353,7 @@ class CascadeRouter:
         budget: float | None = None,
         compute: "Any | None" = None,
         progress: "RouteProgress | None" = None,
-        fitted: "_FittedLike | None" = None,
+        fitted: "FittedLike | None" = None,
     ) -> RouteResult:
         """Route one query: decide (through ``compute``, a :class:`~cascade_routing.serving.batching.
         ComputeBatcher` shared with concurrent requests, or a private one), call the chosen backend,
@@ -419,43 +388,31 @@ class CascadeRouter:
         messages = item.messages if item.messages is not None else [{"role": "user", "content": item.query}]
         try:
             slot = await compute.bind(item.query, item.task, fitted)
-            for step in range(2 * len(self.models) + 1):  # each step adds a ran or failed model
-                decision = await compute.decide(slot, fitted)
-                trace = StepTrace(step, decision.lam, decision.estimate_mean, decision.estimate_std,
-                                  decision.cost_estimate)
-                progress.steps.append(trace)
-                if decision.model < 0:
-                    break
-                await self._run_model(slot, decision.model, trace, backends, messages, item.params, progress,
-                                      item.on_delta)
-            else:  # pragma: no cover - the policy must stop once every model ran or failed
-                raise RuntimeError(f"policy {self.policy!r} did not stop within {2 * len(self.models) + 1} steps")
+            await self._drive(slot, compute, fitted, backends, messages, item, progress)
             choice, final = await compute.select(slot)
         finally:
             if own:
                 await compute.aclose()
         if choice < 0:
             raise NoModelAvailableError(item.query, progress.failures)
-        model = self.models[choice]
-        total = time.perf_counter() - start
-        return RouteResult(
-            query=item.query,
-            text=progress.answers[model].text,
-            model=model,
-            models_run=list(progress.answers),
-            attempted=list(progress.attempted),
-            costs=progress.costs(),
-            total_cost=progress.total_cost(),
-            steps=progress.steps,
-            failures=progress.failures,
-            budget=used_budget,
-            final_estimate=final,
-            answers=progress.answers,
-            backend_ms=progress.backend_s * 1000.0,
-            routing_ms=(total - progress.backend_s) * 1000.0,
-            compute_ms=slot.compute_s * 1000.0,
-            batch_size=slot.batch_size,
-        )
+        return progress.result(item.query, self.models[choice], used_budget, final, slot,
+                               time.perf_counter() - start)
+
+    async def _drive(self, slot: Any, compute: Any, fitted: FittedLike, backends: Any,
+                     messages: list[dict[str, Any]], item: "RouteRequest", progress: "RouteProgress") -> None:
+        """Decide, run the chosen model, record its answer, repeat until the policy stops (each step
+        adds a model that answered or failed, so it stops within 2M + 1 steps)."""
+        for step in range(2 * len(self.models) + 1):
+            decision = await compute.decide(slot, fitted)
+            trace = StepTrace(step, decision.lam, decision.estimate_mean, decision.estimate_std,
+                              decision.cost_estimate)
+            progress.steps.append(trace)
+            if decision.model < 0:
+                return
+            await self._run_model(slot, decision.model, trace, backends, messages, item.params, progress,
+                                  item.on_delta)
+        limit = 2 * len(self.models) + 1  # pragma: no cover - the policy stops once every model ran or failed
+        raise RuntimeError(f"policy {self.policy!r} did not stop within {limit} steps")  # pragma: no cover
 
     def _answer_is_final(self, state: _State, row: int, model: int) -> bool:
         """Whether ``model``, about to run for ``row``, is certain to give the returned answer: it
@@ -525,6 +482,29 @@ class RouteProgress:
     def costs(self) -> dict[str, float]:
         return {name: a.cost for name, a in self.answers.items()}
 
+    def result(self, query: str, model: str, budget: float | None, final_estimate: dict[str, float], slot: Any,
+               wall_s: float) -> RouteResult:
+        """The :class:`RouteResult` of a finished route that returns ``model``'s answer; ``routing_ms``
+        is ``wall_s`` less the time spent awaiting backends."""
+        return RouteResult(
+            query=query,
+            text=self.answers[model].text,
+            model=model,
+            models_run=list(self.answers),
+            attempted=list(self.attempted),
+            costs=self.costs(),
+            total_cost=self.total_cost(),
+            steps=self.steps,
+            failures=self.failures,
+            budget=budget,
+            final_estimate=final_estimate,
+            answers=self.answers,
+            backend_ms=self.backend_s * 1000.0,
+            routing_ms=(wall_s - self.backend_s) * 1000.0,
+            compute_ms=slot.compute_s * 1000.0,
+            batch_size=slot.batch_size,
+        )
+
     def total_cost(self) -> float:
         return float(sum(a.cost for a in self.answers.values()))
 
@@ -551,19 +531,6 @@ async def _call(backends: Any, model: str, messages: list[dict[str, Any]], param
     if model not in backends:
         raise KeyError(f"no backend for model {model!r}")
     return await backends[model](messages, **params)
-
-
-def _groups(failed: Tensor) -> list[tuple[Tensor, list[int]]]:
-    """Rows grouped by their failed-model pattern: (row positions, candidate columns)."""
-    if not bool(failed.any()):
-        return [(torch.arange(failed.shape[0]), list(range(failed.shape[1])))]
-    patterns: dict[tuple[bool, ...], list[int]] = {}
-    for i, pattern in enumerate(failed.tolist()):
-        patterns.setdefault(tuple(pattern), []).append(i)
-    return [
-        (torch.tensor(rows, dtype=torch.long), [j for j, f in enumerate(pattern) if not f])
-        for pattern, rows in patterns.items()
-    ]
 
 
 def _belief_dicts(models: list[str], est: QualityEstimate, cost: Tensor, k: int = 0

@@ -4,7 +4,8 @@ Protocol: the artifact's own split of the dataset (same fractions and seed as tr
 quality estimator (``learned``: the artifact; ``baseline``: :mod:`baseline` fitted on the train
 split, residual covariances on the calibration split) and each strategy (routing, threshold
 cascade, optimal cascade, cascade routing), the engine's ``budget_sweep``: budgets between the
-test split's non-dominated models, λ/γ refitted per budget on the calibration split, realised
+test split's non-dominated models (plus the most expensive one's calibration cost when that is
+higher, so the fitted budgets reach it), λ/γ refitted per budget on the calibration split, realised
 quality and cost on the test split, AUC with a bootstrap 95% CI. Both estimators share the
 artifact's cost estimator, so the comparison isolates quality estimation. The linear
 interpolation between models is reported as a reference. Budgets per pair and bootstrap resamples
@@ -45,6 +46,8 @@ class EvaluationResult:
     estimator_metrics: dict
     seconds: float
     out_dir: Path | None = None
+    # best_single_quality: the best one-model test mean; test_quality [N_test, M] and calibration_mean_quality
+    # [M] (one model alone per query, for paired comparisons against a single model)
     extra: dict = field(default_factory=dict)
     points: list[dict] = field(default_factory=list)  # per-budget points (evaluation.points.POINT_FIELDS)
     config: dict = field(default_factory=dict)  # what was evaluated and how (logged to wandb)
@@ -158,10 +161,11 @@ def _bound_estimators(art: EstimatorArtifact, dm: RoutingDataModule, table: Enco
 def _test_budgets(art: EstimatorArtifact, cal: EncodedSplit, test_q: np.ndarray, test_c: np.ndarray,
                   budgets_per_pair: int) -> tuple[np.ndarray, int]:
     """(the protocol's budgets on the test split, how many were raised): a budget the cost estimates
-    cannot reach on the fit rows is raised to that floor."""
-    from cascade_routing.evaluation.metrics import sweep_budgets
+    cannot reach on the fit rows is raised to that floor; the grid itself is
+    :func:`~cascade_routing.evaluation.metrics.protocol_budgets`."""
+    from cascade_routing.evaluation.metrics import protocol_budgets
 
-    budgets = sweep_budgets(test_c.mean(0), test_q.mean(0), budgets_per_pair)
+    budgets = protocol_budgets(test_c.mean(0), test_q.mean(0), np.asarray(cal.dataset.cost).mean(0), budgets_per_pair)
     fit_ce = bind_split(art, cal)[1]
     floor = min_reachable_budget(fit_ce, cal.dataset.cost) * (1 + 1e-6)
     return np.maximum(budgets, floor), int((budgets < floor).sum())
@@ -245,7 +249,10 @@ def evaluate(
               "seed": seed, "uncertainty": uncertainty or art.uncertainty, "data_config": art.data_config,
               "train_config": art.train_config, "network_config": art.network_config}
     result = EvaluationResult(rows, curves, metrics, time.perf_counter() - t0, points=points, config=config,
-                              extra={"best_single_quality": float(test_q.mean(0).max())})
+                              extra={"best_single_quality": float(test_q.mean(0).max()),
+                                     "test_quality": np.asarray(test_q, dtype=np.float64),
+                                     "calibration_mean_quality": np.asarray(cal.quality, dtype=np.float64).mean(0),
+                                     "models": list(art.models)})
     print_table(rows, metrics, dm.dataset_name)
     if out_dir is not None:
         result.out_dir = write_outputs(result, Path(out_dir))

@@ -45,6 +45,7 @@ LOGPROB_FLOOR = -30.0
 BENCHMARKS = ("mmlu", "medmcqa", "triviaqa", "truthfulqa", "gsm8k")
 CHAINS = ("llama", "qwen_oai")
 SPLITS = ("train", "test")
+FEATURES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence")
 REQUIRED_KEYS = ("user_prompts", "model_answers", "model_costs", "model_latencies", "model_tokens",
                  "model_correctness", "raw_confidences")
 
@@ -81,6 +82,85 @@ def _number(value: Any, where: str) -> float:
     return x
 
 
+def _load_pair(root: Path, bench: str, split: str, models: list[str] | None
+               ) -> tuple[list[str], dict[str, tuple[Path, dict[str, Any]]], list[tuple[Path, dict[str, Any]]]]:
+    """Read both chains' files of one ``(benchmark, split)`` pair and check they join per query.
+
+    Returns the pair's model names (the first chain's, then the second's), the file each model's
+    columns come from (``model -> (path, data)``), and the two ``(path, data)``; raises if the
+    prompts differ, a model name repeats, or the models differ from ``models`` (earlier pairs').
+    """
+    datas = []
+    for chain in CHAINS:
+        path = root / chain_file(bench, chain, split)
+        if not path.is_file():
+            raise DatasetError(f"{path}: file not found")
+        datas.append((path, _load_chain(path)))
+    (p0, d0), (p1, d1) = datas
+    if list(d0["user_prompts"]) != list(d1["user_prompts"]):
+        raise DatasetError(f"{p0.name} and {p1.name}: user_prompts differ; cannot join per query")
+    pair_models = list(d0["model_answers"]) + list(d1["model_answers"])
+    if len(set(pair_models)) != len(pair_models):
+        raise DatasetError(f"{p0.name} and {p1.name}: duplicate model names {pair_models}")
+    if models is not None and sorted(models) != sorted(pair_models):
+        raise DatasetError(f"{p0.name}: models {pair_models} differ from earlier files' {models}")
+    order = pair_models if models is None else models
+    owner = {m: (p0, d0) if m in d0["model_answers"] else (p1, d1) for m in order}
+    return pair_models, owner, datas
+
+
+def _query_cells(owner: dict[str, tuple[Path, dict[str, Any]]], models: list[str], i: int, floored: dict[str, int]
+                 ) -> tuple[list[float], list[float], list[str | None], dict[str, list[float]]]:
+    """Row ``i``'s quality, cost, response and feature cells across ``models``, each checked (module
+    docstring); a ``-inf`` confidence becomes :data:`LOGPROB_FLOOR`, counted in ``floored``."""
+    q_row, c_row, r_row = [], [], []
+    f_row: dict[str, list[float]] = {k: [] for k in FEATURES}
+    for m in models:
+        path, d = owner[m]
+        where = f"{path.name} row {i}, model {m!r}"
+        correct = d["model_correctness"][m][i]
+        if not isinstance(correct, (bool, np.bool_)):
+            raise DatasetError(f"{where}, field 'model_correctness': expected a bool, got {correct!r}")
+        q_row.append(float(correct))
+        c = _number(d["model_costs"][m][i], f"{where}, field 'model_costs'")
+        if c < 0:
+            raise DatasetError(f"{where}, field 'model_costs': negative cost {c!r}")
+        c_row.append(c)
+        answer = d["model_answers"][m][i]
+        r_row.append(None if answer is None else str(answer))
+        tokens = d["model_tokens"][m][i]
+        if not isinstance(tokens, dict) or "in" not in tokens or "out" not in tokens:
+            raise DatasetError(f"{where}, field 'model_tokens': expected {{'in', 'out'}}, got {tokens!r}")
+        f_row["tokens_in"].append(_number(tokens["in"], f"{where}, field 'model_tokens.in'"))
+        f_row["tokens_out"].append(_number(tokens["out"], f"{where}, field 'model_tokens.out'"))
+        f_row["latency_ms"].append(_number(d["model_latencies"][m][i], f"{where}, field 'model_latencies'"))
+        conf = float(d["raw_confidences"][m][i])
+        if conf == -math.inf:
+            floored[m] = floored.get(m, 0) + 1
+            conf = LOGPROB_FLOOR
+        f_row["logprob_confidence"].append(_number(conf, f"{where}, field 'raw_confidences'"))
+    return q_row, c_row, r_row, f_row
+
+
+def _metadata(pairs: Sequence[tuple[str, str]], system_prompts: dict[str, list[str]], report: ConversionReport
+              ) -> dict[str, Any]:
+    """The dataset's ``metadata``: source, pairs read, field provenance, system prompts, report."""
+    return {
+        "source": "rational-llm-cascades",
+        "pairs": [f"{b}/{s}" for b, s in pairs],
+        "quality": "model_correctness (0/1; open-form graded by the authors' LLM judge)",
+        "cost_source": "model_costs from the pickles (USD per query, provider prices)",
+        "features": {
+            "tokens_in": "model_tokens['in']", "tokens_out": "model_tokens['out']",
+            "latency_ms": "model_latencies (ms)",
+            "logprob_confidence": f"raw_confidences (log-prob; -inf stored as {LOGPROB_FLOOR})",
+        },
+        "query_id_format": "<benchmark>/<split>/<row in the upstream files>",
+        "system_prompts": system_prompts,
+        "conversion_report": report.to_dict(),
+    }
+
+
 def convert_rational(
     folder: str | os.PathLike[str],
     pairs: Sequence[tuple[str, str]] | None = None,
@@ -101,26 +181,11 @@ def convert_rational(
     models: list[str] | None = None
     queries, tasks, ids, system_prompts = [], [], [], {}
     qual, cost, resp = [], [], []
-    feats: dict[str, list[list[float]]] = {k: [] for k in ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence")}
+    feats: dict[str, list[list[float]]] = {k: [] for k in FEATURES}
     floored: dict[str, int] = {}
     for bench, split in pairs:
-        datas = []
-        for chain in CHAINS:
-            path = root / chain_file(bench, chain, split)
-            if not path.is_file():
-                raise DatasetError(f"{path}: file not found")
-            datas.append((path, _load_chain(path)))
-        (p0, d0), (p1, d1) = datas
-        if list(d0["user_prompts"]) != list(d1["user_prompts"]):
-            raise DatasetError(f"{p0.name} and {p1.name}: user_prompts differ; cannot join per query")
-        pair_models = list(d0["model_answers"]) + list(d1["model_answers"])
-        if len(set(pair_models)) != len(pair_models):
-            raise DatasetError(f"{p0.name} and {p1.name}: duplicate model names {pair_models}")
-        if models is None:
-            models = pair_models
-        elif sorted(models) != sorted(pair_models):
-            raise DatasetError(f"{p0.name}: models {pair_models} differ from earlier files' {models}")
-        owner = {m: (p0, d0) if m in d0["model_answers"] else (p1, d1) for m in models}
+        pair_models, owner, ((p0, d0), (p1, _)) = _load_pair(root, bench, split, models)
+        models = pair_models if models is None else models
         n = len(d0["user_prompts"])
         report.files[p0.name] = {"read": n, "kept": n}
         report.files[p1.name] = {"read": n, "kept": n}
@@ -130,32 +195,7 @@ def convert_rational(
             report.notes.append(f"{bench}/{split}: {repeats} prompt texts repeat (rows kept)")
         system_prompts.setdefault(bench, sorted(set(map(str, d0.get("system_prompts", []))))[:3])
         for i in range(n):
-            q_row, c_row, r_row = [], [], []
-            f_row: dict[str, list[float]] = {k: [] for k in feats}
-            for m in models:
-                path, d = owner[m]
-                where = f"{path.name} row {i}, model {m!r}"
-                correct = d["model_correctness"][m][i]
-                if not isinstance(correct, (bool, np.bool_)):
-                    raise DatasetError(f"{where}, field 'model_correctness': expected a bool, got {correct!r}")
-                q_row.append(float(correct))
-                c = _number(d["model_costs"][m][i], f"{where}, field 'model_costs'")
-                if c < 0:
-                    raise DatasetError(f"{where}, field 'model_costs': negative cost {c!r}")
-                c_row.append(c)
-                answer = d["model_answers"][m][i]
-                r_row.append(None if answer is None else str(answer))
-                tokens = d["model_tokens"][m][i]
-                if not isinstance(tokens, dict) or "in" not in tokens or "out" not in tokens:
-                    raise DatasetError(f"{where}, field 'model_tokens': expected {{'in', 'out'}}, got {tokens!r}")
-                f_row["tokens_in"].append(_number(tokens["in"], f"{where}, field 'model_tokens.in'"))
-                f_row["tokens_out"].append(_number(tokens["out"], f"{where}, field 'model_tokens.out'"))
-                f_row["latency_ms"].append(_number(d["model_latencies"][m][i], f"{where}, field 'model_latencies'"))
-                conf = float(d["raw_confidences"][m][i])
-                if conf == -math.inf:
-                    floored[m] = floored.get(m, 0) + 1
-                    conf = LOGPROB_FLOOR
-                f_row["logprob_confidence"].append(_number(conf, f"{where}, field 'raw_confidences'"))
+            q_row, c_row, r_row, f_row = _query_cells(owner, models, i, floored)
             queries.append(str(d0["user_prompts"][i]))
             tasks.append(bench)
             ids.append(f"{bench}/{split}/{i}")
@@ -178,19 +218,6 @@ def convert_rational(
         features={k: np.array(v, dtype=np.float64) for k, v in feats.items()},
         tasks=tasks,
         query_ids=ids,
-        metadata={
-            "source": "rational-llm-cascades",
-            "pairs": [f"{b}/{s}" for b, s in pairs],
-            "quality": "model_correctness (0/1; open-form graded by the authors' LLM judge)",
-            "cost_source": "model_costs from the pickles (USD per query, provider prices)",
-            "features": {
-                "tokens_in": "model_tokens['in']", "tokens_out": "model_tokens['out']",
-                "latency_ms": "model_latencies (ms)",
-                "logprob_confidence": f"raw_confidences (log-prob; -inf stored as {LOGPROB_FLOOR})",
-            },
-            "query_id_format": "<benchmark>/<split>/<row in the upstream files>",
-            "system_prompts": system_prompts,
-            "conversion_report": report.to_dict(),
-        },
+        metadata=_metadata(pairs, system_prompts, report),
         name=name,
     )

@@ -286,15 +286,9 @@ def _mt_answers(judgement: dict[str, Any], where: str) -> tuple[str | None, str]
     return first, parts[2].strip()
 
 
-def convert_routellm_mt_bench(folder: str | os.PathLike[str], *, prices: Any = None, name: str = "routellm-mt-bench") -> RoutingDataset:
-    """MT-Bench judgements -> one query per (question, turn); quality = (score - 1) / 9."""
-    root = Path(folder)
-    prices_t = load_prices(prices)
+def _mt_questions(qpath: Path) -> dict[int, dict[str, Any]]:
+    """``question_id -> question record`` from the MT-Bench questions JSONL (malformed line: error)."""
     questions: dict[int, dict[str, Any]] = {}
-    qpath, jpath = root / MT_QUESTIONS, root / MT_JUDGEMENTS
-    for path in (qpath, jpath):
-        if not path.is_file():
-            raise DatasetError(f"{path}: file not found")
     for i, line in enumerate(qpath.read_text(encoding="utf-8").splitlines()):
         if line.strip():
             try:
@@ -302,7 +296,14 @@ def convert_routellm_mt_bench(folder: str | os.PathLike[str], *, prices: Any = N
                 questions[int(q["question_id"])] = q
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
                 raise DatasetError(f"{qpath.name} line {i + 1}: malformed question record: {err}") from None
-    report = ConversionReport(source=name)
+    return questions
+
+
+def _mt_judgements(jpath: Path, questions: dict[int, dict[str, Any]], prices: dict[str, Any], report: ConversionReport
+                   ) -> tuple[dict[tuple[int, int], dict[str, dict[str, Any]]], list[str]]:
+    """``(question_id, turn) -> model -> {score, answer, first}`` from the judgements JSONL, and the
+    models in order of appearance (each checked to have a price). A score outside [1, 10], an unknown
+    question or a second judgement of the same (question, turn, model) is an error naming the line."""
     cells: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
     models_full: list[str] = []
     for i, line in enumerate(jpath.read_text(encoding="utf-8").splitlines()):
@@ -320,15 +321,29 @@ def convert_routellm_mt_bench(folder: str | os.PathLike[str], *, prices: Any = N
         if not isinstance(score, (int, float)) or not 1 <= score <= 10:
             raise DatasetError(f"{where}, model {model!r}, field 'score': expected a number in [1, 10], got {score!r}")
         if key[0] not in questions:
-            raise DatasetError(f"{where}: question_id {key[0]} not in {qpath.name}")
+            raise DatasetError(f"{where}: question_id {key[0]} not in {Path(MT_QUESTIONS).name}")
         if model not in models_full:
-            _price(prices_t, model, where)
+            _price(prices, model, where)
             models_full.append(model)
         slot = cells.setdefault(key, {})
         if model in slot:
             raise DatasetError(f"{where}: second judgement for question {key[0]} turn {key[1]} model {model!r}")
         first, answer = _mt_answers(j, where)
         slot[model] = {"score": float(score), "answer": answer, "first": first}
+    return cells, models_full
+
+
+def convert_routellm_mt_bench(folder: str | os.PathLike[str], *, prices: Any = None, name: str = "routellm-mt-bench") -> RoutingDataset:
+    """MT-Bench judgements -> one query per (question, turn); quality = (score - 1) / 9."""
+    root = Path(folder)
+    prices_t = load_prices(prices)
+    qpath, jpath = root / MT_QUESTIONS, root / MT_JUDGEMENTS
+    for path in (qpath, jpath):
+        if not path.is_file():
+            raise DatasetError(f"{path}: file not found")
+    questions = _mt_questions(qpath)
+    report = ConversionReport(source=name)
+    cells, models_full = _mt_judgements(jpath, questions, prices_t, report)
     models_full = sorted(models_full)
     data = _new_table()
     for (qid, turn) in sorted(cells):

@@ -160,6 +160,80 @@ def _resolve_duplicates(
     return [r for r in records if id(r) not in drop]
 
 
+def _record(path: Path, i: int, row: dict[str, Any], models: list[str], origin: str, keep_responses: bool,
+            strict: bool, report: ConversionReport) -> dict[str, Any] | None:
+    """Data row ``i`` of ``path`` as a record (query, task, per-model quality / cost / response), or
+    None when a cell is empty (dropped as ``incomplete`` in ``report``; an error under ``strict``)."""
+    where = f"{path.name} data row {i}"
+    sample_id = str(row["sample_id"] or "").strip()
+    if not sample_id:
+        raise DatasetError(f"{where}: empty 'sample_id'")
+    missing: list[tuple[str, str]] = []  # (model or "-", column)
+    quality, cost, responses = [], [], []
+    for m in models:
+        q = parse_number(row[m], f"{where}, model {m!r}, column {m!r}", low=0.0, high=1.0)
+        c = parse_number(row[m + COST_SUFFIX], f"{where}, model {m!r}, column {m + COST_SUFFIX!r}", low=0.0)
+        for value, col in ((q, m), (c, m + COST_SUFFIX)):
+            if value is None:
+                missing.append((m, col))
+        quality.append(q)
+        cost.append(c)
+        cell = row[m + RESPONSE_SUFFIX]
+        if keep_responses and cell not in (None, ""):
+            parts = parse_list_literal(str(cell), f"{where}, model {m!r}, column {m + RESPONSE_SUFFIX!r}")
+            responses.append("\n".join(parts))
+        else:
+            responses.append(None)
+    prompt = row["prompt"]
+    if prompt in (None, ""):
+        missing.append(("-", "prompt"))
+        text = ""
+    else:
+        text = "\n\n".join(parse_list_literal(str(prompt), f"{where}, column 'prompt'"))
+    if missing:
+        detail = "empty cells: " + ", ".join(col for _, col in missing)
+        if strict:
+            model, col = missing[0]
+            raise DatasetError(
+                f"{path}: data row {i} (sample_id {sample_id!r}): empty cell in column {col!r} "
+                f"(model {model!r}); {len(missing)} empty cells in this row (strict mode)"
+            )
+        report.drop(path.name, i, sample_id, "incomplete", detail)
+        return None
+    return {
+        "file": path.name, "row": i, "sample_id": sample_id, "origin": origin,
+        "task": str(row["eval_name"]), "query": text,
+        "quality": quality, "cost": cost, "responses": responses,
+    }
+
+
+def _dataset(kept: list[dict[str, Any]], full_models: list[str], paths: list[Path], keep_responses: bool,
+             name: str, report: ConversionReport) -> RoutingDataset:
+    """The dataset of the kept records; model names shortened unless that would merge two models."""
+    short = [short_model_name(m) for m in full_models]
+    if len(set(short)) != len(short):
+        short = list(full_models)  # shortening would merge two models: keep the full names
+    return RoutingDataset(
+        queries=[r["query"] for r in kept],
+        models=short,
+        quality=np.array([r["quality"] for r in kept], dtype=np.float64),
+        cost=np.array([r["cost"] for r in kept], dtype=np.float64),
+        responses=np.array([r["responses"] for r in kept], dtype=object) if keep_responses else None,
+        tasks=[r["task"] for r in kept],
+        query_ids=[f"{r['origin']}:{r['sample_id']}" for r in kept],
+        metadata={
+            "source": "routerbench",
+            "files": [p.name for p in paths],
+            "original_model_names": dict(zip(short, full_models)),
+            "quality": "RouterBench per-query score in [0, 1] (0/1 correctness for these tasks)",
+            "cost_source": "RouterBench '<model>|total_cost' column (USD per query)",
+            "query_id_format": "<origin>:<sample_id>, origin = train/test from the file name",
+            "conversion_report": report.to_dict(),
+        },
+        name=name,
+    )
+
+
 def convert_routerbench(
     files: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     *,
@@ -189,47 +263,9 @@ def convert_routerbench(
         n_read = 0
         for i, row in enumerate(rows):
             n_read += 1
-            where = f"{path.name} data row {i}"
-            sample_id = str(row["sample_id"] or "").strip()
-            if not sample_id:
-                raise DatasetError(f"{where}: empty 'sample_id'")
-            missing: list[tuple[str, str]] = []  # (model or "-", column)
-            quality, cost, responses = [], [], []
-            for m in full_models:
-                q = parse_number(row[m], f"{where}, model {m!r}, column {m!r}", low=0.0, high=1.0)
-                c = parse_number(row[m + COST_SUFFIX], f"{where}, model {m!r}, column {m + COST_SUFFIX!r}", low=0.0)
-                for value, col in ((q, m), (c, m + COST_SUFFIX)):
-                    if value is None:
-                        missing.append((m, col))
-                quality.append(q)
-                cost.append(c)
-                cell = row[m + RESPONSE_SUFFIX]
-                if keep_responses and cell not in (None, ""):
-                    parts = parse_list_literal(str(cell), f"{where}, model {m!r}, column {m + RESPONSE_SUFFIX!r}")
-                    responses.append("\n".join(parts))
-                else:
-                    responses.append(None)
-            prompt = row["prompt"]
-            if prompt in (None, ""):
-                missing.append(("-", "prompt"))
-                text = ""
-            else:
-                text = "\n\n".join(parse_list_literal(str(prompt), f"{where}, column 'prompt'"))
-            if missing:
-                detail = "empty cells: " + ", ".join(col for _, col in missing)
-                if strict:
-                    model, col = missing[0]
-                    raise DatasetError(
-                        f"{path}: data row {i} (sample_id {sample_id!r}): empty cell in column {col!r} "
-                        f"(model {model!r}); {len(missing)} empty cells in this row (strict mode)"
-                    )
-                report.drop(path.name, i, sample_id, "incomplete", detail)
-                continue
-            records.append({
-                "file": path.name, "row": i, "sample_id": sample_id, "origin": origin,
-                "task": str(row["eval_name"]), "query": text,
-                "quality": quality, "cost": cost, "responses": responses,
-            })
+            record = _record(path, i, row, full_models, origin, keep_responses, strict, report)
+            if record is not None:
+                records.append(record)
         report.files[path.name] = {"read": n_read, "kept": 0}
         report.rows_read += n_read
     kept = _resolve_duplicates(records, report, strict)
@@ -240,25 +276,4 @@ def convert_routerbench(
     if not kept:
         raise DatasetError(f"{name}: no complete rows in {[str(p) for p in paths]} ({report.summary()})")
     assert full_models is not None
-    short = [short_model_name(m) for m in full_models]
-    if len(set(short)) != len(short):
-        short = list(full_models)  # shortening would merge two models: keep the full names
-    return RoutingDataset(
-        queries=[r["query"] for r in kept],
-        models=short,
-        quality=np.array([r["quality"] for r in kept], dtype=np.float64),
-        cost=np.array([r["cost"] for r in kept], dtype=np.float64),
-        responses=np.array([r["responses"] for r in kept], dtype=object) if keep_responses else None,
-        tasks=[r["task"] for r in kept],
-        query_ids=[f"{r['origin']}:{r['sample_id']}" for r in kept],
-        metadata={
-            "source": "routerbench",
-            "files": [p.name for p in paths],
-            "original_model_names": dict(zip(short, full_models)),
-            "quality": "RouterBench per-query score in [0, 1] (0/1 correctness for these tasks)",
-            "cost_source": "RouterBench '<model>|total_cost' column (USD per query)",
-            "query_id_format": "<origin>:<sample_id>, origin = train/test from the file name",
-            "conversion_report": report.to_dict(),
-        },
-        name=name,
-    )
+    return _dataset(kept, full_models, paths, keep_responses, name, report)
