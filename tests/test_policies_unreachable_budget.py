@@ -73,3 +73,27 @@ def test_sweep_raises_an_unreachable_budget_and_counts_it(setup):
     assert res.raised_budgets == 1
     assert res.fitted[0].budget == pytest.approx(float(cost[fit, 1].mean()), rel=1e-6)
     assert res.fitted[1].budget == pytest.approx(high)
+
+
+@pytest.mark.parametrize("policy", [Routing(), CascadeRouting(max_depth=2)], ids=["routing", "cascade_routing"])
+def test_a_budget_at_the_floor_is_fitted_as_the_floor_policy(setup, policy):
+    """At the reachable floor, λ is the floor policy's (every query its cheapest model by estimate), not
+    the smallest λ that coincides with it on the calibration rows: on other queries that smaller λ may
+    still run a costlier model."""
+    from cascade_routing.policies.lambda_search import MAX_LAMBDA
+    from cascade_routing.policies.rollout import simulate
+
+    quality, cost, _, _ = setup
+    qe, ce = synthetic_pair(quality, cost, "low", fit_rows=100)  # cost estimates = the realised costs
+    fit, test = np.arange(100, 200), np.arange(200, 300)
+    cheapest = int(cost[fit].mean(0).argmin())
+    assert bool((cost[:, cheapest:cheapest + 1] <= cost).all())  # the cheapest model for every query
+    floor = float(cost[fit, cheapest].mean()) * (1 + 1e-9)
+    f = fit_lambda(policy, qe, ce, quality[fit], cost[fit], floor, rows=torch.as_tensor(fit))
+    assert f.info.get("floor") is True and float(f.lam_high.max()) == pytest.approx(MAX_LAMBDA)
+    assert f.calibration_cost <= floor
+    res = simulate(policy, qe, ce, quality[test], cost[test], f, rows=torch.as_tensor(test))
+    assert bool((res.ran.sum(1) == 1).all()) and bool(res.ran[:, cheapest].all())  # the floor policy on new rows
+    # a budget clearly above the floor is still fitted by bisection (a finite λ)
+    mid = fit_lambda(policy, qe, ce, quality[fit], cost[fit], float(cost[fit].mean(0)[3]), rows=torch.as_tensor(fit))
+    assert "floor" not in mid.info and float(mid.lam_high.max()) < MAX_LAMBDA

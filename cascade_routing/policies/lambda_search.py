@@ -10,6 +10,12 @@ are those of a plain bisection on s (the mean calibration cost decreases, stepwi
    with the mean cost at that λ;
 3. while ``it < max_iter`` and ``hi − lo > rel_tol·hi``: mid = (lo + hi) / 2 replaces the end on
    its side of the budget;
+4. if the upper end spends the budget itself (within :data:`FLOOR_REL_TOL`) and the floor policy
+   (λ = :data:`MAX_LAMBDA`: every query its cheapest model by estimate) spends as much on these rows,
+   the fit *is* the floor policy: λ = MAX_LAMBDA, no mix. A budget raised to the reachable floor
+   then runs the policy it was raised to, not the smallest λ that happens to coincide with it on the
+   calibration rows (which, on new queries whose estimated gain per cost exceeds every calibration
+   query's, runs costlier models and overshoots the budget);
 
 then γ as in the module docstring of :mod:`cascade_routing.policies.fitting`. :func:`drive` runs
 many such generators in lockstep: each round, the next scales of every unfinished fit are simulated
@@ -35,6 +41,7 @@ from torch import Tensor
 from cascade_routing.policies.base import BudgetUnreachable, Policy, PolicyError
 
 MAX_LAMBDA = 1e30  # largest λ tried: λ·cost must stay finite in float32 (the policies' usual dtype)
+FLOOR_REL_TOL = 1e-5  # a budget within this of the upper end's cost is tested against the floor policy (step 4)
 MAX_BATCH_ROWS = 8192  # rows per batched simulation (memory: rows × supermodels floats per step)
 LAMBDA_FIT_MODES = ("batched", "sequential")
 
@@ -94,6 +101,15 @@ def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor 
         else:
             hi, res_hi = mid, res
         it += 1
+    s_max = MAX_LAMBDA / float(v.max())
+    if hi < s_max and budget - res_hi.mean_cost <= FLOOR_REL_TOL * budget:
+        # the budget is (numerically) what the upper end spends: if that is the floor policy's cost, store
+        # the floor policy itself rather than the smallest λ that reproduces it on these rows
+        (res_max,) = yield Request(v, max_depth, [s_max])
+        if res_max.mean_cost >= res_hi.mean_cost - slack:
+            return FittedLambda(s_max * v, s_max * v, 0.0, budget, res_max.mean_cost, res_max.mean_quality,
+                                {"iterations": it + grow + 3, "shape": v.tolist(), "floor": True,
+                                 "per_query_quality": res_max.quality.numpy()}, max_depth)
     gamma = _budget_gamma(res_lo.cost, res_hi.cost, uniforms, budget_cmp)
     use_low = uniforms < gamma
     mix_cost = float(torch.where(use_low, res_lo.cost, res_hi.cost).mean())
