@@ -51,6 +51,7 @@ from cascade_routing.calibration.uncertainty import (
 from cascade_routing.estimators.artifact import EstimatorArtifact, encoder_reference
 from cascade_routing.estimators.cost import CostModel
 from cascade_routing.estimators.learned import coverage_ids
+from cascade_routing.estimators.masks import on_all_sets
 from cascade_routing.policies.pool import nondominated_pool
 from cascade_routing.policies.registry import CASCADE_ROUTING_MAX_DEPTH, POOLED_STRATEGIES, STRATEGIES
 
@@ -73,9 +74,7 @@ def _uncertainty_tables(network, cal, val, models: list[str], coverage: dict | N
     best_table = min(tables, key=lambda k: report[k]["nll"]) if tables else None
     table = tables[best_table] if best_table else None
     if table is not None and coverage is not None:  # drop the sets only the report read
-        dropped = torch.ones(table.shape[0], dtype=torch.bool)
-        dropped[kept] = False
-        table = table.masked_fill(dropped[:, None, None], float("nan"))
+        table = on_all_sets(table[kept], kept, len(models))
     return var_scale, report, chosen_by_nll, best_table, table
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from cascade_routing.estimators.features import compose_features
-from cascade_routing.estimators.masks import all_masks, bitmask, random_ran_masks
+from cascade_routing.estimators.masks import all_masks, bitmask, on_all_sets, random_ran_masks
 from cascade_routing.estimators.network import QualityNetwork
 from cascade_routing.estimators.residuals import ResidualMoments
 
@@ -93,7 +93,7 @@ def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_ch
         r = torch.stack([_row_residuals(network, split, int(i), masks, p_all[i], {key: v[j : j + 1] for key, v in prep.items()},
                                         sets_per_pass) for j, i in enumerate(rows)])  # [k, S, M]
         moments.add(r)
-    return _on_all_sets(moments.covariance(), ids, m), _on_all_sets(moments.second_moment(), ids, m)
+    return on_all_sets(moments.covariance(), ids, m), on_all_sets(moments.second_moment(), ids, m)
 
 
 def _row_residuals(network: QualityNetwork, split: "EncodedSplit", row: int, masks: Tensor, p_all: Tensor,
@@ -123,15 +123,6 @@ def _sigmoid_vectorised(x: Tensor) -> Tensor:
     flat = x.reshape(-1)
     pad = -flat.numel() % (64 * torch.get_num_threads())
     return torch.sigmoid(torch.cat([flat, flat.new_zeros(pad)]))[: flat.numel()].view_as(x)
-
-
-def _on_all_sets(table: Tensor, ids: Tensor, m: int) -> Tensor:
-    """[2^M, M, M] with ``table``'s rows at ``ids`` and NaN elsewhere."""
-    if ids.numel() == 2**m:
-        return table
-    out = torch.full((2**m, m, m), math.nan, dtype=table.dtype)
-    out[ids] = table
-    return out
 
 
 def report_ran_sets(split: "EncodedSplit", masks_per_row: int = REPORT_MASKS_PER_ROW, seed: int = REPORT_SEED) -> Tensor:

@@ -47,6 +47,7 @@ from cascade_routing.estimators import encoding
 from cascade_routing.estimators.cost import BoundCostEstimator, CostModel
 from cascade_routing.estimators.features import task_onehot, text_statistics
 from cascade_routing.estimators.learned import UNCERTAINTY_MODES, LearnedQualityEstimator, coverage_ids
+from cascade_routing.estimators.masks import on_all_sets
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
 FORMAT_TAG = "cascade-routing-estimator"
@@ -510,9 +511,7 @@ def _covariances_on_all_sets(art: EstimatorArtifact, path: Path) -> Tensor:
         return art.covariances
     if not bool(torch.isfinite(art.covariances).all()):
         raise ArtifactError(f"checkpoint {str(path)!r}: covariances hold NaN or inf")
-    table = torch.full((2**m, m, m), float("nan"), dtype=art.covariances.dtype)
-    table[ids] = art.covariances
-    return table
+    return on_all_sets(art.covariances, ids, m)
 
 
 def encoder_reference(datamodule, network) -> tuple[dict, dict[str, Tensor]]:

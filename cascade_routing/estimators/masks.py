@@ -45,3 +45,13 @@ def covered_ran_sets(num_models: int, max_run: int | None, chains: Sequence[Sequ
 def ran_set_names(state: int, models: Sequence[str]) -> list[str]:
     """The model names of ran-set id ``state`` (bit m set iff ``models[m]`` ran)."""
     return [name for j, name in enumerate(models) if state >> j & 1]
+
+
+def on_all_sets(table: Tensor, ids: Tensor, num_models: int) -> Tensor:
+    """A per-ran-set table [S, ...] for the sets ``ids`` [S] as the full [2^M, ...] table: its rows at
+    ``ids``, NaN in every other row (``table`` itself when ``ids`` are all 2^M sets in order)."""
+    if ids.numel() == 2**num_models:
+        return table
+    out = torch.full((2**num_models, *table.shape[1:]), float("nan"), dtype=table.dtype)
+    out[ids] = table
+    return out
