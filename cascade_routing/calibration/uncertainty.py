@@ -54,26 +54,14 @@ def split_predictions(
 
 
 @torch.no_grad()
-def residual_covariances(
-    network: QualityNetwork, split: "EncodedSplit", rows_per_chunk: int = 8, centered: bool = True,
-    sets: Tensor | None = None,
-) -> Tensor:
-    """[2^M, M, M]: ``Cov_i(p_i(all) − p_i(s))`` for every ran-set s of ``sets`` (long ids; None: all
-    2^M), over the rows of ``split``; rows of sets not in ``sets`` are NaN.
-
-    ``centered=False`` gives the second moment ``E_i[r_i r_iᵀ]`` instead (the spread around 0, which
-    also counts a systematic shift of the estimate once more models have run).
-    """
-    cov, second = residual_moments(network, split, rows_per_chunk, sets)
-    return cov if centered else second
-
-
-@torch.no_grad()
 def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_chunk: int = 8,
                      sets: Tensor | None = None, sets_per_pass: int = 512) -> tuple[Tensor, Tensor]:
-    """Both tables of :func:`residual_covariances` (centered covariance, second moment) from one pass of
-    the network over every (row, ran-set of ``sets``) pair: the pass is the cost (N · |sets| forward
-    rows). An entry depends only on its own set's pass, so it is the same whichever ``sets`` are asked.
+    """``(covariance, second moment)``, each [2^M, M, M]: ``Cov_i(p_i(all) − p_i(s))`` and
+    ``E_i[r_i r_iᵀ]`` (the spread around 0, which also counts a systematic shift of the estimate once
+    more models have run) for every ran-set s of ``sets`` (long ids; None: all 2^M) over the rows of
+    ``split``, NaN rows for the other sets; from one pass of the network over every (row, ran-set of
+    ``sets``) pair: the pass is the cost (N · |sets| forward rows). An entry depends only on its own
+    set's pass, so it is the same whichever ``sets`` are asked.
 
     The network runs on one row and at most ``sets_per_pass`` ran-sets at a time (small working
     tensors; a row's outputs do not depend on what else is in its batch); the moments are summed over
