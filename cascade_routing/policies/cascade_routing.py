@@ -31,8 +31,14 @@ containing m. With ``prune=True`` such supermodels and all their extensions are 
 (:func:`~cascade_routing.policies.supermodels.expected_max_pruned`); the decision provably does not
 change (a pruned S is below one of its own subsets by more than ``tie_tol``). Measured on 2 CPU
 cores it saves time only when most supermodels are pruned (large λ): the compacted gathers cost more
-than the dense level-by-level maxima otherwise, so the default is ``prune=False``; the cache of
-E[max] tables (used while fitting λ) is only available without pruning, whose tables depend on λ.
+than the dense level-by-level maxima otherwise, so the default is ``prune=False``; the memo used
+while fitting λ is only available without pruning, whose tables depend on λ.
+
+λ fitting decides the same (ran-state, query) pairs at many λ. With a memo (``cache``, ``rows``)
+each pair's E[max] table is searched once for the supermodels it can ever pick at any λ (its
+cost–E[max] staircase, with the pool and order constraints applied; see
+:mod:`cascade_routing.policies.frontier`), and every later decision chooses among those few rows:
+the same decision as the full search, for every λ.
 
 Queries sharing a ran-state are processed together: the samples of the not-yet-run candidate models
 are gathered, the sample max over the ran models is the base, and E[max] of every candidate subset is
@@ -51,6 +57,7 @@ from torch import Tensor
 from cascade_routing.interfaces import QualityEstimate, bitmask
 from cascade_routing.policies.base import Policy, PolicyError, check_inputs
 from cascade_routing.policies import emax_numba
+from cascade_routing.policies.frontier import cached_pairs, staircase
 from cascade_routing.policies.pool import check_pool_fits, checked_pool, reindex_pool
 from cascade_routing.policies.supermodels import (
     MAX_EXHAUSTIVE_SUPERMODELS,
@@ -137,9 +144,9 @@ class CascadeRouting(Policy):
         rows: Tensor | None = None,
         max_depth: int | None = None,
     ) -> Tensor:
-        """Next model per query (-1 = stop). ``cache``/``rows``: optional memo of E[max] tables keyed by
-        (ran-state, row), valid only while the estimator is deterministic in (row, ran); ``rows`` are
-        the queries' row ids in the estimator's table. ``max_depth``: a tighter depth limit for this
+        """Next model per query (-1 = stop). ``cache``/``rows``: optional memo of each (ran-state, row)
+        pair's staircase (module docstring), valid only while the estimators are deterministic in
+        (row, ran) and for this policy; ``rows`` are the queries' row ids in the estimator's table. ``max_depth``: a tighter depth limit for this
         call (a fitted λ may carry one: depth 1 is routing, see :class:`FittedLambda`)."""
         lam = check_inputs(estimate, cost, ran, lam)
         b, m = estimate.mean.shape
@@ -150,20 +157,61 @@ class CascadeRouting(Policy):
             return out
         steps = ran.sum(1)
         active = steps < depth
-        allowed = self.allowed(estimate, cost, ran)
+        memo = cache is not None and rows is not None and not self.prune
+        allowed = None if memo else self.allowed(estimate, cost, ran)
         for t in torch.unique(steps[active]).tolist():
             idx = torch.nonzero(active & (steps == t)).squeeze(1)
-            group = self._group(estimate, cost, ran, idx, t, cache, rows, lam[idx] if self.prune else None, depth)
+            if memo:  # λ fitting: choose among each pair's staircase, found once per (state, row)
+                stairs = self._cached_staircase(estimate, cost, ran, idx, t, cache, rows, depth)
+                if stairs is not None:
+                    emax, added, action = stairs
+                    out[idx] = action.gather(1, self._best(emax, added, lam[idx], None)[:, None]).squeeze(1)
+                continue
+            group = self._group(estimate, cost, ran, idx, t, None, None, lam[idx] if self.prune else None, depth)
             if group is None:
                 continue
             emax, added, invalid, free_idx, table = group
-            if allowed is not None:
-                barred = (~allowed[idx].gather(1, free_idx)).to(cost.dtype)
-                blocked = (barred @ members_as(table, cost.dtype).T) > 0
-                invalid = blocked if invalid is None else invalid | blocked
+            invalid = self._with_barred(invalid, allowed, idx, free_idx, table, cost.dtype)
             best = self._best(emax, added, lam[idx], invalid)
             out[idx] = self._next_model(table.members[best], cost[idx].gather(1, free_idx), free_idx)
         return out
+
+    def _with_barred(self, invalid: Tensor | None, allowed: Tensor | None, idx: Tensor, free_idx: Tensor, table,
+                     dtype: torch.dtype) -> Tensor | None:
+        """``invalid`` [b, S] also marking the supermodels that add a model ``allowed`` [B, M] bars."""
+        if allowed is None:
+            return invalid
+        barred = (~allowed[idx].gather(1, free_idx)).to(dtype)
+        blocked = (barred @ members_as(table, dtype).T) > 0
+        return blocked if invalid is None else invalid | blocked
+
+    def _cached_staircase(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, idx: Tensor, t: int,
+                          cache: dict, rows: Tensor, depth: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(emax, added cost, action) [b, w] of the supermodels rows ``idx`` (all ran ``t`` models) can
+        ever pick (:func:`~cascade_routing.policies.frontier.staircase`; action = the model run next,
+        -1 = stop; padding: emax -inf), memoised per (ran-state, row) in ``cache``; None if no row can
+        run another model. The memo's key holds what the staircase depends on besides the pair: the
+        table (width), the pool and the order constraint."""
+        table = self._table(ran.shape[1], t, depth, cost.device)
+        if table is None:
+            return None
+        slot = ("staircase", table.members.shape[0], self.pool, self.force_order)
+        return cached_pairs(cache, slot, bitmask(ran[idx]), rows[idx],
+                            lambda sel: self._staircase_rows(estimate, cost, ran, idx[sel], t, depth),
+                            pads=(-math.inf, 0.0, -1))
+
+    def _staircase_rows(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, idx: Tensor, t: int,
+                        depth: int) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_cached_staircase` computed for rows ``idx``."""
+        emax, added, invalid, free_idx, table = self._group(estimate, cost, ran, idx, t, None, None, None, depth)
+        allowed = self.allowed(estimate.take(rows=idx), cost[idx], ran[idx])
+        invalid = self._with_barred(invalid, allowed, torch.arange(idx.numel(), device=idx.device), free_idx, table,
+                                    cost.dtype)
+        picks, present = staircase(emax, added, invalid)
+        key = free_idx.to(cost.dtype) if self.force_order else cost[idx].gather(1, free_idx)
+        action = _first_member(table.members[picks], key, free_idx).masked_fill(~present, -1)
+        return (emax.gather(1, picks).masked_fill(~present, -math.inf),
+                added.gather(1, picks).masked_fill(~present, 0.0), action)
 
     def _best(self, emax: Tensor, added: Tensor, lam: Tensor, invalid: Tensor | None) -> Tensor:
         """Row of S* per query: among ``values = emax − λ·added`` (-inf where invalid) within ``tie_tol``
@@ -213,13 +261,8 @@ class CascadeRouting(Policy):
 
     def _next_model(self, chosen: Tensor, cost_free: Tensor, free_idx: Tensor) -> Tensor:
         """The model run next for chosen subsets (bool [b, n] over the free slots); -1 if empty."""
-        if self.force_order:
-            key = free_idx.to(cost_free.dtype)
-        else:
-            key = cost_free
-        slot = torch.where(chosen, key, torch.full_like(key, math.inf)).argmin(1)
-        nxt = free_idx.gather(1, slot[:, None]).squeeze(1)
-        return torch.where(chosen.any(1), nxt, torch.full_like(nxt, -1))
+        key = free_idx.to(cost_free.dtype) if self.force_order else cost_free
+        return _first_member(chosen[:, None, :], key, free_idx).squeeze(1)
 
     def _group(self, estimate, cost, ran, idx, t, cache, rows, prune_lam: Tensor | None = None,
                depth: int | None = None):
@@ -228,17 +271,13 @@ class CascadeRouting(Policy):
         or None if no row can run another model. ``prune_lam`` [b]: skip extensions by the pruning
         lemma at these λ (pruned subsets get emax -inf; the cache is not used since pruning depends on λ)."""
         b_all, m = ran.shape
-        depth = self.max_steps(m) if depth is None else depth
-        n = m - t
-        r = depth - t
-        if self.greedy:
-            r = min(r, 1)
-        if n <= 0 or r <= 0:
+        table = self._table(m, t, self.max_steps(m) if depth is None else depth, cost.device)
+        if table is None:
             return None
+        n = m - t
         dev = cost.device
         order = torch.argsort(ran[idx].to(torch.int8), dim=1, stable=True)  # free models first, by index
         free_idx, ran_idx = order[:, :n], order[:, n:]
-        table = subset_table(n, r, dev)
         members_f = members_as(table, cost.dtype)
         z = normal_draws(self.num_samples, m, self.seed, dev, estimate.mean.dtype)
         if prune_lam is not None:
@@ -258,6 +297,13 @@ class CascadeRouting(Policy):
         else:
             invalid = None  # every supermodel is allowed
         return emax, added, invalid, free_idx, table
+
+    def _table(self, m: int, t: int, depth: int, device):
+        """The subset table of a query that ran ``t`` of ``m`` models (None: it may run no other)."""
+        n, r = m - t, depth - t
+        if self.greedy:
+            r = min(r, 1)
+        return subset_table(n, r, device) if n > 0 and r > 0 else None
 
     def _emax(self, estimate: QualityEstimate, idx: Tensor, free_idx: Tensor, ran_idx: Tensor, table,
               z: Tensor, prune: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -328,8 +374,7 @@ class CascadeRouting(Policy):
         chosen = table.members[None].expand(b, s, -1)
         cost_free = cost.gather(1, free_idx)
         key = free_idx.to(cost.dtype) if self.force_order else cost_free
-        slot = torch.where(chosen, key[:, None, :], torch.full_like(key[:, None, :], math.inf)).argmin(2)
-        action = torch.where(table.members.any(1)[None], free_idx.gather(1, slot), torch.full_like(slot, -1))
+        action = _first_member(chosen, key, free_idx)
         return emax, added, action
 
     def _pruned(self, emax: Tensor, cost_free: Tensor, lam: Tensor, table) -> Tensor:
@@ -343,53 +388,16 @@ class CascadeRouting(Policy):
 
 
 def _cached_emax(cache: dict, width: int, states: Tensor, row_ids: Tensor, compute, kind: str = "emax") -> Tensor:
-    """E[max] rows [B, width] of (ran-state, row) pairs from ``cache``, computing (in one call, once per
-    distinct pair) only the pairs not yet stored.
+    """E[max] rows [B, width] of (ran-state, row) pairs from ``cache`` under ``(kind, width)``, computing
+    (in one call, once per distinct pair) only the pairs not yet stored
+    (:func:`~cascade_routing.policies.frontier.cached_pairs`)."""
+    return cached_pairs(cache, (kind, width), states, row_ids, lambda sel: (compute(sel),), pads=(math.nan,))[0]
 
-    Stored under ``(kind, width)`` as (sorted pair keys int64 [P], their rows in the value buffer [P],
-    value buffer [capacity, width], rows used) with pair key ``state · 2^32 + row``: a lookup is one
-    ``searchsorted`` and one gather, not a loop over rows; new pairs are appended to the buffer
-    (its capacity doubles when full), so storing them never copies the stored values.
-    ``compute(sel)`` gets batch positions (one per distinct missing pair, in batch order) and returns
-    their rows.
-    """
-    keys = states.to(torch.long) * 2**32 + row_ids.to(device=states.device, dtype=torch.long)
-    slot = (kind, width)
-    stored = cache.get(slot)
-    if stored is None:
-        hit = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
-        pos = hit.long()
-    else:
-        sorted_keys, where, vals, used = stored
-        pos = torch.searchsorted(sorted_keys, keys).clamp_max(sorted_keys.numel() - 1)
-        hit = sorted_keys[pos] == keys
-        if bool(hit.all()):
-            return vals.index_select(0, where[pos])
-    miss = (~hit).nonzero().squeeze(1)
-    # the same pair may be missing in several rows (λ fitting batches copies of the rows): compute it once
-    new_keys, inverse = torch.unique(keys[miss], return_inverse=True)
-    first = torch.full((new_keys.numel(),), miss.numel(), dtype=torch.long, device=keys.device)
-    first.scatter_reduce_(0, inverse, torch.arange(miss.numel(), device=keys.device), "amin")
-    by_position = torch.argsort(first)
-    computed = compute(miss[first[by_position]])
-    fresh = torch.empty_like(computed)
-    fresh[by_position] = computed  # aligned with new_keys
-    k = new_keys.numel()
-    if stored is None:
-        sorted_keys = new_keys.new_empty(0)
-        where = new_keys.new_empty(0)
-        vals, used = fresh.new_empty(max(k, 64), width), 0
-    if used + k > vals.shape[0]:
-        grown = vals.new_empty(max(2 * vals.shape[0], used + k), width)
-        grown[:used] = vals[:used]
-        vals = grown
-    vals[used:used + k] = fresh
-    out = vals.new_empty(keys.numel(), width)
-    if stored is not None:
-        out[hit] = vals.index_select(0, where[pos[hit]])
-    out[miss] = fresh[inverse]
-    all_keys = torch.cat([sorted_keys, new_keys])
-    all_where = torch.cat([where, torch.arange(used, used + k, device=keys.device)])
-    order = torch.argsort(all_keys)
-    cache[slot] = (all_keys[order], all_where[order], vals, used + k)
-    return out
+
+def _first_member(chosen: Tensor, key: Tensor, free_idx: Tensor) -> Tensor:
+    """long [b, s]: for chosen subsets ``chosen`` bool [b, s, n] over the free slots, the model run next:
+    the member with the least ``key`` [b, n] (cost, or index with ``force_order``), lowest slot on
+    ties; -1 for an empty subset (stop)."""
+    slot = torch.where(chosen, key[:, None, :], torch.full_like(key[:, None, :], math.inf)).argmin(2)
+    nxt = free_idx.gather(1, slot)
+    return torch.where(chosen.any(2), nxt, torch.full_like(nxt, -1))
