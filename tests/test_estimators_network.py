@@ -66,6 +66,32 @@ def test_prepared_path_equals_forward():
         torch.testing.assert_close(x[1], y[1], atol=1e-5, rtol=1e-5)
 
 
+def test_ran_sets_path_equals_forward_prepared_for_every_mask():
+    m, d = 4, 16
+    torch.manual_seed(0)
+    net = QualityNetwork(NetworkConfig(num_models=m, embed_dim=d, num_tasks=3, hidden=24, dropout=0.0,
+                                       num_answer_features=4 + m, num_query_features=2, neighbours=2, memory_size=6))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        net.set_memory(torch.randn(6, d), torch.rand(6, m))
+    net.eval()
+    q, a, f, task = _inputs(b=1, m=m, d=d)
+    qf = torch.randn(1, 2)
+    masks = all_masks(m)
+    s = masks.shape[0]
+    feat = f.expand(s, -1, -1).clone()
+    feat[~masks] = float("nan")  # unrun cells must not be read
+    prep = net.prepare_answers(a)
+    with torch.no_grad():
+        want, _ = net.forward_prepared(q.expand(s, -1), masks, {k: v.expand(s, *v.shape[1:]) for k, v in prep.items()},
+                                       feat, task.expand(s, -1), qf.expand(s, -1))
+        got = net.forward_ran_sets(net.query_hidden(q, task, qf), masks, prep, feat)
+    assert got.shape == (s, m) and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[0], got[-1])  # the masks matter
+
+
 def test_compose_features_masks_and_agreement():
     static = torch.rand(1, 3, 3) + 1
     pair = torch.tensor([[[0.0, 0.5, 1.0], [0.5, 0.0, 0.2], [1.0, 0.2, 0.0]]])

@@ -63,9 +63,13 @@ def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_ch
     ``sets``) pair: the pass is the cost (N · |sets| forward rows). An entry depends only on its own
     set's pass, so it is the same whichever ``sets`` are asked.
 
-    The network runs on one row and at most ``sets_per_pass`` ran-sets at a time (small working
-    tensors; a row's outputs do not depend on what else is in its batch); the moments are summed over
-    chunks of ``rows_per_chunk`` rows."""
+    The network runs on one row and at most ``sets_per_pass`` ran-sets at a time
+    (:meth:`~QualityNetwork.forward_ran_sets`: the query branch once for the whole split, the answer
+    branch on run cells only; the same function as the per-row forward pass, and on routerbench-subset
+    the same tables bit for bit: ``benchmarks/bench_export.py --baseline-src``).
+    Row-wise products and padded element-wise ops keep a set's entries independent of what else
+    shares its pass (``tests/test_estimators_covariance_coverage.py`` checks it bit for bit). The
+    moments are summed over chunks of ``rows_per_chunk`` rows."""
     network.eval()
     n, m = split.quality.shape
     ids = torch.arange(2**m) if sets is None else torch.unique(torch.as_tensor(sets, dtype=torch.long))
@@ -74,32 +78,30 @@ def residual_moments(network: QualityNetwork, split: "EncodedSplit", rows_per_ch
     full = torch.ones(n, m, dtype=torch.bool)
     p_all, _ = split_predictions(network, split, torch.arange(n), full)
     moments = ResidualMoments(s_count, m)
+    hidden = network.query_hidden(split.query_emb, split.task, split.query_feat)  # [N, H], the query branch once
     for start in range(0, n, rows_per_chunk):
         rows = torch.arange(start, min(n, start + rows_per_chunk))
         # answer projections of the chunk's rows at once (a small product's rounding depends on its size)
         prep = network.prepare_answers(split.answer_emb[rows])
-        r = torch.stack([_row_residuals(network, split, int(i), masks, p_all[i], {key: v[j : j + 1] for key, v in prep.items()},
-                                        sets_per_pass) for j, i in enumerate(rows)])  # [k, S, M]
+        r = torch.stack([_row_residuals(network, split, int(i), masks, p_all[i], hidden[i : i + 1],
+                                        {key: v[j : j + 1] for key, v in prep.items()}, sets_per_pass)
+                         for j, i in enumerate(rows)])  # [k, S, M]
         moments.add(r)
     return on_all_sets(moments.covariance(), ids, m), on_all_sets(moments.second_moment(), ids, m)
 
 
 def _row_residuals(network: QualityNetwork, split: "EncodedSplit", row: int, masks: Tensor, p_all: Tensor,
-                   prep: dict[str, Tensor], sets_per_pass: int) -> Tensor:
-    """float64 [S, M]: ``p(all) − p(s)`` of split row ``row`` under each of ``masks`` [S, M] (``prep``: the
-    row's :meth:`~QualityNetwork.prepare_answers`, [1, ...])."""
-    inputs = {"static": split.static, "pair_sim": split.pair_sim, "query_emb": split.query_emb, "task": split.task,
-              "query_feat": split.query_feat}
-    one = {key: v[row : row + 1] for key, v in inputs.items()}
+                   hidden: Tensor, prep: dict[str, Tensor], sets_per_pass: int) -> Tensor:
+    """float64 [S, M]: ``p(all) − p(s)`` of split row ``row`` under each of ``masks`` [S, M] (``hidden``: the
+    row's :meth:`~QualityNetwork.query_hidden` [1, H]; ``prep``: its
+    :meth:`~QualityNetwork.prepare_answers`, [1, ...])."""
+    static, pair_sim = split.static[row : row + 1], split.pair_sim[row : row + 1]
     out = []
     for lo in range(0, masks.shape[0], sets_per_pass):
         ran = masks[lo : lo + sets_per_pass]
         b = ran.shape[0]
-        rep = {key: v.expand(b, *v.shape[1:]) for key, v in (one | prep).items()}  # the row once per mask (views)
-        feat = compose_features(rep["static"], rep["pair_sim"], ran)
-        logit, _ = network.forward_prepared(
-            rep["query_emb"], ran, {key: rep[key] for key in prep}, feat, rep["task"], rep["query_feat"], with_logvar=False,
-        )
+        feat = compose_features(static.expand(b, *static.shape[1:]), pair_sim.expand(b, *pair_sim.shape[1:]), ran)
+        logit = network.forward_ran_sets(hidden, ran, prep, feat)
         out.append(p_all - _sigmoid_vectorised(logit))
     return torch.cat(out).double()
 

@@ -168,15 +168,48 @@ class QualityNetwork(nn.Module):
         answer_feat = torch.where(r, answer_feat, zero)
         sim, agree = masked_agreement(prepared["sim"], ran, query_emb.dtype)  # [B, M, M], [B, M]
 
-        h = self.query_mlp(self.query_inputs(query_emb, task, query_feat))
+        h = self.query_hidden(query_emb, task, query_feat)
 
         a = self.answer_mlp(proj + self.answer_feat_proj(torch.cat([answer_feat, agree.unsqueeze(-1), sim], dim=-1)))
         a = (a + self.model_embedding) * r
+        return self._heads(h, a, rf, with_logvar)
+
+    def query_hidden(self, query_emb: Tensor, task: Tensor | None, query_feat: Tensor | None) -> Tensor:
+        """``h = MLP([q?, t, x, n])`` [B, H]: the query branch."""
+        return self.query_mlp(self.query_inputs(query_emb, task, query_feat))
+
+    def _heads(self, h: Tensor, a: Tensor, rf: Tensor, with_logvar: bool) -> tuple[Tensor, Tensor | None]:
+        """The joint MLP and the heads from ``h`` [B, H], the masked answer terms ``a`` [B, M, H] and ``rf``
+        (ran as 0/1) [B, M]."""
         ctx = a.sum(1) / rf.sum(1, keepdim=True).clamp_min(1.0)
         z = h + self.joint_mlp(torch.cat([h, ctx, rf], dim=-1))
-
         logit = self.mean_head(z) + rf * (a * self.mean_self).sum(-1)
         if not with_logvar:
             return logit, None
         logvar = self.logvar_head(z) + rf * (a * self.logvar_self).sum(-1)
         return logit, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    def forward_ran_sets(self, query_hidden: Tensor, ran: Tensor, prepared: dict[str, Tensor], answer_feat: Tensor
+                         ) -> Tensor:
+        """``logit`` [S, M] of ONE query under S ran-masks ``ran`` [S, M], given its query branch
+        ``query_hidden`` [1, H] (:meth:`query_hidden`), its :meth:`prepare_answers` [1, ...] and the
+        answer features under each mask ``answer_feat`` [S, M, K].
+
+        The same function as :meth:`forward_prepared` on the query repeated S times, computed with less
+        work: the query branch is given (computed once per query, e.g. for a whole split at once), and
+        the answer branch runs on run cells only (an unrun cell's answer term is multiplied by 0
+        there). Equal up to float rounding (the products have other shapes), so it serves the
+        residual tables, not the estimates decisions are made on.
+        """
+        ran = ran.bool()
+        s = ran.shape[0]
+        dtype = query_hidden.dtype
+        rf = ran.to(dtype)
+        h = query_hidden.expand(s, -1)
+        sim, agree = masked_agreement(prepared["sim"].expand(s, -1, -1), ran, dtype)
+        cells = ran.nonzero(as_tuple=True)  # (mask, model) of every run cell
+        x = torch.cat([answer_feat[cells].to(dtype), agree[cells].unsqueeze(-1), sim[cells]], dim=-1)
+        a_cells = self.answer_mlp(prepared["proj"][0, cells[1]] + self.answer_feat_proj(x)) + self.model_embedding[cells[1]]
+        a = a_cells.new_zeros(s, ran.shape[1], a_cells.shape[-1])
+        a[cells] = a_cells
+        return self._heads(h, a, rf, with_logvar=False)[0]
