@@ -33,11 +33,15 @@ def staircase(emax: Tensor, added: Tensor, invalid: Tensor | None) -> tuple[Tens
     earlier_best = torch.cummax(e_sorted, 1).values
     earlier_best = torch.cat([torch.full_like(e_sorted[:, :1], -math.inf), earlier_best[:, :-1]], 1)
     keep = torch.zeros_like(e_sorted, dtype=torch.bool).scatter_(1, order, e_sorted > earlier_best)
+    del order, e_sorted, earlier_best  # [b, S] temporaries: λ fitting finds thousands of rows at once
     width = max(1, int(keep.sum(1).max())) if b else 1
-    row_ids = torch.arange(s, device=emax.device).expand(b, s)
-    rows = torch.where(keep, row_ids, torch.full_like(row_ids, s)).sort(1).values[:, :width]
-    present = rows < s
-    return rows.masked_fill(~present, 0), present
+    query, row = keep.nonzero(as_tuple=True)  # row-major: each query's kept rows in increasing order
+    slot = keep.cumsum(1)[query, row] - 1
+    rows = torch.zeros(b, width, dtype=torch.long, device=emax.device)
+    present = torch.zeros(b, width, dtype=torch.bool, device=emax.device)
+    rows[query, slot] = row
+    present[query, slot] = True
+    return rows, present
 
 
 def cached_pairs(cache: dict, slot: tuple, states: Tensor, row_ids: Tensor,
