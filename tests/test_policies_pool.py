@@ -129,6 +129,7 @@ def test_routing_guard_fires_when_routing_is_clearly_better_and_is_routing_then(
     assert guarded.routing_guard
     fit = fit_lambda(guarded, qe, ce, quality, cost, budget, rows=torch.arange(len(quality)))
     assert fit.max_depth == 1 and len(fit.info["shape_scores"]) == 2
+    assert fit.info["routing_score"] == fit.info["shape_scores"][1] > fit.info["shape_scores"][0]
     cr = simulate(guarded, qe, ce, quality, cost, fit)
     rt = simulate(Routing(), qe, ce, quality, cost, FittedLambda(fit.lam_low, fit.lam_high, fit.gamma))
     assert torch.equal(cr.ran, rt.ran)

@@ -210,6 +210,8 @@ def fit_lambdas(
         group = fits[i * len(candidates):(i + 1) * len(candidates)]
         best = choose_significant(group, seed=seed)
         best.info["shape_scores"] = [round(float(f.calibration_quality), 6) for f in group]
+        if guard:  # the routing the policy contains, fitted to the same budget: its calibration quality
+            best.info["routing_score"] = best.info["shape_scores"][-1]
         out.append(best)
     return out
 
