@@ -31,7 +31,9 @@ Checks (exit code 1 if any fails):
 
 Reports: throughput (requests/s) and, as the baseline measured in the same run, the throughput of
 the same number of requests sent straight to the replay backend of the cheapest model at the same
-concurrency (ratio); client latency p50/p95/p99; the routing overhead per request (server time
+concurrency, from the same client (ratio; ``--client-pools K`` spreads the client's connections over
+K httpx pools: with one pool of 200 connections the client's own pool bookkeeping, not the server,
+bounds both figures on 2 cores, and the ratio moves with K); client latency p50/p95/p99; the routing overhead per request (server time
 not awaiting its own backends, ``routing.routing_ms``) and its compute share (``compute_ms``); the
 backend calls per request; the server's RSS before the requests and after each round (growth that
 keeps going round after round is a leak, growth in the first round only is warm-up); the CPU time
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -123,13 +126,20 @@ POISON = [
 
 
 async def fire(url: str, payloads: list[tuple[str, bytes, float | None]], concurrency: int, timeout_s: float,
-               on_response=None):
-    """POST every payload (id, body, client timeout or None); returns [(id, response | None, error, s)]."""
+               on_response=None, pools: int = 1):
+    """POST every payload (id, body, client timeout or None) from ``pools`` httpx clients (request k on
+    client k mod ``pools``, each with ``concurrency / pools`` connections); returns
+    [(id, response | None, error, s)]."""
     sem = asyncio.Semaphore(concurrency)
     busy = [0]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def one(rid: str, body: bytes, give_up: float | None):
+    per_pool = max(1, concurrency // pools)
+    limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(timeout=timeout_s, limits=limits))
+                   for _ in range(pools)]
+
+        async def one(k: int, rid: str, body: bytes, give_up: float | None):
+            client = clients[k % pools]
             async with sem:
                 t0 = time.perf_counter()
                 while True:  # like the OpenAI SDK: a 429 server_busy is retried after its Retry-After
@@ -147,7 +157,7 @@ async def fire(url: str, payloads: list[tuple[str, bytes, float | None]], concur
                 return rid, resp, None, time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        out = await asyncio.gather(*(one(*p) for p in payloads))
+        out = await asyncio.gather(*(one(k, *p) for k, p in enumerate(payloads)))
         return out, time.perf_counter() - t0, busy[0]
 
 
@@ -217,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=200, help="client requests in flight at most")
+    p.add_argument("--client-pools", type=int, default=1,
+                   help="httpx clients the requests are spread over (each with concurrency / K connections); "
+                        "httpcore scans a pool's connections for every request, so one pool of 200 costs "
+                        "this client more CPU per request than the replay backend needs")
     p.add_argument("--repeat", type=int, default=1, help="rounds against the same server processes")
     p.add_argument("--latency-ms", type=float, default=20.0, help="replay latency per answer")
     p.add_argument("--queries", type=int, default=200, help="synthetic dataset size (without --checkpoint)")
@@ -238,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-check-simulation", dest="check_simulation", action="store_false",
                    help="skip the offline simulation of the same requests")
     args = p.parse_args(argv)
+    if not 1 <= args.client_pools <= args.concurrency:
+        p.error(f"--client-pools must be between 1 and --concurrency ({args.concurrency}), got {args.client_pools}")
     faults = bool(args.poison or args.disconnect or args.slow_model or args.sigterm_after)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -300,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 cpu_before = cpu_snapshot(procs)
                 results, wall, busy = asyncio.run(asyncio.wait_for(
-                    fire(server + "/v1/chat/completions", payloads, args.concurrency, 300.0, on_response),
+                    fire(server + "/v1/chat/completions", payloads, args.concurrency, 300.0, on_response,
+                         args.client_pools),
                     args.max_seconds))
                 rss_round = rss_mb(procs[1].pid)
                 cpu_round = cpu_per_request_ms(cpu_before, cpu_snapshot(procs), len(payloads))
@@ -317,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                 {"role": "user", "content": test.queries[i]}]}).encode(), None) for k, i in enumerate(rows)]
             cpu_before = cpu_snapshot(procs)
             base_results, base_wall, _ = asyncio.run(asyncio.wait_for(
-                fire(f"http://127.0.0.1:{rport}/{cheapest}/v1/chat/completions", direct, args.concurrency, 120.0),
+                fire(f"http://127.0.0.1:{rport}/{cheapest}/v1/chat/completions", direct, args.concurrency, 120.0,
+                     pools=args.client_pools),
                 args.max_seconds))
             base_cpu = cpu_per_request_ms(cpu_before, cpu_snapshot(procs), len(direct))
         finally:

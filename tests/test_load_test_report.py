@@ -44,6 +44,14 @@ def test_cpu_per_request_is_the_delta_of_each_process_over_the_requests():
     assert out == pytest.approx({"replay": 5.0, "serve": 20.0, "client": 1.0})
 
 
+def test_client_pools_must_fit_the_concurrency(capsys):
+    lt = _load_test()
+    for pools in ("0", "11"):
+        with pytest.raises(SystemExit):
+            lt.main(["--concurrency", "10", "--client-pools", pools])
+        assert "--client-pools must be between 1 and --concurrency (10)" in capsys.readouterr().err
+
+
 def test_rss_of_this_process():
     lt = _load_test()
     assert lt.rss_mb(os.getpid()) > 1.0
@@ -56,7 +64,7 @@ def test_load_test_reports_rss_and_cpu_after_each_round(tmp_path):
 
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load_test.py"), "--requests", "40",
-                           "--concurrency", "10", "--repeat", "2", "--queries", "60", "--json", str(out),
+                           "--concurrency", "10", "--client-pools", "2", "--repeat", "2", "--queries", "60", "--json", str(out),
                            "--budget-tolerance", "10"],  # 40 requests of a tiny untrained artifact
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

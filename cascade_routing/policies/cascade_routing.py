@@ -146,8 +146,9 @@ class CascadeRouting(Policy):
     ) -> Tensor:
         """Next model per query (-1 = stop). ``cache``/``rows``: optional memo of each (ran-state, row)
         pair's staircase (module docstring), valid only while the estimators are deterministic in
-        (row, ran) and for this policy; ``rows`` are the queries' row ids in the estimator's table. ``max_depth``: a tighter depth limit for this
-        call (a fitted λ may carry one: depth 1 is routing, see :class:`FittedLambda`)."""
+        (row, ran) and for this policy; ``rows`` are the queries' row ids in the estimator's table.
+        ``max_depth``: a tighter depth limit for this call (a fitted λ may carry one: depth 1 is
+        routing, see :class:`FittedLambda`)."""
         lam = check_inputs(estimate, cost, ran, lam)
         b, m = estimate.mean.shape
         self.check_pool(m)
