@@ -156,10 +156,8 @@ class QualityNetwork(nn.Module):
         answer_feat: Tensor,
         task: Tensor | None = None,
         query_feat: Tensor | None = None,
-        with_logvar: bool = True,
-    ) -> tuple[Tensor, Tensor | None]:
-        """:meth:`forward` given :meth:`prepare_answers` output; unrun cells are masked here too.
-        ``with_logvar=False`` skips the variance head (``logvar`` None; ``logit`` unchanged)."""
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` given :meth:`prepare_answers` output; unrun cells are masked here too."""
         ran = ran.bool()
         r = ran.unsqueeze(-1)
         rf = ran.to(query_emb.dtype)
@@ -172,7 +170,7 @@ class QualityNetwork(nn.Module):
 
         a = self.answer_mlp(proj + self.answer_feat_proj(torch.cat([answer_feat, agree.unsqueeze(-1), sim], dim=-1)))
         a = (a + self.model_embedding) * r
-        return self._heads(h, a, rf, with_logvar)
+        return self._heads(h, a, rf, with_logvar=True)
 
     def query_hidden(self, query_emb: Tensor, task: Tensor | None, query_feat: Tensor | None) -> Tensor:
         """``h = MLP([q?, t, x, n])`` [B, H]: the query branch."""
@@ -180,7 +178,7 @@ class QualityNetwork(nn.Module):
 
     def _heads(self, h: Tensor, a: Tensor, rf: Tensor, with_logvar: bool) -> tuple[Tensor, Tensor | None]:
         """The joint MLP and the heads from ``h`` [B, H], the masked answer terms ``a`` [B, M, H] and ``rf``
-        (ran as 0/1) [B, M]."""
+        (ran as 0/1) [B, M]; ``with_logvar=False`` skips the variance head (``logvar`` None)."""
         ctx = a.sum(1) / rf.sum(1, keepdim=True).clamp_min(1.0)
         z = h + self.joint_mlp(torch.cat([h, ctx, rf], dim=-1))
         logit = self.mean_head(z) + rf * (a * self.mean_self).sum(-1)

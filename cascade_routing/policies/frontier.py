@@ -80,8 +80,8 @@ def cached_pairs(cache: dict, slot: tuple, states: Tensor, row_ids: Tensor,
         sorted_keys, where, used = new_keys.new_empty(0), new_keys.new_empty(0), 0
         vals = tuple(c.new_full((max(k, 64), *c.shape[1:]), pad) for c, pad in zip(computed, pads))
     width = max(vals[0].shape[1], computed[0].shape[1])
-    vals = tuple(_grown(v, max(v.shape[0], used + k, 2 * v.shape[0] if used + k > v.shape[0] else 0), width, pad,
-                        used) for v, pad in zip(vals, pads))
+    capacity = vals[0].shape[0] if used + k <= vals[0].shape[0] else max(2 * vals[0].shape[0], used + k)
+    vals = tuple(_grown(v, capacity, width, pad, used) for v, pad in zip(vals, pads))
     fresh = []
     for v, c, pad in zip(vals, computed, pads):
         aligned = c.new_full((k, width, *c.shape[2:]), pad)
