@@ -204,18 +204,31 @@ def test_export_of_a_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path, ca
     assert "carries no datamodule hyperparameters" in capsys.readouterr().err
 
 
-def test_training_masks_are_an_empty_mask_then_random_ran_masks():
-    """Above ``max_enumerated_masks`` the training masks per row are the empty mask followed by
-    ``masks_per_query`` draws of :func:`random_ran_masks` (one sampler for training and calibration)."""
+def test_training_masks_are_an_empty_mask_singletons_then_random_ran_masks():
+    """Above ``max_enumerated_masks`` the training masks per row are the empty mask, then
+    ``singleton_masks`` masks with exactly one model run, then ``masks_per_query`` draws of
+    :func:`random_ran_masks` (one sampler for training and calibration)."""
     from cascade_routing.estimators.masks import random_ran_masks
     from cascade_routing.training.module import QualityEstimatorModule
 
-    module = QualityEstimatorModule(masks_per_query=3, max_enumerated_masks=16)
+    module = QualityEstimatorModule(masks_per_query=3, singleton_masks=2, max_enumerated_masks=16)
     torch.manual_seed(5)
-    rows, ran = module._training_masks(4, 6)  # 2^6 > 16: sampled
+    rows, ran = module._training_masks(40, 6)  # 2^6 > 16: sampled
     torch.manual_seed(5)
-    expected = random_ran_masks(12, 6).reshape(4, 3, 6)
-    ran = ran.reshape(4, 4, 6)
-    assert not ran[:, 0].any() and torch.equal(ran[:, 1:], expected)
-    assert torch.equal(rows, torch.arange(4).repeat_interleave(4))
-    assert ran[:, 1:].any()  # not all empty: the comparison above has something to compare
+    expected = random_ran_masks(120, 6).reshape(40, 3, 6)
+    ran = ran.reshape(40, 6, 6)
+    assert not ran[:, 0].any() and torch.equal(ran[:, 3:], expected)
+    assert torch.equal(ran[:, 1:3].sum(-1), torch.ones(40, 2, dtype=torch.long))
+    assert ran[:, 1:3].any(1).sum(0).min() > 0  # over 80 draws every one of the 6 models runs alone
+    assert torch.equal(rows, torch.arange(40).repeat_interleave(6))
+    assert ran[:, 3:].any()  # not all empty: the comparison above has something to compare
+
+
+def test_singleton_masks_zero_gives_the_empty_mask_then_random_masks_and_negative_is_refused():
+    from cascade_routing.training.module import QualityEstimatorModule
+
+    module = QualityEstimatorModule(masks_per_query=3, singleton_masks=0, max_enumerated_masks=16)
+    _, ran = module._training_masks(4, 6)
+    assert ran.shape == (4 * 4, 6) and not ran.reshape(4, 4, 6)[:, 0].any()
+    with pytest.raises(ValueError, match="singleton_masks must be >= 0"):
+        QualityEstimatorModule(singleton_masks=-1)

@@ -1,7 +1,8 @@
 """LightningModule: training logic of the :class:`QualityNetwork` (the network itself is plain torch).
 
 Each training row is expanded over ran-masks: all 2^M subsets when 2^M <= ``max_enumerated_masks``,
-otherwise the empty mask (ex-ante) plus ``masks_per_query`` random masks (size uniform in 0..M).
+otherwise the empty mask (ex-ante), ``singleton_masks`` masks with one model run (uniform model) and
+``masks_per_query`` random masks (size uniform in 0..M).
 
 Loss per (row, mask), averaged over models:
 
@@ -46,6 +47,9 @@ class QualityEstimatorModule(L.LightningModule):
         lr: AdamW learning rate of the heads.
         weight_decay: AdamW weight decay.
         masks_per_query: random ran-masks per training row (large M).
+        singleton_masks: masks with exactly one model run (uniform model) per training row (large M),
+            on top of the random ones: the state every cascade and cascade routing decides from after
+            its first model, which random sizes reach in only 1 of M + 1 masks.
         max_enumerated_masks: enumerate all subsets when 2^M is at most this.
         variance_weight: weight of the variance-head loss.
         finetune_encoder: train the query encoder too (GPU path; needs ``data.finetune: true``).
@@ -70,6 +74,7 @@ class QualityEstimatorModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         masks_per_query: int = 4,
+        singleton_masks: int = 2,
         max_enumerated_masks: int = 16,
         variance_weight: float = 0.1,
         finetune_encoder: bool = False,
@@ -83,6 +88,8 @@ class QualityEstimatorModule(L.LightningModule):
         encoder_init_path: str | None = None,
     ) -> None:
         super().__init__()
+        if singleton_masks < 0:
+            raise ValueError(f"model.singleton_masks must be >= 0, got {singleton_masks}")
         self.save_hyperparameters()
         self.network: QualityNetwork | None = None
         self.models: list[str] = []
@@ -195,7 +202,9 @@ class QualityEstimatorModule(L.LightningModule):
             return rows, masks.repeat(batch_size, 1)
         rand = random_ran_masks(batch_size * hp.masks_per_query, num_models, device=self.device)
         empty = torch.zeros(batch_size, 1, num_models, dtype=torch.bool, device=self.device)
-        masks = torch.cat([empty, rand.reshape(batch_size, -1, num_models)], dim=1)
+        alone = torch.randint(0, num_models, (batch_size, hp.singleton_masks), device=self.device)
+        single = nn.functional.one_hot(alone, num_models).bool()
+        masks = torch.cat([empty, single, rand.reshape(batch_size, -1, num_models)], dim=1)
         rows = torch.arange(batch_size, device=self.device).repeat_interleave(masks.shape[1])
         return rows, masks.reshape(-1, num_models)
 
