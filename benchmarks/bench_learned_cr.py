@@ -12,7 +12,8 @@ budget on the calibration split, realised quality and cost on the test split) an
 - at the largest budget: cascade routing's quality vs the best single model's test quality, and the
   paired difference (95% CI) against the model that is best on the *calibration* split (the single
   model a user would have picked without looking at the test queries);
-- how often the routing guard fired and which λ shapes were kept, over the sweep's budgets, and on
+- how often the routing guard fired and which λ shapes cascade routing and the threshold cascade
+  kept, over the sweep's budgets, and on
   the calibration split (where λ is fitted) how far the fitted cascade routing falls below the
   routing it contains at its worst budget (the guard candidate: the same policy limited to depth 1,
   fitted to the same budget on the same rows), and at how many budgets it is below by ≥ 0.005 points.
@@ -93,7 +94,6 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
     guard = sum(1 for f in cr.fitted if f.max_depth == 1)
     cal_gap = calibration_gap_to_routing(cr.fitted)
     worst = cmp.worst_index
-    shapes = [tuple(f.info.get("shape", [1.0])) for f in cr.fitted]
     summary = {
         "auc": {f"{r['estimator']}/{r['strategy']}": r["auc"] for r in result.rows},
         "cr_minus_routing_auc": round(cr.auc - rt.auc, 3),
@@ -109,11 +109,18 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
         "budget_adherence": adherence,
         "routing_guard_fired": f"{guard} of {len(cr.fitted)} budgets",
         "calibration_cr_minus_routing": cal_gap,
-        "lambda_shapes_kept": {str(list(s)): shapes.count(s) for s in sorted(set(shapes))},
+        "lambda_shapes_kept": shapes_kept(cr.fitted),
+        "threshold_cascade_shapes_kept": shapes_kept(learned["threshold_cascade"].fitted),
         "budgets": len(cr.budgets),
         "test_queries": int(cr.per_query_quality.shape[1]),
     }
     return summary
+
+
+def shapes_kept(fitted: list) -> dict[str, int]:
+    """{λ shape: number of budgets it was fitted with} (``[1.0]``: the constant λ)."""
+    shapes = [tuple(f.info.get("shape", [1.0])) for f in fitted]
+    return {str(list(s)): shapes.count(s) for s in sorted(set(shapes))}
 
 
 def calibration_gap_to_routing(fitted: list) -> dict | None:
@@ -168,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         for strategy in ADHERENCE_ORDER:
             a = s["budget_adherence"].get(strategy)
             cells.append("–" if a is None else f"{a['mean']:.3f}" + (f" [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]" if "ci95" in a else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "λ shapes kept per budget (shape: budgets; [1.0] is the constant λ):", "",
+              "| dataset | cascade routing | threshold cascade |", "|---|---|---|"]
+    for name, s in summaries.items():
+        cells = [", ".join(f"{k}: {v}" for k, v in s.get(key, {}).items()) or "–"
+                 for key in ("lambda_shapes_kept", "threshold_cascade_shapes_kept")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

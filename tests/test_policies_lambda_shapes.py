@@ -142,3 +142,75 @@ def test_per_step_lambda_round_trips_and_serves_like_simulation():
             order.append(j)
         assert order == [j for j in sim.order[i].tolist() if j >= 0]
         assert ds.model_index(router.select(q, answers)) == int(sim.answer[i])
+
+
+class FixedMeans:
+    """Means that do not depend on what ran (enough to pin each step's threshold)."""
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        self.mean, self.models = mean, [f"m{j}" for j in range(mean.shape[1])]
+
+    def estimate(self, queries, ran):
+        return QualityEstimate(self.mean[torch.as_tensor(queries)])
+
+
+class FixedCost:
+    def __init__(self, cost: torch.Tensor) -> None:
+        self.cost = cost
+
+    def estimate(self, queries, ran):
+        return self.cost[torch.as_tensor(queries)]
+
+
+def test_make_policy_gives_the_threshold_cascade_step_shapes_and_none_without_ratios():
+    from cascade_routing.policies.cascades import ThresholdCascade
+
+    pooled = make_policy("threshold_cascade", pool=(0, 2))
+    assert pooled.lambda_shapes == ((1.0,),) + tuple((1.0, 1.0, k) for k in CASCADE_ROUTING_STEP_RATIOS[1:])
+    assert isinstance(pooled.inner, ThresholdCascade) and pooled.inner.lambda_shapes == pooled.lambda_shapes
+    assert make_policy("threshold_cascade", step_ratios=None).lambda_shapes is None
+    assert make_policy("optimal_cascade").lambda_shapes is None
+    with pytest.raises(PolicyError, match="each λ shape must be non-empty"):
+        ThresholdCascade(lambda_shapes=((1.0,), (1.0, float("nan"))))
+
+
+def test_threshold_cascade_reads_the_threshold_of_each_step():
+    """λ = (0.1, 0.1, 0.4): continue after the first model iff q̂ < 0.9, after later ones iff q̂ < 0.6."""
+    from cascade_routing.policies.cascades import ThresholdCascade
+
+    mean = torch.tensor([[0.85, 0.7, 0.9], [0.95, 0.7, 0.9], [0.5, 0.5, 0.9]])
+    quality, cost = torch.ones(3, 3), torch.tensor([[1.0, 2.0, 4.0]]).repeat(3, 1)
+    qe, ce = FixedMeans(mean), FixedCost(cost)
+    runs = {}
+    for name, lam in (("shaped", [0.1, 0.1, 0.4]), ("low", [0.1]), ("high", [0.4])):
+        fitted = FittedLambda(torch.tensor(lam), torch.tensor(lam), 0.0)
+        runs[name] = simulate(ThresholdCascade(), qe, ce, quality, cost, fitted).ran.sum(1).tolist()
+    assert runs["shaped"] == [2, 1, 3]  # 0.85 < 0.9 goes on, then 0.7 >= 0.6 stops; 0.95 stops; 0.5 < 0.6 goes on
+    assert runs["low"] == [3, 1, 3] and runs["high"] == [1, 1, 3]
+
+
+def test_threshold_cascade_shape_is_kept_only_where_it_wins_on_calibration_and_is_served_as_fitted():
+    """An over-confident cheap first model: under one threshold the cascade stops there too often; the
+    stricter bar after the first model (κ > 1) wins on the calibration rows, by more than the noise."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    q1 = (torch.rand(n, generator=g) < 0.5).double()  # the first model is right half the time
+    q2 = (torch.rand(n, generator=g) < 0.85).double()
+    q3 = torch.ones(n, dtype=torch.float64)
+    quality = torch.stack([q1, q2, q3], 1)
+    noise = 0.05 * torch.rand(n, 3, generator=g, dtype=torch.float64)
+    mean = torch.stack([0.80 + 0.15 * q1, 0.45 + 0.5 * q2, torch.full((n,), 0.99, dtype=torch.float64)], 1) + noise
+    cost = torch.tensor([[1.0, 3.0, 20.0]], dtype=torch.float64).repeat(n, 1)
+    qe, ce = FixedMeans(mean.clamp(0, 1)), FixedCost(cost)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    shaped = make_policy("threshold_cascade")
+    plain = make_policy("threshold_cascade", step_ratios=None)
+    budget = 3.5
+    chosen = fit_lambda(shaped, qe, ce, quality, cost, budget, uniforms=u)
+    constant = fit_lambda(plain, qe, ce, quality, cost, budget, uniforms=u)
+    assert chosen.info["shape"][:2] == [1.0, 1.0] and chosen.info["shape"][2] > 1.0
+    assert chosen.calibration_quality > constant.calibration_quality + 0.02
+    assert chosen.info["chosen_by"].startswith("paired bootstrap")
+    assert chosen.calibration_cost <= budget * (1 + 1e-9)
+    sim = simulate(shaped, qe, ce, quality, cost, chosen, u)
+    assert abs(sim.mean_quality - chosen.calibration_quality) < 1e-12

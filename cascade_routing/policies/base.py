@@ -13,6 +13,8 @@ Pure torch; no Lightning, no transformers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -65,6 +67,18 @@ def check_inputs(estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tens
     if bool((lam_t < 0).any()):
         raise PolicyError(f"lam (λ) must be >= 0, got {float(lam_t.min())}")
     return lam_t
+
+
+def checked_lambda_shapes(shapes) -> tuple[tuple[float, ...], ...] | None:
+    """``shapes`` (candidate per-step λ shapes, the first the default) as float tuples, or None when
+    empty; PolicyError unless each is non-empty, >= 0, not NaN, with a positive entry."""
+    if not shapes:
+        return None
+    out = tuple(tuple(float(x) for x in v) for v in shapes)
+    for v in out:
+        if not v or min(v) < 0 or max(v) <= 0 or any(math.isnan(x) for x in v):
+            raise PolicyError(f"each λ shape must be non-empty, >= 0 with a positive entry, got {v}")
+    return out
 
 
 def select_best_ran(estimate: QualityEstimate, ran: Tensor) -> Tensor:

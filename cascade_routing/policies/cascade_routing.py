@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.interfaces import QualityEstimate, bitmask
-from cascade_routing.policies.base import Policy, PolicyError, check_inputs
+from cascade_routing.policies.base import Policy, PolicyError, check_inputs, checked_lambda_shapes
 from cascade_routing.policies import emax_numba
 from cascade_routing.policies.frontier import cached_pairs, staircase
 from cascade_routing.policies.pool import check_pool_fits, checked_pool, reindex_pool
@@ -94,12 +94,7 @@ class CascadeRouting(Policy):
     ) -> None:
         if max_depth is not None and max_depth < 1:
             raise PolicyError(f"max_depth must be >= 1, got {max_depth}")
-        if lambda_shapes is not None:
-            lambda_shapes = tuple(tuple(float(x) for x in v) for v in lambda_shapes)
-            for v in lambda_shapes:
-                if not v or min(v) < 0 or max(v) <= 0 or any(math.isnan(x) for x in v):
-                    raise PolicyError(f"each λ shape must be non-empty, >= 0 with a positive entry, got {v}")
-        self.lambda_shapes = lambda_shapes or None
+        self.lambda_shapes = checked_lambda_shapes(lambda_shapes)
         self.pool = None if pool is None else checked_pool(pool)
         self.routing_guard = routing_guard
         self.max_depth = max_depth

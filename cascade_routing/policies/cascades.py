@@ -2,7 +2,8 @@
 
 - :class:`ThresholdCascade` (the classic baseline): always run model 0; after running model j,
   continue iff its post-hoc mean ``q̂_j < 1 − λ`` (λ may differ per step: the caller passes the λ of
-  the current step). The answer is the last model run.
+  the current step; ``lambda_shapes`` lists candidate per-step shapes for λ fitting). The answer is
+  the last model run.
 - :class:`OptimalCascade`: cascade routing restricted to prefixes of the order. After running
   models 0..t−1 (t >= 0), consider prefixes P_k = {0..k}, k >= t−1 (k = t−1 means stop, only when
   t >= 1), with ``value(P_k) = E[max_{j<=k} q_j] − λ Σ_{j=t..k} c_j``; run model t iff the best k >= t
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.interfaces import QualityEstimate, bitmask
-from cascade_routing.policies.base import Policy, PolicyError, check_inputs
+from cascade_routing.policies.base import Policy, PolicyError, check_inputs, checked_lambda_shapes
 from cascade_routing.policies.supermodels import normal_draws, quality_samples
 
 
@@ -39,11 +40,14 @@ class ThresholdCascade(Policy):
 
     answer_is_last_run = True  # select() below
 
-    def __init__(self, max_depth: int | None = None) -> None:
+    def __init__(self, max_depth: int | None = None,
+                 lambda_shapes: tuple[tuple[float, ...], ...] | None = None) -> None:
         self.max_depth = max_depth
+        self.lambda_shapes = checked_lambda_shapes(lambda_shapes)
 
     def __repr__(self) -> str:
-        return f"ThresholdCascade(max_depth={self.max_depth})"
+        return (f"ThresholdCascade(max_depth={self.max_depth}"
+                + (f", lambda_shapes={self.lambda_shapes}" if self.lambda_shapes else "") + ")")
 
     def decide(self, estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float, **_) -> Tensor:
         lam = check_inputs(estimate, cost, ran, lam)
