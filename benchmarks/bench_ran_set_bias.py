@@ -4,7 +4,9 @@ For each artifact (``--artifact NAME=PATH``, e.g. the same config trained with a
 ``model.singleton_masks``, several seeds) it reports, without touching the test split:
 
 - ``bias_by_ran_set_size`` (:mod:`cascade_routing.evaluation.estimate_bias`) on the val and
-  calibration splits: mean (estimate − realised quality) over run and unrun cells, per ran-set size;
+  calibration splits: mean (estimate − realised quality) over run and unrun cells, per ran-set size,
+  and the error of the value of stopping (highest post-hoc mean among the run models minus the
+  quality of the answer it selects);
 - calibration halves: λ fitted on one half of the calibration split and scored on the other (both
   ways, ``--seeds`` random halvings): AUC of routing, the threshold cascade with one threshold and
   with its per-step threshold shapes, the optimal cascade (the half's non-dominated pool as the
@@ -91,8 +93,8 @@ def summary_markdown(results: dict[str, dict]) -> str:
     lines = ["| artifact | singleton masks | run bias, 1 model run: val / calibration | unrun bias, 1 run: val / calibration "
              "| run bias, 2 run: val / calibration | calibration halves AUC: routing / threshold cascade (one threshold) "
              "/ threshold cascade (per-step shapes) / optimal cascade / CR "
-             "| CR − routing AUC | worst budget CR − routing (points) |",
-             "|---|---:|---|---|---|---|---:|---:|"]
+             "| CR − routing AUC | worst budget CR − routing (points) | value of stopping − selected answer's quality, val, 1 / 2 / 3 / 5 run |",
+             "|---|---:|---|---|---|---|---:|---:|---|"]
     for name, r in results.items():
         def at(split: str, size: int, key: str) -> str:
             return f"{r[f'bias_{split}'][size][key]:+.3f}"
@@ -103,7 +105,8 @@ def summary_markdown(results: dict[str, dict]) -> str:
             f"| {at('val', 1, 'unrun_bias')} / {at('calibration', 1, 'unrun_bias')} "
             f"| {at('val', 2, 'run_bias')} / {at('calibration', 2, 'run_bias')} "
             f"| {aucs} | {h['cr_minus_routing_auc']:+.2f} "
-            f"| {100 * h['worst_budget_cr_minus_routing']:+.2f} |")
+            f"| {100 * h['worst_budget_cr_minus_routing']:+.2f} "
+            f"| {' / '.join(format(r['bias_val'][k]['selected_bias'], '+.3f') for k in (1, 2, 3, 5))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -52,3 +52,25 @@ def test_random_sets_have_the_asked_size_and_bad_input_is_refused():
         bias_by_ran_set_size(OffAtOneRun(quality, 0, 0), quality, draws=0)
     with pytest.raises(ValueError, match=r"quality must be \[N, M\]"):
         bias_by_ran_set_size(OffAtOneRun(quality, 0, 0), np.zeros(3))
+
+
+class NoisyTruth:
+    """The true quality plus independent noise: calibrated per cell, optimistic once maximised."""
+
+    def __init__(self, quality: np.ndarray, scale: float, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.mean = torch.from_numpy(quality + scale * rng.standard_normal(quality.shape))
+
+    def estimate(self, queries: torch.Tensor, ran: torch.Tensor) -> QualityEstimate:
+        return QualityEstimate(self.mean[queries])
+
+
+def test_selected_bias_is_the_run_bias_for_one_model_and_grows_with_the_maximum_over_noise():
+    quality = np.random.default_rng(1).integers(0, 2, size=(2000, 6)).astype(np.float64)
+    shifted = bias_by_ran_set_size(OffAtOneRun(quality, -0.1, 0.0), quality, draws=1)
+    assert shifted[1].selected_bias == pytest.approx(-0.1)
+    assert math.isnan(shifted[0].selected_bias) and shifted[3].selected_bias == pytest.approx(0.0, abs=1e-12)
+    noisy = bias_by_ran_set_size(NoisyTruth(quality, 0.3), quality, draws=1)
+    assert abs(noisy[1].selected_bias) < 0.03  # one model: no maximum, no curse
+    curse = [r.selected_bias for r in noisy[1:]]
+    assert curse[-1] > 0.2 and all(b > a for a, b in zip(curse[1:], curse[2:]))  # grows with |R|

@@ -7,11 +7,15 @@ average and still be biased at one ran-set size; this module measures that.
 For ran-set size k = 0..M, ``draws`` random ran-sets of size k per query (a uniform subset of that
 size), and over the (query, set) pairs:
 
-    run bias(k)   = mean over run cells   of (p̂_m(R) − q_m)
-    unrun bias(k) = mean over unrun cells of (p̂_m(R) − q_m)
+    run bias(k)      = mean over run cells   of (p̂_m(R) − q_m)
+    unrun bias(k)    = mean over unrun cells of (p̂_m(R) − q_m)
+    selected bias(k) = mean over (query, R)  of (max_{m∈R} p̂_m(R) − q_{m*}),  m* = argmax_{m∈R} p̂_m(R)
 
 where p̂_m(R) is the estimator's mean for model m given the answers of the models in R, and q_m the
-realised quality. Negative: the estimator expects less than the models deliver.
+realised quality. Negative: the estimator expects less than the models deliver. The selected bias
+is the error of the value a policy assigns to stopping at R (with uncertainty ``none``: the highest
+post-hoc mean) against the quality of the answer it then returns; maximising over noisy estimates
+makes it positive even for calibrated estimates (the winner's curse), growing with k.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class SizeBias:
     unrun_bias: float
     run_cells: int
     unrun_cells: int
+    selected_bias: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,13 +66,17 @@ def bias_by_ran_set_size(estimator: QualityEstimator, quality: np.ndarray, draws
     out = []
     for size in range(m + 1):
         ran = random_sets_of_size(rows.numel(), m, size, generator)
-        error = estimator.estimate(rows, ran).mean.double().cpu().numpy() - truth
+        mean = estimator.estimate(rows, ran).mean.double().cpu().numpy()
+        error = mean - truth
         run = ran.numpy()
+        selected = np.where(run, mean, -np.inf).argmax(1)
+        picked = np.arange(rows.numel())
         out.append(SizeBias(
             size=size,
             run_bias=float(error[run].mean()) if run.any() else float("nan"),
             unrun_bias=float(error[~run].mean()) if (~run).any() else float("nan"),
             run_cells=int(run.sum()),
             unrun_cells=int((~run).sum()),
+            selected_bias=float(error[picked, selected].mean()) if size else float("nan"),
         ))
     return out
