@@ -44,11 +44,27 @@ def test_step_api_matches_simulation(ds, name):
     budget = float(ds.cost.mean(0)[1])
     fitted = _fitted(ds, policy, budget)
     sim = _offline(ds, policy, fitted)
-    router = CascadeRouter(policy, bind, fitted, ds.models, feature_names=FEATURE_NAMES)
-    runs = sim.num_run
     assert len(set(sim.answer.tolist())) > 1, "the budget should make the policy use several models"
     if name != "routing":
-        assert int(runs.max()) > 1, "some query should run more than one model"
+        assert int(sim.num_run.max()) > 1, "some query should run more than one model"
+    _assert_router_follows(ds, policy, fitted, sim)
+
+
+def test_threshold_cascade_with_a_stricter_later_threshold_matches_simulation(ds):
+    """A per-step λ (λ, λ, 4λ) reaches the server as fitted: its orders and answers are the simulation's
+    and differ from those of the constant λ (the last step's threshold is read)."""
+    policy = ThresholdCascade()
+    lam = 0.5 * float(_fitted(ds, policy, float(ds.cost.mean(0)[1])).lam_high[0]) + 0.05
+    shaped = FittedLambda(torch.tensor([lam, lam, 4 * lam]), torch.tensor([lam, lam, 4 * lam]), 0.0)
+    sim = _offline(ds, policy, shaped)
+    constant = _offline(ds, policy, FittedLambda(torch.tensor([lam]), torch.tensor([lam]), 0.0))
+    assert int(sim.num_run.max()) == 3 or int(constant.num_run.max()) == 3
+    assert not torch.equal(sim.num_run, constant.num_run), "the later threshold should change some query"
+    _assert_router_follows(ds, policy, shaped, sim)
+
+
+def _assert_router_follows(ds, policy, fitted, sim) -> None:
+    router = CascadeRouter(policy, bind, fitted, ds.models, feature_names=FEATURE_NAMES)
     for i, q in enumerate(ds.queries):
         answers: dict = {}
         order = []
