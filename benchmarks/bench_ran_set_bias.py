@@ -11,8 +11,9 @@ For each artifact (``--artifact NAME=PATH``, e.g. the same config trained with a
   ways, ``--seeds`` random halvings): AUC of routing, the threshold cascade with one threshold and
   with its per-step threshold shapes, the optimal cascade (the half's non-dominated pool as the
   cascades' chain) and cascade routing (uncertainty ``none``, the same pool, constant λ, no guard: the
-  value function alone), and the mean over halvings of the worst per-budget quality difference
-  cascade routing − routing.
+  value function alone), the mean over halvings of the worst per-budget quality difference
+  cascade routing − routing, and each strategy's realised cost / budget on the scoring half (mean
+  over the sweep; mean and standard error over the halvings).
 
 Run (2 CPU cores, about 20 s per artifact):
 
@@ -49,6 +50,7 @@ def calibration_halves(estimator, cost_estimator, dataset, seeds: int, per_pair:
     n = dataset.quality.shape[0]
     floor = min_reachable_budget(cost_estimator, dataset.cost) * 1.01
     aucs: dict[str, list[float]] = {name: [] for name in STRATEGIES}
+    cost_ratios: dict[str, list[float]] = {name: [] for name in STRATEGIES}
     worst: list[float] = []
     for seed in range(seeds):
         perm = np.random.default_rng(seed).permutation(n)
@@ -65,9 +67,13 @@ def calibration_halves(estimator, cost_estimator, dataset, seeds: int, per_pair:
                       for name, policy in policies.items()}
             for name, sweep in sweeps.items():
                 aucs[name].append(float(sweep.auc))
+                cost_ratios[name].append(float(np.mean(sweep.costs / sweep.budgets)))
             worst.append(float((sweeps["cascade_routing"].qualities - sweeps["routing"].qualities).min()))
     mean_auc = {f"{name}_auc": float(np.mean(values)) for name, values in aucs.items()}
-    return {**mean_auc, "cr_minus_routing_auc": mean_auc["cascade_routing_auc"] - mean_auc["routing_auc"],
+    # realised cost / budget on the scoring half, mean over the sweep: its mean and standard error over halvings
+    adherence = {f"{name}_cost_over_budget": [float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v)))]
+                 for name, v in cost_ratios.items()}
+    return {**mean_auc, **adherence, "cr_minus_routing_auc": mean_auc["cascade_routing_auc"] - mean_auc["routing_auc"],
             "worst_budget_cr_minus_routing": float(np.mean(worst)), "halvings": 2 * seeds}
 
 
@@ -107,6 +113,13 @@ def summary_markdown(results: dict[str, dict]) -> str:
             f"| {aucs} | {h['cr_minus_routing_auc']:+.2f} "
             f"| {100 * h['worst_budget_cr_minus_routing']:+.2f} "
             f"| {' / '.join(format(r['bias_val'][k]['selected_bias'], '+.3f') for k in (1, 2, 3, 5))} |")
+    lines += ["", "Realised cost / budget on the scoring halves (mean over the sweep; mean ± standard error over the "
+              "halvings): " + " / ".join(STRATEGIES), "", "| artifact | " + " | ".join(STRATEGIES) + " |",
+              "|---|" + "---:|" * len(STRATEGIES)]
+    for name, r in results.items():
+        h = r["calibration_halves"]
+        lines.append(f"| {name} | " + " | ".join(
+            "{:.3f} ± {:.3f}".format(*h[f"{strategy}_cost_over_budget"]) for strategy in STRATEGIES) + " |")
     return "\n".join(lines) + "\n"
 
 
