@@ -93,7 +93,9 @@ else
 fi
 
 if wants pytest; then
-  step "pytest -k 'gpu or cuda'" "$OUT/pytest.txt" "$PY" -m pytest -q -k "gpu or cuda" -m "slow or not slow" tests
+  # this script's own tests match "gpu" too, and the slow one runs this script: leave them out (no recursion)
+  step "pytest -k 'gpu or cuda'" "$OUT/pytest.txt" "$PY" -m pytest -q -rA -k "gpu or cuda" -m "slow or not slow" \
+    --ignore tests/test_gpu_check.py tests
 fi
 
 if wants engine; then

@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
-def _run(tmp_path: Path, *args: str, sizes: str = "48") -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, *args: str, sizes: str = "48", timeout: float = 1200) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_SIZES=sizes)
     return subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--dry-run", "--out", str(tmp_path / "out"), *args],
-                          capture_output=True, text=True, env=env, timeout=1200)
+                          capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_dry_run_engine_step_writes_figures(tmp_path):
@@ -34,6 +34,17 @@ def test_dry_run_engine_step_writes_figures(tmp_path):
 def test_unknown_argument_is_named(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), "--frobnicate"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--frobnicate" in proc.stderr
+
+
+def test_pytest_step_runs_the_device_tests_and_not_this_scripts_own(tmp_path):
+    """The step's ``-k "gpu or cuda"`` also matches this file, whose full dry run starts the script
+    again: the step must leave it out, or the check recurses until its timeout."""
+    proc = _run(tmp_path, "--only", "pytest")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = (tmp_path / "out" / "pytest.txt").read_text()
+    outcomes = [line for line in log.splitlines() if line.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))]
+    assert any("test_engine_simulation" in line for line in outcomes)  # -rA names every selected test
+    assert not any("test_gpu_check" in line for line in outcomes)
 
 
 @pytest.mark.slow
