@@ -42,7 +42,7 @@ STRATEGIES = ("routing", "threshold_cascade_one_threshold", "threshold_cascade",
 def calibration_halves(estimator, cost_estimator, dataset, seeds: int, per_pair: int = 3) -> dict:
     """Routing vs cascade routing with λ fitted on one calibration half and scored on the other."""
     from cascade_routing.calibration.lambda_tables import min_reachable_budget
-    from cascade_routing.evaluation.metrics import sweep_budgets
+    from cascade_routing.calibration.selection import calibration_halves, score_budgets
     from cascade_routing.evaluation.sweep import budget_sweep
     from cascade_routing.policies.pool import nondominated_pool
     from cascade_routing.policies.registry import make_policy
@@ -53,12 +53,9 @@ def calibration_halves(estimator, cost_estimator, dataset, seeds: int, per_pair:
     cost_ratios: dict[str, list[float]] = {name: [] for name in STRATEGIES}
     worst: list[float] = []
     for seed in range(seeds):
-        perm = np.random.default_rng(seed).permutation(n)
-        first, second = np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
-        for fit, score in ((first, second), (second, first)):
+        for fit, score in calibration_halves(n, seed):
             pool = nondominated_pool(dataset.quality[fit], dataset.cost[fit])
-            budgets = np.unique(np.maximum(
-                sweep_budgets(dataset.cost[score].mean(0), dataset.quality[score].mean(0), per_pair), floor))
+            budgets = score_budgets(dataset, score, per_pair, 0, floor)
             policies = {name: make_policy(name, pool=pool) for name in ("routing", "threshold_cascade", "optimal_cascade")}
             policies["threshold_cascade_one_threshold"] = make_policy("threshold_cascade", step_ratios=None, pool=pool)
             policies["cascade_routing"] = make_policy("cascade_routing", step_ratios=None, pool=pool, routing_guard=False)

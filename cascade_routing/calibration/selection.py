@@ -69,9 +69,17 @@ def _candidates(artifact: EstimatorArtifact, modes: tuple[str, ...], scales: tup
     return candidates, skipped
 
 
-def _score_budgets(ds, score_rows: np.ndarray, budgets_per_pair: int, max_budgets: int, floor: float) -> np.ndarray:
+def calibration_halves(n: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The two folds ``((A, B), (B, A))`` (fit rows, scored rows) of a seeded random halving of ``n``
+    rows, each half sorted."""
+    perm = np.random.default_rng(seed).permutation(n)
+    half_a, half_b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+    return (half_a, half_b), (half_b, half_a)
+
+
+def score_budgets(ds, score_rows: np.ndarray, budgets_per_pair: int, max_budgets: int, floor: float) -> np.ndarray:
     """The budgets a fold is scored at: ``budgets_per_pair`` between the scored half's non-dominated
-    models, at most ``max_budgets`` of them, none below ``floor``."""
+    models, at most ``max_budgets`` of them (``<= 0``: all), none below ``floor``."""
     c, q = ds.cost[score_rows], ds.quality[score_rows]
     b = _subsample_budgets(sweep_budgets(c.mean(0), q.mean(0), budgets_per_pair), max_budgets)
     return np.unique(np.maximum(b, floor))
@@ -172,12 +180,10 @@ def select_uncertainty(
     if n < 4:
         raise ValueError(f"uncertainty selection needs >= 4 calibration rows, got {n}")
     candidates, skipped = _candidates(artifact, modes, scales)
-    perm = np.random.default_rng(seed).permutation(n)
-    half_a, half_b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
-    folds = ((half_a, half_b), (half_b, half_a))
+    folds = calibration_halves(n, seed)
     base_q, cost_est = bind_split(artifact, split, uncertainty="none")
     floor = min_reachable_budget(cost_est, ds.cost) * (1 + 1e-6)
-    fold_budgets = [_score_budgets(ds, score_rows, budgets_per_pair, max_budgets, floor) for _, score_rows in folds]
+    fold_budgets = [score_budgets(ds, score_rows, budgets_per_pair, max_budgets, floor) for _, score_rows in folds]
     fold_scores, fold_points = _score_candidates(ds, candidates, base_q, cost_est, folds, fold_budgets, strategy,
                                                  num_samples, seed, progress)
     scores = {name: round(float(np.mean(v)), 4) for name, v in fold_scores.items()}
@@ -192,7 +198,7 @@ def select_uncertainty(
         "skipped": skipped,
         "strategy": strategy,
         "budgets": [[round(float(x), 8) for x in b] for b in fold_budgets],
-        "rows": [int(half_a.size), int(half_b.size)],
+        "rows": [int(fit_rows.size) for fit_rows, _ in folds],
         "seed": seed,
         "seconds": round(time.perf_counter() - t0, 2),
         "gain_lower": gain_low,
