@@ -76,6 +76,66 @@ def test_tokenize_keeps_the_chosen_part(tiny_encoder: Path) -> None:
         encoding.tokenize([text], tok, 2, "left")
 
 
+def _tricky_text(rng: np.random.Generator, words: int) -> str:
+    """Words, punctuation, accents, CJK, a Greek final sigma, over-long words and odd whitespace
+    (tab, CR, NBSP, and the control character \\x1c that BERT deletes rather than splits on)."""
+    pieces = ["the", "Model", "answer:", "naïve", "ΣΊΣΥΦΟΣ", "日本語の", "don't", "e.g.,", "(b)", "x" * 120,
+              "42.5%", "def", "f(x):", "return", "ﬁne", "Ünïcödé"]
+    seps = [" ", " ", " ", "\n", "\t", "\r\n", "\u00a0", "\x1c", "", "  "]
+    return "".join(pieces[rng.integers(len(pieces))] + seps[rng.integers(len(seps))] for _ in range(words))
+
+
+@pytest.mark.parametrize("chars_per_token", [2, 3, None])  # None: the module's own
+def test_windowed_tokenize_equals_tokenizing_the_whole_text(chars_per_token: int | None, monkeypatch) -> None:
+    """Long texts are tokenized only in windows (BERT's word-local tokenizer); the ids are those of
+    the whole text cut by each truncation, for texts around and far past the window sizes (narrow
+    windows hold about as many tokens as are kept, so a wrong cut would show)."""
+    from cascade_routing.estimators import encoding
+
+    if chars_per_token is not None:
+        monkeypatch.setattr(encoding, "WINDOW_CHARS_PER_TOKEN", chars_per_token)
+
+    tok = encoding.load_tokenizer(encoding.default_encoder_path())
+    assert encoding.word_local(tok)
+    rng = np.random.default_rng(0)
+    texts = [_tricky_text(rng, int(n)) for n in rng.integers(5, 700, size=120)]
+    texts += ["a" * 5000, "word " * 3000, "x " + "y" * 4000]  # no cut near the window / one long word
+
+    class Spy:
+        def __init__(self) -> None:
+            self.backend_tokenizer = tok.backend_tokenizer
+            self.chars = 0
+
+        def __call__(self, batch, **kwargs):
+            self.chars += sum(len(t) for t in ([batch] if isinstance(batch, str) else batch))
+            return tok(batch, **kwargs)
+
+    lead, trail = [tok.cls_token_id], [tok.sep_token_id]
+    for max_length in (16, 64, 128):
+        keep = max_length - 2
+        whole = tok(texts, add_special_tokens=False)["input_ids"]
+        for truncation in ("right", "left", "head_tail"):
+            spy = Spy()
+            got = encoding.tokenize(texts, spy, max_length, truncation)
+            want = [lead + encoding.truncate_ids(ids, keep, truncation) + trail for ids in whole]
+            bad = [i for i in range(len(texts)) if got[i] != want[i]]
+            assert not bad, f"max_length {max_length}, {truncation}: texts {bad[:5]} differ"
+            if chars_per_token is None:  # the windows were used
+                assert spy.chars < 0.6 * sum(len(t) for t in texts), (max_length, truncation, spy.chars)
+
+
+def test_windows_are_not_used_for_tokenizers_that_are_not_word_local() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cascade_routing.estimators import encoding
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "Ġa": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert not encoding.word_local(PreTrainedTokenizerFast(tokenizer_object=backend))
+    assert encoding.word_local(encoding.load_tokenizer(encoding.default_encoder_path()))
+
+
 def test_cache_key_includes_truncation(tiny_encoder: Path, tmp_path: Path) -> None:
     from cascade_routing.estimators import encoding
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,10 +151,85 @@ def truncate_ids(ids: list[int], keep: int, truncation: str) -> list[int]:
     return list(ids[:head]) + list(ids[len(ids) - (keep - head) :])
 
 
+#: Characters read per kept token when only a window of a long text is tokenized (:func:`tokenize`).
+WINDOW_CHARS_PER_TOKEN = 6
+#: The characters a window is cut after: whitespace that every word-local tokenizer splits on
+#: (not Python's ``str.isspace``, which also matches control characters BERT deletes).
+_CUT = re.compile(r"[ \t\n\r]")
+#: Normalisers and pre-tokenisers (``tokenizers`` classes) that act on each whitespace-separated word
+#: alone, so the tokens of ``text[i:]`` cut after a whitespace are the tokens of ``text`` from there on.
+_WORD_LOCAL_NORMALIZERS = ("NoneType", "BertNormalizer", "Lowercase")
+_WORD_LOCAL_PRE_TOKENIZERS = ("BertPreTokenizer", "Whitespace", "WhitespaceSplit")
+
+
+def word_local(tokenizer) -> bool:
+    """True for a fast tokenizer whose normaliser and pre-tokeniser are word-local (BERT's)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return (backend is not None and type(backend.normalizer).__name__ in _WORD_LOCAL_NORMALIZERS
+            and type(backend.pre_tokenizer).__name__ in _WORD_LOCAL_PRE_TOKENIZERS)
+
+
+def _head_window(text: str, chars: int) -> str | None:
+    """``text`` up to the last cut character at or before ``chars`` (None: no cut there)."""
+    cut = max((m.start() for m in _CUT.finditer(text, 0, chars + 1)), default=None)
+    return None if cut is None else text[:cut]
+
+
+def _tail_window(text: str, chars: int) -> str | None:
+    """``text`` from the first cut character at or after ``len(text) - chars`` (None: no cut there)."""
+    m = _CUT.search(text, max(len(text) - chars, 0))
+    return None if m is None else text[m.start():]
+
+
+def _windowed(texts: list[str], tokenizer, keep: int, truncation: str) -> list[list[int] | None]:
+    """The kept content ids of each long text from windows of it, or None where the windows fall short.
+
+    For a word-local tokenizer, ``tokens(text) = tokens(text[:c]) + tokens(text[c:])`` when ``c``
+    is at a cut character, so ``k`` tokens of a head window are the first ``k`` of the text and
+    ``k`` of a tail window its last ``k``. ``"left"`` keeps the tail window's last ``keep`` tokens
+    when it has that many, ``"right"`` the head window's first ``keep``; ``"head_tail"`` needs
+    non-overlapping windows with at least ``h = ⌊keep/4⌋`` and ``keep − h`` tokens and more than
+    ``keep`` together (so the text is longer than ``keep`` and is cut). Texts no longer than a
+    window are left to the full tokenization (None), as is any text whose windows fall short.
+    """
+    chars = WINDOW_CHARS_PER_TOKEN * keep
+    head_n = int(keep * HEAD_FRACTION) if truncation == "head_tail" else keep
+    tail_n = keep - head_n if truncation == "head_tail" else keep
+    heads: dict[int, str] = {}
+    tails: dict[int, str] = {}
+    for i, text in enumerate(texts):
+        if len(text) <= (2 if truncation == "head_tail" else 1) * chars:
+            continue
+        head = _head_window(text, chars) if truncation != "left" else ""
+        tail = _tail_window(text, chars) if truncation != "right" else ""
+        if head is None or tail is None:
+            continue
+        if truncation != "left":
+            heads[i] = head
+        if truncation != "right":
+            tails[i] = tail
+    rows = sorted(set(heads) | set(tails))
+    head_ids = dict(zip(heads, tokenizer(list(heads.values()), add_special_tokens=False, verbose=False)["input_ids"])) if heads else {}
+    tail_ids = dict(zip(tails, tokenizer(list(tails.values()), add_special_tokens=False, verbose=False)["input_ids"])) if tails else {}
+    out: list[list[int] | None] = [None] * len(texts)
+    for i in rows:
+        h, t = head_ids.get(i, []), tail_ids.get(i, [])
+        if truncation == "right" and len(h) >= keep:
+            out[i] = list(h[:keep])
+        elif truncation == "left" and len(t) >= keep:
+            out[i] = list(t[len(t) - keep:])
+        elif truncation == "head_tail" and len(h) >= head_n and len(t) >= tail_n and len(h) + len(t) > keep:
+            out[i] = list(h[:head_n]) + list(t[len(t) - tail_n:])
+    return out
+
+
 def tokenize(texts: list[str], tokenizer, max_length: int, truncation: str = "right") -> list[list[int]]:
     """Token ids (special tokens included) of each text, at most ``max_length`` long, cut by ``truncation``.
 
     ``"right"`` gives the same ids as ``tokenizer(texts, truncation=True, max_length=max_length)``.
+    With a word-local tokenizer (:func:`word_local`, e.g. BERT's) a text longer than
+    ``WINDOW_CHARS_PER_TOKEN`` characters per kept token is tokenized only in the windows the kept
+    tokens come from (:func:`_windowed`; the same ids, a fraction of the work on long prompts).
     """
     check_truncation(truncation)
     if not texts:
@@ -162,8 +238,14 @@ def tokenize(texts: list[str], tokenizer, max_length: int, truncation: str = "ri
     keep = max_length - len(lead) - len(trail)
     if keep <= 0:
         raise ValueError(f"max_length {max_length} leaves no room for content next to {len(lead) + len(trail)} special tokens")
-    body = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    return [lead + truncate_ids(ids, keep, truncation) + trail for ids in body]
+    texts = list(texts)
+    kept = _windowed(texts, tokenizer, keep, truncation) if word_local(tokenizer) else [None] * len(texts)
+    rest = [i for i, ids in enumerate(kept) if ids is None]
+    if rest:
+        body = tokenizer([texts[i] for i in rest], add_special_tokens=False, verbose=False)["input_ids"]
+        for i, ids in zip(rest, body):
+            kept[i] = truncate_ids(ids, keep, truncation)
+    return [lead + ids + trail for ids in kept]
 
 
 class TextEncoder(nn.Module):
