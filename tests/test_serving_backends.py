@@ -186,3 +186,43 @@ def test_unknown_model_in_pool():
     with pytest.raises(KeyError, match="no backend configured for model 'x'"):
         pool["x"]
     asyncio.run(pool.aclose())
+
+
+def test_calls_take_the_connection_pools_in_turn_and_all_are_closed():
+    """The default client spreads its connections over several pools; calls (plain and streamed)
+    go to each pool in turn, and closing the backends closes every pool."""
+    from cascade_routing.serving.backends import ShardedClient, pooled_client
+
+    client = pooled_client(max_connections=10, connection_pools=4)
+    assert len(client.clients) == 4
+    assert all(c._transport._pool._max_connections == 3 for c in client.clients)  # ceil(10 / 4)
+    asyncio.run(client.aclose())
+    assert all(c.is_closed for c in client.clients)
+    for bad in [(0, 1), (4, 5), (4, 0)]:
+        with pytest.raises(ValueError, match="connection_pools"):
+            pooled_client(*bad)
+    with pytest.raises(ValueError, match="at least one client"):
+        ShardedClient([])
+
+    seen: list[int] = []
+
+    def handler_for(k):
+        def handler(request):
+            seen.append(k)
+            return httpx.Response(200, json=_ok())
+        return handler
+
+    clients = [httpx.AsyncClient(transport=httpx.MockTransport(handler_for(k))) for k in range(3)]
+
+    async def go():
+        async with BackendPool(parse_backends(_doc()), client=ShardedClient(clients)) as pool:
+            for _ in range(7):
+                assert (await pool.complete("m", [])).text == "hi"
+
+    asyncio.run(go())
+    assert seen == [1, 2, 0, 1, 2, 0, 1]
+    # a pool given by the caller is the caller's to close
+    assert not any(c.is_closed for c in clients)
+    owned = BackendPool(parse_backends(_doc()), max_connections=8, connection_pools=2)
+    asyncio.run(owned.aclose())
+    assert all(c.is_closed for c in owned._client.clients)

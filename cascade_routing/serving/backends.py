@@ -417,7 +417,7 @@ class _Retry:
 class Backend:
     """Async client of one OpenAI-compatible endpoint, with a concurrency limit and retries."""
 
-    def __init__(self, config: BackendConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, config: BackendConfig, client: "httpx.AsyncClient | ShardedClient") -> None:
         self.config = config
         self._client = client
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
@@ -640,25 +640,69 @@ class Backend:
                     await on_delta(choice)
             return response.status_code, None, "", acc.body()
 
+class ShardedClient:
+    """``post`` / ``stream`` of several ``httpx.AsyncClient`` connection pools, taken in turn.
+
+    httpcore's pool compares every waiting request with every pooled connection on each request
+    and each response, so one pool of C connections costs O(C) CPU per call; K pools of C / K
+    connections each cut that K-fold and hold the same connections in all
+    (``benchmarks/load_test.py`` reports the server's CPU per request).
+    """
+
+    def __init__(self, clients: list[httpx.AsyncClient]) -> None:
+        if not clients:
+            raise ValueError("ShardedClient needs at least one client")
+        self.clients = clients
+        self._turn = 0
+
+    def _next(self) -> httpx.AsyncClient:
+        self._turn = (self._turn + 1) % len(self.clients)
+        return self.clients[self._turn]
+
+    def post(self, *args: Any, **kwargs: Any) -> Awaitable[httpx.Response]:
+        return self._next().post(*args, **kwargs)
+
+    def stream(self, *args: Any, **kwargs: Any):
+        return self._next().stream(*args, **kwargs)
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+def pooled_client(max_connections: int = 512, connection_pools: int = 8) -> ShardedClient:
+    """``connection_pools`` HTTP clients holding ``max_connections`` connections between them.
+
+    Each keeps idle connections for 2 s, below the usual 5 s server keep-alive: a pooled connection
+    is dropped by us before the endpoint closes it, so a request is never written to a closing socket.
+    """
+    if max_connections < 1 or not 1 <= connection_pools <= max_connections:
+        raise ValueError(f"need max_connections >= 1 and 1 <= connection_pools <= max_connections, "
+                         f"got {max_connections} and {connection_pools}")
+    per_pool = -(-max_connections // connection_pools)
+    return ShardedClient([
+        httpx.AsyncClient(limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool,
+                                              keepalive_expiry=2.0))
+        for _ in range(connection_pools)
+    ])
+
+
 class BackendPool:
-    """The backends of all models, sharing one ``httpx.AsyncClient``. Use as an async context manager."""
+    """The backends of all models, sharing one HTTP client (by default :func:`pooled_client`).
+    Use as an async context manager."""
 
     def __init__(
         self,
         configs: Mapping[str, BackendConfig],
-        client: httpx.AsyncClient | None = None,
+        client: httpx.AsyncClient | ShardedClient | None = None,
         max_connections: int = 512,
+        connection_pools: int = 8,
     ) -> None:
         if not configs:
             raise BackendConfigError("no backends configured")
         self.configs = dict(configs)
         self._owns_client = client is None
-        # keepalive_expiry below the usual 5 s server keep-alive: a pooled connection is dropped by
-        # us before the endpoint closes it, so a request is never written to a closing socket.
-        self._client = client or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                                keepalive_expiry=2.0)
-        )
+        self._client = client or pooled_client(max_connections, connection_pools)
         self.backends = {name: Backend(cfg, self._client) for name, cfg in self.configs.items()}
 
     @classmethod
