@@ -195,7 +195,29 @@ def test_route_matches_simulation_and_falls_back(ds):
     res = asyncio.run(router.route(ds.queries[0], backends))
     assert res.failures and res.failures[0]["model"] == first and first not in res.models_run
     assert res.models_run and res.model != first and res.attempted[0] == first
+    _assert_trace_is_the_result_without_answers(res)
     down.update(ds.models)
     with pytest.raises(NoModelAvailableError) as err:
         asyncio.run(router.route(ds.queries[0], backends))
     assert {f["model"] for f in err.value.failures} == set(ds.models)
+
+
+def _assert_trace_is_the_result_without_answers(res) -> None:
+    """``to_dict`` = every field of the dataclass (as ``asdict`` gives it) but the answers, the query
+    and the text, plus the usage per model; JSON-ready, and a copy (editing it leaves the result)."""
+    import dataclasses
+    import json
+
+    res.answers[res.model].raw = {"choices": [{"message": {"content": res.text}}], "big": list(range(100))}
+    res.answers[res.model].usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    trace = res.to_dict()
+    expected = {k: v for k, v in dataclasses.asdict(res).items() if k not in {"answers", "query", "text"}}
+    expected["usage"] = {m: a.usage for m, a in res.answers.items()}
+    assert trace == expected
+    assert json.loads(json.dumps(trace)) == trace
+    trace["steps"][0]["estimate_mean"].clear()
+    trace["failures"][0]["model"] = "edited"
+    trace["models_run"].append("edited")
+    trace["usage"][res.model]["prompt_tokens"] = -1
+    assert res.steps[0].estimate_mean and res.failures[0]["model"] != "edited"
+    assert "edited" not in res.models_run and res.answers[res.model].usage["prompt_tokens"] == 3
