@@ -91,6 +91,7 @@ def test_cli_parses_serving_commands():
     args = parser.parse_args(["serve", "--checkpoint", "c.safetensors", "--backends", "b.yaml", "--budget", "0.001",
                               "--port", "8123", "--max-batch", "8"])
     assert args.func.__name__ == "_serve" and args.budget == 0.001 and args.max_batch == 8
+    assert args.upstream_pools == 8
     args = parser.parse_args(["replay-backend", "--dataset", "routerbench-subset", "--split", "test",
                               "--split-fractions", "train=0.6,calibration=0.2,test=0.2", "--fail", "gpt-4=slow",
                               "--fail", "a=b=500", "--write-backends", "b.yaml"])
@@ -98,6 +99,27 @@ def test_cli_parses_serving_commands():
     assert args.split_fractions == {"train": 0.6, "calibration": 0.2, "test": 0.2}
     with pytest.raises(SystemExit):
         parser.parse_args(["replay-backend", "--dataset", "x", "--fail", "gpt-4=flaky"])
+
+
+def test_serve_hands_its_upstream_pools_to_the_backend_pool(monkeypatch, tmp_path):
+    """`serve --upstream-pools K` reaches ``serve`` and the BackendPool it builds holds K HTTP pools."""
+    import cascade_routing.serving.server as server_module
+    from cascade_routing.serving.backends import BackendPool
+
+    seen = {}
+    monkeypatch.setattr(server_module, "serve", lambda *a, **kw: seen.update(kw))
+    args = build_parser().parse_args(["serve", "--checkpoint", "c", "--backends", "b", "--budget", "1",
+                                      "--upstream-pools", "3"])
+    assert args.func(args) == 0
+    assert seen["upstream_pools"] == 3
+    doc = tmp_path / "b.yaml"
+    doc.write_text("models:\n  - {name: m, base_url: 'http://127.0.0.1:1/v1', price_per_input_token: 0, "
+                   "price_per_output_token: 0}\n")
+    pool = BackendPool.from_yaml(doc, connection_pools=3)
+    assert len(pool._client.clients) == 3
+    asyncio.run(pool.aclose())
+    with pytest.raises(ValueError, match="connection_pools"):
+        BackendPool.from_yaml(doc, connection_pools=0)
 
 
 def test_replay_prices_are_the_cost_models_fit(ds):

@@ -49,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
           max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
           torch_threads=args.torch_threads or None, limits=limits, api_keys=args.api_keys, store=args.store or DEFAULT_STORE,
           keep_alive_s=args.keep_alive_s, shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8,
-          controller=controller)
+          controller=controller, upstream_pools=args.upstream_pools)
     return 0
 
 
@@ -100,6 +100,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--deadline-s", type=float, default=None, help="(default 120) per-request deadline (504 when exceeded)")
     p.add_argument("--max-upstream-attempts", type=int, default=None,
                    help="(default 8) backend HTTP attempts per request, retries included")
+    p.add_argument("--upstream-pools", type=int, default=8,
+                   help="HTTP connection pools the backend calls are spread over (512 connections in all; "
+                        "one pool costs CPU per call in proportion to its open connections)")
     p.add_argument("--keep-alive-s", type=float, default=75.0,
                    help="idle keep-alive of client connections (keep above the clients' own)")
     p.add_argument("--shutdown-timeout-s", type=float, default=30.0,

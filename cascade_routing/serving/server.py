@@ -584,6 +584,7 @@ def serve(
     shutdown_timeout_s: float = 30.0,
     int8: bool = False,
     controller: ControllerConfig | None = None,
+    upstream_pools: int = 8,
 ) -> None:
     """Load the checkpoint and the backends YAML and serve until interrupted (blocking).
 
@@ -605,6 +606,8 @@ def serve(
     recorded). ``int8``: dynamically quantise the artifact's encoder's linear layers to int8.
     ``controller``: keep the mean spend at the budget on live traffic with the online λ controller
     (:mod:`cascade_routing.policies.controller`); None (default) serves the fitted λ unchanged.
+    ``upstream_pools``: HTTP connection pools the backend calls are spread over
+    (:func:`~cascade_routing.serving.backends.pooled_client`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -620,7 +623,7 @@ def serve(
     executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="routing")
     router = CascadeRouter.from_checkpoint(checkpoint, budget=budget, strategy=strategy, name=name,
                                            executor=executor, int8=int8)
-    pool = BackendPool.from_yaml(backends)
+    pool = BackendPool.from_yaml(backends, connection_pools=upstream_pools)
     limits = dataclasses.replace(limits or ServerLimits(), shutdown_timeout_s=shutdown_timeout_s)
     app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
                      keys=keys, store=open_store(store), controller=controller)
