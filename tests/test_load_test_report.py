@@ -106,7 +106,10 @@ def test_account_may_hold_answers_abandoned_by_their_clients_but_no_more():
 
 def test_account_problems_name_a_missing_request_and_a_cost_mismatch():
     lt = _load_test()
-    probs = lt.account_problems(_account(requests=93), _counts(), 0.9, 101)
-    assert probs == ["account holds 93 requests, 94 were accepted"]
+    # 94 accepted, 3 of them abandoned by clients that may have left before the server read them
+    assert lt.account_problems(_account(requests=91), _counts(), 0.9, 101) == []
+    probs = lt.account_problems(_account(requests=90), _counts(), 0.9, 101)
+    assert probs == ["account holds 90 requests, 94 were accepted (3 of them abandoned by their clients)"]
+    assert lt.account_problems(_account(requests=95), _counts(), 0.9, 101) != []
     probs = lt.account_problems(_account(answered_cost=0.8), _counts(), 0.9, 101)
     assert any("answered cost" in p for p in probs)
