@@ -162,26 +162,49 @@ async def fire(url: str, payloads: list[tuple[str, bytes, float | None]], concur
         return out, time.perf_counter() - t0, busy[0]
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants alive now (``serve --workers N``: the parent and its workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
 def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
+    """Resident memory of ``pid`` and its descendants (MB; None if ``pid`` is gone)."""
+    total = None
+    for member in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total = (total or 0.0) + int(line.split()[1]) / 1024.0
+        except OSError:
+            continue
+    return total
 
 
 def cpu_s(pid: int | None = None) -> float:
-    """User + system CPU seconds used so far by process ``pid`` (all its threads; None = this process)."""
+    """User + system CPU seconds used so far by process ``pid`` and its live descendants (all their
+    threads; None = this process)."""
     if pid is None:
         t = os.times()
         return t.user + t.system
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    total = float("nan")
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total = (0.0 if total != total else total) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def account_problems(account: dict, counts: dict, delivered: float, total_requests: int) -> list[str]:

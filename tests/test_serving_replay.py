@@ -107,7 +107,7 @@ def test_serve_hands_its_upstream_pools_to_the_backend_pool(monkeypatch, tmp_pat
     from cascade_routing.serving.backends import BackendPool
 
     seen = {}
-    monkeypatch.setattr(server_module, "serve", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(server_module, "serve", lambda *a, **kw: seen.update(kw) or 0)
     args = build_parser().parse_args(["serve", "--checkpoint", "c", "--backends", "b", "--budget", "1",
                                       "--upstream-pools", "3"])
     assert args.func(args) == 0

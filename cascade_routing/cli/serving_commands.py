@@ -44,13 +44,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.budget_controller:
         controller = ControllerConfig(window=args.controller_window, k_p=args.controller_kp,
                                       k_i=args.controller_ki, max_factor=args.controller_max_factor)
-    serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host, port=args.port,
-          name=args.name, log_level=args.log_level, compute_threads=args.compute_threads,
-          max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-          torch_threads=args.torch_threads or None, limits=limits, api_keys=args.api_keys, store=args.store or DEFAULT_STORE,
-          keep_alive_s=args.keep_alive_s, shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8,
-          controller=controller, upstream_pools=args.upstream_pools)
-    return 0
+    return serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host, port=args.port,
+                 name=args.name, log_level=args.log_level, compute_threads=args.compute_threads,
+                 max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                 torch_threads=args.torch_threads or None, limits=limits, api_keys=args.api_keys, store=args.store or DEFAULT_STORE,
+                 keep_alive_s=args.keep_alive_s, shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8,
+                 controller=controller, upstream_pools=args.upstream_pools, workers=args.workers)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -100,6 +99,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--deadline-s", type=float, default=None, help="(default 120) per-request deadline (504 when exceeded)")
     p.add_argument("--max-upstream-attempts", type=int, default=None,
                    help="(default 8) backend HTTP attempts per request, retries included")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port (SO_REUSEPORT; each loads the artifact; the spend "
+                        "store must be sqlite:// or redis://)")
     p.add_argument("--upstream-pools", type=int, default=8,
                    help="HTTP connection pools the backend calls are spread over (512 connections in all; "
                         "one pool costs CPU per call in proportion to its open connections)")

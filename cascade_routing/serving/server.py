@@ -17,7 +17,8 @@ Endpoints:
   (:mod:`cascade_routing.serving.chat_stream`). Headers ``X-Cascade-Routing-Cost-USD`` (the
   request's real cost), ``X-Cascade-Routing-Model`` and ``X-Cascade-Routing-Models-Run``.
 - ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /v1/routing/stats`` (spend accounts:
-  server-wide and per API key, batching, breakers, the online λ controller), ``GET /health``
+  server-wide and per API key, from the store; this process's id, batching, breakers and online λ
+  controller: per worker with ``serve --workers N``), ``GET /health``
   (liveness; with a valid key or without keys, the account), ``GET /metrics`` (Prometheus,
   :mod:`cascade_routing.serving.metrics`), ``GET /docs`` and ``GET /openapi.json``. With API keys
   configured every endpoint but a bare ``/health`` needs ``Authorization: Bearer <key>``.
@@ -55,6 +56,7 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import uuid
@@ -473,7 +475,7 @@ def _add_info_routes(app: FastAPI, s: _ServerCore) -> None:
     @app.get("/v1/routing/stats")
     async def stats(request: Request) -> dict[str, Any]:
         key = s.authenticate(request)
-        return {**s.account_view(key), "batching": s.compute.stats(), "in_flight": s.gate.in_flight,
+        return {**s.account_view(key), "process": os.getpid(), "batching": s.compute.stats(), "in_flight": s.gate.in_flight,
                 "rejected_busy": s.gate.rejected, "controller": s.controllers.state() if s.controllers else None,
                 "breakers": {m: b.breaker.state for m, b in getattr(s.backends, "backends", {}).items()}}
 
@@ -585,8 +587,11 @@ def serve(
     int8: bool = False,
     controller: ControllerConfig | None = None,
     upstream_pools: int = 8,
-) -> None:
-    """Load the checkpoint and the backends YAML and serve until interrupted (blocking).
+    workers: int = 1,
+    reuse_port: bool = False,
+) -> int:
+    """Load the checkpoint and the backends YAML and serve until interrupted (blocking); returns
+    the exit status (0, or 1 when one of several workers stopped on its own).
 
     ``torch_threads`` sets ``torch.set_num_threads`` for the process (default 1: the estimator's
     small per-batch ops are fastest single-threaded, and intra-op threads fight the HTTP work and
@@ -607,13 +612,26 @@ def serve(
     ``controller``: keep the mean spend at the budget on live traffic with the online λ controller
     (:mod:`cascade_routing.policies.controller`); None (default) serves the fitted λ unchanged.
     ``upstream_pools``: HTTP connection pools the backend calls are spread over
-    (:func:`~cascade_routing.serving.backends.pooled_client`).
+    (:func:`~cascade_routing.serving.backends.pooled_client`). ``workers`` > 1: that many server
+    processes share the port (:mod:`cascade_routing.serving.workers`; the spend store must be a
+    file or Redis). ``reuse_port``: bind with ``SO_REUSEPORT``, so other processes may listen on the
+    same address (what each worker does).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-
     from cascade_routing.serving.keys import load_keys
     from cascade_routing.serving.store import open_store
+
+    if workers != 1:
+        from cascade_routing.serving.workers import run_workers
+
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if (store or "").startswith("memory://"):
+            raise ValueError("several workers need a shared spend store (sqlite:///FILE or redis://...), "
+                             "not memory://, or each would keep its own accounts")
+        settings = {k: v for k, v in locals().items() if k in SERVE_SETTINGS}
+        return run_workers(workers, serve, {**settings, "workers": 1, "reuse_port": True})
 
     if torch_threads is not None:
         import torch
@@ -630,9 +648,26 @@ def serve(
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=int(keep_alive_s),
                             timeout_graceful_shutdown=int(math.ceil(limits.shutdown_timeout_s)), backlog=4096)
     try:
-        DrainingServer(config).run()
+        DrainingServer(config).run(sockets=[reuse_port_socket(host, port)] if reuse_port else None)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+    return 0
+
+
+#: The arguments of :func:`serve` that a worker process receives.
+SERVE_SETTINGS = ("checkpoint", "backends", "budget", "strategy", "host", "port", "name", "log_level",
+                  "compute_threads", "max_batch", "batch_window_ms", "torch_threads", "limits", "api_keys", "store",
+                  "keep_alive_s", "shutdown_timeout_s", "int8", "controller", "upstream_pools")
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` with ``SO_REUSEPORT`` (Linux: the kernel spreads
+    connections over every process listening this way on the address)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
 
 
 class DrainingServer(uvicorn.Server):
