@@ -58,6 +58,25 @@ def test_rss_of_this_process():
     assert lt.rss_mb(2**22 + 12345) is None
 
 
+def test_cpu_and_rss_of_a_server_count_its_worker_processes():
+    """``serve --workers N`` does its work in children: the tree of the parent's pid holds them."""
+    import subprocess
+
+    lt = _load_test()
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(50_000_000); time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while lt.rss_mb(child.pid) is None or lt.rss_mb(child.pid) < 40:
+            assert time.monotonic() < deadline, "the child did not start"
+            time.sleep(0.05)
+        assert child.pid in lt.process_tree(os.getpid())
+        assert lt.rss_mb(os.getpid()) >= lt.rss_mb(child.pid) + 40  # this process + the child's 50 MB
+        assert lt.cpu_s(os.getpid()) >= lt.cpu_s(child.pid) > 0
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.slow
 def test_load_test_reports_rss_and_cpu_after_each_round(tmp_path):
     import subprocess
