@@ -640,6 +640,7 @@ class Backend:
                     await on_delta(choice)
             return response.status_code, None, "", acc.body()
 
+
 class ShardedClient:
     """``post`` / ``stream`` of several ``httpx.AsyncClient`` connection pools, taken in turn.
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -475,8 +476,9 @@ def _add_info_routes(app: FastAPI, s: _ServerCore) -> None:
     @app.get("/v1/routing/stats")
     async def stats(request: Request) -> dict[str, Any]:
         key = s.authenticate(request)
-        return {**s.account_view(key), "process": os.getpid(), "batching": s.compute.stats(), "in_flight": s.gate.in_flight,
-                "rejected_busy": s.gate.rejected, "controller": s.controllers.state() if s.controllers else None,
+        return {**s.account_view(key), "process": os.getpid(), "batching": s.compute.stats(),
+                "in_flight": s.gate.in_flight, "rejected_busy": s.gate.rejected,
+                "controller": s.controllers.state() if s.controllers else None,
                 "breakers": {m: b.breaker.state for m, b in getattr(s.backends, "backends", {}).items()}}
 
     @app.get("/v1/models")
@@ -630,7 +632,7 @@ def serve(
         if (store or "").startswith("memory://"):
             raise ValueError("several workers need a shared spend store (sqlite:///FILE or redis://...), "
                              "not memory://, or each would keep its own accounts")
-        settings = {k: v for k, v in locals().items() if k in SERVE_SETTINGS}
+        settings = {k: v for k, v in locals().items() if k in inspect.signature(serve).parameters}
         return run_workers(workers, serve, {**settings, "workers": 1, "reuse_port": True})
 
     if torch_threads is not None:
@@ -652,12 +654,6 @@ def serve(
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
     return 0
-
-
-#: The arguments of :func:`serve` that a worker process receives.
-SERVE_SETTINGS = ("checkpoint", "backends", "budget", "strategy", "host", "port", "name", "log_level",
-                  "compute_threads", "max_batch", "batch_window_ms", "torch_threads", "limits", "api_keys", "store",
-                  "keep_alive_s", "shutdown_timeout_s", "int8", "controller", "upstream_pools")
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
