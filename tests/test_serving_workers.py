@@ -42,6 +42,8 @@ def test_several_workers_need_a_shared_store():
 
     with pytest.raises(ValueError, match="shared spend store"):
         serve("missing.safetensors", "missing.yaml", 0.001, workers=2, store="memory://")
+    with pytest.raises(ValueError, match="fixed --port"):
+        serve("missing.safetensors", "missing.yaml", 0.001, workers=2, port=0)
 
 
 def test_two_workers_share_the_port_and_the_account_and_stop_on_one_sigterm(tmp_path):

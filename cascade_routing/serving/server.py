@@ -629,6 +629,8 @@ def serve(
 
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if port == 0:
+            raise ValueError("several workers need a fixed --port (with port 0 each would listen on its own)")
         if (store or "").startswith("memory://"):
             raise ValueError("several workers need a shared spend store (sqlite:///FILE or redis://...), "
                              "not memory://, or each would keep its own accounts")
