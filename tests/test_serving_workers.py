@@ -37,6 +37,44 @@ def test_a_worker_that_exits_on_its_own_stops_the_others_and_fails():
         run_workers(0, _first_exits, {"code": 0})
 
 
+def _write_pid_and_wait(folder: str) -> None:
+    import multiprocessing
+
+    Path(folder, multiprocessing.current_process().name).write_text(str(os.getpid()))
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
+    """SIGKILL to the parent (it cannot forward anything) still ends every worker."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from cascade_routing.serving.workers import run_workers; "
+            "from tests.test_serving_workers import _write_pid_and_wait; "
+            "run_workers(2, _write_pid_and_wait, {'folder': sys.argv[2]})")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(tmp_path)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.iterdir())) < 2:
+            assert time.monotonic() < deadline and parent.poll() is None, "the workers did not start"
+            time.sleep(0.05)
+        time.sleep(0.2)  # both pid files complete
+        pids = [int(f.read_text()) for f in tmp_path.iterdir()]
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"workers {pids} outlived their killed parent"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "zombie" not in status
+
+
 def test_several_workers_need_a_shared_store():
     from cascade_routing.serving.server import serve
 

@@ -10,7 +10,8 @@ keeps its own batching, in-flight count, metrics and budget controller.
 The parent only supervises: SIGTERM or SIGINT to it is passed on as one SIGTERM to every worker,
 which then drains as a single server does (``shutdown_timeout_s``); the workers run in their own
 sessions, so a terminal's Ctrl-C reaches them once, through the parent. If a worker exits on its
-own (a crash, a port it could not bind), the parent stops the others and reports failure.
+own (a crash, a port it could not bind), the parent stops the others and reports failure. If the
+parent itself is killed (SIGKILL), Linux sends each worker a SIGTERM (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,25 @@ from typing import Any, Callable
 log = logging.getLogger("cascade_routing.serving")
 
 
-def _child(target: Callable[..., None], kwargs: dict[str, Any]) -> None:
+def _child(target: Callable[..., None], kwargs: dict[str, Any], parent: int) -> None:
     os.setsid()  # a terminal's SIGINT reaches the parent only; it forwards one SIGTERM
+    _terminate_with_parent(parent)
     target(**kwargs)
+
+
+def _terminate_with_parent(parent: int) -> None:
+    """Ask Linux for a SIGTERM when the parent dies (``PR_SET_PDEATHSIG``), so a supervisor killed
+    with SIGKILL leaves no worker holding the port; elsewhere nothing is set up."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_workers(count: int, target: Callable[..., None], kwargs: dict[str, Any]) -> int:
@@ -36,7 +53,7 @@ def run_workers(count: int, target: Callable[..., None], kwargs: dict[str, Any])
     if count < 1:
         raise ValueError(f"workers must be >= 1, got {count}")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_child, args=(target, kwargs), name=f"cascade-routing-worker-{k}")
+    procs = [ctx.Process(target=_child, args=(target, kwargs, os.getpid()), name=f"cascade-routing-worker-{k}")
              for k in range(count)]
     signalled = False
     failed = False
