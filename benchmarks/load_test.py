@@ -162,15 +162,21 @@ async def fire(url: str, payloads: list[tuple[str, bytes, float | None]], concur
         return out, time.perf_counter() - t0, busy[0]
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (None if the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants alive now (``serve --workers N``: the parent and its workers)."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat_fields(entry.name)
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))  # fields[1]: the parent's pid
     tree, todo = [], [pid]
     while todo:
         tree.append(todo.pop())
@@ -180,31 +186,24 @@ def process_tree(pid: int) -> list[int]:
 
 def rss_mb(pid: int) -> float | None:
     """Resident memory of ``pid`` and its descendants (MB; None if ``pid`` is gone)."""
-    total = None
+    sizes = []
     for member in process_tree(pid):
         try:
-            for line in Path(f"/proc/{member}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total = (total or 0.0) + int(line.split()[1]) / 1024.0
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
         except OSError:
             continue
-    return total
+        sizes += [int(line.split()[1]) / 1024.0 for line in lines if line.startswith("VmRSS:")]
+    return sum(sizes) if sizes else None
 
 
 def cpu_s(pid: int | None = None) -> float:
     """User + system CPU seconds used so far by process ``pid`` and its live descendants (all their
-    threads; None = this process)."""
+    threads; None = this process; NaN if ``pid`` is gone)."""
     if pid is None:
         t = os.times()
         return t.user + t.system
-    total = float("nan")
-    for member in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total = (0.0 if total != total else total) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    ticks = [int(f[11]) + int(f[12]) for f in map(_stat_fields, process_tree(pid)) if f is not None]  # utime, stime
+    return sum(ticks) / os.sysconf("SC_CLK_TCK") if ticks else float("nan")
 
 
 def account_problems(account: dict, counts: dict, delivered: float, total_requests: int) -> list[str]:

@@ -627,14 +627,13 @@ def serve(
     if workers != 1:
         from cascade_routing.serving.workers import run_workers
 
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
         if port == 0:
             raise ValueError("several workers need a fixed --port (with port 0 each would listen on its own)")
         if (store or "").startswith("memory://"):
             raise ValueError("several workers need a shared spend store (sqlite:///FILE or redis://...), "
                              "not memory://, or each would keep its own accounts")
-        settings = {k: v for k, v in locals().items() if k in inspect.signature(serve).parameters}
+        parameters = inspect.signature(serve).parameters
+        settings = {k: v for k, v in locals().items() if k in parameters}
         return run_workers(workers, serve, {**settings, "workers": 1, "reuse_port": True})
 
     if torch_threads is not None:
