@@ -31,15 +31,16 @@ Checks (exit code 1 if any fails):
 
 Reports: throughput (requests/s) and, as the baseline measured in the same run, the throughput of
 the same number of requests sent straight to the replay backend of the cheapest model at the same
-concurrency, from the same client (ratio; ``--client-pools K``, default 8, spreads the client's
-connections over K httpx pools: with one pool of 200 connections the client's own pool bookkeeping,
-not the server, bounds both figures on 2 cores, and the ratio moves with K); client latency
-p50/p95/p99; the routing overhead per request (server time
-not awaiting its own backends, ``routing.routing_ms``) and its compute share (``compute_ms``); the
-backend calls per request; the server's RSS before the requests and after each round (growth that
-keeps going round after round is a leak, growth in the first round only is warm-up); the CPU time
-(user + system) per request of the replay backend, ``serve`` and this client, per round and in the
-baseline phase (on a shared machine CPU per request survives the load where wall time does not).
+concurrency, from the same client, right after each round (the ratio is the median over rounds of
+round / its direct phase, so the machine's drift over a run cancels; ``--client-pools K``, default
+8, spreads the client's connections over K httpx pools: with one pool of 200 connections the
+client's own pool bookkeeping, not the server, bounds both figures on 2 cores, and the ratio moves
+with K); client latency p50/p95/p99; the routing overhead per request (server time not awaiting its
+own backends, ``routing.routing_ms``) and its compute share (``compute_ms``); the backend calls per
+request; the server's RSS before the requests and after each round (growth that keeps going round
+after round is a leak, growth in the first round only is warm-up); the CPU time (user + system) per
+request of the replay backend, ``serve`` and this client, per round and in each direct phase (on a
+shared machine CPU per request survives the load where wall time does not).
 
 Without ``--checkpoint`` it builds a small real artifact (tiny random encoder, untrained network,
 λ fitted on a calibration split) on a synthetic dataset of ``--queries`` rows; with
@@ -249,6 +250,20 @@ def cpu_per_request_ms(before, after, n: int) -> dict[str, float]:
     return {name: (a - b) * 1000.0 / n for name, b, a in zip(("replay", "serve", "client"), before, after)}
 
 
+def direct_phase(replay_url: str, test, rows: list[int], round_index: int, procs, args) -> dict:
+    """The baseline of one round: the same queries sent straight to the replay backend of the cheapest
+    model, from the same client at the same concurrency; returns its wall time, answers and CPU/request."""
+    cheapest = test.models[0]
+    direct = [(f"direct{round_index}-{k:05d}", json.dumps({"model": cheapest, "messages": [
+        {"role": "user", "content": test.queries[i]}]}).encode(), None) for k, i in enumerate(rows)]
+    cpu_before = cpu_snapshot(procs)
+    results, wall, _ = asyncio.run(asyncio.wait_for(
+        fire(f"{replay_url}/{cheapest}/v1/chat/completions", direct, args.concurrency, 120.0, pools=args.client_pools),
+        args.max_seconds))
+    return {"wall_s": wall, "ok": sum(1 for _, r, _, _ in results if r is not None and r.status_code == 200),
+            "cpu_ms_per_request": cpu_per_request_ms(cpu_before, cpu_snapshot(procs), len(direct))}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1000)
@@ -351,23 +366,15 @@ def main(argv: list[str] | None = None) -> int:
                     args.max_seconds))
                 rss_round = rss_mb(procs[1].pid)
                 cpu_round = cpu_per_request_ms(cpu_before, cpu_snapshot(procs), len(payloads))
-                rounds.append((payloads, kinds, results, wall, busy, rss_round, cpu_round))
+                direct = direct_phase(f"http://127.0.0.1:{rport}", test, rows, r, procs, args)
+                rounds.append((payloads, kinds, results, wall, busy, rss_round, cpu_round, direct))
                 print(f"round {r}: {len(results)} requests in {wall:.1f}s ({busy} busy retries), server RSS "
-                      f"{rss_round} MB", flush=True)
+                      f"{rss_round} MB; straight to the backend in {direct['wall_s']:.1f}s", flush=True)
             rss_after = rss_mb(procs[1].pid)
             stats_live = None
             if not args.sigterm_after:
                 stats_live = httpx.get(server + "/v1/routing/stats", timeout=10).json()
 
-            cheapest = test.models[0]
-            direct = [(f"direct-{k:05d}", json.dumps({"model": cheapest, "messages": [
-                {"role": "user", "content": test.queries[i]}]}).encode(), None) for k, i in enumerate(rows)]
-            cpu_before = cpu_snapshot(procs)
-            base_results, base_wall, _ = asyncio.run(asyncio.wait_for(
-                fire(f"http://127.0.0.1:{rport}/{cheapest}/v1/chat/completions", direct, args.concurrency, 120.0,
-                     pools=args.client_pools),
-                args.max_seconds))
-            base_cpu = cpu_per_request_ms(cpu_before, cpu_snapshot(procs), len(direct))
         finally:
             exit_s = None
             for proc in reversed(procs):
@@ -379,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
             if sigterm_at and len(procs) > 1:
-                exit_s = time.monotonic() - sigterm_at[0]  # upper bound: measured after the baseline phase
+                exit_s = time.monotonic() - sigterm_at[0]  # upper bound: measured after the last direct phase
         from cascade_routing.serving.accounts import SpendLedger
         from cascade_routing.serving.store import SQLiteStore
 
@@ -402,10 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     calls, backend = [], []  # backend calls (attempted models) and time awaiting them, per answered request
     counts = {"answered": 0, "deadline_504": 0, "shutdown_503": 0, "poison_400": 0, "gave_up": 0,
               "refused_after_sigterm": 0, "lost": 0, "cut_after_sigterm": 0}
-    for r, (payloads, kinds, results, wall, busy, rss_round, cpu_round) in enumerate(rounds):
+    for r, (payloads, kinds, results, wall, busy, rss_round, cpu_round, direct) in enumerate(rounds):
         per_round.append({"round": r, "wall_s": wall, "throughput_rps": len(payloads) / wall,
                           "retried_429_server_busy": busy, "server_rss_mb_after": rss_round,
-                          "cpu_ms_per_request": cpu_round})
+                          "cpu_ms_per_request": cpu_round, "direct_backend_rps": len(payloads) / direct["wall_s"],
+                          "direct_ok": direct["ok"], "direct_cpu_ms_per_request": direct["cpu_ms_per_request"],
+                          "throughput_ratio_vs_direct_backend": direct["wall_s"] / wall})
+        if direct["ok"] != len(payloads):
+            problems.append(f"round {r}: the direct baseline got {direct['ok']} of {len(payloads)} answers")
         row_of = {rid: rows[k] for k, (rid, _, _) in enumerate(payloads)}
         first_of_round = len(latency)
         for rid, resp, err, lat in results:
@@ -467,9 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     duplicated = sum(c - 1 for c in seen.values() if c > 1)
     mean_cost = float(np.mean(costs)) if costs else float("nan")
     delivered = float(np.sum(costs))
-    base_ok = sum(1 for _, r, _, _ in base_results if r is not None and r.status_code == 200)
     total_requests = args.requests * args.repeat
     best_wall = min(r[3] for r in rounds)
+    ratios = [r["throughput_ratio_vs_direct_backend"] for r in per_round]
 
     report = {
         "command": "python benchmarks/load_test.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -490,12 +501,14 @@ def main(argv: list[str] | None = None) -> int:
             "cancelled_calls", "failures")},
         "server_rss_mb_before": rss_before, "server_rss_mb_after": rss_after,
         "server_exit_code": server_exit, "sigterm_to_exit_s_at_most": exit_s,
-        "baseline_direct_backend_rps": args.requests / base_wall, "baseline_ok": base_ok,
-        "baseline_cpu_ms_per_request": base_cpu,
+        "baseline_direct_backend_rps": float(np.median([r["direct_backend_rps"] for r in per_round])),
+        "baseline_cpu_ms_per_request": per_round[-1]["direct_cpu_ms_per_request"],
         "throughput_rps_best_round": args.requests / best_wall,
-        "throughput_ratio_vs_direct_backend": base_wall / best_wall,
+        # the median over rounds of (routed round / the direct phase right after it)
+        "throughput_ratio_vs_direct_backend": float(np.median(ratios)),
+        "throughput_ratio_range": [min(ratios), max(ratios)],
         # the same, counting every backend call of a routed request (the direct baseline makes one)
-        "backend_call_ratio_vs_direct_backend": base_wall / best_wall * float(np.mean(calls)) if calls else None,
+        "backend_call_ratio_vs_direct_backend": float(np.median(ratios) * np.mean(calls)) if calls else None,
     }
     if counts["lost"] or duplicated:
         problems.append(f"{counts['lost']} lost, {duplicated} duplicated")

@@ -95,6 +95,10 @@ def test_load_test_reports_rss_and_cpu_after_each_round(tmp_path):
         assert r["cpu_ms_per_request"]["serve"] > 0 and r["cpu_ms_per_request"]["client"] > 0
     assert report["backend_calls_per_request_mean"] >= 1.0
     assert report["baseline_cpu_ms_per_request"]["replay"] >= 0
+    ratios = [r["throughput_ratio_vs_direct_backend"] for r in report["rounds"]]
+    assert all(r["direct_ok"] == 40 and r["direct_backend_rps"] > 0 for r in report["rounds"])
+    assert report["throughput_ratio_range"] == [min(ratios), max(ratios)]
+    assert min(ratios) <= report["throughput_ratio_vs_direct_backend"] <= max(ratios)
 
 
 def _counts(**over):
