@@ -260,7 +260,9 @@ def direct_phase(replay_url: str, test, rows: list[int], round_index: int, procs
     results, wall, _ = asyncio.run(asyncio.wait_for(
         fire(f"{replay_url}/{cheapest}/v1/chat/completions", direct, args.concurrency, 120.0, pools=args.client_pools),
         args.max_seconds))
-    return {"wall_s": wall, "ok": sum(1 for _, r, _, _ in results if r is not None and r.status_code == 200),
+    failed = [f"{rid}: {err or (r.status_code, r.text[:120])}" for rid, r, err, _ in results
+              if r is None or r.status_code != 200]
+    return {"wall_s": wall, "ok": len(results) - len(failed), "failed": failed[:5],
             "cpu_ms_per_request": cpu_per_request_ms(cpu_before, cpu_snapshot(procs), len(direct))}
 
 
@@ -416,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                           "direct_ok": direct["ok"], "direct_cpu_ms_per_request": direct["cpu_ms_per_request"],
                           "throughput_ratio_vs_direct_backend": direct["wall_s"] / wall})
         if direct["ok"] != len(payloads):
-            problems.append(f"round {r}: the direct baseline got {direct['ok']} of {len(payloads)} answers")
+            problems.append(f"round {r}: the direct baseline got {direct['ok']} of {len(payloads)} answers: "
+                            f"{direct['failed']}")
         row_of = {rid: rows[k] for k, (rid, _, _) in enumerate(payloads)}
         first_of_round = len(latency)
         for rid, resp, err, lat in results:

@@ -132,3 +132,18 @@ def test_replay_prices_are_the_cost_models_fit(ds):
     for j in range(ds.num_models):
         assert _fit_prices(ds, j) == (model.price_in[j], model.price_out[j])
         assert min(_fit_prices(ds, j)) >= 0.0
+
+
+def test_replay_backend_keeps_idle_connections_longer_than_httpx_expires_them(monkeypatch, tmp_path):
+    """uvicorn's default keep-alive (5 s) equals httpx's idle expiry: a client may send a request on a
+    connection the server is closing. The replay backend keeps them as long as ``serve`` does."""
+    import uvicorn
+
+    from cascade_routing.serving.replay import replay_backend
+    from cascade_routing.serving.server import KEEP_ALIVE_S
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    folder = synthetic_dataset(20, seed=1).save(tmp_path / "ds")
+    replay_backend(str(folder), port=0, log_level="warning")
+    assert seen["timeout_keep_alive"] == int(KEEP_ALIVE_S) > 5 and seen["host"] == "127.0.0.1"

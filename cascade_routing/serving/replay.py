@@ -358,10 +358,13 @@ def replay_backend(
     log_level: str = "info",
 ) -> None:
     """Load ``dataset`` (optionally one split of it), optionally write a backends YAML pointing at
-    this server, and serve the replay endpoints until interrupted (blocking)."""
+    this server, and serve the replay endpoints until interrupted (blocking). Idle client connections
+    are kept as long as ``serve`` keeps its own (uvicorn's 5 s default equals httpx's idle expiry, and
+    a request sent on a connection the server is closing is lost)."""
     import uvicorn
 
     from cascade_routing.data import load_dataset
+    from cascade_routing.serving.server import KEEP_ALIVE_S
 
     data = load_dataset(dataset)
     if split is not None:
@@ -374,4 +377,4 @@ def replay_backend(
         path = write_backends_yaml(data, f"http://{host}:{port}", write_backends, failures=failures)
         print(f"wrote backends for {len(data.models)} models to {path}")
     app = create_replay_app(data, latency_ms, jitter_ms, failures, slow_ms, seed)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=int(KEEP_ALIVE_S), backlog=4096)
