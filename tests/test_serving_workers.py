@@ -112,10 +112,7 @@ def test_two_workers_share_the_port_and_the_account_and_stop_on_one_sigterm(tmp_
             processes: set[int] = set()
             while len(processes) < 2:  # new connections reach both workers once both listen
                 assert time.monotonic() < deadline, f"one worker answered: {processes}; log:\n{log.read_text()[-3000:]}"
-                worker = httpx.get(url + "/v1/routing/stats", timeout=10).json()
-                processes.add(worker["process"])
-                # each worker froze what loading left (torch, transformers, the artifact) out of GC passes
-                assert worker["gc_frozen_objects"] > 100_000
+                processes.add(httpx.get(url + "/v1/routing/stats", timeout=10).json()["process"])
             assert proc.pid not in processes
             spent = 0.0
             for q in test.queries[:8]:

@@ -17,8 +17,8 @@ Endpoints:
   (:mod:`cascade_routing.serving.chat_stream`). Headers ``X-Cascade-Routing-Cost-USD`` (the
   request's real cost), ``X-Cascade-Routing-Model`` and ``X-Cascade-Routing-Models-Run``.
 - ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /v1/routing/stats`` (spend accounts:
-  server-wide and per API key, from the store; this process's id, its GC-frozen object count,
-  batching, breakers and online λ controller: per worker with ``serve --workers N``), ``GET /health``
+  server-wide and per API key, from the store; this process's id, batching, breakers and online λ
+  controller: per worker with ``serve --workers N``), ``GET /health``
   (liveness; with a valid key or without keys, the account), ``GET /metrics`` (Prometheus,
   :mod:`cascade_routing.serving.metrics`), ``GET /docs`` and ``GET /openapi.json``. With API keys
   configured every endpoint but a bare ``/health`` needs ``Authorization: Bearer <key>``.
@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import inspect
 import logging
 import math
@@ -477,8 +476,7 @@ def _add_info_routes(app: FastAPI, s: _ServerCore) -> None:
     @app.get("/v1/routing/stats")
     async def stats(request: Request) -> dict[str, Any]:
         key = s.authenticate(request)
-        return {**s.account_view(key), "process": os.getpid(), "gc_frozen_objects": gc.get_freeze_count(),
-                "batching": s.compute.stats(),
+        return {**s.account_view(key), "process": os.getpid(), "batching": s.compute.stats(),
                 "in_flight": s.gate.in_flight, "rejected_busy": s.gate.rejected,
                 "controller": s.controllers.state() if s.controllers else None,
                 "breakers": {m: b.breaker.state for m, b in getattr(s.backends, "backends", {}).items()}}
@@ -652,10 +650,6 @@ def serve(
                      keys=keys, store=open_store(store), controller=controller)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=int(keep_alive_s),
                             timeout_graceful_shutdown=int(math.ceil(limits.shutdown_timeout_s)), backlog=4096)
-    # Loading leaves ~430,000 long-lived objects (torch, transformers, the artifact) that each full GC
-    # pass would rescan, holding the event loop; frozen, a pass only sees objects made while serving.
-    gc.collect()
-    gc.freeze()
     try:
         DrainingServer(config).run(sockets=[reuse_port_socket(host, port)] if reuse_port else None)
     finally:
