@@ -10,8 +10,10 @@ completions from an asyncio client (at most ``--concurrency`` in flight), each w
 Faults (each optional, mixed into the same run):
 - ``--poison F``: a fraction F of the requests is bad (lone surrogate, NaN temperature, wrong
   type, unknown field); each must get 400 and nothing else may notice;
-- ``--slow-model M``: the replay answers model M only after ``--slow-ms``; requests that would use
-  it fall back (backend timeout, then the circuit breaker) or hit ``--deadline-s`` (504);
+- ``--slow-model M``: the replay answers model M only after ``--slow-ms`` (default 45 s, past the
+  replay backends' 30 s timeout, so every call to it times out); requests that would use it fall
+  back (backend timeout, then the circuit breaker) or hit the server's deadline (504; ``serve``'s
+  default 120 s, or ``--deadline-s``);
 - ``--disconnect F``: a fraction F of the clients gives up after ``--disconnect-after-s``;
 - ``--sigterm-after N``: SIGTERM to ``serve`` once N responses arrived in the LAST round; the
   server must answer everything it accepted within ``--shutdown-timeout-s`` (200, or 503
@@ -287,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disconnect", type=float, default=0.0, help="fraction of clients that give up early")
     p.add_argument("--disconnect-after-s", type=float, default=0.5)
     p.add_argument("--slow-model", default=None, help="replay answers this model after --slow-ms")
-    p.add_argument("--slow-ms", type=float, default=30_000.0)
+    p.add_argument("--slow-ms", type=float, default=45_000.0,
+                   help="past the replay backends' timeout (30 s), so no call to the slow model succeeds")
     p.add_argument("--deadline-s", type=float, default=None, help="serve --deadline-s")
     p.add_argument("--sigterm-after", type=int, default=None, help="SIGTERM serve after N responses of the last round")
     p.add_argument("--shutdown-timeout-s", type=float, default=10.0)
@@ -444,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                     counts["lost"] += 1
                     problems.append(f"{rid}: lost: {err}")
                 continue
-            if resp.status_code == 504 and args.deadline_s:
+            if resp.status_code == 504 and (args.deadline_s or args.slow_model):
                 counts["deadline_504"] += 1
                 continue
             if resp.status_code == 503 and sigterm_at and "server_shutting_down" in resp.text:
