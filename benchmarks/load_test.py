@@ -34,7 +34,7 @@ Checks (exit code 1 if any fails):
 Reports: throughput (requests/s) and, as the baseline measured in the same run, the throughput of
 the same number of requests sent straight to the replay backend of the cheapest model at the same
 concurrency, from the same client, right after each round (the ratio is the median over rounds of
-round / its direct phase, so the machine's drift over a run cancels; ``--client-pools K``, default
+round / its direct phase, each measured seconds after its round; ``--client-pools K``, default
 8, spreads the client's connections over K httpx pools: with one pool of 200 connections the
 client's own pool bookkeeping, not the server, bounds both figures on 2 cores, and the ratio moves
 with K); client latency p50/p95/p99; the routing overhead per request (server time not awaiting its
