@@ -215,3 +215,30 @@ def test_hostile_pickle_is_refused_and_never_run(tmp_path):
         with pytest.raises(ArtifactError, match="pickle"):
             load_artifact(path)
         assert not marker.exists()
+
+
+def test_queries_and_answers_embed_concurrently_on_a_fresh_artifact(trained):
+    """A server encodes queries on one thread and answers on another: on a freshly loaded artifact
+    (lazy loads not done yet) the two run at once, build one network, use separate tokenizer
+    instances, and give exactly the embeddings of a serial run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ds = trained["ds"]
+    queries = list(ds.queries[:48])
+    answers = [str(r) for r in ds.responses[:16].ravel()]
+    serial = load_artifact(trained["path"])
+    want_q, want_a = serial.embed_queries(queries), serial.embed_answers(answers)
+
+    fresh = load_artifact(trained["path"])
+    with ThreadPoolExecutor(4) as pool:
+        q_jobs = [pool.submit(fresh.embed_queries, queries) for _ in range(2)]
+        a_jobs = [pool.submit(fresh.embed_answers, answers) for _ in range(2)]
+        networks = [pool.submit(fresh.network) for _ in range(4)]
+        got_q = [j.result() for j in q_jobs]
+        got_a = [j.result() for j in a_jobs]
+        assert len({id(j.result()) for j in networks}) == 1
+    for got in got_q:
+        np.testing.assert_allclose(got, want_q, rtol=1e-5, atol=1e-6)
+    for got in got_a:
+        np.testing.assert_allclose(got, want_a, rtol=1e-5, atol=1e-6)
+    assert fresh._answer_tokenizer is not fresh._text_encoders()[0]

@@ -111,7 +111,10 @@ def test_serve_hands_its_upstream_pools_to_the_backend_pool(monkeypatch, tmp_pat
     args = build_parser().parse_args(["serve", "--checkpoint", "c", "--backends", "b", "--budget", "1",
                                       "--upstream-pools", "3"])
     assert args.func(args) == 0
-    assert seen["upstream_pools"] == 3
+    assert seen["upstream_pools"] == 3 and seen["bind_thread"] is True
+    args = build_parser().parse_args(["serve", "--checkpoint", "c", "--backends", "b", "--budget", "1",
+                                      "--no-bind-thread"])
+    assert args.func(args) == 0 and seen["bind_thread"] is False
     doc = tmp_path / "b.yaml"
     doc.write_text("models:\n  - {name: m, base_url: 'http://127.0.0.1:1/v1', price_per_input_token: 0, "
                    "price_per_output_token: 0}\n")

@@ -46,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
                                       k_i=args.controller_ki, max_factor=args.controller_max_factor)
     return serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host, port=args.port,
                  name=args.name, log_level=args.log_level, compute_threads=args.compute_threads,
+                 bind_thread=args.bind_thread,
                  max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                  torch_threads=args.torch_threads or None, limits=limits, api_keys=args.api_keys, store=args.store or DEFAULT_STORE,
                  keep_alive_s=args.keep_alive_s, shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8,
@@ -81,6 +82,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--compute-threads", type=int, default=1,
                    help="worker threads for the estimators/policy (1: serialised, loop stays free)")
+    p.add_argument("--bind-thread", action=argparse.BooleanOptionalAction, default=True,
+                   help="encode new queries on a thread of their own, so bound requests keep deciding meanwhile")
     p.add_argument("--max-batch", type=int, default=64,
                    help="route up to this many concurrent requests together (1: one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="wait this long to fill a batch")

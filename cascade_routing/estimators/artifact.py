@@ -33,8 +33,10 @@ foreign file, a pickle, a wrong format version, or a model list that does not ma
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -88,6 +90,9 @@ class EstimatorArtifact:
     source: str | None = None
     _network: QualityNetwork | None = field(default=None, repr=False)
     _text: tuple | None = field(default=None, repr=False)
+    _answer_tokenizer: Any = field(default=None, repr=False)
+    # Guards the lazy loads: a server binds (encodes queries) and estimates (embeds answers) on two threads.
+    _lazy_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     # ------------------------------------------------------------------ views
     @property
@@ -138,36 +143,41 @@ class EstimatorArtifact:
 
     # ------------------------------------------------------------------ network / encoders
     def network(self) -> QualityNetwork:
-        if self._network is None:
-            known = {f.name for f in fields(NetworkConfig)}
-            unknown = sorted(set(self.network_config) - known)
-            if unknown:
-                raise ArtifactError(f"artifact {self.source or ''} has unknown network config key(s) {unknown}; "
-                                    f"known: {sorted(known)}")
-            try:
-                cfg = NetworkConfig(**self.network_config)
-                encoder_module = None
-                if any(k.startswith("encoder.") for k in self.state_dict):
-                    encoder_module = encoding.TextEncoder(self._encoder_skeleton())
-                net = QualityNetwork(cfg, encoder_module)
-            except (TypeError, ValueError) as err:
-                raise ArtifactError(f"artifact {self.source or ''} has an unusable network config "
-                                    f"{self.network_config}: {err}") from None
-            # load_state_dict would silently cast (e.g. I32 bytes read as integers into a float
-            # parameter): every stored tensor must have exactly the dtype and shape the config needs.
-            for key, ref in net.state_dict().items():
-                got = self.state_dict.get(key)
-                if got is not None and (got.dtype != ref.dtype or got.shape != ref.shape):
-                    raise ArtifactError(
-                        f"artifact {self.source or ''} tensor net.{key} is {got.dtype} {tuple(got.shape)}, but the "
-                        f"stored network config needs {ref.dtype} {tuple(ref.shape)}"
-                    )
-            try:
-                net.load_state_dict(self.state_dict, strict=True)
-            except RuntimeError as err:
-                raise ArtifactError(f"artifact weights do not fit the stored network config: {err}") from None
-            self._network = net.eval()
+        with self._lazy_lock:
+            if self._network is None:
+                self._network = self._build_network()
         return self._network
+
+    def _build_network(self) -> QualityNetwork:
+        """The network of the stored config and weights (dtype and shape checked first)."""
+        known = {f.name for f in fields(NetworkConfig)}
+        unknown = sorted(set(self.network_config) - known)
+        if unknown:
+            raise ArtifactError(f"artifact {self.source or ''} has unknown network config key(s) {unknown}; "
+                                f"known: {sorted(known)}")
+        try:
+            cfg = NetworkConfig(**self.network_config)
+            encoder_module = None
+            if any(k.startswith("encoder.") for k in self.state_dict):
+                encoder_module = encoding.TextEncoder(self._encoder_skeleton())
+            net = QualityNetwork(cfg, encoder_module)
+        except (TypeError, ValueError) as err:
+            raise ArtifactError(f"artifact {self.source or ''} has an unusable network config "
+                                f"{self.network_config}: {err}") from None
+        # load_state_dict would silently cast (e.g. I32 bytes read as integers into a float
+        # parameter): every stored tensor must have exactly the dtype and shape the config needs.
+        for key, ref in net.state_dict().items():
+            got = self.state_dict.get(key)
+            if got is not None and (got.dtype != ref.dtype or got.shape != ref.shape):
+                raise ArtifactError(
+                    f"artifact {self.source or ''} tensor net.{key} is {got.dtype} {tuple(got.shape)}, but the "
+                    f"stored network config needs {ref.dtype} {tuple(ref.shape)}"
+                )
+        try:
+            net.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as err:
+            raise ArtifactError(f"artifact weights do not fit the stored network config: {err}") from None
+        return net.eval()
 
     def _encoder_skeleton(self):
         """An untrained HF model of the carried encoder's shape (config from the payload, else the folder)."""
@@ -213,6 +223,10 @@ class EstimatorArtifact:
         return encoding.resolve_encoder_path(None if path == DEFAULT_ENCODER else path)
 
     def _text_encoders(self):
+        with self._lazy_lock:
+            return self._load_text_encoders()
+
+    def _load_text_encoders(self):
         if self._text is None and self.encoder.get("carried") == "frozen":
             tok = encoding.load_tokenizer(self.tokenizer_path())
             enc = self.network().encoder
@@ -247,9 +261,14 @@ class EstimatorArtifact:
         return str(self.encoder.get("truncation", "right"))
 
     def embed_answers(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        tok, frozen = self._text_encoders()
+        """[N, D] answer embeddings. Answers have their own tokenizer instance, so a server may embed
+        answers on one thread while it encodes queries on another (a fast tokenizer is not shared)."""
+        _, frozen = self._text_encoders()
+        with self._lazy_lock:
+            if self._answer_tokenizer is None:
+                self._answer_tokenizer = copy.deepcopy(self._text_encoders()[0])
         return encoding.encode_texts(
-            list(texts), tok, frozen, self.encoder["answer_encoding"], int(self.encoder["answer_max_length"]), batch_size
+            list(texts), self._answer_tokenizer, frozen, self.encoder["answer_encoding"], int(self.encoder["answer_max_length"]), batch_size
         )
 
     # ------------------------------------------------------------------ binding

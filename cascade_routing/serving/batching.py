@@ -3,10 +3,14 @@
 Only the estimator/policy calls are batched; every request runs its own loop and its own backend
 calls (:meth:`CascadeRouter.route_one`), so a slow backend for one request never delays another.
 
-The worker takes the first waiting job, then everything already queued, then waits up to
+Two lanes, each with its own queue and worker: binds (encoding new queries, the heaviest step)
+run on the router's ``bind_executor`` (or its ``executor`` when that is None), decisions and
+selections on its ``executor`` (or inline when None). With two threads, requests already bound
+keep deciding while a batch of new ones is encoded, instead of queueing behind it. A lane's
+worker takes the first waiting job, then everything already queued, then waits up to
 ``window_ms`` for more (at most ``max_batch`` jobs), groups them (binds by fitted λ; decisions
-by bound state and fitted λ; selections by bound state) and runs ONE router call per group on the
-router's executor (or inline). Decisions are per row, so they equal routing each query alone.
+by bound state and fitted λ; selections by bound state) and runs ONE router call per group.
+Decisions are per row, so they equal routing each query alone.
 
 Isolation: if a group's call raises, the group is split in halves and each half retried (down to
 single jobs), so only the request whose input breaks the estimators gets the exception, and the
@@ -66,8 +70,8 @@ class ComputeBatcher:
         self.router = router
         self.max_batch = max_batch
         self.window_s = window_ms / 1000.0
-        self._queue: asyncio.Queue | None = None
-        self._worker: asyncio.Task | None = None
+        self._queues: dict[str, asyncio.Queue] = {}  # lane ("bind" or "step") -> its jobs
+        self._workers: dict[str, asyncio.Task] = {}
         self.calls = 0
         self.jobs = 0
 
@@ -82,9 +86,9 @@ class ComputeBatcher:
         return await self._submit("select", (id(slot.state),), slot)
 
     async def aclose(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        for worker in self._workers.values():
+            worker.cancel()
+        await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
     def stats(self) -> dict[str, Any]:
         return {"compute_calls": self.calls, "jobs": self.jobs,
@@ -93,17 +97,16 @@ class ComputeBatcher:
 
     # ------------------------------------------------------------------ worker
     async def _submit(self, kind: str, key: tuple[Any, ...], payload: Any) -> Any:
-        if self._worker is None or self._worker.done():
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.create_task(self._work())
-        assert self._queue is not None
+        lane = "bind" if kind == "bind" else "step"
+        worker = self._workers.get(lane)
+        if worker is None or worker.done():
+            self._queues[lane] = asyncio.Queue()
+            self._workers[lane] = asyncio.create_task(self._work(self._queues[lane]))
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(kind, (kind, *key), payload, future))
+        self._queues[lane].put_nowait(_Job(kind, (kind, *key), payload, future))
         return await future
 
-    async def _work(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
+    async def _work(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await queue.get()]
@@ -151,9 +154,12 @@ class ComputeBatcher:
             out = fn(group)
             return out, time.perf_counter() - t0
 
-        if self.router.executor is None:
+        executor = self.router.executor
+        if group[0].kind == "bind" and self.router.bind_executor is not None:
+            executor = self.router.bind_executor
+        if executor is None:
             return timed()
-        return await asyncio.get_running_loop().run_in_executor(self.router.executor, timed)
+        return await asyncio.get_running_loop().run_in_executor(executor, timed)
 
     # ------------------------------------------------------------------ router calls (compute thread)
     def _bind(self, group: list[_Job]) -> list[Slot]:

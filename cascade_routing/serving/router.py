@@ -182,11 +182,15 @@ class CascadeRouter:
         name: str = "cascade-routing",
         uniforms: Callable[[list[str]], Tensor] | None = None,
         executor: "concurrent.futures.Executor | None" = None,
+        bind_executor: "concurrent.futures.Executor | None" = None,
     ) -> None:
         self.policy = policy
         # Where route() runs its CPU work (binding, estimating, deciding); None = inline in the
         # event loop. A one-thread executor keeps a server's loop free for I/O while torch works.
         self.executor = executor
+        # Where binding (encoding the queries: the heaviest step) runs; None = on ``executor``. A
+        # thread of its own lets decisions of bound requests proceed while new ones are encoded.
+        self.bind_executor = bind_executor
         self.binder = binder
         self.models = list(models)
         if not self.models or len(set(self.models)) != len(self.models):

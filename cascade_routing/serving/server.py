@@ -578,6 +578,7 @@ def serve(
     name: str = "cascade-routing",
     log_level: str = "info",
     compute_threads: int = 1,
+    bind_thread: bool = True,
     max_batch: int = 64,
     batch_window_ms: float = 2.0,
     torch_threads: int | None = 1,
@@ -603,6 +604,9 @@ def serve(
     The router's CPU work (estimators, policy) runs on ``compute_threads`` worker threads (default
     1: the work is serialised, the event loop stays free for HTTP I/O; Hugging Face fast
     tokenizers are not safe to share between threads, keep 1 unless the estimator allows more).
+    ``bind_thread`` (default True): binding, i.e. encoding new queries, runs on a thread of its own
+    (:mod:`cascade_routing.serving.batching`'s two lanes), so requests already bound keep deciding
+    while a batch of new queries is encoded; queries and answers use separate tokenizer instances.
 
     ``api_keys``: a keys file (:mod:`cascade_routing.serving.keys`; else ``$CASCADE_ROUTING_API_KEYS``;
     neither = no authentication). ``store``: the spend store URL (:func:`~cascade_routing.serving.
@@ -642,8 +646,9 @@ def serve(
         torch.set_num_threads(torch_threads)
     keys = load_keys(api_keys)
     executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="routing")
+    bind_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="binding") if bind_thread else None
     router = CascadeRouter.from_checkpoint(checkpoint, budget=budget, strategy=strategy, name=name,
-                                           executor=executor, int8=int8)
+                                           executor=executor, bind_executor=bind_executor, int8=int8)
     pool = BackendPool.from_yaml(backends, connection_pools=upstream_pools)
     limits = dataclasses.replace(limits or ServerLimits(), shutdown_timeout_s=shutdown_timeout_s)
     app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
@@ -653,7 +658,9 @@ def serve(
     try:
         DrainingServer(config).run(sockets=[reuse_port_socket(host, port)] if reuse_port else None)
     finally:
-        executor.shutdown(wait=False, cancel_futures=True)
+        for threads in (executor, bind_executor):
+            if threads is not None:
+                threads.shutdown(wait=False, cancel_futures=True)
     return 0
 
 
