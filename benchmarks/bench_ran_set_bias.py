@@ -101,6 +101,9 @@ def summary_markdown(results: dict[str, dict]) -> str:
     for name, r in results.items():
         def at(split: str, size: int, key: str) -> str:
             return f"{r[f'bias_{split}'][size][key]:+.3f}"
+        def selected(size: int) -> str:  # "-" where the pool has fewer models than ``size``
+            sizes = r["bias_val"]
+            return format(sizes[size]["selected_bias"], "+.3f") if size < len(sizes) else "-"
         h = r["calibration_halves"]
         aucs = " / ".join(format(h[strategy + "_auc"], ".2f") for strategy in STRATEGIES)
         lines.append(
@@ -109,7 +112,7 @@ def summary_markdown(results: dict[str, dict]) -> str:
             f"| {at('val', 2, 'run_bias')} / {at('calibration', 2, 'run_bias')} "
             f"| {aucs} | {h['cr_minus_routing_auc']:+.2f} "
             f"| {100 * h['worst_budget_cr_minus_routing']:+.2f} "
-            f"| {' / '.join(format(r['bias_val'][k]['selected_bias'], '+.3f') for k in (1, 2, 3, 5))} |")
+            f"| {' / '.join(selected(k) for k in (1, 2, 3, 5))} |")
     lines += ["", "Realised cost / budget on the scoring halves (mean over the sweep; mean ± standard error over the "
               "halvings): " + " / ".join(STRATEGIES), "", "| artifact | " + " | ".join(STRATEGIES) + " |",
               "|---|" + "---:|" * len(STRATEGIES)]
