@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.script_helpers import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_ran_set_bias", REPO / "benchmarks" / "bench_ran_set_bias.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_ran_set_bias.py")
 
 
 def _result(models: int, strategies: tuple[str, ...]) -> dict:

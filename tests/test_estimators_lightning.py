@@ -36,12 +36,9 @@ def _config(tmp_path: Path) -> Path:
 
 def _fit(cfg: Path, tmp_path: Path, *extra: str):
     """``python train.py fit --config CFG ...``, in-process (train.py's own ``main``)."""
-    import importlib.util
+    from tests.script_helpers import load_script
 
-    spec = importlib.util.spec_from_file_location("train_entry", Path(__file__).resolve().parents[1] / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    return train.main(["fit", "--config", str(cfg), *extra])
+    return load_script("train.py").main(["fit", "--config", str(cfg), *extra])
 
 
 @pytest.fixture(scope="module")

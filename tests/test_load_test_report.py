@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.script_helpers import REPO, load_script
 
 
 def _load_test():
-    spec = importlib.util.spec_from_file_location("load_test", REPO / "benchmarks" / "load_test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/load_test.py")
 
 
 def _spin(seconds: float) -> None:
