@@ -263,10 +263,10 @@ class EstimatorArtifact:
     def embed_answers(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """[N, D] answer embeddings. Answers have their own tokenizer instance, so a server may embed
         answers on one thread while it encodes queries on another (a fast tokenizer is not shared)."""
-        _, frozen = self._text_encoders()
         with self._lazy_lock:
+            tok, frozen = self._text_encoders()
             if self._answer_tokenizer is None:
-                self._answer_tokenizer = copy.deepcopy(self._text_encoders()[0])
+                self._answer_tokenizer = copy.deepcopy(tok)
         return encoding.encode_texts(
             list(texts), self._answer_tokenizer, frozen, self.encoder["answer_encoding"], int(self.encoder["answer_max_length"]), batch_size
         )
