@@ -33,11 +33,15 @@ import argparse
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from artifact_specs import add_artifact_option, artifact_specs  # noqa: E402
 
 ADHERENCE_ORDER = ("routing", "threshold_cascade", "optimal_cascade", "cascade_routing")
 
@@ -135,7 +139,7 @@ def calibration_gap_to_routing(fitted: list) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--artifact", action="append", required=True, help="NAME=PATH of a trained artifact")
+    add_artifact_option(parser)
     parser.add_argument("--out", default="benchmarks/results/learned_cr")
     parser.add_argument("--budgets-per-pair", type=int, default=None, help="default: the evaluation protocol's")
     parser.add_argument("--resamples", type=int, default=None, help="default: the evaluation protocol's")
@@ -145,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     summary_path = out / "summary.json"
     # datasets benchmarked earlier into the same folder stay in the summary (rerun one, keep the rest)
     summaries = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    for spec in args.artifact:
-        name, _, path = spec.partition("=")
-        if not path:
-            raise SystemExit(f"--artifact takes NAME=PATH, got {spec!r}")
+    for name, path in artifact_specs(parser, args.artifact):
         summaries[name] = report_one(name, path, out, args.budgets_per_pair, args.resamples)
     summary_path.write_text(json.dumps(summaries, indent=2))
     lines = ["| dataset | CR − routing AUC | worst per-budget CR − routing [95% CI] "

@@ -26,8 +26,8 @@ Writes ``<out>/summary.json`` and ``<out>/summary.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +35,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from artifact_specs import add_artifact_option, artifact_specs, write_summary  # noqa: E402
 
 STRATEGIES = ("routing", "threshold_cascade_one_threshold", "threshold_cascade", "optimal_cascade", "cascade_routing")
 
@@ -125,24 +128,16 @@ def summary_markdown(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", action="append", required=True, metavar="NAME=PATH")
+    add_artifact_option(parser)
     parser.add_argument("--seeds", type=int, default=2, help="random halvings of the calibration split")
     parser.add_argument("--out", default="benchmarks/results/ran_set_bias")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results: dict[str, dict] = {}
-    for spec in args.artifact:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            parser.error(f"--artifact must be NAME=PATH, got {spec!r}")
+    for name, path in artifact_specs(parser, args.artifact):
         results[name] = report_one(path, args.seeds)
         print(f"{name}: calibration halves {results[name]['calibration_halves']}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(results, indent=1))
-    table = summary_markdown(results)
-    (out / "summary.md").write_text(table)
-    print(table)
+    write_summary(args.out, results, summary_markdown(results))
     return 0
 
 

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cascade_routing.evaluation.compare import adherence_interval, budget_adherence, compare_per_budget, paired_interval
+from cascade_routing.evaluation.compare import (adherence_interval, budget_adherence, compare_per_budget, paired_interval,
+                                                spend_targets)
+from cascade_routing.policies.fitting import FittedLambda
 
 
 def _sweep(name, per_query_quality, costs):
@@ -52,3 +54,17 @@ def test_paired_interval_of_per_query_differences():
     assert paired_interval([1, 0], [1, 0]) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="same length"):
         paired_interval([1, 0], [1])
+
+
+def test_adherence_is_measured_against_what_each_fit_aims_at():
+    # budget 1: a normal fit; budget 2: raised to the floor 2.5; budget 9: λ = 0 spends only 4 on calibration
+    fits = [FittedLambda([3.0], [3.5], 0.2, budget=1.0, calibration_cost=0.99),
+            FittedLambda([1e30], [1e30], 0.0, budget=2.5, calibration_cost=2.5),
+            FittedLambda([0.0], [0.0], 0.0, budget=9.0, calibration_cost=4.0)]
+    sweep = SimpleNamespace(budgets=np.array([1.0, 2.0, 9.0]), costs=np.array([1.1, 2.5, 4.2]), fitted=fits,
+                            per_query_cost=np.array([[1.1, 1.1], [2.5, 2.5], [4.2, 4.2]]))
+    assert np.allclose(spend_targets(sweep), [1.0, 2.5, 4.0])
+    assert np.allclose(budget_adherence(sweep), [1.1, 1.0, 1.05])
+    assert adherence_interval(sweep, num_resamples=20)[0] == pytest.approx((1.1 + 1.0 + 1.05) / 3)
+    sweep.fitted = []  # no fits (the linear interpolation): the budgets themselves
+    assert np.allclose(spend_targets(sweep), [1.0, 2.0, 9.0])

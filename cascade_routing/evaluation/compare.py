@@ -3,7 +3,8 @@
 For strategies A and B swept by :func:`~cascade_routing.evaluation.sweep.budget_sweep` over the same
 budgets and test rows, at every budget ``b``: the mean paired quality difference
 ``d_b = mean_i(q^A_{b,i} − q^B_{b,i})`` with a percentile bootstrap CI over queries, and each
-strategy's budget adherence ``mean_i(c_{b,i}) / b`` (realised mean test cost over the budget).
+strategy's budget adherence ``mean_i(c_{b,i}) / b`` (realised mean test cost over the budget; over
+what the strategy spends with cost ignored where that is less, :func:`spend_targets`).
 """
 
 from __future__ import annotations
@@ -59,16 +60,35 @@ def _bootstrap_interval(per_query: np.ndarray, num_resamples: int, seed: int, le
     return np.quantile(means, alpha, axis=0), np.quantile(means, 1 - alpha, axis=0)
 
 
+def spend_targets(result) -> np.ndarray:
+    """The mean cost each budget's fit aims at: the budget (as raised to the reachable floor, the fit's
+    ``budget``), or, where the fit is λ = 0 because the strategy spends less than the budget even with
+    cost ignored, that fit's calibration cost. A sweep without fits (linear interpolation): its budgets."""
+    budgets = np.asarray(result.budgets, dtype=np.float64)
+    fitted = getattr(result, "fitted", None) or []
+    if len(fitted) != budgets.size:
+        return budgets
+    targets = []
+    for b, f in zip(budgets, fitted):
+        unconstrained = float(f.lam_low.abs().max()) == 0.0 and float(f.lam_high.abs().max()) == 0.0
+        if unconstrained and f.calibration_cost is not None:
+            targets.append(float(f.calibration_cost))
+        else:
+            targets.append(float(f.budget) if f.budget is not None else float(b))
+    return np.asarray(targets, dtype=np.float64)
+
+
 def budget_adherence(result) -> np.ndarray:
-    """Realised mean test cost over the budget, per budget of a sweep."""
-    return np.asarray(result.costs, dtype=np.float64) / np.asarray(result.budgets, dtype=np.float64)
+    """Realised mean test cost over the cost each fit aims at (:func:`spend_targets`), per budget of a sweep."""
+    return np.asarray(result.costs, dtype=np.float64) / spend_targets(result)
 
 
 def adherence_interval(result, num_resamples: int = 1000, seed: int = 0, level: float = 0.95
                        ) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the sweep's mean budget adherence ``(1/P) Σ_b mean_i(c_{b,i}) / b`` and
-    its percentile bootstrap CI, the test queries resampled (one draw shared by every budget)."""
-    ratio = np.asarray(result.per_query_cost, dtype=np.float64) / np.asarray(result.budgets, dtype=np.float64)[:, None]
+    """``(mean, low, high)``: the sweep's mean budget adherence ``(1/P) Σ_b mean_i(c_{b,i}) / t_b`` (t_b:
+    :func:`spend_targets`) and its percentile bootstrap CI, the test queries resampled (one draw shared
+    by every budget)."""
+    ratio = np.asarray(result.per_query_cost, dtype=np.float64) / spend_targets(result)[:, None]
     per_query = ratio.mean(0, keepdims=True)  # [1, N]: Σ_b c_{b,i} / (P b), whose mean over i is the adherence
     low, high = _bootstrap_interval(per_query, num_resamples, seed, level)
     return float(per_query.mean()), float(low[0]), float(high[0])

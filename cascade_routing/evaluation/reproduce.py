@@ -168,13 +168,14 @@ def _sweep_pool(pool_name: str, data, noise_levels: tuple[str, ...], strategies:
 def _sweep(strategy: str, qe, ce, data, fit_rows, test_rows, budgets: np.ndarray, num_resamples: int,
            num_samples: int, seed: int) -> SweepResult:
     """One cell of the table: the linear interpolation of the test split's models, or ``strategy``
-    (one constant λ, no routing guard: the paper's policies) with λ fitted per budget on ``fit_rows``
-    and simulated on ``test_rows``."""
+    (one constant λ, no routing guard, the budget met on the fit rows: the paper's policies) with λ
+    fitted per budget on ``fit_rows`` and simulated on ``test_rows``."""
     if strategy == "linear_interpolation":
         return linear_interpolation_sweep(data.quality[test_rows], data.cost[test_rows], budgets, num_resamples, seed)
     policy = make_policy(strategy, num_samples, seed, step_ratios=None, routing_guard=False)
     return budget_sweep(policy, qe, ce, data.quality, data.cost, fit_rows, test_rows, budgets,
-                        texts=data.queries, strategy=strategy, num_resamples=num_resamples, seed=seed)
+                        texts=data.queries, strategy=strategy, num_resamples=num_resamples, seed=seed,
+                        overshoot_correction=False)
 
 
 def _write_outputs(out: Path, rows: list[dict], curves: dict[str, list[SweepResult]], num_resamples: int,

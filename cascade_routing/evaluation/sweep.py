@@ -98,9 +98,11 @@ def budget_sweep(
     num_resamples: int = 500,
     seed: int = 0,
     progress=None,
+    overshoot_correction: bool = True,
 ) -> SweepResult:
     """Refit λ per budget on ``fit_rows`` and simulate on ``test_rows`` (row ids into ``quality``/``cost``
-    [N, M] and into the estimators' table). ``texts`` (all N) give the per-query λ-mix uniforms."""
+    [N, M] and into the estimators' table). ``texts`` (all N) give the per-query λ-mix uniforms;
+    ``overshoot_correction``: see :mod:`cascade_routing.policies.fitting`."""
     quality = np.asarray(quality, dtype=np.float64)
     cost = np.asarray(cost, dtype=np.float64)
     fit_rows = np.asarray(fit_rows, dtype=np.int64)
@@ -117,7 +119,8 @@ def budget_sweep(
     while True:  # every budget's λ at once (the fits advance together, one batched simulation per round)
         try:
             fitted = fit_lambdas(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows], b_fit,
-                                 uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache={})
+                                 uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache={},
+                                 overshoot_correction=overshoot_correction)
             break
         except BudgetUnreachable as e:  # below what the policy can spend with these cost estimates
             reachable = e.min_cost * (1 + 1e-9)

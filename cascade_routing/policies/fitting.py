@@ -9,6 +9,12 @@ for which the *realised* mean calibration cost with these very ``u_i`` is at or 
 so the budget is met on calibration as tightly as the per-query costs allow (the gap is below one
 query's cost difference divided by N).
 
+Overshoot correction (default): new queries at the fitted λ spend about the mean calibration cost just
+*after* the jump that crossed the budget, i.e. the budget plus that jump's overshoot. The fit therefore
+targets ``budget − E[overshoot]`` on the calibration rows (:mod:`cascade_routing.policies.overshoot`),
+so that the expected cost on new queries is the budget. ``overshoot_correction=False`` meets the budget
+on the calibration rows instead (the paper's protocol, used by the Table 1 reproduction).
+
 λ shape selection: a policy may carry ``lambda_shapes`` (candidate per-step shapes ``v``, e.g.
 ``(1, κ)``: the first model is chosen at λ = s, every later step at λ = s·κ). With no explicit
 ``shape``, :func:`fit_lambda` fits the scale for every candidate on the same calibration rows and
@@ -138,6 +144,7 @@ def fit_lambda(
     max_iter: int = 40,
     rel_tol: float = 1e-5,
     seed: int = 0,
+    overshoot_correction: bool = True,
 ) -> FittedLambda:
     """Fit λ so that the mean calibration cost meets ``budget`` (see module docstring).
 
@@ -145,11 +152,11 @@ def fit_lambda(
     the estimators' table (default 0..N-1); ``queries``: their texts (for :func:`query_uniforms`;
     else ``uniforms`` or seeded draws). ``shape`` [T] >= 0: fit λ_t = s·shape_t. Without ``shape``:
     the policy's ``lambda_shapes`` candidates, best by calibration quality (module docstring), or
-    a constant λ when it has none.
+    a constant λ when it has none. ``overshoot_correction``: see the module docstring.
     """
     return fit_lambdas(policy, quality_estimator, cost_estimator, quality, cost, [budget], queries,
                        uniforms=uniforms, rows=rows, shape=shape, cache=cache, max_iter=max_iter, rel_tol=rel_tol,
-                       seed=seed)[0]
+                       seed=seed, overshoot_correction=overshoot_correction)[0]
 
 
 def fit_lambdas(
@@ -168,6 +175,7 @@ def fit_lambdas(
     max_iter: int = 40,
     rel_tol: float = 1e-5,
     seed: int = 0,
+    overshoot_correction: bool = True,
 ) -> list[FittedLambda]:
     """:func:`fit_lambda` for every budget of ``budgets`` on the same calibration rows, one fit each.
 
@@ -200,7 +208,7 @@ def fit_lambdas(
                       for cand in (shapes or [None])]
         if guard:  # the routing the policy generalises: the same policy limited to depth 1
             candidates.append((None, 1))
-    searches = [scale_search(policy, c, b, v, uniforms, max_iter, rel_tol, depth)
+    searches = [scale_search(policy, c, b, v, uniforms, max_iter, rel_tol, depth, overshoot_correction)
                 for b in budgets for v, depth in candidates]
     fits = drive(searches, policy, quality_estimator, cost_estimator, q, c, uniforms, rows, cache)
     if len(candidates) == 1:

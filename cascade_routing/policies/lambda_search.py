@@ -16,6 +16,10 @@ are those of a plain bisection on s (the mean calibration cost decreases, stepwi
    then runs the policy it was raised to, not the smallest λ that happens to coincide with it on the
    calibration rows (which, on new queries whose estimated gain per cost exceeds every calibration
    query's, runs costlier models and overshoots the budget);
+5. with the overshoot correction (default): one more round simulates scales across the window
+   B(1 ± 0.1) of mean cost, :func:`~cascade_routing.policies.overshoot.expected_overshoot` estimates
+   how much more than B new queries would spend at the bracket just found, and steps 2-4 rerun for
+   the target B − that, starting from the tightest bracket among the scales simulated so far;
 
 then γ as in the module docstring of :mod:`cascade_routing.policies.fitting`. :func:`drive` runs
 many such generators in lockstep: each round, the next scales of every unfinished fit are simulated
@@ -63,61 +67,109 @@ def lambda_fit_mode() -> str:
     return mode
 
 
+def _simulated(v: Tensor, max_depth: int | None, scales: list[float], seen: dict) -> Generator[Request, list, list]:
+    """Yield one :class:`Request` for ``scales``; record each result in ``seen`` {scale: result}."""
+    results = yield Request(v, max_depth, scales)
+    seen.update(zip(scales, results))
+    return results
+
+
+def _bisect(policy: Policy, v: Tensor, max_depth: int | None, seen: dict, target: float, lo: float, hi: float,
+            max_iter: int, rel_tol: float) -> Generator[Request, list, tuple[float, float, int]]:
+    """Steps 2-3 of the module docstring for the mean cost ``target`` from ``lo`` (over it) and ``hi``:
+    returns the bracket (lo, hi) and the number of simulation rounds."""
+    rounds = 0
+    while seen[hi].mean_cost > target:
+        lo = hi
+        if hi * float(v.max()) >= MAX_LAMBDA:
+            raise BudgetUnreachable(
+                f"budget {target:.6g} not reachable by {policy!r} on these rows: even λ={lo:.3g} costs "
+                f"{seen[lo].mean_cost:.6g} (queries still run their cheapest model by estimate)", seen[lo].mean_cost)
+        hi = min(hi * 4.0, MAX_LAMBDA / float(v.max()))
+        rounds += 1
+        yield from _simulated(v, max_depth, [hi], seen)
+    it = 0
+    while it < max_iter and hi - lo > rel_tol * hi:
+        mid = 0.5 * (lo + hi)
+        (res,) = yield from _simulated(v, max_depth, [mid], seen)
+        if res.mean_cost > target:
+            lo = mid
+        else:
+            hi = mid
+        it += 1
+    return lo, hi, rounds + it
+
+
 def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor | None, uniforms: Tensor,
-                 max_iter: int, rel_tol: float, max_depth: int | None = None
+                 max_iter: int, rel_tol: float, max_depth: int | None = None, overshoot_correction: bool = True
                  ) -> Generator[Request, list, "FittedLambda"]:  # noqa: F821
     """One fit as a generator (module docstring): yields :class:`Request` s, receives their
-    :class:`~cascade_routing.policies.rollout.SimulationResult` s, returns the :class:`FittedLambda`."""
+    :class:`~cascade_routing.policies.rollout.SimulationResult` s, returns the :class:`FittedLambda`.
+
+    ``overshoot_correction``: after the bisection for ``budget``, estimate how far new queries overspend
+    the crossing jump (:func:`~cascade_routing.policies.overshoot.expected_overshoot`, from the
+    per-query costs of the evaluated scales plus :func:`~cascade_routing.policies.overshoot.window_scales`
+    simulated in one more round) and fit the mean calibration cost ``budget`` − that instead;
+    ``info["overshoot"]`` holds it. A target the floor policy cannot meet fits the floor policy."""
     from cascade_routing.policies.fitting import FittedLambda, _budget_gamma
+    from cascade_routing.policies.overshoot import expected_overshoot, window_scales
 
     v = torch.ones(1, dtype=torch.float64) if shape is None else torch.as_tensor(shape, dtype=torch.float64).reshape(-1)
     if bool((v < 0).any()) or bool(torch.isnan(v).any()) or float(v.max()) <= 0:
         raise PolicyError(f"λ shape must be >= 0 with a positive entry, got {v.tolist()}")
+    seen: dict = {}
     slack = 1e-9 * budget + 1e-15  # float rounding of mean costs
-    budget_cmp = budget + slack
+    s_max = MAX_LAMBDA / float(v.max())
     hi = 1.0 / max(float(cost.mean()), 1e-12)
-    res0, res_hi = yield Request(v, max_depth, [0.0, hi])
-    if res0.mean_cost <= budget_cmp:
+    res0, _ = yield from _simulated(v, max_depth, [0.0, hi], seen)
+    if res0.mean_cost <= budget + slack:
         return FittedLambda(0.0 * v, 0.0 * v, 0.0, budget, res0.mean_cost, res0.mean_quality,
                             {"iterations": 0, "shape": v.tolist(), "per_query_quality": res0.quality.numpy()},
                             max_depth)
-    lo, res_lo = 0.0, res0
-    grow = 0
-    while res_hi.mean_cost > budget_cmp:
-        lo, res_lo = hi, res_hi
-        if hi * float(v.max()) >= MAX_LAMBDA:
-            raise BudgetUnreachable(
-                f"budget {budget:.6g} not reachable by {policy!r} on these rows: even λ={lo:.3g} costs "
-                f"{res_lo.mean_cost:.6g} (queries still run their cheapest model by estimate)", res_lo.mean_cost)
-        hi = min(hi * 4.0, MAX_LAMBDA / float(v.max()))
-        grow += 1
-        (res_hi,) = yield Request(v, max_depth, [hi])
-    it = 0
-    while it < max_iter and hi - lo > rel_tol * hi:
-        mid = 0.5 * (lo + hi)
-        (res,) = yield Request(v, max_depth, [mid])
-        if res.mean_cost > budget_cmp:
-            lo, res_lo = mid, res
-        else:
-            hi, res_hi = mid, res
-        it += 1
-    s_max = MAX_LAMBDA / float(v.max())
-    if hi < s_max and budget - res_hi.mean_cost <= FLOOR_REL_TOL * budget:
+    lo, hi, rounds = yield from _bisect(policy, v, max_depth, seen, budget + slack, 0.0, hi, max_iter, rel_tol)
+    rounds += 2
+    target, overshoot = budget, 0.0
+    if overshoot_correction:
+        extra = window_scales({s: r.cost.numpy() for s, r in seen.items()}, budget)
+        if extra:
+            yield from _simulated(v, max_depth, extra, seen)
+            rounds += 1
+        overshoot = expected_overshoot({s: r.cost.numpy() for s, r in seen.items()}, budget)
+        if overshoot > 0.0:
+            target = budget - overshoot
+            cmp = target + 1e-9 * target + 1e-15
+            hi = min((s for s, r in seen.items() if r.mean_cost <= cmp), default=max(seen))
+            lo = max((s for s, r in seen.items() if s < hi and r.mean_cost > cmp), default=0.0)
+            try:
+                lo, hi, more = yield from _bisect(policy, v, max_depth, seen, cmp, lo, hi, max_iter, rel_tol)
+                rounds += more
+            except BudgetUnreachable:  # below the floor policy's cost: run the floor policy
+                res_max = seen[s_max]
+                return FittedLambda(s_max * v, s_max * v, 0.0, budget, res_max.mean_cost, res_max.mean_quality,
+                                    {"iterations": rounds, "shape": v.tolist(), "floor": True,
+                                     "overshoot": overshoot, "per_query_quality": res_max.quality.numpy()}, max_depth)
+    target_cmp = target + 1e-9 * target + 1e-15
+    res_lo, res_hi = seen[lo], seen[hi]
+    if hi < s_max and target - res_hi.mean_cost <= FLOOR_REL_TOL * target:
         # the budget is (numerically) what the upper end spends: if that is the floor policy's cost, store
         # the floor policy itself rather than the smallest λ that reproduces it on these rows
-        (res_max,) = yield Request(v, max_depth, [s_max])
+        if s_max not in seen:
+            yield from _simulated(v, max_depth, [s_max], seen)
+            rounds += 1
+        res_max = seen[s_max]
         if res_max.mean_cost >= res_hi.mean_cost - slack:
             return FittedLambda(s_max * v, s_max * v, 0.0, budget, res_max.mean_cost, res_max.mean_quality,
-                                {"iterations": it + grow + 3, "shape": v.tolist(), "floor": True,
+                                {"iterations": rounds, "shape": v.tolist(), "floor": True, "overshoot": overshoot,
                                  "per_query_quality": res_max.quality.numpy()}, max_depth)
-    gamma = _budget_gamma(res_lo.cost, res_hi.cost, uniforms, budget_cmp)
+    gamma = _budget_gamma(res_lo.cost, res_hi.cost, uniforms, target_cmp)
     use_low = uniforms < gamma
     mix_cost = float(torch.where(use_low, res_lo.cost, res_hi.cost).mean())
     per_query_quality = torch.where(use_low, res_lo.quality, res_hi.quality)
     mix_quality = float(per_query_quality.mean())
     return FittedLambda(lo * v, hi * v, gamma, budget, mix_cost, mix_quality,
-                        {"iterations": it + grow + 2, "cost_low": res_lo.mean_cost, "cost_high": res_hi.mean_cost,
-                         "shape": v.tolist(), "per_query_quality": per_query_quality.numpy()}, max_depth)
+                        {"iterations": rounds, "cost_low": res_lo.mean_cost, "cost_high": res_hi.mean_cost,
+                         "shape": v.tolist(), "overshoot": overshoot, "per_query_quality": per_query_quality.numpy()},
+                        max_depth)
 
 
 def drive(searches: list[Generator], policy: Policy, quality_estimator, cost_estimator, quality: np.ndarray,
