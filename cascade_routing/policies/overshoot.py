@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 OVERSHOOT_WINDOW = 0.1  # the slope is taken between the mean costs B(1 ± 0.1)
-WINDOW_POINTS = 16  # scales added across the window so that its edges lie close to B(1 ± window)
+WINDOW_POINTS = 4  # scales added across the window so that its edges lie close to B(1 ± window)
 
 
 def _sorted_points(points: dict[float, np.ndarray]) -> tuple[list[float], np.ndarray]:
