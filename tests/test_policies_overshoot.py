@@ -39,12 +39,18 @@ def test_overshoot_is_capped_at_the_window():
     assert expected_overshoot(points, 300.0, window=0.1) == pytest.approx(30.0)
 
 
-def test_window_scales_fill_the_window_between_its_edges():
-    points = {0.5: _binary(100, 40), 4.0: _binary(100, 25), 8.0: _binary(100, 10)}  # mean 4, 2.5, 1
+def test_window_scales_fill_the_gaps_that_the_window_edges_fall_in():
+    # mean costs 4, 2.5, 1 at scales 0.5, 4, 8 around B = 2.5: both edges lie beyond B(1 ± 0.2)
+    points = {0.5: _binary(100, 40), 4.0: _binary(100, 25), 8.0: _binary(100, 10)}
     extra = window_scales(points, 2.5, window=0.1, count=4)
-    assert len(extra) == 4 and all(0.5 < s < 8.0 for s in extra)
-    assert extra == sorted(extra) and np.allclose(np.diff(np.log(extra)), np.log(16) / 5)
-    assert window_scales({1.0: _binary(10, 5)}, 2.5) == []  # one scale: no window to fill
+    upper, lower = extra[:4], extra[4:]
+    assert np.allclose(upper, np.geomspace(0.5, 4.0, 6)[1:-1]) and np.allclose(lower, np.geomspace(4.0, 8.0, 6)[1:-1])
+    # edges within B(1 ± 0.2) (here 2.9 and 2.1): nothing to add; one scale: no window at all
+    close = {0.5: _binary(100, 29), 4.0: _binary(100, 25), 8.0: _binary(100, 21)}
+    assert window_scales(close, 2.5, window=0.1) == []
+    assert window_scales({1.0: _binary(10, 5)}, 2.5) == []
+    # from s = 0 the gap is filled linearly
+    assert np.allclose(window_scales({0.0: _binary(100, 40), 4.0: _binary(100, 25)}, 2.5, count=3), [1.0, 2.0, 3.0])
 
 
 @pytest.fixture(scope="module")

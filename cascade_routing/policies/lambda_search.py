@@ -16,8 +16,8 @@ are those of a plain bisection on s (the mean calibration cost decreases, stepwi
    then runs the policy it was raised to, not the smallest λ that happens to coincide with it on the
    calibration rows (which, on new queries whose estimated gain per cost exceeds every calibration
    query's, runs costlier models and overshoots the budget);
-5. with the overshoot correction (default): one more round simulates scales across the window
-   B(1 ± 0.1) of mean cost, :func:`~cascade_routing.policies.overshoot.expected_overshoot` estimates
+5. with the overshoot correction (default): up to three more rounds simulate scales until the
+   evaluated ones reach the window B(1 ± 0.1) of mean cost from both sides, :func:`~cascade_routing.policies.overshoot.expected_overshoot` estimates
    how much more than B new queries would spend at the bracket just found, and steps 2-4 rerun for
    the target B − that, starting from the tightest bracket among the scales simulated so far;
 
@@ -112,7 +112,7 @@ def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor 
     simulated in one more round) and fit the mean calibration cost ``budget`` − that instead;
     ``info["overshoot"]`` holds it. A target the floor policy cannot meet fits the floor policy."""
     from cascade_routing.policies.fitting import FittedLambda, _budget_gamma
-    from cascade_routing.policies.overshoot import expected_overshoot, window_scales
+    from cascade_routing.policies.overshoot import WINDOW_ROUNDS, expected_overshoot, window_scales
 
     v = torch.ones(1, dtype=torch.float64) if shape is None else torch.as_tensor(shape, dtype=torch.float64).reshape(-1)
     if bool((v < 0).any()) or bool(torch.isnan(v).any()) or float(v.max()) <= 0:
@@ -130,8 +130,10 @@ def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor 
     rounds += 2
     target, overshoot = budget, 0.0
     if overshoot_correction:
-        extra = window_scales({s: r.cost.numpy() for s, r in seen.items()}, budget)
-        if extra:
+        for _ in range(WINDOW_ROUNDS):
+            extra = window_scales({s: r.cost.numpy() for s, r in seen.items()}, budget)
+            if not extra:
+                break
             yield from _simulated(v, max_depth, extra, seen)
             rounds += 1
         overshoot = expected_overshoot({s: r.cost.numpy() for s, r in seen.items()}, budget)

@@ -17,8 +17,9 @@ the formula is the renewal-theory overshoot of the crossing jump, E[d²]/(2N E[d
 
 :func:`expected_overshoot` estimates it from the per-query costs at the evaluated scales: the slope
 of the mean squared cost against the mean cost between the scales at the edges of a window of
-±``window``·B around the budget (consecutive jumps of one query add up exactly in Σ g², so coarse
-scales do not bias it). A fit that targets B − E[overshoot] on the calibration rows spends B on new
+±``window``·B around the budget, brought within ±2·``window``·B by up to :data:`WINDOW_ROUNDS`
+rounds of :func:`window_scales` (consecutive jumps of one query add up exactly in Σ g², so the
+scales in between do not matter). A fit that targets B − E[overshoot] on the calibration rows spends B on new
 queries on average. ``benchmarks/bench_overshoot.py`` measures it on calibration halves
 (``benchmarks/results/overshoot/``).
 """
@@ -28,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 OVERSHOOT_WINDOW = 0.1  # the slope is taken between the mean costs B(1 ± 0.1)
-WINDOW_POINTS = 4  # scales added across the window so that its edges lie close to B(1 ± window)
+WINDOW_POINTS = 4  # scales added per gap that an edge of the window falls in (window_scales)
+WINDOW_ROUNDS = 3  # at most this many rounds of them
 
 
 def _sorted_points(points: dict[float, np.ndarray]) -> tuple[list[float], np.ndarray]:
@@ -48,14 +50,26 @@ def _window_edges(means: np.ndarray, budget: float, window: float) -> tuple[int,
 
 def window_scales(points: dict[float, np.ndarray], budget: float, window: float = OVERSHOOT_WINDOW,
                   count: int = WINDOW_POINTS) -> list[float]:
-    """``count`` scales between the window's edges (geometric; linear from s = 0) not evaluated yet."""
+    """Scales to simulate next so that the window's edges land within B(1 ± 2·window) of mean cost.
+
+    An edge whose mean cost lies beyond that (the evaluated scales jump past it) gets ``count`` scales
+    spread over the gap between it and its neighbour inside the window (geometric; linear from
+    s = 0). Empty when both edges are close enough or are the ends of the evaluated scales (s = 0
+    still costs less than B(1 + window), or the largest scale more than B(1 − window))."""
     scales, means = _sorted_points(points)
     a, b = _window_edges(means, budget, window)
-    s_a, s_b = scales[a], scales[b]
-    if count <= 0 or s_b <= s_a:
-        return []
-    grid = np.linspace(s_a, s_b, count + 2) if s_a <= 0 else np.geomspace(s_a, s_b, count + 2)
-    return [float(s) for s in grid[1:-1] if float(s) not in points]
+    gaps = []
+    if means[a] > budget * (1 + 2 * window) and a + 1 < len(scales):
+        gaps.append((scales[a], scales[a + 1]))
+    if means[b] < budget * (1 - 2 * window) and b >= 1:
+        gaps.append((scales[b - 1], scales[b]))
+    out: list[float] = []
+    for lo, hi in gaps:
+        if count <= 0 or hi <= lo:
+            continue
+        grid = np.linspace(lo, hi, count + 2) if lo <= 0 else np.geomspace(lo, hi, count + 2)
+        out += [float(x) for x in grid[1:-1] if float(x) not in points and float(x) not in out]
+    return out
 
 
 def expected_overshoot(points: dict[float, np.ndarray], budget: float, window: float = OVERSHOOT_WINDOW) -> float:
