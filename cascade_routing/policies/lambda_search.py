@@ -17,9 +17,10 @@ are those of a plain bisection on s (the mean calibration cost decreases, stepwi
    calibration rows (which, on new queries whose estimated gain per cost exceeds every calibration
    query's, runs costlier models and overshoots the budget);
 5. with the overshoot correction (default): up to three more rounds simulate scales until the
-   evaluated ones reach the window B(1 ± 0.1) of mean cost from both sides, :func:`~cascade_routing.policies.overshoot.expected_overshoot` estimates
-   how much more than B new queries would spend at the bracket just found, and steps 2-4 rerun for
-   the target B − that, starting from the tightest bracket among the scales simulated so far;
+   evaluated ones reach the window B(1 ± 0.1) of mean cost from both sides;
+   :func:`~cascade_routing.policies.overshoot.expected_overshoot` estimates how much more than B new
+   queries would spend at the bracket just found, and steps 2-4 rerun for the target B − that,
+   starting from the tightest bracket among the scales simulated so far;
 
 then γ as in the module docstring of :mod:`cascade_routing.policies.fitting`. :func:`drive` runs
 many such generators in lockstep: each round, the next scales of every unfinished fit are simulated
@@ -79,13 +80,14 @@ def _bisect(policy: Policy, v: Tensor, max_depth: int | None, seen: dict, target
     """Steps 2-3 of the module docstring for the mean cost ``target`` from ``lo`` (over it) and ``hi``:
     returns the bracket (lo, hi) and the number of simulation rounds."""
     rounds = 0
+    s_max = MAX_LAMBDA / float(v.max())
     while seen[hi].mean_cost > target:
         lo = hi
-        if hi * float(v.max()) >= MAX_LAMBDA:
+        if hi >= s_max:
             raise BudgetUnreachable(
                 f"budget {target:.6g} not reachable by {policy!r} on these rows: even λ={lo:.3g} costs "
                 f"{seen[lo].mean_cost:.6g} (queries still run their cheapest model by estimate)", seen[lo].mean_cost)
-        hi = min(hi * 4.0, MAX_LAMBDA / float(v.max()))
+        hi = min(hi * 4.0, s_max)
         rounds += 1
         yield from _simulated(v, max_depth, [hi], seen)
     it = 0
@@ -108,9 +110,11 @@ def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor 
 
     ``overshoot_correction``: after the bisection for ``budget``, estimate how far new queries overspend
     the crossing jump (:func:`~cascade_routing.policies.overshoot.expected_overshoot`, from the
-    per-query costs of the evaluated scales plus :func:`~cascade_routing.policies.overshoot.window_scales`
-    simulated in one more round) and fit the mean calibration cost ``budget`` − that instead;
-    ``info["overshoot"]`` holds it. A target the floor policy cannot meet fits the floor policy."""
+    per-query costs of the evaluated scales plus those of
+    :func:`~cascade_routing.policies.overshoot.window_scales`, simulated in up to
+    :data:`~cascade_routing.policies.overshoot.WINDOW_ROUNDS` more rounds) and fit the mean
+    calibration cost ``budget`` − that instead; ``info["overshoot"]`` holds it. A target the floor
+    policy cannot meet fits the floor policy if that meets ``budget``, else ``budget`` itself."""
     from cascade_routing.policies.fitting import FittedLambda, _budget_gamma
     from cascade_routing.policies.overshoot import WINDOW_ROUNDS, expected_overshoot, window_scales
 
@@ -142,14 +146,17 @@ def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor 
             cmp = target + 1e-9 * target + 1e-15
             hi = min((s for s, r in seen.items() if r.mean_cost <= cmp), default=max(seen))
             lo = max((s for s, r in seen.items() if s < hi and r.mean_cost > cmp), default=0.0)
+            fitted_to_budget = lo, hi
             try:
                 lo, hi, more = yield from _bisect(policy, v, max_depth, seen, cmp, lo, hi, max_iter, rel_tol)
                 rounds += more
-            except BudgetUnreachable:  # below the floor policy's cost: run the floor policy
+            except BudgetUnreachable:  # below the floor policy's cost: run the floor policy if it meets the budget
                 res_max = seen[s_max]
-                return FittedLambda(s_max * v, s_max * v, 0.0, budget, res_max.mean_cost, res_max.mean_quality,
-                                    {"iterations": rounds, "shape": v.tolist(), "floor": True,
-                                     "overshoot": overshoot, "per_query_quality": res_max.quality.numpy()}, max_depth)
+                if res_max.mean_cost <= budget + slack:
+                    return FittedLambda(s_max * v, s_max * v, 0.0, budget, res_max.mean_cost, res_max.mean_quality,
+                                        {"iterations": rounds, "shape": v.tolist(), "floor": True, "overshoot": overshoot,
+                                         "per_query_quality": res_max.quality.numpy()}, max_depth)
+                (lo, hi), target = fitted_to_budget, budget
     target_cmp = target + 1e-9 * target + 1e-15
     res_lo, res_hi = seen[lo], seen[hi]
     if hi < s_max and target - res_hi.mean_cost <= FLOOR_REL_TOL * target:
