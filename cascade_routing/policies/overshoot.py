@@ -12,15 +12,16 @@ The fitted λ spends more than B on new queries wherever the per-query cost vari
 the mean cost, i.e. where a smaller λ makes a few queries much costlier rather than many a little.
 A threshold cascade whose chain ends in a model 60 times the price of the first one escalates a
 query all the way in one jump: on routerbench-subset's calibration halves (236 queries) its
-uncorrected fit spends 4% over the budget on the other half. For jumps of size d from zero cost
-the formula is the renewal-theory overshoot of the crossing jump, E[d²]/(2N E[d]).
+uncorrected fit spends 4% over the budget on the other half. For queries that jump from zero cost
+by d it reads E[d²]/(2N E[d]) − C/N: the renewal-theory overshoot of the jump that crosses the
+level, less C/N.
 
 :func:`expected_overshoot` estimates it from the per-query costs at the evaluated scales: the slope
 of the mean squared cost against the mean cost between the scales at the edges of a window of
 ±``window``·B around the budget, brought within ±2·``window``·B by up to :data:`WINDOW_ROUNDS`
 rounds of :func:`window_scales` (consecutive jumps of one query add up exactly in Σ g², so the
-scales in between do not matter). A fit that targets B − E[overshoot] on the calibration rows spends B on new
-queries on average. ``benchmarks/bench_overshoot.py`` measures it on calibration halves
+scales in between do not matter). A fit that targets B − E[overshoot] on the calibration rows spends
+B on new queries on average. ``benchmarks/bench_overshoot.py`` measures it on calibration halves
 (``benchmarks/results/overshoot/``).
 """
 
