@@ -107,3 +107,40 @@ def test_a_corrected_target_below_the_floor_fits_the_floor_policy(heavy_tailed):
     assert budget - corrected.info["overshoot"] < floor
     assert corrected.info["floor"] and corrected.calibration_cost == pytest.approx(floor)
     assert corrected.budget == budget
+
+
+class _Simulated:
+    """A simulation result of fixed per-query costs (quality = 1 everywhere)."""
+
+    def __init__(self, cost: np.ndarray) -> None:
+        self.cost = torch.as_tensor(cost, dtype=torch.float64)
+        self.quality = torch.ones_like(self.cost)
+        self.mean_cost, self.mean_quality = float(self.cost.mean()), 1.0
+
+
+def _drive(search, cost_at):
+    request = next(search)
+    while True:
+        try:
+            request = search.send([_Simulated(cost_at(s)) for s in request.scales])
+        except StopIteration as stop:
+            return stop.value
+
+
+def test_a_target_below_a_floor_that_overspends_keeps_the_budgets_own_fit():
+    # 10 queries cost 10 below their own scale threshold and 1.45 above it; at λ = MAX_LAMBDA (the floor policy)
+    # every query costs 5: the cost is not monotone in λ, and the corrected target (below 1.45) is unreachable
+    from cascade_routing.policies.lambda_search import MAX_LAMBDA, scale_search
+
+    thresholds = np.geomspace(1.0, 100.0, 10)
+
+    def cost_at(scale: float) -> np.ndarray:
+        return np.full(10, 5.0) if scale >= MAX_LAMBDA else np.where(scale < thresholds, 10.0, 1.45)
+
+    uniforms = torch.linspace(0.05, 0.95, 10, dtype=torch.float64)
+    fit = _drive(scale_search(ThresholdCascade(), np.ones((10, 2)), 1.5, None, uniforms, 40, 1e-5), cost_at)
+    plain = _drive(scale_search(ThresholdCascade(), np.ones((10, 2)), 1.5, None, uniforms, 40, 1e-5,
+                                overshoot_correction=False), cost_at)
+    assert not fit.info.get("floor") and fit.info["overshoot"] == 0.0
+    assert fit.calibration_cost == pytest.approx(plain.calibration_cost) and fit.calibration_cost <= 1.5
+    assert torch.equal(fit.lam_high, plain.lam_high) and fit.gamma == plain.gamma

@@ -124,6 +124,13 @@ def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor 
     seen: dict = {}
     slack = 1e-9 * budget + 1e-15  # float rounding of mean costs
     s_max = MAX_LAMBDA / float(v.max())
+
+    def floor_fit(rounds: int, overshoot: float) -> "FittedLambda":  # noqa: F821
+        res_max = seen[s_max]  # λ = MAX_LAMBDA: every query its cheapest model by estimate
+        return FittedLambda(s_max * v, s_max * v, 0.0, budget, res_max.mean_cost, res_max.mean_quality,
+                            {"iterations": rounds, "shape": v.tolist(), "floor": True, "overshoot": overshoot,
+                             "per_query_quality": res_max.quality.numpy()}, max_depth)
+
     hi = 1.0 / max(float(cost.mean()), 1e-12)
     res0, _ = yield from _simulated(v, max_depth, [0.0, hi], seen)
     if res0.mean_cost <= budget + slack:
@@ -142,21 +149,18 @@ def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor 
             rounds += 1
         overshoot = expected_overshoot({s: r.cost.numpy() for s, r in seen.items()}, budget)
         if overshoot > 0.0:
+            fitted_to_budget = lo, hi
             target = budget - overshoot
             cmp = target + 1e-9 * target + 1e-15
             hi = min((s for s, r in seen.items() if r.mean_cost <= cmp), default=max(seen))
             lo = max((s for s, r in seen.items() if s < hi and r.mean_cost > cmp), default=0.0)
-            fitted_to_budget = lo, hi
             try:
                 lo, hi, more = yield from _bisect(policy, v, max_depth, seen, cmp, lo, hi, max_iter, rel_tol)
                 rounds += more
             except BudgetUnreachable:  # below the floor policy's cost: run the floor policy if it meets the budget
-                res_max = seen[s_max]
-                if res_max.mean_cost <= budget + slack:
-                    return FittedLambda(s_max * v, s_max * v, 0.0, budget, res_max.mean_cost, res_max.mean_quality,
-                                        {"iterations": rounds, "shape": v.tolist(), "floor": True, "overshoot": overshoot,
-                                         "per_query_quality": res_max.quality.numpy()}, max_depth)
-                (lo, hi), target = fitted_to_budget, budget
+                if seen[s_max].mean_cost <= budget + slack:
+                    return floor_fit(rounds, overshoot)
+                (lo, hi), target, overshoot = fitted_to_budget, budget, 0.0  # the budget's own fit
     target_cmp = target + 1e-9 * target + 1e-15
     res_lo, res_hi = seen[lo], seen[hi]
     if hi < s_max and target - res_hi.mean_cost <= FLOOR_REL_TOL * target:
@@ -165,11 +169,8 @@ def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor 
         if s_max not in seen:
             yield from _simulated(v, max_depth, [s_max], seen)
             rounds += 1
-        res_max = seen[s_max]
-        if res_max.mean_cost >= res_hi.mean_cost - slack:
-            return FittedLambda(s_max * v, s_max * v, 0.0, budget, res_max.mean_cost, res_max.mean_quality,
-                                {"iterations": rounds, "shape": v.tolist(), "floor": True, "overshoot": overshoot,
-                                 "per_query_quality": res_max.quality.numpy()}, max_depth)
+        if seen[s_max].mean_cost >= res_hi.mean_cost - slack:
+            return floor_fit(rounds, overshoot)
     gamma = _budget_gamma(res_lo.cost, res_hi.cost, uniforms, target_cmp)
     use_low = uniforms < gamma
     mix_cost = float(torch.where(use_low, res_lo.cost, res_hi.cost).mean())
