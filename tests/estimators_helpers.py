@@ -55,7 +55,7 @@ def make_synthetic_dataset(n: int = 240, m: int = 3, seed: int = 0, confidence: 
     for i in range(n):
         for j in range(m):
             responses[i, j] = ("answer yes alpha" if quality[i, j] else "answer no " + str(rng.choice(WORDS[:40])))
-    conf = np.clip(quality * 0.6 + rng.uniform(0, 0.4, size=(n, m)), 0, 1)
+    conf = np.log(np.clip(quality * 0.6 + rng.uniform(0, 0.4, size=(n, m)), 1e-6, 1))  # a log-prob
     cost = np.tile(np.linspace(1e-4, 1e-2, m), (n, 1)) * rng.uniform(0.5, 1.5, size=(n, m))
     tokens_in = np.tile(rng.integers(10, 100, size=(n, 1)), (1, m)).astype(float)
     tokens_out = rng.integers(5, 50, size=(n, m)).astype(float)
@@ -75,7 +75,7 @@ def make_synthetic_dataset(n: int = 240, m: int = 3, seed: int = 0, confidence: 
 
 
 def train_tiny(tmp_path: Path, n: int = 240, m: int = 3, epochs: int = 4, seed: int = 0, finetune: bool = False,
-               **data_kwargs):
+               confidence: bool = True, **data_kwargs):
     """Train a tiny estimator on synthetic data; returns (module, datamodule, trainer, dataset)."""
     import lightning as L
 
@@ -83,7 +83,7 @@ def train_tiny(tmp_path: Path, n: int = 240, m: int = 3, epochs: int = 4, seed: 
     from cascade_routing.training.module import QualityEstimatorModule
 
     enc = make_tiny_encoder(tmp_path / "encoder")
-    ds = make_synthetic_dataset(n, m, seed)
+    ds = make_synthetic_dataset(n, m, seed, confidence=confidence)
     dm = RoutingDataModule.from_dataset(
         ds, encoder_path=str(enc), cache_dir=str(tmp_path / "cache"), batch_size=32, finetune=finetune, **data_kwargs
     )

@@ -44,7 +44,7 @@ def synthetic_dataset(n: int = 60, seed: int = 0) -> RoutingDataset:
         for j, m in enumerate(MODELS):
             verdict = "CORRECT" if quality[i, j] else "WRONG"
             responses[i, j] = f"{m} says {verdict} answer {i} " + "x" * int(tokens_out[i, j])
-    confidence = np.clip(0.5 * quality + 0.5 * rng.random((n, 3)), 0, 1)
+    confidence = np.log(np.clip(0.5 * quality + 0.5 * rng.random((n, 3)), 1e-6, 1))  # a log-prob
     return RoutingDataset(
         queries=queries, models=list(MODELS), quality=quality, cost=cost, responses=responses,
         features={"tokens_in": tokens_in, "tokens_out": tokens_out, "logprob_confidence": confidence,

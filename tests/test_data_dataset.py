@@ -134,6 +134,13 @@ def test_quality_outside_unit_interval() -> None:
         RoutingDataset(**_kwargs(quality=[[2.0, 0.0], [0.0, 1.0]]))
 
 
+def test_logprob_confidence_must_be_a_log_probability() -> None:
+    RoutingDataset(**_kwargs(features={"logprob_confidence": [[0.0, -0.5], [-30.0, -1e-9]]}))
+    with pytest.raises(DatasetError, match=r"'logprob_confidence' must be a log-probability \(<= 0\), got 0.7 at row 1, "
+                                           r"model 'y' \(give a probability p as log\(p\)\)"):
+        RoutingDataset(**_kwargs(features={"logprob_confidence": [[0.0, -0.5], [-0.2, 0.7]]}))
+
+
 def test_shape_mismatch() -> None:
     with pytest.raises(DatasetError, match=r"field 'cost' has shape \(2, 3\), expected \(N=2, M=2\)"):
         RoutingDataset(**_kwargs(cost=[[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]))

@@ -121,6 +121,41 @@ def test_bound_estimator_ignores_unrun_responses(trained):
     assert not torch.equal(q3.estimate(rows[b : b + 1], ran[b : b + 1]).mean, e1.mean[b : b + 1])
 
 
+def test_artifacts_saved_before_the_confidence_encoding_read_the_log_prob_only(trained):
+    """New training adds the log surprise; an artifact whose network config predates the field
+    rebuilds the log-prob-only network it was trained as."""
+    import dataclasses
+
+    art = trained["art"]
+    assert art.network_config["confidence_encoding"] == "logprob_and_surprise"
+    loaded = load_artifact(trained["path"])
+    assert loaded.network().config.confidence_encoding == "logprob_and_surprise"
+    older_config = {k: v for k, v in art.network_config.items() if k != "confidence_encoding"}
+    older_weights = dict(art.state_dict)
+    older_weights["answer_feat_proj.weight"] = art.state_dict["answer_feat_proj.weight"][:, :-1].clone()
+    older_weights["answer_feat_proj.weight"][:, art.network_config["num_answer_features"]:] = (
+        art.state_dict["answer_feat_proj.weight"][:, art.network_config["num_answer_features"] + 1:])
+    older = dataclasses.replace(art, network_config=older_config, state_dict=older_weights, _network=None)
+    assert older.network().config.confidence_encoding == "logprob"
+    # the same weights without the log surprise's column give the same ex-ante estimate (no answers read)
+    test = trained["dm"].splits["test"]
+    n, m = test.quality.shape
+    rows, ran = torch.arange(n), torch.zeros(n, m, dtype=torch.bool)
+    torch.testing.assert_close(bind_split(older, test)[0].estimate(rows, ran).mean,
+                               bind_split(art, test)[0].estimate(rows, ran).mean)
+    # a stored weight of the wrong width (an older network config with newer weights) is refused by name
+    mixed = dataclasses.replace(art, network_config=older_config, _network=None)
+    with pytest.raises(ArtifactError, match="answer_feat_proj.weight"):
+        mixed.network()
+
+
+def test_data_without_confidences_trains_the_log_prob_only_network(tmp_path):
+    module, _, _, ds = train_tiny(tmp_path, n=80, m=2, epochs=1, confidence=False)
+    assert "logprob_confidence" not in ds.features
+    assert module.hparams.network_config["confidence_encoding"] == "logprob"
+    assert module.network.answer_feat_proj.in_features == (4 + 2) + 1 + 2  # no log-surprise column
+
+
 def test_cost_is_exact_once_run(trained):
     art, test = trained["art"], trained["dm"].splits["test"]
     ds = test.dataset

@@ -10,7 +10,8 @@ row and model):
 - ``quality`` is float [N, M], finite, in [0, 1]; ``cost`` is float [N, M], finite, >= 0 (USD).
 - ``responses`` (optional) is an object array [N, M] of ``str`` (or ``None`` when missing).
 - ``features`` (optional) maps a name to a finite float array [N, M] (e.g. ``logprob_confidence``,
-  ``tokens_in``, ``tokens_out``, ``latency_ms``).
+  ``tokens_in``, ``tokens_out``, ``latency_ms``); ``logprob_confidence`` is a log-probability, <= 0
+  (a probability in [0, 1] must be given as its log).
 - ``tasks`` (optional) is one label per query; ``query_ids`` are unique.
 - N >= 1 and M >= 1.
 
@@ -130,6 +131,12 @@ class RoutingDataset:
                 raise DatasetError(
                     f"{where}: feature {key!r} has a non-finite value at row {r}, "
                     f"model {self.models[c]!r}"
+                )
+            if key == "logprob_confidence" and (arr > 0).any():
+                r, c = _first_bad_cell(arr > 0)
+                raise DatasetError(
+                    f"{where}: feature 'logprob_confidence' must be a log-probability (<= 0), got {arr[r, c]:.6g} "
+                    f"at row {r}, model {self.models[c]!r} (give a probability p as log(p))"
                 )
             features[key] = arr
         self.features = features

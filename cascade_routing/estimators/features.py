@@ -7,7 +7,8 @@ no-leakage guarantee (the network masks again before any computation).
 Per-answer features (``ANSWER_FEATURES``, in this order, float [B, M, F]):
 
 - ``log_length``: ``log1p(len(response chars)) / 8`` (0 when the response is missing);
-- ``confidence``: the dataset's ``logprob_confidence`` feature (0 where absent);
+- ``confidence``: the dataset's ``logprob_confidence`` feature as given (0 where absent); the network
+  also reads its log surprise (:func:`encode_confidence`, the network's ``confidence_encoding``);
 - ``has_confidence``: 1 where a log-prob confidence exists for the cell, else 0;
 - ``agreement``: mean token-set Jaccard similarity of this answer with the *other run* answers of
   the same query, ``(1/|R\\{m}|) Σ_{k∈R\\{m}} |T_m ∩ T_k| / |T_m ∪ T_k|`` (0 when no other model ran).
@@ -27,6 +28,8 @@ from cascade_routing.estimators.agreement import masked_agreement
 
 ANSWER_FEATURES: tuple[str, ...] = ("log_length", "confidence", "has_confidence", "agreement")
 CONFIDENCE_FEATURE = "logprob_confidence"
+CONFIDENCE_ENCODINGS: tuple[str, ...] = ("logprob", "logprob_and_surprise")
+SURPRISE_FLOOR = 1e-9  # −log p below this counts as certain: the log surprise's top, 1.0
 _TOKEN = re.compile(r"[a-z0-9]+")
 
 
@@ -98,6 +101,35 @@ def static_features(
         out[bi, mi, 1] = conf[qi, mi]
         out[bi, mi, 2] = 1.0
     return out
+
+
+def encode_confidence(answer_feat: torch.Tensor, encoding: str) -> torch.Tensor:
+    """The network's view of the answer features ``answer_feat`` [..., K] (``ANSWER_FEATURES`` first).
+
+    - ``logprob``: unchanged; the confidence column is the log-probability ℓ ≤ 0 itself.
+    - ``logprob_and_surprise``: the same K columns and one more, the log surprise
+      ``has_confidence · (−log10(max(−ℓ, 0) + 1e-9) / 9)`` [..., K + 1]: 1 for ℓ = 0, about 0.56 for
+      ℓ = −1e-5, 0.22 for −0.01, 0 for −1, −0.16 for −30, and 0 where the cell has no confidence.
+
+    Why both: a strong model's answer log-probabilities lie between about −1e-7 and −1e-2
+    (rational-llm-cascades: gpt-4o's median −7.5e-6), where ℓ is 0 to a network whose inputs span
+    [−30, 0], yet their order predicts correctness (AUROC 0.84 for gpt-4o); the log of the surprise −ℓ
+    spreads those orders of magnitude evenly. A weak model's ℓ varies between about −10 and −0.1, where
+    ℓ itself separates better than its log.
+    """
+    if encoding not in CONFIDENCE_ENCODINGS:
+        raise ValueError(f"confidence encoding must be one of {CONFIDENCE_ENCODINGS}, got {encoding!r}")
+    if encoding == "logprob":
+        return answer_feat
+    col, has = ANSWER_FEATURES.index("confidence"), ANSWER_FEATURES.index("has_confidence")
+    surprise = (-answer_feat[..., col]).clamp_min(0.0)
+    encoded = answer_feat[..., has] * (-torch.log10(surprise + SURPRISE_FLOOR) / 9.0)
+    return torch.cat([answer_feat, encoded.unsqueeze(-1)], dim=-1)
+
+
+def encoded_width(encoding: str) -> int:
+    """Columns :func:`encode_confidence` adds under ``encoding``."""
+    return 0 if encoding == "logprob" else 1
 
 
 def pair_similarity(

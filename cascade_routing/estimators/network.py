@@ -5,6 +5,7 @@ One network serves ex-ante and post-hoc estimation:
     inputs  query embedding q [B, D] (mean-pooled encoder output), task one-hot t [B, T],
             query text statistics x [B, X] (``features.text_statistics``),
             ran [B, M] (bool), answer embeddings A [B, M, D], answer features F [B, M, K]
+            (plus the log surprise of its log-prob confidence, ``features.encode_confidence``)
     masking A, F ← where(ran, A, 0), where(ran, F, 0)     (first operation: no leakage, NaN-safe)
     prior   n = neighbour_prior(q; memory of training queries, k)          [B, M + 1]  (``neighbours.py``)
     query   h = MLP([q?, t, x, n])          (q itself only when ``query_embedding_input``) [B, H]
@@ -24,7 +25,9 @@ they cannot influence any output (``tests/test_estimators_network.py`` checks th
 The neighbour memory (unit query embeddings and qualities of the training split) is held in
 buffers, so it travels inside the artifact with the weights. Defaults of the fields added for it
 (``num_query_features=0``, ``neighbours=0``, ``query_embedding_input=True``) rebuild networks saved
-before it existed unchanged.
+before it existed unchanged; so does ``confidence_encoding="logprob"`` (the raw log-prob, what networks
+saved before the field was fed; :class:`~cascade_routing.training.module.QualityEstimatorModule` trains
+new ones with ``"logprob_and_surprise"``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from cascade_routing.estimators.agreement import masked_agreement
+from cascade_routing.estimators.features import CONFIDENCE_ENCODINGS, encode_confidence, encoded_width
 from cascade_routing.estimators.neighbours import neighbour_prior
 
 LOGVAR_MIN, LOGVAR_MAX = -14.0, 2.0
@@ -52,10 +56,13 @@ class NetworkConfig:
     neighbours: int = 0  # k of the neighbour prior (0: no prior)
     memory_size: int = 0  # training queries held for the neighbour prior
     query_embedding_input: bool = True  # feed q itself to the query MLP (besides the prior)
+    confidence_encoding: str = "logprob"  # how the log-prob confidence enters (features.encode_confidence)
 
     def __post_init__(self) -> None:
         if self.num_answer_features is None:
             self.num_answer_features = 4 + int(self.num_models)
+        if self.confidence_encoding not in CONFIDENCE_ENCODINGS:
+            raise ValueError(f"confidence_encoding must be one of {CONFIDENCE_ENCODINGS}, got {self.confidence_encoding!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +91,8 @@ class QualityNetwork(nn.Module):
             self.register_buffer("memory_labels", torch.zeros(c.memory_size, c.num_models))
         self.query_mlp = _mlp(query_in, c.hidden, c.dropout)
         self.answer_proj = nn.Linear(c.embed_dim, c.hidden)
-        self.answer_feat_proj = nn.Linear(c.num_answer_features + 1 + c.num_models, c.hidden, bias=False)
+        width = c.num_answer_features + encoded_width(c.confidence_encoding) + 1 + c.num_models
+        self.answer_feat_proj = nn.Linear(width, c.hidden, bias=False)
         self.answer_mlp = nn.Sequential(nn.GELU(), nn.Dropout(c.dropout), nn.Linear(c.hidden, c.hidden), nn.GELU())
         self.model_embedding = nn.Parameter(torch.zeros(c.num_models, c.hidden))
         self.joint_mlp = _mlp(2 * c.hidden + c.num_models, c.hidden, c.dropout)
@@ -163,7 +171,7 @@ class QualityNetwork(nn.Module):
         rf = ran.to(query_emb.dtype)
         zero = torch.zeros((), dtype=query_emb.dtype)
         proj = torch.where(r, prepared["proj"], self.answer_proj.bias.to(query_emb.dtype))
-        answer_feat = torch.where(r, answer_feat, zero)
+        answer_feat = encode_confidence(torch.where(r, answer_feat, zero), self.config.confidence_encoding)
         sim, agree = masked_agreement(prepared["sim"], ran, query_emb.dtype)  # [B, M, M], [B, M]
 
         h = self.query_hidden(query_emb, task, query_feat)
@@ -206,7 +214,8 @@ class QualityNetwork(nn.Module):
         h = query_hidden.expand(s, -1)
         sim, agree = masked_agreement(prepared["sim"].expand(s, -1, -1), ran, dtype)
         cells = ran.nonzero(as_tuple=True)  # (mask, model) of every run cell
-        x = torch.cat([answer_feat[cells].to(dtype), agree[cells].unsqueeze(-1), sim[cells]], dim=-1)
+        feat = encode_confidence(answer_feat[cells].to(dtype), self.config.confidence_encoding)
+        x = torch.cat([feat, agree[cells].unsqueeze(-1), sim[cells]], dim=-1)
         a_cells = self.answer_mlp(prepared["proj"][0, cells[1]] + self.answer_feat_proj(x)) + self.model_embedding[cells[1]]
         a = a_cells.new_zeros(s, ran.shape[1], a_cells.shape[-1])
         a[cells] = a_cells

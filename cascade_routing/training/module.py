@@ -25,7 +25,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from cascade_routing.estimators.features import TEXT_STATISTICS, compose_features
+from cascade_routing.estimators.features import CONFIDENCE_FEATURE, TEXT_STATISTICS, compose_features
 from cascade_routing.estimators.masks import all_masks, random_ran_masks
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
@@ -61,6 +61,10 @@ class QualityEstimatorModule(L.LightningModule):
         query_embedding_input: also feed the query embedding itself to the query MLP (always on when
             fine-tuning the encoder, whose only path to the heads it is). Off by default: with neighbours and statistics on, feeding it lowered test AUROC on both
             benchmark datasets (README, "Learned estimators").
+        confidence_encoding: how a log-prob confidence feature enters the network
+            (``features.encode_confidence``): ``logprob_and_surprise`` (log p and the log of −log p,
+            which separates the −1e-7…−1e-2 range strong models answer in) or ``logprob`` (log p only,
+            what training data without a ``logprob_confidence`` feature always gets).
         network_config: the :class:`NetworkConfig` as a dict (filled in by ``setup``; leave unset in configs).
         models: model names in cost order (filled in by ``setup``).
         binary: 0/1 quality (filled in by ``setup``).
@@ -82,6 +86,7 @@ class QualityEstimatorModule(L.LightningModule):
         neighbours: int = 50,
         text_statistics: bool = True,
         query_embedding_input: bool = False,
+        confidence_encoding: str = "logprob_and_surprise",
         network_config: dict | None = None,
         models: list[str] | None = None,
         binary: bool = True,
@@ -116,11 +121,14 @@ class QualityEstimatorModule(L.LightningModule):
         binary: bool,
         encoder: nn.Module | None = None,
         memory: tuple[Tensor, Tensor] | None = None,
+        confidences: bool = True,
     ) -> None:
         """Create the network and the metric objects (idempotent).
 
         ``memory`` = (query embeddings [N, D], qualities [N, M]) of the training split, required
-        when ``neighbours > 0``.
+        when ``neighbours > 0``. ``confidences``: whether the training data carries a log-prob
+        confidence; without one the network reads the log-prob column only (``confidence_encoding``
+        ``logprob``), since any encoding of it would be 0 everywhere.
         """
         if self.network is not None:
             return
@@ -139,6 +147,7 @@ class QualityEstimatorModule(L.LightningModule):
             query_embedding_input=bool(
                 hp.query_embedding_input or hp.finetune_encoder or not (hp.neighbours or hp.text_statistics or num_tasks)
             ),
+            confidence_encoding=hp.confidence_encoding if confidences else "logprob",
         )
         self.hparams.update(network_config=config.to_dict(), models=list(models), binary=bool(binary))
         self._build_network(config, list(models), bool(binary), encoder if hp.finetune_encoder else None)
@@ -174,12 +183,13 @@ class QualityEstimatorModule(L.LightningModule):
         if self.hparams.finetune_encoder:
             self.hparams.update(encoder_init_path=dm.resolved_encoder_path)
         memory = None
+        train = dm.splits.get("train")
         if self.hparams.neighbours:
-            train = dm.splits.get("train")
             if train is None:
                 raise RuntimeError("the datamodule must be set up (splits encoded) before the module")
             memory = (train.query_emb, train.quality)
-        self.build(dm.models, dm.embed_dim, len(dm.task_vocabulary), dm.binary_quality, encoder, memory)
+        confidences = train is None or CONFIDENCE_FEATURE in train.dataset.features
+        self.build(dm.models, dm.embed_dim, len(dm.task_vocabulary), dm.binary_quality, encoder, memory, confidences)
 
     # ------------------------------------------------------------------ forward
     def query_embedding(self, batch: dict) -> Tensor:
