@@ -106,6 +106,8 @@ def estimator_metrics(artifact: EstimatorArtifact, split: EncodedSplit, baseline
     """
     from torchmetrics.functional.classification import binary_auroc
 
+    from cascade_routing.evaluation.revealed import own_answer_aurocs
+
     ds = split.dataset
     n, m = ds.quality.shape
     y = torch.from_numpy(ds.quality)
@@ -117,15 +119,15 @@ def estimator_metrics(artifact: EstimatorArtifact, split: EncodedSplit, baseline
     for name, qe in estimators.items():
         ex = qe.estimate(rows, torch.zeros(n, m, dtype=torch.bool)).mean
         post = qe.estimate(rows, split.eval_ran).mean
+        own = own_answer_aurocs(qe, y.long())
         per = {}
         for j, model in enumerate(ds.models):
             yj = y[:, j]
             entry = {}
             if 0 < float(yj.sum()) < n:
                 entry["exante_auroc"] = float(binary_auroc(ex[:, j], yj.long()))
-                only_j = torch.zeros(n, m, dtype=torch.bool)
-                only_j[:, j] = True
-                entry["own_answer_auroc"] = float(binary_auroc(qe.estimate(rows, only_j).mean[:, j], yj.long()))
+                if own[j] is not None:
+                    entry["own_answer_auroc"] = own[j]
             sel = split.eval_ran[:, j]
             ys = yj[sel]
             if sel.any() and 0 < float(ys.sum()) < ys.numel():
