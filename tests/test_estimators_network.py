@@ -178,6 +178,19 @@ def test_the_log_surprise_lets_the_network_tell_confident_answers_apart():
     assert with_surprise > 50 * gap(), (with_surprise, gap())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_log_surprise_network_on_cuda_matches_cpu():
+    net = _net(confidence_encoding="logprob_and_surprise")
+    q, a, f, task = _inputs()
+    ran = torch.ones(5, 4, dtype=torch.bool)
+    ran[:, 2] = False
+    with torch.no_grad():
+        want = net(q, ran, a, f, task)
+        got = net.cuda()(q.cuda(), ran.cuda(), a.cuda(), f.cuda(), task.cuda())
+    for x, y in zip(want, got):
+        torch.testing.assert_close(y.cpu(), x, atol=1e-5, rtol=1e-5)
+
+
 def test_bitmask_matches_enumeration():
     masks = all_masks(5)
     assert torch.equal(bitmask(masks), torch.arange(32))
