@@ -229,3 +229,10 @@ def test_singleton_masks_zero_gives_the_empty_mask_then_random_masks_and_negativ
     assert ran.shape == (4 * 4, 6) and not ran.reshape(4, 4, 6)[:, 0].any()
     with pytest.raises(ValueError, match="singleton_masks must be >= 0"):
         QualityEstimatorModule(singleton_masks=-1)
+
+
+def test_an_unknown_confidence_encoding_is_refused_when_the_module_is_configured():
+    from cascade_routing.training.module import QualityEstimatorModule
+
+    with pytest.raises(ValueError, match=r"model.confidence_encoding must be one of \('logprob', 'logprob_and_surprise'\), got 'log'"):
+        QualityEstimatorModule(confidence_encoding="log")

@@ -25,7 +25,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from cascade_routing.estimators.features import CONFIDENCE_FEATURE, TEXT_STATISTICS, compose_features
+from cascade_routing.estimators.features import CONFIDENCE_ENCODINGS, CONFIDENCE_FEATURE, TEXT_STATISTICS, compose_features
 from cascade_routing.estimators.masks import all_masks, random_ran_masks
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
@@ -95,6 +95,8 @@ class QualityEstimatorModule(L.LightningModule):
         super().__init__()
         if singleton_masks < 0:
             raise ValueError(f"model.singleton_masks must be >= 0, got {singleton_masks}")
+        if confidence_encoding not in CONFIDENCE_ENCODINGS:
+            raise ValueError(f"model.confidence_encoding must be one of {CONFIDENCE_ENCODINGS}, got {confidence_encoding!r}")
         self.save_hyperparameters()
         self.network: QualityNetwork | None = None
         self.models: list[str] = []
