@@ -18,6 +18,7 @@ Per-answer features (``ANSWER_FEATURES``, in this order, float [B, M, F]):
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Mapping
 
@@ -108,8 +109,9 @@ def encode_confidence(answer_feat: torch.Tensor, encoding: str) -> torch.Tensor:
 
     - ``logprob``: unchanged; the confidence column is the log-probability ℓ ≤ 0 itself.
     - ``logprob_and_surprise``: the same K columns and one more, the log surprise
-      ``has_confidence · (−log10(max(−ℓ, 0) + 1e-9) / 9)`` [..., K + 1]: 1 for ℓ = 0, about 0.56 for
-      ℓ = −1e-5, 0.22 for −0.01, 0 for −1, −0.16 for −30, and 0 where the cell has no confidence.
+      ``has_confidence · log10(max(−ℓ, 0) + 1e-9) / log10(1e-9)`` [..., K + 1] (÷ −9, so the floor
+      maps to 1): 1 for ℓ = 0, about 0.56 for ℓ = −1e-5, 0.22 for −0.01, 0 for −1, −0.16 for −30,
+      and 0 where the cell has no confidence.
 
     Why both: a strong model's answer log-probabilities lie between about −1e-7 and −1e-2
     (rational-llm-cascades: gpt-4o's median −7.5e-6), where ℓ is 0 to a network whose inputs span
@@ -123,7 +125,7 @@ def encode_confidence(answer_feat: torch.Tensor, encoding: str) -> torch.Tensor:
         return answer_feat
     col, has = ANSWER_FEATURES.index("confidence"), ANSWER_FEATURES.index("has_confidence")
     surprise = (-answer_feat[..., col]).clamp_min(0.0)
-    encoded = answer_feat[..., has] * (-torch.log10(surprise + SURPRISE_FLOOR) / 9.0)
+    encoded = answer_feat[..., has] * (torch.log10(surprise + SURPRISE_FLOOR) / math.log10(SURPRISE_FLOOR))
     return torch.cat([answer_feat, encoded.unsqueeze(-1)], dim=-1)
 
 
