@@ -75,15 +75,15 @@ def make_synthetic_dataset(n: int = 240, m: int = 3, seed: int = 0, confidence: 
 
 
 def train_tiny(tmp_path: Path, n: int = 240, m: int = 3, epochs: int = 4, seed: int = 0, finetune: bool = False,
-               confidence: bool = True, **data_kwargs):
-    """Train a tiny estimator on synthetic data; returns (module, datamodule, trainer, dataset)."""
+               confidence: bool = True, dataset: RoutingDataset | None = None, **data_kwargs):
+    """Train a tiny estimator on synthetic data (or on ``dataset``); returns (module, datamodule, trainer, dataset)."""
     import lightning as L
 
     from cascade_routing.training.datamodule import RoutingDataModule
     from cascade_routing.training.module import QualityEstimatorModule
 
     enc = make_tiny_encoder(tmp_path / "encoder")
-    ds = make_synthetic_dataset(n, m, seed, confidence=confidence)
+    ds = dataset if dataset is not None else make_synthetic_dataset(n, m, seed, confidence=confidence)
     dm = RoutingDataModule.from_dataset(
         ds, encoder_path=str(enc), cache_dir=str(tmp_path / "cache"), batch_size=32, finetune=finetune, **data_kwargs
     )

@@ -277,3 +277,45 @@ def test_queries_and_answers_embed_concurrently_on_a_fresh_artifact(trained):
     for got in got_a:
         np.testing.assert_allclose(got, want_a, rtol=1e-5, atol=1e-6)
     assert fresh._answer_tokenizer is not fresh._text_encoders()[0]
+
+
+def test_answer_truncation_keeps_the_informative_end_and_travels_in_the_artifact(tmp_path):
+    """Answers "answer answer alpha" (right) / "answer answer gamma" (wrong): equal lengths, the
+    correctness only in the last token. With room for one content token, ``right`` truncation keeps
+    "answer" for every cell (the answer says nothing) and ``left`` keeps the last token. The artifact
+    records the setting and embeds answers with it at inference exactly as training did; an artifact
+    without the setting reads ``right``."""
+    import dataclasses
+
+    from cascade_routing.evaluation.revealed import own_answer_auroc
+    from estimators_helpers import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(160, 2, confidence=False)
+    ds.responses[:] = np.where(ds.quality > 0, "answer answer alpha", "answer answer gamma")
+    aurocs = {}
+    for truncation in ("right", "left"):
+        module, dm, _, _ = train_tiny(tmp_path / truncation, epochs=30, dataset=ds, answer_max_length=3,
+                                      answer_truncation=truncation)
+        assert dm.data_config()["answer_truncation"] == truncation
+        art = build_artifact(module, dm, strategies=("routing",), budgets_per_pair=1, progress=False)
+        loaded = load_artifact(art.save(tmp_path / f"{truncation}.safetensors"))
+        assert loaded.answer_truncation == truncation
+        test = dm.splits["test"]
+        texts = [str(t) for t in test.dataset.responses[:8].ravel()]
+        np.testing.assert_allclose(loaded.embed_answers(texts), test.answer_emb[:8].reshape(len(texts), -1),
+                                   rtol=1e-5, atol=1e-6)
+        aurocs[truncation] = {name: own_answer_auroc(bind_split(loaded, dm.splits[name])[0], dm.splits[name].quality.numpy())
+                              for name in ("train", "test")}
+        if truncation == "left":
+            older = dataclasses.replace(loaded, encoder={k: v for k, v in loaded.encoder.items() if k != "answer_truncation"})
+            assert older.answer_truncation == "right"
+            assert not np.allclose(older.embed_answers(texts), loaded.embed_answers(texts))
+    assert aurocs["left"]["train"] > 0.95 and aurocs["right"]["train"] < 0.85, aurocs  # learnt vs not learnable
+    assert aurocs["left"]["test"] > aurocs["right"]["test"] + 0.1, aurocs
+
+
+def test_unknown_answer_truncation_is_refused():
+    from cascade_routing.training.datamodule import RoutingDataModule
+
+    with pytest.raises(ValueError, match="middle"):
+        RoutingDataModule(answer_truncation="middle")

@@ -71,7 +71,7 @@ class EstimatorArtifact:
     state_dict: dict[str, Tensor]
     cost_model: CostModel
     encoder: dict  # {"path": str | "default", "fingerprint": str, "max_length", "truncation" (absent: "right"),
-    #                "answer_max_length", "answer_encoding"}
+    #                "answer_max_length", "answer_encoding", "answer_truncation" (absent: "right")}
     task_vocabulary: list[str] = field(default_factory=list)
     binary: bool = True
     uncertainty: str = "variance"
@@ -260,6 +260,11 @@ class EstimatorArtifact:
         """How queries were truncated in training (artifacts written before the setting existed: ``right``)."""
         return str(self.encoder.get("truncation", "right"))
 
+    @property
+    def answer_truncation(self) -> str:
+        """How answers were truncated in training (artifacts written before the setting existed: ``right``)."""
+        return str(self.encoder.get("answer_truncation", "right"))
+
     def embed_answers(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """[N, D] answer embeddings. Answers have their own tokenizer instance, so a server may embed
         answers on one thread while it encodes queries on another (a fast tokenizer is not shared)."""
@@ -268,7 +273,8 @@ class EstimatorArtifact:
             if self._answer_tokenizer is None:
                 self._answer_tokenizer = copy.deepcopy(tok)
         return encoding.encode_texts(
-            list(texts), self._answer_tokenizer, frozen, self.encoder["answer_encoding"], int(self.encoder["answer_max_length"]), batch_size
+            list(texts), self._answer_tokenizer, frozen, self.encoder["answer_encoding"], int(self.encoder["answer_max_length"]), batch_size,
+            truncation=self.answer_truncation,
         )
 
     # ------------------------------------------------------------------ binding
@@ -553,6 +559,7 @@ def encoder_reference(datamodule, network) -> tuple[dict, dict[str, Tensor]]:
         "truncation": datamodule.truncation,
         "answer_max_length": datamodule.answer_max_length,
         "answer_encoding": datamodule.answer_encoding,
+        "answer_truncation": datamodule.answer_truncation,
     }
     extra: dict[str, Tensor] = {}
     if network.encoder is not None:

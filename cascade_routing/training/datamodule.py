@@ -112,6 +112,9 @@ class RoutingDataModule(L.LightningDataModule):
             (see ``encoding.tokenize``). ``setup`` warns (``InputCollapseWarning``, with the numbers) when
             the truncated queries are much less distinct than the queries or share a long prefix.
         answer_max_length: answer tokens kept.
+        answer_truncation: which answer tokens are kept when an answer is longer, same modes as
+            ``truncation``; default ``left`` (the end, where a worked answer states its result;
+            measured with ``benchmarks/bench_posthoc_ceiling.py``, ``benchmarks/results/answer_truncation``).
         answer_encoding: ``token_bag`` (fast, default) or ``transformer``.
         finetune: yield token ids so the module can fine-tune the query encoder.
         batch_size: queries per batch.
@@ -129,6 +132,7 @@ class RoutingDataModule(L.LightningDataModule):
         truncation: str = encoding.DEFAULT_QUERY_TRUNCATION,
         answer_max_length: int = 64,
         answer_encoding: str = "token_bag",
+        answer_truncation: str = "left",
         finetune: bool = False,
         batch_size: int = 128,
         cache_dir: str | None = None,
@@ -150,6 +154,7 @@ class RoutingDataModule(L.LightningDataModule):
         if answer_encoding not in encoding.ENCODINGS:
             raise ValueError(f"answer_encoding must be one of {encoding.ENCODINGS}, got {answer_encoding!r}")
         self.answer_encoding = answer_encoding
+        self.answer_truncation = encoding.check_truncation(answer_truncation)
         self.finetune = finetune
         self.batch_size = batch_size
         self.cache_dir = cache_dir
@@ -220,6 +225,7 @@ class RoutingDataModule(L.LightningDataModule):
             "truncation": self.truncation,
             "answer_max_length": self.answer_max_length,
             "answer_encoding": self.answer_encoding,
+            "answer_truncation": self.answer_truncation,
         }
 
     # ------------------------------------------------------------------ encoding
@@ -259,7 +265,7 @@ class RoutingDataModule(L.LightningDataModule):
         if ds.responses is None:
             return q, np.zeros((n, m, q.shape[1]), dtype=np.float32)
         texts = ["" if r is None else str(r) for r in ds.responses.reshape(-1)]
-        a = self.encode(texts, self.answer_encoding, self.answer_max_length, "encode answers")
+        a = self.encode(texts, self.answer_encoding, self.answer_max_length, "encode answers", self.answer_truncation)
         return q, a.reshape(n, m, -1)
 
     def prepare_data(self) -> None:

@@ -66,6 +66,7 @@ def datamodule_for(artifact: EstimatorArtifact, dataset: str | None = None, cach
         truncation=artifact.query_truncation,
         answer_max_length=int(artifact.encoder["answer_max_length"]),
         answer_encoding=artifact.encoder["answer_encoding"],
+        answer_truncation=artifact.answer_truncation,
         cache_dir=cache_dir,
     )
     artifact.check_models(dm.models, where=f"dataset {dm.dataset_name!r}")
