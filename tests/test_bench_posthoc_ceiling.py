@@ -29,3 +29,18 @@ def test_an_artifact_option_without_a_name_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as err:
         bench.main(["--artifact", "artifacts/rb.safetensors", "--weights", "0"])
     assert err.value.code == 2 and "--artifact must be NAME=PATH" in capsys.readouterr().err
+
+
+def test_uncertainty_rows_get_their_own_column_and_bad_names_are_usage_errors(capsys):
+    bench = load_script("benchmarks/bench_posthoc_ceiling.py")
+    rows = [{**_row(0.0, 0.31), "uncertainty": "none"}, {**_row(0.0, 0.52), "uncertainty": "variance*0.3"}]
+    table = bench.summary_markdown({"gsm8k": rows}).splitlines()
+    assert table[0].startswith("| artifact | w | uncertainty | own-answer AUROC |")
+    assert table[2:] == ["| gsm8k | 0 | none | 0.700 | 80.00 | 80.00 | 80.00 | 80.31 | +0.31 | -0.42 |",
+                         "| gsm8k | 0 | variance*0.3 | 0.700 | 80.00 | 80.00 | 80.00 | 80.52 | +0.52 | -0.42 |"]
+    assert bench.parse_uncertainty("variance*0.3") == ("variance", 0.3)
+    assert bench.parse_uncertainty("none") == ("none", 1.0)
+    for bad in ("covariance", "variance*0", "variance*x", "none*2"):
+        with pytest.raises(SystemExit) as err:
+            bench.main(["--artifact", "rb=artifacts/rb.safetensors", "--uncertainty", bad])
+        assert err.value.code == 2 and repr(bad) in capsys.readouterr().err
