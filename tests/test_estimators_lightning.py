@@ -236,3 +236,20 @@ def test_an_unknown_confidence_encoding_is_refused_when_the_module_is_configured
 
     with pytest.raises(ValueError, match=r"model.confidence_encoding must be one of \('logprob', 'logprob_and_surprise'\), got 'log'"):
         QualityEstimatorModule(confidence_encoding="log")
+
+
+def test_a_checkpoint_from_before_the_truncation_settings_exports_with_the_cut_it_was_trained_with(fitted):
+    """Query and answer truncation became settings (default ``left``) after checkpoints were first
+    written; such a checkpoint was trained on the texts' starts and must be exported that way."""
+    from cascade_routing.estimators.artifact import load_artifact
+    from cascade_routing.training.export import export_checkpoint
+
+    tmp = fitted["tmp"]
+    state = torch.load(tmp / "runs" / "tiny" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert state["datamodule_hyper_parameters"]["answer_truncation"] == "left"  # today's default
+    for key in ("truncation", "answer_truncation"):
+        del state["datamodule_hyper_parameters"][key]
+    old = tmp / "older.ckpt"
+    torch.save(state, old)
+    art = load_artifact(export_checkpoint(old, tmp / "older.safetensors", fit_lambdas=False, select=False))
+    assert (art.query_truncation, art.answer_truncation) == ("right", "right")
