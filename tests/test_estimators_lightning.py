@@ -253,3 +253,12 @@ def test_a_checkpoint_from_before_the_truncation_settings_exports_with_the_cut_i
     torch.save(state, old)
     art = load_artifact(export_checkpoint(old, tmp / "older.safetensors", fit_lambdas=False, select=False))
     assert (art.query_truncation, art.answer_truncation) == ("right", "right")
+    # Lightning's own entry point agrees; a current checkpoint keeps what it saved, an argument still wins
+    from cascade_routing.training.datamodule import RoutingDataModule
+
+    older = RoutingDataModule.load_from_checkpoint(old)
+    assert (older.truncation, older.answer_truncation) == ("right", "right")
+    assert older.dataset_name == fitted["cli"].datamodule.dataset_name
+    current = RoutingDataModule.load_from_checkpoint(tmp / "runs" / "tiny" / "checkpoints" / "best.ckpt")
+    assert (current.truncation, current.answer_truncation) == ("left", "left")
+    assert RoutingDataModule.load_from_checkpoint(old, answer_truncation="head_tail").answer_truncation == "head_tail"

@@ -29,6 +29,19 @@ from cascade_routing.estimators.masks import random_ran_masks
 from cascade_routing.estimators.features import pair_similarity, static_features, task_onehot, text_statistics
 
 DEFAULT_SPLIT = {"train": 0.55, "val": 0.1, "calibration": 0.15, "test": 0.2}
+#: Data settings added after checkpoints were first written, with what a checkpoint saved before the
+#: setting existed was trained with (both cuts were Hugging Face's default, the text's start).
+SETTINGS_BEFORE_THEY_EXISTED = {"truncation": "right", "answer_truncation": "right"}
+
+
+def checkpoint_data_settings(ckpt: str | Path) -> dict:
+    """The data module's settings saved in a Lightning checkpoint (without LightningCLI's ``_`` keys),
+    with :data:`SETTINGS_BEFORE_THEY_EXISTED` for those the checkpoint predates; ``ValueError`` if it
+    saved none."""
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters")
+    if not saved:
+        raise ValueError(f"{ckpt} carries no datamodule hyperparameters (trained before they were saved); retrain")
+    return {**SETTINGS_BEFORE_THEY_EXISTED, **{k: v for k, v in saved.items() if not k.startswith("_")}}
 
 
 def load_routing_dataset(name_or_path: str) -> RoutingDataset:
@@ -121,6 +134,15 @@ class RoutingDataModule(L.LightningDataModule):
         cache_dir: embedding cache folder (default ``$XDG_CACHE_HOME/cascade-routing/embeddings``).
         encode_batch_size: texts per encoder call while caching.
     """
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, **kwargs):
+        """Lightning's ``load_from_checkpoint``, except that a setting the checkpoint predates takes the
+        value it was trained with (:data:`SETTINGS_BEFORE_THEY_EXISTED`), not today's default."""
+        saved = checkpoint_data_settings(checkpoint_path)
+        defaults = {k: saved[k] for k in SETTINGS_BEFORE_THEY_EXISTED}
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            **{**defaults, **kwargs})
 
     def __init__(
         self,

@@ -14,10 +14,6 @@ import torch
 
 from cascade_routing.calibration.build import export_trained
 
-#: Data settings added after checkpoints were first written, with what a checkpoint saved before the
-#: setting existed was trained with (both cuts were Hugging Face's default, the text's start).
-SETTINGS_BEFORE_THEY_EXISTED = {"truncation": "right", "answer_truncation": "right"}
-
 
 def export_checkpoint(
     ckpt: str | Path,
@@ -31,20 +27,17 @@ def export_checkpoint(
 
     The module comes from ``QualityEstimatorModule.load_from_checkpoint`` and the data module from
     the checkpoint's datamodule hyperparameters (same dataset, splits and encoder; embeddings from
-    the cache; a setting the checkpoint predates takes the value it was trained with,
-    :data:`SETTINGS_BEFORE_THEY_EXISTED`, not today's default); then :func:`export_trained`.
+    the cache; a setting the checkpoint predates takes the value it was trained with, not today's
+    default: :func:`~cascade_routing.training.datamodule.checkpoint_data_settings`); then
+    :func:`export_trained`.
     """
-    from cascade_routing.training.datamodule import RoutingDataModule
+    from cascade_routing.training.datamodule import RoutingDataModule, checkpoint_data_settings
     from cascade_routing.training.module import QualityEstimatorModule
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters")
-    if not hparams:
-        raise ValueError(f"{ckpt} carries no datamodule hyperparameters (trained before they were saved); retrain")
-    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's _instantiator etc.
-    hparams = {**SETTINGS_BEFORE_THEY_EXISTED, **hparams}
+    hparams = checkpoint_data_settings(ckpt)
     if cache_dir is not None:
         hparams["cache_dir"] = cache_dir
     datamodule = RoutingDataModule(**hparams)
