@@ -16,6 +16,9 @@ Run (2 CPU cores; 5-15 minutes per mode, most of it the MiniLM pass when the cac
 
 Writes ``<out>/summary.json`` and ``<out>/summary.md``. ``--count-only routerbench-subset,routellm-mmlu``
 only counts distinct encoder inputs per mode at 128 and 256 tokens (seconds, no training).
+``--answer-lengths routerbench-subset,...`` prints, per dataset and task, how many answers are longer
+than the ``data.answer_max_length`` window (64 tokens with ``[CLS]``/``[SEP]``: 62 content tokens) and
+their median length in MiniLM tokens (no training): where ``data.answer_truncation`` matters.
 """
 
 from __future__ import annotations
@@ -91,6 +94,32 @@ def count_inputs(dataset: str, lengths: tuple[int, ...] = (128, 256)) -> list[di
     return rows
 
 
+def answer_lengths(dataset, max_length: int = 64) -> list[dict]:
+    """Per task (``all`` first) of ``dataset`` (a registered name or a ``RoutingDataset``): answers, the
+    share longer than ``max_length`` − 2 content tokens, and the median content-token count (default
+    MiniLM tokenizer); missing answers are not counted, a dataset without answers gives no rows."""
+    import numpy as np
+
+    from cascade_routing.data import load_dataset
+    from cascade_routing.estimators import encoding
+
+    tok = encoding.load_tokenizer(encoding.default_encoder_path())
+    ds = load_dataset(dataset) if isinstance(dataset, str) else dataset
+    name = dataset if isinstance(dataset, str) else ds.name
+    if ds.responses is None:
+        return []
+    tasks = np.repeat(np.asarray(ds.tasks if ds.tasks is not None else ["-"] * ds.num_queries), ds.num_models)
+    cells = [(str(t), task) for t, task in zip(ds.responses.reshape(-1), tasks) if t is not None]
+    lengths = np.array([len(ids) for ids in tok([t for t, _ in cells], add_special_tokens=False)["input_ids"]])
+    labels = np.array([task for _, task in cells])
+    rows = []
+    for task in ["all", *sorted(set(labels.tolist()))]:
+        sel = lengths if task == "all" else lengths[labels == task]
+        rows.append({"dataset": name, "task": task, "answers": int(sel.size),
+                     "share_cut": float((sel > max_length - 2).mean()), "median_tokens": float(np.median(sel))})
+    return rows
+
+
 def render(summary: dict) -> str:
     lines = []
     for dataset, rows in summary["datasets"].items():
@@ -116,7 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=None, help="override the config's trainer.max_epochs")
     parser.add_argument("--count-only", default=None,
                         help="comma-separated dataset names: only count distinct encoder inputs (no training)")
+    parser.add_argument("--answer-lengths", default=None,
+                        help="comma-separated dataset names: only measure answer lengths against the 64-token window")
     args = parser.parse_args(argv)
+    if args.answer_lengths:
+        print("| dataset | task | answers | longer than 62 tokens | median tokens |\n|---|---|---:|---:|---:|")
+        for name in args.answer_lengths.split(","):
+            for r in answer_lengths(name):
+                print(f"| {name} | {r['task']} | {r['answers']:,} | {100 * r['share_cut']:.0f}% | {r['median_tokens']:g} |",
+                      flush=True)
+        return 0
     if args.count_only:
         print("| dataset | max_length | truncation | distinct inputs / distinct queries |\n|---|---|---|---|")
         for name in args.count_only.split(","):
