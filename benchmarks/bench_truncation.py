@@ -94,7 +94,10 @@ def count_inputs(dataset: str, lengths: tuple[int, ...] = (128, 256)) -> list[di
     return rows
 
 
-def answer_lengths(dataset, max_length: int = 64) -> list[dict]:
+ANSWER_WINDOW = 64  # data.answer_max_length's default: [CLS] + 62 content tokens + [SEP]
+
+
+def answer_lengths(dataset, max_length: int = ANSWER_WINDOW) -> list[dict]:
     """Per task (``all`` first) of ``dataset`` (a registered name or a ``RoutingDataset``): answers, the
     share longer than ``max_length`` − 2 content tokens, and the median content-token count (default
     MiniLM tokenizer); missing answers are not counted, a dataset without answers gives no rows."""
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated dataset names: only measure answer lengths against the 64-token window")
     args = parser.parse_args(argv)
     if args.answer_lengths:
-        print("| dataset | task | answers | longer than 62 tokens | median tokens |\n|---|---|---:|---:|---:|")
+        print(f"| dataset | task | answers | longer than {ANSWER_WINDOW - 2} tokens | median tokens |\n|---|---|---:|---:|---:|")
         for name in args.answer_lengths.split(","):
             for r in answer_lengths(name):
                 print(f"| {name} | {r['task']} | {r['answers']:,} | {100 * r['share_cut']:.0f}% | {r['median_tokens']:g} |",

@@ -258,12 +258,12 @@ class EstimatorArtifact:
     @property
     def query_truncation(self) -> str:
         """How queries were truncated in training (artifacts written before the setting existed: ``right``)."""
-        return str(self.encoder.get("truncation", "right"))
+        return str(self.encoder.get("truncation", encoding.SETTINGS_BEFORE_THEY_EXISTED["truncation"]))
 
     @property
     def answer_truncation(self) -> str:
         """How answers were truncated in training (artifacts written before the setting existed: ``right``)."""
-        return str(self.encoder.get("answer_truncation", "right"))
+        return str(self.encoder.get("answer_truncation", encoding.SETTINGS_BEFORE_THEY_EXISTED["answer_truncation"]))
 
     def embed_answers(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """[N, D] answer embeddings. Answers have their own tokenizer instance, so a server may embed

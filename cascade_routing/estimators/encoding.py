@@ -32,6 +32,11 @@ from torch import Tensor, nn
 
 from cascade_routing.data.diagnostics import DEFAULT_QUERY_TRUNCATION, TRUNCATIONS  # noqa: F401  (re-exported)
 
+#: Truncation settings (data module / artifact ``encoder`` keys) added after checkpoints and artifacts
+#: were first written, with what one saved before the setting existed was trained with: Hugging
+#: Face's default cut, the text's start.
+SETTINGS_BEFORE_THEY_EXISTED = {"truncation": "right", "answer_truncation": "right"}
+
 ENCODINGS = ("transformer", "token_bag")
 HEAD_FRACTION = 0.25  # share of the kept tokens taken from the head in "head_tail"
 

@@ -29,9 +29,7 @@ from cascade_routing.estimators.masks import random_ran_masks
 from cascade_routing.estimators.features import pair_similarity, static_features, task_onehot, text_statistics
 
 DEFAULT_SPLIT = {"train": 0.55, "val": 0.1, "calibration": 0.15, "test": 0.2}
-#: Data settings added after checkpoints were first written, with what a checkpoint saved before the
-#: setting existed was trained with (both cuts were Hugging Face's default, the text's start).
-SETTINGS_BEFORE_THEY_EXISTED = {"truncation": "right", "answer_truncation": "right"}
+SETTINGS_BEFORE_THEY_EXISTED = encoding.SETTINGS_BEFORE_THEY_EXISTED
 
 
 def checkpoint_data_settings(ckpt: str | Path) -> dict:
