@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from cascade_routing.cli import main
 
 
@@ -51,5 +53,20 @@ def test_import_and_describe_saved_folder(tmp_path: Path, capsys) -> None:
 def test_cli_errors_are_clear(tmp_path: Path, capsys) -> None:
     assert main(["data", "describe", "no-such-dataset"]) == 2
     assert "unknown dataset 'no-such-dataset'" in capsys.readouterr().err
-    assert main(["data", "import", str(tmp_path / "nothing.csv"), "--mapping", "{query: q, models: [a]}"]) == 2
+    mapping = '{query: q, models: [a, b], quality: "{model}_ok", cost: "{model}_usd"}'
+    assert main(["data", "import", str(tmp_path / "nothing.csv"), "--mapping", mapping]) == 2
     assert "file not found" in capsys.readouterr().err
+    assert main(["data", "import", str(tmp_path / "nothing.csv"), "--mapping", "{query: q, models: [a]}"]) == 2
+    assert "needs a 'quality' column template" in capsys.readouterr().err
+
+
+def test_import_refuses_an_unusable_max_length_before_writing_anything(tmp_path: Path, capsys) -> None:
+    table = tmp_path / "runs.jsonl"
+    table.write_text("".join(json.dumps({"q": f"q{i}", "a": i % 2, "ca": 0.1, "b": 1, "cb": 0.5}) + "\n" for i in range(4)))
+    mapping = '{query: q, models: {m-a: {quality: a, cost: ca}, m-b: {quality: b, cost: cb}}}'
+    out_dir = tmp_path / "saved"
+    with pytest.raises(SystemExit):
+        main(["data", "import", str(table), "--mapping", mapping, "-o", str(out_dir), "--max-length", "0"])
+    assert "--max-length: must be at least 1, got 0" in capsys.readouterr().err and not out_dir.exists()
+    assert main(["data", "import", str(table), "--mapping", mapping, "-o", str(out_dir), "--max-length", "2"]) == 2
+    assert "--max-length 2: max_length 2 leaves no room" in capsys.readouterr().err and not out_dir.exists()

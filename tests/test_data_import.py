@@ -80,7 +80,7 @@ def test_import_empty_cell_error_or_drop(tmp_path: Path) -> None:
     rows = [dict(r) for r in ROWS]
     rows[1]["big_usd"] = ""
     path = _write(tmp_path, "csv", rows)
-    with pytest.raises(DatasetError, match=r"mine\.csv row 1: empty cell in column 'big_usd'"):
+    with pytest.raises(DatasetError, match=r"mine\.csv data row 1 \(line 3\): empty cell in column 'big_usd'"):
         import_table(path, TEMPLATE)
     ds = import_table(path, {**TEMPLATE, "missing": "drop"})
     assert ds.query_ids == ["a", "c"]
@@ -90,10 +90,10 @@ def test_import_empty_cell_error_or_drop(tmp_path: Path) -> None:
 def test_import_malformed_value(tmp_path: Path) -> None:
     rows = [dict(r) for r in ROWS]
     rows[2]["small_ok"] = "yes-ish"
-    with pytest.raises(DatasetError, match=r"mine\.csv row 2, model 'small', column 'small_ok': not a number"):
+    with pytest.raises(DatasetError, match=r"mine\.csv data row 2 \(line 4\), model 'small', column 'small_ok': not a number"):
         import_table(_write(tmp_path, "csv", rows), TEMPLATE)
     rows[2]["small_ok"] = "nan"
-    with pytest.raises(DatasetError, match=r"row 2, model 'small', column 'small_ok': non-finite"):
+    with pytest.raises(DatasetError, match=r"data row 2 \(line 4\), model 'small', column 'small_ok': non-finite"):
         import_table(_write(tmp_path, "csv", rows), TEMPLATE)
 
 
@@ -126,3 +126,134 @@ def test_describe_summary_numbers() -> None:
     assert s["oracle_quality"] == 0.75  # max per query: 1, 1, 0, 1
     assert s["oracle_cost"] == (1 + 10 + 1 + 3) / 4  # cheapest model among the best per query
     assert s["tasks"] == {"x": 3, "y": 1} and s["num_queries"] == 4
+
+
+def _csv_text(tmp_path: Path, text: str, name: str = "mine.csv") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+PLAIN = {"query": "question", "query_id": "id", "models": ["small", "big"], "quality": "{model}_ok",
+         "cost": "{model}_usd"}
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ({**TEMPLATE, "querry_id": "id"}, r"unknown key 'querry_id' \(did you mean 'query_id'\?\)"),
+    ({**TEMPLATE, "split": "fold"}, r"unknown key 'split'"),
+    ({**PLAIN, "quality": "small_ok"}, r"'quality' template 'small_ok' has no \{model\}"),
+    ({"query": "question", "models": {"small": {"quality": "small_ok", "cost": "small_ok"},
+                                      "big": {"quality": "big_ok", "cost": "big_usd"}}},
+     r"column 'small_ok' is both model 'small'.s quality and model 'small'.s cost"),
+    ({"query": "question", "models": {"small": {"quality": "small_ok", "cost": "small_usd"},
+                                      "big": {"quality": "small_ok", "cost": "big_usd"}}},
+     r"column 'small_ok' is both model 'small'.s quality and model 'big'.s quality"),
+    ({**PLAIN, "quality": "id"}, r"'quality' template 'id' has no \{model\}"),
+    ({**PLAIN, "features": ["x"]}, r"'features' must map feature names to columns"),
+    ({**PLAIN, "query": ["question"]}, r"'query' must be a column name \(a non-empty string\), got \['question'\]"),
+    ({"query": "question", "models": {"small": "small_ok", "big": "big_ok"}},
+     r"model 'small' must map quality/cost/response/features to columns"),
+    ({"query": "question", "models": {"small": {"quality": "small_ok", "cost": "small_usd", "respnse": "x"},
+                                      "big": {"quality": "big_ok", "cost": "big_usd"}}},
+     r"model 'small': unknown key 'respnse' \(did you mean 'response'\?\)"),
+    ({**PLAIN, "name": 2024}, r"'name' must be a non-empty string, got 2024"),
+    ({**PLAIN, "models": ["big"]}, r"routing needs at least two models, got 1 \(\['big'\]\)"),
+])
+def test_mapping_mistakes_that_would_import_wrong_data_are_refused(tmp_path: Path, mapping, message) -> None:
+    with pytest.raises(DatasetError, match=message):
+        import_table(_write(tmp_path, "csv"), mapping)
+
+
+def test_csv_with_a_repeated_header_column_is_refused(tmp_path: Path) -> None:
+    path = _csv_text(tmp_path, "id,question,small_ok,small_usd,big_ok,big_usd,small_ok\n"
+                               "a,q?,1,0.1,1,1.0,0\n")
+    with pytest.raises(DatasetError, match=r"mine\.csv: the header repeats column 'small_ok' \(positions 3 and 7\)"):
+        import_table(path, PLAIN)
+
+
+def test_a_semicolon_separated_csv_gets_a_hint(tmp_path: Path) -> None:
+    path = _csv_text(tmp_path, "id;question;small_ok;small_usd;big_ok;big_usd\na;q?;1;0.1;0;1.0\n")
+    with pytest.raises(DatasetError, match=r"missing column 'question'.*is the file ';'-separated\?"):
+        import_table(path, PLAIN)
+
+
+def test_every_jsonl_row_is_checked_not_only_the_first(tmp_path: Path) -> None:
+    rows = [dict(r) for r in ROWS]
+    del rows[2]["subject"]
+    path = _write(tmp_path, "jsonl", rows)
+    with pytest.raises(DatasetError, match=r"mine\.jsonl data row 2 \(line 3\): no field 'subject' \(the task label\)"):
+        import_table(path, TEMPLATE)
+    rows = [dict(r) for r in ROWS]
+    rows[1]["id"] = None
+    with pytest.raises(DatasetError, match=r"mine\.jsonl data row 1 \(line 2\): empty query id in column 'id'"):
+        import_table(_write(tmp_path, "jsonl", rows), TEMPLATE)
+    rows = [dict(r) for r in ROWS]
+    del rows[0]["subject"]  # absent from the first row only: the column exists, row 0 lacks it
+    with pytest.raises(DatasetError, match=r"data row 0 \(line 1\): no field 'subject'"):
+        import_table(_write(tmp_path, "jsonl", rows), TEMPLATE)
+    rows = [dict(r) for r in ROWS]
+    del rows[1]["big_usd"]  # an absent outcome is an empty cell: dropped under `missing: drop`
+    ds = import_table(_write(tmp_path, "jsonl", rows), {**TEMPLATE, "missing": "drop"})
+    assert ds.query_ids == ["a", "c"]
+
+
+def test_duplicate_ids_name_both_rows_and_the_column(tmp_path: Path) -> None:
+    rows = [dict(r) for r in ROWS]
+    rows[2]["id"] = "a"
+    with pytest.raises(DatasetError, match=r"mine\.csv data row 2 \(line 4\): duplicate query id 'a' in column 'id' "
+                                           r"\(first at mine\.csv data row 0 \(line 2\)\)"):
+        import_table(_write(tmp_path, "csv", rows), TEMPLATE)
+
+
+def test_cell_errors_after_a_dropped_row_name_the_source_row(tmp_path: Path) -> None:
+    rows = [dict(r) for r in ROWS]
+    rows[0]["big_usd"] = None
+    rows[2]["small_lp"] = 0.5
+    with pytest.raises(DatasetError, match=r"mine\.jsonl data row 2 \(line 3\), model 'small', column 'small_lp': "
+                                           r"logprob_confidence must be a log-probability"):
+        import_table(_write(tmp_path, "jsonl", rows), {**TEMPLATE, "missing": "drop"})
+
+
+@pytest.mark.parametrize("cell, value", [("true", 1.0), ("FALSE", 0.0), ("True", 1.0), ("1", 1.0)])
+def test_quality_reads_booleans_in_any_case(tmp_path: Path, cell: str, value: float) -> None:
+    path = _csv_text(tmp_path, f"id,question,small_ok,small_usd,big_ok,big_usd\na,q?,{cell},0.1,0,1.0\n")
+    assert import_table(path, PLAIN).quality[0, 0] == value
+
+
+@pytest.mark.parametrize("cell, message", [("True", r"not a number: 'True' \(a boolean\)"),
+                                           ("1_000", r"not a number: '1_000'"),
+                                           ("1" + "0" * 400, r"number too large|non-finite")])
+def test_cost_must_be_a_plain_number(tmp_path: Path, cell: str, message: str) -> None:
+    path = _csv_text(tmp_path, f"id,question,small_ok,small_usd,big_ok,big_usd\na,q?,1,{cell},0,1.0\n")
+    with pytest.raises(DatasetError, match=r"data row 0 \(line 2\), model 'small', column 'small_usd': " + message):
+        import_table(path, PLAIN)
+    jsonl = tmp_path / "big.jsonl"
+    jsonl.write_text('{"id": "a", "question": "q?", "small_ok": 1, "small_usd": 1' + "0" * 400
+                     + ', "big_ok": 0, "big_usd": 1.0}\n')
+    with pytest.raises(DatasetError, match=r"column 'small_usd': number too large for a float"):
+        import_table(jsonl, PLAIN)
+
+
+def test_a_utf8_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = _csv_text(tmp_path, "\ufeffid,question,small_ok,small_usd,big_ok,big_usd\na,q?,1,0.1,0,1.0\n")
+    assert import_table(path, PLAIN).query_ids == ["a"]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode() + b"\n")
+    assert import_table(jsonl, TEMPLATE).query_ids == ["a"]
+
+
+def test_query_text_must_be_text_and_not_blank(tmp_path: Path) -> None:
+    rows = [dict(r) for r in ROWS]
+    rows[1]["question"] = "   "
+    with pytest.raises(DatasetError, match=r"data row 1 \(line 2\): empty cell in column 'question'"):
+        import_table(_write(tmp_path, "jsonl", rows), TEMPLATE)
+    rows[1]["question"] = ["a", "b"]
+    with pytest.raises(DatasetError, match=r"data row 1 \(line 2\): the query in column 'question' must be text"):
+        import_table(_write(tmp_path, "jsonl", rows), TEMPLATE)
+
+
+def test_missing_responses_are_none_not_the_text_nan(tmp_path: Path) -> None:
+    rows = [dict(r) for r in ROWS]
+    rows[1]["small_text"] = float("nan")  # json.dumps writes NaN, which Python's json reads back
+    ds = import_table(_write(tmp_path, "jsonl", rows), TEMPLATE)
+    assert ds.responses[1].tolist() == [None, "Paris"]

@@ -68,3 +68,12 @@ def test_adherence_is_measured_against_what_each_fit_aims_at():
     assert adherence_interval(sweep, num_resamples=20)[0] == pytest.approx((1.1 + 1.0 + 1.05) / 3)
     sweep.fitted = []  # no fits (the linear interpolation): the budgets themselves
     assert np.allclose(spend_targets(sweep), [1.0, 2.0, 9.0])
+
+
+def test_models_of_equal_mean_cost_are_a_clear_error():
+    from cascade_routing.evaluation.sweep import linear_interpolation_sweep
+
+    quality = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    cost = np.full((3, 2), 0.01)
+    with pytest.raises(ValueError, match=r"every model costs 0\.01 USD per query on average .* nothing to trade off"):
+        linear_interpolation_sweep(quality, cost, np.array([0.01]))

@@ -84,16 +84,30 @@ def import_input_warnings(queries: list[str], max_length: int, truncation: str) 
     return diagnostics.input_warnings(queries, inputs, max_length, truncation, prefixes=False) + messages
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from cascade_routing.data.describe import render_summary, summarize
     from cascade_routing.data.importer import import_table
 
     ds = import_table(args.file, args.mapping, name=args.name)
+    try:  # before saving: a --max-length the tokenizer cannot use must not leave a folder behind
+        warnings = import_input_warnings(list(ds.queries), args.max_length, args.truncation)
+    except ValueError as err:
+        raise ValueError(f"--max-length {args.max_length}: {err}") from None
     out = Path(args.output) if args.output else Path(f"{Path(args.file).stem}-dataset")
     ds.save(out)
     _console().print(render_summary(summarize(ds)))
     print(f"saved to {out} (load with cascade_routing.data.load_dataset({str(out)!r}))")
-    print_input_warnings(import_input_warnings(list(ds.queries), args.max_length, args.truncation), str(out))
+    print_input_warnings(warnings, str(out))
     return 0
 
 
@@ -120,14 +134,16 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.set_defaults(func=cmd_describe)
 
     p = sub.add_parser("import", help="a CSV/JSONL/Parquet table + column mapping -> a saved dataset folder")
-    p.add_argument("file", help="the table (.csv, .jsonl or .parquet), one row per query")
+    p.add_argument("file", help="the table (.csv, .jsonl/.ndjson or .parquet), one row per query")
     p.add_argument("--mapping", required=True,
                    help="YAML/JSON file or inline YAML/JSON: columns for query, models' quality/cost/... "
                         "(format: see cascade_routing.data.importer)")
     p.add_argument("--output", "-o", help="folder to write (default: <file stem>-dataset)")
     p.add_argument("--name", help="dataset name (default: mapping 'name' or the file stem)")
-    p.add_argument("--max-length", type=int, default=128,
-                   help="query tokens the encoder will keep (data.max_length), for the distinct-inputs check")
+    p.add_argument("--max-length", type=_positive_int, default=128,
+                   help="query tokens the encoder will keep (data.max_length), for the distinct-inputs check "
+                        "(default: %(default)s)")
     p.add_argument("--truncation", choices=TRUNCATIONS, default=DEFAULT_QUERY_TRUNCATION,
-                   help="query truncation the encoder will use (data.truncation), for the distinct-inputs check")
+                   help="query truncation the encoder will use (data.truncation), for the distinct-inputs check "
+                        "(default: %(default)s)")
     p.set_defaults(func=cmd_import)

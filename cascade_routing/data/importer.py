@@ -26,9 +26,15 @@ or, when the columns follow a pattern, a list of model names and column template
     response: "{model}_answer"            # optional
     features: {latency_ms: "{model}_ms"}  # optional
 
-File type by extension: ``.csv``, ``.jsonl``/``.ndjson`` (one JSON object per line), ``.parquet``.
-Every problem raises :class:`DatasetError` naming the file, row, model and column; with
-``missing: drop`` incomplete rows are dropped and listed in ``metadata["conversion_report"]``.
+File type by extension: ``.csv`` (UTF-8, a byte-order mark is fine), ``.jsonl``/``.ndjson`` (one
+JSON object per line), ``.parquet``. The mapping is checked before any row is read
+(:mod:`cascade_routing.data.import_mapping`: unknown keys, templates without ``{model}``, one column
+for two models, fewer than two models are errors). Every problem raises :class:`DatasetError` naming
+the file, the data row (0-based, header and blank lines not counted) with its line in a text file,
+the model and the column. Quality is a number in [0, 1] or a boolean (``true``/``false`` in any
+case); cost and features are numbers. Query ids, when mapped, must be present and unique, and the
+query text non-blank; with ``missing: drop`` a row whose quality/cost/feature cell is empty (or
+absent from a JSONL object) is dropped and listed in ``metadata["conversion_report"]``.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,88 +55,72 @@ import numpy as np
 from cascade_routing.data.converters.common import ConversionReport, parse_number
 from cascade_routing.data.dataset import RoutingDataset
 from cascade_routing.data.errors import DatasetError
+from cascade_routing.data.import_mapping import ImportSpec, load_mapping, parse_mapping, read_utf8
+
+__all__ = ["import_table", "load_mapping"]
 
 
-def _read_utf8(path: Path) -> str:
-    """The text of ``path``; a file that is not UTF-8 is an error naming the file and line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise DatasetError(f"{path}: line {line} is not valid UTF-8 (byte {err.start}: {err.reason}); "
-                           "save the file as UTF-8") from None
+@dataclass(frozen=True)
+class SourceRow:
+    """One data row of the table: its 0-based index (header and blank lines not counted), the line it
+    starts on in a text file, and its cells."""
+
+    index: int
+    line: int | None
+    cells: Mapping[str, Any]
+
+    def where(self, file: Path) -> str:
+        return f"{file.name} data row {self.index}" + (f" (line {self.line})" if self.line else "")
 
 
-def _unique_key_loader():
-    """A YAML SafeLoader that refuses a mapping with a repeated key (PyYAML keeps the last silently)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):  # type: ignore[override]
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (line {line}; first on line {seen[key]})",
-                        key_node.start_mark)
-                seen[key] = line
-            return super().construct_mapping(node, deep=deep)
-
-    return Loader
-
-
-def load_mapping(mapping: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """A mapping dict from a dict, a YAML/JSON file, or an inline JSON/YAML string.
-
-    A string without a newline that names a ``.yaml``/``.yml``/``.json`` file or has no ``:`` is
-    a path: a missing file is an error, never parsed as YAML text. Repeated keys are an error.
-    """
-    if isinstance(mapping, Mapping):
-        return dict(mapping)
-    import yaml
-
-    text = str(mapping)
-    path = Path(text)
-    where = "mapping"
-    if path.is_file():
-        text, where = _read_utf8(path), str(path)
-    elif "\n" not in text and (path.suffix.lower() in (".yaml", ".yml", ".json") or ":" not in text):
-        raise DatasetError(f"mapping file {text} does not exist")
-    try:
-        value = yaml.load(text, Loader=_unique_key_loader())  # YAML is a superset of JSON
-    except yaml.YAMLError as err:
-        raise DatasetError(f"{where}: cannot parse the column mapping: {err}") from None
-    if not isinstance(value, dict):
-        raise DatasetError(f"{where}: the column mapping must be a mapping (see cascade_routing.data.importer)")
-    return value
+def _read_csv(path: Path) -> list[SourceRow]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
+    header: list[str] | None = None
+    rows: list[SourceRow] = []
+    while True:
+        line = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise DatasetError(f"{path}: line {line}: malformed CSV: {err}") from None
+        if not cells:
+            continue
+        if header is None:
+            header = cells
+            seen: dict[str, int] = {}
+            for i, col in enumerate(header):
+                if col in seen:
+                    raise DatasetError(f"{path}: the header repeats column {col!r} (positions {seen[col] + 1} and "
+                                       f"{i + 1}); rename one of them")
+                seen[col] = i
+            continue
+        if len(cells) != len(header):
+            raise DatasetError(f"{path}: data row {len(rows)} (line {line}) has {len(cells)} cells, the header has "
+                               f"{len(header)}")
+        rows.append(SourceRow(len(rows), line, dict(zip(header, cells))))
+    return rows
 
 
-def _model_columns(mapping: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    models = mapping.get("models")
-    if isinstance(models, list):
-        if not models:
-            raise DatasetError("mapping: 'models' is an empty list")
-        out = {}
-        for m in models:
-            name = str(m)
-            entry: dict[str, Any] = {}
-            for key in ("quality", "cost", "response"):
-                if key in mapping:
-                    entry[key] = str(mapping[key]).replace("{model}", name)
-            entry["features"] = {k: str(v).replace("{model}", name) for k, v in (mapping.get("features") or {}).items()}
-            out[name] = entry
-        if len(out) != len(models):
-            raise DatasetError(f"mapping: duplicate model names in {models}")
-        return out
-    if isinstance(models, dict) and models:
-        return {str(k): dict(v or {}) for k, v in models.items()}
-    raise DatasetError("mapping: 'models' must be a non-empty list of names or a dict name -> columns")
+def _read_jsonl(path: Path) -> list[SourceRow]:
+    rows: list[SourceRow] = []
+    for i, line in enumerate(read_utf8(path).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}: line {i + 1} is not valid JSON: {err}") from None
+        if not isinstance(obj, dict):
+            raise DatasetError(f"{path}: line {i + 1} is not a JSON object")
+        rows.append(SourceRow(len(rows), i + 1, obj))
+    return rows
 
 
-def _read_table(path: Path) -> list[dict[str, Any]]:
+def _read_table(path: Path) -> tuple[list[SourceRow], set[str]]:
+    """The data rows of ``path`` and every column name that occurs in it."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
@@ -137,78 +129,80 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as err:
             raise DatasetError(f"{path}: cannot read Parquet: {err}") from None
+        return [SourceRow(i, None, r) for i, r in enumerate(table.to_pylist())], set(table.column_names)
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for i, line in enumerate(_read_utf8(path).splitlines()):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{path}: line {i + 1} is not valid JSON: {err}") from None
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{path}: line {i + 1} is not a JSON object")
-            rows.append(obj)
-        return rows
-    if suffix == ".csv":
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        rows = list(csv.DictReader(io.StringIO(_read_utf8(path), newline="")))
-        for i, row in enumerate(rows):
-            if None in row or any(v is None for v in row.values()):
-                raise DatasetError(f"{path}: data row {i} has a different number of cells than the header")
-        return rows
-    raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .csv, .jsonl or .parquet)")
+        rows = _read_jsonl(path)
+    elif suffix == ".csv":
+        rows = _read_csv(path)
+    else:
+        raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .csv, .jsonl/.ndjson or .parquet)")
+    return rows, set().union(*(r.cells.keys() for r in rows))
 
 
-def _check_columns(file: Path, spec: Mapping[str, Any], models: dict[str, dict[str, Any]], columns: set[str]
-                   ) -> list[str]:
-    """Raise unless every column the mapping names is in the table's ``columns`` and every model maps
-    the same features; return the feature names, sorted."""
-    needed = {("-", "query"): spec["query"]}
-    for key in ("query_id", "task"):
-        if spec.get(key):
-            needed[("-", key)] = spec[key]
-    for m, entry in models.items():
-        for key in ("quality", "cost"):
-            if not entry.get(key):
-                raise DatasetError(f"mapping: model {m!r} has no {key!r} column")
-            needed[(m, key)] = entry[key]
-        if entry.get("response"):
-            needed[(m, "response")] = entry["response"]
-        for f, col in (entry.get("features") or {}).items():
-            needed[(m, f"feature {f}")] = col
-    for (m, role), col in needed.items():
+def _check_columns(file: Path, spec: ImportSpec, columns: set[str]) -> None:
+    for col, role in spec.columns().items():
         if col not in columns:
-            who = "" if m == "-" else f" (model {m!r}, {role})"
-            raise DatasetError(f"{file}: missing column {col!r}{who}; columns are {sorted(columns)}")
-    feature_names = sorted({f for e in models.values() for f in (e.get("features") or {})})
-    for m, e in models.items():
-        if sorted(e.get("features") or {}) != feature_names:
-            raise DatasetError(f"mapping: model {m!r} lacks features {sorted(set(feature_names) - set(e.get('features') or {}))}")
-    return feature_names
+            who = "" if role in ("query", "query_id", "task") else f" ({role})"
+            hint = ""
+            if len(columns) == 1 and file.suffix.lower() == ".csv":
+                sep = next((s for s in ";\t|" if s in next(iter(columns))), None)
+                hint = f" (the header is one column: is the file {sep!r}-separated? save it comma-separated)" if sep else ""
+            raise DatasetError(f"{file}: missing column {col!r}{who}; columns are {sorted(columns)}{hint}")
 
 
-def _model_cells(row: Mapping[str, Any], where: str, models: dict[str, dict[str, Any]], feature_names: list[str]
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, float) and math.isnan(value))
+
+
+def _label(row: SourceRow, column: str, what: str, where: str) -> str:
+    """A query id or task label: present, non-blank text or a number."""
+    if column not in row.cells:
+        raise DatasetError(f"{where}: no field {column!r} (the {what})")
+    value = row.cells[column]
+    if _is_empty(value):
+        raise DatasetError(f"{where}: empty {what} in column {column!r}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DatasetError(f"{where}: the {what} in column {column!r} must be text or a number, got {value!r}")
+    return str(value)
+
+
+def _response(value: Any, where: str) -> str | None:
+    if _is_empty(value):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DatasetError(f"{where}: a response must be text, got {type(value).__name__} {value!r}")
+    return str(value)
+
+
+def _model_cells(row: SourceRow, where: str, spec: ImportSpec
                  ) -> tuple[list, list, list, dict[str, list], list[str]]:
     """One row's per-model quality, cost, response and feature cells (parsed and range-checked), and
-    the columns whose cell is empty."""
-    q_row, c_row, r_row, f_row, missing = [], [], [], {f: [] for f in feature_names}, []
-    for m, e in models.items():
-        q = parse_number(row.get(e["quality"]), f"{where}, model {m!r}, column {e['quality']!r}", low=0.0, high=1.0)
-        c = parse_number(row.get(e["cost"]), f"{where}, model {m!r}, column {e['cost']!r}", low=0.0)
-        missing += [col for col, v in ((e["quality"], q), (e["cost"], c)) if v is None]
+    the columns whose cell is empty or absent."""
+    features = spec.feature_names
+    q_row, c_row, r_row, f_row, missing = [], [], [], {f: [] for f in features}, []
+    cells = row.cells
+    for m, cols in spec.models.items():
+        q = parse_number(cells.get(cols.quality), f"{where}, model {m!r}, column {cols.quality!r}", low=0.0, high=1.0)
+        c = parse_number(cells.get(cols.cost), f"{where}, model {m!r}, column {cols.cost!r}", low=0.0,
+                         booleans=False)
+        missing += [col for col, v in ((cols.quality, q), (cols.cost, c)) if v is None]
         q_row.append(q)
         c_row.append(c)
-        r = row.get(e["response"]) if e.get("response") else None
-        r_row.append(None if r is None or r == "" else str(r))
-        for f in feature_names:
-            col = e["features"][f]
-            v = parse_number(row.get(col), f"{where}, model {m!r}, column {col!r}")
+        r_row.append(_response(cells.get(cols.response), f"{where}, model {m!r}, column {cols.response!r}")
+                     if cols.response else None)
+        for f in features:
+            col = cols.features[f]
+            at = f"{where}, model {m!r}, column {col!r}"
+            v = parse_number(cells.get(col), at, booleans=False)
             if v is None:
                 missing.append(col)
+            elif f == "logprob_confidence" and v > 0:
+                raise DatasetError(f"{at}: logprob_confidence must be a log-probability (<= 0), got {v:.6g} "
+                                   "(give a probability p as log(p))")
             f_row[f].append(v)
     return q_row, c_row, r_row, f_row, missing
 
@@ -218,42 +212,43 @@ def import_table(
 ) -> RoutingDataset:
     """Read ``path`` with the column ``mapping`` (module docstring) into a validated dataset."""
     file = Path(path)
-    spec = load_mapping(mapping)
-    if "query" not in spec:
-        raise DatasetError("mapping: missing required key 'query' (the query-text column)")
-    policy = str(spec.get("missing", "error"))
-    if policy not in ("error", "drop"):
-        raise DatasetError(f"mapping: 'missing' must be 'error' or 'drop', got {policy!r}")
-    models = _model_columns(spec)
-    rows = _read_table(file)
+    spec = parse_mapping(load_mapping(mapping))
+    rows, columns = _read_table(file)
     if not rows:
         raise DatasetError(f"{file}: empty dataset (no data rows)")
-    feature_names = _check_columns(file, spec, models, set().union(*(r.keys() for r in rows[:1])))
-    report = ConversionReport(source=name or spec.get("name") or file.stem, rows_read=len(rows))
+    _check_columns(file, spec, columns)
+    report = ConversionReport(source=name or spec.name or file.stem, rows_read=len(rows))
     queries, ids, tasks, qual, cost, resp = [], [], [], [], [], []
-    feats: dict[str, list[list[float]]] = {f: [] for f in feature_names}
-    any_response = any(e.get("response") for e in models.values())
-    for i, row in enumerate(rows):
-        where = f"{file.name} row {i}"
-        q_row, c_row, r_row, f_row, missing = _model_cells(row, where, models, feature_names)
-        text = row.get(spec["query"])
-        if text is None or text == "":
-            missing.append(spec["query"])
-        qid = str(row.get(spec["query_id"])) if spec.get("query_id") else str(i)
+    feats: dict[str, list[list[float]]] = {f: [] for f in spec.feature_names}
+    first_seen: dict[str, str] = {}
+    for row in rows:
+        where = row.where(file)
+        qid = _label(row, spec.query_id, "query id", where) if spec.query_id else str(row.index)
+        if qid in first_seen:
+            raise DatasetError(f"{where}: duplicate query id {qid!r} in column {spec.query_id!r} "
+                               f"(first at {first_seen[qid]})")
+        first_seen[qid] = where
+        task = _label(row, spec.task, "task label", where) if spec.task else None
+        q_row, c_row, r_row, f_row, missing = _model_cells(row, where, spec)
+        text = row.cells.get(spec.query)
+        if _is_empty(text):
+            missing.append(spec.query)
+        elif not isinstance(text, str):
+            raise DatasetError(f"{where}: the query in column {spec.query!r} must be text, got "
+                               f"{type(text).__name__} {text!r}")
         if missing:
-            if policy == "error":
+            if spec.missing == "error":
                 raise DatasetError(f"{where}: empty cell in column {missing[0]!r} ({len(missing)} empty in this row); "
                                    "set `missing: drop` in the mapping to drop such rows")
-            report.drop(file.name, i, qid, "incomplete", "empty cells: " + ", ".join(missing))
+            report.drop(file.name, row.index, qid, "incomplete", "empty cells: " + ", ".join(missing))
             continue
-        queries.append(str(text))
+        queries.append(text)
         ids.append(qid)
-        if spec.get("task"):
-            tasks.append(str(row.get(spec["task"])))
+        tasks.append(task)
         qual.append(q_row)
         cost.append(c_row)
         resp.append(r_row)
-        for f in feature_names:
+        for f in spec.feature_names:
             feats[f].append(f_row[f])
     report.rows_kept = len(queries)
     report.files[file.name] = {"read": len(rows), "kept": len(queries)}
@@ -262,14 +257,14 @@ def import_table(
         raise DatasetError(f"{file}: empty dataset (every row was dropped: {report.summary()})")
     return RoutingDataset(
         queries=queries,
-        models=list(models),
+        models=list(spec.models),
         quality=np.array(qual, dtype=np.float64),
         cost=np.array(cost, dtype=np.float64),
-        responses=np.array(resp, dtype=object) if any_response else None,
+        responses=np.array(resp, dtype=object) if any(c.response for c in spec.models.values()) else None,
         features={f: np.array(v, dtype=np.float64) for f, v in feats.items()},
-        tasks=tasks if spec.get("task") else None,
+        tasks=tasks if spec.task else None,
         query_ids=ids,
-        metadata={"source": str(file), "mapping": spec, "cost_source": "user-supplied cost column (USD per query)",
+        metadata={"source": str(file), "mapping": spec.raw, "cost_source": "user-supplied cost column (USD per query)",
                   "conversion_report": report.to_dict()},
         name=report.source,
     )

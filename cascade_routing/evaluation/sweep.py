@@ -59,7 +59,14 @@ class Reference:
 
 
 def reference_points(quality: np.ndarray, cost: np.ndarray) -> Reference:
-    return Reference(np.asarray(cost, dtype=np.float64).mean(0), np.asarray(quality, dtype=np.float64).mean(0))
+    """The models' mean cost and quality on these rows; an error when every model costs the same on
+    average (the AUC is taken over [cheapest, costliest] mean cost, an empty range)."""
+    ref = Reference(np.asarray(cost, dtype=np.float64).mean(0), np.asarray(quality, dtype=np.float64).mean(0))
+    if ref.c_max <= ref.c_min:
+        raise ValueError(f"every model costs {ref.c_min:.6g} USD per query on average on these rows, so a cost "
+                         "budget has nothing to trade off: routing, cascades and their AUC need models of "
+                         "different cost")
+    return ref
 
 
 def linear_interpolation_sweep(quality: np.ndarray, cost: np.ndarray, budgets: np.ndarray,

@@ -78,22 +78,36 @@ def parse_list_literal(text: str, where: str) -> list[str]:
     return list(value)
 
 
-def parse_number(text: Any, where: str, *, low: float | None = None, high: float | None = None) -> float | None:
-    """A finite float from a cell; ``None`` for an empty cell; a clear error otherwise."""
+def parse_number(text: Any, where: str, *, low: float | None = None, high: float | None = None,
+                 booleans: bool = True) -> float | None:
+    """A finite float from a cell; ``None`` for an empty cell; a clear error otherwise.
+
+    ``booleans``: a boolean cell (``True``/``False``, or the text true/false in any case) reads 1/0;
+    without it a boolean is an error (a boolean cost or feature is a mapping mistake). Text with an
+    underscore (Python's ``float`` reads ``1_000`` as 1000) is not a number.
+    """
     if text is None:
         return None
     if isinstance(text, str):
         text = text.strip()
         if text == "":
             return None
-        if text in ("True", "False"):
-            return 1.0 if text == "True" else 0.0
+        if text.lower() in ("true", "false"):
+            if not booleans:
+                raise DatasetError(f"{where}: not a number: {text!r} (a boolean)")
+            return 1.0 if text.lower() == "true" else 0.0
+        if "_" in text:
+            raise DatasetError(f"{where}: not a number: {text!r}")
     if isinstance(text, bool):
+        if not booleans:
+            raise DatasetError(f"{where}: not a number: {text!r} (a boolean)")
         return 1.0 if text else 0.0
     try:
         value = float(text)
     except (TypeError, ValueError):
         raise DatasetError(f"{where}: not a number: {text!r}") from None
+    except OverflowError:
+        raise DatasetError(f"{where}: number too large for a float: {str(text)[:40]}...") from None
     if math.isnan(value):
         return None if isinstance(text, float) else _bad(where, value)
     if not math.isfinite(value):
