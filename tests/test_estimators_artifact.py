@@ -252,6 +252,39 @@ def test_hostile_pickle_is_refused_and_never_run(tmp_path):
         assert not marker.exists()
 
 
+def test_saved_artifact_mode_follows_the_umask(trained, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = trained["art"].save(tmp_path / "shared.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by a server running as another user
+
+
+def test_non_finite_weights_are_refused_by_name(trained, tmp_path):
+    import dataclasses
+
+    art = trained["art"]
+    key = next(k for k, v in art.state_dict.items() if v.is_floating_point() and v.numel() > 1)
+    weights = dict(art.state_dict)
+    weights[key] = weights[key].clone()
+    weights[key].view(-1)[0] = float("nan")
+    path = dataclasses.replace(art, state_dict=weights, _network=None).save(tmp_path / "nan.safetensors")
+    with pytest.raises(ArtifactError, match=rf"net\.{key} has non-finite values \(1 of"):
+        load_artifact(path)
+
+
+def test_a_save_pretrained_folder_loads_everywhere_a_file_does(trained, tmp_path, capsys):
+    from cascade_routing.cli import main
+
+    folder = trained["art"].save_pretrained(tmp_path / "my-router").parent
+    assert load_artifact(folder).models == trained["art"].models
+    assert main(["inspect-artifact", str(folder)]) == 0
+    assert json.loads(capsys.readouterr().out)["models"] == trained["art"].models
+
+
 def test_queries_and_answers_embed_concurrently_on_a_fresh_artifact(trained):
     """A server encodes queries on one thread and answers on another: on a freshly loaded artifact
     (lazy loads not done yet) the two run at once, build one network, use separate tokenizer
@@ -319,3 +352,54 @@ def test_unknown_answer_truncation_is_refused():
 
     with pytest.raises(ValueError, match="middle"):
         RoutingDataModule(answer_truncation="middle")
+
+
+def test_a_trained_network_refuses_data_it_cannot_read(trained, tmp_path):
+    """A checkpoint run (validate / test / load_from_checkpoint) on another encoder or task list is
+    refused with the reason, not a shape error or silently meaningless numbers."""
+    import dataclasses
+
+    import lightning as L
+
+    from cascade_routing.training.datamodule import RoutingDataModule
+    from estimators_helpers import make_tiny_encoder
+
+    module, dm, ds = trained["module"], trained["dm"], trained["ds"]
+    assert module.hparams.trained_on["task_vocabulary"] == dm.task_vocabulary
+    assert module.hparams.trained_on["encoder_fingerprint"]
+
+    def data(dataset=ds, encoder=dm.encoder_path):
+        return RoutingDataModule.from_dataset(dataset, encoder_path=str(encoder), cache_dir=str(tmp_path / "cache"),
+                                              batch_size=32)
+
+    module.check_data(data())
+    with pytest.raises(ValueError, match=r"reads 32-wide query embeddings.*gives 48"):
+        module.check_data(data(encoder=make_tiny_encoder(tmp_path / "wide", hidden=48)))
+    other = make_tiny_encoder(tmp_path / "other", layers=1)  # same width, different weights
+    with pytest.raises(ValueError, match=r"is not the encoder the network was trained with"):
+        module.check_data(data(encoder=other))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"is not the encoder the network was trained with"):
+        trainer.validate(module, data(encoder=other), verbose=False)
+    renamed = dataclasses.replace(ds, tasks=[t.replace("task0", "algebra") for t in ds.tasks])
+    with pytest.raises(ValueError, match=r"trained on the tasks \['task0', 'task1', 'task2'\].*'algebra'"):
+        module.check_data(data(dataset=renamed))
+    with pytest.warns(UserWarning, match=r"trained on dataset 'synthetic-240x3'; running it on 'a-copy'"):
+        module.check_data(data(dataset=dataclasses.replace(ds, name="a-copy")))
+
+
+def test_binding_without_the_tasks_the_estimator_reads_warns(trained):
+    import warnings
+
+    from cascade_routing.estimators.features import UnseenTaskWarning
+
+    art, ds = trained["art"], trained["ds"]
+    queries = list(ds.queries[:5])
+    with pytest.warns(UnseenTaskWarning, match=r"got none: every query's task input is all zero"):
+        art.bind(queries)
+    with pytest.warns(UnseenTaskWarning, match=r"2 of 5 queries have no task or one the estimator was not trained "
+                                               r"on \(\['algebra'\]"):
+        art.bind(queries, tasks=["algebra", "task1", "algebra", "task2", "task0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnseenTaskWarning)
+        art.bind(queries, tasks=list(ds.tasks[:5]))

@@ -70,6 +70,8 @@ def test_fit_fills_paths_from_the_root_and_exports(fitted):
     assert art.models == ["model-0", "model-1", "model-2"]
     assert set(art.fitted) == {"routing", "threshold_cascade", "optimal_cascade", "cascade_routing"}
     assert art.metrics["best_checkpoint"].endswith("best.ckpt")
+    assert not [k for k in art.train_config if k.startswith("_")]  # LightningCLI's _instantiator is not a setting
+    assert art.train_config["trained_on"]["task_vocabulary"] == cli.datamodule.task_vocabulary
     assert list((tmp / "runs" / "tiny").rglob("metrics.csv")), "CSVLogger wrote nothing"
     # wandb: one offline run carrying the full resolved config (data, trainer and seed too)
     runs = list((tmp / "runs" / "tiny").rglob("offline-run-*"))
@@ -78,6 +80,15 @@ def test_fit_fills_paths_from_the_root_and_exports(fitted):
     config = dict(logger.experiment.config)
     assert config["data"]["dataset"].endswith("data") and config["seed_everything"] == 0
     assert config["trainer"]["max_epochs"] == 10 and config["model"]["neighbours"] == 20
+
+
+def test_train_py_has_no_predict_subcommand(capsys):
+    from cascade_routing.training.lightning_cli import CascadeLightningCLI, lightning_cli
+
+    assert set(CascadeLightningCLI.subcommands()) == {"fit", "validate", "test"}
+    with pytest.raises(SystemExit):
+        lightning_cli(["predict", "--config", "routerbench"])
+    assert "invalid choice: 'predict'" in capsys.readouterr().err
 
 
 def test_load_from_checkpoint_rebuilds_the_network(fitted):
@@ -188,6 +199,28 @@ def test_wandb_logger_passes_no_anonymous_setting(tmp_path):
 
     logger = CascadeWandbLogger(save_dir=str(tmp_path), offline=True, group="g")
     assert "anonymous" not in logger._wandb_init and logger._wandb_init["group"] == "g"
+
+
+@pytest.mark.parametrize("env, mode", [(None, "offline"), ("offline", "offline"), ("dryrun", "offline"),
+                                       ("Online", "online"), ("disabled", "disabled")])
+def test_wandb_mode_follows_the_environment(monkeypatch, env, mode):
+    from cascade_routing.training.loggers import wandb_mode
+
+    if env is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env)
+    assert wandb_mode() == mode
+
+
+def test_wandb_disabled_writes_no_run(tmp_path, monkeypatch):
+    from cascade_routing.training.loggers import CascadeWandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = CascadeWandbLogger(save_dir=str(tmp_path))
+    logger.log_metrics({"a": 1.0})
+    logger.experiment.finish()
+    assert not list(tmp_path.rglob("offline-run-*")) and not list(tmp_path.rglob("run-*"))
 
 
 def test_export_of_a_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):

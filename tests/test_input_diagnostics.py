@@ -47,6 +47,8 @@ def test_collapse_message_names_the_numbers() -> None:
     assert (d.queries, d.inputs) == (2160, 1)
     msg = diagnostics.collapse_message(d, 128, "right")
     assert msg.startswith("2,160 distinct queries became 1 distinct encoder input after right truncation to 128 tokens")
+    assert "try data.truncation: left or head_tail," in msg
+    assert "try data.truncation: head_tail," in diagnostics.collapse_message(d, 128, "left")  # not what it uses
     assert diagnostics.collapse_message(diagnostics.Distinctness(100, 95), 128, "right") is None
     with pytest.raises(ValueError, match="3 encoder inputs for 2 queries"):
         diagnostics.input_distinctness(["a", "b"], [[1], [2], [3]])

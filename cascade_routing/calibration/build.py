@@ -132,7 +132,7 @@ def build_artifact(
         covariance_coverage=coverage if covs is not None else None,
         calibration=report,
         data_config=datamodule.data_config(),
-        train_config=dict(module.hparams),
+        train_config={k: v for k, v in module.hparams.items() if not str(k).startswith('_')},  # not LightningCLI's _instantiator
     )
     art.pools = {strategy: frontier for strategy in strategies if strategy in POOLED_STRATEGIES}
     if select_modes:

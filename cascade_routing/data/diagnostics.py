@@ -112,10 +112,11 @@ def collapse_message(d: Distinctness, max_length: int, truncation: str,
     if d.inputs >= min_ratio * d.queries:
         return None
     noun = "input" if d.inputs == 1 else "inputs"
+    others = " or ".join(t for t in ("left", "head_tail") if t != truncation)
     return (
         f"{d.queries:,} distinct queries became {d.inputs:,} distinct encoder {noun} after {truncation} "
         f"truncation to {max_length} tokens: the estimator cannot tell the others apart (try "
-        "data.truncation: left or head_tail, a larger data.max_length, or map the distinctive column as the query)"
+        f"data.truncation: {others}, a larger data.max_length, or map the distinctive column as the query)"
     )
 
 

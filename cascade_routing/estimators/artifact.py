@@ -37,6 +37,7 @@ import copy
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -47,7 +48,7 @@ from torch import Tensor
 
 from cascade_routing.estimators import encoding
 from cascade_routing.estimators.cost import BoundCostEstimator, CostModel
-from cascade_routing.estimators.features import task_onehot, text_statistics
+from cascade_routing.estimators.features import UnseenTaskWarning, task_onehot, text_statistics, unseen_task_message
 from cascade_routing.estimators.learned import UNCERTAINTY_MODES, LearnedQualityEstimator, coverage_ids
 from cascade_routing.estimators.masks import on_all_sets
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
@@ -173,6 +174,10 @@ class EstimatorArtifact:
                     f"artifact {self.source or ''} tensor net.{key} is {got.dtype} {tuple(got.shape)}, but the "
                     f"stored network config needs {ref.dtype} {tuple(ref.shape)}"
                 )
+        for key, value in self.state_dict.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ArtifactError(f"artifact {self.source or ''} tensor net.{key} has non-finite values "
+                                    f"({int((~torch.isfinite(value)).sum())} of {value.numel()}): corrupt weights")
         try:
             net.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as err:
@@ -314,6 +319,9 @@ class EstimatorArtifact:
         q = torch.as_tensor(np.asarray(q, dtype=np.float32))
         if q.shape != (n, self.network_config["embed_dim"]):
             raise ArtifactError(f"query embeddings have shape {tuple(q.shape)}, expected ({n}, {self.network_config['embed_dim']})")
+        unseen = unseen_task_message(tasks, self.task_vocabulary)
+        if unseen:
+            warnings.warn(UnseenTaskWarning(unseen), stacklevel=2)
         task = torch.from_numpy(task_onehot(tasks, self.task_vocabulary, n))
         query_feat = None
         if self.network_config.get("num_query_features"):
@@ -359,7 +367,7 @@ class EstimatorArtifact:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the artifact atomically to ``path`` (a ``.safetensors`` file)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -374,7 +382,10 @@ class EstimatorArtifact:
         # version 2 only adds optional encoder keys, so a loaded version-1 artifact is written as valid version 2
         meta = {"format": FORMAT_TAG, "format_version": str(FORMAT_VERSION), "payload": json.dumps(self.payload())}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
+        # written by Python's open, so the file mode follows the umask like any other output (safetensors'
+        # save_file creates it owner-only, which another user's server could not read)
+        with open(tmp, "wb") as fh:
+            fh.write(safetensors_bytes(tensors, metadata=meta))
         os.replace(tmp, path)
         return path
 
@@ -505,8 +516,11 @@ def _check_consistent(art: EstimatorArtifact, path: Path) -> None:
 
 
 def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | None = None) -> EstimatorArtifact:
-    """Read an artifact written by :meth:`EstimatorArtifact.save` (see module docstring for errors)."""
+    """Read an artifact written by :meth:`EstimatorArtifact.save` (see module docstring for errors);
+    a folder is read as the one :meth:`EstimatorArtifact.save_pretrained` writes (``estimator.safetensors`` inside)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / ARTIFACT_FILENAME
     meta, tensors = _read_file(path)
     art = _from_payload(path, meta, tensors)
     _check_consistent(art, path)

@@ -193,6 +193,27 @@ def answer_features(
     return compose_features(torch.from_numpy(static), torch.from_numpy(pair), torch.from_numpy(ran)).numpy()
 
 
+class UnseenTaskWarning(UserWarning):
+    """Queries without a task, or with one the estimator was not trained on, read an all-zero task input."""
+
+
+def unseen_task_message(tasks: list | None, vocabulary: list[str]) -> str | None:
+    """Why :func:`task_onehot` will give some rows an all-zero task input, or None when every row has a
+    task of ``vocabulary`` (or the estimator reads no task)."""
+    if not vocabulary:
+        return None
+    if tasks is None:
+        return (f"the estimator reads each query's task (one of {vocabulary}) and got none: every query's task "
+                "input is all zero, which it was never trained on (pass tasks=[...])")
+    known = set(vocabulary)
+    unseen = sorted({str(t) for t in tasks if t is None or str(t) not in known})
+    if not unseen:
+        return None
+    count = sum(1 for t in tasks if t is None or str(t) not in known)
+    return (f"{count} of {len(tasks)} queries have no task or one the estimator was not trained on "
+            f"({unseen[:5]}{' ...' if len(unseen) > 5 else ''}; it knows {vocabulary}): their task input is all zero")
+
+
 def task_onehot(tasks: list[str] | None, vocabulary: list[str], n: int) -> np.ndarray:
     """Float32 [n, len(vocabulary)] one-hot of each query's task (all-zero for an unseen task)."""
     out = np.zeros((n, len(vocabulary)), dtype=np.float32)

@@ -326,13 +326,12 @@ def log_to_wandb(result: EvaluationResult, dataset: str, artifact_path: str | No
 
     import wandb
 
-    from cascade_routing.training.loggers import wandb_offline_default
+    from cascade_routing.training.loggers import wandb_mode
 
     os.environ.setdefault("WANDB_SILENT", "true")
     own = wandb.run is None
     if own:
-        mode = "offline" if wandb_offline_default() else "online"
-        run = wandb.init(project="cascade-routing", job_type="evaluate", name=f"evaluate-{dataset}", mode=mode,
+        run = wandb.init(project="cascade-routing", job_type="evaluate", name=f"evaluate-{dataset}", mode=wandb_mode(),
                          dir=str(result.out_dir), config=result.config)
     else:
         run = wandb.run

@@ -41,7 +41,15 @@ def _substitute(init_args, root: Path) -> None:
 
 
 class CascadeLightningCLI(LightningCLI):
-    """LightningCLI over :class:`QualityEstimatorModule` and :class:`RoutingDataModule` (see module doc)."""
+    """LightningCLI over :class:`QualityEstimatorModule` and :class:`RoutingDataModule` (see module doc).
+
+    Subcommands: ``fit``, ``validate``, ``test``. There is no ``predict``: estimates for new queries
+    come from the exported artifact (``EstimatorArtifact.bind``), which also carries the λ tables.
+    """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
 
     def parse_arguments(self, parser, args) -> None:
         # args are always built by this project (never mixed with sys.argv by accident): no warning

@@ -7,9 +7,10 @@ import os
 from lightning.pytorch.loggers import WandbLogger
 
 
-def wandb_offline_default() -> bool:
-    """Offline unless ``WANDB_MODE=online`` is set in the environment."""
-    return os.environ.get("WANDB_MODE", "offline").lower() != "online"
+def wandb_mode() -> str:
+    """``"online"`` or ``"disabled"`` when ``WANDB_MODE`` says so, else ``"offline"`` (unset included)."""
+    mode = os.environ.get("WANDB_MODE", "offline").strip().lower()
+    return mode if mode in ("online", "disabled") else "offline"
 
 
 class CascadeWandbLogger(WandbLogger):
@@ -19,7 +20,7 @@ class CascadeWandbLogger(WandbLogger):
         project: wandb project name.
         save_dir: where the offline run folder goes.
         name: run name.
-        offline: None: from the environment (see :func:`wandb_offline_default`).
+        offline: None: from the environment (:func:`wandb_mode`; ``WANDB_MODE=disabled`` writes nothing).
         group: wandb group of the run (training and evaluation of one experiment share it).
     """
 
@@ -37,7 +38,11 @@ class CascadeWandbLogger(WandbLogger):
         if group is not None:
             kwargs["group"] = group
         os.environ.setdefault("WANDB_SILENT", "true")
-        off = wandb_offline_default() if offline is None else offline
+        # offline=True makes Lightning force wandb's offline mode, so "disabled" must pass False; the
+        # explicit mode wins over settings an earlier run left in this process
+        off = wandb_mode() == "offline" if offline is None else offline
+        if offline is None and wandb_mode() == "disabled":
+            kwargs.setdefault("mode", "disabled")
         super().__init__(project=project, save_dir=save_dir, name=name, offline=off, **kwargs)
         # Lightning passes anonymous=None, which wandb >= 0.19 answers with a deprecation warning on every run
         if self._wandb_init.get("anonymous") is None:

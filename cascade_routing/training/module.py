@@ -19,6 +19,7 @@ the empty mask; post-hoc uses the split's fixed ``eval_ran`` masks and scores on
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import lightning as L
 import torch
@@ -69,6 +70,9 @@ class QualityEstimatorModule(L.LightningModule):
         models: model names in cost order (filled in by ``setup``).
         binary: 0/1 quality (filled in by ``setup``).
         encoder_init_path: the fine-tuned encoder's starting folder (filled in by ``setup`` when fine-tuning).
+        trained_on: the data the network was built for: ``dataset``, ``task_vocabulary`` and the frozen
+            encoder's ``encoder_fingerprint`` (filled in by ``setup``; a checkpoint run on other data is
+            refused when the task list or encoder differ, see :meth:`check_data`).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class QualityEstimatorModule(L.LightningModule):
         models: list[str] | None = None,
         binary: bool = True,
         encoder_init_path: str | None = None,
+        trained_on: dict | None = None,
     ) -> None:
         super().__init__()
         if singleton_masks < 0:
@@ -176,8 +181,7 @@ class QualityEstimatorModule(L.LightningModule):
     def setup(self, stage: str | None = None) -> None:
         dm = self.trainer.datamodule
         if self.network is not None:
-            if list(dm.models) != self.models:
-                raise ValueError(f"the network was built for models {self.models}, the data has {list(dm.models)}")
+            self.check_data(dm)
             return
         encoder = dm.encoder if self.hparams.finetune_encoder else None
         if self.hparams.finetune_encoder and not dm.finetune:
@@ -192,6 +196,40 @@ class QualityEstimatorModule(L.LightningModule):
             memory = (train.query_emb, train.quality)
         confidences = train is None or CONFIDENCE_FEATURE in train.dataset.features
         self.build(dm.models, dm.embed_dim, len(dm.task_vocabulary), dm.binary_quality, encoder, memory, confidences)
+        self.hparams.update(trained_on=self._data_identity(dm))
+
+    def _data_identity(self, dm) -> dict:
+        from cascade_routing.estimators.encoding import encoder_fingerprint
+
+        return {"dataset": dm.dataset_name, "task_vocabulary": list(dm.task_vocabulary),
+                "encoder_fingerprint": None if self.hparams.finetune_encoder
+                else encoder_fingerprint(dm.resolved_encoder_path)}
+
+    def check_data(self, dm) -> None:
+        """Raise ``ValueError`` unless the built network can read ``dm``'s batches as it was trained to:
+        the same models (in order), the query-embedding width of a frozen encoder, the same number of
+        tasks, and, for checkpoints that record them (``trained_on``), the same task list and frozen
+        encoder (fingerprint). Another dataset with all of these equal is run, with a warning."""
+        if list(dm.models) != self.models:
+            raise ValueError(f"the network was built for models {self.models}, the data has {list(dm.models)}")
+        cfg = self.network.config
+        trained = self.hparams.get("trained_on") or {}
+        if not self.hparams.finetune_encoder and dm.embed_dim != cfg.embed_dim:
+            raise ValueError(f"the network reads {cfg.embed_dim}-wide query embeddings, but data.encoder_path "
+                             f"({dm.resolved_encoder_path}) gives {dm.embed_dim}: use the encoder it was trained with")
+        if len(dm.task_vocabulary) != cfg.num_tasks or (
+                "task_vocabulary" in trained and list(dm.task_vocabulary) != list(trained["task_vocabulary"])):
+            was = trained.get("task_vocabulary", f"{cfg.num_tasks} tasks")
+            raise ValueError(f"the network was trained on the tasks {was}, dataset {dm.dataset_name!r} has "
+                             f"{list(dm.task_vocabulary)}: its task input would mean something else")
+        now = self._data_identity(dm)
+        if trained.get("encoder_fingerprint") and now["encoder_fingerprint"] != trained["encoder_fingerprint"]:
+            raise ValueError(f"data.encoder_path ({dm.resolved_encoder_path}, fingerprint {now['encoder_fingerprint']}) "
+                             f"is not the encoder the network was trained with (fingerprint "
+                             f"{trained['encoder_fingerprint']}): its query embeddings would mean something else")
+        if trained.get("dataset") and trained["dataset"] != now["dataset"]:
+            warnings.warn(f"the network was trained on dataset {trained['dataset']!r}; running it on "
+                          f"{now['dataset']!r} (same models, tasks and encoder)", stacklevel=2)
 
     # ------------------------------------------------------------------ forward
     def query_embedding(self, batch: dict) -> Tensor:
