@@ -209,9 +209,10 @@ def unseen_task_message(tasks: list | None, vocabulary: list[str]) -> str | None
     unseen = sorted({str(t) for t in tasks if t is None or str(t) not in known})
     if not unseen:
         return None
-    count = sum(1 for t in tasks if t is None or str(t) not in known)
-    return (f"{count} of {len(tasks)} queries have no task or one the estimator was not trained on "
-            f"({unseen[:5]}{' ...' if len(unseen) > 5 else ''}; it knows {vocabulary}): their task input is all zero")
+    # no counts in the text: Python shows a warning once per distinct message, and a server binds
+    # batch after batch
+    return (f"queries with no task or one the estimator was not trained on ({unseen[:5]}"
+            f"{' ...' if len(unseen) > 5 else ''}; it knows {vocabulary}) read an all-zero task input")
 
 
 def task_onehot(tasks: list[str] | None, vocabulary: list[str], n: int) -> np.ndarray:
