@@ -257,3 +257,14 @@ def test_missing_responses_are_none_not_the_text_nan(tmp_path: Path) -> None:
     rows[1]["small_text"] = float("nan")  # json.dumps writes NaN, which Python's json reads back
     ds = import_table(_write(tmp_path, "jsonl", rows), TEMPLATE)
     assert ds.responses[1].tolist() == [None, "Paris"]
+
+
+def test_a_folder_named_like_a_registered_dataset_does_not_shadow_it(tmp_path: Path, monkeypatch) -> None:
+    from cascade_routing.data import load_dataset
+
+    import_table(_write(tmp_path, "csv"), TEMPLATE).save(tmp_path / "routellm-mt-bench")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"folder 'routellm-mt-bench' .* registered dataset; loading the registered one"):
+        registered = load_dataset("routellm-mt-bench", progress=False)
+    assert registered.num_queries == 160
+    assert load_dataset("./routellm-mt-bench").query_ids == ["a", "b", "c"]

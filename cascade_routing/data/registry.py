@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,11 +233,19 @@ def fetch(
 
 
 def load_dataset(name_or_path: str | os.PathLike[str], *, progress: bool = True) -> RoutingDataset:
-    """A :class:`RoutingDataset` from a registered name or a saved dataset folder."""
+    """A :class:`RoutingDataset` from a registered name or a saved dataset folder.
+
+    A bare registered name (no path separator) means the registered dataset even when a folder of
+    that name exists in the working directory (with a warning); ``./name`` reads the folder.
+    """
     path = Path(name_or_path)
-    if is_dataset_folder(path):
-        return load_dataset_folder(path)
     key = str(name_or_path)
+    bare_registered = key in _REGISTRY and len(path.parts) == 1 and os.sep not in key
+    if is_dataset_folder(path) and not bare_registered:
+        return load_dataset_folder(path)
+    if bare_registered and is_dataset_folder(path):
+        warnings.warn(f"the folder {key!r} in the working directory has the name of a registered dataset; loading "
+                      f"the registered one (pass './{key}' to read the folder)", stacklevel=2)
     if key in _REGISTRY:
         folder = fetch(key, progress=progress)
         try:
