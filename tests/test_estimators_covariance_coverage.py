@@ -166,7 +166,9 @@ def test_residual_moments_match_a_direct_computation_for_any_subset_of_sets(expo
         torch.testing.assert_close(second[state], (r.T @ r / n).float(), rtol=1e-4, atol=1e-7)
     sub = torch.tensor([0, 5, 9, 15])
     cov_sub, second_sub = residual_moments(network, cal, rows_per_chunk=3, sets=sub, sets_per_pass=3)
-    assert torch.equal(cov_sub[sub], cov[sub]) and torch.equal(second_sub[sub], second[sub])
+    # other passes batch the sets differently: the same numbers up to float32 rounding of the forward pass
+    torch.testing.assert_close(cov_sub[sub], cov[sub], rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(second_sub[sub], second[sub], rtol=1e-5, atol=1e-10)
     others = torch.ones(2**M, dtype=torch.bool)
     others[sub] = False
     assert bool(torch.isnan(cov_sub[others]).all()) and bool(torch.isnan(second_sub[others]).all())
