@@ -78,8 +78,11 @@ from tests.serving_helpers import free_port, wait_healthy  # noqa: E402
 
 
 def prepare(args, work: Path):
-    """(checkpoint path, test dataset, replay CLI dataset args, budget, strategy)."""
+    """(checkpoint path, test dataset, replay CLI dataset args, budget, strategy, whether the requests
+    carry ``routing.task``: only when the test split has labels and the checkpoint knows tasks, since
+    the server refuses a label its checkpoint does not know)."""
     from cascade_routing.estimators.artifact import load_artifact
+    from cascade_routing.serving.checkpoint import artifact_tasks
 
     strategy = args.strategy
     if args.checkpoint:
@@ -105,7 +108,8 @@ def prepare(args, work: Path):
         art = load_artifact(path)
     budgets = sorted(art.fitted[strategy])
     budget = args.budget if args.budget is not None else budgets[len(budgets) // 2]
-    return str(path), test, data_args, budget, strategy
+    send_tasks = test.tasks is not None and bool(artifact_tasks(art))
+    return str(path), test, data_args, budget, strategy, send_tasks
 
 
 def simulate_split(checkpoint: str, test, strategy: str, budget: float) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +272,9 @@ def direct_phase(replay_url: str, test, rows: list[int], round_index: int, procs
             "cpu_ms_per_request": cpu_per_request_ms(cpu_before, cpu_snapshot(procs), len(direct))}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a relative ``--checkpoint`` (and ``--json``) is resolved against the caller's
+    working directory (``serve`` runs in the repository root)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=200, help="client requests in flight at most")
@@ -304,6 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         args.client_pools = min(8, args.concurrency)
     if not 1 <= args.client_pools <= args.concurrency:
         p.error(f"--client-pools must be between 1 and --concurrency ({args.concurrency}), got {args.client_pools}")
+    for name in ("checkpoint", "json"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     faults = bool(args.poison or args.disconnect or args.slow_model or args.sigterm_after)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -311,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cr-load-") as tmp:
         work = Path(tmp)
         t_prep = time.perf_counter()
-        checkpoint, test, data_args, budget, strategy = prepare(args, work)
+        checkpoint, test, data_args, budget, strategy, send_tasks = prepare(args, work)
         print(f"prepared {test.num_queries} test queries, {test.num_models} models, budget {budget:.6g} "
               f"({strategy}) in {time.perf_counter() - t_prep:.1f}s", flush=True)
         rport, sport = free_port(), free_port()
@@ -320,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         store = work / "spend.sqlite"
         procs = []
         rounds = []
+        sigterm_at: list[float] = []
         try:
             fail = ["--fail", f"{args.slow_model}=slow", "--slow-ms", str(args.slow_ms)] if args.slow_model else []
             procs.append(subprocess.Popen(
@@ -339,7 +354,6 @@ def main(argv: list[str] | None = None) -> int:
             rss_before = rss_mb(procs[1].pid)
 
             rows = [i % test.num_queries for i in range(args.requests)]
-            sigterm_at: list[float] = []
             for r in range(args.repeat):
                 payloads, kinds = [], {}
                 for k, i in enumerate(rows):
@@ -350,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                         kinds[rid] = "poison"
                         continue
                     body = {"model": "cascade-routing", "messages": [{"role": "user", "content": test.queries[i]}]}
-                    if test.tasks is not None:
+                    if send_tasks:
                         body["routing"] = {"task": test.tasks[i]}
                     give_up = args.disconnect_after_s if roll < args.poison + args.disconnect else None
                     kinds[rid] = "disconnect" if give_up else "good"

@@ -291,3 +291,122 @@ def make_tiny_artifact(ds, folder, strategies=("cascade_routing", "routing"), bu
         for s in strategies
     }
     return art.save(folder / "estimator.safetensors"), splits
+
+
+class ScriptedBackends:
+    """In-process OpenAI-compatible endpoints for ``models`` (``httpx.MockTransport``, no sockets) that
+    answer ``"<model> says CORRECT answer <query>"`` (usage 10 in / 20 out tokens, priced as
+    :data:`PRICE_IN` / :data:`PRICE_OUT`) or misbehave as ``modes[model]`` says (mutable):
+
+    - ``"400"``, ``"404"``, ``"500"``: that HTTP status with an OpenAI error body (400: ``param``
+      ``max_tokens``, ``code`` ``invalid_value``); ``"context_400"``: a 400 ``context_length_exceeded``;
+    - ``"negusage"``, ``"strusage"``, ``"listusage"``, ``"infusage"``: a bad ``usage`` (-1000000 prompt
+      tokens, ``"abc"``, a list, ``Infinity``);
+    - streamed only, after the role chunk and two content pieces: ``"stream_break"`` (the connection
+      drops: ``httpx.ReadError``), ``"stream_stall"`` (a read timeout), ``"stream_garbage"`` (a chunk
+      that is not JSON), ``"stream_badindex"`` (``"index": "x"``), ``"stream_error"`` (an error event);
+      ``"stream_hold"``: the two pieces, then wait until ``release`` is set (then the rest);
+    - ``"hold"``: answer (not streamed) only once ``release`` is set; ``"wrong"``: answer
+      ``"<model> says WRONG answer <query>"`` (the stand-in estimators then rate it low).
+
+    ``calls[model]`` counts the requests each endpoint received; ``pool`` is the :class:`BackendPool`.
+    """
+
+    PIECES = 2
+
+    def __init__(self, models=MODELS, modes=None, timeout_s: float = 5.0, max_retries: int = 0) -> None:
+        import collections
+        import threading
+
+        import httpx
+
+        from cascade_routing.serving.backends import BackendPool, parse_backends
+
+        self.modes = dict(modes or {})
+        self.calls: collections.Counter = collections.Counter()
+        self.release = threading.Event()
+        doc = {"defaults": {"timeout_s": timeout_s, "max_retries": max_retries, "backoff_s": 0.01},
+               "models": [{"name": m, "base_url": f"http://scripted/{m}/v1", "price_per_input_token": PRICE_IN[m],
+                           "price_per_output_token": PRICE_OUT[m]} for m in models]}
+        self.pool = BackendPool(parse_backends(doc, "scripted"),
+                                client=httpx.AsyncClient(transport=httpx.MockTransport(self._handle)))
+
+    @staticmethod
+    def answer(model: str, query: str) -> str:
+        return f"{model} says CORRECT answer {query}"
+
+    @staticmethod
+    def cost(model: str) -> float:
+        return 10 * PRICE_IN[model] + 20 * PRICE_OUT[model]
+
+    async def _handle(self, request):
+        import asyncio
+        import json
+
+        import httpx
+
+        model = request.url.path.split("/")[1]
+        body = json.loads(request.content)
+        self.calls[model] += 1
+        mode = self.modes.get(model, "ok")
+        if mode in ("400", "404", "500", "context_400"):
+            code = {"400": "invalid_value", "context_400": "context_length_exceeded"}.get(mode)
+            error = {"message": f"{model}: no ({mode})", "type": "invalid_request_error",
+                     "param": "max_tokens" if mode == "400" else None, "code": code}
+            return httpx.Response(400 if mode == "context_400" else int(mode), json={"error": error})
+        text = self.answer(model, body["messages"][-1]["content"])
+        if mode == "wrong":
+            text = text.replace("CORRECT", "WRONG")
+        usage = {"prompt_tokens": 10, "completion_tokens": 20}
+        usage_json = json.dumps({"negusage": {"prompt_tokens": -1000000, "completion_tokens": 20},
+                                 "strusage": {"prompt_tokens": "abc", "completion_tokens": 20},
+                                 "listusage": [1]}.get(mode, usage))
+        if mode == "infusage":
+            usage_json = '{"prompt_tokens": 10, "completion_tokens": Infinity}'
+        if not body.get("stream"):
+            while mode == "hold" and not self.release.is_set():
+                await asyncio.sleep(0.01)
+            message = {"role": "assistant", "content": text}
+            raw = ('{"object": "chat.completion", "choices": [{"index": 0, "message": ' + json.dumps(message)
+                   + ', "finish_reason": "stop"}], "usage": ' + usage_json + "}")
+            return httpx.Response(200, content=raw.encode(), headers={"content-type": "application/json"})
+
+        def chunk(delta=None, finish=None, index=0, **extra):
+            choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish}]
+            return ("data: " + json.dumps({"object": "chat.completion.chunk", "choices": choices, **extra})
+                    + "\n\n").encode()
+
+        cut = len(text) // 3
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            yield chunk({"content": text[:cut]})
+            yield chunk({"content": text[cut:2 * cut]})
+            await asyncio.sleep(0.01)
+            if mode == "stream_break":
+                raise httpx.ReadError("connection reset by peer")
+            if mode == "stream_stall":
+                raise httpx.ReadTimeout("no data within the read timeout")
+            if mode == "stream_garbage":
+                yield b"data: {not json\n\n"
+            if mode == "stream_badindex":
+                yield chunk({"content": "z"}, index="x")
+            if mode == "stream_error":
+                yield b'data: {"error": {"message": "upstream overloaded"}}\n\n'
+            if mode == "stream_hold":
+                while not self.release.is_set():
+                    await asyncio.sleep(0.01)
+            yield chunk({"content": text[2 * cut:]})
+            yield chunk({}, "stop")
+            yield b'data: {"object": "chat.completion.chunk", "choices": [], "usage": ' + usage_json.encode() + b"}\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return httpx.Response(200, content=events(), headers={"content-type": "text/event-stream"})
+
+
+def scripted_server(router, backends: "ScriptedBackends", **app_kwargs):
+    """A started :class:`~cascade_routing.serving.server.BackgroundServer` of ``create_app(router,
+    backends.pool, **app_kwargs)`` (use as a context manager)."""
+    from cascade_routing.serving.server import BackgroundServer, create_app
+
+    return BackgroundServer(create_app(router, backends.pool, **app_kwargs))

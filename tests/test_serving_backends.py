@@ -11,8 +11,12 @@ from cascade_routing.serving.backends import (
     BackendConfigError,
     BackendError,
     BackendPool,
+    RequestRejectedError,
+    _StreamedAnswer,
     load_backend_configs,
     parse_backends,
+    parse_usage,
+    rejection,
 )
 
 
@@ -135,6 +139,96 @@ def test_retries_5xx_then_succeeds_but_not_4xx():
     with pytest.raises(BackendError) as err:
         asyncio.run(go(bad_request))
     assert err.value.reason == "http_400" and calls["n"] == 1
+
+
+@pytest.mark.parametrize("usage, words", [
+    ({"prompt_tokens": -1000000, "completion_tokens": 1}, "usage.prompt_tokens"),
+    ({"prompt_tokens": "abc"}, "usage.prompt_tokens"), ({"prompt_tokens": 1.5}, "usage.prompt_tokens"),
+    ({"completion_tokens": float("inf")}, "usage.completion_tokens"), ({"completion_tokens": True}, "usage.completion_tokens"),
+    ({"completion_tokens": 2**60}, "usage.completion_tokens"), ([1], "usage must be an object"), ("12", "usage must be an object"),
+])
+def test_invalid_usage_is_that_backends_failure(usage, words):
+    """Token counts must be integers in [0, 2**53]: anything else is a ``bad_response`` naming the field,
+    never a negative or infinite cost (and no retry: the endpoint answered)."""
+    calls = {"n": 0}
+
+    def handler(request):
+        import json
+
+        calls["n"] += 1  # json.dumps writes Infinity as Python's JSON reader accepts it
+        return httpx.Response(200, content=json.dumps({**_ok(), "usage": usage}).encode(),
+                              headers={"content-type": "application/json"})
+
+    async def go():
+        async with _pool(_doc(), handler) as pool:
+            return await pool.complete("m", [])
+
+    with pytest.raises(BackendError) as err:
+        asyncio.run(go())
+    assert err.value.reason == "bad_response" and words in err.value.detail and calls["n"] == 1
+
+
+def test_valid_usage_forms_and_reported_cost():
+    assert parse_usage(None) == (0, 0) and parse_usage({}) == (0, 0)
+    assert parse_usage({"prompt_tokens": 3, "completion_tokens": 4.0, "total_tokens": 7}) == (3, 4)
+    assert parse_usage({"prompt_tokens": None, "completion_tokens": 2**53}) == (0, 2**53)
+
+    async def go(reported):
+        handler = lambda r: httpx.Response(200, json=_ok(x_cost_usd=reported))  # noqa: E731
+        async with _pool(_doc(trust_reported_cost=True), handler) as pool:
+            return await pool.complete("m", [])
+
+    assert asyncio.run(go(0.25)).cost == 0.25
+    with pytest.raises(BackendError, match="x_cost_usd"):
+        asyncio.run(go(-0.25))
+
+
+@pytest.mark.parametrize("event, words", [
+    ({"choices": [{"index": "x", "delta": {"content": "z"}}]}, "choices[].index"),
+    ({"choices": [{"index": -1, "delta": {"content": "z"}}]}, "choices[].index"),
+    ({"choices": [{"index": 0, "delta": "z"}]}, "delta must be an object"),
+    ({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": "a"}]}}]}, "tool_calls[].index"),
+    ({"choices": [{"index": 0, "delta": {"tool_calls": ["f"]}}]}, "tool_calls[] must be objects"),
+    ({"choices": {"index": 0}}, "choices must be a list"),
+])
+def test_malformed_stream_chunks_name_the_field(event, words):
+    with pytest.raises(ValueError) as err:
+        _StreamedAnswer().add(event)
+    assert words in str(err.value)
+
+
+def test_a_malformed_stream_chunk_is_a_bad_response():
+    def handler(request):
+        body = (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+                b'data: {"choices":[{"index":"x","delta":{"content":"z"}}]}\n\n')
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    async def go():
+        async with _pool(_doc(), handler) as pool:
+            return await pool.stream("m", [], lambda choice: asyncio.sleep(0))
+
+    with pytest.raises(BackendError) as err:
+        asyncio.run(go())
+    assert err.value.reason == "bad_response" and "choices[].index" in err.value.detail
+
+
+@pytest.mark.parametrize("status, body, rejected", [
+    (400, {"error": {"message": "max_tokens is too large", "param": "max_tokens", "code": "invalid_value"}}, True),
+    (413, {"error": {"message": "too big"}}, True), (422, "unprocessable", True),
+    (400, {"error": {"message": "too long", "code": "context_length_exceeded"}}, False),
+    (401, {"error": {"message": "bad key"}}, False), (404, {"error": {"message": "no such model"}}, False),
+])
+def test_which_4xx_refuse_the_request_itself(status, body, rejected):
+    """400/413/422 are the request's fault (every model would refuse it); a context-length 400 is
+    that model's limit and 401/403/404 its endpoint's configuration: those fall back."""
+    import json
+
+    text = json.dumps(body) if isinstance(body, dict) else body
+    err = rejection("m", status, text, 1)
+    assert isinstance(err, RequestRejectedError) == rejected and err.reason == f"http_{status}"
+    if rejected and isinstance(body, dict):
+        assert err.status == status and err.message == body["error"]["message"]
+        assert (err.param, err.code) == (body["error"].get("param"), body["error"].get("code"))
 
 
 def test_timeouts_and_connection_errors_are_retried_then_reported():

@@ -187,10 +187,12 @@ def test_no_retry_past_the_request_deadline(monkeypatch):
     assert info.value.reason == "deadline" and info.value.attempts == 1
 
 
-def test_graceful_shutdown_answers_503_within_the_grace_period(ds, stand_in):
+@pytest.mark.parametrize("stream", [False, True])
+def test_graceful_shutdown_answers_503_within_the_grace_period(ds, stand_in, stream):
     """A request stuck on a 30 s backend when the server stops: the server gives it the grace
-    period (2 s here), then cancels its backend call, answers 503 ``server_shutting_down`` (not a
-    cut connection), records it, and exits."""
+    period (2 s here), then cancels its backend call, answers 503 ``server_shutting_down`` in JSON
+    (not a cut connection, nor a plain-text 500 for a stream that had not sent its first byte),
+    records it, and exits."""
     router, sim, budget = stand_in
     slow = ds.models[int(sim.order[0][0])]
     s = ServingStack(ds, router, budget=budget, failures={slow: "slow"}, slow_ms=30_000, timeout_s=60,
@@ -198,7 +200,8 @@ def test_graceful_shutdown_answers_503_within_the_grace_period(ds, stand_in):
     try:
         async def main():
             async with httpx.AsyncClient(timeout=60) as client:
-                task = asyncio.create_task(client.post(s.url + "/v1/chat/completions", json=_body(ds.queries[0])))
+                task = asyncio.create_task(client.post(s.url + "/v1/chat/completions",
+                                                       json={**_body(ds.queries[0]), "stream": stream}))
                 while s.app.state.gate.in_flight < 1:
                     await asyncio.sleep(0.02)
                 await asyncio.to_thread(s.server.stop)
@@ -206,7 +209,8 @@ def test_graceful_shutdown_answers_503_within_the_grace_period(ds, stand_in):
 
         resp = asyncio.run(main())
         assert not s.server._thread.is_alive()
-        assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_shutting_down"
+        assert resp.status_code == 503 and resp.headers["content-type"] == "application/json"
+        assert resp.json()["error"]["code"] == "server_shutting_down" and resp.headers["retry-after"] == "1"
         snap = s.app.state.ledger.snapshot()
         assert snap["requests"] == 1 and snap["shutdowns"] == 1 and snap["cancelled_calls"] == {slow: 1}
     finally:

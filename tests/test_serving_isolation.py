@@ -70,6 +70,39 @@ def test_every_field_is_validated_naming_it(raw, param, words):
         assert w in info.value.message
 
 
+@pytest.mark.parametrize("field, value", [
+    ("stream", "yes"), ("stream", 1), ("logprobs", "true"), ("store", 0), ("parallel_tool_calls", "no"),
+    ("max_tokens", "5"), ("max_tokens", 5.0), ("max_tokens", True), ("n", 2.0), ("seed", "7"),
+    ("top_logprobs", 1.5), ("max_completion_tokens", "10"),
+    ("temperature", "0.5"), ("temperature", True), ("top_p", "1"), ("presence_penalty", "0"),
+    ("logit_bias", {"50256": "-100"}), ("stream_options", {"include_usage": "yes"}), ("routing", {"budget": "0.1"}),
+])
+def test_wrong_types_are_refused_not_coerced(field, value):
+    """As in OpenAI's API: a boolean must be true/false, an integer a JSON integer, a number never a string."""
+    body = _body("hi", **{field: value})
+    if field == "stream_options":
+        body["stream"] = True
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(json.dumps(body).encode())
+    assert info.value.status == 400 and info.value.param.split(".")[0] == field, info.value.message
+
+
+def test_numbers_keep_their_accepted_forms():
+    """A number field takes an integer; the strict fields take their own type."""
+    req = parse_chat_request(json.dumps(_body("hi", temperature=1, top_p=1, max_tokens=5, n=1, stream=False,
+                                              logit_bias={"1": -100}, routing={"budget": 1})).encode())
+    assert req.temperature == 1.0 and req.max_tokens == 5 and req.logit_bias == {"1": -100.0}
+    assert req.routing.budget == 1.0
+
+
+def test_an_integer_past_the_digit_limit_is_a_400():
+    """json.loads refuses integers of more than 4,300 digits with a ValueError: a 400, not a 500."""
+    raw = b'{"model": "cascade-routing", "max_tokens": ' + b"9" * 5000 + b', "messages": [{"role": "user", "content": "hi"}]}'
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(raw)
+    assert info.value.status == 400 and "malformed JSON" in info.value.message and "digits" in info.value.message
+
+
 def test_invalid_utf8_bytes_are_a_400():
     with pytest.raises(RequestError, match="malformed JSON"):
         parse_chat_request(b'{"model": "x", "messages": [{"role": "user", "content": "\xff\xfe"}]}')

@@ -1,5 +1,6 @@
-"""Server limits over loopback HTTP: body size (413), prompt length (400), concurrent requests
-(429 with Retry-After instead of unbounded queueing), upstream attempts per request."""
+"""Server limits over loopback HTTP: body size (413), slow bodies (408, without holding a slot),
+prompt length (400), concurrent requests (429 with Retry-After instead of unbounded queueing),
+upstream attempts per request, the server's settings refused when out of range."""
 
 from __future__ import annotations
 
@@ -41,6 +42,58 @@ def test_body_over_the_limit_is_413_and_never_forwarded(ds, router):
         assert resp.status_code == 413
         assert sum(s.replay_app.state.requests.values()) == 0  # nothing reached a backend
         assert httpx.post(s.url + "/v1/chat/completions", json=_body(ds.queries[0]), timeout=10).status_code == 200
+
+
+def test_a_slow_body_gets_408_and_never_holds_a_slot(ds, router):
+    """Clients that send their body slowly (slowloris): none of them holds one of the server's
+    concurrency slots meanwhile (one slot here; a normal request is served), and each gets 408
+    ``request_timeout`` once ``body_timeout_s`` passed, counted in /metrics."""
+    import socket
+
+    limits = ServerLimits(max_concurrent=1, body_timeout_s=1.0)
+    with ServingStack(ds, router, limits=limits) as s:
+        slow = []
+        for _ in range(3):
+            sock = socket.create_connection((s.server.host, s.server.port), timeout=10)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"model\":")
+            slow.append(sock)
+        resp = httpx.post(s.url + "/v1/chat/completions", json=_body(ds.queries[0]), timeout=10)
+        assert resp.status_code == 200  # the only slot was free
+        answers = []
+        for sock in slow:
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            sock.close()
+            answers.append(data)
+        assert all(a.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in a for a in answers), answers
+        metrics = httpx.get(s.url + "/metrics", timeout=10).text
+        assert 'cascade_routing_requests_total{status="408",stream="unknown"} 3.0' in metrics
+        assert httpx.get(s.url + "/v1/routing/stats", timeout=10).json()["rejected_busy"] == 0
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"body_timeout_s": 0}, "body_timeout_s"), ({"deadline_s": float("inf")}, "deadline_s"),
+    ({"shutdown_timeout_s": -5}, "shutdown_timeout_s"),
+])
+def test_limits_out_of_range_are_refused(settings, words):
+    with pytest.raises(ValueError, match=words):
+        ServerLimits(**settings)
+
+
+@pytest.mark.parametrize("settings, words", [({"keep_alive_s": -1}, "keep_alive_s"),
+                                             ({"shutdown_timeout_s": -5}, "shutdown_timeout_s")])
+def test_serve_refuses_negative_timeouts_before_loading_anything(tmp_path, settings, words):
+    """``serve --keep-alive-s -1`` / ``--shutdown-timeout-s -5``: a ValueError naming the setting (the
+    CLI prints it), before the checkpoint is even looked for."""
+    from cascade_routing.serving.server import serve
+
+    with pytest.raises(ValueError, match=words):
+        serve(tmp_path / "missing.safetensors", tmp_path / "missing.yaml", 0.001, **settings)
 
 
 def test_prompt_over_the_limit_is_400_naming_the_limit(ds, router):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import torch
@@ -221,3 +222,24 @@ def _assert_trace_is_the_result_without_answers(res) -> None:
     trace["usage"][res.model]["prompt_tokens"] = -1
     assert res.steps[0].estimate_mean and res.failures[0]["model"] != "edited"
     assert "edited" not in res.models_run and res.answers[res.model].usage["prompt_tokens"] == 3
+
+
+def test_task_labels_are_checked_against_the_checkpoints():
+    """An unknown ``task`` would read as "no task" (an all-zero one-hot): refused, naming the known ones;
+    a checkpoint trained without tasks refuses every label; without a vocabulary nothing is checked."""
+    from types import SimpleNamespace
+
+    from cascade_routing.serving.checkpoint import artifact_tasks
+
+    art = SimpleNamespace(task_vocabulary=["mbpp", "arc"],
+                          cost_model=SimpleNamespace(mean_cost_by_task={"arc": [1.0]}, tokens_out_by_task={"wino": [2]}))
+    assert artifact_tasks(art) == ["arc", "mbpp", "wino"]
+    assert artifact_tasks(SimpleNamespace(task_vocabulary=[], cost_model=None)) == []
+    router = CascadeRouter.__new__(CascadeRouter)
+    for tasks, task, words in [(("arc", "mbpp"), "poetry", "knows ['arc', 'mbpp']"), ((), "arc", "without task labels")]:
+        router.tasks = tasks
+        with pytest.raises(RouterError, match=re.escape(words)):
+            router.check_task(task)
+        router.check_task(None)
+    router.tasks = None
+    router.check_task("anything")

@@ -76,7 +76,7 @@ def test_parameter_table():
         assert _parse(body).unsupported()[0] == name
     for body, name in [({"xyz": 1}, "xyz"), ({"tools": "f"}, "tools"), ({"response_format": {"type": "yaml"}},
                        "response_format.type"), ({"logprobs": "maybe"}, "logprobs"), ({"top_logprobs": 50},
-                       "top_logprobs"), ({"stream_options": {"include_usage": 1, "x": 2}}, "stream_options.x")]:
+                       "top_logprobs"), ({"stream_options": {"include_usage": True, "x": 2}}, "stream_options.x")]:
         with pytest.raises(RequestError) as err:
             _parse(body)
         assert err.value.param == name, (body, err.value.message)
@@ -137,9 +137,10 @@ def test_stream_that_fails_before_any_token_is_a_json_error():
         assert err["spent"] == 0.0
 
 
-def test_client_leaving_mid_stream_still_records_the_spend():
-    """The client closes the stream after the first token: routing finishes anyway and its spend
-    is in the account (answered), and the slot is released."""
+def test_client_leaving_mid_stream_stops_the_route_and_records_a_disconnect():
+    """The client closes the stream after the first token: the route is cancelled with its backend
+    call (no fallback model is called or paid for), the request is recorded as a disconnect with the
+    cut call in ``cancelled_calls``, and the slot is released."""
     import time
 
     ds, router = _routing_stack_parts()
@@ -156,6 +157,34 @@ def test_client_leaving_mid_stream_still_records_the_spend():
             if stats["requests"] == 1:
                 break
             time.sleep(0.1)
+        received = len(s.replay_app.state.received)
     model = router.next_model(ds.queries[2], {})
-    assert stats["requests"] == 1 and stats["answered"] == 1 and stats["in_flight"] == 0
-    assert stats["total_cost"] == pytest.approx(float(ds.cost[2, ds.model_index(model)]), rel=1e-9)
+    assert stats["requests"] == 1 and stats["disconnects"] == 1 and stats["answered"] == 0
+    assert stats["cancelled_calls"] == {model: 1} and stats["total_cost"] == 0 and stats["in_flight"] == 0
+    assert received == 1  # the streamed model only
+
+
+def test_tokens_of_one_model_are_never_followed_by_another_models_answer():
+    """The last guard of the stream's tail: if the route returned model B after model A's tokens went
+    out (the router stops before that; this checks the response side alone), the stream ends with
+    ``stream_aborted`` instead of B's finish chunk."""
+    import asyncio
+
+    from cascade_routing.serving.chat_stream import _tail, _TokenSink, default_error_event
+    from cascade_routing.serving.router import RouteResult, StepTrace
+
+    async def run():
+        sink = _TokenSink(None)
+        await sink.on_delta({"index": 0, "delta": {"content": "A's tok"}, "model": "a"})
+        steps = [StepTrace(0, 1.0, {}, None, {}, model="a", status="failed", streamed=True),
+                 StepTrace(1, 1.0, {}, None, {}, model="b", status="ok", streamed=True)]
+        sink.outcome.result = RouteResult("q", "B's answer", "b", ["b"], ["a", "b"], {"b": 0.1}, 0.1, steps, [],
+                                          None, {})
+        aborted = []
+        build = lambda r: ([{"index": 0, "message": {"content": r.text}}], {}, {"model": r.model}, {})  # noqa: E731
+        events = _tail(sink, True, ChunkWriter("m"), build, 16, default_error_event, aborted.append)
+        return events, aborted, sink.outcome.aborted
+
+    events, aborted, flagged = asyncio.run(run())
+    assert events[-1] == DONE and json.loads(events[0][6:])["error"]["code"] == "stream_aborted"
+    assert b"B's answer" not in b"".join(events) and aborted == ["stream_aborted"] and flagged

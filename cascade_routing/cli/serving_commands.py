@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     from cascade_routing.serving.store import DEFAULT_STORE
 
     given = {k: getattr(args, k) for k in ("max_body_bytes", "max_prompt_chars", "max_concurrent", "deadline_s",
-                                           "max_upstream_attempts") if getattr(args, k) is not None}
+                                           "max_upstream_attempts", "body_timeout_s") if getattr(args, k) is not None}
     limits = ServerLimits(**given)
     controller = None
     if args.budget_controller:
@@ -100,6 +100,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="(default 256) chat requests served at once; more get 429 with Retry-After")
     p.add_argument("--deadline-s", type=float, default=None, help="(default 120) per-request deadline (504 when exceeded)")
+    p.add_argument("--body-timeout-s", type=float, default=None,
+                   help="(default 30) the request body must arrive within this many seconds, else 408; it is "
+                        "read before the request takes a concurrency slot")
     p.add_argument("--max-upstream-attempts", type=int, default=None,
                    help="(default 8) backend HTTP attempts per request, retries included")
     p.add_argument("--workers", type=int, default=1,

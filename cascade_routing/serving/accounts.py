@@ -6,7 +6,17 @@ it received (an upstream call cut short by a deadline or a client disconnect has
 is counted in ``cancelled_calls:<model>`` instead). Counters (all increments, see
 :mod:`cascade_routing.serving.store`): ``requests``, ``answered``, ``errors``, ``timeouts``,
 ``disconnects``, ``shutdowns``, ``cost``, ``cost:<outcome>``, ``requests@<budget>`` / ``cost@<budget>`` per fitted budget used,
-``runs:<model>``, ``answers:<model>``, ``failures:<model>``, ``cancelled_calls:<model>``.
+``runs:<model>``, ``answers:<model>``, ``failures:<model>`` (calls that failed after retries; a model
+the request never called, e.g. ``attempt_limit`` / ``circuit_open``, is not counted),
+``cancelled_calls:<model>``.
+
+:class:`SpendReservations` keeps an API key's ``max_spend`` under concurrency: every admitted
+request of a limited key reserves its worst-case cost until it is recorded (then its real cost
+counts instead), and a request is admitted only while ``spent + reserved < max_spend``. So, per
+server process, the key's spend exceeds ``max_spend`` by less than the cost of the last request
+admitted, as long as no request costs more than its reservation (the server's
+``worst_case_cost``); a request that does adds its excess. Reservations live in the process: with
+N processes sharing the store (``--workers N``, replicas) the bound is N requests' worth.
 
 The snapshot's ``within_budget`` compares, for every budget used, the mean cost of the requests
 routed at that budget with that budget (a request that chose a lower budget is held to its own,
@@ -98,3 +108,44 @@ class SpendLedger:
             "cancelled_calls": per_model("cancelled_calls:"),
             "uptime_s": time.time() - self.started,
         }
+
+
+class Reservation:
+    """One request's hold on its key's remaining quota; :meth:`release` (idempotent) gives it back."""
+
+    def __init__(self, owner: "SpendReservations", account: str, amount: float) -> None:
+        self._owner, self.account, self.amount = owner, account, amount
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._owner._release(self)
+
+
+class SpendReservations:
+    """What the requests in flight in this process have reserved per account (see module docstring).
+
+    Not thread-safe: the server calls it from its event loop only."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[int, float]] = {}  # account -> (reservations, USD)
+
+    def held(self, account: str) -> float:
+        """USD reserved by ``account``'s requests in flight."""
+        return self._held.get(account, (0, 0.0))[1]
+
+    def reserve(self, account: str, amount: float) -> Reservation:
+        """Hold ``amount`` USD (>= 0) for one request of ``account`` until the reservation is released."""
+        if not amount >= 0:
+            raise ValueError(f"a reservation must be >= 0 USD, got {amount}")
+        count, total = self._held.get(account, (0, 0.0))
+        self._held[account] = (count + 1, total + amount)
+        return Reservation(self, account, amount)
+
+    def _release(self, reservation: Reservation) -> None:
+        count, total = self._held[reservation.account]
+        if count <= 1:  # the last one: exactly zero again, whatever the rounding of the sums
+            del self._held[reservation.account]
+        else:
+            self._held[reservation.account] = (count - 1, max(0.0, total - reservation.amount))

@@ -22,6 +22,19 @@ YAML layout (see ``configs/backends.example.yaml``)::
 Cost of one answer (USD) = ``prompt_tokens * price_in + completion_tokens * price_out`` from the
 endpoint's real ``usage``. A backend configured with ``trust_reported_cost: true`` (the replay
 backend writes this) takes the cost from the response's ``x_cost_usd`` field instead when present.
+``usage`` must be an object (or absent / null: no tokens) whose ``prompt_tokens`` and
+``completion_tokens`` (each optional) are integers in [0, 2**53]; a reported ``x_cost_usd`` must be a
+finite number >= 0. Anything else (a negative or fractional count, a string, a list, Infinity) is
+that backend's failure: :class:`BackendError` with reason ``bad_response`` naming the field, handled
+like any failed call (the router tries another model). A streamed answer's chunks are checked the
+same way (``choices[].index`` and tool calls' ``index`` non-negative integers, ``delta`` an object).
+
+A non-retryable 4xx that the request itself may have caused (400, 413, 422; not a 400 whose error
+``code`` is ``context_length_exceeded``, which is the model's own limit) raises
+:class:`RequestRejectedError`. The router still tries the other models (one provider may refuse what
+another accepts); when every model it tried refused, the server returns the first refusal's status
+to the client instead of a 502. Other 4xx (401, 403, 404, ...: the endpoint's configuration) are
+ordinary failures.
 
 Features of an answer (the names used project-wide): ``tokens_in``, ``tokens_out``, ``latency_ms``
 (wall time of the successful attempt) and, when the endpoint returns log-probs,
@@ -41,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import email.utils
+import json
 import math
 import os
 import random
@@ -70,6 +84,75 @@ class BackendError(RuntimeError):
         self.reason = reason
         self.detail = detail
         self.attempts = attempts
+
+
+REQUEST_CAUSED_STATUSES = frozenset({400, 413, 422})
+"""HTTP statuses of an endpoint that refuse the request itself (:class:`RequestRejectedError`)."""
+
+
+class RequestRejectedError(BackendError):
+    """The endpoint refused the request itself (HTTP 400/413/422, see the module docstring). When every
+    model tried refused, the client gets ``status`` with the first endpoint's ``message``, ``param``
+    and ``code`` (OpenAI's error fields, None where the body had none)."""
+
+    def __init__(self, model: str, status: int, detail: str, attempts: int, message: str,
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(model, f"http_{status}", detail, attempts)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _upstream_error(text: str) -> tuple[str | None, str | None, str | None]:
+    """(message, param, code) of an OpenAI-shaped error body ``{"error": {...}}``; None where absent."""
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return None, None, None
+    if not isinstance(error, Mapping):
+        return (error if isinstance(error, str) else None), None, None
+    return tuple(v if isinstance(v, str) else None  # type: ignore[return-value]
+                 for v in (error.get("message"), error.get("param"), error.get("code")))
+
+
+def rejection(model: str, status: int, text: str, attempts: int) -> BackendError:
+    """The error of a non-retryable 4xx answer ``text``: :class:`RequestRejectedError` when the
+    request caused it (module docstring), else a plain :class:`BackendError` (``http_<status>``)."""
+    message, param, code = _upstream_error(text)
+    if status not in REQUEST_CAUSED_STATUSES or code == "context_length_exceeded":
+        return BackendError(model, f"http_{status}", text[:200], attempts)
+    return RequestRejectedError(model, status, text[:200], attempts, message or text[:200] or f"HTTP {status}",
+                                param, code)
+
+
+MAX_TOKENS = 2**53
+"""The largest token count a ``usage`` field may hold (every count up to it is an exact float)."""
+
+
+def _token_count(usage: Mapping[str, Any], name: str) -> int | None:
+    """``usage[name]`` as an int (absent / null: 0), or None if it is not an integer in [0, MAX_TOKENS]."""
+    value = usage.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if 0 <= value <= MAX_TOKENS else None
+
+
+def parse_usage(usage: Any) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) of a response's ``usage`` (see the module docstring);
+    raises ValueError naming the field when it is not a valid usage object."""
+    if usage is None:
+        return 0, 0
+    if not isinstance(usage, Mapping):
+        raise ValueError(f"usage must be an object, got {type(usage).__name__}")
+    counts = []
+    for name in ("prompt_tokens", "completion_tokens"):
+        count = _token_count(usage, name)
+        if count is None:
+            raise ValueError(f"usage.{name} must be an integer in [0, 2**53], got {usage.get(name)!r}")
+        counts.append(count)
+    return counts[0], counts[1]
 
 
 @dataclass
@@ -357,18 +440,25 @@ class _StreamedAnswer:
         self.extra: dict[str, Any] = {}
 
     def add(self, event: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Fold one chunk in; returns its choices that carry new content or tool calls."""
+        """Fold one chunk in; returns its choices that carry new content or tool calls. Raises
+        ValueError naming the field of a malformed chunk (``choices`` not a list, an ``index`` that is
+        not a non-negative integer, a ``delta``, tool call or ``function`` that is not an object)."""
         for key in ("usage", "x_cost_usd", "x_recorded_features", "id", "model"):
             if event.get(key) is not None:
                 self.extra[key] = event[key]
+        choices = event.get("choices") or []
+        if not isinstance(choices, list):
+            raise ValueError(f"choices must be a list, got {type(choices).__name__}")
         new = []
-        for choice in event.get("choices") or []:
+        for choice in choices:
             if not isinstance(choice, Mapping):
                 continue
-            index = int(choice.get("index", 0))
+            index = _index(choice, "choices[].index")
             acc = self.choices.setdefault(index, {"index": index, "content": [], "tool_calls": {},
                                                   "logprobs": [], "finish_reason": None})
             delta = choice.get("delta") or {}
+            if not isinstance(delta, Mapping):
+                raise ValueError(f"choices[{index}].delta must be an object, got {type(delta).__name__}")
             if choice.get("finish_reason"):
                 acc["finish_reason"] = choice["finish_reason"]
             logprobs = choice.get("logprobs")
@@ -379,11 +469,15 @@ class _StreamedAnswer:
             if isinstance(content, str) and content:
                 acc["content"].append(content)
             for call in calls if isinstance(calls, list) else []:
-                slot = acc["tool_calls"].setdefault(int(call.get("index", 0)),
+                if not isinstance(call, Mapping):
+                    raise ValueError(f"choices[{index}].delta.tool_calls[] must be objects")
+                slot = acc["tool_calls"].setdefault(_index(call, "tool_calls[].index"),
                                                     {"id": None, "type": "function",
                                                      "function": {"name": "", "arguments": ""}})
                 slot["id"] = call.get("id") or slot["id"]
                 fn = call.get("function") or {}
+                if not isinstance(fn, Mapping):
+                    raise ValueError(f"choices[{index}].delta.tool_calls[].function must be an object")
                 slot["function"]["name"] += fn.get("name") or ""
                 slot["function"]["arguments"] += fn.get("arguments") or ""
             if (isinstance(content, str) and content) or calls:
@@ -402,6 +496,14 @@ class _StreamedAnswer:
             choices.append({"index": index, "message": message, "finish_reason": acc["finish_reason"] or "stop",
                             "logprobs": {"content": acc["logprobs"]} if acc["logprobs"] else None})
         return {"object": "chat.completion", "choices": choices, **self.extra}
+
+
+def _index(item: Mapping[str, Any], where: str) -> int:
+    """``item["index"]`` (default 0), which must be a non-negative integer (ValueError naming ``where``)."""
+    index = item.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"{where} must be a non-negative integer, got {index!r}")
+    return index
 
 
 @dataclass
@@ -446,12 +548,17 @@ class Backend:
         if text is None:
             raise BackendError(cfg.name, "bad_response",
                                "choices[0].message has neither string content nor tool_calls", attempts)
-        usage = body.get("usage") or {}
-        tokens_in = int(usage.get("prompt_tokens") or 0)
-        tokens_out = int(usage.get("completion_tokens") or 0)
+        try:
+            tokens_in, tokens_out = parse_usage(body.get("usage"))
+        except ValueError as err:
+            raise BackendError(cfg.name, "bad_response", str(err), attempts) from None
         cost = tokens_in * cfg.price_in + tokens_out * cfg.price_out
         reported = body.get("x_cost_usd")
-        if cfg.trust_reported_cost and isinstance(reported, (int, float)) and math.isfinite(reported):
+        if cfg.trust_reported_cost and reported is not None:
+            if isinstance(reported, bool) or not isinstance(reported, (int, float)) or not (
+                    math.isfinite(reported) and reported >= 0):
+                raise BackendError(cfg.name, "bad_response",
+                                   f"x_cost_usd must be a finite number >= 0, got {reported!r}", attempts)
             cost = float(reported)
         features: dict[str, float] = {
             "tokens_in": float(tokens_in),
@@ -495,7 +602,9 @@ class Backend:
         """POST the chat to the endpoint; retry 5xx/429/timeouts/connection errors with jittered
         backoff (or the endpoint's ``Retry-After``), within the request's limits (module docstring).
 
-        Raises :class:`BackendError` when every attempt failed, on a non-retryable 4xx, when the
+        Raises :class:`BackendError` when every attempt failed, on a non-retryable 4xx
+        (:class:`RequestRejectedError` when the request caused it), on a malformed answer
+        (``bad_response``: no message, an invalid ``usage``, a bad stream chunk), when the
         circuit breaker is open (``circuit_open``), or when the request's attempts or time are spent
         (``attempt_limit`` / ``deadline``).
         """
@@ -593,27 +702,27 @@ class Backend:
         latency_ms = (time.perf_counter() - start) * 1000.0
         if status >= 500 or status == 429:
             self.breaker.failure()
-            retry.reason, retry.detail = f"http_{status}", text
+            retry.reason, retry.detail = f"http_{status}", text[:200]
             hinted = retry_after_s(retry_after)
             if hinted is not None:
                 retry.wait = min(hinted, MAX_RETRY_AFTER_S)
             return None
         self.breaker.success()
         if status >= 400:
-            raise BackendError(cfg.name, f"http_{status}", text, retry.attempts)
+            raise rejection(cfg.name, status, text, retry.attempts)
         return self._parse(body, latency_ms, retry.attempts)
 
     async def _exchange(self, payload: dict[str, Any], timeout: float,
                         on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None, handed_on: list[bool],
                         attempts: int) -> tuple[int, str | None, str, Any]:
-        """One HTTP attempt: (status, Retry-After header, error text (first 200 chars), body). The
+        """One HTTP attempt: (status, Retry-After header, error text (first 4,000 chars), body). The
         body is the parsed JSON, or for a stream the completion rebuilt from its chunks (each
         delta handed to ``on_delta`` on the way; ``handed_on[0]`` set once one was)."""
         cfg = self.config
         if on_delta is None:
             response = await self._client.post(cfg.url, json=payload, headers=self._headers(), timeout=timeout)
             if response.status_code >= 400:
-                return response.status_code, response.headers.get("retry-after"), response.text[:200], None
+                return response.status_code, response.headers.get("retry-after"), response.text[:4000], None
             try:
                 return response.status_code, None, "", response.json()
             except ValueError:
@@ -621,7 +730,7 @@ class Backend:
         async with self._client.stream("POST", cfg.url, json=payload, headers=self._headers(),
                                        timeout=timeout) as response:
             if response.status_code >= 400:
-                text = (await response.aread()).decode(errors="replace")[:200]
+                text = (await response.aread()).decode(errors="replace")[:4000]
                 return response.status_code, response.headers.get("retry-after"), text, None
             acc = _StreamedAnswer()
             async for line in response.aiter_lines():
@@ -635,7 +744,11 @@ class Backend:
                     break
                 if "error" in event:
                     raise BackendError(cfg.name, "stream_error", str(event["error"])[:200], attempts)
-                for choice in acc.add(event):
+                try:
+                    choices = acc.add(event)
+                except ValueError as err:
+                    raise BackendError(cfg.name, "bad_response", f"bad stream chunk: {err}", attempts) from None
+                for choice in choices:
                     handed_on[0] = True
                     await on_delta(choice)
             return response.status_code, None, "", acc.body()

@@ -10,6 +10,10 @@ Features handed to the bound estimators: ``tokens_in``, ``tokens_out``, ``latenc
 it (``data_config["features"]`` when stored, else the dataset it names). Override with
 ``feature_names=``. A backend that should feed ``logprob_confidence`` needs ``logprobs: true``.
 
+Task labels: the router refuses a ``routing.task`` the artifact does not know (``tasks``: the
+network's task vocabulary and the cost model's per-task tables; empty when it was trained without
+tasks), since an unknown label would silently read as "no task".
+
 Fast encoder path: an artifact trained on the distilled student (``distill-encoder``) carries it
 and embeds queries with it (about 14x MiniLM's speed on CPU); ``int8=True`` additionally quantises
 the carried encoder's linear layers to int8 (dynamic quantisation, ``torch.ao``).
@@ -71,4 +75,15 @@ def router_parts(path: "str | os.PathLike[str]", strategy: str = "cascade_routin
         "models": list(artifact.models),
         "prices": artifact.prices,
         "feature_names": artifact_feature_names(artifact),
+        "tasks": artifact_tasks(artifact),
     }
+
+
+def artifact_tasks(artifact: Any) -> list[str]:
+    """The task labels the artifact's estimators read: its network's vocabulary and the labels of
+    its cost model's per-task tables (sorted; empty when it was trained without tasks)."""
+    cost = getattr(artifact, "cost_model", None)
+    labels = set(getattr(artifact, "task_vocabulary", None) or [])
+    for table in ("mean_cost_by_task", "tokens_out_by_task"):
+        labels |= set(getattr(cost, table, None) or {})
+    return sorted(map(str, labels))

@@ -4,8 +4,11 @@
   never buffered past the limit (a ``Content-Length`` over the limit is refused unread).
 - ``max_prompt_chars`` (default 100,000): text characters over all messages; more gets 400
   ``context_length_exceeded``.
-- ``max_concurrent`` (default 256): chat requests being served at once; one more gets 429 with
-  ``Retry-After: retry_after_s`` instead of queueing without bound.
+- ``body_timeout_s`` (default 30): the whole body must arrive within this long of the request's
+  arrival (and within ``deadline_s``), else 408 ``request_timeout``. The body is read BEFORE the
+  request takes a concurrency slot, so a client sending slowly never holds one.
+- ``max_concurrent`` (default 256): chat requests being served at once (from the body read on);
+  one more gets 429 with ``Retry-After: retry_after_s`` instead of queueing without bound.
 - ``deadline_s`` (default 120): wall time for one request, from arrival to answer; past it the
   request's backend calls are cancelled and the client gets 504.
 - ``max_upstream_attempts`` (default 8): backend HTTP attempts per request, retries included;
@@ -17,6 +20,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -33,13 +37,19 @@ class ServerLimits:
     deadline_s: float = 120.0
     max_upstream_attempts: int = 8
     shutdown_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_prompt_chars", "max_concurrent", "max_upstream_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.deadline_s > 0 or self.retry_after_s < 0:
-            raise ValueError(f"need deadline_s > 0 and retry_after_s >= 0, got {self.deadline_s}, {self.retry_after_s}")
+        for name in ("deadline_s", "body_timeout_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {getattr(self, name)}")
+        if not 0 <= self.shutdown_timeout_s < math.inf:
+            raise ValueError(f"shutdown_timeout_s must be a finite number of seconds >= 0, got {self.shutdown_timeout_s}")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -4,12 +4,12 @@ Each app gets its own ``CollectorRegistry`` (several servers in one process stay
 
 | metric | type | labels | meaning |
 |---|---|---|---|
-| ``cascade_routing_requests_total`` | counter | ``status`` (HTTP code), ``stream`` (``true``/``false``/``unknown`` when refused before parsing) | chat-completion requests answered |
-| ``cascade_routing_errors_total`` | counter | ``kind`` | errors by code: ``bad_request``, ``unsupported_parameter``, ``model_not_found``, ``invalid_api_key``, ``server_busy``, ``no_model_available``, ``deadline_exceeded``, ``client_closed``, ``routing_failed``, ``stream_aborted``, ... |
+| ``cascade_routing_requests_total`` | counter | ``status`` (HTTP code), ``stream`` (``true``/``false``/``unknown`` when refused before parsing) | chat-completion requests answered (``POST /v1/chat/completions`` only: a 401 of ``/metrics``, ``/v1/models`` or ``/docs`` is not one) |
+| ``cascade_routing_errors_total`` | counter | ``kind`` | chat-completion errors by code: ``bad_request``, ``unsupported_parameter``, ``model_not_found``, ``invalid_api_key``, ``request_timeout``, ``server_busy``, ``insufficient_quota``, ``quota_reserved``, ``rejected_by_backend``, ``no_model_available``, ``deadline_exceeded``, ``client_closed``, ``routing_failed``, ``stream_aborted`` (and ``deadline_exceeded`` / ``server_shutting_down`` after a stream started), ... |
 | ``cascade_routing_request_latency_seconds`` | histogram | ``stream`` | wall time of a served request in the server |
 | ``cascade_routing_time_to_first_token_seconds`` | histogram | ``mode`` (``passthrough``/``buffered``) | streamed requests: time to the first content chunk |
 | ``cascade_routing_models_run_total`` | counter | ``model`` | backend answers used by the router |
-| ``cascade_routing_model_failures_total`` | counter | ``model`` | backend calls that failed after retries |
+| ``cascade_routing_model_failures_total`` | counter | ``model`` | backend calls that failed after retries (a model never called, e.g. ``attempt_limit`` or ``circuit_open``, is not counted) |
 | ``cascade_routing_answers_total`` | counter | ``model`` | whose answer was returned |
 | ``cascade_routing_spend_usd_total`` | counter | ``model`` | realised spend per model, USD |
 | ``cascade_routing_key_spend_usd_total`` | counter | ``key`` | realised spend per API key name (``anonymous`` without keys) |
@@ -67,7 +67,7 @@ class ServerMetrics:
     def spent(self, costs: dict[str, float], answer_model: str | None, failed: Iterable[str],
               key: str = "anonymous") -> None:
         """Record what one request spent, whatever its outcome: ``costs`` per model that answered,
-        the answer's model (None if it got none), the models that failed."""
+        the answer's model (None if it got none), the models whose calls failed (called ones only)."""
         for model, cost in costs.items():
             self.models_run.labels(model).inc()
             self.spend.labels(model).inc(max(0.0, cost))

@@ -19,7 +19,13 @@ columns of the estimate, cost and ``ran`` of the failed models are dropped befor
 ``select``, and indices are mapped back). A failed model gave no information, so the estimators
 see it as not run. With no failures this is exactly the offline decision; with failures it is the
 decision the policy would make on the pool without those models. If no model can answer,
-:class:`NoModelAvailableError` is raised (the server maps it to HTTP 502).
+:class:`NoModelAvailableError` is raised (the server maps it to HTTP 502), unless every failure was
+a :class:`~cascade_routing.serving.backends.RequestRejectedError` (each endpoint called refused the
+request itself, e.g. HTTP 400 for ``max_tokens``; models left uncalled by the attempt limit or an
+open circuit do not count): then the first of them is raised, and the client gets
+that 4xx. A rejection by one endpoint alone still falls back (it may be that provider's own rule).
+A streamed model that fails after some of its tokens went to the client ends the route at once
+(:class:`StreamAbortedError`).
 
 ``answers`` in the step API map a model name to an :class:`Answer` (text + features + cost), the
 answer text alone (``str``: its features, e.g. token counts or log-prob confidence, then read as 0;
@@ -45,7 +51,7 @@ from torch import Tensor
 from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator
 from cascade_routing.policies.lambda_table import lookup_fitted
 from cascade_routing.policies.step import FittedLike, decide_step, select_step
-from cascade_routing.serving.backends import Answer, BackendError
+from cascade_routing.serving.backends import Answer, BackendError, RequestRejectedError
 
 Binder = Callable[..., "tuple[QualityEstimator, CostEstimator]"]
 """``bind(queries: list[str], responses: object ndarray [B, M], features: dict[str, float ndarray
@@ -66,6 +72,19 @@ class NoModelAvailableError(RuntimeError):
         super().__init__(f"no model could answer the query; failures: {names}")
         self.query = query
         self.failures = failures
+
+
+class StreamAbortedError(RuntimeError):
+    """A model whose tokens were already passed to the client (``RouteRequest.on_delta``) failed
+    mid-answer. The route ends here: no other model is called, since its answer could only be
+    appended to the partial one the client already has. ``failure`` is the model's entry in
+    ``RouteProgress.failures``."""
+
+    def __init__(self, model: str, failure: dict[str, Any]) -> None:
+        super().__init__(f"the streamed model {model!r} failed after part of its answer was sent "
+                         f"({failure['reason']}: {failure['detail']}); no other model was called")
+        self.model = model
+        self.failure = failure
 
 
 class _CompleteFn(Protocol):
@@ -183,8 +202,11 @@ class CascadeRouter:
         uniforms: Callable[[list[str]], Tensor] | None = None,
         executor: "concurrent.futures.Executor | None" = None,
         bind_executor: "concurrent.futures.Executor | None" = None,
+        tasks: Sequence[str] | None = None,
     ) -> None:
         self.policy = policy
+        # The task labels the estimators know (None: not checked, any label is passed on).
+        self.tasks: tuple[str, ...] | None = None if tasks is None else tuple(sorted(set(tasks)))
         # Where route() runs its CPU work (binding, estimating, deciding); None = inline in the
         # event loop. A one-thread executor keeps a server's loop free for I/O while torch works.
         self.executor = executor
@@ -255,6 +277,16 @@ class CascadeRouter:
                 f"{self.budgets[0] if self.budgets else None} (fitted: {self.budgets})"
             )
         return found
+
+    def check_task(self, task: str | None) -> None:
+        """Raise :class:`RouterError` naming the known labels when ``task`` is not one the estimators
+        were trained with (an unknown label would silently read as "no task"); None always passes."""
+        if task is None or self.tasks is None or task in self.tasks:
+            return
+        if not self.tasks:
+            raise RouterError(f"unknown task {task!r}: this checkpoint was trained without task labels; "
+                              "omit routing.task")
+        raise RouterError(f"unknown task {task!r}; the checkpoint knows {list(self.tasks)}")
 
     # ------------------------------------------------------------------ core
     def _state(self, queries: list[str], answers_list: Sequence[Mapping[str, Any]] | None,
@@ -393,11 +425,18 @@ class CascadeRouter:
         Streaming: with ``item.on_delta`` set, a model whose answer is certain to be the one
         returned (:meth:`_answer_is_final`: routing, or a final step) is called with ``stream: true``
         (``backends.stream``) and each content / tool-call delta is handed to ``item.on_delta`` as
-        it arrives; otherwise the answer is only known after ``select``.
+        it arrives; otherwise the answer is only known after ``select``. If that model fails before
+        its first delta, the route goes on as after any failure; after it, :class:`StreamAbortedError`
+        ends the route (no further model is called or paid for).
+
+        Raises :class:`NoModelAvailableError`, :class:`StreamAbortedError`,
+        :class:`~cascade_routing.serving.backends.RequestRejectedError` (every endpoint tried refused
+        the request itself), :class:`RouterError` (unknown ``item.task``), or what the estimators raise.
         """
         from cascade_routing.serving.batching import ComputeBatcher
 
         start = time.perf_counter()
+        self.check_task(item.task)
         used_budget, table_fitted = self.fitted_for(budget)
         fitted = table_fitted if fitted is None else fitted
         own = compute is None
@@ -413,6 +452,9 @@ class CascadeRouter:
             if own:
                 await compute.aclose()
         if choice < 0:
+            called = [f for f in progress.failures if f.get("attempts", 0) > 0]  # not attempt_limit / circuit_open
+            if progress.rejections and len(progress.rejections) == len(called):
+                raise progress.rejections[0]
             raise NoModelAvailableError(item.query, progress.failures)
         return progress.result(item.query, self.models[choice], used_budget, final, slot,
                                time.perf_counter() - start)
@@ -448,27 +490,39 @@ class CascadeRouter:
                          messages: list[dict[str, Any]], params: dict[str, Any], progress: "RouteProgress",
                          on_delta: "Callable[[dict[str, Any]], Awaitable[None]] | None" = None) -> None:
         """Call model ``m``'s backend for this request and record the outcome in ``slot`` / ``progress``
-        (streamed through ``on_delta`` when the answer is certain to be returned, see route_one)."""
+        (streamed through ``on_delta`` when the answer is certain to be returned, see route_one).
+
+        A failed call removes the model from the candidates (a
+        :class:`~cascade_routing.serving.backends.RequestRejectedError` is also kept in
+        ``progress.rejections``), except that a streamed call that fails after handing on a delta
+        raises :class:`StreamAbortedError` (recorded in ``progress.failures`` first)."""
         model = self.models[m]
         trace.model = model
         progress.attempted.append(model)
         progress.in_flight = model
         t0 = time.perf_counter()
         answer: Answer | str | None
+        handed_on = False
         try:
             if on_delta is not None and hasattr(backends, "stream") and self._answer_is_final(slot.state, slot.row, m):
                 trace.streamed = True
 
                 async def tagged(choice: dict[str, Any]) -> None:
+                    nonlocal handed_on
+                    handed_on = True
                     await on_delta({**choice, "model": model})
 
                 answer = await backends.stream(model, messages, tagged, **params)
             else:
                 answer = await _call(backends, model, messages, params)
         except BackendError as err:
-            answer, trace.error = None, str(err)
-            progress.failures.append({"model": model, "reason": err.reason, "detail": err.detail,
-                                      "attempts": err.attempts})
+            answer, trace.error, trace.status = None, str(err), "failed"
+            failure = {"model": model, "reason": err.reason, "detail": err.detail, "attempts": err.attempts}
+            progress.failures.append(failure)
+            if isinstance(err, RequestRejectedError):
+                progress.rejections.append(err)
+            if handed_on:
+                raise StreamAbortedError(model, failure) from err
         except KeyError as err:
             answer, trace.error = None, str(err)
             progress.failures.append({"model": model, "reason": "no_backend", "detail": str(err), "attempts": 0})
@@ -494,6 +548,7 @@ class RouteProgress:
     answers: dict[str, Answer] = field(default_factory=dict)
     attempted: list[str] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    rejections: list[RequestRejectedError] = field(default_factory=list)  # failures that refused the request itself
     steps: list[StepTrace] = field(default_factory=list)
     backend_s: float = 0.0
     in_flight: str | None = None

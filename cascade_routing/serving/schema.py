@@ -3,12 +3,15 @@
 :func:`parse_chat_request` turns the raw body into a :class:`ChatCompletionRequest` or raises
 :class:`RequestError` (HTTP status, message naming the field, ``param`` = the field's dotted path):
 
-1. the bytes must be UTF-8 JSON whose top level is an object (400 ``malformed JSON`` otherwise);
+1. the bytes must be UTF-8 JSON whose top level is an object (400 ``malformed JSON`` otherwise,
+   also for an integer literal longer than Python's 4,300-digit conversion limit);
 2. every string anywhere in the body must be encodable as UTF-8 (a lone surrogate such as
    ``"\\ud800"`` is rejected, naming its path, e.g. ``messages[0].content``) and every number
    finite (``NaN`` / ``Infinity``, which Python's JSON reader accepts, are rejected the same way);
 3. the fields are validated by :class:`ChatCompletionRequest` (types, ranges, unknown fields are
-   rejected: ``extra="forbid"``); the first error becomes the message;
+   rejected: ``extra="forbid"``); the first error becomes the message. Types are strict, as in
+   OpenAI's API: a boolean must be ``true``/``false`` (not ``"yes"`` or ``1``), an integer a JSON
+   integer (not ``5.0`` or ``"5"``), a number a JSON number (an integer is accepted), never a string;
 4. the last user message must have non-empty text (the query the estimators see).
 
 Every OpenAI chat parameter is a field: forwarded to the backends (``FORWARDED``, the table in
@@ -24,7 +27,7 @@ import json
 import math
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from cascade_routing.serving.params import FORWARDED as FORWARDED_PARAMS
 from cascade_routing.serving.params import REJECTED
@@ -46,7 +49,7 @@ class RoutingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    budget: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    budget: StrictFloat | None = Field(default=None, ge=0, allow_inf_nan=False)
     task: str | None = None
 
 
@@ -76,7 +79,7 @@ class StreamOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ResponseFormat(BaseModel):
@@ -97,29 +100,29 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: StrictFloat | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
-    n: int | None = Field(default=None, ge=1, le=128)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    seed: StrictInt | None = None
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, StrictFloat] | None = None
+    n: StrictInt | None = Field(default=None, ge=1, le=128)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
-    store: bool | None = None
+    store: StrictBool | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
@@ -219,7 +222,7 @@ def parse_chat_request(raw: bytes, request_model: type[ChatCompletionRequest] = 
     """Validate a raw request body (see module docstring); raises :class:`RequestError`."""
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer over 4,300 digits
         raise RequestError(f"malformed JSON body: {err}") from None
     except RecursionError:
         raise RequestError("malformed JSON body: nested too deeply") from None

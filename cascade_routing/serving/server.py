@@ -35,18 +35,26 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 
 ====  ==========================================================================================
 400   malformed JSON, invalid or unsupported field (named in ``param``), no user text, budget
-      below every fitted one, prompt longer than ``max_prompt_chars`` (``context_length_exceeded``)
+      below every fitted one, a ``routing.task`` the checkpoint does not know, prompt longer than
+      ``max_prompt_chars`` (``context_length_exceeded``); also, when every model tried refused
+      the request itself, the first backend's 400/413/422 (its status, message, ``param``, ``code``)
 401   missing or unknown API key (``invalid_api_key``)
 404   unknown ``model`` (``model_not_found``) or route
+408   the body did not arrive within ``body_timeout_s`` (``request_timeout``)
 413   body larger than ``max_body_bytes`` (``request_too_large``)
-429   ``max_concurrent`` requests in flight (``server_busy``, with ``Retry-After``), or the key's
-      ``max_spend`` is used up (``insufficient_quota``)
+429   ``max_concurrent`` requests in flight (``server_busy``, with ``Retry-After``), the key's
+      ``max_spend`` is used up (``insufficient_quota``) or held by its requests in flight
+      (``quota_reserved``, with ``Retry-After``)
 499   the client closed the connection (logged; the client never reads it)
 500   a fault in the estimators or the policy for this request (logged), with ``spent``
 502   every model the policy tried failed (``no_model_available``, with ``failures``, ``spent``)
 503   shutting down and the request could not finish in the grace period (``server_shutting_down``)
 504   the request's deadline passed (``deadline_exceeded``); backend calls cancelled, ``spent``
 ====  ==========================================================================================
+
+Every chat-completion answer carries ``X-Cascade-Routing-Cost-USD``: the real cost of an answer,
+``spent`` of an error after routing started, 0 for a request refused before any work.
+Errors of the other endpoints (401) are not counted in the chat-completion metrics.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import json
 import logging
 import math
 import os
@@ -72,10 +81,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cascade_routing.policies.controller import BudgetControllers, ControllerConfig, lam_in_use
-from cascade_routing.serving.accounts import ALL, SpendLedger
-from cascade_routing.serving.backends import REQUEST_LIMITS, BackendPool, RequestLimits
+from cascade_routing.serving.accounts import ALL, Reservation, SpendLedger, SpendReservations
+from cascade_routing.serving.backends import REQUEST_LIMITS, BackendPool, RequestLimits, RequestRejectedError
 from cascade_routing.serving.batching import ComputeBatcher
-from cascade_routing.serving.chat_stream import StreamOutcome, start_stream
+from cascade_routing.serving.chat_stream import StreamOutcome, default_error_event, start_stream
 from cascade_routing.serving.keys import ApiKey, lookup
 from cascade_routing.serving.limits import ConcurrencyGate, ServerLimits, read_body
 from cascade_routing.serving.metrics import ServerMetrics
@@ -96,9 +105,16 @@ from cascade_routing.serving.schema import (
     parse_chat_request,
 )
 from cascade_routing.serving.store import DEFAULT_STORE, CounterStore
-from cascade_routing.serving.streaming import ChunkWriter
+from cascade_routing.serving.streaming import ChunkWriter, error_event
 
 log = logging.getLogger(__name__)
+
+
+def refusal(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A :class:`RequestError` as an error response (its status, message, param, code, headers)."""
+    return error_response(err.status, err.message, "authentication_error" if err.status == 401 else
+                          "rate_limit_error" if err.status == 429 else "invalid_request_error",
+                          param=err.param, code=err.code, headers={**(headers or {}), **err.headers})
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
@@ -180,6 +196,7 @@ class _ServerCore:
         self.gate = ConcurrencyGate(self.limits.max_concurrent, self.limits.retry_after_s)
         self.server_budget = budget if budget is not None else router.default_budget
         self.ledger = SpendLedger(store, self.server_budget)
+        self.reservations = SpendReservations()
         self.controllers = BudgetControllers(controller) if controller is not None else None
         self.metrics = ServerMetrics(self.server_budget)
         self.app: FastAPI | None = None
@@ -207,11 +224,11 @@ class _ServerCore:
         return key
 
     def fail(self, err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+        """A chat-completion request refused before any work: counted in the metrics, answered in
+        OpenAI's error shape with ``X-Cascade-Routing-Cost-USD: 0``."""
         self.metrics.error(err.code or ("bad_request" if err.status == 400 else f"http_{err.status}"))
         self.metrics.request(err.status, None)
-        return error_response(err.status, err.message, "authentication_error" if err.status == 401 else
-                              "rate_limit_error" if err.status == 429 else "invalid_request_error",
-                              param=err.param, code=err.code, headers={**(headers or {}), **err.headers})
+        return refusal(err, {**(headers or {}), COST_HEADER: "0"})
 
     def account_view(self, key: ApiKey | None) -> dict[str, Any]:
         """Server-wide account plus every key's (open server or admin key), else the key's own."""
@@ -234,21 +251,22 @@ class _ServerCore:
 
     # ------------------------------------------------------------------ chat completions
     async def chat_completions(self, request: Request) -> Response:
-        """Authenticate, check the key's spend limit, take a place at the gate, serve; a stream holds
-        its place until it ends."""
+        """Authenticate, check the key's spend limit, read the body (within ``body_timeout_s``, before
+        taking a place at the gate: a slow sender never holds a concurrency slot), take a place at the
+        gate, serve; a stream holds its place until it ends."""
+        arrived = time.monotonic()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"X-Request-ID": request_id}
         try:
             key = self.authenticate(request)
-            if key is not None and key.max_spend is not None and self.ledger.spent(key.name) >= key.max_spend:
-                raise RequestError(f"API key {key.name!r} has spent its limit of {key.max_spend} USD", None, 429,
-                                   "insufficient_quota")
+            self.admit(key)
+            raw = await self.read_body(request, arrived)
             self.gate.enter()
         except RequestError as err:
             return self.fail(err, headers)
         held = True
         try:
-            response = await self.serve_chat(request, request_id, headers, key)
+            response = await self.serve_chat(request, raw, request_id, headers, key, arrived)
             if isinstance(response, StreamingResponse):  # a stream holds its place until it ends
                 response.body_iterator = _then(response.body_iterator, self.gate.leave)
                 held = False
@@ -259,8 +277,53 @@ class _ServerCore:
             if held:
                 self.gate.leave()
 
+    async def read_body(self, request: Request, arrived: float) -> bytes:
+        """The request body within ``limits.body_timeout_s`` (and the deadline) of its arrival:
+        413 past ``max_body_bytes``, 408 ``request_timeout`` when it has not all arrived in time."""
+        limits = self.limits
+        timeout = min(limits.body_timeout_s, limits.deadline_s) - (time.monotonic() - arrived)
+        try:
+            return await asyncio.wait_for(read_body(request, limits.max_body_bytes), max(0.0, timeout))
+        except (asyncio.TimeoutError, TimeoutError):
+            raise RequestError(f"the request body did not arrive within {min(limits.body_timeout_s, limits.deadline_s)}s "
+                               "(the server's body timeout)", None, 408, "request_timeout",
+                               headers={"Connection": "close"}) from None
+
+    def admit(self, key: ApiKey | None, reserve: float = 0.0) -> Reservation | None:
+        """Check the key's ``max_spend``: 429 ``insufficient_quota`` once its recorded spend reached it,
+        429 ``quota_reserved`` (with ``Retry-After``) while requests in flight have reserved the rest;
+        else, with ``reserve`` > 0, hold that much for this request (see
+        :class:`~cascade_routing.serving.accounts.SpendReservations`). None for an unlimited key."""
+        if key is None or key.max_spend is None:
+            return None
+        spent = self.ledger.spent(key.name)
+        if spent >= key.max_spend:
+            raise RequestError(f"API key {key.name!r} has spent its limit of {key.max_spend} USD", None, 429,
+                               "insufficient_quota")
+        reserved = self.reservations.held(key.name)
+        if spent + reserved >= key.max_spend:
+            raise RequestError(
+                f"API key {key.name!r} has {key.max_spend - spent:.6g} USD of its limit of {key.max_spend} USD "
+                f"left, held by its requests in flight (worst case {reserved:.6g} USD); retry when they finish",
+                None, 429, "quota_reserved", headers={"Retry-After": str(self.limits.retry_after_s)})
+        return self.reservations.reserve(key.name, reserve) if reserve > 0 else None
+
+    def worst_case_cost(self, chat: ChatCompletionRequest) -> float:
+        """The most this request can cost if every model runs (what a key with ``max_spend`` reserves):
+        per model, input price x the UTF-8 bytes of the messages and parameters sent (a byte-level
+        BPE token covers at least one byte) + output price x the output-token cap
+        (``max_completion_tokens`` / ``max_tokens``, else :data:`RESERVED_OUTPUT_TOKENS`) x ``n``."""
+        configs = getattr(self.backends, "configs", {})
+        sent = {"messages": chat.messages_payload(), **chat.forwarded_params()}
+        prompt_tokens = len(json.dumps(sent, ensure_ascii=False).encode("utf-8", errors="replace"))
+        caps = [c for c in (chat.max_completion_tokens, chat.max_tokens) if c is not None]
+        output_tokens = (max(caps) if caps else RESERVED_OUTPUT_TOKENS) * (chat.n or 1)
+        return float(sum(configs[m].price_in * prompt_tokens + configs[m].price_out * output_tokens
+                         for m in self.router.models if m in configs))
+
     def parse_chat(self, raw: bytes) -> ChatCompletionRequest:
-        """The validated request: this server's model, supported parameters, prompt within the limit."""
+        """The validated request: this server's model, supported parameters, prompt within the limit,
+        a task label the checkpoint knows."""
         router, limits = self.router, self.limits
         chat = parse_chat_request(raw, self.request_model)
         if chat.model != router.name:
@@ -273,14 +336,17 @@ class _ServerCore:
         if chat.prompt_chars() > limits.max_prompt_chars:
             raise RequestError(f"the messages have {chat.prompt_chars()} characters of text; the limit is "
                                f"{limits.max_prompt_chars}", "messages", 400, "context_length_exceeded")
+        try:
+            router.check_task(chat.routing.task if chat.routing else None)
+        except RouterError as err:
+            raise RequestError(str(err), "routing.task") from None
         return chat
 
-    async def serve_chat(self, request: Request, request_id: str, headers: dict[str, str],
-                         key: ApiKey | None) -> Response:
+    async def serve_chat(self, request: Request, raw: bytes, request_id: str, headers: dict[str, str],
+                         key: ApiKey | None, arrived: float) -> Response:
         router, limits, metrics = self.router, self.limits, self.metrics
         started = time.perf_counter()
-        deadline = time.monotonic() + limits.deadline_s
-        raw = await read_body(request, limits.max_body_bytes)
+        deadline = arrived + limits.deadline_s
         chat = self.parse_chat(raw)
         requested = chat.routing.budget if chat.routing else None
         try:
@@ -296,18 +362,23 @@ class _ServerCore:
         controller_info: dict[str, Any] | None = None
 
         def record(outcome: str, result: RouteResult | None, cancelled: list[str]) -> None:
-            """Account for whatever the request spent (ledger, controller, metrics), in every outcome."""
+            """Account for whatever the request spent (ledger, controller, metrics), in every outcome,
+            then give back the request's reservation (its real cost now counts instead)."""
             nonlocal controller_info
-            spent = progress.total_cost()
-            self.ledger.record(key_name, budget_used, outcome, spent, list(progress.answers),
-                               result.model if result else None, [f["model"] for f in progress.failures], cancelled)
-            if control is not None:
-                control.observe(spent)
-                controller_info = {"budget": control.budget, "lam_factor": factor, "version": version,
-                                   "observed_as": control.version - 1}
-            metrics.spent(progress.costs(), result.model if result else None,
-                          [f["model"] for f in progress.failures], key_name or "anonymous")
-            self.publish_lambda(budget_used)
+            try:
+                spent = progress.total_cost()
+                failed = [f["model"] for f in progress.failures if f.get("attempts", 0) > 0]  # models called
+                self.ledger.record(key_name, budget_used, outcome, spent, list(progress.answers),
+                                   result.model if result else None, failed, cancelled)
+                if control is not None:
+                    control.observe(spent)
+                    controller_info = {"budget": control.budget, "lam_factor": factor, "version": version,
+                                       "observed_as": control.version - 1}
+                metrics.spent(progress.costs(), result.model if result else None, failed, key_name or "anonymous")
+                self.publish_lambda(budget_used)
+            finally:
+                if reservation is not None:
+                    reservation.release()
 
         def run_route() -> "asyncio.Task[RouteResult]":
             token = REQUEST_LIMITS.set(RequestLimits(limits.max_upstream_attempts, deadline))
@@ -317,11 +388,16 @@ class _ServerCore:
             finally:
                 REQUEST_LIMITS.reset(token)
 
-        if chat.stream:
-            return await self.stream_chat(chat, item, run_route, record, progress, request_id, headers, deadline,
-                                          started, lambda: controller_info)
-
-        outcome, result, error = await self.await_route(request, run_route(), progress, deadline, record)
+        # hold the request's worst case against the key's max_spend until record() settles it
+        reservation = self.admit(key, self.worst_case_cost(chat)) if key is not None and key.max_spend else None
+        try:
+            if chat.stream:
+                return await self.stream_chat(request, chat, item, run_route, record, progress, request_id, headers,
+                                              deadline, started, lambda: controller_info)
+            outcome, result, error = await self.await_route(request, run_route(), progress, deadline, record)
+        finally:
+            if reservation is not None and not chat.stream:
+                reservation.release()  # recorded already; this only matters if the route never started
         if result is None:
             return self.route_failure(outcome, error, progress, request_id, headers, stream=False)
         choices, usage, routing, extra_headers = completion_parts(result, request_id, controller_info)
@@ -333,8 +409,10 @@ class _ServerCore:
     async def await_route(self, request: Request, route: "asyncio.Task[RouteResult]", progress: RouteProgress,
                           deadline: float, record: Any) -> tuple[str, RouteResult | None, BaseException | None]:
         """Wait for ``route`` until it answers, the client leaves, the deadline passes or a shutdown's
-        grace period ends (then it is cancelled); ``record`` the spend in every case. Returns
-        ``(outcome, result, error)``."""
+        grace period ends (then it is cancelled, and the model whose call was in flight is counted in
+        ``cancelled_calls``); ``record`` the spend in every case, also when this wait itself is
+        cancelled (the server stopping past its grace period, or a streamed response whose client
+        went away: recorded as a disconnect). Returns ``(outcome, result, error)``."""
         limits = self.limits
         watcher = asyncio.create_task(_disconnected(request))
         drain = asyncio.create_task(self.app.state.draining.wait())
@@ -362,7 +440,7 @@ class _ServerCore:
                     cancelled.append(progress.in_flight)
                 route.cancel()
                 await asyncio.gather(route, return_exceptions=True)
-        except asyncio.CancelledError:  # the server is shutting down past its grace period
+        except asyncio.CancelledError:
             if progress.in_flight is not None:
                 cancelled.append(progress.in_flight)
             route.cancel()
@@ -376,9 +454,12 @@ class _ServerCore:
 
     def route_failure(self, outcome: str, error: BaseException | None, progress: RouteProgress, request_id: str,
                       headers: dict[str, str], stream: bool) -> JSONResponse:
-        """The error response of a request whose route did not answer (504, 503, 499, 502 or 500)."""
+        """The error response of a request whose route did not answer (504, 503, 499, the status of a
+        request the backends refused, 502 or 500), with what it spent in ``spent`` and in the
+        ``X-Cascade-Routing-Cost-USD`` header."""
         limits, metrics = self.limits, self.metrics
         spent = {"spent": progress.total_cost(), "request_id": request_id}
+        headers = {**headers, COST_HEADER: f"{progress.total_cost():.10g}"}
         if outcome == "shutdowns":
             status, resp = 503, error_response(
                 503, "the server is shutting down and could not finish this request in its grace period of "
@@ -392,6 +473,11 @@ class _ServerCore:
         elif outcome == "disconnects":
             status, resp = 499, error_response(499, "client closed the request", "client_closed", code="client_closed",
                                                extra=spent, headers=headers)
+        elif isinstance(error, RequestRejectedError):
+            status, resp = error.status, error_response(
+                error.status, f"model {error.model!r} refused the request (HTTP {error.status}): {error.message}",
+                "invalid_request_error", param=error.param, code=error.code,
+                extra={"failures": progress.failures, **spent}, headers=headers)
         elif isinstance(error, NoModelAvailableError):
             status, resp = 502, error_response(502, str(error), "upstream_error", code="no_model_available",
                                                extra={"failures": error.failures, **spent}, headers=headers)
@@ -400,47 +486,65 @@ class _ServerCore:
             status, resp = 500, error_response(500, f"routing failed: {type(error).__name__}: {error}",
                                                "server_error", extra=spent, headers=headers)
         metrics.error({504: "deadline_exceeded", 503: "server_shutting_down", 499: "client_closed",
-                       502: "no_model_available"}.get(status, "routing_failed"))
+                       502: "no_model_available", 500: "routing_failed"}.get(status, "rejected_by_backend"))
         metrics.request(status, stream)
         return resp
 
-    async def stream_chat(self, chat: ChatCompletionRequest, item: RouteRequest, run_route: Any, record: Any,
-                          progress: RouteProgress, request_id: str, headers: dict[str, str], deadline: float,
-                          started: float, controller_info: Any) -> Response:
-        """``stream: true``: see :mod:`cascade_routing.serving.chat_stream`. The route runs to its end
-        even if the client goes away (its spend is recorded); the deadline still applies."""
+    async def stream_chat(self, request: Request, chat: ChatCompletionRequest, item: RouteRequest, run_route: Any,
+                          record: Any, progress: RouteProgress, request_id: str, headers: dict[str, str],
+                          deadline: float, started: float, controller_info: Any) -> Response:
+        """``stream: true``: see :mod:`cascade_routing.serving.chat_stream`. The route is awaited as a
+        non-streamed one is (:meth:`await_route`: deadline, client disconnect, shutdown grace
+        period), so a failure before the first byte is the same JSON error (504, 499, 503, ...), and
+        one after it an error event: ``deadline_exceeded``, ``server_shutting_down``, or
+        ``stream_aborted`` (a streamed model broke; routing failed)."""
         metrics = self.metrics
-        progress_outcome: dict[str, Any] = {}
 
         async def submit(_: RouteRequest) -> RouteResult:
-            route = run_route()
-            try:
-                return await asyncio.wait_for(asyncio.shield(route), timeout=max(0.0, deadline - time.monotonic()))
-            except (asyncio.TimeoutError, TimeoutError):
-                route.cancel()
-                await asyncio.gather(route, return_exceptions=True)
-                progress_outcome["outcome"] = "timeouts"
-                raise
+            outcome, result, error = await self.await_route(request, run_route(), progress, deadline, record)
+            if result is not None:
+                return result
+            raise error if error is not None else RouteInterrupted(outcome)
 
         def build(result: RouteResult) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]:
             return completion_parts(result, request_id, controller_info())
 
         def on_end(outcome: StreamOutcome) -> None:
-            kind = "answered" if outcome.result is not None else progress_outcome.get("outcome", "errors")
-            record(kind, outcome.result, [])
-            if outcome.result is not None:
+            if outcome.result is not None or outcome.first_token_s is not None:  # a 200 went (or goes) out
                 metrics.request(200, True, time.perf_counter() - started)
-            if outcome.aborted:
-                metrics.error("stream_aborted")
+
+        def error_event_of(err: BaseException) -> dict[str, Any]:
+            spent = {"spent": progress.total_cost(), "request_id": request_id}
+            kind = getattr(err, "outcome", None)
+            if kind == "shutdowns":
+                return error_event("the server is shutting down and could not finish this request in its grace "
+                                   f"period of {self.limits.shutdown_timeout_s}s; retry", code="server_shutting_down",
+                                   **spent)
+            if kind == "timeouts":
+                return error_event(f"the request did not finish within the server's deadline of "
+                                   f"{self.limits.deadline_s}s", "timeout_error", code="deadline_exceeded", **spent)
+            event = default_error_event(err)
+            event["error"].update(spent)
+            return event
 
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         writer = ChunkWriter(self.router.name, include_usage)
         out = await start_stream(submit, item, writer, build, headers, on_end,
-                                 on_first_token=lambda seconds, mode: metrics.ttft.labels(mode).observe(seconds))
+                                 on_first_token=lambda seconds, mode: metrics.ttft.labels(mode).observe(seconds),
+                                 error_event_of=error_event_of, on_abort=metrics.error)
         if isinstance(out, BaseException):
-            return self.route_failure(progress_outcome.get("outcome", "errors"), out, progress, request_id, headers,
+            return self.route_failure(getattr(out, "outcome", "errors"), out, progress, request_id, headers,
                                       stream=True)
         return out
+
+
+class RouteInterrupted(Exception):
+    """A route the server stopped (``outcome``: ``timeouts``, ``shutdowns`` or ``disconnects``)."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__({"timeouts": "the request's deadline passed", "shutdowns": "the server is shutting down",
+                          "disconnects": "the client closed the request"}.get(outcome, outcome))
+        self.outcome = outcome
 
 
 def _add_error_handlers(app: FastAPI, s: _ServerCore) -> None:
@@ -457,7 +561,7 @@ def _add_error_handlers(app: FastAPI, s: _ServerCore) -> None:
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return s.fail(exc)
+        return refusal(exc)  # the info routes' errors (401): not chat-completion requests, not counted
 
 
 def _add_info_routes(app: FastAPI, s: _ServerCore) -> None:
@@ -521,6 +625,10 @@ async def _then(chunks: AsyncIterator[Any], done: Any) -> AsyncIterator[Any]:
 
 COST_HEADER = "X-Cascade-Routing-Cost-USD"
 
+RESERVED_OUTPUT_TOKENS = 4096
+"""Output tokens per model a request without ``max_tokens`` / ``max_completion_tokens`` is assumed to
+produce at most, for its key's ``max_spend`` reservation (``_ServerCore.worst_case_cost``)."""
+
 
 def completion_parts(result: RouteResult, request_id: str, controller: dict[str, Any] | None = None
                      ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]:
@@ -560,7 +668,9 @@ def _backend_choices(raw: dict[str, Any] | None) -> list[dict[str, Any]] | None:
         message = {key: value for key, value in choice["message"].items() if value is not None or key == "content"}
         message["role"] = "assistant"
         reason = choice.get("finish_reason")
-        out.append({"index": int(choice.get("index", k)), "message": message, "logprobs": choice.get("logprobs"),
+        index = choice.get("index", k)
+        index = index if isinstance(index, int) and not isinstance(index, bool) and index >= 0 else k
+        out.append({"index": index, "message": message, "logprobs": choice.get("logprobs"),
                     "finish_reason": reason if isinstance(reason, str) else "stop"})
     return out
 
@@ -612,9 +722,9 @@ def serve(
     neither = no authentication). ``store``: the spend store URL (:func:`~cascade_routing.serving.
     store.open_store`). ``keep_alive_s``: idle HTTP keep-alive of client connections; it must
     exceed the clients' own idle expiry (httpx: 5 s), else a client can send a request on a
-    connection the server is closing and lose it. ``shutdown_timeout_s``: on SIGTERM/SIGINT stop
-    accepting, let requests in flight finish for this long, then cancel them (their spend is still
-    recorded). ``int8``: dynamically quantise the artifact's encoder's linear layers to int8.
+    connection the server is closing and lose it; must be > 0. ``shutdown_timeout_s`` (>= 0): on
+    SIGTERM/SIGINT stop accepting, let requests in flight finish for this long, then cancel them
+    (their spend is still recorded). Both are checked (ValueError) before anything is loaded. ``int8``: dynamically quantise the artifact's encoder's linear layers to int8.
     ``controller``: keep the mean spend at the budget on live traffic with the online λ controller
     (:mod:`cascade_routing.policies.controller`); None (default) serves the fitted λ unchanged.
     ``upstream_pools``: HTTP connection pools the backend calls are spread over
@@ -628,6 +738,12 @@ def serve(
     from cascade_routing.serving.keys import load_keys
     from cascade_routing.serving.store import open_store
 
+    if not 0 < keep_alive_s < math.inf:
+        raise ValueError(f"keep_alive_s (--keep-alive-s) must be a finite number of seconds > 0, got {keep_alive_s}")
+    if not 0 <= shutdown_timeout_s < math.inf:
+        raise ValueError("shutdown_timeout_s (--shutdown-timeout-s) must be a finite number of seconds >= 0, "
+                         f"got {shutdown_timeout_s}")
+    limits = dataclasses.replace(limits or ServerLimits(), shutdown_timeout_s=shutdown_timeout_s)
     if workers != 1:
         from cascade_routing.serving.workers import run_workers
 
@@ -650,10 +766,10 @@ def serve(
     router = CascadeRouter.from_checkpoint(checkpoint, budget=budget, strategy=strategy, name=name,
                                            executor=executor, bind_executor=bind_executor, int8=int8)
     pool = BackendPool.from_yaml(backends, connection_pools=upstream_pools)
-    limits = dataclasses.replace(limits or ServerLimits(), shutdown_timeout_s=shutdown_timeout_s)
     app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
                      keys=keys, store=open_store(store), controller=controller)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=int(keep_alive_s),
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_keep_alive=max(1, int(keep_alive_s)),
                             timeout_graceful_shutdown=int(math.ceil(limits.shutdown_timeout_s)), backlog=4096)
     try:
         DrainingServer(config).run(sockets=[reuse_port_socket(host, port)] if reuse_port else None)
