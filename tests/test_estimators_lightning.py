@@ -91,6 +91,19 @@ def test_train_py_has_no_predict_subcommand(capsys):
     assert "invalid choice: 'predict'" in capsys.readouterr().err
 
 
+def test_cascade_routing_train_is_train_py(capsys):
+    """The installed console script reaches train.py's LightningCLI (a wheel has no train.py)."""
+    from cascade_routing.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0 and "{fit,validate,test}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "fit", "--config", "routerbench", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["dataset"] == "routerbench-subset" and printed["trainer"]["default_root_dir"] == "runs/routerbench"
+
+
 def test_load_from_checkpoint_rebuilds_the_network(fitted):
     from cascade_routing.training.datamodule import RoutingDataModule
     from cascade_routing.training.module import QualityEstimatorModule
@@ -118,6 +131,25 @@ def test_load_from_checkpoint_rebuilds_the_network(fitted):
     fresh = QualityEstimatorModule(**hparams).eval()
     with torch.no_grad():
         assert not torch.allclose(fresh.predict_logits(batch, ran)[0], got)
+
+
+def test_a_rerun_replaces_best_ckpt(tmp_path, monkeypatch):
+    """The documented path runs/<name>/checkpoints/best.ckpt is the latest run's best, not the first run's."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tmp_path)
+    for _ in range(2):
+        cli = _fit(cfg, tmp_path, "--trainer.max_epochs=1", "--trainer.logger=false")
+    names = sorted(p.name for p in (tmp_path / "runs" / "tiny" / "checkpoints").iterdir())
+    assert names == ["best.ckpt"] and cli.trainer.checkpoint_callback.best_model_path.endswith("best.ckpt")
+
+
+def test_export_defaults_to_the_artifact_name_fit_writes(fitted, tmp_path, monkeypatch):
+    from cascade_routing.training.export import export_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = fitted["tmp"] / "runs" / "tiny" / "checkpoints" / "best.ckpt"
+    assert export_checkpoint(ckpt, fit_lambdas=False, select=False) == Path("artifacts/tiny.safetensors")
+    assert (tmp_path / "artifacts" / "tiny.safetensors").is_file()
 
 
 def test_export_cli_then_evaluate_writes_points(fitted, capsys):

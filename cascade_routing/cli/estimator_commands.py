@@ -1,5 +1,5 @@
-"""`cascade-routing` subcommands of the estimator stage: ``evaluate``, ``train-eval``, ``export``,
-``inspect-artifact``, ``distill-encoder``."""
+"""`cascade-routing` subcommands of the estimator stage: ``evaluate``, ``train`` (train.py's
+LightningCLI), ``train-eval``, ``export``, ``inspect-artifact``, ``distill-encoder``."""
 
 from __future__ import annotations
 
@@ -30,11 +30,21 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="override the artifact's uncertainty method for the learned estimator")
     p.set_defaults(func=_evaluate)
 
+    r = subparsers.add_parser(
+        "train", add_help=False,
+        help="train.py from the installed package: fit / validate / test with a config (LightningCLI)",
+        description="`cascade-routing train fit --config routerbench` is `python train.py fit --config routerbench` "
+                    "(every argument goes to the project's LightningCLI; `cascade-routing train --help` lists them).",
+    )
+    r.add_argument("cli_args", nargs=argparse.REMAINDER)
+    r.set_defaults(func=train_passthrough)
+
     t = subparsers.add_parser(
         "train-eval",
         help="train estimators with a train.py config, then evaluate the artifact it writes",
         description="Runs `python train.py fit --config CONFIG ...` in-process, then `evaluate` on its artifact. "
-                    "CONFIG is a shipped config name (routerbench, rational, routellm_mmlu, ...) or a YAML path; "
+                    f"CONFIG is a shipped experiment ({', '.join(_experiments())}), a group or overlay "
+                    "(data/<dataset>, model/frozen, trainer/cpu, logger/wandb_csv, finetune_gpu) or a YAML path; "
                     "repeat --config to compose (later keys win).",
     )
     t.add_argument("--config", action="append", default=None,
@@ -54,7 +64,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                     "(the step ExportArtifact runs at the end of fit).",
     )
     e.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
-    e.add_argument("--out", default=None, help="artifact path (default: artifacts/<dataset>.safetensors)")
+    e.add_argument("--out", default=None, help="artifact path (default: artifacts/<root>.safetensors for "
+                                                "<root>/checkpoints/*.ckpt, as fit writes; else artifacts/<dataset>.safetensors)")
     e.add_argument("--budgets-per-pair", type=int, default=3, help="budgets per pair of the fitted λ tables")
     e.add_argument("--no-lambdas", action="store_true", help="skip fitting the λ tables")
     e.add_argument("--no-select", action="store_true", help="choose the uncertainty mode by val NLL only")
@@ -132,6 +143,21 @@ def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | N
     print(f"train {train_s:.0f} s, evaluate {result.seconds:.0f} s, total {time.perf_counter() - t0:.0f} s")
     print_input_warnings(cli.datamodule.input_messages, f"dataset {cli.datamodule.dataset_name!r}")  # again, last
     return result
+
+
+def _experiments() -> list[str]:
+    """The shipped experiment configs: top-level configs that name their run folder (not overlays)."""
+    from cascade_routing.configs import CONFIG_DIR
+
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if "default_root_dir" in p.read_text())
+
+
+def train_passthrough(args: argparse.Namespace) -> int:
+    """``cascade-routing train ARGS``: the project's LightningCLI on ARGS (what ``python train.py ARGS`` runs)."""
+    from cascade_routing.training.lightning_cli import lightning_cli
+
+    lightning_cli(args.cli_args or ["--help"])
+    return 0
 
 
 def _train_eval(args: argparse.Namespace) -> int:

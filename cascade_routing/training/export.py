@@ -29,7 +29,9 @@ def export_checkpoint(
     the checkpoint's datamodule hyperparameters (same dataset, splits and encoder; embeddings from
     the cache; a setting the checkpoint predates takes the value it was trained with, not today's
     default: :func:`~cascade_routing.training.datamodule.checkpoint_data_settings`); then
-    :func:`export_trained`.
+    :func:`export_trained`. Without ``path``, a checkpoint at ``<root>/checkpoints/*.ckpt`` (what
+    ``train.py fit`` writes) is exported to ``artifacts/<root name>.safetensors``, the file ``fit``
+    itself writes; any other to ``artifacts/<dataset>.safetensors``.
     """
     from cascade_routing.training.datamodule import RoutingDataModule, checkpoint_data_settings
     from cascade_routing.training.module import QualityEstimatorModule
@@ -37,6 +39,8 @@ def export_checkpoint(
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    if path is None and ckpt.resolve().parent.name == "checkpoints":
+        path = Path("artifacts") / f"{ckpt.resolve().parent.parent.name}.safetensors"
     hparams = checkpoint_data_settings(ckpt)
     if cache_dir is not None:
         hparams["cache_dir"] = cache_dir
