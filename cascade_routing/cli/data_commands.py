@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from cascade_routing.cli.arguments import positive_int
+
 
 def _console():
     from rich.console import Console
@@ -84,16 +86,6 @@ def import_input_warnings(queries: list[str], max_length: int, truncation: str) 
     return diagnostics.input_warnings(queries, inputs, max_length, truncation, prefixes=False) + messages
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     from cascade_routing.data.describe import render_summary, summarize
     from cascade_routing.data.importer import import_table
@@ -140,7 +132,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "(format: see cascade_routing.data.importer)")
     p.add_argument("--output", "-o", help="folder to write (default: <file stem>-dataset)")
     p.add_argument("--name", help="dataset name (default: mapping 'name' or the file stem)")
-    p.add_argument("--max-length", type=_positive_int, default=128,
+    p.add_argument("--max-length", type=positive_int, default=128,
                    help="query tokens the encoder will keep (data.max_length), for the distinct-inputs check "
                         "(default: %(default)s)")
     p.add_argument("--truncation", choices=TRUNCATIONS, default=DEFAULT_QUERY_TRUNCATION,

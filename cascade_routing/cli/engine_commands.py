@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from cascade_routing.cli.arguments import positive_int
+
 
 def limit_threads(threads: int) -> None:
     """Use at most ``threads`` threads in torch's intra-op pool and in numpy's BLAS (process-wide).
@@ -58,8 +60,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                     help="a pool of models (repeatable); default: the paper's pools on RouterBench, else the "
                          "dataset's non-dominated models and all models")
     rb.add_argument("--seed", type=int, default=0)
-    rb.add_argument("--num-samples", type=int, default=128, help="quasi-random draws for E[max]")
-    rb.add_argument("--resamples", type=int, default=500, help="bootstrap resamples for the CI")
+    rb.add_argument("--num-samples", type=positive_int, default=128, help="quasi-random draws for E[max]")
+    rb.add_argument("--resamples", type=positive_int, default=500, help="bootstrap resamples for the CI")
     rb.add_argument("--quick", action="store_true", help="first pool, low noise, 4 budgets per pair")
     rb.add_argument("--no-progress", action="store_true", help="no progress bar")
     rb.add_argument("--device", default="cpu", help="where the estimators' tables and the engine run (cpu, cuda)")

@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 
+from cascade_routing.cli.arguments import positive_int
+
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this stage's subcommands (each sets `func`)."""
@@ -19,9 +21,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--checkpoint", required=True, help="estimator artifact (.safetensors) written by train.py")
     p.add_argument("--dataset", default=None, help="dataset name or folder (default: the one it was trained on)")
     p.add_argument("--out", default="eval", help="output folder for results.csv, table.md, curves.png")
-    p.add_argument("--budgets-per-pair", type=int, default=protocol.BUDGETS_PER_PAIR,
+    p.add_argument("--budgets-per-pair", type=positive_int, default=protocol.BUDGETS_PER_PAIR,
                    help="budgets between consecutive non-dominated models (default: the shared protocol)")
-    p.add_argument("--resamples", type=int, default=protocol.NUM_RESAMPLES,
+    p.add_argument("--resamples", type=positive_int, default=protocol.NUM_RESAMPLES,
                    help="bootstrap resamples for the 95%% CI (default: the shared protocol)")
     p.add_argument("--strategies", default=None, help="comma-separated subset of strategies")
     p.add_argument("--no-baseline", action="store_true", help="skip the paper-style baseline estimator")
@@ -50,8 +52,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     t.add_argument("--config", action="append", default=None,
                    help="config name or YAML path; repeatable (default: routerbench)")
     t.add_argument("--out", default=None, help="evaluation output folder (default: eval/<config name>)")
-    t.add_argument("--budgets-per-pair", type=int, default=protocol.BUDGETS_PER_PAIR)
-    t.add_argument("--resamples", type=int, default=protocol.NUM_RESAMPLES)
+    t.add_argument("--budgets-per-pair", type=positive_int, default=protocol.BUDGETS_PER_PAIR)
+    t.add_argument("--resamples", type=positive_int, default=protocol.NUM_RESAMPLES)
     t.add_argument("--no-wandb", action="store_true")
     t.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="extra LightningCLI arguments after the options, e.g. -- --trainer.max_epochs=5")
@@ -66,7 +68,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     e.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
     e.add_argument("--out", default=None, help="artifact path (default: artifacts/<root>.safetensors for "
                                                 "<root>/checkpoints/*.ckpt, as fit writes; else artifacts/<dataset>.safetensors)")
-    e.add_argument("--budgets-per-pair", type=int, default=3, help="budgets per pair of the fitted λ tables")
+    e.add_argument("--budgets-per-pair", type=positive_int, default=3, help="budgets per pair of the fitted λ tables")
     e.add_argument("--no-lambdas", action="store_true", help="skip fitting the λ tables")
     e.add_argument("--no-select", action="store_true", help="choose the uncertainty mode by val NLL only")
     e.set_defaults(func=_export)
