@@ -89,6 +89,24 @@ def test_corrupted_cache_is_downloaded_again(offline_cache: Path) -> None:
     assert mirror.requests.count(f.url) == 2
 
 
+def test_offline_with_a_converted_copy_uses_it_with_a_warning(offline_cache: Path) -> None:
+    """Converted once (e.g. from the data-dir mirror), then offline without the raw files: the cached
+    conversion loads, with a warning; with nothing converted the download error stands."""
+    def offline(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("no network", request=request)
+
+    with httpx.Client(transport=httpx.MockTransport(offline)) as client, pytest.raises(DatasetError, match="offline"):
+        fetch(NAME, client=client, progress=False)
+    with Mirror(offline_cache).client() as client:
+        folder = fetch(NAME, client=client, progress=False)
+    shutil.rmtree(cache_root() / "raw")
+    with httpx.Client(transport=httpx.MockTransport(offline)) as client:
+        with pytest.warns(UserWarning, match=r"could not be downloaded to verify .* using the converted copy"):
+            assert fetch(NAME, client=client, progress=False) == folder
+        with pytest.raises(DatasetError, match="offline"):
+            fetch(NAME, client=client, progress=False, refresh=True)
+
+
 def test_http_error_is_clear(offline_cache: Path) -> None:
     with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(404))) as client:
         with pytest.raises(DatasetError, match="HTTP 404"):

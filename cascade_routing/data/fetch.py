@@ -33,6 +33,10 @@ class ChecksumError(DatasetError):
     """A file's SHA-256 differs from the pinned one."""
 
 
+class DownloadError(DatasetError):
+    """A file could not be downloaded (no network, an HTTP error)."""
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """One upstream file: ``<folder>/<path>`` locally, ``raw.githubusercontent`` remotely."""
@@ -99,7 +103,7 @@ def download_file(
     try:
         with client.stream("GET", url) as response:
             if response.status_code != 200:
-                raise DatasetError(f"download of {url} failed: HTTP {response.status_code}")
+                raise DownloadError(f"download of {url} failed: HTTP {response.status_code}")
             total = int(response.headers.get("content-length") or 0) or None
             with open(part, "wb") as out, tqdm(
                 total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
@@ -110,7 +114,7 @@ def download_file(
                     bar.update(len(chunk))
     except httpx.HTTPError as err:
         part.unlink(missing_ok=True)
-        raise DatasetError(
+        raise DownloadError(
             f"download of {url} failed: {err} (offline? set {DATA_DIR_ENV} to a local folder laid out "
             "like shared/data/raw)"
         ) from None

@@ -27,7 +27,7 @@ import httpx
 from cascade_routing.data.checksums import SHA256
 from cascade_routing.data.dataset import RoutingDataset
 from cascade_routing.data.errors import DatasetError
-from cascade_routing.data.fetch import RemoteFile, cache_root, fetch_files
+from cascade_routing.data.fetch import DownloadError, RemoteFile, cache_root, fetch_files
 from cascade_routing.data.storage import is_dataset_folder, load_dataset_folder
 
 
@@ -206,11 +206,21 @@ def fetch(
     """Obtain (download or local mirror), verify, convert and cache dataset ``name``.
 
     Returns the folder of the converted dataset (loadable with :meth:`RoutingDataset.load`).
-    The raw files are verified on every call; ``refresh`` re-converts even if cached.
+    The raw files are verified on every call; ``refresh`` re-converts even if cached. When they
+    cannot be downloaded (offline, without the ``CASCADE_ROUTING_DATA_DIR`` mirror that converted
+    them) and a converted copy is cached, that copy is used with a warning (it was converted from
+    verified files); a checksum mismatch is never passed over.
     """
     spec = get_spec(name)
-    root = fetch_files(spec.files, client=client, progress=progress)
     target = converted_path(name)
+    try:
+        root = fetch_files(spec.files, client=client, progress=progress)
+    except DownloadError as err:
+        if refresh or not is_dataset_folder(target):
+            raise
+        warnings.warn(f"{name}: the raw files could not be downloaded to verify ({err}); using the converted "
+                      f"copy cached at {target}", stacklevel=2)
+        return target
     if is_dataset_folder(target) and not refresh:
         return target
     dataset = spec.convert(root / spec.folder)
