@@ -133,6 +133,20 @@ def test_load_from_checkpoint_rebuilds_the_network(fitted):
         assert not torch.allclose(fresh.predict_logits(batch, ran)[0], got)
 
 
+def test_a_config_without_a_root_names_its_run_after_the_dataset(tmp_path):
+    from cascade_routing.training.export import ExportArtifact
+    from cascade_routing.training.lightning_cli import lightning_cli
+
+    cfg = _config(tmp_path)
+    own = yaml.safe_load(cfg.read_text())
+    del own["trainer"]["default_root_dir"]
+    cfg.write_text(yaml.safe_dump(own))
+    cli = lightning_cli(["--config", str(cfg)], run=False)
+    export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact))
+    assert cli.trainer.default_root_dir == str(Path("runs") / "data")  # the dataset folder is tmp/data
+    assert Path(export.path) == Path("artifacts/data.safetensors")
+
+
 def test_a_rerun_replaces_best_ckpt(tmp_path, monkeypatch):
     """The documented path runs/<name>/checkpoints/best.ckpt is the latest run's best, not the first run's."""
     monkeypatch.chdir(tmp_path)

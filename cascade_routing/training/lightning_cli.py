@@ -3,7 +3,7 @@
 - ``--config NAME`` resolves shipped configs by name and expands ``compose`` into repeated
   ``--config`` (:mod:`cascade_routing.configs`).
 - In the init args of loggers and callbacks, ``{root}`` is replaced by ``trainer.default_root_dir``
-  and ``{name}`` by its basename (``trainer/cpu.yaml``: checkpoints in ``{root}/checkpoints``, the
+  (unset: ``runs/<dataset folder or name>``) and ``{name}`` by its basename (``trainer/cpu.yaml``: checkpoints in ``{root}/checkpoints``, the
   artifact at ``artifacts/{name}.safetensors``; ``logger/wandb_csv.yaml``: logs under ``{root}``,
   wandb run and group ``{name}``), so one experiment file names all of its outputs once.
 - The full resolved config goes to every wandb logger (``run.config``) as well as to
@@ -58,7 +58,9 @@ class CascadeLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
-        root = Path(trainer.default_root_dir or "runs")
+        if not trainer.default_root_dir:  # a config of the user's own: name the run after its dataset
+            trainer.default_root_dir = str(Path("runs") / Path(str(config.data.dataset)).name)
+        root = Path(trainer.default_root_dir)
         for group in (trainer.logger, trainer.callbacks):
             for item in group if isinstance(group, list) else []:
                 if getattr(item, "init_args", None) is not None:
