@@ -38,23 +38,51 @@ class BudgetUnreachable(PolicyError):
         self.min_cost = float(min_cost)
 
 
+def _first_row(bad: Tensor) -> int:
+    """The first batch row with a flagged entry in ``bad`` [B, ...] (only called when one is flagged)."""
+    return int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0, 0])
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    """PolicyError naming ``name`` and the first batch row unless every entry of ``value`` is finite."""
+    if bool(torch.isfinite(value).all()):
+        return
+    nan = torch.isnan(value)
+    if bool(nan.any()):
+        raise PolicyError(f"NaN in the {name} estimate (first at batch row {_first_row(nan)})")
+    raise PolicyError(f"infinite value in the {name} estimate (first at batch row {_first_row(torch.isinf(value))})")
+
+
+def check_model_count(m: int) -> None:
+    """PolicyError when there are no model columns (M = 0): no policy can run or answer anything."""
+    if m == 0:
+        raise PolicyError("no models: the quality estimate has M = 0 model columns")
+
+
 def check_inputs(estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tensor | float) -> Tensor:
-    """Validate shapes, NaNs and signs; return ``lam`` as a [B] tensor on the estimate's device."""
+    """Validate shapes, NaN/inf and signs; return ``lam`` as a [B] tensor on the estimate's device.
+
+    PolicyError (naming the input and, where cheap, the first bad row) for: M = 0 models; ``cost``
+    not [B, M]; ``ran`` not bool [B, M]; NaN or ±inf in the quality mean, std, cov or cost (an
+    infinite std makes every E[max] infinite and cascade routing would silently run nothing);
+    a negative quality std or cost estimate; ``lam`` not a scalar or [B], NaN, inf or negative.
+    """
     mean = estimate.mean
     b, m = mean.shape
+    check_model_count(m)
     if cost.shape != (b, m):
         raise PolicyError(f"cost has shape {tuple(cost.shape)}, expected [B={b}, M={m}] like the quality mean")
     if ran.shape != (b, m) or ran.dtype != torch.bool:
         raise PolicyError(f"ran must be bool [B={b}, M={m}], got {ran.dtype} {tuple(ran.shape)}")
     for name, value in (("quality mean", mean), ("quality std", estimate.std), ("quality cov", estimate.cov),
                         ("cost", cost)):
-        if value is not None and bool(torch.isnan(value).any()):
-            row = int(torch.isnan(value).reshape(b, -1).any(1).nonzero()[0, 0])
-            raise PolicyError(f"NaN in the {name} estimate (first at batch row {row})")
-    if bool(torch.isinf(mean).any()) or bool(torch.isinf(cost).any()):
-        raise PolicyError("infinite value in the quality mean or cost estimate")
+        if value is not None:
+            _check_finite(name, value)
     if estimate.std is not None and bool((estimate.std < 0).any()):
-        raise PolicyError("negative quality std in the estimate")
+        raise PolicyError(f"negative quality std in the estimate (first at batch row {_first_row(estimate.std < 0)})")
+    if bool((cost < 0).any()):
+        row, col = (int(x) for x in (cost < 0).nonzero()[0])
+        raise PolicyError(f"negative cost estimate {float(cost[row, col])!r} at batch row {row}, model {col}")
     lam_t = torch.as_tensor(lam, dtype=mean.dtype, device=mean.device)
     if lam_t.dim() == 0:
         lam_t = lam_t.expand(b)
@@ -67,6 +95,69 @@ def check_inputs(estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tens
     if bool((lam_t < 0).any()):
         raise PolicyError(f"lam (λ) must be >= 0, got {float(lam_t.min())}")
     return lam_t
+
+
+def check_select_inputs(estimate: QualityEstimate, ran: Tensor) -> None:
+    """Validate ``select``'s inputs: PolicyError unless there is at least one model, ``ran`` is bool
+    [B, M] like the post-hoc mean, and the post-hoc mean of every model that ran is finite (argmax
+    would take a NaN for the best answer)."""
+    mean = estimate.mean
+    b, m = mean.shape
+    check_model_count(m)
+    if ran.shape != (b, m) or ran.dtype != torch.bool:
+        raise PolicyError(f"ran must be bool [B={b}, M={m}] like the post-hoc quality mean, got {ran.dtype} "
+                          f"{tuple(ran.shape)}")
+    bad = ran & ~torch.isfinite(mean)
+    if bool(bad.any()):
+        row, col = (int(x) for x in bad.nonzero()[0])
+        raise PolicyError(f"non-finite post-hoc quality mean {float(mean[row, col])!r} of model {col}, which ran, "
+                          f"at batch row {row}")
+
+
+def check_ground_truth(quality: Tensor, cost: Tensor, what: str) -> None:
+    """Ground truth ``quality`` and ``cost`` (float [N, M] of the same shape, N, M >= 1) of ``what``
+    (e.g. "calibration"): PolicyError naming the input, row and model unless every quality is finite
+    in [0, 1] and every cost finite and >= 0 (the dataset contract, ``cascade_routing.data``).
+    An infinite cost would make λ fitting's starting scale 0 and a simulated mean cost inf."""
+    if quality.dim() != 2 or cost.shape != quality.shape or quality.shape[0] == 0 or quality.shape[1] == 0:
+        raise PolicyError(f"{what} quality and cost must both be [N >= 1, M >= 1], got {tuple(quality.shape)} "
+                          f"and {tuple(cost.shape)}")
+    for name, value, bad_of, rule in (
+            ("quality", quality, lambda x: ~((x >= 0) & (x <= 1)), "finite and in [0, 1]"),
+            ("cost", cost, lambda x: ~((x >= 0) & torch.isfinite(x)), "finite and >= 0")):
+        bad = bad_of(value)  # NaN fails every comparison, so it is flagged too
+        if bool(bad.any()):
+            row, col = (int(x) for x in bad.nonzero()[0])
+            v = float(value[row, col])
+            raise PolicyError(f"{what} {name} must be {rule}; row {row}, model {col} has "
+                              f"{'NaN' if math.isnan(v) else repr(v)} ({int(bad.sum())} such cells)")
+
+
+def checked_rows(rows, n: int) -> Tensor:
+    """Query row ids in the estimators' table as long [N] (default 0..N-1); PolicyError unless they
+    are N integers >= 0 (a negative id would silently index from the end of the table)."""
+    if rows is None:
+        return torch.arange(n)
+    rows = torch.as_tensor(rows)
+    if rows.dtype == torch.bool:
+        raise PolicyError("rows must be integer row ids, got a bool mask")
+    rows = rows.to(torch.long)
+    if rows.shape != (n,):
+        raise PolicyError(f"rows must be [N={n}] (one row id per query), got shape {tuple(rows.shape)}")
+    if n and bool((rows < 0).any()):
+        i = int((rows < 0).nonzero()[0, 0])
+        raise PolicyError(f"rows must be row ids >= 0 in the estimators' table; query {i} has row {int(rows[i])}")
+    return rows
+
+
+def check_estimator_models(quality_estimator, cost_estimator, m: int) -> None:
+    """PolicyError naming both shapes when an estimator's ``models`` do not number the M ground-truth
+    columns (estimators without a ``models`` list are checked on their outputs instead)."""
+    for kind, est in (("quality", quality_estimator), ("cost", cost_estimator)):
+        models = getattr(est, "models", None)
+        if models is not None and len(models) != m:
+            raise PolicyError(f"ground-truth quality/cost have M={m} model columns but the {kind} estimator has "
+                              f"{len(models)} models {list(models)}")
 
 
 def checked_lambda_shapes(shapes) -> tuple[tuple[float, ...], ...] | None:
@@ -82,7 +173,9 @@ def checked_lambda_shapes(shapes) -> tuple[tuple[float, ...], ...] | None:
 
 
 def select_best_ran(estimate: QualityEstimate, ran: Tensor) -> Tensor:
-    """The run model with the highest post-hoc mean (lowest index on ties); -1 where nothing ran."""
+    """The run model with the highest post-hoc mean (lowest index on ties); -1 where nothing ran.
+    Inputs are checked by :func:`check_select_inputs`."""
+    check_select_inputs(estimate, ran)
     scores = estimate.mean.masked_fill(~ran, -torch.inf)
     best = scores.argmax(1)
     return torch.where(ran.any(1), best, torch.full_like(best, -1))

@@ -1,9 +1,16 @@
 """Fitting λ to a cost budget on calibration rows.
 
-Constant λ (or a fixed per-step shape ``v``, λ_t = s·v_t) by bisection on the scale: the mean
-calibration cost decreases (stepwise) as λ grows. Bisection stops with a bracket
-``lam_low < lam_high`` where the mean cost at ``lam_low`` is above the budget and at ``lam_high`` at
-or below it. Then a per-query mix: query i uses ``lam_low`` iff ``u_i < gamma``, with ``u_i`` from
+Constant λ (or a fixed per-step shape ``v``, λ_t = s·v_t) by bisection on the scale. With a
+constant λ the mean calibration cost falls (stepwise) as λ grows on every case tested. With a
+per-step shape it is *not* guaranteed to: a dearer escalation (κ > 1) can make a stronger, costlier
+first model the better plan, so the cost can rise with the scale (see
+:mod:`cascade_routing.policies.lambda_search`). Either way, bisection stops with a bracket
+``lam_low < lam_high`` where the mean calibration cost at ``lam_low`` is above the (overshoot-
+corrected) budget and at ``lam_high`` at or below it: every step keeps this invariant, so the budget
+is met on the calibration rows at the returned bracket (and by the γ mix below) whether or not the
+cost is monotone; what is lost is only that the crossing found is unique. Ground truth must be
+finite, quality in [0, 1] and cost >= 0 (PolicyError otherwise). Then a per-query mix: query i uses
+``lam_low`` iff ``u_i < gamma``, with ``u_i`` from
 :func:`query_uniforms` (a stable hash of its text) or seeded draws. ``gamma`` is the largest value
 for which the *realised* mean calibration cost with these very ``u_i`` is at or below the budget,
 so the budget is met on calibration as tightly as the per-query costs allow (the gap is below one
@@ -36,7 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.policies.base import Policy, PolicyError
+from cascade_routing.policies.base import (Policy, PolicyError, check_estimator_models, check_ground_truth,
+                                           checked_rows)
 from cascade_routing.policies.significance import DEFAULT_LEVEL, significantly_better
 
 
@@ -114,10 +122,10 @@ def as_fitted(lam) -> FittedLambda:
 def _check(quality, cost, budget: float) -> tuple[np.ndarray, np.ndarray]:
     q = np.asarray(quality.cpu() if isinstance(quality, Tensor) else quality, dtype=np.float64)
     c = np.asarray(cost.cpu() if isinstance(cost, Tensor) else cost, dtype=np.float64)
-    if q.ndim != 2 or c.shape != q.shape or q.shape[0] == 0:
-        raise PolicyError(f"quality and cost must both be [N >= 1, M], got {q.shape} and {c.shape}")
-    if np.isnan(q).any() or np.isnan(c).any():
-        raise PolicyError("NaN in calibration quality or cost")
+    if q.ndim != 2 or c.shape != q.shape or q.shape[0] == 0 or q.shape[1] == 0:
+        raise PolicyError(f"quality and cost must both be [N >= 1, M >= 1], got {q.shape} and {c.shape}")
+    # finite quality in [0, 1], finite cost >= 0: an infinite cost would make the starting scale 0
+    check_ground_truth(torch.tensor(q), torch.tensor(c), "calibration")  # copies: q may be read-only
     if budget is None or not math.isfinite(budget) or budget < 0:
         raise PolicyError(f"budget must be a finite number >= 0, got {budget}")
     cheapest = float(c.mean(0).min())
@@ -191,6 +199,8 @@ def fit_lambdas(
         return []
     q, c = checked[0]
     n = q.shape[0]
+    check_estimator_models(quality_estimator, cost_estimator, q.shape[1])
+    rows = None if rows is None else checked_rows(rows, n)
     if uniforms is None:
         uniforms = query_uniforms(queries) if queries is not None else torch.rand(
             n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

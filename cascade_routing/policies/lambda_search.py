@@ -2,9 +2,11 @@
 
 One fit (a budget, a λ shape ``v``, an optional depth limit) is a generator, :func:`scale_search`:
 it yields the scales s (λ_t = s·v_t) it needs simulated next and receives their results. The steps
-are those of a plain bisection on s (the mean calibration cost decreases, stepwise, as s grows):
+are those of a plain bisection on s:
 
-1. s = 0 and s = h₀ = 1 / mean cost (both at once); s = 0 within the budget ends the fit;
+1. s = 0 and s = h₀ = 1 / mean cost (both at once; the ground-truth costs are finite and >= 0, so
+   h₀ is finite and > 0, and a non-positive or non-finite upper end is refused rather than doubled
+   forever); s = 0 within the budget ends the fit;
 2. while the upper end is over budget: lo = hi, hi = 4·hi, up to λ = :data:`MAX_LAMBDA` (finite in
    float32); still over budget there raises :class:`~cascade_routing.policies.base.BudgetUnreachable`
    with the mean cost at that λ;
@@ -31,10 +33,24 @@ simulated independently and the E[max] tables come from the shared ``cache`` key
 row), so every fit ends with the same λ, γ and calibration figures as when each scale is simulated
 on its own (``CASCADE_ROUTING_LAMBDA_FIT=sequential`` does that: the reference path, checked equal in
 ``tests/test_lambda_search.py``).
+
+Monotonicity. With a constant λ the mean calibration cost falls, stepwise, as s grows on every
+case tested (not proven for every policy), and the bracket found is then *the* crossing of the
+budget. With a per-step shape (``v = (1, κ)``, κ > 1) it need not: a dearer escalation can make a
+stronger, costlier first model the better plan, so a larger s can cost more (measured: about +8 %
+for ``CascadeRouting(max_depth=5, pool=(0, 2, 4, 10))`` with shape (1, 4) on routerbench-subset; a
+small synthetic case is in ``tests/test_policies_input_checks.py``).
+The bisection does not rely on monotonicity for what it returns: every step keeps the invariant
+"mean cost at lo > target >= mean cost at hi" on the calibration rows (target = the budget, or the
+budget − overshoot), so the returned bracket meets the target at ``lam_high``, the γ mix
+meets it on the calibration rows, and a floor fit (λ = MAX_LAMBDA) is only returned when it meets
+the budget. What is lost is uniqueness: the bracket is *a* crossing, not necessarily the largest-
+quality one, and a scale between other crossings may spend more than the budget.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -81,6 +97,10 @@ def _bisect(policy: Policy, v: Tensor, max_depth: int | None, seen: dict, target
     returns the bracket (lo, hi) and the number of simulation rounds."""
     rounds = 0
     s_max = MAX_LAMBDA / float(v.max())
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi):
+        # hi = 0 (or NaN) would stay 0 (NaN) under hi·4 and loop forever
+        raise PolicyError(f"λ scale bracket must satisfy 0 <= lo < hi < inf, got lo={lo!r}, hi={hi!r} "
+                          f"(are the calibration costs finite?)")
     while seen[hi].mean_cost > target:
         lo = hi
         if hi >= s_max:
@@ -169,7 +189,8 @@ def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor 
         if s_max not in seen:
             yield from _simulated(v, max_depth, [s_max], seen)
             rounds += 1
-        if seen[s_max].mean_cost >= res_hi.mean_cost - slack:
+        # (with a λ shape the cost need not fall as s grows: keep the floor only if it meets the budget)
+        if res_hi.mean_cost - slack <= seen[s_max].mean_cost <= budget + slack:
             return floor_fit(rounds, overshoot)
     gamma = _budget_gamma(res_lo.cost, res_hi.cost, uniforms, target_cmp)
     use_low = uniforms < gamma

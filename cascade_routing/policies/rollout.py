@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.policies.base import Policy, PolicyError
+from cascade_routing.policies.base import (Policy, PolicyError, check_estimator_models, check_ground_truth,
+                                           checked_rows)
 from cascade_routing.policies.fitting import FittedLambda, as_fitted
 from cascade_routing.policies.step import decide_step, select_step
 
@@ -55,23 +56,37 @@ def _as_tensor(x, name: str, dtype=torch.float64) -> Tensor:
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(dtype)
     if t.dim() != 2:
         raise PolicyError(f"{name} must be [N, M], got shape {tuple(t.shape)}")
-    if bool(torch.isnan(t).any()):
-        raise PolicyError(f"{name} contains NaN")
     return t
 
 
 def rollout_inputs(quality, cost, rows) -> tuple[Tensor, Tensor, Tensor]:
-    """Ground truth ``quality`` and ``cost`` as float64 [N, M] of the same shape without NaN, and the
-    queries' ``rows`` in the estimators' table as long [N] (default 0..N-1)."""
+    """Ground truth ``quality`` and ``cost`` as float64 [N, M] of the same shape (M >= 1; quality
+    finite in [0, 1], cost finite >= 0: :func:`~cascade_routing.policies.base.check_ground_truth`),
+    and the queries' ``rows`` in the estimators' table as long [N] >= 0 (default 0..N-1)."""
     quality = _as_tensor(quality, "quality")
     cost = _as_tensor(cost, "cost")
     n, m = quality.shape
     if cost.shape != (n, m):
         raise PolicyError(f"cost has shape {tuple(cost.shape)}, quality {tuple(quality.shape)}")
-    rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-    if rows.shape != (n,):
-        raise PolicyError(f"rows must be [N={n}], got shape {tuple(rows.shape)}")
+    if n:  # an empty stream is left to the caller (simulate refuses it)
+        check_ground_truth(quality, cost, "ground-truth")
+    rows = checked_rows(rows, n)
     return quality, cost, rows
+
+
+def _estimate(estimator, kind: str, rows: Tensor, ran: Tensor, m: int):
+    """``estimator.estimate(rows, ran)``, with a PolicyError for row ids outside its table (an
+    IndexError from the estimator) or an output that is not [B, M]."""
+    try:
+        out = estimator.estimate(rows, ran)
+    except IndexError as e:
+        raise PolicyError(f"the {kind} estimator could not look up query rows {int(rows.min())}..{int(rows.max())} "
+                          f"(rows must be row ids of its table): {e}") from e
+    shape = tuple((out.mean if kind == "quality" else out).shape)
+    if shape != (rows.shape[0], m):
+        raise PolicyError(f"the {kind} estimator returned shape {shape}, expected [B={rows.shape[0]}, M={m}] like "
+                          f"the ground-truth quality/cost")
+    return out
 
 
 def simulate(
@@ -98,6 +113,9 @@ def simulate(
     """
     quality, cost, rows = rollout_inputs(quality, cost, rows)
     n, m = quality.shape
+    if n == 0:
+        raise PolicyError(f"no queries to simulate: quality and cost are {tuple(quality.shape)}")
+    check_estimator_models(quality_estimator, cost_estimator, m)
     fitted = as_fitted(fitted)
     if uniforms is None:
         gen = torch.Generator().manual_seed(seed)
@@ -119,16 +137,17 @@ def simulate(
         if idx.numel() == 0:
             break
         q_rows = rows[idx]
-        est = quality_estimator.estimate(q_rows, ran[idx] if device is None else ran[idx].to(device))
+        est = _estimate(quality_estimator, "quality", q_rows, ran[idx] if device is None else ran[idx].to(device), m)
         device = est.mean.device
-        c_est = cost_estimator.estimate(q_rows.to(device), ran[idx].to(device))
+        c_est = _estimate(cost_estimator, "cost", q_rows.to(device), ran[idx].to(device), m)
         nxt, _ = decide_step(policy, est, c_est, ran[idx], fitted, use_low[idx],
                              lam_rows=None if lam_rows is None else lam_rows[idx], cache=cache, rows=q_rows)
         go = nxt >= 0
         ran[idx[go], nxt[go]] = True
         order[idx, step] = nxt
         active[idx[~go]] = False
-    est = quality_estimator.estimate(rows.to(device) if device else rows, ran.to(device) if device else ran)
+    est = _estimate(quality_estimator, "quality", rows.to(device) if device else rows,
+                    ran.to(device) if device else ran, m)
     answer = select_step(policy, est, ran)
     got = answer >= 0
     realised_q = torch.zeros(n, dtype=torch.float64)
