@@ -259,10 +259,12 @@ def test_missing_responses_are_none_not_the_text_nan(tmp_path: Path) -> None:
     assert ds.responses[1].tolist() == [None, "Paris"]
 
 
-def test_a_folder_named_like_a_registered_dataset_does_not_shadow_it(tmp_path: Path, monkeypatch) -> None:
+def test_a_folder_named_like_a_registered_dataset_does_not_shadow_it(tmp_path: Path, monkeypatch,
+                                                                      raw_data_dir: Path) -> None:
     from cascade_routing.data import load_dataset
 
     import_table(_write(tmp_path, "csv"), TEMPLATE).save(tmp_path / "routellm-mt-bench")
+    monkeypatch.setenv("CASCADE_ROUTING_DATA_DIR", str(raw_data_dir.resolve()))  # CI gives a relative path
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match=r"folder 'routellm-mt-bench' .* registered dataset; loading the registered one"):
         registered = load_dataset("routellm-mt-bench", progress=False)
