@@ -1,47 +1,11 @@
-"""OpenAI-compatible chat-completions backends, one per model, configured from a YAML file.
+"""OpenAI-compatible chat-completions backends, one per model: retries, circuit breakers, limits.
 
-YAML layout (see ``configs/backends.example.yaml``)::
-
-    defaults:                 # optional; every key may be overridden per model
-      timeout_s: 60           # per attempt (connect + read)
-      max_retries: 2          # extra attempts after the first, on 5xx / 429 / timeout / connection error
-      backoff_s: 0.5          # wait before retry k (k = 0, 1, ...): backoff_s * 2**k * U(0.5, 1.5), or the
-                              # endpoint's Retry-After (seconds) when it is longer (capped at 60 s)
-      breaker_failures: 5     # circuit breaker: open after this many consecutive failed attempts
-      breaker_reset_s: 10     # ... stay open this long, then let ONE probe through (half-open)
-      max_concurrency: 32     # requests in flight to this model at once (an asyncio semaphore)
-      logprobs: false         # ask the endpoint for token log-probs (feature ``logprob_confidence``)
-    models:
-      - name: gpt-4o-mini                     # the model's name in the checkpoint / router
-        base_url: https://api.openai.com/v1   # POST {base_url}/chat/completions
-        model_id: gpt-4o-mini                 # the ``model`` field sent to the endpoint
-        api_key_env: OPENAI_API_KEY           # name of the env var holding the key (optional)
-        price_per_1m_input_tokens: 0.15       # USD; or price_per_input_token
-        price_per_1m_output_tokens: 0.60      # USD; or price_per_output_token
-
-Cost of one answer (USD) = ``prompt_tokens * price_in + completion_tokens * price_out`` from the
-endpoint's real ``usage``. A backend configured with ``trust_reported_cost: true`` (the replay
-backend writes this) takes the cost from the response's ``x_cost_usd`` field instead when present.
-``usage`` must be an object (or absent / null: no tokens) whose ``prompt_tokens`` and
-``completion_tokens`` (each optional) are integers in [0, 2**53]; a reported ``x_cost_usd`` must be a
-finite number >= 0. Anything else (a negative or fractional count, a string, a list, Infinity) is
-that backend's failure: :class:`BackendError` with reason ``bad_response`` naming the field, handled
-like any failed call (the router tries another model). A streamed answer's chunks are checked the
-same way (``choices[].index`` and tool calls' ``index`` non-negative integers, ``delta`` an object).
-
-A non-retryable 4xx that the request itself may have caused (400, 413, 422; not a 400 whose error
-``code`` is ``context_length_exceeded``, which is the model's own limit) raises
-:class:`RequestRejectedError`. The router still tries the other models (one provider may refuse what
-another accepts); when every model it tried refused, the server returns the first refusal's status
-to the client instead of a 502. Other 4xx (401, 403, 404, ...: the endpoint's configuration) are
-ordinary failures.
-
-Features of an answer (the names used project-wide): ``tokens_in``, ``tokens_out``, ``latency_ms``
-(wall time of the successful attempt) and, when the endpoint returns log-probs,
-``logprob_confidence`` = the mean token log-probability of the answer (for a one-token answer, the
-answer token's log-prob: the definition of the rational-llm-cascades data). A response may carry
-``x_recorded_features`` (the replay backend does): those values override the measured ones, so a
-replay reproduces the recorded dataset exactly.
+The configuration (YAML) is :mod:`cascade_routing.serving.backend_config`; what an answer is, what
+it costs, how ``usage`` and stream chunks are checked and which failures refuse the request itself
+are in :mod:`cascade_routing.serving.backend_responses`. This module calls the endpoints: POST (or
+stream) with jittered exponential backoff on 5xx / 429 / timeouts / connection errors (or the
+endpoint's ``Retry-After``), a per-model circuit breaker and concurrency limit, and HTTP connection
+pools shared by every model (:class:`BackendPool`).
 
 Per-request limits (set by the server through :data:`REQUEST_LIMITS`, a context variable, so
 every backend call made for one request shares them): a total number of HTTP attempts over all
@@ -54,105 +18,33 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import email.utils
-import json
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
 
 import httpx
-import yaml
 
+from cascade_routing.serving.backend_config import (  # noqa: F401  (re-exported: the public API)
+    BackendConfig,
+    BackendConfigError,
+    load_backend_configs,
+    parse_backends,
+)
+from cascade_routing.serving.backend_responses import (  # noqa: F401  (re-exported: the public API)
+    FEATURE_NAMES,
+    Answer,
+    BackendError,
+    RequestRejectedError,
+    _logprob_confidence,
+    _StreamedAnswer,
+    answer_text,
+    parse_usage,
+    rejection,
+)
 from cascade_routing.serving.streaming import sse_data
-
-FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence")
-
-
-class BackendConfigError(ValueError):
-    """The backends YAML is malformed; the message names the file, model and field."""
-
-
-class BackendError(RuntimeError):
-    """A backend could not produce an answer (after retries); ``reason`` is a short code."""
-
-    def __init__(self, model: str, reason: str, detail: str, attempts: int) -> None:
-        super().__init__(f"backend {model!r} failed ({reason}) after {attempts} attempt(s): {detail}")
-        self.model = model
-        self.reason = reason
-        self.detail = detail
-        self.attempts = attempts
-
-
-REQUEST_CAUSED_STATUSES = frozenset({400, 413, 422})
-"""HTTP statuses of an endpoint that refuse the request itself (:class:`RequestRejectedError`)."""
-
-
-class RequestRejectedError(BackendError):
-    """The endpoint refused the request itself (HTTP 400/413/422, see the module docstring). When every
-    model tried refused, the client gets ``status`` with the first endpoint's ``message``, ``param``
-    and ``code`` (OpenAI's error fields, None where the body had none)."""
-
-    def __init__(self, model: str, status: int, detail: str, attempts: int, message: str,
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(model, f"http_{status}", detail, attempts)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def _upstream_error(text: str) -> tuple[str | None, str | None, str | None]:
-    """(message, param, code) of an OpenAI-shaped error body ``{"error": {...}}``; None where absent."""
-    try:
-        error = json.loads(text).get("error")
-    except (ValueError, AttributeError, RecursionError):
-        return None, None, None
-    if not isinstance(error, Mapping):
-        return (error if isinstance(error, str) else None), None, None
-    return tuple(v if isinstance(v, str) else None  # type: ignore[return-value]
-                 for v in (error.get("message"), error.get("param"), error.get("code")))
-
-
-def rejection(model: str, status: int, text: str, attempts: int) -> BackendError:
-    """The error of a non-retryable 4xx answer ``text``: :class:`RequestRejectedError` when the
-    request caused it (module docstring), else a plain :class:`BackendError` (``http_<status>``)."""
-    message, param, code = _upstream_error(text)
-    if status not in REQUEST_CAUSED_STATUSES or code == "context_length_exceeded":
-        return BackendError(model, f"http_{status}", text[:200], attempts)
-    return RequestRejectedError(model, status, text[:200], attempts, message or text[:200] or f"HTTP {status}",
-                                param, code)
-
-
-MAX_TOKENS = 2**53
-"""The largest token count a ``usage`` field may hold (every count up to it is an exact float)."""
-
-
-def _token_count(usage: Mapping[str, Any], name: str) -> int | None:
-    """``usage[name]`` as an int (absent / null: 0), or None if it is not an integer in [0, MAX_TOKENS]."""
-    value = usage.get(name)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        return None
-    return int(value) if 0 <= value <= MAX_TOKENS else None
-
-
-def parse_usage(usage: Any) -> tuple[int, int]:
-    """(prompt_tokens, completion_tokens) of a response's ``usage`` (see the module docstring);
-    raises ValueError naming the field when it is not a valid usage object."""
-    if usage is None:
-        return 0, 0
-    if not isinstance(usage, Mapping):
-        raise ValueError(f"usage must be an object, got {type(usage).__name__}")
-    counts = []
-    for name in ("prompt_tokens", "completion_tokens"):
-        count = _token_count(usage, name)
-        if count is None:
-            raise ValueError(f"usage.{name} must be an integer in [0, 2**53], got {usage.get(name)!r}")
-        counts.append(count)
-    return counts[0], counts[1]
 
 
 @dataclass
@@ -233,277 +125,6 @@ def retry_after_s(value: str | None) -> float | None:
             return None
         seconds = when.timestamp() - time.time()
     return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-@dataclass
-class Answer:
-    """One model's answer to one query, with its real cost and the features the estimators read."""
-
-    model: str
-    text: str
-    cost: float
-    features: dict[str, float] = field(default_factory=dict)
-    usage: dict[str, int] = field(default_factory=dict)
-    latency_ms: float = 0.0
-    attempts: int = 1
-    raw: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class BackendConfig:
-    """One model's endpoint. Prices are USD per token."""
-
-    name: str
-    base_url: str
-    model_id: str
-    price_in: float
-    price_out: float
-    api_key_env: str | None = None
-    timeout_s: float = 60.0
-    max_retries: int = 2
-    backoff_s: float = 0.5
-    max_concurrency: int = 32
-    logprobs: bool = False
-    trust_reported_cost: bool = False
-    breaker_failures: int = 5
-    breaker_reset_s: float = 10.0
-    extra_body: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return self.base_url.rstrip("/") + "/chat/completions"
-
-
-_DEFAULTS: dict[str, Any] = {
-    "timeout_s": 60.0,
-    "max_retries": 2,
-    "backoff_s": 0.5,
-    "max_concurrency": 32,
-    "logprobs": False,
-    "trust_reported_cost": False,
-    "breaker_failures": 5,
-    "breaker_reset_s": 10.0,
-}
-_KNOWN = {
-    "name", "base_url", "model_id", "api_key_env", "price_per_input_token", "price_per_output_token",
-    "price_per_1m_input_tokens", "price_per_1m_output_tokens", "extra_body", *_DEFAULTS,
-}
-
-
-def _price(entry: Mapping[str, Any], kind: str, where: str) -> float:
-    per_token = entry.get(f"price_per_{kind}_token")
-    per_million = entry.get(f"price_per_1m_{kind}_tokens")
-    if (per_token is None) == (per_million is None):
-        raise BackendConfigError(
-            f"{where}: give exactly one of price_per_{kind}_token or price_per_1m_{kind}_tokens"
-        )
-    value = per_token if per_token is not None else per_million
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise BackendConfigError(f"{where}: {kind} price {value!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise BackendConfigError(f"{where}: {kind} price must be a finite number >= 0, got {value}")
-    return value if per_token is not None else value / 1e6
-
-
-def _defaults(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """The settings every model starts from: :data:`_DEFAULTS` updated by the document's ``defaults``."""
-    defaults = dict(_DEFAULTS)
-    user_defaults = data.get("defaults") or {}
-    if not isinstance(user_defaults, Mapping):
-        raise BackendConfigError(f"{source}: 'defaults' must be a mapping")
-    unknown = set(user_defaults) - set(_DEFAULTS)
-    if unknown:
-        raise BackendConfigError(f"{source}: unknown key(s) in defaults: {sorted(unknown)}")
-    defaults.update(user_defaults)
-    return defaults
-
-
-def _model_config(entry: Any, source: str, i: int, defaults: Mapping[str, Any], taken: Mapping[str, Any]
-                  ) -> BackendConfig:
-    """Entry ``i`` of ``models`` validated (name not in ``taken``, known keys, http(s) URL, numeric
-    settings in range, prices) into a :class:`BackendConfig`; errors name ``source`` and the entry."""
-    where = f"{source}: models[{i}]"
-    if not isinstance(entry, Mapping):
-        raise BackendConfigError(f"{where}: expected a mapping, got {type(entry).__name__}")
-    name = entry.get("name")
-    if not isinstance(name, str) or not name:
-        raise BackendConfigError(f"{where}: 'name' must be a non-empty string")
-    where = f"{source}: model {name!r}"
-    unknown = set(entry) - _KNOWN
-    if unknown:
-        raise BackendConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
-    if name in taken:
-        raise BackendConfigError(f"{where}: duplicate model name")
-    base_url = entry.get("base_url")
-    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-        raise BackendConfigError(f"{where}: 'base_url' must be an http(s) URL, got {base_url!r}")
-    settings = {k: entry.get(k, defaults[k]) for k in _DEFAULTS}
-    try:
-        timeout_s = float(settings["timeout_s"])
-        max_retries = int(settings["max_retries"])
-        backoff_s = float(settings["backoff_s"])
-        max_concurrency = int(settings["max_concurrency"])
-        breaker_failures = int(settings["breaker_failures"])
-        breaker_reset_s = float(settings["breaker_reset_s"])
-    except (TypeError, ValueError) as err:
-        raise BackendConfigError(f"{where}: bad numeric setting: {err}") from None
-    if (timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1 or breaker_failures < 1
-            or breaker_reset_s < 0):
-        raise BackendConfigError(
-            f"{where}: need timeout_s > 0, max_retries >= 0, backoff_s >= 0, max_concurrency >= 1, "
-            "breaker_failures >= 1, breaker_reset_s >= 0"
-        )
-    return BackendConfig(
-        name=name,
-        base_url=base_url,
-        model_id=str(entry.get("model_id", name)),
-        price_in=_price(entry, "input", where),
-        price_out=_price(entry, "output", where),
-        api_key_env=entry.get("api_key_env"),
-        timeout_s=timeout_s,
-        max_retries=max_retries,
-        backoff_s=backoff_s,
-        max_concurrency=max_concurrency,
-        logprobs=bool(settings["logprobs"]),
-        trust_reported_cost=bool(settings["trust_reported_cost"]),
-        breaker_failures=breaker_failures,
-        breaker_reset_s=breaker_reset_s,
-        extra_body=dict(entry.get("extra_body") or {}),
-    )
-
-
-def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendConfig]:
-    """Validate a parsed backends document (see module docstring); returns name -> config."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("models"), list) or not data["models"]:
-        raise BackendConfigError(f"{source}: expected a mapping with a non-empty list 'models'")
-    defaults = _defaults(data, source)
-    configs: dict[str, BackendConfig] = {}
-    for i, entry in enumerate(data["models"]):
-        config = _model_config(entry, source, i, defaults, configs)
-        configs[config.name] = config
-    return configs
-
-
-def load_backend_configs(path: "str | os.PathLike[str]") -> dict[str, BackendConfig]:
-    """Read and validate a backends YAML file (see module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backends file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise BackendConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_backends(data, source=str(path))
-
-
-def _logprob_confidence(choice: Mapping[str, Any]) -> float | None:
-    """Mean token log-prob of the answer, from OpenAI's ``choices[0].logprobs.content``."""
-    logprobs = choice.get("logprobs")
-    if not isinstance(logprobs, Mapping):
-        return None
-    content = logprobs.get("content")
-    if not isinstance(content, list) or not content:
-        return None
-    values = [tok.get("logprob") for tok in content if isinstance(tok, Mapping)]
-    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not values:
-        return None
-    return sum(values) / len(values)
-
-
-def answer_text(message: Any) -> str | None:
-    """The text of an answer message that the estimators read: its string ``content``, followed by
-    one line ``tool_call NAME ARGUMENTS`` per tool call (a tool-call answer is still an answer);
-    None if the message has neither."""
-    if not isinstance(message, Mapping):
-        return None
-    content = message.get("content")
-    calls = message.get("tool_calls") or []
-    if not isinstance(content, str) and not (isinstance(calls, list) and calls):
-        return None
-    lines = [content] if isinstance(content, str) and content else []
-    for call in calls if isinstance(calls, list) else []:
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if isinstance(function, Mapping):
-            lines.append(f"tool_call {function.get('name')} {function.get('arguments')}")
-    return "\n".join(lines)
-
-
-class _StreamedAnswer:
-    """Rebuilds a ``chat.completion`` body from the chunks of a streamed one (content and
-    tool-call fragments joined per choice, usage and the replay's ``x_*`` fields kept)."""
-
-    def __init__(self) -> None:
-        self.choices: dict[int, dict[str, Any]] = {}
-        self.extra: dict[str, Any] = {}
-
-    def add(self, event: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Fold one chunk in; returns its choices that carry new content or tool calls. Raises
-        ValueError naming the field of a malformed chunk (``choices`` not a list, an ``index`` that is
-        not a non-negative integer, a ``delta``, tool call or ``function`` that is not an object)."""
-        for key in ("usage", "x_cost_usd", "x_recorded_features", "id", "model"):
-            if event.get(key) is not None:
-                self.extra[key] = event[key]
-        choices = event.get("choices") or []
-        if not isinstance(choices, list):
-            raise ValueError(f"choices must be a list, got {type(choices).__name__}")
-        new = []
-        for choice in choices:
-            if not isinstance(choice, Mapping):
-                continue
-            index = _index(choice, "choices[].index")
-            acc = self.choices.setdefault(index, {"index": index, "content": [], "tool_calls": {},
-                                                  "logprobs": [], "finish_reason": None})
-            delta = choice.get("delta") or {}
-            if not isinstance(delta, Mapping):
-                raise ValueError(f"choices[{index}].delta must be an object, got {type(delta).__name__}")
-            if choice.get("finish_reason"):
-                acc["finish_reason"] = choice["finish_reason"]
-            logprobs = choice.get("logprobs")
-            if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
-                acc["logprobs"].extend(logprobs["content"])
-            content = delta.get("content")
-            calls = delta.get("tool_calls")
-            if isinstance(content, str) and content:
-                acc["content"].append(content)
-            for call in calls if isinstance(calls, list) else []:
-                if not isinstance(call, Mapping):
-                    raise ValueError(f"choices[{index}].delta.tool_calls[] must be objects")
-                slot = acc["tool_calls"].setdefault(_index(call, "tool_calls[].index"),
-                                                    {"id": None, "type": "function",
-                                                     "function": {"name": "", "arguments": ""}})
-                slot["id"] = call.get("id") or slot["id"]
-                fn = call.get("function") or {}
-                if not isinstance(fn, Mapping):
-                    raise ValueError(f"choices[{index}].delta.tool_calls[].function must be an object")
-                slot["function"]["name"] += fn.get("name") or ""
-                slot["function"]["arguments"] += fn.get("arguments") or ""
-            if (isinstance(content, str) and content) or calls:
-                new.append({"index": index, "delta": {k: v for k, v in delta.items() if k != "role"},
-                            "logprobs": logprobs})
-        return new
-
-    def body(self) -> dict[str, Any]:
-        choices = []
-        for index, acc in sorted(self.choices.items()):
-            message: dict[str, Any] = {"role": "assistant",
-                                       "content": "".join(acc["content"]) if acc["content"] or not acc["tool_calls"]
-                                       else None}
-            if acc["tool_calls"]:
-                message["tool_calls"] = [acc["tool_calls"][k] for k in sorted(acc["tool_calls"])]
-            choices.append({"index": index, "message": message, "finish_reason": acc["finish_reason"] or "stop",
-                            "logprobs": {"content": acc["logprobs"]} if acc["logprobs"] else None})
-        return {"object": "chat.completion", "choices": choices, **self.extra}
-
-
-def _index(item: Mapping[str, Any], where: str) -> int:
-    """``item["index"]`` (default 0), which must be a non-negative integer (ValueError naming ``where``)."""
-    index = item.get("index", 0)
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ValueError(f"{where} must be a non-negative integer, got {index!r}")
-    return index
 
 
 @dataclass

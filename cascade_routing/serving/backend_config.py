@@ -1,0 +1,187 @@
+"""The backends YAML: one OpenAI-compatible chat-completions endpoint per model, with its prices.
+
+YAML layout (see ``configs/backends.example.yaml``)::
+
+    defaults:                 # optional; every key may be overridden per model
+      timeout_s: 60           # per attempt (connect + read)
+      max_retries: 2          # extra attempts after the first, on 5xx / 429 / timeout / connection error
+      backoff_s: 0.5          # wait before retry k (k = 0, 1, ...): backoff_s * 2**k * U(0.5, 1.5), or the
+                              # endpoint's Retry-After (seconds) when it is longer (capped at 60 s)
+      breaker_failures: 5     # circuit breaker: open after this many consecutive failed attempts
+      breaker_reset_s: 10     # ... stay open this long, then let ONE probe through (half-open)
+      max_concurrency: 32     # requests in flight to this model at once (an asyncio semaphore)
+      logprobs: false         # ask the endpoint for token log-probs (feature ``logprob_confidence``)
+    models:
+      - name: gpt-4o-mini                     # the model's name in the checkpoint / router
+        base_url: https://api.openai.com/v1   # POST {base_url}/chat/completions
+        model_id: gpt-4o-mini                 # the ``model`` field sent to the endpoint
+        api_key_env: OPENAI_API_KEY           # name of the env var holding the key (optional)
+        price_per_1m_input_tokens: 0.15       # USD; or price_per_input_token
+        price_per_1m_output_tokens: 0.60      # USD; or price_per_output_token
+
+:func:`load_backend_configs` / :func:`parse_backends` check every field and raise
+:class:`BackendConfigError` naming the file, model and field.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class BackendConfigError(ValueError):
+    """The backends YAML is malformed; the message names the file, model and field."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One model's endpoint. Prices are USD per token."""
+
+    name: str
+    base_url: str
+    model_id: str
+    price_in: float
+    price_out: float
+    api_key_env: str | None = None
+    timeout_s: float = 60.0
+    max_retries: int = 2
+    backoff_s: float = 0.5
+    max_concurrency: int = 32
+    logprobs: bool = False
+    trust_reported_cost: bool = False
+    breaker_failures: int = 5
+    breaker_reset_s: float = 10.0
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+_DEFAULTS: dict[str, Any] = {
+    "timeout_s": 60.0,
+    "max_retries": 2,
+    "backoff_s": 0.5,
+    "max_concurrency": 32,
+    "logprobs": False,
+    "trust_reported_cost": False,
+    "breaker_failures": 5,
+    "breaker_reset_s": 10.0,
+}
+_KNOWN = {
+    "name", "base_url", "model_id", "api_key_env", "price_per_input_token", "price_per_output_token",
+    "price_per_1m_input_tokens", "price_per_1m_output_tokens", "extra_body", *_DEFAULTS,
+}
+
+
+def _price(entry: Mapping[str, Any], kind: str, where: str) -> float:
+    per_token = entry.get(f"price_per_{kind}_token")
+    per_million = entry.get(f"price_per_1m_{kind}_tokens")
+    if (per_token is None) == (per_million is None):
+        raise BackendConfigError(
+            f"{where}: give exactly one of price_per_{kind}_token or price_per_1m_{kind}_tokens"
+        )
+    value = per_token if per_token is not None else per_million
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise BackendConfigError(f"{where}: {kind} price {value!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise BackendConfigError(f"{where}: {kind} price must be a finite number >= 0, got {value}")
+    return value if per_token is not None else value / 1e6
+
+
+def _defaults(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The settings every model starts from: :data:`_DEFAULTS` updated by the document's ``defaults``."""
+    defaults = dict(_DEFAULTS)
+    user_defaults = data.get("defaults") or {}
+    if not isinstance(user_defaults, Mapping):
+        raise BackendConfigError(f"{source}: 'defaults' must be a mapping")
+    unknown = set(user_defaults) - set(_DEFAULTS)
+    if unknown:
+        raise BackendConfigError(f"{source}: unknown key(s) in defaults: {sorted(unknown)}")
+    defaults.update(user_defaults)
+    return defaults
+
+
+def _model_config(entry: Any, source: str, i: int, defaults: Mapping[str, Any], taken: Mapping[str, Any]
+                  ) -> BackendConfig:
+    """Entry ``i`` of ``models`` validated (name not in ``taken``, known keys, http(s) URL, numeric
+    settings in range, prices) into a :class:`BackendConfig`; errors name ``source`` and the entry."""
+    where = f"{source}: models[{i}]"
+    if not isinstance(entry, Mapping):
+        raise BackendConfigError(f"{where}: expected a mapping, got {type(entry).__name__}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise BackendConfigError(f"{where}: 'name' must be a non-empty string")
+    where = f"{source}: model {name!r}"
+    unknown = set(entry) - _KNOWN
+    if unknown:
+        raise BackendConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+    if name in taken:
+        raise BackendConfigError(f"{where}: duplicate model name")
+    base_url = entry.get("base_url")
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise BackendConfigError(f"{where}: 'base_url' must be an http(s) URL, got {base_url!r}")
+    settings = {k: entry.get(k, defaults[k]) for k in _DEFAULTS}
+    try:
+        timeout_s = float(settings["timeout_s"])
+        max_retries = int(settings["max_retries"])
+        backoff_s = float(settings["backoff_s"])
+        max_concurrency = int(settings["max_concurrency"])
+        breaker_failures = int(settings["breaker_failures"])
+        breaker_reset_s = float(settings["breaker_reset_s"])
+    except (TypeError, ValueError) as err:
+        raise BackendConfigError(f"{where}: bad numeric setting: {err}") from None
+    if (timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1 or breaker_failures < 1
+            or breaker_reset_s < 0):
+        raise BackendConfigError(
+            f"{where}: need timeout_s > 0, max_retries >= 0, backoff_s >= 0, max_concurrency >= 1, "
+            "breaker_failures >= 1, breaker_reset_s >= 0"
+        )
+    return BackendConfig(
+        name=name,
+        base_url=base_url,
+        model_id=str(entry.get("model_id", name)),
+        price_in=_price(entry, "input", where),
+        price_out=_price(entry, "output", where),
+        api_key_env=entry.get("api_key_env"),
+        timeout_s=timeout_s,
+        max_retries=max_retries,
+        backoff_s=backoff_s,
+        max_concurrency=max_concurrency,
+        logprobs=bool(settings["logprobs"]),
+        trust_reported_cost=bool(settings["trust_reported_cost"]),
+        breaker_failures=breaker_failures,
+        breaker_reset_s=breaker_reset_s,
+        extra_body=dict(entry.get("extra_body") or {}),
+    )
+
+
+def parse_backends(data: Any, source: str = "<backends>") -> dict[str, BackendConfig]:
+    """Validate a parsed backends document (see module docstring); returns name -> config."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("models"), list) or not data["models"]:
+        raise BackendConfigError(f"{source}: expected a mapping with a non-empty list 'models'")
+    defaults = _defaults(data, source)
+    configs: dict[str, BackendConfig] = {}
+    for i, entry in enumerate(data["models"]):
+        config = _model_config(entry, source, i, defaults, configs)
+        configs[config.name] = config
+    return configs
+
+
+def load_backend_configs(path: "str | os.PathLike[str]") -> dict[str, BackendConfig]:
+    """Read and validate a backends YAML file (see module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backends file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise BackendConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_backends(data, source=str(path))
