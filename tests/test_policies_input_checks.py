@@ -312,3 +312,23 @@ def test_max_depth_below_one_is_refused(make):
             make(max_depth=depth)
     assert make(max_depth=1).max_steps(3) == 1
     assert make().max_steps(3) == 3
+
+
+def test_a_non_psd_covariance_is_a_policy_error_naming_the_row():
+    from cascade_routing.policies import CascadeRouting, PolicyError
+
+    mean = torch.tensor([[0.5, 0.6], [0.4, 0.7]])
+    cov = torch.tensor([[[0.01, 0.0], [0.0, 0.01]], [[0.01, 0.5], [0.5, 0.01]]])  # row 1: not PSD
+    ran = torch.zeros(2, 2, dtype=torch.bool)
+    with pytest.raises(PolicyError, match=r"covariance of batch row 1 is not positive semi-definite"):
+        CascadeRouting(num_samples=16).decide(QualityEstimate(mean, cov=cov), torch.ones(2, 2), ran, 0.1)
+
+
+def test_an_empty_stream_is_refused():
+    from cascade_routing.evaluation.online import simulate_controlled
+    from cascade_routing.policies import FittedLambda, PolicyError, Routing
+
+    fitted = FittedLambda(torch.tensor([1.0]), torch.tensor([1.0]))
+    with pytest.raises(PolicyError, match="empty stream"):
+        simulate_controlled(Routing(), None, None, torch.zeros(0, 2), torch.zeros(0, 2), fitted, 0.1,
+                            uniforms=torch.zeros(0))

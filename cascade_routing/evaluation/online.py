@@ -95,6 +95,8 @@ def _stream_inputs(quality, cost, rows, uniforms, observed_before, completion
     observation)."""
     q, c, rows = rollout_inputs(quality, cost, rows)
     n = q.shape[0]
+    if n == 0:
+        raise PolicyError("empty stream: no queries to serve")
     if uniforms is None:
         raise PolicyError("pass uniforms (query_uniforms of the stream's texts) so the λ mix matches a server")
     uniforms = torch.as_tensor(uniforms, dtype=torch.float64)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.policies import emax_numba
+from cascade_routing.policies.base import PolicyError
 
 MAX_EXHAUSTIVE_SUPERMODELS = 2**12
 
@@ -159,7 +160,7 @@ def quality_samples(
         chol, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
         if bool((info != 0).any()):
             row = int((info != 0).nonzero()[0, 0])
-            raise ValueError(f"quality covariance of row {row} is not positive semi-definite")
+            raise PolicyError(f"quality covariance of batch row {row} is not positive semi-definite")
         # samples[b, m, k] = mean[b, m] + sum_j L[b, m, j] z[k, j]
         return mean[:, :, None] + torch.einsum("bmj,kj->bmk", chol.to(z.dtype), z)
     if std is not None:
