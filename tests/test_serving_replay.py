@@ -103,7 +103,7 @@ def test_cli_parses_serving_commands():
 
 def test_serve_hands_its_upstream_pools_to_the_backend_pool(monkeypatch, tmp_path):
     """`serve --upstream-pools K` reaches ``serve`` and the BackendPool it builds holds K HTTP pools."""
-    import cascade_routing.serving.server as server_module
+    import cascade_routing.serving.runner as server_module
     from cascade_routing.serving.backends import BackendPool
 
     seen = {}

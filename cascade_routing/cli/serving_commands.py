@@ -34,7 +34,7 @@ def _fractions(text: str) -> dict[str, float]:
 def _serve(args: argparse.Namespace) -> int:
     from cascade_routing.policies.controller import ControllerConfig
     from cascade_routing.serving.limits import ServerLimits
-    from cascade_routing.serving.server import serve
+    from cascade_routing.serving.runner import serve
     from cascade_routing.serving.store import DEFAULT_STORE
 
     given = {k: getattr(args, k) for k in ("max_body_bytes", "max_prompt_chars", "max_concurrent", "deadline_s",
