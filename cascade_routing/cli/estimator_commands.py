@@ -32,14 +32,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="override the artifact's uncertainty method for the learned estimator")
     p.set_defaults(func=_evaluate)
 
-    r = subparsers.add_parser(
+    # listed for the command's help only: cascade_routing.cli.main hands "train ..." to train_passthrough
+    # before argparse sees it, so LightningCLI parses every option (its --help included)
+    subparsers.add_parser(
         "train", add_help=False,
         help="train.py from the installed package: fit / validate / test with a config (LightningCLI)",
-        description="`cascade-routing train fit --config routerbench` is `python train.py fit --config routerbench` "
-                    "(every argument goes to the project's LightningCLI; `cascade-routing train --help` lists them).",
     )
-    r.add_argument("cli_args", nargs=argparse.REMAINDER)
-    r.set_defaults(func=train_passthrough)
 
     t = subparsers.add_parser(
         "train-eval",

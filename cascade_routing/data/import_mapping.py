@@ -52,11 +52,8 @@ class ImportSpec:
     name: str | None
     missing: str
     models: dict[str, ModelColumns]
+    feature_names: list[str]  # sorted; every model maps the same ones
     raw: dict[str, Any]  # the mapping as given (stored in the dataset's metadata)
-
-    @property
-    def feature_names(self) -> list[str]:
-        return sorted(next(iter(self.models.values())).features)
 
     def columns(self) -> dict[str, str]:
         """Every column the mapping names -> what it holds (for the missing-column check)."""
@@ -250,6 +247,6 @@ def parse_mapping(mapping: Mapping[str, Any]) -> ImportSpec:
         query=_column(mapping["query"], "mapping: 'query'"),
         query_id=None if mapping.get("query_id") is None else _column(mapping["query_id"], "mapping: 'query_id'"),
         task=None if mapping.get("task") is None else _column(mapping["task"], "mapping: 'task'"),
-        name=name, missing=missing, models=columns, raw=dict(mapping))
+        name=name, missing=missing, models=columns, feature_names=feature_names, raw=dict(mapping))
     _check_distinct(spec)
     return spec

@@ -248,8 +248,8 @@ def import_table(
         qual.append(q_row)
         cost.append(c_row)
         resp.append(r_row)
-        for f in spec.feature_names:
-            feats[f].append(f_row[f])
+        for f, values in f_row.items():
+            feats[f].append(values)
     report.rows_kept = len(queries)
     report.files[file.name] = {"read": len(rows), "kept": len(queries)}
     report.log()

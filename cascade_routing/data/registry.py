@@ -250,10 +250,9 @@ def load_dataset(name_or_path: str | os.PathLike[str], *, progress: bool = True)
     """
     path = Path(name_or_path)
     key = str(name_or_path)
-    bare_registered = key in _REGISTRY and len(path.parts) == 1 and os.sep not in key
-    if is_dataset_folder(path) and not bare_registered:
-        return load_dataset_folder(path)
-    if bare_registered and is_dataset_folder(path):
+    if is_dataset_folder(path):
+        if key not in _REGISTRY:  # registered names have no path separator: "./name" is the folder
+            return load_dataset_folder(path)
         warnings.warn(f"the folder {key!r} in the working directory has the name of a registered dataset; loading "
                       f"the registered one (pass './{key}' to read the folder)", stacklevel=2)
     if key in _REGISTRY:

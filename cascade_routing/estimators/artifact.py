@@ -518,9 +518,7 @@ def _check_consistent(art: EstimatorArtifact, path: Path) -> None:
 def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | None = None) -> EstimatorArtifact:
     """Read an artifact written by :meth:`EstimatorArtifact.save` (see module docstring for errors);
     a folder is read as the one :meth:`EstimatorArtifact.save_pretrained` writes (``estimator.safetensors`` inside)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / ARTIFACT_FILENAME
+    path = _artifact_file(path) if Path(path).is_dir() else Path(path)
     meta, tensors = _read_file(path)
     art = _from_payload(path, meta, tensors)
     _check_consistent(art, path)

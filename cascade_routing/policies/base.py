@@ -43,6 +43,18 @@ def _first_row(bad: Tensor) -> int:
     return int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0, 0])
 
 
+def _first_cell(bad: Tensor) -> tuple[int, int]:
+    """(row, column) of the first flagged entry of ``bad`` [B, M] (only called when one is flagged)."""
+    row, col = bad.nonzero()[0]
+    return int(row), int(col)
+
+
+def _check_ran(ran: Tensor, b: int, m: int, like: str) -> None:
+    """PolicyError unless ``ran`` is bool [B, M] (``like``: what it must match, for the message)."""
+    if ran.shape != (b, m) or ran.dtype != torch.bool:
+        raise PolicyError(f"ran must be bool [B={b}, M={m}] like {like}, got {ran.dtype} {tuple(ran.shape)}")
+
+
 def _check_finite(name: str, value: Tensor) -> None:
     """PolicyError naming ``name`` and the first batch row unless every entry of ``value`` is finite."""
     if bool(torch.isfinite(value).all()):
@@ -72,8 +84,7 @@ def check_inputs(estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tens
     check_model_count(m)
     if cost.shape != (b, m):
         raise PolicyError(f"cost has shape {tuple(cost.shape)}, expected [B={b}, M={m}] like the quality mean")
-    if ran.shape != (b, m) or ran.dtype != torch.bool:
-        raise PolicyError(f"ran must be bool [B={b}, M={m}], got {ran.dtype} {tuple(ran.shape)}")
+    _check_ran(ran, b, m, "the quality mean")
     for name, value in (("quality mean", mean), ("quality std", estimate.std), ("quality cov", estimate.cov),
                         ("cost", cost)):
         if value is not None:
@@ -81,7 +92,7 @@ def check_inputs(estimate: QualityEstimate, cost: Tensor, ran: Tensor, lam: Tens
     if estimate.std is not None and bool((estimate.std < 0).any()):
         raise PolicyError(f"negative quality std in the estimate (first at batch row {_first_row(estimate.std < 0)})")
     if bool((cost < 0).any()):
-        row, col = (int(x) for x in (cost < 0).nonzero()[0])
+        row, col = _first_cell(cost < 0)
         raise PolicyError(f"negative cost estimate {float(cost[row, col])!r} at batch row {row}, model {col}")
     lam_t = torch.as_tensor(lam, dtype=mean.dtype, device=mean.device)
     if lam_t.dim() == 0:
@@ -104,12 +115,10 @@ def check_select_inputs(estimate: QualityEstimate, ran: Tensor) -> None:
     mean = estimate.mean
     b, m = mean.shape
     check_model_count(m)
-    if ran.shape != (b, m) or ran.dtype != torch.bool:
-        raise PolicyError(f"ran must be bool [B={b}, M={m}] like the post-hoc quality mean, got {ran.dtype} "
-                          f"{tuple(ran.shape)}")
+    _check_ran(ran, b, m, "the post-hoc quality mean")
     bad = ran & ~torch.isfinite(mean)
     if bool(bad.any()):
-        row, col = (int(x) for x in bad.nonzero()[0])
+        row, col = _first_cell(bad)
         raise PolicyError(f"non-finite post-hoc quality mean {float(mean[row, col])!r} of model {col}, which ran, "
                           f"at batch row {row}")
 
@@ -127,7 +136,7 @@ def check_ground_truth(quality: Tensor, cost: Tensor, what: str) -> None:
             ("cost", cost, lambda x: ~((x >= 0) & torch.isfinite(x)), "finite and >= 0")):
         bad = bad_of(value)  # NaN fails every comparison, so it is flagged too
         if bool(bad.any()):
-            row, col = (int(x) for x in bad.nonzero()[0])
+            row, col = _first_cell(bad)
             v = float(value[row, col])
             raise PolicyError(f"{what} {name} must be {rule}; row {row}, model {col} has "
                               f"{'NaN' if math.isnan(v) else repr(v)} ({int(bad.sum())} such cells)")

@@ -119,13 +119,18 @@ def as_fitted(lam) -> FittedLambda:
     return FittedLambda(t, t.clone(), 0.0)
 
 
-def _check(quality, cost, budget: float) -> tuple[np.ndarray, np.ndarray]:
+def _checked_data(quality, cost) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration ``quality`` and ``cost`` as float64 arrays [N, M] (N, M >= 1), finite, quality in
+    [0, 1] and cost >= 0 (:func:`~cascade_routing.policies.base.check_ground_truth`; an infinite cost
+    would make the bisection's starting scale 0)."""
     q = np.asarray(quality.cpu() if isinstance(quality, Tensor) else quality, dtype=np.float64)
     c = np.asarray(cost.cpu() if isinstance(cost, Tensor) else cost, dtype=np.float64)
-    if q.ndim != 2 or c.shape != q.shape or q.shape[0] == 0 or q.shape[1] == 0:
-        raise PolicyError(f"quality and cost must both be [N >= 1, M >= 1], got {q.shape} and {c.shape}")
-    # finite quality in [0, 1], finite cost >= 0: an infinite cost would make the starting scale 0
     check_ground_truth(torch.tensor(q), torch.tensor(c), "calibration")  # copies: q may be read-only
+    return q, c
+
+
+def _check_budget(c: np.ndarray, budget: float) -> None:
+    """PolicyError unless ``budget`` is finite, >= 0 and at least the cheapest model's mean cost."""
     if budget is None or not math.isfinite(budget) or budget < 0:
         raise PolicyError(f"budget must be a finite number >= 0, got {budget}")
     cheapest = float(c.mean(0).min())
@@ -133,7 +138,6 @@ def _check(quality, cost, budget: float) -> tuple[np.ndarray, np.ndarray]:
         raise PolicyError(
             f"budget {budget:.6g} is below the mean cost of the cheapest model ({cheapest:.6g}) on the "
             f"calibration rows: no policy can meet it")
-    return q, c
 
 
 def fit_lambda(
@@ -194,10 +198,11 @@ def fit_lambdas(
     from cascade_routing.policies.lambda_search import drive, scale_search  # the bisection, batched
 
     budgets = [float(b) for b in budgets]
-    checked = [_check(quality, cost, b) for b in budgets]
-    if not checked:
+    if not budgets:
         return []
-    q, c = checked[0]
+    q, c = _checked_data(quality, cost)  # once, not per budget
+    for b in budgets:
+        _check_budget(c, b)
     n = q.shape[0]
     check_estimator_models(quality_estimator, cost_estimator, q.shape[1])
     rows = None if rows is None else checked_rows(rows, n)

@@ -40,8 +40,9 @@ class CascadeWandbLogger(WandbLogger):
         os.environ.setdefault("WANDB_SILENT", "true")
         # offline=True makes Lightning force wandb's offline mode, so "disabled" must pass False; the
         # explicit mode wins over settings an earlier run left in this process
-        off = wandb_mode() == "offline" if offline is None else offline
-        if offline is None and wandb_mode() == "disabled":
+        mode = wandb_mode()
+        off = mode == "offline" if offline is None else offline
+        if offline is None and mode == "disabled":
             kwargs.setdefault("mode", "disabled")
         super().__init__(project=project, save_dir=save_dir, name=name, offline=off, **kwargs)
         # Lightning passes anonymous=None, which wandb >= 0.19 answers with a deprecation warning on every run

@@ -217,12 +217,12 @@ class QualityEstimatorModule(L.LightningModule):
         if not self.hparams.finetune_encoder and dm.embed_dim != cfg.embed_dim:
             raise ValueError(f"the network reads {cfg.embed_dim}-wide query embeddings, but data.encoder_path "
                              f"({dm.resolved_encoder_path}) gives {dm.embed_dim}: use the encoder it was trained with")
-        if len(dm.task_vocabulary) != cfg.num_tasks or (
-                "task_vocabulary" in trained and list(dm.task_vocabulary) != list(trained["task_vocabulary"])):
+        now = self._data_identity(dm)
+        tasks = now["task_vocabulary"]
+        if len(tasks) != cfg.num_tasks or ("task_vocabulary" in trained and tasks != list(trained["task_vocabulary"])):
             was = trained.get("task_vocabulary", f"{cfg.num_tasks} tasks")
             raise ValueError(f"the network was trained on the tasks {was}, dataset {dm.dataset_name!r} has "
-                             f"{list(dm.task_vocabulary)}: its task input would mean something else")
-        now = self._data_identity(dm)
+                             f"{tasks}: its task input would mean something else")
         if trained.get("encoder_fingerprint") and now["encoder_fingerprint"] != trained["encoder_fingerprint"]:
             raise ValueError(f"data.encoder_path ({dm.resolved_encoder_path}, fingerprint {now['encoder_fingerprint']}) "
                              f"is not the encoder the network was trained with (fingerprint "
