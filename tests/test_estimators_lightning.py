@@ -133,6 +133,33 @@ def test_load_from_checkpoint_rebuilds_the_network(fitted):
         assert not torch.allclose(fresh.predict_logits(batch, ran)[0], got)
 
 
+def test_validation_loss_does_not_depend_on_the_global_generator(fitted):
+    """With sampled ran-masks (here 2^3 > ``max_enumerated_masks=4``), ``val/mean_loss`` (the
+    checkpoint and early-stopping monitor) is the same under any global seed."""
+    import lightning as L
+
+    from cascade_routing.training.datamodule import RoutingDataModule
+    from cascade_routing.training.module import QualityEstimatorModule
+
+    ckpt = fitted["tmp"] / "runs" / "tiny" / "checkpoints" / "best.ckpt"
+    module = QualityEstimatorModule.load_from_checkpoint(ckpt, map_location="cpu", max_enumerated_masks=4)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    dm = RoutingDataModule(**{k: v for k, v in state["datamodule_hyper_parameters"].items() if not k.startswith("_")})
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    losses = []
+    for seed in (0, 5):
+        torch.manual_seed(seed)
+        losses.append(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/mean_loss"])
+    assert losses[0] == losses[1]
+    # the masks really are sampled: another mask seed gives another loss
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        a = module.loss(batch, torch.Generator().manual_seed(0))[1]["mean_loss"]
+        b = module.loss(batch, torch.Generator().manual_seed(1))[1]["mean_loss"]
+    assert a != b
+
+
 def test_a_config_without_a_root_names_its_run_after_the_dataset(tmp_path):
     from cascade_routing.training.export import ExportArtifact
     from cascade_routing.training.lightning_cli import lightning_cli

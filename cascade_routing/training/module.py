@@ -2,7 +2,10 @@
 
 Each training row is expanded over ran-masks: all 2^M subsets when 2^M <= ``max_enumerated_masks``,
 otherwise the empty mask (ex-ante), ``singleton_masks`` masks with one model run (uniform model) and
-``masks_per_query`` random masks (size uniform in 0..M).
+``masks_per_query`` random masks (size uniform in 0..M). Training draws them from torch's global
+generator (seeded by ``seed_everything``); validation and test draw batch ``b``'s from a private CPU
+generator seeded with ``EVAL_MASK_SEED + b``, so ``val/mean_loss`` (the checkpoint and early-stopping
+monitor) is a function of the weights and the data alone, whatever the global seed.
 
 Loss per (row, mask), averaged over models:
 
@@ -32,6 +35,7 @@ from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
 KINDS = ("exante", "posthoc")
 SPLITS = ("val", "test")
+EVAL_MASK_SEED = 0  # validation/test batch b draws its sampled ran-masks with seed EVAL_MASK_SEED + b
 
 
 class QualityEstimatorModule(L.LightningModule):
@@ -243,25 +247,30 @@ class QualityEstimatorModule(L.LightningModule):
         feat = compose_features(batch["static"], batch["pair_sim"], ran)
         return self.network(q, ran, batch["answer_emb"], feat, batch["task"], batch.get("query_feat"))
 
-    def _training_masks(self, batch_size: int, num_models: int) -> tuple[Tensor, Tensor]:
-        """(row index [R], ran [R, M]) for the expanded batch."""
+    def _training_masks(self, batch_size: int, num_models: int,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(row index [R], ran [R, M]) for the expanded batch; sampled masks come from ``generator``
+        (a CPU generator; drawn on the CPU, then moved) or, when None, torch's global generator."""
         hp = self.hparams
         if 2**num_models <= hp.max_enumerated_masks:
             masks = all_masks(num_models).to(self.device)
             rows = torch.arange(batch_size, device=self.device).repeat_interleave(masks.shape[0])
             return rows, masks.repeat(batch_size, 1)
-        rand = random_ran_masks(batch_size * hp.masks_per_query, num_models, device=self.device)
+        draw_on = "cpu" if generator is not None else self.device
+        rand = random_ran_masks(batch_size * hp.masks_per_query, num_models, generator=generator, device=draw_on)
+        alone = torch.randint(0, num_models, (batch_size, hp.singleton_masks), generator=generator, device=draw_on)
+        rand, alone = rand.to(self.device), alone.to(self.device)
         empty = torch.zeros(batch_size, 1, num_models, dtype=torch.bool, device=self.device)
-        alone = torch.randint(0, num_models, (batch_size, hp.singleton_masks), device=self.device)
         single = nn.functional.one_hot(alone, num_models).bool()
         masks = torch.cat([empty, single, rand.reshape(batch_size, -1, num_models)], dim=1)
         rows = torch.arange(batch_size, device=self.device).repeat_interleave(masks.shape[1])
         return rows, masks.reshape(-1, num_models)
 
-    def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(total, parts)`` over the batch expanded by :meth:`_training_masks` (``generator``: see there)."""
         y = batch["quality"]
         bsz, m = y.shape
-        rows, ran = self._training_masks(bsz, m)
+        rows, ran = self._training_masks(bsz, m, generator)
         q = self.query_embedding(batch)
         expanded = {k: v[rows] for k, v in batch.items() if k in ("static", "pair_sim", "answer_emb", "task", "query_feat")}
         logit, logvar = self.predict_logits(expanded, ran, q[rows])
@@ -287,10 +296,10 @@ class QualityEstimatorModule(L.LightningModule):
         self.log("train/var_loss", parts["var_loss"], batch_size=bsz, sync_dist=True)
         return loss
 
-    def _eval_step(self, batch: dict, split: str) -> Tensor:
+    def _eval_step(self, batch: dict, batch_idx: int, split: str) -> Tensor:
         y = batch["quality"]
         bsz, m = y.shape
-        loss, parts = self.loss(batch)
+        loss, parts = self.loss(batch, torch.Generator().manual_seed(EVAL_MASK_SEED + batch_idx))
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=bsz, sync_dist=True)
         self.log(f"{split}/mean_loss", parts["mean_loss"], batch_size=bsz, sync_dist=True)
         none = torch.zeros_like(batch["eval_ran"])
@@ -311,10 +320,10 @@ class QualityEstimatorModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
-        return self._eval_step(batch, "val")
+        return self._eval_step(batch, batch_idx, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
-        return self._eval_step(batch, "test")
+        return self._eval_step(batch, batch_idx, "test")
 
     def _log_metrics(self, split: str) -> dict[str, float]:
         summary: dict[str, float] = {}
