@@ -106,6 +106,27 @@ def test_split_without_tasks() -> None:
     assert [p.num_queries for p in parts.values()] == [20, 20]
 
 
+def test_subsets_and_splits_keep_the_parent_model_order() -> None:
+    """Two models whose mean costs nearly tie: each half of the rows alone would sort them the other
+    way round. Subsets and split parts keep the parent's order and each name keeps its own column."""
+    n = 40
+    cost_x = np.where(np.arange(n) < n // 2, 0.10, 0.20)  # x is cheaper in the first half
+    cost_y = np.where(np.arange(n) < n // 2, 0.11, 0.18)  # y in the second half and on average
+    quality = np.stack([np.arange(n) % 2, 1 - np.arange(n) % 2], axis=1).astype(float)
+    ds = RoutingDataset(queries=[f"q{i}" for i in range(n)], models=["x", "y"], quality=quality,
+                        cost=np.stack([cost_x, cost_y], axis=1), tasks=["t"] * n)
+    assert ds.models == ["y", "x"]  # the full dataset: y (0.145) before x (0.150)
+    first = ds.subset(np.arange(n // 2))
+    assert first.models == ds.models  # sorted on these rows alone, x (0.10) would come first
+    np.testing.assert_array_equal(first.cost[:, first.model_index("x")], cost_x[: n // 2])
+    np.testing.assert_array_equal(first.quality[:, first.model_index("y")], quality[: n // 2, 1])
+    for part in ds.split({"a": 0.5, "b": 0.5}, seed=3).values():
+        assert part.models == ds.models
+        rows = [ds.query_ids.index(q) for q in part.query_ids]
+        np.testing.assert_array_equal(part.cost, ds.cost[rows])
+        np.testing.assert_array_equal(part.quality, ds.quality[rows])
+
+
 # -------------------------------------------------------------------- bad inputs
 def _kwargs(**over):
     base = dict(queries=["a", "b"], models=["x", "y"], quality=[[1.0, 0.0], [0.0, 1.0]],

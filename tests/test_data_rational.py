@@ -43,6 +43,21 @@ def test_counts_and_mmlu_accuracies(rational) -> None:
     assert round(ds.cost[rows, ds.model_index("gpt-4o")].mean(), 6) == pytest.approx(4.75e-4, abs=1e-6)
 
 
+def test_every_split_numbers_the_models_like_the_dataset(rational) -> None:
+    """llama3.2-1b/3b (and gpt-4o/llama3.1-405b) cost nearly the same on average: the training splits
+    must still all use the dataset's column order (the calibration and test parts of seed 0 used to
+    swap the two llama3.2 columns, so the estimator read 3b's outcomes as 1b's)."""
+    from cascade_routing.training.datamodule import DEFAULT_SPLIT
+
+    for seed in (0, 3):
+        for name, part in rational.split(DEFAULT_SPLIT, seed=seed).items():
+            assert part.models == rational.models, (seed, name)
+            rows = [i for i, q in enumerate(part.query_ids) if q.startswith("mmlu/test/")]
+            mmlu = part.quality[rows]
+            # on every part's MMLU test rows the 3b model is the better of the two (0.572 vs 0.425 overall)
+            assert mmlu[:, part.model_index("llama3.2-3b")].mean() > mmlu[:, part.model_index("llama3.2-1b")].mean()
+
+
 def test_chain_file_loads_with_inert_stand_in(raw_data_dir: Path) -> None:
     path = raw_data_dir / "rational_llm_cascades/benchmarks/data/mmlu/chain_results/mmlu_full_llama_chain_results_train.pkl"
     data = safe_load(path)

@@ -6,7 +6,10 @@ Arrays are numpy on purpose (this layer does I/O); the engine converts to torch 
 Invariants enforced at construction (violations raise :class:`DatasetError` naming the field,
 row and model):
 - ``models`` are unique, non-empty strings, and are stored ordered by mean cost (cheapest first);
-  every per-model array is permuted with them.
+  every per-model array is permuted with them. ``subset`` (and so ``split``) keeps the parent's
+  order instead of re-sorting by the rows' own mean costs: two models whose mean costs nearly tie
+  would otherwise swap columns between splits, and an estimator trained on one split would read
+  another split's columns under the wrong names.
 - ``quality`` is float [N, M], finite, in [0, 1]; ``cost`` is float [N, M], finite, >= 0 (USD).
 - ``responses`` (optional) is an object array [N, M] of ``str`` (or ``None`` when missing).
 - ``features`` (optional) maps a name to a finite float array [N, M] (e.g. ``logprob_confidence``,
@@ -23,7 +26,7 @@ Operations: ``subset`` (rows), ``select_models``, ``split`` (seeded, stratified 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +54,9 @@ class RoutingDataset:
     query_ids: list[str] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     name: str = "dataset"
+    sort_models: InitVar[bool] = True  # False: keep ``models`` in the order given (subsets of a sorted dataset)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, sort_models: bool) -> None:
         self.queries = [str(q) for q in self.queries]
         self.models = list(self.models)
         self.quality = np.asarray(self.quality, dtype=np.float64)
@@ -64,7 +68,8 @@ class RoutingDataset:
         self._check_outcomes(where)
         self._check_answers(where)
         self._check_labels(where)
-        self._sort_models_by_mean_cost()
+        if sort_models:
+            self._sort_models_by_mean_cost()
 
     def _check_models(self, where: str) -> None:
         """At least one model; names non-empty strings, unique."""
@@ -190,7 +195,7 @@ class RoutingDataset:
             ) from None
 
     def subset(self, rows: np.ndarray | list[int], name: str | None = None) -> "RoutingDataset":
-        """Rows ``rows`` (indices into this dataset), in that order."""
+        """Rows ``rows`` (indices into this dataset), in that order, with this dataset's model order."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             raise DatasetError(f"dataset {self.name!r}: subset selects no rows")
@@ -205,6 +210,7 @@ class RoutingDataset:
             query_ids=[self.query_ids[i] for i in rows],  # type: ignore[index]
             metadata=dict(self.metadata),
             name=name or self.name,
+            sort_models=False,
         )
 
     def select_models(self, names: list[str]) -> "RoutingDataset":

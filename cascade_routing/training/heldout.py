@@ -76,10 +76,14 @@ def datamodule_for(artifact: EstimatorArtifact, dataset: str | None = None, cach
 
 
 def concat_splits(a: EncodedSplit, b: EncodedSplit) -> EncodedSplit:
-    """Rows of ``a`` then rows of ``b`` (one table, so λ can be fitted on a and tested on b)."""
+    """Rows of ``a`` then rows of ``b`` (one table, so λ can be fitted on a and tested on b); both must
+    number the models alike (ValueError otherwise), and the table keeps that order."""
     from cascade_routing.data.dataset import RoutingDataset
 
     da, db = a.dataset, b.dataset
+    if list(da.models) != list(db.models):
+        raise ValueError(f"cannot concatenate splits {da.name!r} and {db.name!r}: model order {da.models} "
+                         f"differs from {db.models}")
     ds = RoutingDataset(
         queries=da.queries + db.queries,
         models=list(da.models),
@@ -90,6 +94,7 @@ def concat_splits(a: EncodedSplit, b: EncodedSplit) -> EncodedSplit:
         tasks=None if da.tasks is None else da.tasks + db.tasks,
         query_ids=list(da.query_ids) + list(db.query_ids),
         name=f"{da.name}+{db.name}",
+        sort_models=False,
     )
     cat = lambda x, y: torch.cat([x, y])  # noqa: E731
     return EncodedSplit(ds, cat(a.query_emb, b.query_emb), cat(a.answer_emb, b.answer_emb), cat(a.task, b.task),
