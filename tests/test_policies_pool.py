@@ -36,6 +36,17 @@ def test_nondominated_pool_is_the_calibration_frontier():
         CascadeRouting(pool=())
 
 
+def test_the_pool_is_walked_in_model_order_when_near_tied_costs_swap_on_the_rows():
+    """Models 0 and 1 cost nearly the same; on these rows model 1 is a hair cheaper but worse. The
+    cascades run model 0 first (index order), so model 1 must not follow it in the chain: walking the
+    rows' own cost order would keep both and escalate from the better model to the worse one."""
+    quality = np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])  # means 2/3, 1/3, 1
+    cost = np.array([[1.00, 0.99, 5.0]] * 3)
+    assert nondominated_pool(quality, cost) == (0, 2)
+    better_second = quality[:, [1, 0, 2]]  # model 1 now better than model 0: both stay
+    assert nondominated_pool(better_second, cost) == (0, 1, 2)
+
+
 def test_pooled_cascades_run_only_the_frontier_in_cost_order():
     quality, cost = with_dominated_models()
     qe, ce = synthetic_pair(quality, cost, "low", fit_rows=120)
@@ -143,3 +154,20 @@ def test_calibrated_policy_pools_all_but_routing():
     assert calibrated_policy("routing", quality, cost).__class__ is Routing
     assert calibrated_policy("cascade_routing", quality, cost).pool == nondominated_pool(quality, cost)
     assert calibrated_policy("optimal_cascade", quality, cost).pool == nondominated_pool(quality, cost)
+
+
+def test_the_routing_guard_falls_back_whenever_routing_dominates_on_the_calibration_rows():
+    """No significance needed: routing that is better by any margin, or as good for less money,
+    replaces the fitted cascade routing; an equal or worse routing does not."""
+    from cascade_routing.policies.fitting import routing_guard
+
+    def fit(quality, cost, depth=None):
+        return FittedLambda(torch.tensor([1.0]), torch.tensor([1.0]), budget=1.0, calibration_cost=cost,
+                            calibration_quality=quality, max_depth=depth)
+
+    cr = fit(0.750, 0.99)
+    assert routing_guard(cr, fit(0.751, 1.0, 1)).max_depth == 1  # a hair better, same budget
+    assert routing_guard(cr, fit(0.750, 0.98, 1)).max_depth == 1  # as good and cheaper
+    assert routing_guard(cr, fit(0.750, 0.99, 1)) is cr  # the same point: cascade routing stays
+    assert routing_guard(cr, fit(0.749, 0.50, 1)) is cr  # worse, however cheap
+    assert "routing guard" in routing_guard(cr, fit(0.8, 1.0, 1)).info["chosen_by"]

@@ -97,3 +97,24 @@ def test_a_budget_at_the_floor_is_fitted_as_the_floor_policy(setup, policy):
     # a budget clearly above the floor is still fitted by bisection (a finite λ)
     mid = fit_lambda(policy, qe, ce, quality[fit], cost[fit], float(cost[fit].mean(0)[3]), rows=torch.as_tensor(fit))
     assert "floor" not in mid.info and float(mid.lam_high.max()) < MAX_LAMBDA
+
+
+def test_a_cascade_whose_chain_starts_above_the_cheapest_model_is_fitted_at_its_own_floor(setup):
+    """A threshold cascade always runs its chain's first model: a budget of the cheapest model's mean
+    cost (the lowest of every sweep grid) is below what it can spend when that model is not in its
+    pool. ``fit_reachable_lambdas`` (λ tables, sweeps) raises the budget to the cascade's floor."""
+    from cascade_routing.policies import ThresholdCascade
+    from cascade_routing.policies.fitting import fit_reachable_lambdas
+    from cascade_routing.policies.pool import PooledPolicy
+
+    quality, cost, _, _ = setup
+    qe, ce = synthetic_pair(quality, cost, "low", fit_rows=100)
+    rows = np.arange(100, 300)
+    policy = PooledPolicy(ThresholdCascade(), (1, 2, 3))  # the chain starts with model 1, 3x model 0's price
+    cheapest, high = float(cost[rows, 0].mean()), float(cost[rows].mean(0)[3])
+    with pytest.raises(BudgetUnreachable):
+        fit_lambda(policy, qe, ce, quality[rows], cost[rows], cheapest, rows=torch.as_tensor(rows))
+    fits, budgets = fit_reachable_lambdas(policy, qe, ce, quality[rows], cost[rows], [cheapest, high],
+                                          rows=torch.as_tensor(rows))
+    assert budgets[0] == pytest.approx(float(cost[rows, 1].mean()), rel=1e-6) and budgets[1] == high
+    assert fits[0].calibration_cost <= budgets[0] * (1 + 1e-9) and fits[1].budget == pytest.approx(high)

@@ -2,7 +2,8 @@
 
 Budgets: ``budgets_per_pair`` between consecutive non-dominated models by calibration cost (the
 paper's grid); a budget below what the cost estimates can reach is fitted at that floor
-(:func:`min_reachable_budget`). Cascade routing also chooses per budget among its λ shapes and the
+(:func:`min_reachable_budget`), and one below what a strategy can spend (a cascade always runs its
+chain's first model) at that strategy's floor (:func:`~cascade_routing.policies.fitting.fit_reachable_lambdas`). Cascade routing also chooses per budget among its λ shapes and the
 routing guard (:func:`~cascade_routing.policies.fitting.fit_lambda`).
 """
 
@@ -14,7 +15,7 @@ import torch
 from cascade_routing.calibration.binding import bind_split
 from cascade_routing.estimators.artifact import EstimatorArtifact
 from cascade_routing.evaluation.metrics import sweep_budgets
-from cascade_routing.policies.fitting import fit_lambdas, query_uniforms
+from cascade_routing.policies.fitting import fit_reachable_lambdas, query_uniforms
 from cascade_routing.policies.registry import STRATEGIES
 
 
@@ -39,8 +40,9 @@ def fit_lambda_tables(
 ) -> dict[str, dict[float, object]]:
     """strategy -> {budget: FittedLambda} fitted on ``split`` (the calibration split).
 
-    A budget below what the cost estimates can reach (:func:`min_reachable_budget`) is fitted at
-    that floor; the table key stays the requested budget and the FittedLambda records its own.
+    A budget below what the cost estimates can reach (:func:`min_reachable_budget`), or below what
+    the strategy can spend, is fitted at that floor; the table key stays the requested budget and the
+    FittedLambda records its own.
     """
     ds = split.dataset
     qe, ce = bind_split(artifact, split)
@@ -56,8 +58,8 @@ def fit_lambda_tables(
     for strategy in strategies:
         policy = artifact.policy(strategy, num_samples=num_samples)
         # every budget of the strategy at once (the bisections advance together, batched)
-        fits = fit_lambdas(policy, qe, ce, ds.quality, ds.cost, [max(float(b), floor) for b in budgets],
-                           uniforms=uniforms, cache={})
+        fits = fit_reachable_lambdas(policy, qe, ce, ds.quality, ds.cost, [max(float(b), floor) for b in budgets],
+                                     uniforms=uniforms, cache={})[0]
         out[strategy] = {float(b): f for b, f in zip(budgets, fits)}
         if bar is not None:
             bar.update(1)

@@ -18,8 +18,8 @@ import torch
 
 from cascade_routing.evaluation.metrics import auc, bootstrap_auc, linear_interpolation_curve, nondominated_models
 from cascade_routing.evaluation.simulate import simulate
-from cascade_routing.policies.base import BudgetUnreachable, Policy
-from cascade_routing.policies.fitting import FittedLambda, fit_lambdas, query_uniforms
+from cascade_routing.policies.base import Policy
+from cascade_routing.policies.fitting import FittedLambda, fit_reachable_lambdas, query_uniforms
 
 
 @dataclass
@@ -122,18 +122,11 @@ def budget_sweep(
     floor = float(cost[fit_rows].mean(0).min())
     test_cache: dict = {}
     pc, pq = [], []
-    b_fit = [max(float(b), floor) for b in budgets]
-    while True:  # every budget's λ at once (the fits advance together, one batched simulation per round)
-        try:
-            fitted = fit_lambdas(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows], b_fit,
-                                 uniforms=u_all[fit_rows], rows=torch.as_tensor(fit_rows), cache={},
-                                 overshoot_correction=overshoot_correction)
-            break
-        except BudgetUnreachable as e:  # below what the policy can spend with these cost estimates
-            reachable = e.min_cost * (1 + 1e-9)
-            if all(b >= reachable for b in b_fit):
-                raise
-            b_fit = [max(b, reachable) for b in b_fit]
+    # every budget's λ at once (the fits advance together, one batched simulation per round)
+    fitted, b_fit = fit_reachable_lambdas(policy, quality_estimator, cost_estimator, quality[fit_rows], cost[fit_rows],
+                                          [max(float(b), floor) for b in budgets], uniforms=u_all[fit_rows],
+                                          rows=torch.as_tensor(fit_rows), cache={},
+                                          overshoot_correction=overshoot_correction)
     raised = sum(bf > float(b) for bf, b in zip(b_fit, budgets))
     for f in fitted:
         res = simulate(policy, quality_estimator, cost_estimator, quality[test_rows], cost[test_rows], f,

@@ -31,6 +31,12 @@ than its own noise: a paired bootstrap over the calibration queries' realised qu
 meet the budget; ties: the earlier candidate). κ > 1 makes post-hoc escalation dearer than the first choice, κ → ∞ is
 routing, κ = 1 the constant λ. Only calibration rows are used, so this is model selection on the
 calibration split; the chosen vectors are stored in the :class:`FittedLambda` (serving reads them).
+
+Routing guard (a policy with ``routing_guard``, cascade routing): the same policy limited to depth 1,
+which is routing, is fitted to the same budget on the same rows, and replaces the shape chosen above
+when it dominates it there: higher mean calibration quality, or the same at a lower mean cost
+(:func:`routing_guard`). A fitted cascade routing is then never dominated on the calibration rows by
+the routing it generalises.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.policies.base import (Policy, PolicyError, check_estimator_models, check_ground_truth,
-                                           checked_rows)
+from cascade_routing.policies.base import (BudgetUnreachable, Policy, PolicyError, check_estimator_models,
+                                           check_ground_truth, checked_rows)
 from cascade_routing.policies.significance import DEFAULT_LEVEL, significantly_better
 
 
@@ -231,12 +237,49 @@ def fit_lambdas(
     out = []
     for i in range(len(budgets)):
         group = fits[i * len(candidates):(i + 1) * len(candidates)]
-        best = choose_significant(group, seed=seed)
+        best = choose_significant(group[:-1] if guard else group, seed=seed)
+        if guard:  # the routing the policy contains, fitted to the same budget
+            best = routing_guard(best, group[-1])
+            best.info["routing_score"] = round(float(group[-1].calibration_quality), 6)
         best.info["shape_scores"] = [round(float(f.calibration_quality), 6) for f in group]
-        if guard:  # the routing the policy contains, fitted to the same budget: its calibration quality
-            best.info["routing_score"] = best.info["shape_scores"][-1]
         out.append(best)
     return out
+
+
+def routing_guard(chosen: "FittedLambda", routing: "FittedLambda") -> "FittedLambda":
+    """``routing`` (the policy limited to depth 1, fitted to the same budget on the same rows) when it
+    dominates ``chosen`` on the calibration rows: higher mean quality, or the same quality at a lower
+    mean cost; ``chosen`` otherwise. So a fitted cascade routing is never dominated on the calibration
+    rows by the routing it generalises. Unlike the λ shapes this needs no significance: both are
+    fitted policies, and the guard only ever falls back to the simpler one."""
+    q_chosen, q_routing = float(chosen.calibration_quality), float(routing.calibration_quality)
+    tie = abs(q_routing - q_chosen) <= 1e-12
+    if q_routing > q_chosen + 1e-12 or (tie and float(routing.calibration_cost) < float(chosen.calibration_cost)):
+        routing.info["chosen_by"] = "routing guard (dominates cascade routing on the calibration rows)"
+        return routing
+    return chosen
+
+
+def fit_reachable_lambdas(policy: Policy, quality_estimator, cost_estimator, quality, cost, budgets,
+                          **kwargs) -> tuple[list[FittedLambda], list[float]]:
+    """:func:`fit_lambdas` for ``budgets``, each raised to what the policy can spend where it is below.
+
+    A budget under the policy's reachable floor on these rows (a cascade always runs its chain's first
+    model; every policy runs at least each query's cheapest model by estimate) makes
+    :func:`fit_lambdas` raise :class:`~cascade_routing.policies.base.BudgetUnreachable` with that
+    floor; such budgets are raised to it and the fit is repeated. Returns (the fits, the budgets
+    fitted, in the order of ``budgets``); ``kwargs`` go to :func:`fit_lambdas`.
+    """
+    fitted_budgets = [float(b) for b in budgets]
+    while True:
+        try:
+            return fit_lambdas(policy, quality_estimator, cost_estimator, quality, cost, fitted_budgets,
+                               **kwargs), fitted_budgets
+        except BudgetUnreachable as e:
+            reachable = e.min_cost * (1 + 1e-9)
+            if all(b >= reachable for b in fitted_budgets):
+                raise
+            fitted_budgets = [max(b, reachable) for b in fitted_budgets]
 
 
 def choose_significant(fits: list["FittedLambda"], level: float = DEFAULT_LEVEL, seed: int = 0) -> "FittedLambda":

@@ -6,8 +6,10 @@ frontier. :func:`nondominated_models` keeps, cheapest first, each model whose me
 above that of every cheaper kept model (equal cost: the stable order decides). Running a dominated
 model inside a cascade or a supermodel spends budget that a frontier model would spend better on
 average, so cascades and cascade routing are restricted to the frontier (:class:`PooledPolicy`); the
-chain of a cascade is then the frontier in cost order. Routing keeps every model: it chooses one
-model per query from that query's own estimates.
+chain of a cascade is then the frontier in the models' index order, which is the dataset's cost order
+(:class:`~cascade_routing.data.RoutingDataset` sorts its models by mean cost, and its splits keep that
+order), so the pool is walked in that order too (:func:`nondominated_pool`). Routing keeps every model:
+it chooses one model per query from that query's own estimates.
 
 Pure torch / numpy; no Lightning, no transformers.
 """
@@ -34,12 +36,19 @@ def nondominated_models(mean_cost: np.ndarray, mean_quality: np.ndarray) -> np.n
 
 
 def nondominated_pool(quality, cost) -> tuple[int, ...]:
-    """The frontier of per-query ``quality``/``cost`` [N, M] (calibration rows), in model-index order."""
+    """The frontier of per-query ``quality``/``cost`` [N, M] (calibration rows), in model-index order.
+
+    Walked in model-index order, the order the cascades run (the dataset's cost order, cheapest
+    first): a model is kept when its mean quality is strictly above that of every kept model before
+    it. Where the rows' own mean costs order the models the same way (every model apart from near
+    ties), this is :func:`nondominated_models`; where two near-tied models swap places on these rows,
+    the chain still never escalates to a model that an earlier one beats on average. ``cost`` is
+    checked for its shape only."""
     q = np.asarray(quality.cpu() if isinstance(quality, Tensor) else quality, dtype=np.float64)
     c = np.asarray(cost.cpu() if isinstance(cost, Tensor) else cost, dtype=np.float64)
     if q.ndim != 2 or q.shape != c.shape or q.shape[0] == 0:
         raise PolicyError(f"pool fitting needs quality and cost of shape [N >= 1, M], got {q.shape} and {c.shape}")
-    return tuple(sorted(int(i) for i in nondominated_models(c.mean(0), q.mean(0))))
+    return tuple(int(i) for i in nondominated_models(np.arange(q.shape[1], dtype=np.float64), q.mean(0)))
 
 
 def checked_pool(pool) -> tuple[int, ...]:
