@@ -24,6 +24,17 @@ def artifact_specs(parser: argparse.ArgumentParser, specs: list[str]) -> list[tu
     return out
 
 
+def with_earlier_results(out: str | Path, results: dict) -> dict:
+    """``results`` after the entries of ``<out>/summary.json`` that were not rerun (an artifact name
+    rerun replaces its earlier entry in place; new names come last), so one artifact can be
+    re-measured without rerunning the others."""
+    path = Path(out) / "summary.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {name: results.get(name, entry) for name, entry in earlier.items()}
+    merged.update({name: entry for name, entry in results.items() if name not in merged})
+    return merged
+
+
 def write_summary(out: str | Path, results: dict, table: str) -> None:
     """``<out>/summary.json`` (``results``) and ``<out>/summary.md`` (``table``), and print the table."""
     out = Path(out)

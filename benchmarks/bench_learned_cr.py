@@ -41,7 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from artifact_specs import add_artifact_option, artifact_specs  # noqa: E402
+from artifact_specs import add_artifact_option, artifact_specs, with_earlier_results  # noqa: E402
 
 ADHERENCE_ORDER = ("routing", "threshold_cascade", "optimal_cascade", "cascade_routing")
 
@@ -146,12 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary_path = out / "summary.json"
-    # datasets benchmarked earlier into the same folder stay in the summary (rerun one, keep the rest)
-    summaries = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    for name, path in artifact_specs(parser, args.artifact):
-        summaries[name] = report_one(name, path, out, args.budgets_per_pair, args.resamples)
-    summary_path.write_text(json.dumps(summaries, indent=2))
+    summaries = with_earlier_results(out, {name: report_one(name, path, out, args.budgets_per_pair, args.resamples)
+                                           for name, path in artifact_specs(parser, args.artifact)})
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
     lines = ["| dataset | CR − routing AUC | worst per-budget CR − routing [95% CI] "
              "| CR / routing / best model at the largest budget | CR − calibration's best model there [95% CI] "
              "| guard fired | calibration: CR − its routing, worst budget (budgets below) | AUROC ex-ante → after own answer |",

@@ -13,7 +13,8 @@ Run (2 CPU cores, about 3 min per artifact at 20 seeds):
     CASCADE_ROUTING_DATA_DIR=../shared/data/raw .venv/bin/python benchmarks/bench_overshoot.py \\
         --artifact routerbench-subset=artifacts/routerbench.safetensors --out benchmarks/results/overshoot
 
-Writes ``<out>/summary.json`` and ``<out>/summary.md``.
+Writes ``<out>/summary.json`` and ``<out>/summary.md`` (artifacts already in ``<out>/summary.json`` and
+not rerun are kept).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from artifact_specs import add_artifact_option, artifact_specs, write_summary  # noqa: E402
+from artifact_specs import add_artifact_option, artifact_specs, with_earlier_results, write_summary  # noqa: E402
 
 STRATEGIES = ("routing", "threshold_cascade_one_threshold", "threshold_cascade", "optimal_cascade", "cascade_routing")
 VARIANTS = {"calibration budget": False, "overshoot corrected": True}
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         per_halving = halves_adherence(estimator, cost_estimator, split.dataset, args.seeds)
         results[name] = {"artifact": path, "halvings": 2 * args.seeds, "per_halving": per_halving,
                          "summary": summarise(per_halving)}
+    results = with_earlier_results(args.out, results)
     write_summary(args.out, results, summary_markdown(results))
     return 0
 

@@ -16,7 +16,8 @@ Run (2 CPU cores, about 2-3 minutes per artifact):
     CASCADE_ROUTING_DATA_DIR=../shared/data/raw .venv/bin/python benchmarks/bench_posthoc_ceiling.py \\
         --artifact routerbench-subset=artifacts/routerbench.safetensors --out benchmarks/results/posthoc_ceiling
 
-Writes ``<out>/summary.json`` and ``<out>/summary.md``.
+Writes ``<out>/summary.json`` and ``<out>/summary.md`` (artifacts already in ``<out>/summary.json`` and
+not rerun are kept).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from artifact_specs import add_artifact_option, artifact_specs, write_summary  # noqa: E402
+from artifact_specs import add_artifact_option, artifact_specs, with_earlier_results, write_summary  # noqa: E402
 from bench_ran_set_bias import calibration_halves  # noqa: E402
 
 DEFAULT_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     results = {name: report_one(path, tuple(args.weights), args.seeds, tuple(args.uncertainty))
                for name, path in artifact_specs(parser, args.artifact)}
+    results = with_earlier_results(args.out, results)
     write_summary(args.out, results, summary_markdown(results))
     return 0
 

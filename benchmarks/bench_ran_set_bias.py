@@ -20,7 +20,8 @@ Run (2 CPU cores, about 20 s per artifact):
     CASCADE_ROUTING_DATA_DIR=../shared/data/raw .venv/bin/python benchmarks/bench_ran_set_bias.py \\
         --artifact sm0=artifacts/a.safetensors --artifact sm2=artifacts/b.safetensors --out benchmarks/results/ran_set_bias
 
-Writes ``<out>/summary.json`` and ``<out>/summary.md``.
+Writes ``<out>/summary.json`` and ``<out>/summary.md`` (artifacts already in ``<out>/summary.json`` and
+not rerun are kept).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from artifact_specs import add_artifact_option, artifact_specs, write_summary  # noqa: E402
+from artifact_specs import add_artifact_option, artifact_specs, with_earlier_results, write_summary  # noqa: E402
 
 STRATEGIES = ("routing", "threshold_cascade_one_threshold", "threshold_cascade", "optimal_cascade", "cascade_routing")
 
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in artifact_specs(parser, args.artifact):
         results[name] = report_one(path, args.seeds)
         print(f"{name}: calibration halves {results[name]['calibration_halves']}", flush=True)
+    results = with_earlier_results(args.out, results)
     write_summary(args.out, results, summary_markdown(results))
     return 0
 

@@ -27,3 +27,16 @@ def test_summary_marks_ran_set_sizes_a_small_pool_does_not_have():
     eleven = next(line for line in table.splitlines() if line.startswith("| eleven |"))
     assert two.endswith("| +0.001 / +0.002 / - / - |")
     assert eleven.endswith("| +0.001 / +0.002 / +0.003 / +0.005 |")
+
+
+def test_a_rerun_replaces_its_own_entry_and_keeps_the_others(tmp_path):
+    """Re-measuring one artifact into a results folder keeps the other artifacts' entries, in order."""
+    import json
+
+    specs = load_script("benchmarks/artifact_specs.py")
+    with_earlier_results, write_summary = specs.with_earlier_results, specs.write_summary
+    write_summary(tmp_path, {"a": {"x": 1}, "b": {"x": 2}}, "table")
+    merged = with_earlier_results(tmp_path, {"b": {"x": 3}, "c": {"x": 4}})
+    assert merged == {"a": {"x": 1}, "b": {"x": 3}, "c": {"x": 4}} and list(merged) == ["a", "b", "c"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"a": {"x": 1}, "b": {"x": 2}}
+    assert with_earlier_results(tmp_path / "new", {"c": {}}) == {"c": {}}
