@@ -155,19 +155,3 @@ def test_calibrated_policy_pools_all_but_routing():
     assert calibrated_policy("cascade_routing", quality, cost).pool == nondominated_pool(quality, cost)
     assert calibrated_policy("optimal_cascade", quality, cost).pool == nondominated_pool(quality, cost)
 
-
-def test_the_routing_guard_falls_back_whenever_routing_dominates_on_the_calibration_rows():
-    """No significance needed: routing that is better by any margin, or as good for less money,
-    replaces the fitted cascade routing; an equal or worse routing does not."""
-    from cascade_routing.policies.fitting import routing_guard
-
-    def fit(quality, cost, depth=None):
-        return FittedLambda(torch.tensor([1.0]), torch.tensor([1.0]), budget=1.0, calibration_cost=cost,
-                            calibration_quality=quality, max_depth=depth)
-
-    cr = fit(0.750, 0.99)
-    assert routing_guard(cr, fit(0.751, 1.0, 1)).max_depth == 1  # a hair better, same budget
-    assert routing_guard(cr, fit(0.750, 0.98, 1)).max_depth == 1  # as good and cheaper
-    assert routing_guard(cr, fit(0.750, 0.99, 1)) is cr  # the same point: cascade routing stays
-    assert routing_guard(cr, fit(0.749, 0.50, 1)) is cr  # worse, however cheap
-    assert "routing guard" in routing_guard(cr, fit(0.8, 1.0, 1)).info["chosen_by"]

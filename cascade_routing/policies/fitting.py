@@ -33,10 +33,9 @@ routing, κ = 1 the constant λ. Only calibration rows are used, so this is mode
 calibration split; the chosen vectors are stored in the :class:`FittedLambda` (serving reads them).
 
 Routing guard (a policy with ``routing_guard``, cascade routing): the same policy limited to depth 1,
-which is routing, is fitted to the same budget on the same rows, and replaces the shape chosen above
-when it dominates it there: higher mean calibration quality, or the same at a lower mean cost
-(:func:`routing_guard`). A fitted cascade routing is then never dominated on the calibration rows by
-the routing it generalises.
+which is routing, is fitted to the same budget on the same rows as one more candidate, kept by the
+same rule: only when it beats the default by more than its noise (a fallback on any calibration
+difference would switch on noise where the calibration split is small).
 """
 
 from __future__ import annotations
@@ -237,27 +236,12 @@ def fit_lambdas(
     out = []
     for i in range(len(budgets)):
         group = fits[i * len(candidates):(i + 1) * len(candidates)]
-        best = choose_significant(group[:-1] if guard else group, seed=seed)
-        if guard:  # the routing the policy contains, fitted to the same budget
-            best = routing_guard(best, group[-1])
-            best.info["routing_score"] = round(float(group[-1].calibration_quality), 6)
+        best = choose_significant(group, seed=seed)
         best.info["shape_scores"] = [round(float(f.calibration_quality), 6) for f in group]
+        if guard:  # the routing the policy contains, fitted to the same budget: its calibration quality
+            best.info["routing_score"] = best.info["shape_scores"][-1]
         out.append(best)
     return out
-
-
-def routing_guard(chosen: "FittedLambda", routing: "FittedLambda") -> "FittedLambda":
-    """``routing`` (the policy limited to depth 1, fitted to the same budget on the same rows) when it
-    dominates ``chosen`` on the calibration rows: higher mean quality, or the same quality at a lower
-    mean cost; ``chosen`` otherwise. So a fitted cascade routing is never dominated on the calibration
-    rows by the routing it generalises. Unlike the λ shapes this needs no significance: both are
-    fitted policies, and the guard only ever falls back to the simpler one."""
-    q_chosen, q_routing = float(chosen.calibration_quality), float(routing.calibration_quality)
-    tie = abs(q_routing - q_chosen) <= 1e-12
-    if q_routing > q_chosen + 1e-12 or (tie and float(routing.calibration_cost) < float(chosen.calibration_cost)):
-        routing.info["chosen_by"] = "routing guard (dominates cascade routing on the calibration rows)"
-        return routing
-    return chosen
 
 
 def fit_reachable_lambdas(policy: Policy, quality_estimator, cost_estimator, quality, cost, budgets,
