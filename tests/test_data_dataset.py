@@ -213,3 +213,29 @@ def test_load_rejects_non_numeric_column(tmp_path: Path) -> None:
     pq.write_table(table, folder / "data.parquet")
     with pytest.raises(DatasetError, match="column 'cost::model-1' is not numeric"):
         RoutingDataset.load(folder)
+
+
+def test_concatenating_splits_keeps_their_order_and_refuses_two_orders() -> None:
+    """``concat_splits`` (λ fitted on one split, scored on the other) keeps the splits' shared model
+    order, even where the joined rows' mean costs would sort it the other way, and refuses splits
+    that number the models differently."""
+    import torch
+
+    from cascade_routing.training.datamodule import EncodedSplit
+    from cascade_routing.training.heldout import concat_splits
+
+    def encoded(ds: RoutingDataset) -> EncodedSplit:
+        n, m = ds.quality.shape
+        return EncodedSplit(ds, torch.zeros(n, 4), torch.zeros(n, m, 4), torch.zeros(n, 1), torch.zeros(n, m, 3),
+                            torch.zeros(n, m, m), torch.as_tensor(ds.quality, dtype=torch.float32),
+                            torch.zeros(n, m, dtype=torch.bool))
+
+    kwargs = dict(queries=["a", "b"], models=["x", "y"], quality=[[1.0, 0.0], [0.0, 1.0]])
+    a = RoutingDataset(cost=[[0.10, 0.11], [0.10, 0.11]], query_ids=["a", "b"], **kwargs)  # x, y
+    b = RoutingDataset(cost=[[0.30, 0.01], [0.30, 0.01]], query_ids=["c", "d"], **kwargs)  # y, x
+    b_kept = RoutingDataset(cost=[[0.30, 0.01], [0.30, 0.01]], query_ids=["c", "d"], sort_models=False, **kwargs)
+    joined = concat_splits(encoded(a), encoded(b_kept))
+    assert joined.dataset.models == ["x", "y"]  # the joined mean costs (0.2 vs 0.06) would put y first
+    np.testing.assert_array_equal(joined.dataset.cost[2:], b_kept.cost)
+    with pytest.raises(ValueError, match="model order"):
+        concat_splits(encoded(a), encoded(b))
