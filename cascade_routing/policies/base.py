@@ -169,6 +169,13 @@ def check_estimator_models(quality_estimator, cost_estimator, m: int) -> None:
                               f"{len(models)} models {list(models)}")
 
 
+def checked_max_depth(max_depth: int | None) -> int | None:
+    """``max_depth`` unchanged; PolicyError below 1 (a policy that may run no model answers nothing)."""
+    if max_depth is not None and max_depth < 1:
+        raise PolicyError(f"max_depth must be >= 1, got {max_depth}")
+    return max_depth
+
+
 def checked_lambda_shapes(shapes) -> tuple[tuple[float, ...], ...] | None:
     """``shapes`` (candidate per-step λ shapes, the first the default) as float tuples, or None when
     empty; PolicyError unless each is non-empty, >= 0, not NaN, with a positive entry."""

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.interfaces import QualityEstimate, bitmask
-from cascade_routing.policies.base import Policy, PolicyError, check_inputs, checked_lambda_shapes
+from cascade_routing.policies.base import Policy, PolicyError, check_inputs, checked_lambda_shapes, checked_max_depth
 from cascade_routing.policies import emax_numba
 from cascade_routing.policies.frontier import cached_pairs, staircase
 from cascade_routing.policies.pool import check_pool_fits, checked_pool, reindex_pool
@@ -92,12 +92,10 @@ class CascadeRouting(Policy):
         pool: tuple[int, ...] | None = None,
         routing_guard: bool = False,
     ) -> None:
-        if max_depth is not None and max_depth < 1:
-            raise PolicyError(f"max_depth must be >= 1, got {max_depth}")
+        self.max_depth = checked_max_depth(max_depth)
         self.lambda_shapes = checked_lambda_shapes(lambda_shapes)
         self.pool = None if pool is None else checked_pool(pool)
         self.routing_guard = routing_guard
-        self.max_depth = max_depth
         self.force_order = force_order
         self.greedy = greedy
         self.num_samples = num_samples

@@ -19,16 +19,9 @@ import torch
 from torch import Tensor
 
 from cascade_routing.interfaces import QualityEstimate, bitmask
-from cascade_routing.policies.base import Policy, PolicyError, check_inputs, check_select_inputs, checked_lambda_shapes
+from cascade_routing.policies.base import (Policy, PolicyError, check_inputs, check_select_inputs, checked_lambda_shapes,
+                                           checked_max_depth)
 from cascade_routing.policies.supermodels import normal_draws, quality_samples
-
-
-def _checked_depth(max_depth: int | None) -> int | None:
-    """``max_depth`` unchanged; PolicyError below 1 (a policy that may run no model answers nothing),
-    as for :class:`~cascade_routing.policies.cascade_routing.CascadeRouting`."""
-    if max_depth is not None and max_depth < 1:
-        raise PolicyError(f"max_depth must be >= 1, got {max_depth}")
-    return max_depth
 
 
 def _prefix_length(ran: Tensor) -> Tensor:
@@ -50,7 +43,7 @@ class ThresholdCascade(Policy):
 
     def __init__(self, max_depth: int | None = None,
                  lambda_shapes: tuple[tuple[float, ...], ...] | None = None) -> None:
-        self.max_depth = _checked_depth(max_depth)
+        self.max_depth = checked_max_depth(max_depth)
         self.lambda_shapes = checked_lambda_shapes(lambda_shapes)
 
     def __repr__(self) -> str:
@@ -81,7 +74,7 @@ class OptimalCascade(Policy):
 
     def __init__(self, max_depth: int | None = None, num_samples: int = 128, seed: int = 0,
                  tie_tol: float = 1e-6) -> None:
-        self.max_depth = _checked_depth(max_depth)
+        self.max_depth = checked_max_depth(max_depth)
         self.num_samples = num_samples
         self.seed = seed
         self.tie_tol = tie_tol
