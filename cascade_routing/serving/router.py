@@ -452,8 +452,7 @@ class CascadeRouter:
             if own:
                 await compute.aclose()
         if choice < 0:
-            called = [f for f in progress.failures if f.get("attempts", 0) > 0]  # not attempt_limit / circuit_open
-            if progress.rejections and len(progress.rejections) == len(called):
+            if progress.rejections and len(progress.rejections) == len(progress.called_failures()):
                 raise progress.rejections[0]
             raise NoModelAvailableError(item.query, progress.failures)
         return progress.result(item.query, self.models[choice], used_budget, final, slot,
@@ -581,6 +580,10 @@ class RouteProgress:
 
     def total_cost(self) -> float:
         return float(sum(a.cost for a in self.answers.values()))
+
+    def called_failures(self) -> list[dict[str, Any]]:
+        """The failures of models that were actually called (not ``attempt_limit`` / ``circuit_open``)."""
+        return [f for f in self.failures if f.get("attempts", 0) > 0]
 
 
 @dataclass

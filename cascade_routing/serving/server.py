@@ -302,13 +302,13 @@ class _ServerCore:
                 None, 429, "quota_reserved", headers={"Retry-After": str(self.limits.retry_after_s)})
         return self.reservations.reserve(key.name, reserve) if reserve > 0 else None
 
-    def worst_case_cost(self, chat: ChatCompletionRequest) -> float:
+    def worst_case_cost(self, chat: ChatCompletionRequest, item: RouteRequest) -> float:
         """The most this request can cost if every model runs (what a key with ``max_spend`` reserves):
-        per model, input price x the UTF-8 bytes of the messages and parameters sent (a byte-level
-        BPE token covers at least one byte) + output price x the output-token cap
+        per model, input price x the UTF-8 bytes of the messages and parameters sent (``item``'s; a
+        byte-level BPE token covers at least one byte) + output price x the output-token cap
         (``max_completion_tokens`` / ``max_tokens``, else :data:`RESERVED_OUTPUT_TOKENS`) x ``n``."""
         configs = getattr(self.backends, "configs", {})
-        sent = {"messages": chat.messages_payload(), **chat.forwarded_params()}
+        sent = {"messages": item.messages, **item.params}
         prompt_tokens = len(json.dumps(sent, ensure_ascii=False).encode("utf-8", errors="replace"))
         caps = [c for c in (chat.max_completion_tokens, chat.max_tokens) if c is not None]
         output_tokens = (max(caps) if caps else RESERVED_OUTPUT_TOKENS) * (chat.n or 1)
@@ -361,7 +361,7 @@ class _ServerCore:
             nonlocal controller_info
             try:
                 spent = progress.total_cost()
-                failed = [f["model"] for f in progress.failures if f.get("attempts", 0) > 0]  # models called
+                failed = [f["model"] for f in progress.called_failures()]
                 self.ledger.record(key_name, budget_used, outcome, spent, list(progress.answers),
                                    result.model if result else None, failed, cancelled)
                 if control is not None:
@@ -383,7 +383,7 @@ class _ServerCore:
                 REQUEST_LIMITS.reset(token)
 
         # hold the request's worst case against the key's max_spend until record() settles it
-        reservation = self.admit(key, self.worst_case_cost(chat)) if key is not None and key.max_spend else None
+        reservation = self.admit(key, self.worst_case_cost(chat, item)) if key is not None and key.max_spend else None
         try:
             if chat.stream:
                 return await self.stream_chat(request, chat, item, run_route, record, progress, request_id, headers,
@@ -452,8 +452,9 @@ class _ServerCore:
         request the backends refused, 502 or 500), with what it spent in ``spent`` and in the
         ``X-Cascade-Routing-Cost-USD`` header."""
         limits, metrics = self.limits, self.metrics
-        spent = {"spent": progress.total_cost(), "request_id": request_id}
-        headers = {**headers, COST_HEADER: f"{progress.total_cost():.10g}"}
+        total = progress.total_cost()
+        spent = {"spent": total, "request_id": request_id}
+        headers = {**headers, COST_HEADER: f"{total:.10g}"}
         if outcome == "shutdowns":
             status, resp = 503, error_response(
                 503, "the server is shutting down and could not finish this request in its grace period of "
