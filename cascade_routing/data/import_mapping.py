@@ -41,6 +41,11 @@ class ModelColumns:
     response: str | None
     features: dict[str, str]
 
+    def outcomes(self) -> list[tuple[str, str]]:
+        """``(role, column)`` for quality, cost and (when mapped) response."""
+        return [(role, col) for role, col in (("quality", self.quality), ("cost", self.cost),
+                                              ("response", self.response)) if col]
+
 
 @dataclass(frozen=True)
 class ImportSpec:
@@ -62,9 +67,8 @@ class ImportSpec:
             if getattr(self, key):
                 out.setdefault(getattr(self, key), key)
         for m, cols in self.models.items():
-            for role, col in (("quality", cols.quality), ("cost", cols.cost), ("response", cols.response)):
-                if col:
-                    out.setdefault(col, f"model {m!r}, {role}")
+            for role, col in cols.outcomes():
+                out.setdefault(col, f"model {m!r}, {role}")
             for f, col in cols.features.items():
                 out.setdefault(col, f"model {m!r}, feature {f}")
         return out
@@ -208,9 +212,7 @@ def _check_distinct(spec: ImportSpec) -> None:
         if col:
             owner.setdefault(col, f"the {key} column")
     for m, cols in spec.models.items():
-        for role, col in (("quality", cols.quality), ("cost", cols.cost), ("response", cols.response)):
-            if col is None:
-                continue
+        for role, col in cols.outcomes():
             this = f"model {m!r}'s {role}"
             if col in owner:
                 raise DatasetError(f"mapping: column {col!r} is both {owner[col]} and {this}; each model's "
