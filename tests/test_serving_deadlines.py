@@ -59,6 +59,7 @@ def test_deadline_gives_504_cancels_the_call_and_records_what_was_spent(ds, stan
         resp = httpx.post(s.url + "/v1/chat/completions", json=_body(ds.queries[row]), timeout=30)
         err = resp.json()["error"]
         assert resp.status_code == 504 and err["code"] == "deadline_exceeded"
+        assert "deadline of 1.5s" in err["message"] and err["type"] == "timeout_error"
         first = ds.models[int(sim.order[row][0])]
         assert err["models_run"] == [first]
         assert err["spent"] == pytest.approx(float(ds.cost[row, ds.model_index(first)]))

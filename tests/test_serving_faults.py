@@ -245,6 +245,7 @@ def test_stream_cut_by_a_shutdown_after_its_first_tokens_ends_with_an_error_even
         srv.stop()
     assert status == 200 and events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "server_shutting_down"
+    assert "grace period of" in events[-2]["error"]["message"]  # the words of the JSON 503
     snap = app.state.ledger.snapshot()
     assert snap["shutdowns"] == 1 and snap["cancelled_calls"] == {first: 1}
 

@@ -446,25 +446,34 @@ class _ServerCore:
             record(outcome, result, cancelled)
         return outcome, result, error
 
+    def interruption(self, outcome: str) -> tuple[str, str, str]:
+        """(message, type, code) of a route the server stopped at its deadline (``timeouts``) or at the end
+        of its shutdown grace period (``shutdowns``): the same words in a JSON error and a stream's error event."""
+        if outcome == "shutdowns":
+            return ("the server is shutting down and could not finish this request in its grace period of "
+                    f"{self.limits.shutdown_timeout_s}s; retry", "server_error", "server_shutting_down")
+        if outcome == "timeouts":
+            return (f"the request did not finish within the server's deadline of {self.limits.deadline_s}s; its "
+                    "backend calls were cancelled", "timeout_error", "deadline_exceeded")
+        raise ValueError(f"no interruption message for outcome {outcome!r}")
+
     def route_failure(self, outcome: str, error: BaseException | None, progress: RouteProgress, request_id: str,
                       headers: dict[str, str], stream: bool) -> JSONResponse:
         """The error response of a request whose route did not answer (504, 503, 499, the status of a
         request the backends refused, 502 or 500), with what it spent in ``spent`` and in the
         ``X-Cascade-Routing-Cost-USD`` header."""
-        limits, metrics = self.limits, self.metrics
+        metrics = self.metrics
         total = progress.total_cost()
         spent = {"spent": total, "request_id": request_id}
         headers = {**headers, COST_HEADER: f"{total:.10g}"}
         if outcome == "shutdowns":
-            status, resp = 503, error_response(
-                503, "the server is shutting down and could not finish this request in its grace period of "
-                f"{limits.shutdown_timeout_s}s; retry", "server_error", code="server_shutting_down", extra=spent,
-                headers={**headers, "Retry-After": "1"})
+            message, type_, code = self.interruption("shutdowns")
+            status, resp = 503, error_response(503, message, type_, code=code, extra=spent,
+                                               headers={**headers, "Retry-After": "1"})
         elif outcome == "timeouts" or isinstance(error, (asyncio.TimeoutError, TimeoutError)):
-            status, resp = 504, error_response(
-                504, f"the request did not finish within the server's deadline of {limits.deadline_s}s; its "
-                "backend calls were cancelled", "timeout_error", code="deadline_exceeded",
-                extra={**spent, "models_run": list(progress.answers)}, headers=headers)
+            message, type_, code = self.interruption("timeouts")
+            status, resp = 504, error_response(504, message, type_, code=code,
+                                               extra={**spent, "models_run": list(progress.answers)}, headers=headers)
         elif outcome == "disconnects":
             status, resp = 499, error_response(499, "client closed the request", "client_closed", code="client_closed",
                                                extra=spent, headers=headers)
@@ -511,13 +520,9 @@ class _ServerCore:
         def error_event_of(err: BaseException) -> dict[str, Any]:
             spent = {"spent": progress.total_cost(), "request_id": request_id}
             kind = getattr(err, "outcome", None)
-            if kind == "shutdowns":
-                return error_event("the server is shutting down and could not finish this request in its grace "
-                                   f"period of {self.limits.shutdown_timeout_s}s; retry", code="server_shutting_down",
-                                   **spent)
-            if kind == "timeouts":
-                return error_event(f"the request did not finish within the server's deadline of "
-                                   f"{self.limits.deadline_s}s", "timeout_error", code="deadline_exceeded", **spent)
+            if kind in ("shutdowns", "timeouts"):
+                message, type_, code = self.interruption(kind)
+                return error_event(message, type_, code=code, **spent)
             event = default_error_event(err)
             event["error"].update(spent)
             return event
@@ -537,8 +542,7 @@ class RouteInterrupted(Exception):
     """A route the server stopped (``outcome``: ``timeouts``, ``shutdowns`` or ``disconnects``)."""
 
     def __init__(self, outcome: str) -> None:
-        super().__init__({"timeouts": "the request's deadline passed", "shutdowns": "the server is shutting down",
-                          "disconnects": "the client closed the request"}.get(outcome, outcome))
+        super().__init__(f"route interrupted ({outcome})")
         self.outcome = outcome
 
 
