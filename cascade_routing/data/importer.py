@@ -73,7 +73,8 @@ class SourceRow:
         return f"{file.name} data row {self.index}" + (f" (line {self.line})" if self.line else "")
 
 
-def _read_csv(path: Path) -> list[SourceRow]:
+def _read_csv(path: Path) -> tuple[list[SourceRow], set[str]]:
+    """The data rows of a CSV file and its header's column names (every row has all of them)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
     header: list[str] | None = None
@@ -101,7 +102,7 @@ def _read_csv(path: Path) -> list[SourceRow]:
             raise DatasetError(f"{path}: data row {len(rows)} (line {line}) has {len(cells)} cells, the header has "
                                f"{len(header)}")
         rows.append(SourceRow(len(rows), line, dict(zip(header, cells))))
-    return rows
+    return rows, set(header or ())
 
 
 def _read_jsonl(path: Path) -> list[SourceRow]:
@@ -133,13 +134,12 @@ def _read_table(path: Path) -> tuple[list[SourceRow], set[str]]:
         except (pa.ArrowInvalid, OSError) as err:
             raise DatasetError(f"{path}: cannot read Parquet: {err}") from None
         return [SourceRow(i, None, r) for i, r in enumerate(table.to_pylist())], set(table.column_names)
+    if suffix == ".csv":
+        return _read_csv(path)
     if suffix in (".jsonl", ".ndjson"):
-        rows = _read_jsonl(path)
-    elif suffix == ".csv":
-        rows = _read_csv(path)
-    else:
-        raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .csv, .jsonl/.ndjson or .parquet)")
-    return rows, set().union(*(r.cells.keys() for r in rows))
+        rows = _read_jsonl(path)  # objects may differ in their keys
+        return rows, set().union(*(r.cells.keys() for r in rows))
+    raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .csv, .jsonl/.ndjson or .parquet)")
 
 
 def _check_columns(file: Path, spec: ImportSpec, columns: set[str]) -> None:
