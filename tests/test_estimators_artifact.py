@@ -220,6 +220,29 @@ def test_foreign_safetensors_and_wrong_version(tmp_path, trained):
         load_artifact(broken)
 
 
+def test_a_fitted_lambda_naming_a_model_outside_the_artifact_is_refused(tmp_path, trained):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(trained["path"]), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    payload = json.loads(meta["payload"])
+    m = len(payload["models"])
+    entry = {"lam_low": [0.0], "lam_high": [0.0], "gamma": 0.0, "budget": 1.0, "max_depth": 1}
+    for models, problem in (([m], f"names model indices \\[{m}\\], but the artifact has {m} models"),
+                            ([0, 0], "malformed payload")):
+        payload["fitted"] = {"cascade_routing": [{**entry, "models": models, "table_budget": 1.0}]}
+        bad = tmp_path / f"fitted-{len(models)}.safetensors"
+        save_file(tensors, str(bad), metadata={**meta, "payload": json.dumps(payload)})
+        with pytest.raises(ArtifactError, match=problem):
+            load_artifact(bad)
+    payload["fitted"] = {"cascade_routing": [{**entry, "models": [m - 1], "table_budget": 1.0}]}
+    ok = tmp_path / "fitted-ok.safetensors"
+    save_file(tensors, str(ok), metadata={**meta, "payload": json.dumps(payload)})
+    assert load_artifact(ok).fitted["cascade_routing"][1.0].models == (m - 1,)
+
+
 def test_model_list_mismatch(trained):
     art = trained["art"]
     with pytest.raises(ArtifactError, match="does not match"):

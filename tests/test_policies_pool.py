@@ -117,8 +117,9 @@ def test_fitted_depth_round_trips_and_limits_the_rollout():
 
 
 class InvertedPostHoc:
-    """Exact ex-ante means, but once a model ran its estimate is inverted: escalating and selecting
-    by post-hoc estimates is then harmful, and routing beats cascade routing."""
+    """Informative ex-ante means (halfway between each model's mean quality and the query's realised
+    quality), but once a model ran its estimate is inverted: escalating and selecting by post-hoc
+    estimates is then harmful, and routing beats cascade routing and every single model."""
 
     def __init__(self, quality):
         self.quality = torch.as_tensor(quality, dtype=torch.float32)
@@ -126,7 +127,7 @@ class InvertedPostHoc:
         self.models = [f"m{j}" for j in range(quality.shape[1])]
 
     def estimate(self, queries, ran):
-        mean = self.prior.expand(len(queries), -1).clone()
+        mean = 0.5 * (self.prior + self.quality[queries])
         mean = torch.where(ran, 1.0 - self.quality[queries], mean)
         return QualityEstimate(mean, std=torch.where(ran, 0.0, 0.3) * torch.ones_like(mean))
 
@@ -141,6 +142,7 @@ def test_routing_guard_fires_when_routing_is_clearly_better_and_is_routing_then(
     fit = fit_lambda(guarded, qe, ce, quality, cost, budget, rows=torch.arange(len(quality)))
     assert fit.max_depth == 1 and len(fit.info["shape_scores"]) == 2
     assert fit.info["routing_score"] == fit.info["shape_scores"][1] > fit.info["shape_scores"][0]
+    assert fit.models is None and fit.info["single_model"]["score"] < fit.info["routing_score"]
     cr = simulate(guarded, qe, ce, quality, cost, fit)
     rt = simulate(Routing(), qe, ce, quality, cost, FittedLambda(fit.lam_low, fit.lam_high, fit.gamma))
     assert torch.equal(cr.ran, rt.ran)

@@ -17,9 +17,10 @@ With nothing run yet the empty supermodel is not allowed: some model is always r
 ``pool`` (model indices, fitted on calibration rows as the non-dominated models): S may only add pool
 models, or a model that no pool model dominates for this query under its current estimate
 (:meth:`CascadeRouting.allowed`). ``routing_guard=True``: λ fitting also fits this policy limited to
-depth 1 (which is routing) and keeps it for a budget only when it beats the default on the
-calibration rows by more than its noise (:func:`~cascade_routing.policies.fitting.choose_significant`);
-the chosen fit carries ``max_depth=1``.
+depth 1 (which is routing), and the best single model the budget affords, and keeps either for a
+budget only when it beats the default on the calibration rows by more than its noise
+(:func:`~cascade_routing.policies.fitting.choose_significant`); the chosen fit carries ``max_depth=1``
+(and ``models``, the single model).
 
 ``lambda_shapes``: candidate per-step λ shapes; :func:`~cascade_routing.policies.fitting.fit_lambda`
 keeps the one with the best calibration quality at each budget (the decision rule above is

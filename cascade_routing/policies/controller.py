@@ -30,6 +30,7 @@ when it sees the same requests in the same order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections import deque
@@ -60,11 +61,12 @@ class ControllerConfig:
 
 
 def scale_fitted(fitted: FittedLambda, factor: float) -> FittedLambda:
-    """``fitted`` with every λ multiplied by ``factor`` (γ, budget and calibration info kept)."""
+    """``fitted`` with every λ multiplied by ``factor`` (γ, budget, calibration info, depth limit and
+    model limit kept)."""
     if factor == 1.0:
         return fitted
-    return FittedLambda(fitted.lam_low * factor, fitted.lam_high * factor, fitted.gamma, fitted.budget,
-                        fitted.calibration_cost, fitted.calibration_quality, dict(fitted.info))
+    return dataclasses.replace(fitted, lam_low=fitted.lam_low * factor, lam_high=fitted.lam_high * factor,
+                               info=dict(fitted.info))
 
 
 class BudgetController:

@@ -32,10 +32,15 @@ meet the budget; ties: the earlier candidate). κ > 1 makes post-hoc escalation 
 routing, κ = 1 the constant λ. Only calibration rows are used, so this is model selection on the
 calibration split; the chosen vectors are stored in the :class:`FittedLambda` (serving reads them).
 
-Routing guard (a policy with ``routing_guard``, cascade routing): the same policy limited to depth 1,
-which is routing, is fitted to the same budget on the same rows as one more candidate, kept by the
-same rule: only when it beats the default by more than its noise (a fallback on any calibration
-difference would switch on noise where the calibration split is small).
+Guards (a policy with ``routing_guard``, cascade routing): two simpler policies join the candidates
+of every budget, kept by the same rule, only when they beat the default by more than its noise (a
+fallback on any calibration difference would switch on noise where the calibration split is small):
+
+- routing: the same policy limited to depth 1, its λ fitted to the same budget on the same rows;
+- the best single model it can afford: the model with the highest mean calibration quality among
+  those whose mean calibration cost is within the budget, run alone for every query
+  (:func:`single_model_fit`; ``FittedLambda.models`` = that model, depth 1). Its cost on new queries
+  is its mean cost, with no λ jump to overshoot, so it is compared at the budget itself.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class FittedLambda:
     calibration_quality: float | None = None
     info: dict = field(default_factory=dict)
     max_depth: int | None = None  # a depth limit fitted with λ (1: the routing guard of cascade routing)
+    models: tuple[int, ...] | None = None  # the only models this fit may run (the single-model guard); None: all
 
     def __post_init__(self) -> None:
         self.lam_low = torch.as_tensor(self.lam_low, dtype=torch.float64).reshape(-1)
@@ -89,6 +95,12 @@ class FittedLambda:
         self.gamma = float(self.gamma)
         if self.max_depth is not None and int(self.max_depth) < 1:
             raise PolicyError(f"max_depth must be >= 1, got {self.max_depth}")
+        if self.models is not None:
+            models = tuple(self.models)
+            if not models or any(isinstance(j, bool) or int(j) != j or j < 0 for j in models) \
+                    or len(set(models)) != len(models):
+                raise PolicyError(f"models must be distinct model indices >= 0, got {list(models)}")
+            self.models = tuple(int(j) for j in models)
 
     def decide_kwargs(self) -> dict:
         """Extra arguments for ``policy.decide`` under this fit (the fitted depth limit, if any)."""
@@ -105,6 +117,8 @@ class FittedLambda:
                "calibration_quality": self.calibration_quality}
         if self.max_depth is not None:
             out["max_depth"] = int(self.max_depth)
+        if self.models is not None:
+            out["models"] = list(self.models)
         return out
 
     @classmethod
@@ -113,7 +127,8 @@ class FittedLambda:
         low = torch.tensor(d["lam_low"], dtype=torch.float64)
         high = torch.tensor(d["lam_high"], dtype=torch.float64)
         return cls(low, high, d.get("gamma", 0.0), d.get("budget"),
-                   d.get("calibration_cost"), d.get("calibration_quality"), max_depth=d.get("max_depth"))
+                   d.get("calibration_cost"), d.get("calibration_quality"), max_depth=d.get("max_depth"),
+                   models=None if d.get("models") is None else tuple(d["models"]))
 
 
 def as_fitted(lam) -> FittedLambda:
@@ -234,14 +249,32 @@ def fit_lambdas(
     if len(candidates) == 1:
         return fits
     out = []
-    for i in range(len(budgets)):
+    for i, budget in enumerate(budgets):
         group = fits[i * len(candidates):(i + 1) * len(candidates)]
-        best = choose_significant(group, seed=seed)
+        single = single_model_fit(q, c, budget) if guard else None
+        best = choose_significant(group + ([single] if single is not None else []), seed=seed)
         best.info["shape_scores"] = [round(float(f.calibration_quality), 6) for f in group]
         if guard:  # the routing the policy contains, fitted to the same budget: its calibration quality
             best.info["routing_score"] = best.info["shape_scores"][-1]
+        if single is not None:
+            best.info["single_model"] = {"model": single.models[0], "score": round(single.calibration_quality, 6)}
         out.append(best)
     return out
+
+
+def single_model_fit(quality: np.ndarray, cost: np.ndarray, budget: float) -> FittedLambda | None:
+    """The best model alone as a fit: among the models whose mean calibration cost is within ``budget``
+    (relative slack 1e-9), the one with the highest mean calibration quality (ties: the lower index),
+    run for every query (``models=(j,)``, depth 1, λ 0); None if no model is within the budget.
+    ``quality``/``cost`` [N, M]: the calibration rows."""
+    mean_cost, mean_quality = cost.mean(0), quality.mean(0)
+    affordable = np.nonzero(mean_cost <= budget * (1 + 1e-9) + 1e-15)[0]
+    if affordable.size == 0:
+        return None
+    j = int(affordable[np.argmax(mean_quality[affordable])])
+    zero = torch.zeros(1, dtype=torch.float64)
+    return FittedLambda(zero, zero.clone(), 0.0, budget, float(mean_cost[j]), float(mean_quality[j]),
+                        {"per_query_quality": quality[:, j].copy()}, max_depth=1, models=(j,))
 
 
 def fit_reachable_lambdas(policy: Policy, quality_estimator, cost_estimator, quality, cost, budgets,

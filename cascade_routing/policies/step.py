@@ -16,7 +16,10 @@ For B rows with quality beliefs ``estimate`` [B, M], cost estimates ``cost`` [B,
 ``candidates`` bool [B, M] (default: every model) restricts a row to a subset of the models (a
 server dropping models whose endpoint failed): rows with the same candidate set are decided by
 ``policy.on_columns(cols)`` on the columns ``cols`` of that set only, and the chosen indices are
-mapped back to the full model list; a row with no candidate left stops (λ reported as 0).
+mapped back to the full model list; a row with no candidate left stops (λ reported as 0). A fit
+that names its ``models`` (the single-model guard) limits every row's candidates to them; a row
+none of whose ``models`` is a candidate keeps its own candidates (a server whose backend for that
+model failed still answers, deciding among the others at the fit's λ and depth).
 
 Pure torch; no Lightning, no transformers.
 """
@@ -37,6 +40,7 @@ class FittedLike(Protocol):
 
     gamma: float
     budget: float | None
+    models: tuple[int, ...] | None
 
     def lam_for(self, step: int, use_low: Tensor) -> Tensor: ...
 
@@ -100,6 +104,9 @@ def decide_step(
     b, m = ran.shape
     device, dtype = estimate.mean.device, estimate.mean.dtype
     cost = cost.to(dtype)
+    if fitted.models is not None:
+        candidates = limited_candidates(candidates, fitted.models, b, m)
+        cache = None  # the memo is keyed by ran-sets over every model
     out = torch.full((b,), -1, dtype=torch.long)  # rows with no candidate left stop, at λ 0
     lams = torch.zeros(b, dtype=torch.float64)
     for local, cols in candidate_groups(candidates, m):
@@ -129,6 +136,18 @@ def decide_step(
             out[pos] = _to_full(nxt, cols, m)
             lams[pos] = lam.double().cpu()
     return out, lams
+
+
+def limited_candidates(candidates: Tensor | None, models: tuple[int, ...], b: int, m: int) -> Tensor:
+    """bool [B, M]: ``candidates`` (None: every model) limited to ``models``; a row left with none of
+    them keeps its own candidates (module docstring)."""
+    if any(j >= m for j in models):
+        raise PolicyError(f"the fit names models {list(models)}, but there are only {m} models")
+    own = torch.ones(b, m, dtype=torch.bool) if candidates is None else candidates
+    keep = torch.zeros(m, dtype=torch.bool)
+    keep[list(models)] = True
+    limited = own & keep
+    return torch.where(limited.any(1, keepdim=True), limited, own)
 
 
 def _pick(x: Tensor, pos: Tensor | None) -> Tensor:
