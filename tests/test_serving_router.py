@@ -110,6 +110,21 @@ def test_failed_model_is_removed_from_candidates(ds):
         assert router.select(q, {first: None, second: "x CORRECT"}) == second
 
 
+def test_a_single_model_fit_runs_that_model_alone_and_falls_back_when_it_fails(ds):
+    """A budget where the single-model guard fired (``FittedLambda.models``): every query runs that
+    model and stops; if its backend failed, cascade routing decides among the others at depth 1."""
+    only = FittedLambda(torch.zeros(1), torch.zeros(1), max_depth=1, models=(1,))
+    router = CascadeRouter(CascadeRouting(num_samples=64), bind, only, ds.models, feature_names=FEATURE_NAMES)
+    sim = _offline(ds, CascadeRouting(num_samples=64), only)
+    assert bool(sim.ran[:, 1].all()) and int(sim.num_run.max()) == 1
+    for i, q in enumerate(ds.queries[:10]):
+        assert router.next_model(q, {}) == ds.models[1]
+        assert router.next_model(q, {ds.models[1]: _answer(ds, i, 1)}) is None
+        fallback = router.next_model(q, {ds.models[1]: None})
+        assert fallback in ds.models and fallback != ds.models[1]
+        assert router.next_model(q, {ds.models[1]: None, fallback: _answer(ds, i, ds.model_index(fallback))}) is None
+
+
 def test_threshold_cascade_skips_failed_model_and_never_answers_with_it(ds):
     router = CascadeRouter(ThresholdCascade(), bind, FittedLambda(torch.zeros(1), torch.zeros(1)), ds.models,
                            feature_names=FEATURE_NAMES)
