@@ -48,7 +48,7 @@ def main() -> None:
     wins = {"relaxation": 0, "random_search": 0, "tie": 0}
     for strategy in args.strategies.split(","):
         for b in budgets:
-            pol = make_policy(strategy)
+            pol = make_policy(strategy, step_ratios=None, routing_guard=False)  # one constant λ to start from
             kw = dict(uniforms=u[fit], rows=torch.as_tensor(fit))
             const = fit_lambda(pol, qe, ce, ds.quality[fit], ds.cost[fit], float(b), **kw)
             t0 = time.perf_counter()

@@ -32,7 +32,7 @@ def test_empty_intervals_are_left_out_and_bad_frontiers_are_refused():
     bench = _bench()
     rows = bench.interval_gaps(np.array([4.0]), np.array([0.3]), np.array([1.0, 2.0, 5.0]), ["a", "b", "c"])
     assert [(r["from"], r["points"]) for r in rows] == [("b", 1)]
-    with pytest.raises(ValueError, match="increasing costs"):
+    with pytest.raises(ValueError, match="non-decreasing costs"):
         bench.interval_gaps(np.array([1.0]), np.array([0.0]), np.array([2.0, 1.0]), ["a", "b"])
     with pytest.raises(ValueError, match="one length"):
         bench.interval_gaps(np.array([1.0, 2.0]), np.array([0.0]), np.array([1.0, 2.0]), ["a", "b"])

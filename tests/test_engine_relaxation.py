@@ -60,3 +60,20 @@ def test_step_lambda_tuning_meets_budget(problem):
         assert fitted.lam_low.numel() == 4
         res = simulate(OptimalCascade(), qe, ce, q, c, fitted, u)
         assert res.mean_cost <= budget * (1 + 1e-9)
+
+
+def test_a_step_search_refuses_to_start_from_a_guard_fit(problem):
+    """A routing-guard or single-model fit is not the whole policy at one λ: starting a per-step λ
+    search from it would drop its limit; a guarded policy's own start is a constant-λ fit."""
+    from cascade_routing.policies import FittedLambda
+    from cascade_routing.policies.registry import make_policy
+
+    q, c, qe, ce = problem
+    budget = float(c.mean(0)[1] * 2)
+    for guard_fit in (FittedLambda([5.0], [5.0], max_depth=1), FittedLambda([0.0], [0.0], max_depth=1, models=(3,))):
+        for tuner in (tune_step_lambdas, random_search_step_lambdas):
+            with pytest.raises(PolicyError, match="constant-λ fit"):
+                tuner(CascadeRouting(), qe, ce, q, c, budget, evaluations=2, init=guard_fit)
+    fitted, _ = random_search_step_lambdas(make_policy("cascade_routing", num_samples=16), qe, ce, q, c, budget,
+                                           evaluations=2)
+    assert fitted.max_depth is None and fitted.models is None

@@ -66,6 +66,10 @@ def test_adherence_is_measured_against_what_each_fit_aims_at():
     assert np.allclose(spend_targets(sweep), [1.0, 2.5, 4.0])
     assert np.allclose(budget_adherence(sweep), [1.1, 1.0, 1.05])
     assert adherence_interval(sweep, num_resamples=20)[0] == pytest.approx((1.1 + 1.0 + 1.05) / 3)
+    # the single-model guard: one model alone spends its calibration cost, whatever the λ it carries
+    sweep.fitted = fits[:2] + [FittedLambda([7.0], [7.0], 0.0, budget=9.0, calibration_cost=8.5, max_depth=1,
+                                            models=(2,))]
+    assert np.allclose(spend_targets(sweep), [1.0, 2.5, 8.5])
     sweep.fitted = []  # no fits (the linear interpolation): the budgets themselves
     assert np.allclose(spend_targets(sweep), [1.0, 2.0, 9.0])
 

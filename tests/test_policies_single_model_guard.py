@@ -41,6 +41,10 @@ def test_the_best_affordable_model_replaces_a_policy_it_clearly_beats_and_runs_a
     assert fit.calibration_quality == pytest.approx(quality[:, best].mean())
     assert fit.info["single_model"] == {"model": best, "score": round(float(quality[:, best].mean()), 6)}
     assert fit.info["chosen_by"].startswith("paired bootstrap")
+    # its λ/γ are the routing candidate's for this budget: what a server falls back to if that model fails
+    routing = fit_lambda(make_policy("routing"), qe, ce, quality, cost, budget, rows=torch.arange(len(quality)))
+    assert torch.equal(fit.lam_low, routing.lam_low) and torch.equal(fit.lam_high, routing.lam_high)
+    assert fit.gamma == routing.gamma
     res = simulate(make_policy("cascade_routing", num_samples=16), qe, ce, quality, cost, FittedLambda.from_dict(fit.to_dict()))
     assert bool(res.ran[:, best].all()) and int(res.num_run.max()) == 1
     assert res.mean_quality == pytest.approx(quality[:, best].mean())
@@ -64,6 +68,11 @@ def test_single_model_fit_chooses_among_the_models_within_the_budget():
     cheap = single_model_fit(quality, cost, 3.9)
     assert cheap.models == (0,) and cheap.calibration_cost == 1.0 and cheap.budget == 3.9
     assert single_model_fit(quality, cost, 0.5) is None
+    assert float(cheap.lam_high.max()) == 0.0  # no fallback given: λ 0
+    routing = FittedLambda(torch.tensor([3.0]), torch.tensor([4.0]), 0.3)
+    with_fallback = single_model_fit(quality, cost, 3.9, fallback=routing)
+    assert with_fallback.lam_low.tolist() == [3.0] and with_fallback.lam_high.tolist() == [4.0]
+    assert with_fallback.gamma == 0.3 and with_fallback.models == (0,) and with_fallback.max_depth == 1
 
 
 def test_fitted_models_round_trip_and_are_validated():

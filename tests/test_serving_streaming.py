@@ -6,8 +6,9 @@ import json
 
 import httpx
 import pytest
+import torch
 
-from cascade_routing.policies import Routing, fit_lambda
+from cascade_routing.policies import CascadeRouting, FittedLambda, Routing, fit_lambda
 from cascade_routing.serving import CascadeRouter
 from cascade_routing.serving.backends import _StreamedAnswer, answer_text
 from cascade_routing.serving.params import FORWARDED
@@ -89,6 +90,27 @@ def _routing_stack_parts():
     qe, ce = bind(ds.queries, ds.responses, offline_features(ds))
     fitted = fit_lambda(Routing(), qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
     return ds, CascadeRouter(Routing(), bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES)
+
+
+def test_cascade_routing_under_a_depth_one_fit_streams_its_model_through():
+    """A budget where a guard fired (routing: depth 1; the single model: depth 1 and one model): the first
+    model is certain to give the answer, so its tokens pass through as for routing."""
+    ds = synthetic_dataset(20, seed=4)
+    budget = float(ds.cost.mean(0)[1])
+    for fitted in (FittedLambda(torch.zeros(1), torch.zeros(1), max_depth=1),
+                   FittedLambda(torch.zeros(1), torch.zeros(1), max_depth=1, models=(1,))):
+        router = CascadeRouter(CascadeRouting(num_samples=16), bind, {budget: fitted}, ds.models, budget=budget,
+                               feature_names=FEATURE_NAMES)
+        with ServingStack(ds, router, timeout_s=5) as s:
+            body = {"model": "cascade-routing", "stream": True,
+                    "messages": [{"role": "user", "content": ds.queries[0]}]}
+            with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+                assert resp.status_code == 200
+                events = [e for e in map(sse_data, resp.iter_lines()) if e is not None]
+        trace = events[-2]["routing"]
+        assert [st["streamed"] for st in trace["steps"] if st["model"]] == [True]
+        if fitted.models is not None:
+            assert trace["model"] == ds.models[1]
 
 
 def test_streamed_backend_failing_before_tokens_falls_back():

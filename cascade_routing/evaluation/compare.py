@@ -62,8 +62,9 @@ def _bootstrap_interval(per_query: np.ndarray, num_resamples: int, seed: int, le
 
 def spend_targets(result) -> np.ndarray:
     """The mean cost each budget's fit aims at: the budget (as raised to the reachable floor, the fit's
-    ``budget``), or, where the fit is λ = 0 because the strategy spends less than the budget even with
-    cost ignored, that fit's calibration cost. A sweep without fits (linear interpolation): its budgets."""
+    ``budget``), or that fit's calibration cost where the fit spends a fixed amount below the budget:
+    λ = 0 (the strategy spends less than the budget even with cost ignored) or one model run alone
+    (the single-model guard, ``models``). A sweep without fits (linear interpolation): its budgets."""
     budgets = np.asarray(result.budgets, dtype=np.float64)
     fitted = getattr(result, "fitted", None) or []
     if len(fitted) != budgets.size:
@@ -71,7 +72,8 @@ def spend_targets(result) -> np.ndarray:
     targets = []
     for b, f in zip(budgets, fitted):
         unconstrained = float(f.lam_low.abs().max()) == 0.0 and float(f.lam_high.abs().max()) == 0.0
-        if unconstrained and f.calibration_cost is not None:
+        fixed = unconstrained or getattr(f, "models", None) is not None
+        if fixed and f.calibration_cost is not None:
             targets.append(float(f.calibration_cost))
         else:
             targets.append(float(f.budget) if f.budget is not None else float(b))

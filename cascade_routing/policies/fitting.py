@@ -251,7 +251,7 @@ def fit_lambdas(
     out = []
     for i, budget in enumerate(budgets):
         group = fits[i * len(candidates):(i + 1) * len(candidates)]
-        single = single_model_fit(q, c, budget) if guard else None
+        single = single_model_fit(q, c, budget, fallback=group[-1]) if guard else None
         best = choose_significant(group + ([single] if single is not None else []), seed=seed)
         best.info["shape_scores"] = [round(float(f.calibration_quality), 6) for f in group]
         if guard:  # the routing the policy contains, fitted to the same budget: its calibration quality
@@ -262,18 +262,27 @@ def fit_lambdas(
     return out
 
 
-def single_model_fit(quality: np.ndarray, cost: np.ndarray, budget: float) -> FittedLambda | None:
+def single_model_fit(quality: np.ndarray, cost: np.ndarray, budget: float,
+                     fallback: FittedLambda | None = None) -> FittedLambda | None:
     """The best model alone as a fit: among the models whose mean calibration cost is within ``budget``
     (relative slack 1e-9), the one with the highest mean calibration quality (ties: the lower index),
-    run for every query (``models=(j,)``, depth 1, λ 0); None if no model is within the budget.
-    ``quality``/``cost`` [N, M]: the calibration rows."""
+    run for every query (``models=(j,)``, depth 1); None if no model is within the budget.
+    ``quality``/``cost`` [N, M]: the calibration rows.
+
+    λ and γ do not change the decision while that model is a candidate (some model always runs).
+    They are those of ``fallback`` (the routing candidate fitted to the same budget), so a server whose
+    backend for the model failed routes among the others at the budget's routing λ; 0 without one.
+    The model is chosen and then tested on the same calibration rows, which favours it slightly; the
+    paired bootstrap's 10% level is what keeps that from deciding on noise."""
     mean_cost, mean_quality = cost.mean(0), quality.mean(0)
     affordable = np.nonzero(mean_cost <= budget * (1 + 1e-9) + 1e-15)[0]
     if affordable.size == 0:
         return None
     j = int(affordable[np.argmax(mean_quality[affordable])])
     zero = torch.zeros(1, dtype=torch.float64)
-    return FittedLambda(zero, zero.clone(), 0.0, budget, float(mean_cost[j]), float(mean_quality[j]),
+    lam_low, lam_high, gamma = ((zero, zero.clone(), 0.0) if fallback is None
+                                else (fallback.lam_low.clone(), fallback.lam_high.clone(), fallback.gamma))
+    return FittedLambda(lam_low, lam_high, gamma, budget, float(mean_cost[j]), float(mean_quality[j]),
                         {"per_query_quality": quality[:, j].copy()}, max_depth=1, models=(j,))
 
 

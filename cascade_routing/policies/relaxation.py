@@ -123,6 +123,21 @@ def _exact(policy, qe, ce, quality, cost, lam, rows, uniforms, cache):
     return simulate(policy, qe, ce, quality, cost, lam, uniforms, rows, cache)
 
 
+def _constant_start(policy, quality_estimator, cost_estimator, quality, cost, budget: float, uniforms, rows,
+                    cache: dict, init: FittedLambda | None) -> FittedLambda:
+    """The constant-λ fit a per-step search starts from: ``init``, refused if it carries a guard's depth
+    or model limit (that fit is not the whole policy at one λ), or one fitted here with one constant λ
+    (an explicit shape: no λ shape candidates, no guards)."""
+    if init is None:
+        return fit_lambda(policy, quality_estimator, cost_estimator, quality, cost, budget, uniforms=uniforms,
+                          rows=rows, shape=torch.ones(1, dtype=torch.float64), cache=cache)
+    if init.max_depth is not None or init.models is not None:
+        raise PolicyError(f"a per-step λ search starts from a constant-λ fit of the whole policy; init carries a "
+                          f"guard's limit (max_depth={init.max_depth}, models={init.models}): fit it with "
+                          "make_policy(..., step_ratios=None, routing_guard=False)")
+    return init
+
+
 def tune_step_lambdas(policy, quality_estimator, cost_estimator, quality, cost, budget: float, evaluations: int = 40,
                       rows: Tensor | None = None, uniforms: Tensor | None = None, tau_start: float = 0.05,
                       tau_end: float = 1e-3, lr: float = 0.1, init: FittedLambda | None = None,
@@ -131,9 +146,8 @@ def tune_step_lambdas(policy, quality_estimator, cost_estimator, quality, cost, 
     FittedLambda and a log. ``init``: a constant-λ fit to start from (default: fitted here)."""
     steps = policy.max_steps(np.asarray(quality).shape[1])
     cache: dict = {}
-    if init is None:
-        init = fit_lambda(policy, quality_estimator, cost_estimator, quality, cost, budget, uniforms=uniforms,
-                          rows=rows, cache=cache)
+    init = _constant_start(policy, quality_estimator, cost_estimator, quality, cost, budget, uniforms, rows, cache,
+                           init)
     lam0 = max(float(init.lam_high.mean()), 1e-6)
     theta = torch.full((steps,), math.log(lam0), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([theta], lr=lr)
@@ -164,9 +178,8 @@ def random_search_step_lambdas(policy, quality_estimator, cost_estimator, qualit
     keep the best quality with cost <= budget; refit exactly like :func:`tune_step_lambdas`."""
     steps = policy.max_steps(np.asarray(quality).shape[1])
     cache: dict = {}
-    if init is None:
-        init = fit_lambda(policy, quality_estimator, cost_estimator, quality, cost, budget, uniforms=uniforms,
-                          rows=rows, cache=cache)
+    init = _constant_start(policy, quality_estimator, cost_estimator, quality, cost, budget, uniforms, rows, cache,
+                           init)
     gen = torch.Generator().manual_seed(seed)
     base = torch.full((steps,), max(float(init.lam_high.mean()), 1e-6), dtype=torch.float64)
     best_shape, best_q = base, -math.inf

@@ -40,7 +40,6 @@ class FittedLike(Protocol):
 
     gamma: float
     budget: float | None
-    models: tuple[int, ...] | None
 
     def lam_for(self, step: int, use_low: Tensor) -> Tensor: ...
 
@@ -104,8 +103,9 @@ def decide_step(
     b, m = ran.shape
     device, dtype = estimate.mean.device, estimate.mean.dtype
     cost = cost.to(dtype)
-    if fitted.models is not None:
-        candidates = limited_candidates(candidates, fitted.models, b, m)
+    models = getattr(fitted, "models", None)  # fits written before the single-model guard have none
+    if models is not None:
+        candidates = limited_candidates(candidates, models, b, m)
         cache = None  # the memo is keyed by ran-sets over every model
     out = torch.full((b,), -1, dtype=torch.long)  # rows with no candidate left stop, at λ 0
     lams = torch.zeros(b, dtype=torch.float64)

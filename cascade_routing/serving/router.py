@@ -423,7 +423,7 @@ class CascadeRouter:
         decisions still batch).
 
         Streaming: with ``item.on_delta`` set, a model whose answer is certain to be the one
-        returned (:meth:`_answer_is_final`: routing, or a final step) is called with ``stream: true``
+        returned (:meth:`_answer_is_final`: routing, a fit limited to depth 1, or a final step) is called with ``stream: true``
         (``backends.stream``) and each content / tool-call delta is handed to ``item.on_delta`` as
         it arrives; otherwise the answer is only known after ``select``. If that model fails before
         its first delta, the route goes on as after any failure; after it, :class:`StreamAbortedError`
@@ -470,23 +470,28 @@ class CascadeRouter:
             if decision.model < 0:
                 return
             await self._run_model(slot, decision.model, trace, backends, messages, item.params, progress,
-                                  item.on_delta)
+                                  fitted, item.on_delta)
         limit = 2 * len(self.models) + 1  # pragma: no cover - the policy stops once every model ran or failed
         raise RuntimeError(f"policy {self.policy!r} did not stop within {limit} steps")  # pragma: no cover
 
-    def _answer_is_final(self, state: _State, row: int, model: int) -> bool:
+    def _answer_is_final(self, state: _State, row: int, model: int, fitted: FittedLike) -> bool:
         """Whether ``model``, about to run for ``row``, is certain to give the returned answer: it
         runs at the query's last possible step (``policy.max_steps`` over the models that have not
-        failed, or no other candidate is left) and either no other model has answered or the
-        policy always returns the last model run (``policy.answer_is_last_run``)."""
+        failed, capped by the fit's depth limit, or no other candidate is left) and either no other
+        model has answered or the policy always returns the last model run (``policy.answer_is_last_run``)."""
         answered = int(state.ran[row].sum())
         failed = int(state.failed[row].sum())
         others_left = len(self.models) - answered - failed - 1
-        last = answered + 1 >= self.policy.max_steps(len(self.models) - failed) or others_left == 0
+        steps = self.policy.max_steps(len(self.models) - failed)
+        depth = getattr(fitted, "max_depth", None)
+        if depth is not None:
+            steps = min(steps, int(depth))
+        last = answered + 1 >= steps or others_left == 0
         return last and (answered == 0 or bool(getattr(self.policy, "answer_is_last_run", False)))
 
     async def _run_model(self, slot: Any, m: int, trace: StepTrace, backends: Any,
                          messages: list[dict[str, Any]], params: dict[str, Any], progress: "RouteProgress",
+                         fitted: FittedLike,
                          on_delta: "Callable[[dict[str, Any]], Awaitable[None]] | None" = None) -> None:
         """Call model ``m``'s backend for this request and record the outcome in ``slot`` / ``progress``
         (streamed through ``on_delta`` when the answer is certain to be returned, see route_one).
@@ -503,7 +508,7 @@ class CascadeRouter:
         answer: Answer | str | None
         handed_on = False
         try:
-            if on_delta is not None and hasattr(backends, "stream") and self._answer_is_final(slot.state, slot.row, m):
+            if on_delta is not None and hasattr(backends, "stream") and self._answer_is_final(slot.state, slot.row, m, fitted):
                 trace.streamed = True
 
                 async def tagged(choice: dict[str, Any]) -> None:
