@@ -37,6 +37,8 @@ def test_store_adds_atomically_and_reads_back(make):
     store.add("b", {"cost": 1.0})
     assert store.read("a") == {"cost": 0.75, "requests": 2, "runs:m": 2}
     assert store.accounts() == ["a", "b"] and store.read("nobody") == {}
+    assert store.read_field("a", "cost") == 0.75 and store.read_field("a", "runs:m") == 2
+    assert store.read_field("a", "answers:m") == 0.0 and store.read_field("nobody", "cost") == 0.0
 
 
 def test_open_store_urls(tmp_path):
@@ -96,6 +98,7 @@ def test_redis_store_adds_atomically_and_reads_back(redis_url):
     other = open_store(redis_url)  # a second client (another replica) sees the same counters
     assert other.read("unit-a") == {"cost": 0.75, "requests": 2, "runs:m": 2}
     assert "unit-a" in other.accounts() and other.read("nobody") == {}
+    assert other.read_field("unit-a", "cost") == 0.75 and other.read_field("nobody", "cost") == 0.0
 
 
 def _start_serve(checkpoint, backends, budget, store, keys, port, log):

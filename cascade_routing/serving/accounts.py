@@ -65,8 +65,9 @@ class SpendLedger:
             self.store.add(name, inc)
 
     def spent(self, account: str) -> float:
-        """Total USD recorded for ``account``."""
-        return self.store.read(account).get("cost", 0.0)
+        """Total USD recorded for ``account`` (the store's ``cost`` counter alone: read twice per request of
+        a key with ``max_spend``, before and after its body)."""
+        return self.store.read_field(account, "cost")
 
     def snapshot(self, account: str = ALL, budget: float | None = None) -> dict[str, Any]:
         """Summary of one account; ``budget`` = the cap it is held to (default: the server's)."""

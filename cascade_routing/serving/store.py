@@ -31,6 +31,8 @@ class CounterStore(Protocol):
 
     def read(self, account: str) -> dict[str, float]: ...
 
+    def read_field(self, account: str, field: str) -> float: ...
+
     def accounts(self) -> list[str]: ...
 
     def close(self) -> None: ...
@@ -52,6 +54,11 @@ class MemoryStore:
     def read(self, account: str) -> dict[str, float]:
         with self._lock:
             return dict(self._data.get(account, {}))
+
+    def read_field(self, account: str, field: str) -> float:
+        """One counter of ``account`` (0.0 if never added to)."""
+        with self._lock:
+            return self._data.get(account, {}).get(field, 0.0)
 
     def accounts(self) -> list[str]:
         with self._lock:
@@ -96,6 +103,13 @@ class SQLiteStore:
             cur = self._conn.execute("SELECT field, value FROM counters WHERE account = ?", (account,))
             return {k: float(v) for k, v in cur.fetchall()}
 
+    def read_field(self, account: str, field: str) -> float:
+        """One counter of ``account`` (0.0 if never added to): one row, not the account's every field."""
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM counters WHERE account = ? AND field = ?",
+                                     (account, field)).fetchone()
+            return 0.0 if row is None else float(row[0])
+
     def accounts(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self._conn.execute("SELECT DISTINCT account FROM counters ORDER BY account")]
@@ -134,6 +148,11 @@ class RedisStore:
     def read(self, account: str) -> dict[str, float]:
         raw = self._client.hgetall(self._key(account))
         return {k.decode(): float(v) for k, v in raw.items()}
+
+    def read_field(self, account: str, field: str) -> float:
+        """One counter of ``account`` (0.0 if never added to): HGET, not the whole hash."""
+        value = self._client.hget(self._key(account), field)
+        return 0.0 if value is None else float(value)
 
     def accounts(self) -> list[str]:
         return sorted(a.decode() for a in self._client.smembers(f"{self.prefix}:accounts"))
