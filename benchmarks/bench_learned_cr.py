@@ -12,7 +12,8 @@ budget on the calibration split, realised quality and cost on the test split) an
 - at the largest budget: cascade routing's quality vs the best single model's test quality, and the
   paired difference (95% CI) against the model that is best on the *calibration* split (the single
   model a user would have picked without looking at the test queries);
-- how often each guard fired (routing; the best single model the budget affords, run alone) and
+- how often each guard fired (routing; the best single model the budget affords, run alone; where
+  the latter fired, its calibration quality and that of the cascade routing fit it replaced) and
   which λ shapes cascade routing and the threshold cascade kept, over the sweep's budgets, and on
   the calibration split (where λ is fitted) how far the fitted cascade routing falls below the
   routing it contains at its worst budget (the guard candidate: the same policy limited to depth 1,
@@ -115,6 +116,10 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
         "routing_guard_fired": f"{guard} of {len(cr.fitted)} budgets",
         "single_model_guard_fired": f"{len(singles)} of {len(cr.fitted)} budgets"
                                     + (f" ({', '.join(sorted(set(singles)))})" if singles else ""),
+        "single_model_guard": [{"budget": float(b), "model": models[f.models[0]],
+                                "calibration_quality": round(float(f.calibration_quality), 4),
+                                "cascade_routing_calibration_quality": round(float(f.info["shape_scores"][0]), 4)}
+                               for b, f in zip(cr.budgets, cr.fitted) if f.models is not None],
         "calibration_cr_minus_routing": cal_gap,
         "lambda_shapes_kept": shapes_kept(cr.fitted),
         "threshold_cascade_shapes_kept": shapes_kept(learned["threshold_cascade"].fitted),
