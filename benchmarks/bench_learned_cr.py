@@ -12,8 +12,9 @@ budget on the calibration split, realised quality and cost on the test split) an
 - at the largest budget: cascade routing's quality vs the best single model's test quality, and the
   paired difference (95% CI) against the model that is best on the *calibration* split (the single
   model a user would have picked without looking at the test queries);
-- how often each guard fired (routing; the best single model the budget affords, run alone; where
-  the latter fired, its calibration quality and that of the cascade routing fit it replaced) and
+- how often each guard fired (routing; the best single model the budget affords, run alone; the
+  optimal cascade over the pool; where the latter two fired, their calibration quality and that of
+  the cascade routing fit they replaced) and
   which λ shapes cascade routing and the threshold cascade kept, over the sweep's budgets, and on
   the calibration split (where λ is fitted) how far the fitted cascade routing falls below the
   routing it contains at its worst budget (the guard candidate: the same policy limited to depth 1,
@@ -97,6 +98,7 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
     cal_best = int(result.extra["calibration_mean_quality"].argmax())
     gap = paired_interval(cr.per_query_quality[-1], test_q[:, cal_best])
     guard = sum(1 for f in cr.fitted if f.max_depth == 1 and f.models is None)
+    cascades = sum(1 for f in cr.fitted if f.cascade)
     singles = [models[f.models[0]] for f in cr.fitted if f.models is not None]
     cal_gap = calibration_gap_to_routing(cr.fitted)
     worst = cmp.worst_index
@@ -116,6 +118,10 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
         "routing_guard_fired": f"{guard} of {len(cr.fitted)} budgets",
         "single_model_guard_fired": f"{len(singles)} of {len(cr.fitted)} budgets"
                                     + (f" ({', '.join(sorted(set(singles)))})" if singles else ""),
+        "cascade_guard_fired": f"{cascades} of {len(cr.fitted)} budgets",
+        "cascade_guard": [{"budget": float(b), "calibration_quality": round(float(f.calibration_quality), 4),
+                           "cascade_routing_calibration_quality": round(float(f.info["shape_scores"][0]), 4)}
+                          for b, f in zip(cr.budgets, cr.fitted) if f.cascade],
         "single_model_guard": [{"budget": float(b), "model": models[f.models[0]],
                                 "calibration_quality": round(float(f.calibration_quality), 4),
                                 "cascade_routing_calibration_quality": round(float(f.info["shape_scores"][0]), 4)}
@@ -131,8 +137,8 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
 
 def shapes_kept(fitted: list) -> dict[str, int]:
     """{λ shape: number of budgets it was fitted with} (``[1.0]``: the constant λ); budgets where the
-    single-model guard fired have no λ and are left out."""
-    shapes = [tuple(f.info.get("shape", [1.0])) for f in fitted if f.models is None]
+    single-model or the cascade guard fired are left out (their fit is another policy's)."""
+    shapes = [tuple(f.info.get("shape", [1.0])) for f in fitted if f.models is None and not f.cascade]
     return {str(list(s)): shapes.count(s) for s in sorted(set(shapes))}
 
 
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))
     lines = ["| dataset | CR − routing AUC | worst per-budget CR − routing [95% CI] "
              "| CR / routing / best model at the largest budget | CR − calibration's best model there [95% CI] "
-             "| guard fired: routing; single model | calibration: CR − its routing, worst budget (budgets below) | AUROC ex-ante → after own answer |",
+             "| guard fired: routing; single model; cascade | calibration: CR − its routing, worst budget (budgets below) | AUROC ex-ante → after own answer |",
              "|---|---:|---:|---|---|---|---|---|"]
     for name, s in summaries.items():
         lb, pb, sig = s["largest_budget"], s["per_budget_cr_minus_routing"], s.get("answer_signal", {})
@@ -171,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                      + (f"| {lb['cr_minus_calibration_best_model']:+.4f} [{lb['cr_minus_calibration_best_model_ci95'][0]:+.4f}, "
                         f"{lb['cr_minus_calibration_best_model_ci95'][1]:+.4f}] ({lb['calibration_best_model']}) "
                         if "calibration_best_model" in lb else "| – ")
-                     + f"| {s['routing_guard_fired']}; {s.get('single_model_guard_fired', '–')} | "
+                     + f"| {s['routing_guard_fired']}; {s.get('single_model_guard_fired', '–')}; "
+                       f"{s.get('cascade_guard_fired', '–')} | "
                      + (f"{s['calibration_cr_minus_routing']['min']:+.4f} ({s['calibration_cr_minus_routing']['budgets_below']}) | "
                         if s.get("calibration_cr_minus_routing") else "– | ")
                      + (f"{sig['exante_auroc']:.3f} → {sig['own_answer_auroc']:.3f}" if sig else "–") + " |")

@@ -70,7 +70,8 @@ def test_a_step_search_refuses_to_start_from_a_guard_fit(problem):
 
     q, c, qe, ce = problem
     budget = float(c.mean(0)[1] * 2)
-    for guard_fit in (FittedLambda([5.0], [5.0], max_depth=1), FittedLambda([0.0], [0.0], max_depth=1, models=(3,))):
+    for guard_fit in (FittedLambda([5.0], [5.0], max_depth=1), FittedLambda([0.0], [0.0], max_depth=1, models=(3,)),
+                      FittedLambda([5.0], [5.0], cascade=True)):
         for tuner in (tune_step_lambdas, random_search_step_lambdas):
             with pytest.raises(PolicyError, match="constant-λ fit"):
                 tuner(CascadeRouting(), qe, ce, q, c, budget, evaluations=2, init=guard_fit)

@@ -125,6 +125,18 @@ def test_a_single_model_fit_runs_that_model_alone_and_falls_back_when_it_fails(d
         assert router.next_model(q, {ds.models[1]: None, fallback: _answer(ds, i, ds.model_index(fallback))}) is None
 
 
+def test_a_cascade_guard_fit_is_served_as_the_cascade_it_runs(ds):
+    """A budget where the cascade guard fired (``FittedLambda.cascade``): the server runs the optimal
+    cascade over the policy's pool, step for step as the simulation does."""
+    import dataclasses
+
+    policy = CascadeRouting(num_samples=64)
+    fitted = dataclasses.replace(_fitted(ds, policy.cascade_policy(), float(ds.cost.mean(0)[1])), cascade=True)
+    sim = _offline(ds, policy, fitted)
+    assert bool(sim.ran[:, 0].all()) and int(sim.num_run.max()) > 1  # the chain's head first, some escalate
+    _assert_router_follows(ds, policy, fitted, sim)
+
+
 def test_threshold_cascade_skips_failed_model_and_never_answers_with_it(ds):
     router = CascadeRouter(ThresholdCascade(), bind, FittedLambda(torch.zeros(1), torch.zeros(1)), ds.models,
                            feature_names=FEATURE_NAMES)

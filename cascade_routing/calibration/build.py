@@ -24,8 +24,8 @@ Steps (all on held-out splits, never on the training rows):
 6. λ/γ fitted on the calibration split for every strategy at each budget of the paper's grid
    (``budgets_per_pair`` budgets between consecutive non-dominated models by calibration cost),
    with the chosen uncertainty mode and pool (cascade routing also chooses per budget among its
-   λ shapes and the guards: routing, the best single model the budget affords,
-   :func:`~cascade_routing.policies.fitting.fit_lambda`).
+   λ shapes and the guards: routing, the best single model the budget affords, the optimal cascade
+   over the pool, :func:`~cascade_routing.policies.fitting.fit_lambda`).
 
 :func:`export_trained` runs this and saves the artifact. It is plain torch (no Lightning): the
 training stage calls it at the end of ``fit`` (:class:`~cascade_routing.training.export.ExportArtifact`)

@@ -4,7 +4,8 @@ Budgets: ``budgets_per_pair`` between consecutive non-dominated models by calibr
 paper's grid); a budget below what the cost estimates can reach is fitted at that floor
 (:func:`min_reachable_budget`), and one below what a strategy can spend (a cascade always runs its
 chain's first model) at that strategy's floor (:func:`~cascade_routing.policies.fitting.fit_reachable_lambdas`). Cascade routing also chooses per budget among its λ shapes and the
-guards, routing and the best single model the budget affords (:func:`~cascade_routing.policies.fitting.fit_lambda`).
+guards, routing, the best single model the budget affords and the optimal cascade over the pool
+(:func:`~cascade_routing.policies.fitting.fit_lambda`).
 """
 
 from __future__ import annotations

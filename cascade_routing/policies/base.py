@@ -219,6 +219,11 @@ class Policy:
         (a server dropping failed backends); policies that name models by index re-index here."""
         return self
 
+    def for_fit(self, fitted) -> "Policy":
+        """The policy that runs under the fitted λ ``fitted``: this one, unless the fit says a simpler
+        policy this one contains replaces it at that budget (cascade routing's cascade guard)."""
+        return self
+
     def max_steps(self, num_models: int) -> int:
         """The most models a query can run: ``min(max_depth, num_models)``."""
         return num_models if self.max_depth is None else min(self.max_depth, num_models)

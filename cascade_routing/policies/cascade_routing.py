@@ -17,10 +17,12 @@ With nothing run yet the empty supermodel is not allowed: some model is always r
 ``pool`` (model indices, fitted on calibration rows as the non-dominated models): S may only add pool
 models, or a model that no pool model dominates for this query under its current estimate
 (:meth:`CascadeRouting.allowed`). ``routing_guard=True``: λ fitting also fits this policy limited to
-depth 1 (which is routing), and the best single model the budget affords, and keeps either for a
-budget only when it beats the default on the calibration rows by more than its noise
+depth 1 (which is routing), the best single model the budget affords, and the optimal cascade over
+the pool (:meth:`CascadeRouting.cascade_policy`), and keeps one for a budget only when it beats the
+default on the calibration rows by more than its noise
 (:func:`~cascade_routing.policies.fitting.choose_significant`); the chosen fit carries ``max_depth=1``
-(and ``models``, the single model).
+(and ``models``, the single model) or ``cascade=True`` (:meth:`CascadeRouting.for_fit` then runs the
+cascade).
 
 ``lambda_shapes``: candidate per-step λ shapes; :func:`~cascade_routing.policies.fitting.fit_lambda`
 keeps the one with the best calibration quality at each budget (the decision rule above is
@@ -59,7 +61,8 @@ from cascade_routing.interfaces import QualityEstimate, bitmask
 from cascade_routing.policies.base import Policy, PolicyError, check_inputs, checked_lambda_shapes, checked_max_depth
 from cascade_routing.policies import emax_numba
 from cascade_routing.policies.frontier import cached_pairs, staircase
-from cascade_routing.policies.pool import check_pool_fits, checked_pool, reindex_pool
+from cascade_routing.policies.cascades import OptimalCascade
+from cascade_routing.policies.pool import PooledPolicy, check_pool_fits, checked_pool, reindex_pool
 from cascade_routing.policies.supermodels import (
     MAX_EXHAUSTIVE_SUPERMODELS,
     count_supermodels,
@@ -222,6 +225,16 @@ class CascadeRouting(Policy):
         best_val = values.amax(1, keepdim=True)
         near = values >= best_val - self.tie_tol
         return torch.where(near, added, torch.full_like(added, math.inf)).argmin(1)  # least added cost
+
+    def cascade_policy(self) -> Policy:
+        """The optimal cascade this policy contains: over its pool in model-index order (every model
+        without a pool), with the same E[max] draws; the cascade guard's candidate."""
+        cascade = OptimalCascade(num_samples=self.num_samples, seed=self.seed, tie_tol=self.tie_tol)
+        return cascade if self.pool is None else PooledPolicy(cascade, self.pool)
+
+    def for_fit(self, fitted) -> Policy:
+        """:meth:`cascade_policy` for a fit the cascade guard chose (``FittedLambda.cascade``), else this policy."""
+        return self.cascade_policy() if getattr(fitted, "cascade", False) else self
 
     def on_columns(self, cols: list[int]) -> "CascadeRouting":
         """This policy for a call that passes only the model columns ``cols`` (e.g. a server dropping

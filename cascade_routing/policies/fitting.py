@@ -40,11 +40,16 @@ fallback on any calibration difference would switch on noise where the calibrati
 - the best single model it can afford: the model with the highest mean calibration quality among
   those whose mean calibration cost is within the budget, run alone for every query
   (:func:`single_model_fit`; ``FittedLambda.models`` = that model, depth 1). Its cost on new queries
-  is its mean cost, with no λ jump to overshoot, so it is compared at the budget itself.
+  is its mean cost, with no λ jump to overshoot, so it is compared at the budget itself;
+- the optimal cascade it contains (``policy.cascade_policy()``: the pool as the chain), its λ fitted
+  to the same budget on the same rows (``FittedLambda.cascade``; ``policy.for_fit`` runs it). Under
+  beliefs without uncertainty cascade routing's first step is routing: it gives no value to seeing
+  a cheap model's answer before deciding, which the cascade always gets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -81,6 +86,7 @@ class FittedLambda:
     info: dict = field(default_factory=dict)
     max_depth: int | None = None  # a depth limit fitted with λ (1: the routing guard of cascade routing)
     models: tuple[int, ...] | None = None  # the only models this fit may run (the single-model guard); None: all
+    cascade: bool = False  # run the optimal cascade the policy contains (the cascade guard; Policy.for_fit)
 
     def __post_init__(self) -> None:
         self.lam_low = torch.as_tensor(self.lam_low, dtype=torch.float64).reshape(-1)
@@ -119,6 +125,8 @@ class FittedLambda:
             out["max_depth"] = int(self.max_depth)
         if self.models is not None:
             out["models"] = list(self.models)
+        if self.cascade:
+            out["cascade"] = True
         return out
 
     @classmethod
@@ -128,7 +136,8 @@ class FittedLambda:
         high = torch.tensor(d["lam_high"], dtype=torch.float64)
         return cls(low, high, d.get("gamma", 0.0), d.get("budget"),
                    d.get("calibration_cost"), d.get("calibration_quality"), max_depth=d.get("max_depth"),
-                   models=None if d.get("models") is None else tuple(d["models"]))
+                   models=None if d.get("models") is None else tuple(d["models"]),
+                   cascade=bool(d.get("cascade", False)))
 
 
 def as_fitted(lam) -> FittedLambda:
@@ -248,17 +257,51 @@ def fit_lambdas(
     fits = drive(searches, policy, quality_estimator, cost_estimator, q, c, uniforms, rows, cache)
     if len(candidates) == 1:
         return fits
+    cascades = _cascade_fits(policy, quality_estimator, cost_estimator, q, c, budgets, uniforms, rows, max_iter,
+                             rel_tol, overshoot_correction) if guard else [None] * len(budgets)
     out = []
     for i, budget in enumerate(budgets):
         group = fits[i * len(candidates):(i + 1) * len(candidates)]
         single = single_model_fit(q, c, budget, fallback=group[-1]) if guard else None
-        best = choose_significant(group + ([single] if single is not None else []), seed=seed)
+        extra = [f for f in (single, cascades[i]) if f is not None]
+        best = choose_significant(group + extra, seed=seed)
         best.info["shape_scores"] = [round(float(f.calibration_quality), 6) for f in group]
         if guard:  # the routing the policy contains, fitted to the same budget: its calibration quality
             best.info["routing_score"] = best.info["shape_scores"][-1]
         if single is not None:
             best.info["single_model"] = {"model": single.models[0], "score": round(single.calibration_quality, 6)}
+        if cascades[i] is not None:
+            best.info["cascade_score"] = round(float(cascades[i].calibration_quality), 6)
         out.append(best)
+    return out
+
+
+def _cascade_fits(policy: Policy, quality_estimator, cost_estimator, q: np.ndarray, c: np.ndarray, budgets: list[float],
+                  uniforms: Tensor, rows: Tensor | None, max_iter: int, rel_tol: float, overshoot_correction: bool
+                  ) -> list[FittedLambda | None]:
+    """The cascade guard's candidate per budget: ``policy.cascade_policy()`` fitted to it on the same
+    rows (``cascade=True``), None where the policy has no cascade or the budget is below the cascade's
+    floor (its chain's first model on these rows)."""
+    make = getattr(policy, "cascade_policy", None)
+    if make is None:
+        return [None] * len(budgets)
+    cascade = make()
+    first = getattr(cascade, "pool", (0,))[0]
+    floor = float(c[:, first].mean()) * (1 + 1e-9)
+    reachable = [i for i, b in enumerate(budgets) if b >= floor]
+    out: list[FittedLambda | None] = [None] * len(budgets)
+    while reachable:
+        try:
+            fits = fit_lambdas(cascade, quality_estimator, cost_estimator, q, c, [budgets[i] for i in reachable],
+                               uniforms=uniforms, rows=rows, max_iter=max_iter, rel_tol=rel_tol,
+                               overshoot_correction=overshoot_correction)
+            break
+        except BudgetUnreachable as err:  # the cascade's floor on these rows: drop the budgets below it
+            reachable = [i for i in reachable if budgets[i] >= err.min_cost * (1 + 1e-9)]
+    else:
+        return out
+    for i, fit in zip(reachable, fits):
+        out[i] = dataclasses.replace(fit, cascade=True)
     return out
 
 

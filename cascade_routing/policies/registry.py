@@ -38,9 +38,10 @@ def make_policy(strategy: str, num_samples: int = 128, seed: int = 0, max_depth:
     The cascades run the pool as their chain (:class:`PooledPolicy`); cascade routing may also add a
     model outside it for a query whose estimates no pool model dominates
     (:meth:`CascadeRouting.allowed`). Routing always keeps every model (:data:`POOLED_STRATEGIES`).
-    ``routing_guard`` (cascade routing): λ fitting may fall back to depth 1 (routing), or to the best
-    single model the budget affords, at a budget where that beats the default by more than its noise
-    on the calibration rows (:mod:`~cascade_routing.policies.fitting`)."""
+    ``routing_guard`` (cascade routing): λ fitting may fall back to depth 1 (routing), to the best
+    single model the budget affords, or to the optimal cascade over the pool, at a budget where that
+    beats the default by more than its noise on the calibration rows
+    (:mod:`~cascade_routing.policies.fitting`)."""
     if strategy == "routing":
         return Routing()
     if strategy == "threshold_cascade":

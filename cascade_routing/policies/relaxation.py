@@ -131,10 +131,10 @@ def _constant_start(policy, quality_estimator, cost_estimator, quality, cost, bu
     if init is None:
         return fit_lambda(policy, quality_estimator, cost_estimator, quality, cost, budget, uniforms=uniforms,
                           rows=rows, shape=torch.ones(1, dtype=torch.float64), cache=cache)
-    if init.max_depth is not None or init.models is not None:
-        raise PolicyError(f"a per-step λ search starts from a constant-λ fit of the whole policy; init carries a "
-                          f"guard's limit (max_depth={init.max_depth}, models={init.models}): fit it with "
-                          "make_policy(..., step_ratios=None, routing_guard=False)")
+    if init.max_depth is not None or init.models is not None or init.cascade:
+        raise PolicyError(f"a per-step λ search starts from a constant-λ fit of the whole policy; init is a "
+                          f"guard's fit (max_depth={init.max_depth}, models={init.models}, cascade={init.cascade}): "
+                          "fit it with make_policy(..., step_ratios=None, routing_guard=False)")
     return init
 
 

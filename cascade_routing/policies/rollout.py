@@ -127,7 +127,8 @@ def simulate(
     if lam_rows is not None and (lam_rows.dim() != 2 or lam_rows.shape[0] != n or lam_rows.shape[1] == 0):
         raise PolicyError(f"lam_rows must be [N={n}, T >= 1], got shape {tuple(lam_rows.shape)}")
 
-    steps = policy.max_steps(m) if fitted.max_depth is None else min(policy.max_steps(m), fitted.max_depth)
+    runs = policy.for_fit(fitted)  # what decides at this fit (a guard's simpler policy may replace it)
+    steps = runs.max_steps(m) if fitted.max_depth is None else min(runs.max_steps(m), fitted.max_depth)
     ran = torch.zeros(n, m, dtype=torch.bool)
     order = torch.full((n, steps), -1, dtype=torch.long)
     active = torch.ones(n, dtype=torch.bool)
@@ -148,7 +149,7 @@ def simulate(
         active[idx[~go]] = False
     est = _estimate(quality_estimator, "quality", rows.to(device) if device else rows,
                     ran.to(device) if device else ran, m)
-    answer = select_step(policy, est, ran)
+    answer = select_step(runs, est, ran)
     got = answer >= 0
     realised_q = torch.zeros(n, dtype=torch.float64)
     realised_q[got] = quality[got.nonzero().squeeze(1), answer[got]]

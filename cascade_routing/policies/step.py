@@ -17,7 +17,8 @@ For B rows with quality beliefs ``estimate`` [B, M], cost estimates ``cost`` [B,
 server dropping models whose endpoint failed): rows with the same candidate set are decided by
 ``policy.on_columns(cols)`` on the columns ``cols`` of that set only, and the chosen indices are
 mapped back to the full model list; a row with no candidate left stops (λ reported as 0). A fit
-that names its ``models`` (the single-model guard) limits every row's candidates to them; a row
+that names its ``models`` (the single-model guard) limits every row's candidates to them, and the
+policy decides through ``policy.for_fit(fitted)`` (the cascade guard's cascade); a row
 none of whose ``models`` is a candidate keeps its own candidates (a server whose backend for that
 model failed still answers, deciding among the others at the fit's λ and depth).
 
@@ -103,6 +104,9 @@ def decide_step(
     b, m = ran.shape
     device, dtype = estimate.mean.device, estimate.mean.dtype
     cost = cost.to(dtype)
+    runs = policy.for_fit(fitted)
+    if runs is not policy:  # a guard's simpler policy (the cascade) runs at this budget
+        policy, cache = runs, None  # the memo belongs to the policy that filled it
     models = getattr(fitted, "models", None)  # fits written before the single-model guard have none
     if models is not None:
         candidates = limited_candidates(candidates, models, b, m)
