@@ -93,14 +93,18 @@ def _routing_stack_parts():
 
 
 def test_cascade_routing_under_a_depth_one_fit_streams_its_model_through():
-    """A budget where a guard fired (routing: depth 1; the single model: depth 1 and one model): the first
-    model is certain to give the answer, so its tokens pass through as for routing."""
+    """A budget where a guard fired (routing: depth 1; the single model: depth 1 and one model; a cascade
+    that can run one model only): the first model is certain to give the answer, so its tokens pass
+    through as for routing."""
     ds = synthetic_dataset(20, seed=4)
     budget = float(ds.cost.mean(0)[1])
-    for fitted in (FittedLambda(torch.zeros(1), torch.zeros(1), max_depth=1),
-                   FittedLambda(torch.zeros(1), torch.zeros(1), max_depth=1, models=(1,))):
-        router = CascadeRouter(CascadeRouting(num_samples=16), bind, {budget: fitted}, ds.models, budget=budget,
-                               feature_names=FEATURE_NAMES)
+    # the third: a cascade-guard fit over a one-model pool, whose cascade runs that model alone
+    for policy, fitted in ((CascadeRouting(num_samples=16), FittedLambda(torch.zeros(1), torch.zeros(1), max_depth=1)),
+                           (CascadeRouting(num_samples=16),
+                            FittedLambda(torch.zeros(1), torch.zeros(1), max_depth=1, models=(1,))),
+                           (CascadeRouting(num_samples=16, pool=(1,)),
+                            FittedLambda(torch.zeros(1), torch.zeros(1), cascade=True))):
+        router = CascadeRouter(policy, bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES)
         with ServingStack(ds, router, timeout_s=5) as s:
             body = {"model": "cascade-routing", "stream": True,
                     "messages": [{"role": "user", "content": ds.queries[0]}]}
@@ -109,7 +113,7 @@ def test_cascade_routing_under_a_depth_one_fit_streams_its_model_through():
                 events = [e for e in map(sse_data, resp.iter_lines()) if e is not None]
         trace = events[-2]["routing"]
         assert [st["streamed"] for st in trace["steps"] if st["model"]] == [True]
-        if fitted.models is not None:
+        if fitted.models is not None or fitted.cascade:
             assert trace["model"] == ds.models[1]
 
 

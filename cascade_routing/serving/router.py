@@ -476,18 +476,20 @@ class CascadeRouter:
 
     def _answer_is_final(self, state: _State, row: int, model: int, fitted: FittedLike) -> bool:
         """Whether ``model``, about to run for ``row``, is certain to give the returned answer: it
-        runs at the query's last possible step (``policy.max_steps`` over the models that have not
-        failed, capped by the fit's depth limit, or no other candidate is left) and either no other
-        model has answered or the policy always returns the last model run (``policy.answer_is_last_run``)."""
+        runs at the query's last possible step (``max_steps`` over the models that have not failed of
+        the policy that runs at this fit, ``policy.for_fit(fitted)``, capped by the fit's depth limit,
+        or no other candidate is left) and either no other model has answered or that policy always
+        returns the last model run (``answer_is_last_run``)."""
+        runs = self.policy.for_fit(fitted)
         answered = int(state.ran[row].sum())
         failed = int(state.failed[row].sum())
         others_left = len(self.models) - answered - failed - 1
-        steps = self.policy.max_steps(len(self.models) - failed)
+        steps = runs.max_steps(len(self.models) - failed)
         depth = getattr(fitted, "max_depth", None)
         if depth is not None:
             steps = min(steps, int(depth))
         last = answered + 1 >= steps or others_left == 0
-        return last and (answered == 0 or bool(getattr(self.policy, "answer_is_last_run", False)))
+        return last and (answered == 0 or bool(getattr(runs, "answer_is_last_run", False)))
 
     async def _run_model(self, slot: Any, m: int, trace: StepTrace, backends: Any,
                          messages: list[dict[str, Any]], params: dict[str, Any], progress: "RouteProgress",
