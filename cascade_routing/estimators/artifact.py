@@ -515,7 +515,7 @@ def _check_consistent(art: EstimatorArtifact, path: Path) -> None:
         raise ArtifactError(f"checkpoint {str(path)!r}: var_scale has shape {tuple(art.var_scale.shape)}, expected ({m},)")
     for strategy, table in art.fitted.items():
         for budget, fit in table.items():
-            if getattr(fit, "models", None) is not None and max(fit.models) >= m:
+            if fit.models is not None and max(fit.models) >= m:
                 raise ArtifactError(f"checkpoint {str(path)!r}: the fitted λ of {strategy!r} at budget {budget:.6g} "
                                     f"names model indices {list(fit.models)}, but the artifact has {m} models")
 

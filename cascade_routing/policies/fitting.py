@@ -32,7 +32,7 @@ meet the budget; ties: the earlier candidate). κ > 1 makes post-hoc escalation 
 routing, κ = 1 the constant λ. Only calibration rows are used, so this is model selection on the
 calibration split; the chosen vectors are stored in the :class:`FittedLambda` (serving reads them).
 
-Guards (a policy with ``routing_guard``, cascade routing): two simpler policies join the candidates
+Guards (a policy with ``routing_guard``, cascade routing): three simpler policies join the candidates
 of every budget, kept by the same rule, only when they beat the default by more than its noise (a
 fallback on any calibration difference would switch on noise where the calibration split is small):
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from cascade_routing.policies.base import (Policy, PolicyError, check_estimator_models, check_ground_truth,
                                            checked_rows)
 from cascade_routing.policies.fitting import FittedLambda, as_fitted
-from cascade_routing.policies.step import decide_step, select_step
+from cascade_routing.policies.step import decide_step, max_steps_at, select_step
 
 
 @dataclass
@@ -128,7 +128,7 @@ def simulate(
         raise PolicyError(f"lam_rows must be [N={n}, T >= 1], got shape {tuple(lam_rows.shape)}")
 
     runs = policy.for_fit(fitted)  # what decides at this fit (a guard's simpler policy may replace it)
-    steps = runs.max_steps(m) if fitted.max_depth is None else min(runs.max_steps(m), fitted.max_depth)
+    steps = max_steps_at(policy, fitted, m)
     ran = torch.zeros(n, m, dtype=torch.bool)
     order = torch.full((n, steps), -1, dtype=torch.long)
     active = torch.ones(n, dtype=torch.bool)

@@ -17,10 +17,10 @@ For B rows with quality beliefs ``estimate`` [B, M], cost estimates ``cost`` [B,
 server dropping models whose endpoint failed): rows with the same candidate set are decided by
 ``policy.on_columns(cols)`` on the columns ``cols`` of that set only, and the chosen indices are
 mapped back to the full model list; a row with no candidate left stops (λ reported as 0). A fit
-that names its ``models`` (the single-model guard) limits every row's candidates to them, and the
-policy decides through ``policy.for_fit(fitted)`` (the cascade guard's cascade); a row
+that names its ``models`` (the single-model guard) limits every row's candidates to them; a row
 none of whose ``models`` is a candidate keeps its own candidates (a server whose backend for that
-model failed still answers, deciding among the others at the fit's λ and depth).
+model failed still answers, deciding among the others at the fit's λ and depth). The policy decides
+through ``policy.for_fit(fitted)`` (at a cascade-guard fit, the cascade it contains).
 
 Pure torch; no Lightning, no transformers.
 """
@@ -140,6 +140,14 @@ def decide_step(
             out[pos] = _to_full(nxt, cols, m)
             lams[pos] = lam.double().cpu()
     return out, lams
+
+
+def max_steps_at(policy: Policy, fitted: FittedLike, num_models: int) -> int:
+    """The most models a query may run under ``fitted``: ``max_steps`` of the policy that runs at this
+    fit (``policy.for_fit(fitted)``), capped by the fit's depth limit."""
+    steps = policy.for_fit(fitted).max_steps(num_models)
+    depth = getattr(fitted, "max_depth", None)
+    return steps if depth is None else min(steps, int(depth))
 
 
 def limited_candidates(candidates: Tensor | None, models: tuple[int, ...], b: int, m: int) -> Tensor:

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator
 from cascade_routing.policies.lambda_table import lookup_fitted
-from cascade_routing.policies.step import FittedLike, decide_step, select_step
+from cascade_routing.policies.step import FittedLike, decide_step, max_steps_at, select_step
 from cascade_routing.serving.backends import Answer, BackendError, RequestRejectedError
 
 Binder = Callable[..., "tuple[QualityEstimator, CostEstimator]"]
@@ -480,15 +480,11 @@ class CascadeRouter:
         the policy that runs at this fit, ``policy.for_fit(fitted)``, capped by the fit's depth limit,
         or no other candidate is left) and either no other model has answered or that policy always
         returns the last model run (``answer_is_last_run``)."""
-        runs = self.policy.for_fit(fitted)
         answered = int(state.ran[row].sum())
         failed = int(state.failed[row].sum())
         others_left = len(self.models) - answered - failed - 1
-        steps = runs.max_steps(len(self.models) - failed)
-        depth = getattr(fitted, "max_depth", None)
-        if depth is not None:
-            steps = min(steps, int(depth))
-        last = answered + 1 >= steps or others_left == 0
+        last = answered + 1 >= max_steps_at(self.policy, fitted, len(self.models) - failed) or others_left == 0
+        runs = self.policy.for_fit(fitted)
         return last and (answered == 0 or bool(getattr(runs, "answer_is_last_run", False)))
 
     async def _run_model(self, slot: Any, m: int, trace: StepTrace, backends: Any,
