@@ -28,16 +28,19 @@ _API = {
     **dict.fromkeys(("RoutingDataset", "DatasetError", "load_dataset", "list_datasets", "fetch", "import_table",
                      "summarize"), "cascade_routing.data"),
     **dict.fromkeys(("Routing", "ThresholdCascade", "OptimalCascade", "CascadeRouting", "FittedLambda",
-                     "fit_lambda", "make_policy", "STRATEGIES"), "cascade_routing.policies"),
+                     "fit_lambda", "make_policy", "STRATEGIES", "PolicyError", "BudgetUnreachable"),
+                    "cascade_routing.policies"),
     **dict.fromkeys(("simulate", "budget_sweep", "sweep_budgets", "auc", "SimulationResult", "SweepResult"),
                     "cascade_routing.evaluation"),
     "synthetic_estimators": "cascade_routing.evaluation.synthetic",
     **dict.fromkeys(("EstimatorArtifact", "load_artifact", "ArtifactError"), "cascade_routing.estimators.artifact"),
+    "UncoveredRanSetError": "cascade_routing.estimators.learned",
+    "UnseenTaskWarning": "cascade_routing.estimators.features",
     "evaluate": "cascade_routing.training.heldout",
     "QualityEstimatorModule": "cascade_routing.training.module",
     "RoutingDataModule": "cascade_routing.training.datamodule",
     "train_eval": "cascade_routing.cli.estimator_commands",
-    **dict.fromkeys(("CascadeRouter", "BackendPool"), "cascade_routing.serving"),
+    **dict.fromkeys(("CascadeRouter", "BackendPool", "RouterError", "NoModelAvailableError"), "cascade_routing.serving"),
 }
 
 __all__ = ["__version__", *sorted(_API)]

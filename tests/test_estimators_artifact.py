@@ -306,6 +306,10 @@ def test_a_save_pretrained_folder_loads_everywhere_a_file_does(trained, tmp_path
     assert load_artifact(folder).models == trained["art"].models
     assert main(["inspect-artifact", str(folder)]) == 0
     assert json.loads(capsys.readouterr().out)["models"] == trained["art"].models
+    empty = tmp_path / "not-a-router"
+    empty.mkdir()
+    with pytest.raises(ArtifactError, match=r"'.*not-a-router' is a folder without estimator.safetensors"):
+        load_artifact(empty)
 
 
 def test_queries_and_answers_embed_concurrently_on_a_fresh_artifact(trained):
@@ -426,3 +430,20 @@ def test_binding_without_the_tasks_the_estimator_reads_warns(trained):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnseenTaskWarning)
         art.bind(queries, tasks=list(ds.tasks[:5]))
+
+
+def test_bind_refuses_a_single_string_or_non_string_queries(trained):
+    """A bare string would otherwise bind one query per character; a non-string item (None, a number)
+    would be read as its repr."""
+    art, ds = trained["art"], trained["ds"]
+    with pytest.raises(TypeError, match=r"queries must be a sequence of strings, one per query, got a single str"):
+        art.bind("one query")
+    with pytest.raises(TypeError, match=r"queries\[1\] is of type NoneType, not str"):
+        art.bind([ds.queries[0], None])
+    with pytest.raises(TypeError, match=r"tasks must be a sequence of strings.*got a single str"):
+        art.bind([ds.queries[0]], tasks=str(ds.tasks[0]))
+    from cascade_routing.estimators.features import UnseenTaskWarning
+
+    with pytest.warns(UnseenTaskWarning):  # any sequence; a task may be missing (and is warned about)
+        qe, _ = art.bind(tuple(ds.queries[:2]), tasks=[ds.tasks[0], None])
+    assert qe.estimate(torch.arange(2), torch.zeros(2, len(art.models), dtype=torch.bool)).mean.shape == (2, 3)

@@ -97,11 +97,26 @@ def test_cascade_routing_train_is_train_py(capsys):
 
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
-    assert exit_.value.code == 0 and "{fit,validate,test}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "{fit,validate,test}" in out and out.startswith("usage: cascade-routing train ")
+    with pytest.raises(SystemExit):  # the error's tip names a command that exists
+        main(["train", "fit", "--config", "routerbench", "--no_such_option", "1"])
+    assert "run: cascade-routing train fit --help" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "fit", "--config", "routerbench", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["dataset"] == "routerbench-subset" and printed["trainer"]["default_root_dir"] == "runs/routerbench"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_gpu_config_without_a_gpu_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from cascade_routing.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "fit", "--config", "routerbench", "--config", "finetune_gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the Trainer cannot run this configuration: No supported gpu backend found" in err
+    assert "Traceback" not in err
 
 
 def test_load_from_checkpoint_rebuilds_the_network(fitted):
@@ -305,6 +320,37 @@ def test_export_of_a_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path, ca
     torch.save({"state_dict": {}}, foreign)
     assert main(["export", "--ckpt", str(foreign)]) == 2
     assert "carries no datamodule hyperparameters" in capsys.readouterr().err
+
+
+class _NotPlainData:
+    pass
+
+
+def test_export_names_what_a_wrong_file_is_and_never_loads_it_unsafely(tmp_path, capsys):
+    """A text file, a pickle of arbitrary objects, an estimator artifact and a tensor file without a
+    ``state_dict`` each get one ``error:`` line saying what is wrong; none is retried with
+    ``weights_only=False`` (the object pickle would otherwise load)."""
+    from safetensors.torch import save_file
+
+    from cascade_routing.cli import main
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    objects = tmp_path / "objects.ckpt"
+    torch.save({"state_dict": {}, "extra": _NotPlainData()}, objects)
+    artifact = tmp_path / "artifact.safetensors"
+    save_file({"w": torch.zeros(2)}, str(artifact))
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    for path, words in ((text, "refused it"), (objects, "refused it: UnpicklingError"),
+                        (artifact, "is a safetensors file (an estimator artifact?), not a Lightning checkpoint"),
+                        (plain, "is not a Lightning checkpoint (no 'state_dict')")):
+        assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "out.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(path) in err and words in err, err
+        assert "weights_only=False" not in err.replace("never loads a checkpoint with weights_only=False", "")
+        assert "Traceback" not in err
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_training_masks_are_an_empty_mask_singletons_then_random_ran_masks():

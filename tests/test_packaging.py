@@ -24,6 +24,10 @@ def test_configs_resolve_by_name_and_by_path():
     assert {"routerbench", "data/routerbench", "model/frozen", "trainer/cpu", "logger/wandb_csv"} <= set(available())
     with pytest.raises(FileNotFoundError, match="no shipped config of that name.*routerbench"):
         config_path("routerbnch")
+    # the price table and the serving example ship in the same folder but are not training configs
+    assert (CONFIG_DIR / "prices.yaml").is_file() and not {"prices", "backends.example"} & set(available())
+    with pytest.raises(FileNotFoundError, match=r"'prices' is the price table .*, not a training config"):
+        config_path("prices")
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -81,6 +85,8 @@ def test_root_api_is_lazy_and_complete():
         "from cascade_routing import load_dataset, CascadeRouting, fit_lambda, simulate, CascadeRouter\n"
         "assert 'lightning' not in sys.modules, 'the policy/serving API loaded Lightning'\n"
         "missing = [n for n in cr.__all__ if getattr(cr, n, None) is None]\n"
+        "from cascade_routing import PolicyError, RouterError, UnseenTaskWarning, UncoveredRanSetError, ArtifactError\n"
+        "assert issubclass(UnseenTaskWarning, UserWarning) and issubclass(PolicyError, ValueError)\n"
         "assert not missing, missing\n"
         "print(len(cr.__all__))\n"
     )

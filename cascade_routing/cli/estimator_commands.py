@@ -128,7 +128,7 @@ def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | N
     configs = [config] if isinstance(config, str) else list(config)
     args = ["fit"] + [a for c in configs for a in ("--config", c)] + list(overrides or [])
     t0 = time.perf_counter()
-    cli = lightning_cli(args)
+    cli = lightning_cli(args, prog="cascade-routing train")  # its tip: `cascade-routing train fit --help`
     exports = [c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact)]
     if not exports:
         raise RuntimeError(f"config {configs} has no ExportArtifact callback, so training wrote no artifact")
@@ -156,7 +156,7 @@ def train_passthrough(args: argparse.Namespace) -> int:
     """``cascade-routing train ARGS``: the project's LightningCLI on ARGS (what ``python train.py ARGS`` runs)."""
     from cascade_routing.training.lightning_cli import lightning_cli
 
-    lightning_cli(args.cli_args or ["--help"])
+    lightning_cli(args.cli_args or ["--help"], prog="cascade-routing train")
     return 0
 
 

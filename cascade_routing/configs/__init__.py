@@ -16,11 +16,15 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent
 CONFIG_FLAGS = ("--config", "-c")
+# YAML files shipped here that are not training configs: the RouteLLM price table, the serve example
+OTHER_FILES = {"prices": "the price table of the RouteLLM converter",
+               "backends.example": "an example of `serve --backends`"}
 
 
 def available() -> list[str]:
-    """Names of the shipped configs (``routerbench``, ``data/rational``, ...), sorted."""
-    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    """Names of the shipped training configs (``routerbench``, ``data/rational``, ...), sorted."""
+    names = (str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    return sorted(n for n in names if n not in OTHER_FILES)
 
 
 def config_path(name_or_path: str | Path) -> Path:
@@ -32,6 +36,9 @@ def config_path(name_or_path: str | Path) -> Path:
     if path.is_file():
         return path
     name = str(name_or_path).removeprefix("configs/").removesuffix(".yaml")
+    if name in OTHER_FILES:
+        raise FileNotFoundError(f"{str(name_or_path)!r} is {OTHER_FILES[name]}, not a training config "
+                                f"(shipped configs: {', '.join(available())})")
     shipped = CONFIG_DIR / f"{name}.yaml"
     if shipped.is_file():
         return shipped

@@ -59,6 +59,20 @@ READABLE_VERSIONS = (1, 2)  # 2 added encoder["hf_config" / "carried" / "tokeniz
 DEFAULT_ENCODER = "default"
 
 
+def checked_queries(texts: Any, what: str = "queries", allow_none: bool = False) -> list:
+    """``texts`` as a list, one string per query; ``TypeError`` naming ``what`` for a single string
+    (which would otherwise be read as one query per character) or for an item that is not a string
+    (``None`` allowed with ``allow_none``: a query without a task)."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of strings, one per query, got a single "
+                        f"{type(texts).__name__} (for one query, wrap it in a list)")
+    out = list(texts)
+    for i, text in enumerate(out):
+        if not isinstance(text, str) and not (allow_none and text is None):
+            raise TypeError(f"{what}[{i}] is of type {type(text).__name__}, not str")
+    return out
+
+
 class ArtifactError(ValueError):
     """A checkpoint/artifact cannot be used; the message says which file and why."""
 
@@ -301,7 +315,9 @@ class EstimatorArtifact:
         ``features["cost"]`` (if given) is the exact cost of run models. ``query_embeddings`` /
         ``answer_embedder`` override the encoder (e.g. with cached embeddings).
         """
-        queries = [str(q) for q in queries]
+        queries = checked_queries(queries)
+        if tasks is not None:
+            tasks = checked_queries(tasks, "tasks", allow_none=True)
         n, m = len(queries), len(self.models)
         if responses is not None and np.shape(responses) != (n, m):
             raise ArtifactError(
@@ -411,19 +427,26 @@ def _artifact_file(path: str | os.PathLike[str]) -> Path:
     return path / ARTIFACT_FILENAME if path.is_dir() or not path.suffix else path
 
 
+def looks_like_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Whether the file has a safetensors file's shape: an 8-byte little-endian header length n, then
+    n bytes of JSON (``{`` first) within the file. Reads 9 bytes."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
 def _sniff(path: Path) -> str | None:
     """None for a safetensors-shaped file, else what it looks like.
 
-    Safetensors starts with an 8-byte little-endian header length n, then n bytes of JSON
-    (``{`` first). That shape is checked first: the low byte of n may be 0x80 or the first two
-    bytes ``PK``, which alone would look like a pickle / zip archive.
+    The safetensors shape (:func:`looks_like_safetensors`) is checked first: the low byte of its
+    header length may be 0x80 or the first two bytes ``PK``, which alone would look like a pickle /
+    zip archive.
     """
-    with path.open("rb") as fh:
-        head = fh.read(9)
-    size = path.stat().st_size
-    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+    if looks_like_safetensors(path):
         return None
-    head = head[:8]
+    with path.open("rb") as fh:
+        head = fh.read(8)
     if head[:1] == b"\x80" or head[:2] == b"PK":
         return "a Python pickle / torch.save archive"
     if len(head) < 8:
@@ -523,7 +546,12 @@ def _check_consistent(art: EstimatorArtifact, path: Path) -> None:
 def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | None = None) -> EstimatorArtifact:
     """Read an artifact written by :meth:`EstimatorArtifact.save` (see module docstring for errors);
     a folder is read as the one :meth:`EstimatorArtifact.save_pretrained` writes (``estimator.safetensors`` inside)."""
-    path = _artifact_file(path) if Path(path).is_dir() else Path(path)
+    if Path(path).is_dir():
+        folder, path = Path(path), _artifact_file(path)
+        if not path.is_file():
+            raise ArtifactError(f"{str(folder)!r} is a folder without {ARTIFACT_FILENAME}: not one that "
+                                "save_pretrained writes; pass the artifact file (.safetensors) or such a folder")
+    path = Path(path)
     meta, tensors = _read_file(path)
     art = _from_payload(path, meta, tensors)
     _check_consistent(art, path)

@@ -204,7 +204,8 @@ def unseen_task_message(tasks: list | None, vocabulary: list[str]) -> str | None
         return None
     if tasks is None:
         return (f"the estimator reads each query's task (one of {vocabulary}) and got none: every query's task "
-                "input is all zero, which it was never trained on (pass tasks=[...])")
+                "input is all zero, which it was never trained on (pass the tasks: tasks=[...] for a batch of queries, "
+                "task=... for one query)")
     known = set(vocabulary)
     unseen = sorted({str(t) for t in tasks if t is None or str(t) not in known})
     if not unseen:

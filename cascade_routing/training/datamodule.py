@@ -26,6 +26,7 @@ from cascade_routing.data import diagnostics
 from cascade_routing.data.dataset import RoutingDataset
 from cascade_routing.estimators import encoding
 from cascade_routing.estimators.masks import random_ran_masks
+from cascade_routing.training.checkpoint_file import read_lightning_checkpoint
 from cascade_routing.estimators.features import pair_similarity, static_features, task_onehot, text_statistics
 
 DEFAULT_SPLIT = {"train": 0.55, "val": 0.1, "calibration": 0.15, "test": 0.2}
@@ -35,8 +36,9 @@ SETTINGS_BEFORE_THEY_EXISTED = encoding.SETTINGS_BEFORE_THEY_EXISTED
 def checkpoint_data_settings(ckpt: str | Path) -> dict:
     """The data module's settings saved in a Lightning checkpoint (without LightningCLI's ``_`` keys),
     with :data:`SETTINGS_BEFORE_THEY_EXISTED` for those the checkpoint predates; ``ValueError`` if it
-    saved none."""
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters")
+    saved none or is not a Lightning checkpoint
+    (:func:`~cascade_routing.training.checkpoint_file.read_lightning_checkpoint`)."""
+    saved = read_lightning_checkpoint(ckpt).get("datamodule_hyper_parameters")
     if not saved:
         raise ValueError(f"{ckpt} carries no datamodule hyperparameters (trained before they were saved); retrain")
     return {**SETTINGS_BEFORE_THEY_EXISTED, **{k: v for k, v in saved.items() if not k.startswith("_")}}

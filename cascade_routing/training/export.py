@@ -37,8 +37,6 @@ def export_checkpoint(
     from cascade_routing.training.module import QualityEstimatorModule
 
     ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     if path is None and ckpt.resolve().parent.name == "checkpoints":
         path = Path("artifacts") / f"{ckpt.resolve().parent.parent.name}.safetensors"
     hparams = checkpoint_data_settings(ckpt)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from cascade_routing.configs import expand_config_args
@@ -67,20 +68,27 @@ class CascadeLightningCLI(LightningCLI):
                     _substitute(item.init_args, root)
 
 
-def lightning_cli(args: list[str], run: bool = True) -> CascadeLightningCLI:
-    """Build (and with ``run``, execute the subcommand of) the project's LightningCLI on ``args``."""
+def lightning_cli(args: list[str], run: bool = True, prog: str | None = None) -> CascadeLightningCLI:
+    """Build (and with ``run``, execute the subcommand of) the project's LightningCLI on ``args``.
+    ``prog``: the command name its usage lines and error tips give (default: the script's name).
+    A configuration the Trainer refuses (Lightning's ``MisconfigurationException``, e.g. a GPU
+    accelerator where torch sees none) is a ``ValueError`` saying so."""
     from cascade_routing.estimators.runtime import configure_threads
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("WANDB_SILENT", "true")
     configure_threads()
-    return CascadeLightningCLI(
-        QualityEstimatorModule,
-        RoutingDataModule,
-        seed_everything_default=0,
-        save_config_callback=ConfigToLoggers,
-        save_config_kwargs={"overwrite": True},
-        args=expand_config_args(list(args)),
-        run=run,
-    )
+    try:
+        return CascadeLightningCLI(
+            QualityEstimatorModule,
+            RoutingDataModule,
+            seed_everything_default=0,
+            save_config_callback=ConfigToLoggers,
+            save_config_kwargs={"overwrite": True},
+            args=expand_config_args(list(args)),
+            run=run,
+            parser_kwargs={} if prog is None else {"prog": prog},
+        )
+    except MisconfigurationException as err:  # e.g. a GPU config on a machine torch sees no GPU on
+        raise ValueError(f"the Trainer cannot run this configuration: {err}") from err

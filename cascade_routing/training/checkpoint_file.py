@@ -1,0 +1,38 @@
+"""Reading a Lightning checkpoint (``.ckpt``) safely, with an error that says what the file is instead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def read_lightning_checkpoint(ckpt: str | Path) -> dict:
+    """The dict of the Lightning checkpoint ``ckpt``, read by ``torch.load(weights_only=True)``: tensors
+    and plain containers only, nothing unpickled that could run code.
+
+    ``FileNotFoundError`` if there is no such file; ``ValueError`` naming the file if it is a safetensors
+    file (an estimator artifact is used as it is, not exported again), if ``weights_only`` loading refuses
+    it (not a checkpoint, or one holding arbitrary Python objects: it is never retried unsafely), or if it
+    loads but is not a Lightning checkpoint (no ``state_dict``).
+    """
+    from cascade_routing.estimators.artifact import looks_like_safetensors
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if looks_like_safetensors(path):
+        raise ValueError(
+            f"{path} is a safetensors file (an estimator artifact?), not a Lightning checkpoint: export reads "
+            "the .ckpt that `train.py fit` writes (runs/<name>/checkpoints/best.ckpt); an artifact is used as "
+            "it is (evaluate, serve, inspect-artifact)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by file kind
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint that loads with tensors and plain data only "
+            f"(torch.load(weights_only=True) refused it: {type(err).__name__}); cascade-routing never loads "
+            "a checkpoint with weights_only=False") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ValueError(f"{path} loads but is not a Lightning checkpoint (no 'state_dict')")
+    return state
