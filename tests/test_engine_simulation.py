@@ -223,6 +223,25 @@ def test_reproduce_cli_quick_on_routerbench(raw_data_dir, tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
+def test_reproduce_refuses_a_device_or_thread_count_it_cannot_use(tmp_path, capsys):
+    """A device this torch cannot use is one ``error:`` line before any work (no assertion traceback
+    from deep in the estimators); a negative thread count is an argparse error naming the option."""
+    from cascade_routing.cli import main
+    from cascade_routing.estimators.runtime import checked_device
+
+    unusable = "cuda:99" if torch.cuda.is_available() else "cuda"
+    assert main(["reproduce", "routerbench", "--out", str(tmp_path), "--quick", "--device", unusable]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: device {unusable!r}") and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="'tpu' is not a torch device name"):
+        checked_device("tpu")
+    assert checked_device("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit):
+        main(["reproduce", "routerbench", "--threads", "-3"])
+    assert "--threads: must be at least 0, got -3" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_reproduce_full_protocol_orders_strategies(raw_data_dir, tmp_path):
     """The whole Table-1 protocol (about a minute on 2 cores): cascade routing beats routing and the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from cascade_routing.cli.arguments import positive_int
+from cascade_routing.cli.arguments import non_negative_int, positive_int
 
 
 def limit_threads(threads: int) -> None:
@@ -65,7 +65,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     rb.add_argument("--quick", action="store_true", help="first pool, low noise, 4 budgets per pair")
     rb.add_argument("--no-progress", action="store_true", help="no progress bar")
     rb.add_argument("--device", default="cpu", help="where the estimators' tables and the engine run (cpu, cuda)")
-    rb.add_argument("--threads", type=int, default=1,
+    rb.add_argument("--threads", type=non_negative_int, default=1,
                     help="torch intra-op threads (default 1: on a shared or busy CPU, multi-threaded small "
                          "kernels slow down by up to 10x; 0 = torch's default)")
     rb.set_defaults(func=_reproduce)

@@ -104,9 +104,12 @@ def reproduce_routerbench(
     """Run the protocol (module docstring); ``quick``: first pool and low noise only, 4 budgets per
     pair, 100 bootstrap resamples. ``dataset``: a RoutingDataset (default: ``routerbench-subset``);
     ``pools``: name -> models (an empty list: all models), default :func:`default_pools`.
-    ``device``: where the synthetic estimators' tables live; the engine follows them."""
+    ``device``: where the synthetic estimators' tables live; the engine follows them (``ValueError``
+    if this torch cannot use it: :func:`~cascade_routing.estimators.runtime.checked_device`)."""
     from cascade_routing.data.splits import partition_indices
+    from cascade_routing.estimators.runtime import checked_device
 
+    device = str(checked_device(device))
     t0 = time.perf_counter()
     if dataset is None:
         from cascade_routing.data import load_dataset
