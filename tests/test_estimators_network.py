@@ -194,3 +194,24 @@ def test_log_surprise_network_on_cuda_matches_cpu():
 def test_bitmask_matches_enumeration():
     masks = all_masks(5)
     assert torch.equal(bitmask(masks), torch.arange(32))
+
+
+def test_loading_an_encoder_prints_no_progress_bar_and_restores_the_setting(tmp_path, capfd):
+    """transformers draws a "Loading weights" bar on stderr for every from_pretrained; an artifact
+    load (a server start, every CLI command) should not, and the user's own setting is kept."""
+    from transformers.utils import logging as hf_logging
+
+    from estimators_helpers import make_tiny_encoder
+    from cascade_routing.estimators.encoding import load_encoder_model
+
+    folder = make_tiny_encoder(tmp_path / "enc")
+    capfd.readouterr()
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        try:
+            model = load_encoder_model(str(folder))
+            assert hf_logging.is_progress_bar_enabled() is enabled
+        finally:
+            hf_logging.enable_progress_bar()
+        assert model.config.hidden_size == 32
+    assert "Loading weights" not in capfd.readouterr().err

@@ -70,12 +70,16 @@ def load_encoder_model(path: str) -> nn.Module:
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    # a 22M-parameter local load needs neither its info lines nor a "Loading weights" bar on stderr
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         return AutoModel.from_pretrained(path, local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def encoder_fingerprint(path: str) -> str:
