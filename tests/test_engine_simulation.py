@@ -227,7 +227,7 @@ def test_reproduce_refuses_a_device_or_thread_count_it_cannot_use(tmp_path, caps
     """A device this torch cannot use is one ``error:`` line before any work (no assertion traceback
     from deep in the estimators); a negative thread count is an argparse error naming the option."""
     from cascade_routing.cli import main
-    from cascade_routing.estimators.runtime import checked_device
+    from cascade_routing.evaluation.reproduce import checked_device
 
     unusable = "cuda:99" if torch.cuda.is_available() else "cuda"
     assert main(["reproduce", "routerbench", "--out", str(tmp_path), "--quick", "--device", unusable]) == 2

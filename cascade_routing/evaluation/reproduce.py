@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cascade_routing.evaluation.synthetic import synthetic_estimators
 from cascade_routing.evaluation.metrics import nondominated_models, sweep_budgets
@@ -77,6 +78,25 @@ def parse_pool(text: str) -> tuple[str, list[str]]:
     return (name.strip() or f"{len(names)} models"), names
 
 
+def checked_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, or ``ValueError`` naming the device when it is not a device name or
+    this torch build cannot use it (a CUDA device on a CPU-only build or a machine without a GPU,
+    an index past the GPUs there are, MPS where it is unavailable)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device name ({err})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'none'}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available; use cpu")
+    return dev
+
+
 @dataclass
 class ReproduceResult:
     rows: list[dict]
@@ -105,9 +125,8 @@ def reproduce_routerbench(
     pair, 100 bootstrap resamples. ``dataset``: a RoutingDataset (default: ``routerbench-subset``);
     ``pools``: name -> models (an empty list: all models), default :func:`default_pools`.
     ``device``: where the synthetic estimators' tables live; the engine follows them (``ValueError``
-    if this torch cannot use it: :func:`~cascade_routing.estimators.runtime.checked_device`)."""
+    if this torch cannot use it: :func:`checked_device`)."""
     from cascade_routing.data.splits import partition_indices
-    from cascade_routing.estimators.runtime import checked_device
 
     device = str(checked_device(device))
     t0 = time.perf_counter()
