@@ -12,6 +12,7 @@ answering) and is addressed by row index, so that the engine never sees text:
   exact for models in ``ran``.
 - :func:`bitmask`: the integer id of a ran-set, shared by policies (E[max] caches) and estimators
   (per-ran-set tables).
+- :func:`checked_queries`: the query texts (or tasks) an estimator is bound to, one string per query.
 
 This module is pure torch: no Lightning, no transformers.
 """
@@ -19,7 +20,7 @@ This module is pure torch: no Lightning, no transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -90,3 +91,17 @@ def bitmask(ran: Tensor) -> Tensor:
     """long [B]: the id of each row's ran-set, ``Σ_m ran[b, m] · 2^m`` (bit m set iff model m ran)."""
     weights = 2 ** torch.arange(ran.shape[-1], device=ran.device)
     return (ran.long() * weights).sum(-1)
+
+
+def checked_queries(texts: Any, what: str = "queries", allow_none: bool = False) -> list:
+    """``texts`` as a list, one string per query; ``TypeError`` naming ``what`` for a single string
+    (which would otherwise be read as one query per character) or for an item that is not a string
+    (``None`` allowed with ``allow_none``: a query without a task)."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of strings, one per query, got a single "
+                        f"{type(texts).__name__} (for one query, wrap it in a list)")
+    out = list(texts)
+    for i, text in enumerate(out):
+        if not isinstance(text, str) and not (allow_none and text is None):
+            raise TypeError(f"{what}[{i}] is of type {type(text).__name__}, not str")
+    return out

@@ -307,14 +307,22 @@ class ScriptedBackends:
       that is not JSON), ``"stream_badindex"`` (``"index": "x"``), ``"stream_error"`` (an error event);
       ``"stream_hold"``: the two pieces, then wait until ``release`` is set (then the rest);
     - ``"hold"``: answer (not streamed) only once ``release`` is set; ``"wrong"``: answer
-      ``"<model> says WRONG answer <query>"`` (the stand-in estimators then rate it low).
+      ``"<model> says WRONG answer <query>"`` (the stand-in estimators then rate it low);
+    - odd but legal JSON (streamed: in the first content chunk): ``"nan"`` (a ``NaN`` log-prob),
+      ``"surrogate"`` (the answer text ends with the escape of a lone surrogate, ``\\ud800``),
+      ``"surrogate400"`` (a 400 whose error message has one), ``"badchoice"`` (a second choice whose
+      content is a number); ``"giant"``: an answer of :attr:`GIANT_CHARS` characters; ``"trickle"``:
+      a valid answer (not streamed) sent one byte every 10 ms.
 
-    ``calls[model]`` counts the requests each endpoint received; ``pool`` is the :class:`BackendPool`.
+    ``calls[model]`` counts the requests each endpoint received; ``pool`` is the :class:`BackendPool`;
+    ``settings`` are added to the backends document's ``defaults``.
     """
 
     PIECES = 2
+    GIANT_CHARS = 20_000
 
-    def __init__(self, models=MODELS, modes=None, timeout_s: float = 5.0, max_retries: int = 0) -> None:
+    def __init__(self, models=MODELS, modes=None, timeout_s: float = 5.0, max_retries: int = 0,
+                 settings=None) -> None:
         import collections
         import threading
 
@@ -325,7 +333,7 @@ class ScriptedBackends:
         self.modes = dict(modes or {})
         self.calls: collections.Counter = collections.Counter()
         self.release = threading.Event()
-        doc = {"defaults": {"timeout_s": timeout_s, "max_retries": max_retries, "backoff_s": 0.01},
+        doc = {"defaults": {"timeout_s": timeout_s, "max_retries": max_retries, "backoff_s": 0.01, **(settings or {})},
                "models": [{"name": m, "base_url": f"http://scripted/{m}/v1", "price_per_input_token": PRICE_IN[m],
                            "price_per_output_token": PRICE_OUT[m]} for m in models]}
         self.pool = BackendPool(parse_backends(doc, "scripted"),
@@ -349,6 +357,10 @@ class ScriptedBackends:
         body = json.loads(request.content)
         self.calls[model] += 1
         mode = self.modes.get(model, "ok")
+        if mode == "surrogate400":
+            raw = (b'{"error": {"message": "bad \\ud800 input", "type": "invalid_request_error", "param": "messages", '
+                   b'"code": "invalid_value"}}')
+            return httpx.Response(400, content=raw, headers={"content-type": "application/json"})
         if mode in ("400", "404", "500", "context_400"):
             code = {"400": "invalid_value", "context_400": "context_length_exceeded"}.get(mode)
             error = {"message": f"{model}: no ({mode})", "type": "invalid_request_error",
@@ -357,6 +369,9 @@ class ScriptedBackends:
         text = self.answer(model, body["messages"][-1]["content"])
         if mode == "wrong":
             text = text.replace("CORRECT", "WRONG")
+        if mode == "giant":
+            text = (text + " ") * (self.GIANT_CHARS // (len(text) + 1) + 1)
+        odd = {"nan": ', "logprobs": {"content": [{"token": "x", "logprob": NaN}]}'}.get(mode, "")
         usage = {"prompt_tokens": 10, "completion_tokens": 20}
         usage_json = json.dumps({"negusage": {"prompt_tokens": -1000000, "completion_tokens": 20},
                                  "strusage": {"prompt_tokens": "abc", "completion_tokens": 20},
@@ -366,10 +381,20 @@ class ScriptedBackends:
         if not body.get("stream"):
             while mode == "hold" and not self.release.is_set():
                 await asyncio.sleep(0.01)
-            message = {"role": "assistant", "content": text}
-            raw = ('{"object": "chat.completion", "choices": [{"index": 0, "message": ' + json.dumps(message)
-                   + ', "finish_reason": "stop"}], "usage": ' + usage_json + "}")
-            return httpx.Response(200, content=raw.encode(), headers={"content-type": "application/json"})
+            message = json.dumps({"role": "assistant", "content": text})
+            if mode == "surrogate":
+                message = message[:-2] + ' \\ud800"}'
+            second = ', {"index": 1, "message": {"role": "assistant", "content": 5}}' if mode == "badchoice" else ""
+            raw = ('{"object": "chat.completion", "choices": [{"index": 0, "message": ' + message + odd
+                   + ', "finish_reason": "stop"}' + second + '], "usage": ' + usage_json + "}").encode()
+            if mode == "trickle":
+                async def trickled():
+                    for k in range(len(raw)):
+                        await asyncio.sleep(0.01)
+                        yield raw[k:k + 1]
+
+                return httpx.Response(200, content=trickled(), headers={"content-type": "application/json"})
+            return httpx.Response(200, content=raw, headers={"content-type": "application/json"})
 
         def chunk(delta=None, finish=None, index=0, **extra):
             choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish}]
@@ -380,7 +405,15 @@ class ScriptedBackends:
 
         async def events():
             yield chunk({"role": "assistant", "content": ""})
-            yield chunk({"content": text[:cut]})
+            if mode in ("nan", "surrogate"):  # the first content chunk is odd JSON
+                first = json.dumps({"object": "chat.completion.chunk",
+                                    "choices": [{"index": 0, "delta": {"content": text[:cut]}, "finish_reason": None}]})
+                first = (first.replace('"finish_reason"', '"logprobs": {"content": [{"token": "x", "logprob": NaN}]}, '
+                                       '"finish_reason"') if mode == "nan" else
+                         first.replace(json.dumps(text[:cut]), json.dumps(text[:cut])[:-1] + '\\ud800"'))
+                yield ("data: " + first + "\n\n").encode()
+            else:
+                yield chunk({"content": text[:cut]})
             yield chunk({"content": text[cut:2 * cut]})
             await asyncio.sleep(0.01)
             if mode == "stream_break":

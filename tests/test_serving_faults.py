@@ -6,6 +6,7 @@ shutdown, the cost header on errors, what the metrics count, and the keys' spend
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -20,6 +21,8 @@ from cascade_routing.serving.limits import ServerLimits
 from cascade_routing.serving.streaming import sse_data
 from tests.serving_helpers import (
     FEATURE_NAMES,
+    PRICE_IN,
+    PRICE_OUT,
     ScriptedBackends,
     bind,
     offline_features,
@@ -82,7 +85,8 @@ def _samples(url, **kw):
 @pytest.mark.parametrize("mode", ["stream_break", "stream_stall", "stream_garbage", "stream_badindex", "stream_error"])
 def test_a_streamed_model_failing_after_its_first_tokens_ends_the_stream(ds, routing, mode):
     """The client has part of model A's answer: A's failure ends the stream with ``stream_aborted``
-    (no finish chunk), and no other model is called or paid for."""
+    (no finish chunk), and no other model is called or paid for. What A bills for the part it sent
+    is estimated (prompt and received text at ceil(chars / 4) tokens) and charged."""
     query = ds.queries[0]
     first = routing.next_model(query, {})
     backends = ScriptedBackends(modes={first: mode})
@@ -93,11 +97,17 @@ def test_a_streamed_model_failing_after_its_first_tokens_ends_the_stream(ds, rou
     assert status == 200 and events[-1] == "[DONE]"
     error = events[-2]["error"]
     assert error["code"] == "stream_aborted" and error["failures"][0]["model"] == first
-    assert error["spent"] == 0.0
+    sent = json.dumps([{"role": "user", "content": query}], ensure_ascii=False)
+    received = 2 * (len(ScriptedBackends.answer(first, query)) // 3)  # the two pieces sent before the fault
+    estimate = -(-len(sent) // 4) * PRICE_IN[first] + -(-received // 4) * PRICE_OUT[first]
+    assert error["spent"] == pytest.approx(estimate) and error["failures"][0]["cost_estimate"] == pytest.approx(estimate)
     assert not any(c.get("finish_reason") for e in events[:-2] for c in e.get("choices", []))
     assert ScriptedBackends.answer(first, query).startswith(_text(events)) and _text(events)  # A's tokens only
     assert dict(backends.calls) == {first: 1}
-    assert snap["requests"] == 1 and snap["errors"] == 1 and snap["answered"] == 0 and snap["total_cost"] == 0
+    assert snap["requests"] == 1 and snap["errors"] == 1 and snap["answered"] == 0
+    assert snap["total_cost"] == pytest.approx(estimate) and snap["runs"] == {} and snap["failures"] == {first: 1}
+    assert samples[("cascade_routing_spend_usd_total", (("model", first),))] == pytest.approx(estimate)
+    assert not any(n == "cascade_routing_models_run_total" for n, _ in samples)
     assert samples[("cascade_routing_errors_total", (("kind", "stream_aborted"),))] == 1
     assert samples[("cascade_routing_requests_total", (("status", "200"), ("stream", "true")))] == 1
 

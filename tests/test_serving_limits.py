@@ -38,7 +38,8 @@ def test_body_over_the_limit_is_413_and_never_forwarded(ds, router):
             for _ in range(10):
                 yield b" " * 500
 
-        resp = httpx.post(s.url + "/v1/chat/completions", content=chunks(), timeout=10)
+        resp = httpx.post(s.url + "/v1/chat/completions", content=chunks(), timeout=10,
+                          headers={"Content-Type": "application/json"})
         assert resp.status_code == 413
         assert sum(s.replay_app.state.requests.values()) == 0  # nothing reached a backend
         assert httpx.post(s.url + "/v1/chat/completions", json=_body(ds.queries[0]), timeout=10).status_code == 200

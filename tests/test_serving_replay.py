@@ -146,7 +146,37 @@ def test_replay_backend_keeps_idle_connections_longer_than_httpx_expires_them(mo
     from cascade_routing.serving.server import KEEP_ALIVE_S
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+
+    def run(server, sockets=None):
+        seen.update(keep_alive=server.config.timeout_keep_alive, address=sockets[0].getsockname())
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     folder = synthetic_dataset(20, seed=1).save(tmp_path / "ds")
     replay_backend(str(folder), port=0, log_level="warning")
-    assert seen["timeout_keep_alive"] == int(KEEP_ALIVE_S) > 5 and seen["host"] == "127.0.0.1"
+    assert seen["keep_alive"] == int(KEEP_ALIVE_S) > 5 and seen["address"][0] == "127.0.0.1"
+
+
+def test_replay_backend_writes_its_backends_file_only_once_it_has_its_port(monkeypatch, tmp_path):
+    """A taken port fails the start with a message naming it, and leaves no ``--write-backends`` file
+    pointing at the other process's port; on a free port the file names the port actually bound."""
+    import socket
+
+    import uvicorn
+    import yaml
+
+    from cascade_routing.serving.replay import replay_backend
+
+    folder = synthetic_dataset(20, seed=1).save(tmp_path / "ds")
+    written = tmp_path / "backends.yaml"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
+            replay_backend(str(folder), port=port, write_backends=written, log_level="warning")
+    assert not written.exists()
+    bound = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: bound.update(port=sockets[0].getsockname()[1]))
+    replay_backend(str(folder), port=0, write_backends=written, log_level="warning")
+    urls = {m["base_url"] for m in yaml.safe_load(written.read_text())["models"]}
+    assert bound["port"] > 0 and all(u.startswith(f"http://127.0.0.1:{bound['port']}/") for u in urls)

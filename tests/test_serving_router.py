@@ -91,6 +91,21 @@ def test_batch_equals_single(ds):
     assert router.select_batch(ds.queries, ran) == [router.select(q, a) for q, a in zip(ds.queries, ran)]
 
 
+def test_the_step_api_refuses_a_single_string_for_a_batch(ds):
+    """``next_models("text")`` would route one query per character; a task list given as one string
+    likewise."""
+    policy = Routing()
+    router = CascadeRouter(policy, bind, _fitted(ds, policy, float(ds.cost.mean(0)[1])), ds.models,
+                           feature_names=FEATURE_NAMES)
+    with pytest.raises(TypeError, match="queries must be a sequence of strings, one per query, got a single str"):
+        router.next_models(str(ds.queries[0]))
+    with pytest.raises(TypeError, match=r"queries\[0\] is of type int, not str"):
+        router.select_batch([7], [{}])
+    with pytest.raises(TypeError, match="tasks must be a sequence of strings"):
+        router.next_models([str(ds.queries[0])], tasks=str(ds.tasks[0]))
+    assert router.next_models([str(ds.queries[0])]) == [router.next_model(str(ds.queries[0]))]
+
+
 def test_failed_model_is_removed_from_candidates(ds):
     policy = Routing()
     # λ = 0: routing picks the model with the highest ex-ante mean (the large model mostly)

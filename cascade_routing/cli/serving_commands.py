@@ -50,7 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
                  max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                  torch_threads=args.torch_threads or None, limits=limits, api_keys=args.api_keys, store=args.store or DEFAULT_STORE,
                  keep_alive_s=args.keep_alive_s, shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8,
-                 controller=controller, upstream_pools=args.upstream_pools, workers=args.workers)
+                 controller=controller, upstream_pools=args.upstream_pools, workers=args.workers,
+                 header_timeout_s=args.header_timeout_s)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -74,7 +75,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     p.add_argument("--checkpoint", required=True, help="estimator artifact (.safetensors) with fitted λ tables")
     p.add_argument("--backends", required=True, help="backends YAML (see cascade_routing/configs/backends.example.yaml)")
-    p.add_argument("--budget", required=True, type=float, help="mean cost budget per query, USD")
+    p.add_argument("--budget", required=True, type=float, help="mean cost budget per query, USD (finite, >= 0)")
     p.add_argument("--strategy", default="cascade_routing",
                    choices=["cascade_routing", "routing", "threshold_cascade", "optimal_cascade"])
     p.add_argument("--name", default="cascade-routing", help="the model name clients send")
@@ -113,6 +114,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "one pool costs CPU per call in proportion to its open connections)")
     p.add_argument("--keep-alive-s", type=float, default=75.0,
                    help="idle keep-alive of client connections (keep above the clients' own)")
+    p.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="a connection's request line and headers must arrive within this many seconds of its "
+                        "opening (or of its next request's first byte), else it is closed (slowloris)")
     p.add_argument("--shutdown-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, let requests in flight finish this long, then cancel them")
     p.add_argument("--budget-controller", action="store_true",

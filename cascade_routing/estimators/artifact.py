@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.estimators import encoding
+from cascade_routing.interfaces import checked_queries
 from cascade_routing.estimators.cost import BoundCostEstimator, CostModel
 from cascade_routing.estimators.features import UnseenTaskWarning, task_onehot, text_statistics, unseen_task_message
 from cascade_routing.estimators.learned import UNCERTAINTY_MODES, LearnedQualityEstimator, coverage_ids
@@ -57,20 +58,6 @@ FORMAT_TAG = "cascade-routing-estimator"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 2 added encoder["hf_config" / "carried" / "tokenizer" / "tokenizer_fingerprint"]
 DEFAULT_ENCODER = "default"
-
-
-def checked_queries(texts: Any, what: str = "queries", allow_none: bool = False) -> list:
-    """``texts`` as a list, one string per query; ``TypeError`` naming ``what`` for a single string
-    (which would otherwise be read as one query per character) or for an item that is not a string
-    (``None`` allowed with ``allow_none``: a query without a task)."""
-    if isinstance(texts, (str, bytes)):
-        raise TypeError(f"{what} must be a sequence of strings, one per query, got a single "
-                        f"{type(texts).__name__} (for one query, wrap it in a list)")
-    out = list(texts)
-    for i, text in enumerate(out):
-        if not isinstance(text, str) and not (allow_none and text is None):
-            raise TypeError(f"{what}[{i}] is of type {type(text).__name__}, not str")
-    return out
 
 
 class ArtifactError(ValueError):

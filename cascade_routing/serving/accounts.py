@@ -2,8 +2,10 @@
 
 Each finished request (answered, failed, timed out, cut by a disconnect or a shutdown) is recorded once in its key's
 account and in the server-wide account ``"*"`` with ``cost`` = the sum of the costs of the answers
-it received (an upstream call cut short by a deadline or a client disconnect has no known cost and
-is counted in ``cancelled_calls:<model>`` instead). Counters (all increments, see
+it received, plus the estimated cost of a streamed answer that broke after part of it arrived
+(:attr:`~cascade_routing.serving.router.RouteProgress.partial`: the provider bills that part; an
+upstream call cut short by a deadline or a client disconnect has no known cost and is counted in
+``cancelled_calls:<model>`` instead). Counters (all increments, see
 :mod:`cascade_routing.serving.store`): ``requests``, ``answered``, ``errors``, ``timeouts``,
 ``disconnects``, ``shutdowns``, ``cost``, ``cost:<outcome>``, ``requests@<budget>`` / ``cost@<budget>`` per fitted budget used,
 ``runs:<model>``, ``answers:<model>``, ``failures:<model>`` (calls that failed after retries; a model

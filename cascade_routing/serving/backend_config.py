@@ -3,7 +3,10 @@
 YAML layout (see ``configs/backends.example.yaml``)::
 
     defaults:                 # optional; every key may be overridden per model
-      timeout_s: 60           # per attempt (connect + read)
+      timeout_s: 60           # per attempt, the whole of it: connect, send, and the answer's last byte
+                              # (a backend trickling its answer fails at this limit like a silent one)
+      max_response_bytes: 8388608  # an answer body (or a stream's bytes) larger than this (8 MiB) is that
+                              # model's failure (bad_response): it is never read past the limit
       max_retries: 2          # extra attempts after the first, on 5xx / 429 / timeout / connection error
       backoff_s: 0.5          # wait before retry k (k = 0, 1, ...): backoff_s * 2**k * U(0.5, 1.5), or the
                               # endpoint's Retry-After (seconds) when it is longer (capped at 60 s)
@@ -49,6 +52,7 @@ class BackendConfig:
     price_out: float
     api_key_env: str | None = None
     timeout_s: float = 60.0
+    max_response_bytes: int = 8 << 20
     max_retries: int = 2
     backoff_s: float = 0.5
     max_concurrency: int = 32
@@ -65,6 +69,7 @@ class BackendConfig:
 
 _DEFAULTS: dict[str, Any] = {
     "timeout_s": 60.0,
+    "max_response_bytes": 8 << 20,
     "max_retries": 2,
     "backoff_s": 0.5,
     "max_concurrency": 32,
@@ -131,6 +136,9 @@ def _model_config(entry: Any, source: str, i: int, defaults: Mapping[str, Any], 
     settings = {k: entry.get(k, defaults[k]) for k in _DEFAULTS}
     try:
         timeout_s = float(settings["timeout_s"])
+        max_response_bytes = settings["max_response_bytes"]
+        if isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int):
+            raise ValueError(f"max_response_bytes must be an integer, got {max_response_bytes!r}")
         max_retries = int(settings["max_retries"])
         backoff_s = float(settings["backoff_s"])
         max_concurrency = int(settings["max_concurrency"])
@@ -138,6 +146,9 @@ def _model_config(entry: Any, source: str, i: int, defaults: Mapping[str, Any], 
         breaker_reset_s = float(settings["breaker_reset_s"])
     except (TypeError, ValueError) as err:
         raise BackendConfigError(f"{where}: bad numeric setting: {err}") from None
+    if not 0 < timeout_s < math.inf or max_response_bytes < 1:
+        raise BackendConfigError(f"{where}: need a finite timeout_s > 0 and max_response_bytes >= 1, got "
+                                 f"{timeout_s} and {max_response_bytes}")
     if (timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1 or breaker_failures < 1
             or breaker_reset_s < 0):
         raise BackendConfigError(
@@ -152,6 +163,7 @@ def _model_config(entry: Any, source: str, i: int, defaults: Mapping[str, Any], 
         price_out=_price(entry, "output", where),
         api_key_env=entry.get("api_key_env"),
         timeout_s=timeout_s,
+        max_response_bytes=max_response_bytes,
         max_retries=max_retries,
         backoff_s=backoff_s,
         max_concurrency=max_concurrency,

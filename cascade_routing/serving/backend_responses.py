@@ -7,8 +7,12 @@ backend writes this) takes the cost from the response's ``x_cost_usd`` field ins
 ``completion_tokens`` (each optional) are integers in [0, 2**53]; a reported ``x_cost_usd`` must be a
 finite number >= 0. Anything else (a negative or fractional count, a string, a list, Infinity) is
 that backend's failure: :class:`BackendError` with reason ``bad_response`` naming the field, handled
-like any failed call (the router tries another model). A streamed answer's chunks are checked the
-same way (``choices[].index`` and tool calls' ``index`` non-negative integers, ``delta`` an object).
+like any failed call (the router tries another model). So is an answer body that is not strict
+JSON (:func:`answer_json`: ``NaN`` / ``Infinity`` anywhere, a string or key with a lone surrogate
+such as ``"\\ud800"``), a choice whose ``message`` is not an object or whose ``content`` is neither
+a string nor null, and a body over the endpoint's ``max_response_bytes``. A streamed answer's
+chunks are checked the same way (each chunk strict JSON; ``choices[].index`` and tool calls'
+``index`` non-negative integers, ``delta`` an object).
 
 A non-retryable 4xx that the request itself may have caused (400, 413, 422; not a 400 whose error
 ``code`` is ``context_length_exceeded``, which is the model's own limit) raises
@@ -32,18 +36,23 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from cascade_routing.serving.schema import find_invalid_value, printable
+
 FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence")
 
 
 class BackendError(RuntimeError):
-    """A backend could not produce an answer (after retries); ``reason`` is a short code."""
+    """A backend could not produce an answer (after retries); ``reason`` is a short code. ``cost``:
+    what the failed call is estimated to have cost anyway (USD; :func:`partial_cost` of a stream
+    that broke after part of its answer arrived, which the provider bills), else 0."""
 
-    def __init__(self, model: str, reason: str, detail: str, attempts: int) -> None:
+    def __init__(self, model: str, reason: str, detail: str, attempts: int, cost: float = 0.0) -> None:
         super().__init__(f"backend {model!r} failed ({reason}) after {attempts} attempt(s): {detail}")
         self.model = model
         self.reason = reason
         self.detail = detail
         self.attempts = attempts
+        self.cost = cost
 
 
 REQUEST_CAUSED_STATUSES = frozenset({400, 413, 422})
@@ -68,8 +77,8 @@ def _upstream_error(text: str) -> tuple[str | None, str | None, str | None]:
     except (ValueError, AttributeError, RecursionError):
         return None, None, None
     if not isinstance(error, Mapping):
-        return (error if isinstance(error, str) else None), None, None
-    return tuple(v if isinstance(v, str) else None  # type: ignore[return-value]
+        return (printable(error) if isinstance(error, str) else None), None, None
+    return tuple(printable(v) if isinstance(v, str) else None  # type: ignore[return-value]
                  for v in (error.get("message"), error.get("param"), error.get("code")))
 
 
@@ -97,6 +106,55 @@ def _token_count(usage: Mapping[str, Any], name: str) -> int | None:
     if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
         return None
     return int(value) if 0 <= value <= MAX_TOKENS else None
+
+
+CHARS_PER_TOKEN = 4
+"""Characters per token where no ``usage`` says (the data layer's estimate, ``ceil(chars / 4)``)."""
+
+
+def partial_cost(messages: Any, received: "_StreamedAnswer", price_in: float, price_out: float) -> float:
+    """Estimated USD of a stream that broke after part of its answer arrived (the provider bills the
+    prompt and the tokens it sent): the stream's ``usage`` if it had come, else the prompt's tokens
+    as ``ceil(chars / 4)`` of the messages' JSON and the output's as ``ceil(chars / 4)`` of the
+    content and tool-call text received."""
+    try:
+        tokens_in, tokens_out = parse_usage(received.extra.get("usage"))
+    except ValueError:
+        tokens_in = tokens_out = 0
+    if not tokens_in and not tokens_out:
+        sent = json.dumps(messages, ensure_ascii=False)
+        chars = sum(len(piece) for acc in received.choices.values() for piece in acc["content"])
+        chars += sum(len(call["function"]["name"]) + len(call["function"]["arguments"])
+                     for acc in received.choices.values() for call in acc["tool_calls"].values())
+        tokens_in, tokens_out = -(-len(sent) // CHARS_PER_TOKEN), -(-chars // CHARS_PER_TOKEN)
+    return float(tokens_in * price_in + tokens_out * price_out)
+
+
+def answer_json(raw: bytes | str) -> Any:
+    """The parsed JSON of an answer body or stream chunk. Raises ValueError naming the problem when
+    it is not strict JSON: malformed, nested too deeply, a ``NaN`` / ``Infinity`` (which Python's
+    reader accepts) or a string or key with a lone surrogate (a valid escape, but no Unicode text),
+    naming its path (e.g. ``choices[0].logprobs.content[0].logprob``)."""
+    try:
+        value = json.loads(raw)
+        bad = find_invalid_value(value)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if bad is not None:
+        raise ValueError(f"{bad[0] or 'the body'} {bad[1]}")
+    return value
+
+
+def check_choices(choices: Any) -> None:
+    """Every choice of a ``chat.completion`` is an object with a ``message`` object whose ``content``
+    (if present) is a string or null; ValueError naming the first that is not."""
+    for k, choice in enumerate(choices if isinstance(choices, list) else []):
+        message = choice.get("message") if isinstance(choice, Mapping) else None
+        if not isinstance(message, Mapping):
+            raise ValueError(f"choices[{k}].message must be an object")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"choices[{k}].message.content must be a string or null, got {type(content).__name__}")
 
 
 def parse_usage(usage: Any) -> tuple[int, int]:

@@ -11,11 +11,18 @@ Per-request limits (set by the server through :data:`REQUEST_LIMITS`, a context 
 every backend call made for one request shares them): a total number of HTTP attempts over all
 models and retries, and a deadline; a call never starts an attempt, nor sleeps before a retry,
 past the deadline, and each attempt's timeout is cut to the time left.
+
+Per attempt: ``timeout_s`` bounds the WHOLE attempt (connect, send, and the last byte of the
+answer or stream), not just each read, so an endpoint trickling its answer byte by byte fails
+with ``timeout`` like a silent one (then the next attempt or model); the answer is read at most
+``max_response_bytes`` far (a larger one is ``bad_response``; a 4xx/5xx body only its first
+16 KiB, for the error message).
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextvars
 import email.utils
 import math
@@ -23,7 +30,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import httpx
 
@@ -40,7 +47,10 @@ from cascade_routing.serving.backend_responses import (  # noqa: F401  (re-expor
     RequestRejectedError,
     _logprob_confidence,
     _StreamedAnswer,
+    answer_json,
     answer_text,
+    check_choices,
+    partial_cost,
     parse_usage,
     rejection,
 )
@@ -61,6 +71,8 @@ class RequestLimits:
 REQUEST_LIMITS: contextvars.ContextVar[RequestLimits | None] = contextvars.ContextVar("request_limits", default=None)
 
 MAX_RETRY_AFTER_S = 60.0
+ERROR_BODY_BYTES = 16 << 10
+"""How much of a 4xx/5xx answer body is read (its error message is cut to 4,000 characters)."""
 _sleep = asyncio.sleep  # the retry wait (a module attribute so tests can record the delays)
 
 
@@ -165,6 +177,10 @@ class Backend:
             message = choice["message"]
         except (KeyError, IndexError, TypeError):
             raise BackendError(cfg.name, "bad_response", "no choices[0].message", attempts) from None
+        try:
+            check_choices(body["choices"])
+        except ValueError as err:
+            raise BackendError(cfg.name, "bad_response", str(err), attempts) from None
         text = answer_text(message)
         if text is None:
             raise BackendError(cfg.name, "bad_response",
@@ -294,7 +310,9 @@ class Backend:
         """One attempt, counted against the request's limits and timed out at the lesser of the
         endpoint's timeout and the request's time left: the answer, or None to retry (the failure and
         any Retry-After wait recorded in ``retry``). Raises :class:`BackendError` on a non-retryable
-        4xx, and on a stream that broke after part of it was handed on (``stream_broken``)."""
+        4xx or a malformed answer, and on a stream that broke after part of it was handed on
+        (``stream_broken``, or the chunk's own reason; its ``cost`` then estimates what the provider
+        bills for the part received: :func:`partial_cost`)."""
         cfg = self.config
         if limits is not None:
             limits.attempts_left -= 1
@@ -305,20 +323,30 @@ class Backend:
             timeout = max(0.001, min(timeout, left))
         retry.wait = 0.0
         start = time.perf_counter()
+        received = _StreamedAnswer()
         try:
-            status, retry_after, text, body = await self._exchange(payload, timeout, on_delta, handed_on,
-                                                                   retry.attempts)
+            async with asyncio.timeout(timeout):  # the whole attempt, not each read (module docstring)
+                status, retry_after, text, body = await self._exchange(payload, timeout, on_delta, handed_on,
+                                                                       retry.attempts, received)
         except asyncio.CancelledError:
             self.breaker.abandon()
             raise
-        except (httpx.TimeoutException, httpx.TransportError) as err:
+        except BackendError as err:  # a malformed or oversized answer: a verdict on the endpoint too
             self.breaker.failure()
-            if isinstance(err, httpx.TimeoutException):
+            if handed_on[0]:
+                err.cost = partial_cost(payload["messages"], received, cfg.price_in, cfg.price_out)
+            raise
+        except (httpx.TimeoutException, httpx.TransportError, TimeoutError) as err:
+            self.breaker.failure()
+            if isinstance(err, TimeoutError):
+                retry.reason, retry.detail = "timeout", f"the attempt did not finish within {timeout:.3g}s"
+            elif isinstance(err, httpx.TimeoutException):
                 retry.reason, retry.detail = "timeout", f"{type(err).__name__} after {timeout:.3g}s"
             else:
                 retry.reason, retry.detail = "connection_error", f"{type(err).__name__}: {err}"
             if handed_on[0]:  # part of the answer is already with the client: no retry
-                raise BackendError(cfg.name, "stream_broken", retry.detail, retry.attempts) from None
+                raise BackendError(cfg.name, "stream_broken", retry.detail, retry.attempts,
+                                   partial_cost(payload["messages"], received, cfg.price_in, cfg.price_out)) from None
             return None
         latency_ms = (time.perf_counter() - start) * 1000.0
         if status >= 500 or status == 429:
@@ -335,28 +363,33 @@ class Backend:
 
     async def _exchange(self, payload: dict[str, Any], timeout: float,
                         on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None, handed_on: list[bool],
-                        attempts: int) -> tuple[int, str | None, str, Any]:
+                        attempts: int, acc: _StreamedAnswer) -> tuple[int, str | None, str, Any]:
         """One HTTP attempt: (status, Retry-After header, error text (first 4,000 chars), body). The
-        body is the parsed JSON, or for a stream the completion rebuilt from its chunks (each
-        delta handed to ``on_delta`` on the way; ``handed_on[0]`` set once one was)."""
+        body is the parsed JSON (:func:`answer_json`), or for a stream the completion rebuilt from its
+        chunks in ``acc`` (each delta handed to ``on_delta`` on the way; ``handed_on[0]`` set once one was).
+        Raises :class:`BackendError` ``bad_response`` when the answer is not strict JSON or is larger
+        than ``max_response_bytes`` (read no further than that)."""
         cfg = self.config
-        if on_delta is None:
-            response = await self._client.post(cfg.url, json=payload, headers=self._headers(), timeout=timeout)
-            if response.status_code >= 400:
-                return response.status_code, response.headers.get("retry-after"), response.text[:4000], None
-            try:
-                return response.status_code, None, "", response.json()
-            except ValueError:
-                raise BackendError(cfg.name, "bad_response", "body is not JSON", attempts) from None
         async with self._client.stream("POST", cfg.url, json=payload, headers=self._headers(),
                                        timeout=timeout) as response:
             if response.status_code >= 400:
-                text = (await response.aread()).decode(errors="replace")[:4000]
+                head = b""
+                async for chunk in response.aiter_bytes():
+                    head += chunk
+                    if len(head) >= ERROR_BODY_BYTES:
+                        break
+                text = head[:ERROR_BODY_BYTES].decode(errors="replace")[:4000]
                 return response.status_code, response.headers.get("retry-after"), text, None
-            acc = _StreamedAnswer()
-            async for line in response.aiter_lines():
+            chunks = self._capped(response, attempts)
+            if on_delta is None:
+                raw = b"".join([chunk async for chunk in chunks])
                 try:
-                    event = sse_data(line)
+                    return response.status_code, None, "", answer_json(raw)
+                except ValueError as err:
+                    raise BackendError(cfg.name, "bad_response", f"body is not valid JSON: {err}", attempts) from None
+            async for line in _lines(chunks):
+                try:
+                    event = sse_data(line, answer_json)
                 except ValueError as err:
                     raise BackendError(cfg.name, "bad_response", f"bad SSE data: {err}", attempts) from None
                 if event is None:
@@ -373,6 +406,55 @@ class Backend:
                     handed_on[0] = True
                     await on_delta(choice)
             return response.status_code, None, "", acc.body()
+
+    async def _capped(self, response: httpx.Response, attempts: int) -> AsyncIterator[bytes]:
+        """The answer's (decoded) bytes; :class:`BackendError` ``bad_response`` as soon as they pass
+        ``max_response_bytes`` (or at once when ``Content-Length`` says they will)."""
+        limit = self.config.max_response_bytes
+
+        def too_large() -> BackendError:
+            return BackendError(self.name, "bad_response", f"the answer is larger than max_response_bytes = {limit} "
+                                "bytes; it was not read further", attempts)
+
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit and not response.headers.get("content-encoding"):
+            raise too_large()
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise too_large()
+            yield chunk
+
+
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
+
+
+async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The text lines of a byte stream (UTF-8, invalid bytes replaced), split as ``str.splitlines``
+    splits them, as ``httpx.Response.aiter_lines`` does (a trailing ``\\r`` waits for the next chunk,
+    which may start with the ``\\n`` of a CRLF)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending: list[str] = []  # the unfinished line so far
+    trailing_cr = False
+    async for chunk in chunks:
+        text = ("\r" if trailing_cr else "") + decoder.decode(chunk)
+        trailing_cr = text.endswith("\r")
+        text = text[:-1] if trailing_cr else text
+        if not text:
+            continue
+        lines = text.splitlines()
+        unfinished = lines.pop() if text[-1] not in _LINE_BREAKS else None
+        if lines:
+            lines[0] = "".join(pending) + lines[0]
+            pending = []
+            for line in lines:
+                yield line
+        if unfinished is not None:
+            pending.append(unfinished)
+    rest = "".join(pending) + decoder.decode(b"", final=True) + ("\r" if trailing_cr else "")
+    for line in rest.splitlines():
+        yield line
 
 
 class ShardedClient:

@@ -14,13 +14,15 @@ Decisions are per row, so they equal routing each query alone.
 
 Isolation: if a group's call raises, the group is split in halves and each half retried (down to
 single jobs), so only the request whose input breaks the estimators gets the exception, and the
-others stay batched (2·log2(n) extra calls for one bad job among n). A job whose caller went away (cancelled future)
-is skipped.
+others stay batched (2·log2(n) extra calls for one bad job among n). A job whose caller went away
+(cancelled future: its client left, or its deadline passed) is skipped, also when it was cancelled
+while earlier groups of its batch ran; only a call already running on a compute thread finishes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -65,8 +67,8 @@ class ComputeBatcher:
     ``await b.select(slot)`` -> (model index or -1, final mean per model)."""
 
     def __init__(self, router: "CascadeRouter", max_batch: int = 64, window_ms: float = 2.0) -> None:
-        if max_batch < 1 or window_ms < 0:
-            raise ValueError(f"need max_batch >= 1 and window_ms >= 0, got {max_batch}, {window_ms}")
+        if max_batch < 1 or not 0 <= window_ms < math.inf:
+            raise ValueError(f"need max_batch >= 1 and a finite window_ms >= 0, got {max_batch}, {window_ms}")
         self.router = router
         self.max_batch = max_batch
         self.window_s = window_ms / 1000.0
@@ -129,6 +131,9 @@ class ComputeBatcher:
                 await self._run_group(group)
 
     async def _run_group(self, group: list[_Job]) -> None:
+        group = [job for job in group if not job.future.done()]  # callers gone meanwhile: no work for them
+        if not group:
+            return
         fn = {"bind": self._bind, "decide": self._decide, "select": self._select}[group[0].kind]
         try:
             results, took = await self._compute(fn, group)

@@ -5,7 +5,7 @@ Each app gets its own ``CollectorRegistry`` (several servers in one process stay
 | metric | type | labels | meaning |
 |---|---|---|---|
 | ``cascade_routing_requests_total`` | counter | ``status`` (HTTP code), ``stream`` (``true``/``false``/``unknown`` when refused before parsing) | chat-completion requests answered (``POST /v1/chat/completions`` only: a 401 of ``/metrics``, ``/v1/models`` or ``/docs`` is not one) |
-| ``cascade_routing_errors_total`` | counter | ``kind`` | chat-completion errors by code: ``bad_request``, ``unsupported_parameter``, ``model_not_found``, ``invalid_api_key``, ``request_timeout``, ``server_busy``, ``insufficient_quota``, ``quota_reserved``, ``rejected_by_backend``, ``no_model_available``, ``deadline_exceeded``, ``client_closed``, ``routing_failed``, ``stream_aborted`` (and ``deadline_exceeded`` / ``server_shutting_down`` after a stream started), ... |
+| ``cascade_routing_errors_total`` | counter | ``kind`` | chat-completion errors by code: ``bad_request``, ``unsupported_parameter``, ``model_not_found``, ``invalid_api_key``, ``request_timeout``, ``unsupported_media_type``, ``server_busy``, ``insufficient_quota``, ``quota_reserved``, ``rejected_by_backend``, ``no_model_available``, ``deadline_exceeded``, ``client_closed``, ``routing_failed``, ``internal_error``, ``stream_aborted`` (and ``deadline_exceeded`` / ``server_shutting_down`` after a stream started), ... |
 | ``cascade_routing_request_latency_seconds`` | histogram | ``stream`` | wall time of a served request in the server |
 | ``cascade_routing_time_to_first_token_seconds`` | histogram | ``mode`` (``passthrough``/``buffered``) | streamed requests: time to the first content chunk |
 | ``cascade_routing_models_run_total`` | counter | ``model`` | backend answers used by the router |
@@ -65,17 +65,21 @@ class ServerMetrics:
         self.errors.labels(kind).inc()
 
     def spent(self, costs: dict[str, float], answer_model: str | None, failed: Iterable[str],
-              key: str = "anonymous") -> None:
+              key: str = "anonymous", partial: dict[str, float] | None = None) -> None:
         """Record what one request spent, whatever its outcome: ``costs`` per model that answered,
-        the answer's model (None if it got none), the models whose calls failed (called ones only)."""
+        the answer's model (None if it got none), the models whose calls failed (called ones only),
+        and ``partial``: the estimated cost of failed calls billed anyway (a stream broken midway),
+        added to the spend but not to the models run."""
         for model, cost in costs.items():
             self.models_run.labels(model).inc()
+            self.spend.labels(model).inc(max(0.0, cost))
+        for model, cost in (partial or {}).items():
             self.spend.labels(model).inc(max(0.0, cost))
         for model in failed:
             self.model_failures.labels(model).inc()
         if answer_model is not None:
             self.answers.labels(answer_model).inc()
-        self.key_spend.labels(key).inc(max(0.0, sum(costs.values())))
+        self.key_spend.labels(key).inc(max(0.0, sum(costs.values()) + sum((partial or {}).values())))
 
     def set_lambda(self, budget: float | None, lam: float, factor: float) -> None:
         label = "default" if budget is None else f"{budget:.6g}"

@@ -357,10 +357,12 @@ def replay_backend(
     write_backends: "str | os.PathLike[str] | None" = None,
     log_level: str = "info",
 ) -> None:
-    """Load ``dataset`` (optionally one split of it), optionally write a backends YAML pointing at
-    this server, and serve the replay endpoints until interrupted (blocking). Idle client connections
-    are kept as long as ``serve`` keeps its own (uvicorn's 5 s default equals httpx's idle expiry, and
-    a request sent on a connection the server is closing is lost)."""
+    """Load ``dataset`` (optionally one split of it), bind ``host:port`` (RuntimeError if it is taken;
+    port 0: a free one), then optionally write a backends YAML pointing at this server (only once the
+    port is ours, so a failed start leaves no file pointing at someone else's port), and serve the
+    replay endpoints until interrupted (blocking). Idle client connections are kept as long as
+    ``serve`` keeps its own (uvicorn's 5 s default equals httpx's idle expiry, and a request sent on
+    a connection the server is closing is lost)."""
     import uvicorn
 
     from cascade_routing.data import load_dataset
@@ -373,8 +375,20 @@ def replay_backend(
         if split not in parts:
             raise ValueError(f"unknown split {split!r}; have {sorted(parts)}")
         data = parts[split]
-    if write_backends is not None:
-        path = write_backends_yaml(data, f"http://{host}:{port}", write_backends, failures=failures)
-        print(f"wrote backends for {len(data.models)} models to {path}")
     app = create_replay_app(data, latency_ms, jitter_ms, failures, slow_ms, seed)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=int(KEEP_ALIVE_S), backlog=4096)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise RuntimeError(f"replay-backend cannot listen on {host}:{port}: {err.strerror}") from err
+        if write_backends is not None:
+            bound = sock.getsockname()[1]
+            url_host = f"[{host}]" if ":" in host else host
+            path = write_backends_yaml(data, f"http://{url_host}:{bound}", write_backends, failures=failures)
+            print(f"wrote backends for {len(data.models)} models to {path}")
+        config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=int(KEEP_ALIVE_S), backlog=4096)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator
+from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator, checked_queries
 from cascade_routing.policies.lambda_table import lookup_fitted
 from cascade_routing.policies.step import FittedLike, decide_step, max_steps_at, select_step
 from cascade_routing.serving.backends import Answer, BackendError, RequestRejectedError
@@ -62,6 +62,18 @@ DEFAULT_FEATURES: tuple[str, ...] = ("tokens_in", "tokens_out", "latency_ms")
 
 class RouterError(ValueError):
     """Bad input to the router (unknown model, budget without a fitted λ, ...)."""
+
+
+def check_budget(budget: Any) -> float:
+    """``budget`` as a float; :class:`RouterError` unless it is a finite number >= 0 (the rule of
+    :func:`~cascade_routing.policies.fitting.fit_lambda`)."""
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise RouterError(f"budget must be a finite number >= 0, got {budget}")
+    return value
 
 
 class NoModelAvailableError(RuntimeError):
@@ -223,6 +235,8 @@ class CascadeRouter:
         if uniforms is None:
             from cascade_routing.policies.fitting import query_uniforms as uniforms
         self._uniforms = uniforms
+        if budget is not None:
+            check_budget(budget)
         if hasattr(fitted, "lam_for"):
             key = budget if budget is not None else getattr(fitted, "budget", None)
             self.fitted_table: dict[float | None, FittedLike] = {key: fitted}  # type: ignore[dict-item]
@@ -255,6 +269,7 @@ class CascadeRouter:
         (``int8``: quantise a carried encoder, see :mod:`cascade_routing.serving.checkpoint`)."""
         from cascade_routing.serving.checkpoint import router_parts
 
+        check_budget(budget)  # before the (slow) load
         parts = router_parts(path, strategy, int8=int8)
         return cls(budget=budget, name=name, **{**parts, **kwargs})
 
@@ -270,6 +285,8 @@ class CascadeRouter:
             budget = self.default_budget
             if budget in self.fitted_table:
                 return budget, self.fitted_table[budget]
+        if budget is not None:
+            check_budget(budget)
         found = lookup_fitted(self.fitted_table, budget)
         if found is None:
             raise RouterError(
@@ -322,8 +339,10 @@ class CascadeRouter:
     # ------------------------------------------------------------------ step API
     def next_models(self, queries: Sequence[str], answers_list: Sequence[Mapping[str, Any]] | None = None,
                     budget: float | None = None, tasks: list[str] | None = None) -> list[str | None]:
-        """For each query, the model to run next given the answers so far (None = stop)."""
-        queries = list(queries)
+        """For each query, the model to run next given the answers so far (None = stop); ``TypeError``
+        for a single string or a non-string query (:func:`~cascade_routing.interfaces.checked_queries`)."""
+        queries = checked_queries(queries)
+        tasks = None if tasks is None else checked_queries(tasks, "tasks", allow_none=True)
         if answers_list is not None and len(answers_list) != len(queries):
             raise RouterError(f"{len(answers_list)} answer dicts for {len(queries)} queries")
         _, fitted = self.fitted_for(budget)
@@ -338,8 +357,10 @@ class CascadeRouter:
 
     def select_batch(self, queries: Sequence[str], answers_list: Sequence[Mapping[str, Any]],
                      tasks: list[str] | None = None) -> list[str]:
-        """For each query, the model whose answer to return (the policy's ``select``)."""
-        queries = list(queries)
+        """For each query, the model whose answer to return (the policy's ``select``); queries checked
+        as in :meth:`next_models`."""
+        queries = checked_queries(queries)
+        tasks = None if tasks is None else checked_queries(tasks, "tasks", allow_none=True)
         if len(answers_list) != len(queries):
             raise RouterError(f"{len(answers_list)} answer dicts for {len(queries)} queries")
         state = self._state(queries, answers_list, tasks)
@@ -520,6 +541,8 @@ class CascadeRouter:
         except BackendError as err:
             answer, trace.error, trace.status = None, str(err), "failed"
             failure = {"model": model, "reason": err.reason, "detail": err.detail, "attempts": err.attempts}
+            if err.cost:  # billed anyway (a stream broken midway), estimated: RouteProgress.partial
+                failure["cost_estimate"] = trace.cost = progress.partial[model] = err.cost
             progress.failures.append(failure)
             if isinstance(err, RequestRejectedError):
                 progress.rejections.append(err)
@@ -544,8 +567,10 @@ class CascadeRouter:
 @dataclass
 class RouteProgress:
     """What one route has done so far (filled by :meth:`CascadeRouter.route_one` as it goes):
-    answers received (with their costs), models attempted, failures, decision traces, and the
-    model whose call is in flight (None between calls)."""
+    answers received (with their costs), models attempted, failures, decision traces, the model
+    whose call is in flight (None between calls), and ``partial``: per model, the estimated cost of a
+    failed call the provider bills anyway (a stream that broke after part of its answer arrived;
+    :class:`~cascade_routing.serving.backends.BackendError` ``cost``), counted in :meth:`total_cost`."""
 
     answers: dict[str, Answer] = field(default_factory=dict)
     attempted: list[str] = field(default_factory=list)
@@ -554,6 +579,7 @@ class RouteProgress:
     steps: list[StepTrace] = field(default_factory=list)
     backend_s: float = 0.0
     in_flight: str | None = None
+    partial: dict[str, float] = field(default_factory=dict)
 
     def costs(self) -> dict[str, float]:
         return {name: a.cost for name, a in self.answers.items()}
@@ -582,7 +608,8 @@ class RouteProgress:
         )
 
     def total_cost(self) -> float:
-        return float(sum(a.cost for a in self.answers.values()))
+        """USD spent: the answers' costs plus the estimated ``partial`` costs of broken streams."""
+        return float(sum(a.cost for a in self.answers.values()) + sum(self.partial.values()))
 
     def called_failures(self) -> list[dict[str, Any]]:
         """The failures of models that were actually called (not ``attempt_limit`` / ``circuit_open``)."""

@@ -1,6 +1,16 @@
 """Running the server app: ``serve`` (the ``cascade-routing serve`` process: uvicorn, one or several
 workers on a port, graceful shutdown) and :class:`BackgroundServer` (a server on a thread, for tests
-and benchmarks). The app itself is :func:`cascade_routing.serving.server.create_app`."""
+and benchmarks). The app itself is :func:`cascade_routing.serving.server.create_app`.
+
+Both run uvicorn's h11 protocol with a header timeout (:class:`HeaderTimeoutH11Protocol`): a
+connection must deliver a request's line and headers within ``header_timeout_s`` (default 10 s) of
+being opened, or of its first byte after the previous response, else it is closed. uvicorn itself
+closes an idle connection only after a response (keep-alive), so without this a client that
+connects and sends nothing, or its headers a byte at a time (slowloris), holds a connection and a
+file descriptor for ever. The body has its own limit (``ServerLimits.body_timeout_s``). What a
+single process cannot do: limit connections per client, or absorb a flood of new connections
+(each lives up to ``header_timeout_s``); put a reverse proxy in front for that.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +24,66 @@ import threading
 import time
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cascade_routing.policies.controller import ControllerConfig
 from cascade_routing.serving.backends import BackendPool
 from cascade_routing.serving.limits import ServerLimits
-from cascade_routing.serving.router import CascadeRouter
+from cascade_routing.serving.router import CascadeRouter, check_budget
 from cascade_routing.serving.store import DEFAULT_STORE
 
 KEEP_ALIVE_S = 75.0
+HEADER_TIMEOUT_S = 10.0
+
+
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request line and headers have not all
+    arrived within :attr:`header_timeout_s` of the connection being made, or of the first byte of
+    its next request (see the module docstring). Make one with :func:`header_timeout_protocol`."""
+
+    header_timeout_s: float = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        self._header_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:  # (the start of) a request's headers: they have a time limit
+            self._arm_header_timer()
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the headers are in; the body has body_timeout_s
+            self._disarm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_timed_out)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_timed_out(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.logger.debug("closing a connection that did not send its request headers within %ss",
+                              self.header_timeout_s)
+            self.transport.close()
+
+
+def header_timeout_protocol(header_timeout_s: float) -> type[HeaderTimeoutH11Protocol]:
+    """The protocol class (uvicorn ``Config(http=...)``) with this header timeout (seconds, finite > 0)."""
+    if not 0 < header_timeout_s < math.inf:
+        raise ValueError(f"header_timeout_s (--header-timeout-s) must be a finite number of seconds > 0, "
+                         f"got {header_timeout_s}")
+    return type("HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": float(header_timeout_s)})
 
 
 def serve(
@@ -49,6 +110,7 @@ def serve(
     upstream_pools: int = 8,
     workers: int = 1,
     reuse_port: bool = False,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
 ) -> int:
     """Load the checkpoint and the backends YAML and serve until interrupted (blocking); returns
     the exit status (0, or 1 when one of several workers stopped on its own).
@@ -71,7 +133,10 @@ def serve(
     exceed the clients' own idle expiry (httpx: 5 s), else a client can send a request on a
     connection the server is closing and lose it; must be > 0. ``shutdown_timeout_s`` (>= 0): on
     SIGTERM/SIGINT stop accepting, let requests in flight finish for this long, then cancel them
-    (their spend is still recorded). Both are checked (ValueError) before anything is loaded. ``int8``: dynamically quantise the artifact's encoder's linear layers to int8.
+    (their spend is still recorded). ``header_timeout_s``: a connection's request headers must
+    arrive within this long (module docstring). These, ``budget`` (a finite number >= 0),
+    ``batch_window_ms`` (finite, >= 0), ``max_batch`` and ``workers`` (>= 1) are checked
+    (ValueError naming the flag) before anything is loaded. ``int8``: dynamically quantise the artifact's encoder's linear layers to int8.
     ``controller``: keep the mean spend at the budget on live traffic with the online λ controller
     (:mod:`cascade_routing.policies.controller`); None (default) serves the fitted λ unchanged.
     ``upstream_pools``: HTTP connection pools the backend calls are spread over
@@ -91,6 +156,8 @@ def serve(
     if not 0 <= shutdown_timeout_s < math.inf:
         raise ValueError("shutdown_timeout_s (--shutdown-timeout-s) must be a finite number of seconds >= 0, "
                          f"got {shutdown_timeout_s}")
+    check_serve_settings(budget, batch_window_ms, max_batch, workers)
+    protocol = header_timeout_protocol(header_timeout_s)
     limits = dataclasses.replace(limits or ServerLimits(), shutdown_timeout_s=shutdown_timeout_s)
     if workers != 1:
         from cascade_routing.serving.workers import run_workers
@@ -116,7 +183,7 @@ def serve(
     pool = BackendPool.from_yaml(backends, connection_pools=upstream_pools)
     app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
                      keys=keys, store=open_store(store), controller=controller)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
                             timeout_keep_alive=max(1, int(keep_alive_s)),
                             timeout_graceful_shutdown=int(math.ceil(limits.shutdown_timeout_s)), backlog=4096)
     try:
@@ -126,6 +193,20 @@ def serve(
             if threads is not None:
                 threads.shutdown(wait=False, cancel_futures=True)
     return 0
+
+
+def check_serve_settings(budget: float, batch_window_ms: float, max_batch: int, workers: int) -> None:
+    """ValueError naming the ``serve`` flag of the first setting out of range: ``--budget`` (a finite
+    number >= 0), ``--batch-window-ms`` (finite, >= 0), ``--max-batch`` and ``--workers`` (>= 1)."""
+    try:
+        check_budget(budget)
+    except ValueError as err:
+        raise ValueError(f"--budget: {err}") from None
+    if not 0 <= batch_window_ms < math.inf:
+        raise ValueError(f"batch_window_ms (--batch-window-ms) must be a finite number >= 0, got {batch_window_ms}")
+    for name, value in (("max_batch", max_batch), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {value}")
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -152,13 +233,14 @@ class DrainingServer(uvicorn.Server):
 class BackgroundServer:
     """Run an ASGI app with uvicorn in a daemon thread on 127.0.0.1 and a free port (tests, demos).
 
-    ``with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")``; startup is bounded by
+    ``with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")``; request headers must arrive
+    within ``header_timeout_s`` (:class:`HeaderTimeoutH11Protocol`); startup is bounded by
     ``timeout_s``, shutdown by the app's ``limits.shutdown_timeout_s`` (1 s for other apps) plus
     ``timeout_s``.
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", header_timeout_s: float = HEADER_TIMEOUT_S) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
@@ -166,7 +248,8 @@ class BackgroundServer:
         limits = getattr(getattr(app, "state", None), "limits", None)
         grace = math.ceil(limits.shutdown_timeout_s) if limits is not None else 1
         config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=grace,
-                                backlog=4096, timeout_keep_alive=int(KEEP_ALIVE_S))
+                                backlog=4096, timeout_keep_alive=int(KEEP_ALIVE_S),
+                                http=header_timeout_protocol(header_timeout_s))
         self.server = DrainingServer(config)
         self.timeout_s = timeout_s
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -5,8 +5,9 @@
 
 1. the bytes must be UTF-8 JSON whose top level is an object (400 ``malformed JSON`` otherwise,
    also for an integer literal longer than Python's 4,300-digit conversion limit);
-2. every string anywhere in the body must be encodable as UTF-8 (a lone surrogate such as
-   ``"\\ud800"`` is rejected, naming its path, e.g. ``messages[0].content``) and every number
+2. every string anywhere in the body, object keys included, must be encodable as UTF-8 (a lone
+   surrogate such as ``"\\ud800"`` is rejected, naming its path, e.g. ``messages[0].content``; a
+   bad key appears in the path escaped, e.g. ``metadata.\\ud800``) and every number
    finite (``NaN`` / ``Infinity``, which Python's JSON reader accepts, are rejected the same way);
 3. the fields are validated by :class:`ChatCompletionRequest` (types, ranges, unknown fields are
    rejected: ``extra="forbid"``); the first error becomes the message. Types are strict, as in
@@ -31,6 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from cascade_routing.serving.params import FORWARDED as FORWARDED_PARAMS
 from cascade_routing.serving.params import REJECTED
+
+
+MAX_OUTPUT_TOKENS = 2**31 - 1
+"""The largest ``max_tokens`` / ``max_completion_tokens`` accepted (a 32-bit count, far above any
+model's output limit): larger values get 400 naming the field instead of an unbounded spend reservation."""
 
 
 class RequestError(Exception):
@@ -104,8 +110,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: StrictFloat | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     top_p: StrictFloat | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
     stop: str | list[str] | None = None
     seed: StrictInt | None = None
     frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
@@ -166,9 +172,42 @@ class ChatCompletionRequest(BaseModel):
         return sum(len(m.text() or "") for m in self.messages)
 
 
+def printable(text: str) -> str:
+    """``text`` with every lone surrogate written as its escape (``"\\ud800"``), so it can be put in
+    an error message and encoded as UTF-8; valid text is returned unchanged."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` (decoded JSON: dicts, lists, scalars) with every non-finite number replaced by null
+    and every string and key made valid Unicode (:func:`printable`): what a response renders when its
+    content would otherwise not be strict JSON (the server never sends ``NaN`` or a lone surrogate)."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {printable(k) if isinstance(k, str) else k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, separators: tuple[str, str] = (",", ":")) -> bytes:
+    """``value`` as compact UTF-8 JSON (as Starlette's ``JSONResponse`` renders it) with no ``NaN`` /
+    ``Infinity`` and valid Unicode throughout (values that have either are rendered through
+    :func:`json_safe`); other types raise ``TypeError``."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=separators).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return json.dumps(json_safe(value), ensure_ascii=False, allow_nan=False,
+                          separators=separators).encode("utf-8")
+
+
 def find_invalid_value(value: Any, path: str = "") -> tuple[str, str] | None:
     """(path, problem) of the first string that is not valid Unicode (lone surrogate) or number
-    that is not finite, anywhere in a decoded JSON value; None if all are fine."""
+    that is not finite, anywhere in a decoded JSON value (object keys included); None if all are
+    fine. The path is always valid Unicode: an invalid key appears in it escaped (:func:`printable`)."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -179,9 +218,11 @@ def find_invalid_value(value: Any, path: str = "") -> tuple[str, str] | None:
         return None if math.isfinite(value) else (path, f"must be a finite number, got {value}")
     if isinstance(value, dict):
         for key, item in value.items():
-            found = find_invalid_value(key, f"{path}.{key}" if path else "<key>")
-            if found is None:
-                found = find_invalid_value(item, f"{path}.{key}" if path else str(key))
+            name = printable(str(key))
+            where = f"{path}.{name}" if path else name
+            if isinstance(key, str) and find_invalid_value(key) is not None:
+                return where, "the key contains an invalid Unicode code point (lone surrogate)"
+            found = find_invalid_value(item, where)
             if found:
                 return found
     elif isinstance(value, list):
@@ -222,13 +263,13 @@ def parse_chat_request(raw: bytes, request_model: type[ChatCompletionRequest] = 
     """Validate a raw request body (see module docstring); raises :class:`RequestError`."""
     try:
         body = json.loads(raw)
+        bad = find_invalid_value(body)
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer over 4,300 digits
         raise RequestError(f"malformed JSON body: {err}") from None
     except RecursionError:
         raise RequestError("malformed JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
-    bad = find_invalid_value(body)
     if bad is not None:
         raise RequestError(f"invalid '{bad[0]}': {bad[1]}", bad[0])
     try:

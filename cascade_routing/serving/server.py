@@ -42,18 +42,23 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 404   unknown ``model`` (``model_not_found``) or route
 408   the body did not arrive within ``body_timeout_s`` (``request_timeout``)
 413   body larger than ``max_body_bytes`` (``request_too_large``)
+415   the body is not declared ``Content-Type: application/json`` (``unsupported_media_type``)
 429   ``max_concurrent`` requests in flight (``server_busy``, with ``Retry-After``), the key's
       ``max_spend`` is used up (``insufficient_quota``) or held by its requests in flight
       (``quota_reserved``, with ``Retry-After``)
 499   the client closed the connection (logged; the client never reads it)
-500   a fault in the estimators or the policy for this request (logged), with ``spent``
+500   a fault in the estimators or the policy for this request (logged), with ``spent``; any other
+      unexpected fault of the server in a request: ``internal_error`` (logged), with ``spent``
 502   every model the policy tried failed (``no_model_available``, with ``failures``, ``spent``)
 503   shutting down and the request could not finish in the grace period (``server_shutting_down``)
 504   the request's deadline passed (``deadline_exceeded``); backend calls cancelled, ``spent``
 ====  ==========================================================================================
 
 Every chat-completion answer carries ``X-Cascade-Routing-Cost-USD``: the real cost of an answer,
-``spent`` of an error after routing started, 0 for a request refused before any work.
+``spent`` of an error after routing started, 0 for a request refused before any work. Every body is
+strict JSON (:class:`StrictJSONResponse`): a backend answer that is not (``NaN``, a lone surrogate)
+is that model's ``bad_response`` (:mod:`cascade_routing.serving.backend_responses`), anything else
+non-finite in a trace is sent as null.
 Errors of the other endpoints (401) are not counted in the chat-completion metrics.
 """
 
@@ -97,11 +102,21 @@ from cascade_routing.serving.schema import (
     ErrorResponse,
     RequestError,
     parse_chat_request,
+    strict_json,
 )
 from cascade_routing.serving.store import CounterStore
 from cascade_routing.serving.streaming import ChunkWriter, error_event
 
 log = logging.getLogger(__name__)
+
+
+class StrictJSONResponse(JSONResponse):
+    """A JSON response that is always strict JSON, whatever it carries (a backend's or the
+    estimators' NaN becomes null, a lone surrogate its escape: :func:`~cascade_routing.serving.
+    schema.strict_json`), so rendering an answer or an error never fails."""
+
+    def render(self, content: Any) -> bytes:
+        return strict_json(content)
 
 
 def refusal(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -116,7 +131,17 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
                    extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     """A JSON error in OpenAI's shape (:class:`ErrorResponse`)."""
     body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code, **(extra or {})))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return StrictJSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def check_content_type(request: Request) -> None:
+    """:class:`RequestError` 415 unless the body is declared ``Content-Type: application/json``
+    (parameters such as ``charset`` allowed): a web page can make a visitor's browser send a
+    ``text/plain`` or form POST to a server on localhost without a CORS preflight, never this one."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise RequestError(f"Content-Type must be application/json, got {media or 'none'!r}", None, 415,
+                           "unsupported_media_type")
 
 
 async def _disconnected(request: Request) -> None:
@@ -154,7 +179,8 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
             await s.backends.aclose()
             s.ledger.store.close()
 
-    app = FastAPI(title="cascade-routing", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="cascade-routing", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=StrictJSONResponse)
     s.app = app
     app.state.router = router
     app.state.backends = backends
@@ -245,31 +271,51 @@ class _ServerCore:
 
     # ------------------------------------------------------------------ chat completions
     async def chat_completions(self, request: Request) -> Response:
-        """Authenticate, check the key's spend limit, read the body (within ``body_timeout_s``, before
-        taking a place at the gate: a slow sender never holds a concurrency slot), take a place at the
-        gate, serve; a stream holds its place until it ends."""
+        """Authenticate, check the key's spend limit and the body's ``Content-Type`` (415 unless
+        ``application/json``), read the body (within ``body_timeout_s``, before taking a place at the
+        gate: a slow sender never holds a concurrency slot), take a place at the gate, serve; a stream
+        holds its place until it ends. Any unexpected exception is still answered in OpenAI's error
+        shape (500 ``internal_error``, with ``spent`` and the cost header) and counted in /metrics."""
         arrived = time.monotonic()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"X-Request-ID": request_id}
+        progress = RouteProgress()
+        held = False
         try:
-            key = self.authenticate(request)
-            self.admit(key)
-            raw = await self.read_body(request, arrived)
-            self.gate.enter()
-        except RequestError as err:
-            return self.fail(err, headers)
-        held = True
-        try:
-            response = await self.serve_chat(request, raw, request_id, headers, key, arrived)
+            try:
+                key = self.authenticate(request)
+                self.admit(key)
+                check_content_type(request)
+                raw = await self.read_body(request, arrived)
+                self.gate.enter()
+                held = True
+                response = await self.serve_chat(request, raw, request_id, headers, key, arrived, progress)
+            except RequestError as err:
+                return self.fail(err, headers)
             if isinstance(response, StreamingResponse):  # a stream holds its place until it ends
                 response.body_iterator = _then(response.body_iterator, self.gate.leave)
                 held = False
             return response
-        except RequestError as err:
-            return self.fail(err, headers)
+        except Exception as err:  # noqa: BLE001 - a fault of the server itself: still a JSON answer
+            return self.internal_error(err, progress, request_id, headers)
         finally:
             if held:
                 self.gate.leave()
+
+    def internal_error(self, err: BaseException, progress: RouteProgress, request_id: str,
+                       headers: dict[str, str]) -> JSONResponse:
+        """The answer to a chat request that raised what no other path handles (a bug, a failing
+        store): 500 ``internal_error`` in OpenAI's shape with what the request spent (``spent`` and
+        the cost header), logged and counted in /metrics (a request whose route ran is in the
+        ledger already: it is recorded whatever the route's outcome)."""
+        log.error("internal error in request %s", request_id, exc_info=err)
+        total = progress.total_cost()
+        self.metrics.error("internal_error")
+        self.metrics.request(500, None)
+        return error_response(500, f"internal server error ({type(err).__name__}); it was logged with the request "
+                              "id", "server_error", code="internal_error",
+                              extra={"spent": total, "request_id": request_id},
+                              headers={**headers, COST_HEADER: f"{total:.10g}"})
 
     async def read_body(self, request: Request, arrived: float) -> bytes:
         """The request body within ``limits.body_timeout_s`` (and the deadline) of its arrival:
@@ -337,7 +383,9 @@ class _ServerCore:
         return chat
 
     async def serve_chat(self, request: Request, raw: bytes, request_id: str, headers: dict[str, str],
-                         key: ApiKey | None, arrived: float) -> Response:
+                         key: ApiKey | None, arrived: float, progress: RouteProgress) -> Response:
+        """Parse, pick the fitted λ, route (``progress`` is filled as it goes) and answer: the
+        ``chat.completion``, a stream, or the error of a route that did not answer."""
         router, limits, metrics = self.router, self.limits, self.metrics
         started = time.perf_counter()
         deadline = arrived + limits.deadline_s
@@ -351,24 +399,33 @@ class _ServerCore:
         fitted, factor, version = (table_fitted, 1.0, None) if control is None else control.scaled(table_fitted)
         item = RouteRequest(chat.query() or "", chat.messages_payload(), chat.routing.task if chat.routing else None,
                             chat.forwarded_params())
-        progress = RouteProgress()
         key_name = key.name if key else None
         controller_info: dict[str, Any] | None = None
+        observed = False
+
+        def observe() -> dict[str, Any] | None:
+            """Hand the request's spend to the online controller (once; its ``controller_info`` then
+            names the state it was observed as) and return ``controller_info``."""
+            nonlocal controller_info, observed
+            if not observed:
+                observed = True
+                if control is not None:
+                    control.observe(progress.total_cost())
+                    controller_info = {"budget": control.budget, "lam_factor": factor, "version": version,
+                                       "observed_as": control.version - 1}
+            return controller_info
 
         def record(outcome: str, result: RouteResult | None, cancelled: list[str]) -> None:
-            """Account for whatever the request spent (ledger, controller, metrics), in every outcome,
+            """Account for whatever the request spent (controller, ledger, metrics), in every outcome,
             then give back the request's reservation (its real cost now counts instead)."""
-            nonlocal controller_info
             try:
+                observe()
                 spent = progress.total_cost()
                 failed = [f["model"] for f in progress.called_failures()]
                 self.ledger.record(key_name, budget_used, outcome, spent, list(progress.answers),
                                    result.model if result else None, failed, cancelled)
-                if control is not None:
-                    control.observe(spent)
-                    controller_info = {"budget": control.budget, "lam_factor": factor, "version": version,
-                                       "observed_as": control.version - 1}
-                metrics.spent(progress.costs(), result.model if result else None, failed, key_name or "anonymous")
+                metrics.spent(progress.costs(), result.model if result else None, failed, key_name or "anonymous",
+                              progress.partial)
                 self.publish_lambda(budget_used)
             finally:
                 if reservation is not None:
@@ -382,31 +439,42 @@ class _ServerCore:
             finally:
                 REQUEST_LIMITS.reset(token)
 
+        answer: list[Response] = []
+
+        def finish(result: RouteResult) -> None:
+            """Build the answer before the request is recorded: one that cannot be built is recorded
+            (and answered) as an error, never as answered."""
+            choices, usage, routing, extra_headers = completion_parts(result, request_id, observe())
+            body = ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                                          model=router.name, choices=choices, usage=usage, routing=routing)
+            answer.append(StrictJSONResponse(body.model_dump(exclude_none=False),
+                                             headers={**headers, **extra_headers}))
+
         # hold the request's worst case against the key's max_spend until record() settles it
         reservation = self.admit(key, self.worst_case_cost(chat, item)) if key is not None and key.max_spend else None
         try:
             if chat.stream:
                 return await self.stream_chat(request, chat, item, run_route, record, progress, request_id, headers,
-                                              deadline, started, lambda: controller_info)
-            outcome, result, error = await self.await_route(request, run_route(), progress, deadline, record)
+                                              deadline, started, observe)
+            outcome, result, error = await self.await_route(request, run_route(), progress, deadline, record, finish)
         finally:
             if reservation is not None and not chat.stream:
                 reservation.release()  # recorded already; this only matters if the route never started
         if result is None:
             return self.route_failure(outcome, error, progress, request_id, headers, stream=False)
-        choices, usage, routing, extra_headers = completion_parts(result, request_id, controller_info)
-        body = ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=router.name,
-                                      choices=choices, usage=usage, routing=routing)
         metrics.request(200, False, time.perf_counter() - started)
-        return JSONResponse(body.model_dump(exclude_none=False), headers={**headers, **extra_headers})
+        return answer[0]
 
     async def await_route(self, request: Request, route: "asyncio.Task[RouteResult]", progress: RouteProgress,
-                          deadline: float, record: Any) -> tuple[str, RouteResult | None, BaseException | None]:
+                          deadline: float, record: Any, finish: Any = None
+                          ) -> tuple[str, RouteResult | None, BaseException | None]:
         """Wait for ``route`` until it answers, the client leaves, the deadline passes or a shutdown's
         grace period ends (then it is cancelled, and the model whose call was in flight is counted in
         ``cancelled_calls``); ``record`` the spend in every case, also when this wait itself is
         cancelled (the server stopping past its grace period, or a streamed response whose client
-        went away: recorded as a disconnect). Returns ``(outcome, result, error)``."""
+        went away: recorded as a disconnect). ``finish(result)``, when given, runs on a route's
+        result before it is recorded: if it raises, the outcome is ``errors`` with its exception.
+        Returns ``(outcome, result, error)``."""
         limits = self.limits
         watcher = asyncio.create_task(_disconnected(request))
         drain = asyncio.create_task(self.app.state.draining.wait())
@@ -425,9 +493,11 @@ class _ServerCore:
             if route in done:
                 try:
                     result = route.result()
+                    if finish is not None:
+                        finish(result)
                     outcome = "answered"
                 except Exception as err:  # noqa: BLE001 - this request's own failure
-                    error = err
+                    result, error = None, err
             else:
                 outcome = "disconnects" if watcher in done else "shutdowns" if drain in done else "timeouts"
                 if progress.in_flight is not None:
@@ -504,14 +574,20 @@ class _ServerCore:
         ``stream_aborted`` (a streamed model broke; routing failed)."""
         metrics = self.metrics
 
+        built: dict[int, tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]] = {}
+
+        def build(result: RouteResult) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]:
+            """The answer's parts, built once: first by ``await_route`` before the request is recorded
+            (so an answer that cannot be built is an error, not an answered request)."""
+            if id(result) not in built:
+                built[id(result)] = completion_parts(result, request_id, controller_info())
+            return built[id(result)]
+
         async def submit(_: RouteRequest) -> RouteResult:
-            outcome, result, error = await self.await_route(request, run_route(), progress, deadline, record)
+            outcome, result, error = await self.await_route(request, run_route(), progress, deadline, record, build)
             if result is not None:
                 return result
             raise error if error is not None else RouteInterrupted(outcome)
-
-        def build(result: RouteResult) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, str]]:
-            return completion_parts(result, request_id, controller_info())
 
         def on_end(outcome: StreamOutcome) -> None:
             if outcome.result is not None or outcome.first_token_s is not None:  # a 200 went (or goes) out
@@ -561,6 +637,12 @@ def _add_error_handlers(app: FastAPI, s: _ServerCore) -> None:
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return refusal(exc)  # the info routes' errors (401): not chat-completion requests, not counted
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # an info route's bug (chat requests answer their own: _ServerCore.internal_error)
+        return error_response(500, f"internal server error ({type(exc).__name__}); it was logged", "server_error",
+                              code="internal_error")
 
 
 def _add_info_routes(app: FastAPI, s: _ServerCore) -> None:
@@ -665,6 +747,7 @@ def _backend_choices(raw: dict[str, Any] | None) -> list[dict[str, Any]] | None:
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
             return None
         message = {key: value for key, value in choice["message"].items() if value is not None or key == "content"}
+        message.setdefault("content", None)  # e.g. a tool call without the key
         message["role"] = "assistant"
         reason = choice.get("finish_reason")
         index = choice.get("index", k)

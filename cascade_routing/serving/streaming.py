@@ -21,15 +21,18 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from cascade_routing.serving.schema import strict_json
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse(event: dict[str, Any]) -> bytes:
-    """One server-sent event carrying ``event`` as compact JSON."""
-    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    """One server-sent event carrying ``event`` as compact, strict JSON (a non-finite number goes out
+    as null, a lone surrogate escaped: :func:`~cascade_routing.serving.schema.strict_json`)."""
+    return b"data: " + strict_json(event) + b"\n\n"
 
 
 def split_text(text: str, piece_chars: int = 16) -> list[str]:
@@ -120,16 +123,17 @@ def error_event(message: str, type_: str = "server_error", code: str | None = No
     return {"error": {"message": message, "type": type_, "param": None, "code": code, **extra}}
 
 
-def sse_data(line: str) -> "dict[str, Any] | str | None":
-    """The payload of one line of an SSE stream: the parsed JSON of a ``data:`` line, the string
-    ``"[DONE]"`` for the end marker, None for any other line (blank, comment, ``event:``)."""
+def sse_data(line: str, loads: Callable[[str], Any] = json.loads) -> "dict[str, Any] | str | None":
+    """The payload of one line of an SSE stream: the JSON of a ``data:`` line parsed by ``loads``
+    (ValueError if it is not JSON), the string ``"[DONE]"`` for the end marker, None for any other
+    line (blank, comment, ``event:``)."""
     line = line.strip()
     if not line.startswith("data:"):
         return None
     data = line[5:].strip()
     if data == "[DONE]":
         return data
-    event = json.loads(data)
+    event = loads(data)
     if not isinstance(event, dict):
         raise ValueError(f"SSE data is not a JSON object: {data[:80]!r}")
     return event
