@@ -130,6 +130,20 @@ def offline_features(ds: RoutingDataset) -> dict[str, np.ndarray]:
 FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence", "cost")
 
 
+def fitted_router(ds, policy, **kwargs):
+    """A :class:`CascadeRouter` of ``policy`` over the stand-in estimators (no task input), with λ
+    fitted on ``ds`` itself at the middle model's mean cost, which is its budget; ``kwargs`` go to
+    the router."""
+    from cascade_routing.policies import fit_lambda
+    from cascade_routing.serving import CascadeRouter
+
+    budget = float(ds.cost.mean(0)[1])
+    qe, ce = bind(ds.queries, ds.responses, offline_features(ds))
+    fitted = fit_lambda(policy, qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
+    return CascadeRouter(policy, bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES,
+                         **kwargs)
+
+
 def stand_in_router(ds, budgets=None, binder=None, num_samples=64):
     """(router, offline simulation at the default budget, default budget) over the stand-in
     estimators: cascade routing with λ fitted on ``ds`` itself for each of ``budgets`` (default:

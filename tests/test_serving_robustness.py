@@ -19,17 +19,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cascade_routing.policies import CascadeRouting, Routing, fit_lambda
+from cascade_routing.policies import CascadeRouting, Routing
 from cascade_routing.serving import CascadeRouter, RouterError
 from cascade_routing.serving.batching import ComputeBatcher
 from cascade_routing.serving.keys import parse_keys
 from cascade_routing.serving.runner import BackgroundServer, serve
 from cascade_routing.serving.streaming import sse_data
 from tests.serving_helpers import (
-    FEATURE_NAMES,
     ScriptedBackends,
     bind,
-    offline_features,
+    fitted_router,
     scripted_server,
     synthetic_dataset,
 )
@@ -44,23 +43,15 @@ def ds():
     return synthetic_dataset(20, seed=4)
 
 
-def _router(ds, policy, **kwargs):
-    budget = float(ds.cost.mean(0)[1])
-    qe, ce = bind(ds.queries, ds.responses, offline_features(ds))
-    fitted = fit_lambda(policy, qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
-    return CascadeRouter(policy, bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES,
-                         **kwargs)
-
-
 @pytest.fixture(scope="module")
 def routing(ds):
     """Routing: one model per query, its tokens passed through to a streaming client."""
-    return _router(ds, Routing())
+    return fitted_router(ds, Routing())
 
 
 @pytest.fixture(scope="module")
 def cascade(ds):
-    return _router(ds, CascadeRouting(num_samples=64))
+    return fitted_router(ds, CascadeRouting(num_samples=64))
 
 
 def _body(query, **extra):
