@@ -326,7 +326,11 @@ class ScriptedBackends:
       ``"surrogate"`` (the answer text ends with the escape of a lone surrogate, ``\\ud800``),
       ``"surrogate400"`` (a 400 whose error message has one), ``"badchoice"`` (a second choice whose
       content is a number); ``"giant"``: an answer of :attr:`GIANT_CHARS` characters; ``"trickle"``:
-      a valid answer (not streamed) sent one byte every 10 ms.
+      a valid answer (not streamed) sent one byte every 10 ms; ``"badgzip"``: an answer declared
+      ``Content-Encoding: gzip`` that is not; ``"stream_toolname"``: streamed, the first content chunk
+      is a tool call whose function name is a number;
+    - ``"stream_long"``: streamed, a healthy answer whose second half arrives in :attr:`LONG_PIECES`
+      chunks 20 ms apart.
 
     ``calls[model]`` counts the requests each endpoint received; ``pool`` is the :class:`BackendPool`;
     ``settings`` are added to the backends document's ``defaults``.
@@ -334,6 +338,7 @@ class ScriptedBackends:
 
     PIECES = 2
     GIANT_CHARS = 20_000
+    LONG_PIECES = 30
 
     def __init__(self, models=MODELS, modes=None, timeout_s: float = 5.0, max_retries: int = 0,
                  settings=None) -> None:
@@ -408,6 +413,9 @@ class ScriptedBackends:
                         yield raw[k:k + 1]
 
                 return httpx.Response(200, content=trickled(), headers={"content-type": "application/json"})
+            if mode == "badgzip":
+                return httpx.Response(200, content=raw, headers={"content-type": "application/json",
+                                                                 "content-encoding": "gzip"})
             return httpx.Response(200, content=raw, headers={"content-type": "application/json"})
 
         def chunk(delta=None, finish=None, index=0, **extra):
@@ -426,6 +434,9 @@ class ScriptedBackends:
                                        '"finish_reason"') if mode == "nan" else
                          first.replace(json.dumps(text[:cut]), json.dumps(text[:cut])[:-1] + '\\ud800"'))
                 yield ("data: " + first + "\n\n").encode()
+            elif mode == "stream_toolname":
+                yield chunk({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                             "function": {"name": 5, "arguments": "{}"}}]})
             else:
                 yield chunk({"content": text[:cut]})
             yield chunk({"content": text[cut:2 * cut]})
@@ -443,7 +454,14 @@ class ScriptedBackends:
             if mode == "stream_hold":
                 while not self.release.is_set():
                     await asyncio.sleep(0.01)
-            yield chunk({"content": text[2 * cut:]})
+            if mode == "stream_long":
+                rest = text[2 * cut:]
+                step = -(-len(rest) // self.LONG_PIECES)
+                for k in range(0, len(rest), step):
+                    await asyncio.sleep(0.02)
+                    yield chunk({"content": rest[k:k + step]})
+            else:
+                yield chunk({"content": text[2 * cut:]})
             yield chunk({}, "stop")
             yield b'data: {"object": "chat.completion.chunk", "choices": [], "usage": ' + usage_json.encode() + b"}\n\n"
             yield b"data: [DONE]\n\n"

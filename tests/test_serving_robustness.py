@@ -96,6 +96,7 @@ def test_a_lone_surrogate_in_a_key_is_a_json_400_naming_it_escaped(routing, raw,
     ("surrogate", "choices[0].message.content contains an invalid Unicode code point"),
     ("badchoice", "choices[1].message.content must be a string or null"),
     ("giant", "larger than max_response_bytes = 4000 bytes"),
+    ("badgzip", "DecodingError"),
 ])
 def test_an_odd_backend_answer_is_that_models_bad_response(ds, cascade, mode, words):
     """NaN, a lone surrogate, a choice the response schema cannot hold, or an answer over
@@ -119,7 +120,7 @@ def test_an_odd_backend_answer_is_that_models_bad_response(ds, cascade, mode, wo
     assert _requests(samples) == {("200", "false"): 1}
 
 
-@pytest.mark.parametrize("mode", ["nan", "surrogate", "giant"])
+@pytest.mark.parametrize("mode", ["nan", "surrogate", "giant", "stream_toolname"])
 def test_an_odd_streamed_chunk_fails_its_model_before_its_first_token(ds, routing, mode):
     """The first content chunk of the streamed model has a NaN or a lone surrogate, or passes
     ``max_response_bytes``: nothing of it goes out; the model fails before its first token and the
@@ -250,6 +251,25 @@ def test_a_backend_trickling_its_answer_fails_at_timeout_s_and_the_next_model_an
     assert "did not finish within" in routing["failures"][0]["detail"] and first not in routing["models_run"]
 
 
+def test_a_healthy_stream_longer_than_timeout_s_is_not_cut(ds, routing):
+    """Once its tokens are passing to the client, a stream is bounded by each read's timeout and the
+    request's deadline, not by ``timeout_s`` as a whole: an answer that keeps coming for longer than
+    ``timeout_s`` arrives whole, the model is not failed and its circuit breaker records no failure."""
+    query = ds.queries[2]
+    first = routing.next_model(query, {})
+    backends = ScriptedBackends(modes={first: "stream_long"}, timeout_s=0.3)
+    with scripted_server(routing, backends) as srv:
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=_body(query, stream=True),
+                          timeout=30) as resp:
+            raw = resp.read().decode()
+    events = [e for e in map(sse_data, raw.splitlines()) if isinstance(e, dict)]
+    trace = events[-1]["routing"]
+    text = "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", []))
+    assert resp.status_code == 200 and "stream_aborted" not in raw and not trace["failures"], raw[-500:]
+    assert trace["model"] == first and text == ScriptedBackends.answer(first, query)
+    assert backends.pool.backends[first].breaker.consecutive == 0
+
+
 # ---------------------------------------------------------------------- D5: a huge max_tokens
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
 def test_a_huge_output_token_cap_is_a_400_naming_it(routing, field):
@@ -303,6 +323,35 @@ def test_a_connection_that_does_not_send_its_headers_in_time_is_closed():
         conn.close()
 
 
+def test_a_request_refused_before_its_body_is_read_closes_the_connection(ds, routing):
+    """A 415 (or 401, 413, 429) answered before the body was read says ``Connection: close`` and
+    closes: the rest of that body can neither be taken for a next request nor hold an idle socket
+    (uvicorn's keep-alive timer is cancelled by the body's bytes, the header timer never re-armed)."""
+    raw = httpx.Request("POST", "http://x", json=_body(ds.queries[0])).read()
+    backends = ScriptedBackends()
+    with scripted_server(routing, backends) as srv:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(raw))
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 415") and b"connection: close" in answer.lower()
+            sock.settimeout(3)
+            try:
+                sock.sendall(raw[:1])
+                while sock.recv(4096):  # the rest of the 415's body, then the server's close
+                    pass
+                closed = True
+            except TimeoutError:  # still open
+                closed = False
+            except OSError:  # reset by the closed peer
+                closed = True
+        assert closed
+        ok = httpx.post(srv.url + "/v1/chat/completions", json=_body(ds.queries[0]), timeout=10)
+    assert ok.status_code == 200 and ok.headers.get("connection") != "close"
+
+
 # ---------------------------------------------------------------------- Content-Type
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
                                           "multipart/form-data; boundary=x"])
@@ -354,14 +403,18 @@ def test_the_router_and_batcher_refuse_non_finite_settings(ds, routing):
         ComputeBatcher(routing, window_ms=float("nan"))
 
 
-def test_the_stream_line_splitter_matches_splitlines_for_any_chunking():
-    """The capped SSE reader splits lines exactly as ``str.splitlines`` (and httpx) would, whatever
-    the chunk boundaries: CRLF, CR or LF split across chunks, multi-byte characters cut in two."""
+def test_the_stream_line_splitter_ends_lines_only_where_sse_does_for_any_chunking():
+    """The capped SSE reader ends a line at CRLF, CR or LF only (the SSE format's line ends), whatever
+    the chunk boundaries: CRLF split across chunks, multi-byte characters cut in two; U+2028 and
+    U+0085, which JSON may carry unescaped (``JSON.stringify`` does), stay inside their line."""
     import random
+    import re
 
     from cascade_routing.serving.backends import _lines
 
-    text = 'data: {"a": "é€"}\r\n\r\ndata: x\rdata: y\n\ndata: ü\u2028z\r\n' * 3 + "tail"
+    text = 'data: {"a": "é€\u2028b\x85c"}\r\n\r\ndata: x\rdata: y\n\ndata: ü\u2028z\r\n' * 3 + "tail"
+    expected = re.split(r"\r\n|\r|\n", text)
+    assert len(expected) == 19 and expected[0] == 'data: {"a": "é€\u2028b\x85c"}' and expected[-1] == "tail"
     raw = text.encode()
     rng = random.Random(0)
 
@@ -373,9 +426,20 @@ def test_the_stream_line_splitter_matches_splitlines_for_any_chunking():
                 start = end
         return [line async for line in _lines(chunks())]
 
+    assert asyncio.run(split([])) == expected
     for _ in range(50):
         cuts = sorted(rng.sample(range(1, len(raw)), rng.randint(1, 20)))
-        assert asyncio.run(split(cuts)) == text.splitlines()
+        assert asyncio.run(split(cuts)) == expected
+    for ending, lines in (("a\n", ["a"]), ("a\r", ["a"]), ("a\r\n", ["a"]), ("\n", [""]), ("", [])):
+        assert asyncio.run(_collect(_lines(_one(ending.encode())))) == lines, ending
+
+
+async def _one(data: bytes):
+    yield data
+
+
+async def _collect(agen):
+    return [x async for x in agen]
 
 
 def test_max_response_bytes_is_checked_in_the_backends_file():

@@ -267,8 +267,11 @@ class _StreamedAnswer:
                 fn = call.get("function") or {}
                 if not isinstance(fn, Mapping):
                     raise ValueError(f"choices[{index}].delta.tool_calls[].function must be an object")
-                slot["function"]["name"] += fn.get("name") or ""
-                slot["function"]["arguments"] += fn.get("arguments") or ""
+                for part in ("name", "arguments"):
+                    piece = fn.get(part) or ""
+                    if not isinstance(piece, str):
+                        raise ValueError(f"choices[{index}].delta.tool_calls[].function.{part} must be a string")
+                    slot["function"][part] += piece
             if (isinstance(content, str) and content) or calls:
                 new.append({"index": index, "delta": {k: v for k, v in delta.items() if k != "role"},
                             "logprobs": logprobs})

@@ -12,11 +12,14 @@ every backend call made for one request shares them): a total number of HTTP att
 models and retries, and a deadline; a call never starts an attempt, nor sleeps before a retry,
 past the deadline, and each attempt's timeout is cut to the time left.
 
-Per attempt: ``timeout_s`` bounds the WHOLE attempt (connect, send, and the last byte of the
-answer or stream), not just each read, so an endpoint trickling its answer byte by byte fails
-with ``timeout`` like a silent one (then the next attempt or model); the answer is read at most
-``max_response_bytes`` far (a larger one is ``bad_response``; a 4xx/5xx body only its first
-16 KiB, for the error message).
+Per attempt: ``timeout_s`` bounds each read and also the attempt as a whole until its first
+token is handed on to a streaming client (connect, send, and the last byte of a buffered answer),
+so an endpoint trickling its answer byte by byte fails with ``timeout`` like a silent one (then
+the next attempt or model); a stream already passing tokens to the client is bounded by each
+read's timeout and the request's deadline only (a long answer is not a stall). The answer is read
+at most ``max_response_bytes`` far (a larger one is ``bad_response``; a 4xx/5xx body only its
+first 16 KiB, for the error message). Anything else an answer can make go wrong while it is read
+(an undecodable ``Content-Encoding``, a chunk of the wrong shape) is ``bad_response`` too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import email.utils
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
@@ -73,6 +77,11 @@ REQUEST_LIMITS: contextvars.ContextVar[RequestLimits | None] = contextvars.Conte
 MAX_RETRY_AFTER_S = 60.0
 ERROR_BODY_BYTES = 16 << 10
 """How much of a 4xx/5xx answer body is read (its error message is cut to 4,000 characters)."""
+class _ClientSinkError(Exception):
+    """Raised from a streaming client's token sink (``on_delta``; the cause is its exception): a
+    failure on the client's side, which says nothing about the endpoint."""
+
+
 _sleep = asyncio.sleep  # the retry wait (a module attribute so tests can record the delays)
 
 
@@ -325,9 +334,9 @@ class Backend:
         start = time.perf_counter()
         received = _StreamedAnswer()
         try:
-            async with asyncio.timeout(timeout):  # the whole attempt, not each read (module docstring)
+            async with asyncio.timeout(timeout) as whole:  # the whole attempt, not each read (module docstring)
                 status, retry_after, text, body = await self._exchange(payload, timeout, on_delta, handed_on,
-                                                                       retry.attempts, received)
+                                                                       retry.attempts, received, whole)
         except asyncio.CancelledError:
             self.breaker.abandon()
             raise
@@ -348,6 +357,14 @@ class Backend:
                 raise BackendError(cfg.name, "stream_broken", retry.detail, retry.attempts,
                                    partial_cost(payload["messages"], received, cfg.price_in, cfg.price_out)) from None
             return None
+        except _ClientSinkError as err:  # the client's side failed, not the endpoint: no verdict on it
+            self.breaker.abandon()
+            raise err.__cause__ from None
+        except Exception as err:  # noqa: BLE001 - whatever else reading this answer raised: the answer's fault
+            self.breaker.failure()
+            cost = partial_cost(payload["messages"], received, cfg.price_in, cfg.price_out) if handed_on[0] else 0.0
+            raise BackendError(cfg.name, "bad_response", f"{type(err).__name__}: {err}"[:200], retry.attempts,
+                               cost) from None
         latency_ms = (time.perf_counter() - start) * 1000.0
         if status >= 500 or status == 429:
             self.breaker.failure()
@@ -363,10 +380,12 @@ class Backend:
 
     async def _exchange(self, payload: dict[str, Any], timeout: float,
                         on_delta: Callable[[dict[str, Any]], Awaitable[None]] | None, handed_on: list[bool],
-                        attempts: int, acc: _StreamedAnswer) -> tuple[int, str | None, str, Any]:
+                        attempts: int, acc: _StreamedAnswer, whole: asyncio.Timeout
+                        ) -> tuple[int, str | None, str, Any]:
         """One HTTP attempt: (status, Retry-After header, error text (first 4,000 chars), body). The
         body is the parsed JSON (:func:`answer_json`), or for a stream the completion rebuilt from its
-        chunks in ``acc`` (each delta handed to ``on_delta`` on the way; ``handed_on[0]`` set once one was).
+        chunks in ``acc`` (each delta handed to ``on_delta`` on the way; ``handed_on[0]`` set once one was,
+        and the attempt's whole-answer limit ``whole`` lifted then: module docstring).
         Raises :class:`BackendError` ``bad_response`` when the answer is not strict JSON or is larger
         than ``max_response_bytes`` (read no further than that)."""
         cfg = self.config
@@ -403,8 +422,13 @@ class Backend:
                 except ValueError as err:
                     raise BackendError(cfg.name, "bad_response", f"bad stream chunk: {err}", attempts) from None
                 for choice in choices:
-                    handed_on[0] = True
-                    await on_delta(choice)
+                    if not handed_on[0]:
+                        whole.reschedule(None)
+                        handed_on[0] = True
+                    try:
+                        await on_delta(choice)
+                    except Exception as err:
+                        raise _ClientSinkError() from err
             return response.status_code, None, "", acc.body()
 
     async def _capped(self, response: httpx.Response, attempts: int) -> AsyncIterator[bytes]:
@@ -427,34 +451,33 @@ class Backend:
             yield chunk
 
 
-_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
-    """The text lines of a byte stream (UTF-8, invalid bytes replaced), split as ``str.splitlines``
-    splits them, as ``httpx.Response.aiter_lines`` does (a trailing ``\\r`` waits for the next chunk,
-    which may start with the ``\\n`` of a CRLF)."""
+    """The lines of an event stream (UTF-8, invalid bytes replaced), ended by CRLF, CR or LF as the
+    SSE format defines them, whatever the chunk boundaries (a CR at a chunk's end waits for the next
+    chunk, which may start with its LF; a character's bytes may be cut in two). Not split at the
+    other separators ``str.splitlines`` knows (U+0085, U+2028, ...), which JSON may carry unescaped."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending: list[str] = []  # the unfinished line so far
-    trailing_cr = False
+    parts: list[str] = []  # the unfinished line so far
+    held_cr = False
     async for chunk in chunks:
-        text = ("\r" if trailing_cr else "") + decoder.decode(chunk)
-        trailing_cr = text.endswith("\r")
-        text = text[:-1] if trailing_cr else text
-        if not text:
-            continue
-        lines = text.splitlines()
-        unfinished = lines.pop() if text[-1] not in _LINE_BREAKS else None
-        if lines:
-            lines[0] = "".join(pending) + lines[0]
-            pending = []
-            for line in lines:
+        text = ("\r" if held_cr else "") + decoder.decode(chunk)
+        held_cr = text.endswith("\r")
+        if held_cr:
+            text = text[:-1]
+        pieces = _SSE_LINE_END.split(text)
+        if len(pieces) > 1:  # the unfinished line ends in this text, maybe followed by whole lines
+            pieces[0] = "".join(parts) + pieces[0]
+            parts = []
+            for line in pieces[:-1]:
                 yield line
-        if unfinished is not None:
-            pending.append(unfinished)
-    rest = "".join(pending) + decoder.decode(b"", final=True) + ("\r" if trailing_cr else "")
-    for line in rest.splitlines():
-        yield line
+        if pieces[-1]:
+            parts.append(pieces[-1])
+    rest = "".join(parts) + decoder.decode(b"", final=True)
+    if rest or held_cr:
+        yield rest
 
 
 class ShardedClient:

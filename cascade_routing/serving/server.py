@@ -280,18 +280,21 @@ class _ServerCore:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"X-Request-ID": request_id}
         progress = RouteProgress()
-        held = False
+        held = body_read = False
         try:
             try:
                 key = self.authenticate(request)
                 self.admit(key)
                 check_content_type(request)
                 raw = await self.read_body(request, arrived)
+                body_read = True
                 self.gate.enter()
                 held = True
                 response = await self.serve_chat(request, raw, request_id, headers, key, arrived, progress)
             except RequestError as err:
-                return self.fail(err, headers)
+                # refused before its body was read: the connection is closed after the answer, so the
+                # rest of that body is never taken for a next request nor keeps an idle socket open
+                return self.fail(err, headers if body_read else {**headers, "Connection": "close"})
             if isinstance(response, StreamingResponse):  # a stream holds its place until it ends
                 response.body_iterator = _then(response.body_iterator, self.gate.leave)
                 held = False
