@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,10 +196,27 @@ def test_budget_table_lookup(ds):
     assert router.fitted_for(1.0)[0] == 1e-3
     with pytest.raises(RouterError, match="smallest fitted budget"):
         router.fitted_for(1e-6)
+    for bad, shown in ((float("nan"), "nan"), (True, "True (bool)"), ("1e-3", "'1e-3' (str)")):
+        with pytest.raises(RouterError, match=rf"budget must be a finite number >= 0, got {re.escape(shown)}"):
+            router.fitted_for(bad)
     with pytest.raises(RouterError, match="pass budget"):
         CascadeRouter(policy, bind, table, ds.models)
     with pytest.raises(RouterError, match="unknown model"):
         router.next_model(ds.queries[0], {"nope": "x"})
+
+
+def test_a_budget_as_the_library_displays_it_finds_the_budget_it_names():
+    """Budgets are shown to 6 significant digits (metrics labels, stats, errors) and may arrive as
+    float32: fed back, each finds the fitted entry it names, not the one below it."""
+    from cascade_routing.policies.lambda_table import checked_budget, lookup_fitted
+
+    table = {b: b for b in (8.128983050847466e-05, 0.000164260142, 0.000328104567, 0.00501986543)}
+    for b in table:
+        for shown in (float(f"{b:.6g}"), float(np.float32(b)), torch.tensor(b, dtype=torch.float32)):
+            assert lookup_fitted(table, shown) == (b, b), (b, shown)
+    assert lookup_fitted(table, 8.1e-05) is None and checked_budget(np.float32(0.5)) == 0.5
+    with pytest.raises(ValueError, match="got inf"):
+        checked_budget(float("inf"))
 
 
 def test_route_matches_simulation_and_falls_back(ds):

@@ -130,16 +130,21 @@ class EstimatorArtifact:
 
     def fitted_lambda(self, strategy: str, budget: float):
         """The fitted λ/γ of ``strategy`` at the largest stored budget <= ``budget``
-        (:func:`~cascade_routing.policies.lambda_table.lookup_fitted`, the server's rule too)."""
+        (:func:`~cascade_routing.policies.lambda_table.lookup_fitted`, the server's rule too);
+        :class:`ArtifactError` for a budget that is not a finite number >= 0 or is below every one."""
         if strategy not in self.fitted or not self.fitted[strategy]:
             raise ArtifactError(f"no fitted λ for strategy {strategy!r}; artifact has {sorted(self.fitted)}")
-        from cascade_routing.policies.lambda_table import lookup_fitted
+        from cascade_routing.policies.lambda_table import checked_budget, lookup_fitted
 
+        try:
+            budget = checked_budget(budget)
+        except ValueError as err:
+            raise ArtifactError(str(err)) from None
         table = self.fitted[strategy]
         found = lookup_fitted(table, budget)
         if found is None:
             raise ArtifactError(
-                f"budget {budget:.6g} is below the smallest fitted budget {min(table):.6g} for {strategy!r}"
+                f"budget {budget!r} is below the smallest fitted budget {min(table)!r} for {strategy!r}"
             )
         return found[1]
 

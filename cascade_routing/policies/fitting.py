@@ -51,13 +51,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from cascade_routing.policies.lambda_table import checked_budget
 from cascade_routing.policies.base import (BudgetUnreachable, Policy, PolicyError, check_estimator_models,
                                            check_ground_truth, checked_rows)
 from cascade_routing.policies.significance import DEFAULT_LEVEL, significantly_better
@@ -159,9 +159,12 @@ def _checked_data(quality, cost) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_budget(c: np.ndarray, budget: float) -> None:
-    """PolicyError unless ``budget`` is finite, >= 0 and at least the cheapest model's mean cost."""
-    if budget is None or not math.isfinite(budget) or budget < 0:
-        raise PolicyError(f"budget must be a finite number >= 0, got {budget}")
+    """PolicyError unless ``budget`` is a finite number >= 0 (:func:`~cascade_routing.policies.
+    lambda_table.checked_budget`) and at least the cheapest model's mean cost."""
+    try:
+        budget = checked_budget(budget)
+    except ValueError as err:
+        raise PolicyError(str(err)) from None
     cheapest = float(c.mean(0).min())
     if budget < cheapest * (1 - 1e-9):
         raise PolicyError(

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator, checked_queries
-from cascade_routing.policies.lambda_table import lookup_fitted
+from cascade_routing.policies.lambda_table import checked_budget, lookup_fitted
 from cascade_routing.policies.step import FittedLike, decide_step, max_steps_at, select_step
 from cascade_routing.serving.backends import Answer, BackendError, RequestRejectedError
 
@@ -65,15 +65,12 @@ class RouterError(ValueError):
 
 
 def check_budget(budget: Any) -> float:
-    """``budget`` as a float; :class:`RouterError` unless it is a finite number >= 0 (the rule of
-    :func:`~cascade_routing.policies.fitting.fit_lambda`)."""
+    """``budget`` as a float; :class:`RouterError` unless it is a finite number >= 0
+    (:func:`~cascade_routing.policies.lambda_table.checked_budget`, the rule of λ fitting)."""
     try:
-        value = float(budget)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise RouterError(f"budget must be a finite number >= 0, got {budget}")
-    return value
+        return checked_budget(budget)
+    except ValueError as err:
+        raise RouterError(str(err)) from None
 
 
 class NoModelAvailableError(RuntimeError):
@@ -285,8 +282,7 @@ class CascadeRouter:
             budget = self.default_budget
             if budget in self.fitted_table:
                 return budget, self.fitted_table[budget]
-        if budget is not None:
-            check_budget(budget)
+        budget = check_budget(budget)
         found = lookup_fitted(self.fitted_table, budget)
         if found is None:
             raise RouterError(
