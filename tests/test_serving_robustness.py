@@ -380,6 +380,9 @@ def test_a_body_not_declared_json_is_refused_with_415(ds, routing, content_type)
     ({"budget": 1.0, "batch_window_ms": float("nan")}, r"batch_window_ms \(--batch-window-ms\) must be a finite"),
     ({"budget": 1.0, "workers": 0}, r"workers \(--workers\) must be an integer >= 1, got 0"),
     ({"budget": 1.0, "header_timeout_s": 0.0}, r"header_timeout_s \(--header-timeout-s\) must be a finite"),
+    ({"budget": 1.0, "compute_threads": 0}, r"compute_threads \(--compute-threads\) must be an integer >= 1"),
+    ({"budget": 1.0, "upstream_pools": 0}, r"upstream_pools \(--upstream-pools\) must be an integer >= 1"),
+    ({"budget": 1.0, "torch_threads": -1}, r"torch_threads \(--torch-threads\) must be an integer >= 1"),
 ])
 def test_serve_refuses_bad_settings_before_loading_anything(tmp_path, kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -453,3 +456,36 @@ def test_max_response_bytes_is_checked_in_the_backends_file():
     assert parse_backends(doc, "test")["m"].max_response_bytes == 1000
     del doc["models"][0]["max_response_bytes"]
     assert parse_backends(doc, "test")["m"].max_response_bytes == 8 << 20
+
+
+def test_requests_no_model_answered_and_nothing_was_billed_are_not_fed_to_the_budget_controller(ds, cascade):
+    """During an outage every request fails (502) at no cost: observing those as cheap requests
+    would wind λ down to its floor and overspend once the backends are back. They are not
+    observed; the first answered request is."""
+    from cascade_routing.policies.controller import ControllerConfig
+
+    backends = ScriptedBackends(modes={m: "500" for m in ds.models})
+    with scripted_server(cascade, backends, controller=ControllerConfig()) as srv:
+        for q in ds.queries[:4]:
+            assert _chat(srv.url, _body(q)).status_code == 502
+        before = httpx.get(srv.url + "/v1/routing/stats", timeout=10).json()["controller"]
+        backends.modes.clear()
+        ok = _chat(srv.url, _body(ds.queries[5]))
+        after = httpx.get(srv.url + "/v1/routing/stats", timeout=10).json()["controller"]
+    assert ok.status_code == 200 and ok.json()["routing"]["controller"]["observed_as"] == 0
+    assert all(state["observed"] == 0 and state["lam_factor"] == 1.0 for state in before.values()), before
+    (state,) = after.values()
+    assert state["observed"] == 1 and state["mean_cost"] == pytest.approx(ok.json()["routing"]["total_cost"])
+
+
+def test_a_budget_whose_fitted_lambda_is_zero_cannot_be_controlled():
+    """λ₀ = 0 (the policy spends without a price): every multiple is 0, so serve warns that the
+    controller cannot act there; any positive λ can be scaled."""
+    import torch
+
+    from cascade_routing.policies import FittedLambda
+    from cascade_routing.policies.controller import lambda_is_zero, scale_fitted
+
+    zero = FittedLambda(torch.zeros(2), torch.zeros(2))
+    assert lambda_is_zero(zero) and lambda_is_zero(scale_fitted(zero, 30.0))
+    assert not lambda_is_zero(FittedLambda(torch.tensor([0.0, 2.0]), torch.zeros(2)))

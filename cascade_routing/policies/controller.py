@@ -16,12 +16,17 @@ Before the first observation u = 0 (the offline λ). Why this form:
 - The integral term is dual ascent on ``mean cost <= B`` in log λ (λ is that constraint's
   multiplier). Summing the window means counts each request's error W times / W, so while the
   integral is not clipped, ``sum_n e_n`` stays bounded and the realised mean spend over the stream
-  converges to B (transient overspend is paid back, not forgotten).
+  converges to B (transient overspend is paid back). Its error is not clipped: one request costing
+  hundreds of budgets (a long prompt to the priciest model) adds k_i·e for each of the W requests it
+  stays in the window and saturates λ at ``max_factor``; the part of such an overspend beyond the
+  clip is not paid back.
 - The window smooths single expensive requests (one GPT-4 answer costs ~60x a 7B one), the
   proportional term reacts within a window, and its error is clipped to [-1, 1] so one burst does
-  not swing λ by more than ``k_p``.
+  not swing the proportional part by more than ``k_p``.
 - ``max_factor`` bounds λ to [λ₀ / max_factor, λ₀ · max_factor] (anti-windup: the integral is
   clamped too), so a broken cost feed cannot drive the policy to "never spend" or "always GPT-4".
+- A budget whose fitted λ₀ is 0 (the largest fitted budgets: the policy spends without a price)
+  cannot be controlled: every multiple of 0 is 0 (:func:`lambda_is_zero`; ``serve`` warns).
 
 The controller is a pure function of the observed cost sequence, so the offline simulation
 (:func:`cascade_routing.evaluation.online.simulate_controlled`) reproduces a server's decisions
@@ -173,9 +178,16 @@ class BudgetControllers:
         return {f"{b:.6g}": c.state() for b, c in sorted(items)}
 
 
+def lambda_is_zero(fitted) -> bool:
+    """Whether every λ of ``fitted`` is 0 (a budget at or above what the policy spends without a
+    price): scaling it changes nothing, so a controller cannot lower spend there."""
+    return not (bool(fitted.lam_low.ne(0).any()) or bool(fitted.lam_high.ne(0).any()))
+
+
 def lam_in_use(fitted: FittedLambda, factor: float = 1.0) -> float:
     """One number for dashboards: the first step's λ (``lam_high``, the side most queries use) x factor."""
     return float(fitted.lam_high[0]) * factor if fitted.lam_high.numel() else float("nan")
 
 
-__all__ = ["BudgetController", "BudgetControllers", "ControllerConfig", "lam_in_use", "scale_fitted"]
+__all__ = ["BudgetController", "BudgetControllers", "ControllerConfig", "lam_in_use", "lambda_is_zero",
+           "scale_fitted"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import logging
 import math
 import os
 import socket
@@ -28,11 +29,13 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from cascade_routing.policies.controller import ControllerConfig
+from cascade_routing.policies.controller import ControllerConfig, lambda_is_zero
 from cascade_routing.serving.backends import BackendPool
 from cascade_routing.serving.limits import ServerLimits
 from cascade_routing.serving.router import CascadeRouter, check_budget
 from cascade_routing.serving.store import DEFAULT_STORE
+
+log = logging.getLogger(__name__)
 
 KEEP_ALIVE_S = 75.0
 HEADER_TIMEOUT_S = 10.0
@@ -156,7 +159,8 @@ def serve(
     if not 0 <= shutdown_timeout_s < math.inf:
         raise ValueError("shutdown_timeout_s (--shutdown-timeout-s) must be a finite number of seconds >= 0, "
                          f"got {shutdown_timeout_s}")
-    check_serve_settings(budget, batch_window_ms, max_batch, workers)
+    check_serve_settings(budget, batch_window_ms, max_batch, workers, compute_threads=compute_threads,
+                         upstream_pools=upstream_pools, torch_threads=torch_threads)
     protocol = header_timeout_protocol(header_timeout_s)
     limits = dataclasses.replace(limits or ServerLimits(), shutdown_timeout_s=shutdown_timeout_s)
     if workers != 1:
@@ -180,6 +184,9 @@ def serve(
     bind_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="binding") if bind_thread else None
     router = CascadeRouter.from_checkpoint(checkpoint, budget=budget, strategy=strategy, name=name,
                                            executor=executor, bind_executor=bind_executor, int8=int8)
+    if controller is not None and lambda_is_zero(router.fitted_for(budget)[1]):
+        log.warning("--budget-controller cannot act at budget %s: its fitted λ is 0 (the policy spends "
+                    "without a price there, and a multiple of 0 is 0); spend is not controlled", budget)
     pool = BackendPool.from_yaml(backends, connection_pools=upstream_pools)
     app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
                      keys=keys, store=open_store(store), controller=controller)
@@ -195,16 +202,20 @@ def serve(
     return 0
 
 
-def check_serve_settings(budget: float, batch_window_ms: float, max_batch: int, workers: int) -> None:
+def check_serve_settings(budget: float, batch_window_ms: float, max_batch: int, workers: int,
+                         compute_threads: int = 1, upstream_pools: int = 1, torch_threads: int | None = None) -> None:
     """ValueError naming the ``serve`` flag of the first setting out of range: ``--budget`` (a finite
-    number >= 0), ``--batch-window-ms`` (finite, >= 0), ``--max-batch`` and ``--workers`` (>= 1)."""
+    number >= 0), ``--batch-window-ms`` (finite, >= 0), ``--max-batch``, ``--workers``,
+    ``--compute-threads``, ``--upstream-pools`` and ``--torch-threads`` (unless None) (>= 1)."""
     try:
         check_budget(budget)
     except ValueError as err:
         raise ValueError(f"--budget: {err}") from None
     if not 0 <= batch_window_ms < math.inf:
         raise ValueError(f"batch_window_ms (--batch-window-ms) must be a finite number >= 0, got {batch_window_ms}")
-    for name, value in (("max_batch", max_batch), ("workers", workers)):
+    counts = [("max_batch", max_batch), ("workers", workers), ("compute_threads", compute_threads),
+              ("upstream_pools", upstream_pools)] + ([("torch_threads", torch_threads)] if torch_threads is not None else [])
+    for name, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {value}")
 

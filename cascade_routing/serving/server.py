@@ -408,11 +408,14 @@ class _ServerCore:
 
         def observe() -> dict[str, Any] | None:
             """Hand the request's spend to the online controller (once; its ``controller_info`` then
-            names the state it was observed as) and return ``controller_info``."""
+            names the state it was observed as) and return ``controller_info``. A request that got no
+            answer and cost nothing (every model failed unbilled, or it ended before any call) is
+            not observed: it is no evidence of cheap traffic, and an outage would otherwise wind λ
+            down to its floor, to be overspent once the backends are back."""
             nonlocal controller_info, observed
             if not observed:
                 observed = True
-                if control is not None:
+                if control is not None and (progress.answers or progress.total_cost() > 0):
                     control.observe(progress.total_cost())
                     controller_info = {"budget": control.budget, "lam_factor": factor, "version": version,
                                        "observed_as": control.version - 1}
