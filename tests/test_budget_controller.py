@@ -93,6 +93,16 @@ def test_bad_settings_and_costs_are_named():
         BudgetController(0.0)
     with pytest.raises(PolicyError, match="realised cost"):
         BudgetController(1.0).observe(float("nan"))
+    # bools are not numbers here, strings are named, numpy numbers are numbers
+    with pytest.raises(PolicyError, match="window must be an integer >= 1, got True"):
+        ControllerConfig(window=True)
+    with pytest.raises(PolicyError, match="k_p must be a finite number >= 0, got '0.5'"):
+        ControllerConfig(k_p="0.5")
+    with pytest.raises(PolicyError, match="needs a finite budget > 0, got nan"):
+        BudgetController(float("nan"))
+    cfg = ControllerConfig(window=np.int64(10), k_p=np.float32(0.25))
+    assert cfg.window == 10 and type(cfg.window) is int and cfg.k_p == 0.25 and type(cfg.k_p) is float
+    assert BudgetController(np.float32(0.5), cfg).budget == 0.5
 
 
 def test_convergence_index():

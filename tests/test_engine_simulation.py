@@ -242,6 +242,33 @@ def test_reproduce_refuses_a_device_or_thread_count_it_cannot_use(tmp_path, caps
     assert "--threads: must be at least 0, got -3" in capsys.readouterr().err
 
 
+def test_the_python_api_refuses_protocol_settings_the_cli_refuses(tmp_path):
+    """``budgets_per_pair`` / ``num_resamples`` of 0 ended in an IndexError deep in the sweep, a
+    strategy given as one string was read letter by letter, an unknown estimator was a KeyError:
+    each is a ValueError naming the setting before anything loads (no artifact needed to see it)."""
+    from cascade_routing.evaluation.reproduce import reproduce_routerbench
+    from cascade_routing.training.heldout import evaluate
+
+    missing = str(tmp_path / "no-such.safetensors")
+    for kwargs, words in (({"budgets_per_pair": 0}, "budgets_per_pair must be an integer >= 1, got 0"),
+                          ({"num_resamples": 0}, "num_resamples must be an integer >= 1, got 0"),
+                          ({"strategies": "routing"}, "got the single string 'routing'"),
+                          ({"strategies": ("routing", "magic")}, r"unknown strategies \['magic'\]"),
+                          ({"estimators": ("learned", "oracle")}, r"unknown estimators \['oracle'\]")):
+        with pytest.raises(ValueError, match=words):
+            evaluate(missing, out_dir=None, **kwargs)
+    with pytest.raises(ValueError, match="num_resamples must be an integer >= 1, got 0"):
+        reproduce_routerbench(out_dir=None, num_resamples=0)
+
+
+def test_reproduce_takes_a_dataset_by_name(raw_data_dir):
+    from cascade_routing.evaluation.reproduce import reproduce_routerbench
+
+    result = reproduce_routerbench(out_dir=None, dataset="routellm-gsm8k", quick=True, progress=False,
+                                   num_resamples=20)
+    assert {r["strategy"] for r in result.rows} >= {"routing", "cascade_routing"}
+
+
 @pytest.mark.slow
 def test_reproduce_full_protocol_orders_strategies(raw_data_dir, tmp_path):
     """The whole Table-1 protocol (about a minute on 2 cores): cascade routing beats routing and the

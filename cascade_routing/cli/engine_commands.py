@@ -62,7 +62,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     rb.add_argument("--seed", type=int, default=0)
     rb.add_argument("--num-samples", type=positive_int, default=128, help="quasi-random draws for E[max]")
     rb.add_argument("--resamples", type=positive_int, default=500, help="bootstrap resamples for the CI")
-    rb.add_argument("--quick", action="store_true", help="first pool, low noise, 4 budgets per pair")
+    rb.add_argument("--quick", action="store_true", help="first pool, low noise, 4 budgets per pair, at most 100 bootstrap resamples")
     rb.add_argument("--no-progress", action="store_true", help="no progress bar")
     rb.add_argument("--device", default="cpu", help="where the estimators' tables and the engine run (cpu, cuda)")
     rb.add_argument("--threads", type=non_negative_int, default=1,

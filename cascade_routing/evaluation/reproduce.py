@@ -122,18 +122,22 @@ def reproduce_routerbench(
     device: str = "cpu",
 ) -> ReproduceResult:
     """Run the protocol (module docstring); ``quick``: first pool and low noise only, 4 budgets per
-    pair, 100 bootstrap resamples. ``dataset``: a RoutingDataset (default: ``routerbench-subset``);
+    pair, 100 bootstrap resamples (at most ``num_resamples``). ``dataset``: a RoutingDataset, or a
+    name or folder for :func:`~cascade_routing.data.load_dataset` (default: ``routerbench-subset``);
     ``pools``: name -> models (an empty list: all models), default :func:`default_pools`.
     ``device``: where the synthetic estimators' tables live; the engine follows them (``ValueError``
-    if this torch cannot use it: :func:`checked_device`)."""
+    if this torch cannot use it: :func:`checked_device`). ``budgets_per_pair`` and ``num_resamples``
+    below 1 are a ValueError before any work."""
     from cascade_routing.data.splits import partition_indices
+    from cascade_routing.evaluation.protocol import check_settings
 
+    check_settings(budgets_per_pair, num_resamples)
     device = str(checked_device(device))
     t0 = time.perf_counter()
-    if dataset is None:
+    if dataset is None or isinstance(dataset, (str, Path)):
         from cascade_routing.data import load_dataset
 
-        dataset = load_dataset("routerbench-subset")
+        dataset = load_dataset(str(dataset or "routerbench-subset"))
     pools = dict(default_pools(dataset) if pools is None else pools)
     if quick:
         pools = dict(list(pools.items())[:1])

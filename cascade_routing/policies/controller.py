@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import threading
 from collections import deque
 from dataclasses import asdict, dataclass
 
 from cascade_routing.policies.base import PolicyError
 from cascade_routing.policies.fitting import FittedLambda
+from cascade_routing.policies.lambda_table import checked_budget
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,15 @@ class ControllerConfig:
     max_factor: float = 30.0  # λ stays within [λ₀ / max_factor, λ₀ · max_factor]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.window, int) or self.window < 1:
+        if isinstance(self.window, bool) or not isinstance(self.window, numbers.Integral) or self.window < 1:
             raise PolicyError(f"controller window must be an integer >= 1, got {self.window!r}")
-        for name in ("k_p", "k_i"):
+        object.__setattr__(self, "window", int(self.window))
+        for name, low in (("k_p", 0.0), ("k_i", 0.0), ("max_factor", 1.0)):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise PolicyError(f"controller {name} must be a finite number >= 0, got {value!r}")
-        if not math.isfinite(self.max_factor) or self.max_factor < 1:
-            raise PolicyError(f"controller max_factor must be a finite number >= 1, got {self.max_factor!r}")
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or value < low):
+                raise PolicyError(f"controller {name} must be a finite number >= {low:g}, got {value!r}")
+            object.__setattr__(self, name, float(value))
 
 
 def scale_fitted(fitted: FittedLambda, factor: float) -> FittedLambda:
@@ -83,9 +86,13 @@ class BudgetController:
     """
 
     def __init__(self, budget: float, config: ControllerConfig | None = None) -> None:
-        if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        try:
+            value = checked_budget(budget)  # a Python or numpy number, finite, >= 0
+        except ValueError:
+            value = 0.0
+        if value <= 0:
             raise PolicyError(f"the controller needs a finite budget > 0, got {budget!r}")
-        self.budget = float(budget)
+        self.budget = value
         self.config = config or ControllerConfig()
         self._limit = math.log(self.config.max_factor)
         self._window: deque[float] = deque(maxlen=self.config.window)
@@ -120,8 +127,9 @@ class BudgetController:
                 self._window_sum -= self._window[0]
             self._window.append(cost)
             # Recomputed from the window now and then so float drift of the running sum stays tiny.
-            self._window_sum = (math.fsum(self._window) if self.version % 1000 == 999
-                                else self._window_sum + cost)
+            # (costs are >= 0, so a negative sum is drift: clamped)
+            self._window_sum = max(0.0, math.fsum(self._window) if self.version % 1000 == 999
+                                   else self._window_sum + cost)
             self._error = self._window_sum / len(self._window) / self.budget - 1.0
             self._integral = min(self._limit, max(-self._limit, self._integral + cfg.k_i * self._error))
             p = cfg.k_p * min(1.0, max(-1.0, self._error))

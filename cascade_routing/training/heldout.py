@@ -234,7 +234,13 @@ def evaluate(
     """See the module docstring. Returns the table rows (one per estimator × strategy).
 
     ``uncertainty`` overrides the artifact's uncertainty method (variance, covariance, none).
+    Bad settings (``budgets_per_pair`` or ``num_resamples`` below 1, an unknown strategy or
+    estimator name) are a ValueError before anything loads (:func:`~cascade_routing.evaluation.
+    protocol.check_settings`, :func:`~cascade_routing.evaluation.protocol.check_names`).
     """
+    protocol.check_settings(budgets_per_pair, num_resamples)
+    protocol.check_names(strategies, STRATEGIES, "strategies")
+    protocol.check_names(estimators, ESTIMATORS, "estimators")
     t0 = time.perf_counter()
     art = load_artifact(checkpoint)
     dm = datamodule_for(art, dataset, cache_dir)
