@@ -40,7 +40,8 @@ _API = {
     "QualityEstimatorModule": "cascade_routing.training.module",
     "RoutingDataModule": "cascade_routing.training.datamodule",
     "train_eval": "cascade_routing.cli.estimator_commands",
-    **dict.fromkeys(("CascadeRouter", "BackendPool", "RouterError", "NoModelAvailableError"), "cascade_routing.serving"),
+    **dict.fromkeys(("CascadeRouter", "BackendPool", "RouterError", "NoModelAvailableError",
+                     "MissingConfidenceWarning"), "cascade_routing.serving"),
 }
 
 __all__ = ["__version__", *sorted(_API)]

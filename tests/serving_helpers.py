@@ -77,7 +77,7 @@ class TextQualityEstimator:
                 if bool(ran[b, j]):
                     good = "CORRECT" in str(self.responses[i, j])
                     q = 0.95 if good else 0.05
-                    if conf is not None:
+                    if conf is not None and np.isfinite(conf[i, j]):  # NaN: served without one
                         q = 0.8 * q + 0.2 * float(conf[i, j])
                     mean[b, j] = q
                     std[b, j] = 0.02

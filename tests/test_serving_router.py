@@ -107,6 +107,31 @@ def test_the_step_api_refuses_a_single_string_for_a_batch(ds):
     assert router.next_models([str(ds.queries[0])]) == [router.next_model(str(ds.queries[0]))]
 
 
+def test_an_answer_without_the_confidence_the_estimators_read_is_read_as_none_and_warned(ds):
+    """Estimators trained with ``logprob_confidence`` (rational-llm-cascades): an answer given as a
+    plain string, or from a backend without ``logprobs: true``, has none. It used to read as log p = 0
+    (an answer the model was certain of); now the cell is NaN, which the estimators read as "no
+    confidence" (``has_confidence`` 0), and the router warns."""
+    import warnings
+
+    from cascade_routing.estimators.features import static_features
+    from cascade_routing.serving.router import MissingConfidenceWarning, _State
+
+    policy = Routing()
+    router = CascadeRouter(policy, bind, _fitted(ds, policy, float(ds.cost.mean(0)[1])), ds.models,
+                           feature_names=FEATURE_NAMES)
+    state = _State(router, [str(ds.queries[0])], None)
+    with pytest.warns(MissingConfidenceWarning, match=f"an answer of '{ds.models[1]}' came without 'logprob_confidence'"):
+        state.record(0, 1, "B")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingConfidenceWarning)
+        state.record(0, 2, Answer(model=ds.models[2], text="C", cost=0.1, features={"logprob_confidence": -0.25}))
+    conf = state.features["logprob_confidence"]
+    assert np.isnan(conf[0, 1]) and conf[0, 2] == -0.25 and np.isnan(conf[0, 0])
+    static = static_features(np.array([0]), state.ran.numpy(), state.responses, state.features)
+    assert static[0, 1, 1:].tolist() == [0.0, 0.0] and static[0, 2, 1:].tolist() == [-0.25, 1.0]
+
+
 def test_failed_model_is_removed_from_candidates(ds):
     policy = Routing()
     # λ = 0: routing picks the model with the highest ex-ante mean (the large model mostly)

@@ -9,7 +9,8 @@ Per-answer features (``ANSWER_FEATURES``, in this order, float [B, M, F]):
 - ``log_length``: ``log1p(len(response chars)) / 8`` (0 when the response is missing);
 - ``confidence``: the dataset's ``logprob_confidence`` feature as given (0 where absent); the network
   also reads its log surprise (:func:`encode_confidence`, the network's ``confidence_encoding``);
-- ``has_confidence``: 1 where a log-prob confidence exists for the cell, else 0;
+- ``has_confidence``: 1 where a log-prob confidence exists for the cell, else 0 (no such feature,
+  or NaN in its cell: an answer served without one);
 - ``agreement``: mean token-set Jaccard similarity of this answer with the *other run* answers of
   the same query, ``(1/|R\\{m}|) Σ_{k∈R\\{m}} |T_m ∩ T_k| / |T_m ∪ T_k|`` (0 when no other model ran).
 
@@ -98,9 +99,11 @@ def static_features(
     if responses is not None:
         texts = responses[qi, mi]
         out[bi, mi, 0] = [np.log1p(len(str(t))) / 8.0 if t is not None else 0.0 for t in texts]
-    if conf is not None:
-        out[bi, mi, 1] = conf[qi, mi]
-        out[bi, mi, 2] = 1.0
+    if conf is not None:  # NaN: this answer came without a confidence (has_confidence 0, confidence 0)
+        values = np.asarray(conf[qi, mi], dtype=np.float64)
+        present = np.isfinite(values)
+        out[bi, mi, 1] = np.where(present, values, 0.0)
+        out[bi, mi, 2] = present
     return out
 
 

@@ -13,6 +13,7 @@ from cascade_routing.serving.backends import (
 )
 from cascade_routing.serving.router import (
     CascadeRouter,
+    MissingConfidenceWarning,
     NoModelAvailableError,
     RouteResult,
     RouterError,
@@ -21,6 +22,6 @@ from cascade_routing.serving.router import (
 
 __all__ = [
     "Answer", "Backend", "BackendConfig", "BackendConfigError", "BackendError", "BackendPool",
-    "CascadeRouter", "NoModelAvailableError", "RouteResult", "RouterError", "StepTrace",
+    "CascadeRouter", "MissingConfidenceWarning", "NoModelAvailableError", "RouteResult", "RouterError", "StepTrace",
     "load_backend_configs", "parse_backends",
 ]

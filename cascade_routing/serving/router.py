@@ -41,6 +41,7 @@ import asyncio
 import concurrent.futures
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
@@ -49,6 +50,7 @@ import torch
 from torch import Tensor
 
 from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator, checked_queries
+from cascade_routing.estimators.features import CONFIDENCE_FEATURE
 from cascade_routing.policies.lambda_table import checked_budget, lookup_fitted
 from cascade_routing.policies.step import FittedLike, decide_step, max_steps_at, select_step
 from cascade_routing.serving.backends import Answer, BackendError, RequestRejectedError
@@ -71,6 +73,10 @@ def check_budget(budget: Any) -> float:
         return checked_budget(budget)
     except ValueError as err:
         raise RouterError(str(err)) from None
+
+
+class MissingConfidenceWarning(UserWarning):
+    """An answer reached estimators trained with a log-prob confidence without one (see _State.record)."""
 
 
 class NoModelAvailableError(RuntimeError):
@@ -166,8 +172,12 @@ class _State:
         m = len(router.models)
         b = len(queries)
         self.queries = queries
+        self.models = router.models
         self.responses = np.full((b, m), None, dtype=object)
-        self.features = {name: np.zeros((b, m), dtype=np.float64) for name in router.feature_names}
+        # a confidence not given stays NaN, which the estimators read as "none" (never as log p = 0,
+        # which would be an answer the model was certain of)
+        self.features = {name: np.full((b, m), np.nan if name == CONFIDENCE_FEATURE else 0.0, dtype=np.float64)
+                         for name in router.feature_names}
         self.ran = torch.zeros(b, m, dtype=torch.bool)  # answered
         self.failed = torch.zeros(b, m, dtype=torch.bool)
         self.rows = torch.arange(b)
@@ -178,6 +188,13 @@ class _State:
         if answer is None:
             self.failed[row, m] = True
             return
+        if isinstance(answer, str) or CONFIDENCE_FEATURE not in answer.features:
+            if CONFIDENCE_FEATURE in self.features:
+                warnings.warn(MissingConfidenceWarning(
+                    f"an answer of {self.models[m]!r} came without "
+                    f"{CONFIDENCE_FEATURE!r}, which these estimators were trained with: they read it as having "
+                    "none; set `logprobs: true` for the backends, or pass Answer(..., features={"
+                    f"{CONFIDENCE_FEATURE!r}: ...}})"), stacklevel=2)
         if isinstance(answer, str):
             self.responses[row, m] = answer
         else:
