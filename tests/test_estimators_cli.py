@@ -55,3 +55,15 @@ def test_curve_labels_match_the_tables_and_minor_ticks_do_not_crowd():
         _label_minor_ticks(ax)
     assert narrow.xaxis.get_minor_formatter()(2e-3, 0) != "" and wide.xaxis.get_minor_formatter()(2e-3, 0) == ""
     plt.close(fig)
+
+
+def test_train_eval_no_baseline_reaches_the_evaluation(monkeypatch):
+    """``train-eval --no-baseline`` evaluates the learned estimator alone, as ``evaluate
+    --no-baseline`` does (the baseline cannot fit more than MAX_BASELINE_MODELS models)."""
+    from cascade_routing.cli import estimator_commands
+
+    seen = []
+    monkeypatch.setattr(estimator_commands, "train_eval", lambda *args, **kwargs: seen.append(kwargs["estimators"]))
+    assert main(["train-eval", "--config", "routerbench", "--no-baseline", "--no-wandb"]) == 0
+    assert main(["train-eval", "--config", "routerbench", "--no-wandb"]) == 0
+    assert seen == [("learned",), ("learned", "baseline")]

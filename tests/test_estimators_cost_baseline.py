@@ -123,3 +123,14 @@ def test_nonneg_price_fit_on_the_boundary():
     a, b = nonneg_lstsq(x1, x2, y)
     assert b == 0.0 and a == pytest.approx(float(x1 @ y / (x1 @ x1)))
     assert nonneg_lstsq(x1, x2, 3.0 * x1 + 0.25 * x2) == pytest.approx((3.0, 0.25))
+
+
+def test_the_baseline_refuses_more_models_than_it_can_fit_and_says_how_to_go_on():
+    """2^M regressions: with 20 models train-eval ran for hours; above MAX_BASELINE_MODELS the fit is
+    refused at once, naming the way to evaluate without it."""
+    from cascade_routing.estimators.baseline import MAX_BASELINE_MODELS
+
+    ds = make_synthetic_dataset(n=20, m=MAX_BASELINE_MODELS + 1)
+    with pytest.raises(ValueError, match=rf"2\^{MAX_BASELINE_MODELS + 1} = 32,768 .*at most {MAX_BASELINE_MODELS} "
+                                         r"models.*--no-baseline"):
+        BaselineModel.fit(ds)

@@ -414,3 +414,21 @@ def test_a_checkpoint_from_before_the_truncation_settings_exports_with_the_cut_i
     current = RoutingDataModule.load_from_checkpoint(tmp / "runs" / "tiny" / "checkpoints" / "best.ckpt")
     assert (current.truncation, current.answer_truncation) == ("left", "left")
     assert RoutingDataModule.load_from_checkpoint(old, answer_truncation="head_tail").answer_truncation == "head_tail"
+
+
+def test_the_data_module_refuses_a_length_or_split_it_cannot_use_before_encoding(tmp_path):
+    """``data.max_length`` beyond the encoder's limit failed after encoding with a raw tensor-size
+    error; 10 queries trained and then failed in the export ("needs >= 4 calibration rows, got 1").
+    Both are ValueErrors naming the setting before any encoding."""
+    from cascade_routing.training.datamodule import RoutingDataModule
+
+    enc = make_tiny_encoder(tmp_path / "enc")
+    ds = make_synthetic_dataset(n=120)
+    dm = RoutingDataModule.from_dataset(ds, encoder_path=str(enc), max_length=100, cache_dir=str(tmp_path / "c"))
+    dm.tokenizer.model_max_length = 64
+    with pytest.raises(ValueError, match=r"data.max_length: max_length 100 is more than the encoder accepts \(64 tokens"):
+        dm.prepare_data()
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())  # nothing was encoded
+    small = RoutingDataModule.from_dataset(make_synthetic_dataset(n=12), encoder_path=str(enc), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"has 12 queries, split \{.*'calibration': 2.*at least 4"):
+        small.setup("fit")

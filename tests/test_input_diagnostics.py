@@ -39,6 +39,9 @@ def test_shared_prefixes_finds_each_group_with_its_length() -> None:
     assert diagnostics.shared_prefixes(queries, min_share=0.7) == []  # 30 of 50 distinct: below 70%
     msg = diagnostics.prefix_messages(queries)[0]
     assert "30 of 50 distinct queries (60%) start with the same 702 characters" in msg
+    assert "use data.truncation: left" in msg
+    kept_end = diagnostics.prefix_messages(queries, truncation="left")[0]  # advice for what is in use
+    assert "use data.truncation: left" not in kept_end and "keeps the end of a long prompt" in kept_end
 
 
 def test_collapse_message_names_the_numbers() -> None:

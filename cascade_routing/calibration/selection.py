@@ -24,6 +24,7 @@ from cascade_routing.policies.significance import DEFAULT_LEVEL
 
 SELECTION_MODES = ("none", "variance", "covariance")  # ties go to the earlier (simpler, cheaper) mode
 SELECTION_SCALES = (1.0, 0.3, 0.1)  # shrinkage α of the learned uncertainty tried by the export
+MIN_CALIBRATION_ROWS = 4  # two calibration halves of two queries each, at the least
 
 
 def candidate_name(mode: str, scale: float) -> str:
@@ -177,8 +178,8 @@ def select_uncertainty(
     t0 = time.perf_counter()
     ds = split.dataset
     n = ds.quality.shape[0]
-    if n < 4:
-        raise ValueError(f"uncertainty selection needs >= 4 calibration rows, got {n}")
+    if n < MIN_CALIBRATION_ROWS:
+        raise ValueError(f"uncertainty selection needs >= {MIN_CALIBRATION_ROWS} calibration rows, got {n}")
     candidates, skipped = _candidates(artifact, modes, scales)
     folds = calibration_halves(n, seed)
     base_q, cost_est = bind_split(artifact, split, uncertainty="none")

@@ -75,7 +75,7 @@ def import_input_warnings(queries: list[str], max_length: int, truncation: str) 
     at ``max_length``/``truncation`` when that encoder is installed."""
     from cascade_routing.data import diagnostics
 
-    messages = diagnostics.prefix_messages(queries)
+    messages = diagnostics.prefix_messages(queries, truncation=truncation)
     try:
         from cascade_routing.estimators import encoding
 

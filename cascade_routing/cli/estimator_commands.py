@@ -53,6 +53,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     t.add_argument("--budgets-per-pair", type=positive_int, default=protocol.BUDGETS_PER_PAIR)
     t.add_argument("--resamples", type=positive_int, default=protocol.NUM_RESAMPLES)
     t.add_argument("--no-wandb", action="store_true")
+    t.add_argument("--no-baseline", action="store_true", help="skip the paper-style baseline estimator")
     t.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="extra LightningCLI arguments after the options, e.g. -- --trainer.max_epochs=5")
     t.set_defaults(func=_train_eval)
@@ -110,9 +111,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | None = None, out: str | None = None,
-               budgets_per_pair: int | None = None, num_resamples: int | None = None, log_wandb: bool = True):
+               budgets_per_pair: int | None = None, num_resamples: int | None = None, log_wandb: bool = True,
+               estimators: tuple[str, ...] = ("learned", "baseline")):
     """Train with ``config`` (one or more config names / paths, composed in order; the project's
-    LightningCLI, in-process) and evaluate the artifact it exports with the shared protocol.
+    LightningCLI, in-process) and evaluate the artifact it exports with the shared protocol
+    (``estimators``: as in :func:`~cascade_routing.training.heldout.evaluate`).
 
     One experiment is one wandb run: the training run stays open and the evaluation logs into it.
     """
@@ -139,7 +142,7 @@ def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | N
     result = evaluate(str(exports[0].artifact_path), out_dir=out or os.path.join("eval", name),
                       budgets_per_pair=budgets_per_pair or protocol.BUDGETS_PER_PAIR,
                       num_resamples=num_resamples or protocol.NUM_RESAMPLES,
-                      cache_dir=cli.datamodule.cache_dir, log_wandb=log_wandb)
+                      cache_dir=cli.datamodule.cache_dir, log_wandb=log_wandb, estimators=estimators)
     print(f"train {train_s:.0f} s, evaluate {result.seconds:.0f} s, total {time.perf_counter() - t0:.0f} s")
     print_input_warnings(cli.datamodule.input_messages, f"dataset {cli.datamodule.dataset_name!r}")  # again, last
     return result
@@ -163,7 +166,7 @@ def train_passthrough(args: argparse.Namespace) -> int:
 def _train_eval(args: argparse.Namespace) -> int:
     overrides = [o for o in (args.overrides or []) if o != "--"]
     train_eval(args.config or ["routerbench"], overrides, args.out, args.budgets_per_pair, args.resamples,
-               not args.no_wandb)
+               not args.no_wandb, estimators=("learned",) if args.no_baseline else ("learned", "baseline"))
     return 0
 
 

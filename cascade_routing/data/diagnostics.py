@@ -95,13 +95,17 @@ def _preview(text: str, width: int = 60) -> str:
 
 
 def prefix_messages(queries: Sequence[str], min_chars: int = MIN_PREFIX_CHARS,
-                    min_share: float = MIN_PREFIX_SHARE) -> list[str]:
-    """One message per :func:`shared_prefixes` group, with counts, share and prefix length."""
+                    min_share: float = MIN_PREFIX_SHARE, truncation: str | None = None) -> list[str]:
+    """One message per :func:`shared_prefixes` group, with counts, share and prefix length; the advice
+    fits ``truncation`` (the one in use, when known)."""
     total = len(set(map(str, queries)))
+    advice = ("data.truncation: left keeps the end of a long prompt, so the encoder sees past it; map a column "
+              "without it to drop it" if truncation == "left" else
+              "an encoder that keeps the start of a long prompt sees mostly this shared text (use "
+              "data.truncation: left, or map a column without it)")
     return [
         f"long common prefix: {g.count:,} of {total:,} distinct queries ({g.count / total:.0%}) start with the "
-        f"same {g.length:,} characters ({_preview(g.prefix)}); an encoder that keeps the start of a long "
-        "prompt sees mostly this shared text (use data.truncation: left, or map a column without it)"
+        f"same {g.length:,} characters ({_preview(g.prefix)}); {advice}"
         for g in shared_prefixes(queries, min_chars, min_share)
     ]
 
@@ -135,7 +139,7 @@ def input_warnings(
         if msg:
             out.append(msg)
     if prefixes:
-        out.extend(prefix_messages(queries))
+        out.extend(prefix_messages(queries, truncation=truncation))
     return out
 
 

@@ -42,6 +42,9 @@ def design(task: Tensor, answer_feat: Tensor) -> Tensor:
     return torch.cat([task, per_model, torch.ones(b, 1, dtype=task.dtype)], dim=1)
 
 
+MAX_BASELINE_MODELS = 14  # 2^14 ran-sets: about a minute of fitting on 2 cores
+
+
 def design_all_masks(task: Tensor, static: Tensor, pair: Tensor, masks: Tensor) -> Tensor:
     """[S, N, F] design matrices for every mask in ``masks`` [S, M] at once (same columns as :func:`design`).
 
@@ -107,7 +110,14 @@ class BaselineModel:
 
     @classmethod
     def fit(cls, train: RoutingDataset, alpha: float = 1.0, chunk: int = 64, progress: bool = False) -> "BaselineModel":
+        """One logistic regression per (ran-set, model): 2^M ran-sets, so ``ValueError`` above
+        :data:`MAX_BASELINE_MODELS` models (2^20 ran-sets ran for hours and needed ~5 GB of weights)."""
         n, m = train.quality.shape
+        if m > MAX_BASELINE_MODELS:
+            raise ValueError(
+                f"the paper-style baseline fits one regression per ran-set, 2^{m} = {2 ** m:,} for {m} models; it "
+                f"supports at most {MAX_BASELINE_MODELS} models. Evaluate the learned estimator alone "
+                "(evaluate/train-eval --no-baseline, or estimators=('learned',))")
         vocab = sorted(set(train.tasks)) if train.tasks is not None else []
         task = torch.from_numpy(task_onehot(train.tasks, vocab, n))
         static, pair = _full_features(train)

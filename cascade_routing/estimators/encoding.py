@@ -233,7 +233,9 @@ def _windowed(texts: list[str], tokenizer, keep: int, truncation: str) -> list[l
 
 
 def tokenize(texts: list[str], tokenizer, max_length: int, truncation: str = "right") -> list[list[int]]:
-    """Token ids (special tokens included) of each text, at most ``max_length`` long, cut by ``truncation``.
+    """Token ids (special tokens included) of each text, at most ``max_length`` long, cut by ``truncation``;
+    ``ValueError`` when ``max_length`` leaves no room for content or exceeds the tokenizer's
+    ``model_max_length`` (MiniLM: 512).
 
     ``"right"`` gives the same ids as ``tokenizer(texts, truncation=True, max_length=max_length)``.
     With a word-local tokenizer (:func:`word_local`, e.g. BERT's) a text longer than
@@ -241,6 +243,10 @@ def tokenize(texts: list[str], tokenizer, max_length: int, truncation: str = "ri
     tokens come from (:func:`_windowed`; the same ids, a fraction of the work on long prompts).
     """
     check_truncation(truncation)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < 1_000_000 and max_length > limit:  # HF's "no limit" is ~1e30
+        raise ValueError(f"max_length {max_length} is more than the encoder accepts ({limit} tokens, its "
+                         "tokenizer's model_max_length)")
     if not texts:
         return []
     lead, trail = _special_tokens(tokenizer)

@@ -291,12 +291,36 @@ class RoutingDataModule(L.LightningDataModule):
         return q, a.reshape(n, m, -1)
 
     def prepare_data(self) -> None:
+        self.check_settings()
         self._all_embeddings()
+
+    def check_settings(self) -> None:
+        """ValueError naming the setting, before any encoding or training: ``data.max_length`` /
+        ``data.answer_max_length`` beyond what the encoder accepts (or leaving no room for content),
+        and splits too small to train and export on (every part non-empty, the calibration part at
+        least :data:`~cascade_routing.calibration.selection.MIN_CALIBRATION_ROWS` queries)."""
+        from cascade_routing.calibration.selection import MIN_CALIBRATION_ROWS
+
+        for name, length in (("max_length", self.max_length), ("answer_max_length", self.answer_max_length)):
+            try:
+                encoding.tokenize([], self.tokenizer, length)
+            except ValueError as err:
+                raise ValueError(f"data.{name}: {err}") from None
+        ds = self.dataset
+        parts = ds.split(self.split_fractions, seed=self.split_seed)
+        sizes = {name: len(part.query_ids) for name, part in parts.items()}
+        if min(sizes.values()) < 1 or sizes["calibration"] < MIN_CALIBRATION_ROWS:
+            raise ValueError(
+                f"dataset {self.dataset_name!r} has {ds.num_queries} queries, split {sizes} by data.split "
+                f"{self.split_fractions}: every part needs a query and the calibration part at least "
+                f"{MIN_CALIBRATION_ROWS} (λ fitting and the export's calibration halves); use more queries or a "
+                "larger calibration fraction")
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         ds = self.dataset
+        self.check_settings()
         self.check_inputs()
         q_all, a_all = self._all_embeddings()
         tasks = self.task_vocabulary
