@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +271,70 @@ def test_a_folder_named_like_a_registered_dataset_does_not_shadow_it(tmp_path: P
         registered = load_dataset("routellm-mt-bench", progress=False)
     assert registered.num_queries == 160
     assert load_dataset("./routellm-mt-bench").query_ids == ["a", "b", "c"]
+
+
+def test_jsonl_lines_end_only_at_newline_not_at_unicode_line_separators(tmp_path: Path) -> None:
+    rows = [dict(r) for r in ROWS]
+    rows[1]["question"] = "capital\u2028of\u0085France\u2029?\x0b"  # json.dumps(ensure_ascii=False): raw
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    path = tmp_path / "seps.jsonl"
+    path.write_bytes((lines[0] + "\r\n" + lines[1] + "\n" + lines[2]).encode())  # CRLF, LF, no final newline
+    ds = import_table(path, TEMPLATE)
+    assert ds.query_ids == ["a", "b", "c"] and ds.queries[1] == rows[1]["question"]
+    path.write_bytes((lines[1] + "\n\n" + lines[0] + "\n{broken\n").encode())
+    with pytest.raises(DatasetError, match=r"seps\.jsonl: line 4 is not valid JSON"):
+        import_table(path, TEMPLATE)
+    rows[2]["small_ok"] = "yes-ish"
+    path.write_bytes((lines[1] + "\n" + json.dumps(rows[2], ensure_ascii=False) + "\n").encode())
+    with pytest.raises(DatasetError, match=r"seps\.jsonl data row 1 \(line 2\), model 'small', column 'small_ok'"):
+        import_table(path, TEMPLATE)
+
+
+@pytest.mark.parametrize("cell", ["1e300", "1.7e308", "1e39", "1000001"])
+def test_a_cost_no_query_can_have_is_refused_naming_row_model_and_column(tmp_path: Path, cell: str) -> None:
+    rows = [dict(r) for r in ROWS]
+    rows[1]["big_usd"] = cell
+    with pytest.raises(DatasetError, match=r"mine\.csv data row 1 \(line 3\), model 'big', column 'big_usd': cost "
+                                           r"\S+ is above 1e\+06 USD"):
+        import_table(_write(tmp_path, "csv", rows), TEMPLATE)
+    rows[1]["big_usd"] = float(cell)
+    with pytest.raises(DatasetError, match=r"mine\.jsonl data row 1 \(line 2\), model 'big', column 'big_usd': cost"):
+        import_table(_write(tmp_path, "jsonl", rows), TEMPLATE)
+    rows[1]["big_usd"] = 1e6  # the ceiling itself is accepted (with an outlier warning)
+    with pytest.warns(UserWarning):
+        assert import_table(_write(tmp_path, "csv", rows), TEMPLATE).cost[1, 1] == 1e6
+
+
+def test_a_cost_far_above_its_column_median_is_warned_about_and_kept(tmp_path: Path) -> None:
+    from cascade_routing.data.importer import CostOutlierWarning
+
+    rows = [dict(r) for r in ROWS]
+    rows[2]["big_usd"] = 50.0  # median of big_usd is 0.02: 2500x
+    with pytest.warns(CostOutlierWarning, match=r"model 'big', column 'big_usd': 1 cost\(s\) over 1000x the column's "
+                                                r"median 0\.02 USD \(mine\.csv data row 2 \(line 4\): 50\)"):
+        ds = import_table(_write(tmp_path, "csv", rows), TEMPLATE)
+    assert ds.cost[2, 1] == 50.0 and "data row 2" in ds.metadata["conversion_report"]["notes"][0]
+    rows[2]["big_usd"] = 15.0  # 750x the median: no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CostOutlierWarning)
+        assert import_table(_write(tmp_path, "csv", rows), TEMPLATE).metadata["conversion_report"]["notes"] == []
+        rows = [dict(r, small_usd=0.0) for r in ROWS]
+        rows[0]["small_usd"] = 3.0  # a median of 0 gives no scale: no warning
+        import_table(_write(tmp_path, "csv", rows), TEMPLATE)
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_non_comma_csv_with_decimal_commas_gets_the_separator_hint(tmp_path: Path, sep: str) -> None:
+    header = sep.join(["id", "question", "small_ok", "small_usd", "big_ok", "big_usd"])
+    path = _csv_text(tmp_path, f"{header}\na{sep}q?{sep}1{sep}0,5{sep}0{sep}1,0\n")
+    with pytest.raises(DatasetError, match=r"mine\.csv: data row 0 \(line 2\) has 3 cells, the header has 1 \(the "
+                                           r"header is one column: is the file " + re.escape(repr(sep)) + "-separated"):
+        import_table(path, PLAIN)
+    path = _csv_text(tmp_path, f"id,question{sep}x,small_ok,small_usd,big_ok,big_usd\na,q?,1,0.1,0,1.0,9\n")
+    with pytest.raises(DatasetError, match=r"data row 0 \(line 2\) has 7 cells, the header has 6 \(the header holds"):
+        import_table(path, PLAIN)
+    path = _csv_text(tmp_path, "id,question,small_ok,small_usd,big_ok,big_usd\na,q?,1,0.1,0,1.0,9\n")
+    with pytest.raises(DatasetError, match=r"has 7 cells, the header has 6$"):
+        import_table(path, PLAIN)

@@ -27,12 +27,20 @@ or, when the columns follow a pattern, a list of model names and column template
     features: {latency_ms: "{model}_ms"}  # optional
 
 File type by extension: ``.csv`` (UTF-8, a byte-order mark is fine), ``.jsonl``/``.ndjson`` (one
-JSON object per line), ``.parquet``. The mapping is checked before any row is read
+JSON object per line; lines end only at a line feed (CRLF is fine), so U+2028, U+2029 and U+0085
+inside a string are text), ``.parquet``. A CSV whose header is one cell holding ``;``, a tab or ``|`` (or whose
+rows do not have the header's cell count while the header holds ``;`` or a tab) is refused with a hint
+to save it comma-separated. The mapping is checked before any row is read
 (:mod:`cascade_routing.data.import_mapping`: unknown keys, templates without ``{model}``, one column
 for two models, fewer than two models are errors). Every problem raises :class:`DatasetError` naming
 the file, the data row (0-based, header and blank lines not counted) with its line in a text file,
 the model and the column. Quality is a number in [0, 1] or a boolean (``true``/``false`` in any
-case); cost and features are numbers. Query ids, when mapped, must be present and unique, and the
+case); cost and features are numbers. A cost above :data:`MAX_COST_USD` (1e6 USD: no single query
+costs a million dollars, so such a value is a unit or export mistake, and values near the float limit
+overflow the cost estimates later) is an error. A cost more than :data:`COST_OUTLIER_FACTOR` (1000)
+times the median of its model's cost column (when that median is > 0) is kept but warned about (a
+:class:`CostOutlierWarning` naming the row, model and column, also listed in
+``metadata["conversion_report"]["notes"]``). Query ids, when mapped, must be present and unique, and the
 query text non-blank; with ``missing: drop`` a row whose quality/cost/feature cell is empty (or
 absent from a JSONL object) is dropped and listed in ``metadata["conversion_report"]``.
 """
@@ -45,7 +53,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +66,16 @@ from cascade_routing.data.dataset import RoutingDataset
 from cascade_routing.data.errors import DatasetError
 from cascade_routing.data.import_mapping import ImportSpec, load_mapping, parse_mapping, read_utf8
 
-__all__ = ["import_table", "load_mapping"]
+__all__ = ["COST_OUTLIER_FACTOR", "MAX_COST_USD", "CostOutlierWarning", "import_table", "load_mapping"]
+
+MAX_COST_USD = 1e6
+"""The largest cost (USD per query) accepted; anything above cannot be a per-query price."""
+COST_OUTLIER_FACTOR = 1000.0
+"""A cost more than this many times its model column's median (when > 0) is warned about, not refused."""
+
+
+class CostOutlierWarning(UserWarning):
+    """A cost far above the rest of its model's column (kept; likely a unit or export mistake)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,20 @@ class SourceRow:
 
     def where(self, file: Path) -> str:
         return f"{file.name} data row {self.index}" + (f" (line {self.line})" if self.line else "")
+
+
+def _separator_hint(header: Sequence[str], *, mismatch: bool = False) -> str:
+    """A hint that the CSV is not comma-separated: when the header is one cell holding ``;``, a tab or
+    ``|``, or (``mismatch``: a row's cell count differs from the header's) any header cell holds ``;``
+    or a tab. Empty otherwise."""
+    if len(header) == 1:
+        sep = next((s for s in ";\t|" if s in header[0]), None)
+        return f" (the header is one column: is the file {sep!r}-separated? save it comma-separated)" if sep else ""
+    if mismatch:
+        sep = next((s for s in ";\t" if any(s in col for col in header)), None)
+        return (f" (the header holds {sep!r}: is the file {sep!r}-separated? save it comma-separated)"
+                if sep else "")
+    return ""
 
 
 def _read_csv(path: Path) -> tuple[list[SourceRow], set[str]]:
@@ -100,14 +132,18 @@ def _read_csv(path: Path) -> tuple[list[SourceRow], set[str]]:
             continue
         if len(cells) != len(header):
             raise DatasetError(f"{path}: data row {len(rows)} (line {line}) has {len(cells)} cells, the header has "
-                               f"{len(header)}")
+                               f"{len(header)}{_separator_hint(header, mismatch=True)}")
         rows.append(SourceRow(len(rows), line, dict(zip(header, cells))))
     return rows, set(header or ())
 
 
 def _read_jsonl(path: Path) -> list[SourceRow]:
+    """One JSON object per line. Lines end at a line feed (a carriage return before it is dropped; the
+    last line may lack it) and at nothing else: ``str.splitlines`` would also split at U+2028, U+2029,
+    U+0085 and other characters that ``json.dumps(..., ensure_ascii=False)`` leaves unescaped inside strings."""
     rows: list[SourceRow] = []
-    for i, line in enumerate(read_utf8(path).splitlines()):
+    for i, line in enumerate(read_utf8(path).split("\n")):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -146,10 +182,7 @@ def _check_columns(file: Path, spec: ImportSpec, columns: set[str]) -> None:
     for col, role in spec.columns().items():
         if col not in columns:
             who = "" if role in ("query", "query_id", "task") else f" ({role})"
-            hint = ""
-            if len(columns) == 1 and file.suffix.lower() == ".csv":
-                sep = next((s for s in ";\t|" if s in next(iter(columns))), None)
-                hint = f" (the header is one column: is the file {sep!r}-separated? save it comma-separated)" if sep else ""
+            hint = _separator_hint(sorted(columns)) if file.suffix.lower() == ".csv" else ""
             raise DatasetError(f"{file}: missing column {col!r}{who}; columns are {sorted(columns)}{hint}")
 
 
@@ -187,8 +220,11 @@ def _model_cells(row: SourceRow, where: str, spec: ImportSpec
     cells = row.cells
     for m, cols in spec.models.items():
         q = parse_number(cells.get(cols.quality), f"{where}, model {m!r}, column {cols.quality!r}", low=0.0, high=1.0)
-        c = parse_number(cells.get(cols.cost), f"{where}, model {m!r}, column {cols.cost!r}", low=0.0,
-                         booleans=False)
+        at = f"{where}, model {m!r}, column {cols.cost!r}"
+        c = parse_number(cells.get(cols.cost), at, low=0.0, booleans=False)
+        if c is not None and c > MAX_COST_USD:
+            raise DatasetError(f"{at}: cost {c:.6g} is above {MAX_COST_USD:.0e} USD, the most a single query can "
+                               "cost (MAX_COST_USD); is the column in USD per query?")
         missing += [col for col, v in ((cols.quality, q), (cols.cost, c)) if v is None]
         q_row.append(q)
         c_row.append(c)
@@ -207,10 +243,31 @@ def _model_cells(row: SourceRow, where: str, spec: ImportSpec
     return q_row, c_row, r_row, f_row, missing
 
 
+def _cost_outliers(file: Path, spec: ImportSpec, cost: np.ndarray, wheres: list[str]) -> list[str]:
+    """One message per model cost column holding a cost above ``COST_OUTLIER_FACTOR`` times the
+    column's median (skipped when the median is 0), naming the rows (the first five), model and column."""
+    out = []
+    for j, (m, cols) in enumerate(spec.models.items()):
+        median = float(np.median(cost[:, j]))
+        if median <= 0:
+            continue
+        rows = np.flatnonzero(cost[:, j] > COST_OUTLIER_FACTOR * median)
+        if rows.size:
+            listed = "; ".join(f"{wheres[i]}: {cost[i, j]:.6g}" for i in rows[:5])
+            more = f" and {rows.size - 5} more" if rows.size > 5 else ""
+            out.append(f"{file.name}: model {m!r}, column {cols.cost!r}: {rows.size} cost(s) over "
+                       f"{COST_OUTLIER_FACTOR:g}x the column's median {median:.6g} USD ({listed}{more}); "
+                       "kept, but check the unit")
+    return out
+
+
 def import_table(
     path: str | os.PathLike[str], mapping: str | os.PathLike[str] | Mapping[str, Any], *, name: str | None = None
 ) -> RoutingDataset:
-    """Read ``path`` with the column ``mapping`` (module docstring) into a validated dataset."""
+    """Read ``path`` with the column ``mapping`` (module docstring) into a validated dataset.
+
+    Raises :class:`DatasetError` on any bad cell (a cost above :data:`MAX_COST_USD` included); warns
+    with :class:`CostOutlierWarning` about costs far above their column's median (rows kept)."""
     file = Path(path)
     spec = parse_mapping(load_mapping(mapping))
     rows, columns = _read_table(file)
@@ -218,7 +275,7 @@ def import_table(
         raise DatasetError(f"{file}: empty dataset (no data rows)")
     _check_columns(file, spec, columns)
     report = ConversionReport(source=name or spec.name or file.stem, rows_read=len(rows))
-    queries, ids, tasks, qual, cost, resp = [], [], [], [], [], []
+    queries, ids, tasks, qual, cost, resp, wheres = [], [], [], [], [], [], []
     feats: dict[str, list[list[float]]] = {f: [] for f in spec.feature_names}
     first_seen: dict[str, str] = {}
     for row in rows:
@@ -243,6 +300,7 @@ def import_table(
             report.drop(file.name, row.index, qid, "incomplete", "empty cells: " + ", ".join(missing))
             continue
         queries.append(text)
+        wheres.append(where)
         ids.append(qid)
         tasks.append(task)
         qual.append(q_row)
@@ -255,11 +313,15 @@ def import_table(
     report.log()
     if not queries:
         raise DatasetError(f"{file}: empty dataset (every row was dropped: {report.summary()})")
+    cost_array = np.array(cost, dtype=np.float64)
+    for message in _cost_outliers(file, spec, cost_array, wheres):
+        report.notes.append(message)
+        warnings.warn(message, CostOutlierWarning, stacklevel=2)
     return RoutingDataset(
         queries=queries,
         models=list(spec.models),
         quality=np.array(qual, dtype=np.float64),
-        cost=np.array(cost, dtype=np.float64),
+        cost=cost_array,
         responses=np.array(resp, dtype=object) if any(c.response for c in spec.models.values()) else None,
         features={f: np.array(v, dtype=np.float64) for f, v in feats.items()},
         tasks=tasks if spec.task else None,
