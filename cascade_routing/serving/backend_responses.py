@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from cascade_routing.serving.schema import find_invalid_value, printable
+from cascade_routing.serving.schema import loads_checked, printable
 
 FEATURE_NAMES = ("tokens_in", "tokens_out", "latency_ms", "logprob_confidence")
 
@@ -135,11 +135,7 @@ def answer_json(raw: bytes | str) -> Any:
     it is not strict JSON: malformed, nested too deeply, a ``NaN`` / ``Infinity`` (which Python's
     reader accepts) or a string or key with a lone surrogate (a valid escape, but no Unicode text),
     naming its path (e.g. ``choices[0].logprobs.content[0].logprob``)."""
-    try:
-        value = json.loads(raw)
-        bad = find_invalid_value(value)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
+    value, bad = loads_checked(raw)
     if bad is not None:
         raise ValueError(f"{bad[0] or 'the body'} {bad[1]}")
     return value

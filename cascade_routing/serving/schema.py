@@ -204,6 +204,17 @@ def strict_json(value: Any, separators: tuple[str, str] = (",", ":")) -> bytes:
                           separators=separators).encode("utf-8")
 
 
+def loads_checked(raw: bytes | str) -> tuple[Any, tuple[str, str] | None]:
+    """``(value, problem)``: the decoded JSON and :func:`find_invalid_value` of it (None when it is
+    strict JSON). ``ValueError`` when it is not JSON at all, or ``"nested too deeply"`` to decode or
+    check (the request body and the backends' answers are read this one way)."""
+    try:
+        value = json.loads(raw)
+        return value, find_invalid_value(value)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def find_invalid_value(value: Any, path: str = "") -> tuple[str, str] | None:
     """(path, problem) of the first string that is not valid Unicode (lone surrogate) or number
     that is not finite, anywhere in a decoded JSON value (object keys included); None if all are
@@ -262,12 +273,9 @@ def parse_chat_request(raw: bytes, request_model: type[ChatCompletionRequest] = 
                        ) -> ChatCompletionRequest:
     """Validate a raw request body (see module docstring); raises :class:`RequestError`."""
     try:
-        body = json.loads(raw)
-        bad = find_invalid_value(body)
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer over 4,300 digits
+        body, bad = loads_checked(raw)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, a 4,300-digit integer, too deep
         raise RequestError(f"malformed JSON body: {err}") from None
-    except RecursionError:
-        raise RequestError("malformed JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     if bad is not None:
