@@ -232,10 +232,25 @@ def _windowed(texts: list[str], tokenizer, keep: int, truncation: str) -> list[l
     return out
 
 
+def check_max_length(tokenizer, max_length: int, specials: int | None = None) -> int:
+    """The content tokens ``max_length`` leaves next to the tokenizer's ``specials`` special tokens per
+    text (counted here when not given); ``ValueError`` when it leaves none or exceeds the tokenizer's
+    ``model_max_length`` (MiniLM: 512)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < 1_000_000 and max_length > limit:  # HF's "no limit" is ~1e30
+        raise ValueError(f"max_length {max_length} is more than the encoder accepts ({limit} tokens, its "
+                         "tokenizer's model_max_length)")
+    if specials is None:
+        specials = sum(map(len, _special_tokens(tokenizer)))
+    keep = max_length - specials
+    if keep <= 0:
+        raise ValueError(f"max_length {max_length} leaves no room for content next to {specials} special tokens")
+    return keep
+
+
 def tokenize(texts: list[str], tokenizer, max_length: int, truncation: str = "right") -> list[list[int]]:
     """Token ids (special tokens included) of each text, at most ``max_length`` long, cut by ``truncation``;
-    ``ValueError`` when ``max_length`` leaves no room for content or exceeds the tokenizer's
-    ``model_max_length`` (MiniLM: 512).
+    ``ValueError`` from :func:`check_max_length`.
 
     ``"right"`` gives the same ids as ``tokenizer(texts, truncation=True, max_length=max_length)``.
     With a word-local tokenizer (:func:`word_local`, e.g. BERT's) a text longer than
@@ -243,16 +258,10 @@ def tokenize(texts: list[str], tokenizer, max_length: int, truncation: str = "ri
     tokens come from (:func:`_windowed`; the same ids, a fraction of the work on long prompts).
     """
     check_truncation(truncation)
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and limit < 1_000_000 and max_length > limit:  # HF's "no limit" is ~1e30
-        raise ValueError(f"max_length {max_length} is more than the encoder accepts ({limit} tokens, its "
-                         "tokenizer's model_max_length)")
+    lead, trail = _special_tokens(tokenizer)
+    keep = check_max_length(tokenizer, max_length, len(lead) + len(trail))
     if not texts:
         return []
-    lead, trail = _special_tokens(tokenizer)
-    keep = max_length - len(lead) - len(trail)
-    if keep <= 0:
-        raise ValueError(f"max_length {max_length} leaves no room for content next to {len(lead) + len(trail)} special tokens")
     texts = list(texts)
     kept = _windowed(texts, tokenizer, keep, truncation) if word_local(tokenizer) else [None] * len(texts)
     rest = [i for i, ids in enumerate(kept) if ids is None]

@@ -294,16 +294,17 @@ class RoutingDataModule(L.LightningDataModule):
         self.check_settings()
         self._all_embeddings()
 
-    def check_settings(self) -> None:
-        """ValueError naming the setting, before any encoding or training: ``data.max_length`` /
-        ``data.answer_max_length`` beyond what the encoder accepts (or leaving no room for content),
-        and splits too small to train and export on (every part non-empty, the calibration part at
-        least :data:`~cascade_routing.calibration.selection.MIN_CALIBRATION_ROWS` queries)."""
+    def check_settings(self) -> dict[str, RoutingDataset]:
+        """The split of the dataset (``data.split``); ValueError naming the setting, before any encoding
+        or training: ``data.max_length`` / ``data.answer_max_length`` beyond what the encoder accepts
+        (or leaving no room for content), and splits too small to train and export on (every part
+        non-empty, the calibration part at least
+        :data:`~cascade_routing.calibration.selection.MIN_CALIBRATION_ROWS` queries)."""
         from cascade_routing.calibration.selection import MIN_CALIBRATION_ROWS
 
         for name, length in (("max_length", self.max_length), ("answer_max_length", self.answer_max_length)):
             try:
-                encoding.tokenize([], self.tokenizer, length)
+                encoding.check_max_length(self.tokenizer, length)
             except ValueError as err:
                 raise ValueError(f"data.{name}: {err}") from None
         ds = self.dataset
@@ -315,17 +316,17 @@ class RoutingDataModule(L.LightningDataModule):
                 f"{self.split_fractions}: every part needs a query and the calibration part at least "
                 f"{MIN_CALIBRATION_ROWS} (λ fitting and the export's calibration halves); use more queries or a "
                 "larger calibration fraction")
+        return parts
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         ds = self.dataset
-        self.check_settings()
+        parts = self.check_settings()
         self.check_inputs()
         q_all, a_all = self._all_embeddings()
         tasks = self.task_vocabulary
         index = {qid: i for i, qid in enumerate(ds.query_ids)}
-        parts = ds.split(self.split_fractions, seed=self.split_seed)
         for name, part in parts.items():
             rows = np.asarray([index[qid] for qid in part.query_ids], dtype=np.int64)
             self.splits[name] = self.encode_split(part, q_all[rows], a_all[rows], tasks)
