@@ -1,10 +1,13 @@
-"""``--artifact NAME=PATH`` options and summary files of the benchmarks that compare trained artifacts."""
+"""``--artifact NAME=PATH`` and ``--seeds`` options, calibration-half folds and summary files of the
+benchmarks that compare trained artifacts."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 
 
 def add_artifact_option(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +25,34 @@ def artifact_specs(parser: argparse.ArgumentParser, specs: list[str]) -> list[tu
             parser.error(f"--artifact must be NAME=PATH, got {spec!r}")
         out.append((name, path))
     return out
+
+
+def add_seeds_option(parser: argparse.ArgumentParser, default: int) -> None:
+    """``--seeds N`` (N >= 1): random halvings of the calibration split."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        return value
+
+    parser.add_argument("--seeds", type=count, default=default, help="random halvings of the calibration split")
+
+
+def calibration_folds(data, cost_estimator, seeds: int, per_pair: int = 3):
+    """``(fit, score, budgets)`` for both folds of ``seeds`` random halvings of the calibration rows
+    (``calibration_halves`` of the export): λ is fitted on ``fit`` and scored on ``score`` at
+    ``per_pair`` budgets per pair of non-dominated models of the scored half, above what the policies
+    can reach on the split and at least the fit half's cheapest model's mean cost."""
+    from cascade_routing.calibration.lambda_tables import min_reachable_budget
+    from cascade_routing.calibration.selection import calibration_halves, score_budgets
+
+    floor = min_reachable_budget(cost_estimator, data.cost) * (1 + 1e-6)
+    for seed in range(seeds):
+        for fit, score in calibration_halves(data.quality.shape[0], seed):
+            yield fit, score, np.maximum(score_budgets(data, score, per_pair, 0, floor), data.cost[fit].mean(0).min())
 
 
 def with_earlier_results(out: str | Path, results: dict) -> dict:

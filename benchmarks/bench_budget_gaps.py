@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from artifact_specs import add_artifact_option, artifact_specs, with_earlier_results, write_summary  # noqa: E402
+from artifact_specs import (add_artifact_option, add_seeds_option, artifact_specs, calibration_folds,  # noqa: E402
+                            with_earlier_results, write_summary)
 
 BELOW = -1.0  # points: a (fold, budget) difference below this is counted
 
@@ -67,8 +68,6 @@ def interval_gaps(budgets: np.ndarray, diffs: np.ndarray, frontier_cost: np.ndar
 
 def report_one(path: str, seeds: int) -> dict:
     from cascade_routing.calibration.binding import bind_split
-    from cascade_routing.calibration.lambda_tables import min_reachable_budget
-    from cascade_routing.calibration.selection import calibration_halves, score_budgets
     from cascade_routing.estimators.artifact import load_artifact
     from cascade_routing.evaluation.metrics import nondominated_models
     from cascade_routing.evaluation.sweep import budget_sweep
@@ -76,21 +75,18 @@ def report_one(path: str, seeds: int) -> dict:
     from cascade_routing.training.heldout import datamodule_for
 
     artifact = load_artifact(path)
-    data = datamodule_for(artifact).splits["calibration"].dataset
-    estimator, cost_estimator = bind_split(artifact, datamodule_for(artifact).splits["calibration"])
-    n = data.quality.shape[0]
-    floor = min_reachable_budget(cost_estimator, data.cost) * (1 + 1e-6)
+    split = datamodule_for(artifact).splits["calibration"]
+    data = split.dataset
+    estimator, cost_estimator = bind_split(artifact, split)
     budgets, diffs = [], []
-    for seed in range(seeds):
-        for fit, score in calibration_halves(n, seed):
-            fold_budgets = np.maximum(score_budgets(data, score, 3, 0, floor), data.cost[fit].mean(0).min())
-            sweeps = {}
-            for strategy in ("routing", "cascade_routing"):
-                policy = calibrated_policy(strategy, data.quality[fit], data.cost[fit])
-                sweeps[strategy] = budget_sweep(policy, estimator, cost_estimator, data.quality, data.cost, fit, score,
-                                                fold_budgets, texts=list(data.queries), num_resamples=1)
-            budgets.extend(fold_budgets.tolist())
-            diffs.extend((100.0 * (sweeps["cascade_routing"].qualities - sweeps["routing"].qualities)).tolist())
+    for fit, score, fold_budgets in calibration_folds(data, cost_estimator, seeds):
+        sweeps = {}
+        for strategy in ("routing", "cascade_routing"):
+            policy = calibrated_policy(strategy, data.quality[fit], data.cost[fit])
+            sweeps[strategy] = budget_sweep(policy, estimator, cost_estimator, data.quality, data.cost, fit, score,
+                                            fold_budgets, texts=list(data.queries), num_resamples=1)
+        budgets.extend(fold_budgets.tolist())
+        diffs.extend((100.0 * (sweeps["cascade_routing"].qualities - sweeps["routing"].qualities)).tolist())
     mean_cost, mean_quality = data.cost.mean(0), data.quality.mean(0)
     frontier = nondominated_models(mean_cost, mean_quality)
     names = [artifact.models[int(j)] for j in frontier]
@@ -112,11 +108,9 @@ def summary_markdown(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_artifact_option(parser)
-    parser.add_argument("--seeds", type=int, default=4, help="random halvings of the calibration split")
+    add_seeds_option(parser, 4)
     parser.add_argument("--out", default="benchmarks/results/budget_gaps")
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     torch.set_num_threads(1)
     results = {name: report_one(path, args.seeds) for name, path in artifact_specs(parser, args.artifact)}
     results = with_earlier_results(args.out, results)

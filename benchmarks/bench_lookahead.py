@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from artifact_specs import add_artifact_option, artifact_specs, with_earlier_results, write_summary  # noqa: E402
+from artifact_specs import (add_artifact_option, add_seeds_option, artifact_specs, calibration_folds,  # noqa: E402
+                            with_earlier_results, write_summary)
 
 from cascade_routing.policies.base import Policy, check_inputs  # noqa: E402
 from cascade_routing.policies.cascade_routing import CascadeRouting  # noqa: E402
@@ -132,8 +133,6 @@ def resolved_share(estimator, num_rows: int, num_models: int, sizes: int, draws:
 
 def report_one(path: str, seeds: int, alphas: list[float]) -> dict:
     from cascade_routing.calibration.binding import bind_split
-    from cascade_routing.calibration.lambda_tables import min_reachable_budget
-    from cascade_routing.calibration.selection import calibration_halves, score_budgets
     from cascade_routing.estimators.artifact import load_artifact
     from cascade_routing.evaluation.sweep import budget_sweep
     from cascade_routing.policies.pool import nondominated_pool
@@ -147,19 +146,16 @@ def report_one(path: str, seeds: int, alphas: list[float]) -> dict:
     rho = resolved_share(val_estimator, n_val, m, min(m, CASCADE_ROUTING_MAX_DEPTH))
     data = splits["calibration"].dataset
     estimator, cost_estimator = bind_split(artifact, splits["calibration"], uncertainty="none")
-    floor = min_reachable_budget(cost_estimator, data.cost) * (1 + 1e-6)
     aucs: dict[str, list[float]] = {}
-    for seed in range(seeds):
-        for fit, score in calibration_halves(data.quality.shape[0], seed):
-            budgets = np.maximum(score_budgets(data, score, 3, 0, floor), data.cost[fit].mean(0).min())
-            policies = {s: calibrated_policy(s, data.quality[fit], data.cost[fit], step_ratios=None, routing_guard=False)
-                        for s in STRATEGIES}
-            pool = nondominated_pool(data.quality[fit], data.cost[fit])
-            policies.update({f"lookahead α={a:g}": LookaheadPolicy(rho, a, pool) for a in alphas})
-            for name, policy in policies.items():
-                sweep = budget_sweep(policy, estimator, cost_estimator, data.quality, data.cost, fit, score, budgets,
-                                     texts=list(data.queries), num_resamples=1)
-                aucs.setdefault(name, []).append(float(sweep.auc))
+    for fit, score, budgets in calibration_folds(data, cost_estimator, seeds):
+        policies = {s: calibrated_policy(s, data.quality[fit], data.cost[fit], step_ratios=None, routing_guard=False)
+                    for s in STRATEGIES}
+        pool = nondominated_pool(data.quality[fit], data.cost[fit])
+        policies.update({f"lookahead α={a:g}": LookaheadPolicy(rho, a, pool) for a in alphas})
+        for name, policy in policies.items():
+            sweep = budget_sweep(policy, estimator, cost_estimator, data.quality, data.cost, fit, score, budgets,
+                                 texts=list(data.queries), num_resamples=1)
+            aucs.setdefault(name, []).append(float(sweep.auc))
     return {"artifact": path, "halvings": seeds, "folds": 2 * seeds, "rho": rho.round(4).tolist(),
             "auc": {name: float(np.mean(v)) for name, v in aucs.items()},
             "auc_sd": {name: float(np.std(v)) for name, v in aucs.items()}}
@@ -177,12 +173,10 @@ def summary_markdown(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_artifact_option(parser)
-    parser.add_argument("--seeds", type=int, default=4, help="random halvings of the calibration split")
+    add_seeds_option(parser, 4)
     parser.add_argument("--alphas", default="0.1,0.25,0.5,1", help="comma-separated scales α of the look-ahead's σ²")
     parser.add_argument("--out", default="benchmarks/results/lookahead")
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     try:
         alphas = [float(a) for a in args.alphas.split(",")]
     except ValueError:

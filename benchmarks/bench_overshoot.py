@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from artifact_specs import add_artifact_option, artifact_specs, with_earlier_results, write_summary  # noqa: E402
+from artifact_specs import (add_artifact_option, add_seeds_option, artifact_specs,  # noqa: E402
+                            with_earlier_results, write_summary)
 
 STRATEGIES = ("routing", "threshold_cascade_one_threshold", "threshold_cascade", "optimal_cascade", "cascade_routing")
 VARIANTS = {"calibration budget": False, "overshoot corrected": True}
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_artifact_option(parser)
-    parser.add_argument("--seeds", type=int, default=20, help="random halvings of the calibration split")
+    add_seeds_option(parser, 20)
     parser.add_argument("--out", default="benchmarks/results/overshoot")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

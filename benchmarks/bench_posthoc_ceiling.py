@@ -33,7 +33,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from artifact_specs import add_artifact_option, artifact_specs, with_earlier_results, write_summary  # noqa: E402
+from artifact_specs import (add_artifact_option, add_seeds_option, artifact_specs,  # noqa: E402
+                            with_earlier_results, write_summary)
 from bench_ran_set_bias import calibration_halves  # noqa: E402
 
 DEFAULT_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     add_artifact_option(parser)
     parser.add_argument("--weights", type=float, nargs="+", default=list(DEFAULT_WEIGHTS),
                         help="how far run models' post-hoc means move toward the truth (0: as estimated, 1: oracle)")
-    parser.add_argument("--seeds", type=int, default=2, help="random halvings of the calibration split")
+    add_seeds_option(parser, 2)
     parser.add_argument("--uncertainty", nargs="+", default=["none"],
                         help="beliefs of the policies: none, variance or variance*ALPHA (each is a row)")
     parser.add_argument("--out", default="benchmarks/results/posthoc_ceiling")

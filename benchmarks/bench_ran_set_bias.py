@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from artifact_specs import add_artifact_option, artifact_specs, with_earlier_results, write_summary  # noqa: E402
+from artifact_specs import (add_artifact_option, add_seeds_option, artifact_specs,  # noqa: E402
+                            with_earlier_results, write_summary)
 
 STRATEGIES = ("routing", "threshold_cascade_one_threshold", "threshold_cascade", "optimal_cascade", "cascade_routing")
 
@@ -130,7 +131,7 @@ def summary_markdown(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_artifact_option(parser)
-    parser.add_argument("--seeds", type=int, default=2, help="random halvings of the calibration split")
+    add_seeds_option(parser, 2)
     parser.add_argument("--out", default="benchmarks/results/ran_set_bias")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
