@@ -24,16 +24,14 @@ from tests.serving_helpers import (
     ScriptedBackends,
     fitted_router,
     scripted_server,
-    synthetic_dataset,
 )
 
 NAME = "cascade-routing"
 COST = "x-cascade-routing-cost-usd"
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset(20, seed=4)
+SERVING_ROWS = 20  # queries of the conftest's ``ds``
+SERVING_SEED = 4
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cascade_routing.policies import CascadeRouting, Routing, fit_lambda
-from cascade_routing.serving import CascadeRouter
-from tests.serving_helpers import FEATURE_NAMES, ServingStack, bind, offline_features
+from cascade_routing.policies import CascadeRouting, Routing
+from tests.serving_helpers import ServingStack, fitted_router
 
 NAME = "cascade-routing"
 TOOLS = [{"type": "function", "function": {
@@ -27,22 +26,15 @@ SERVING_ROWS = 30  # queries of the conftest's ``ds``
 SERVING_SEED = 2
 
 
-def _router(ds, policy):
-    budget = float(ds.cost.mean(0)[1])
-    qe, ce = bind(ds.queries, ds.responses, offline_features(ds), ds.tasks)
-    fitted = fit_lambda(policy, qe, ce, ds.quality, ds.cost, budget, queries=ds.queries)
-    return CascadeRouter(policy, bind, {budget: fitted}, ds.models, budget=budget, feature_names=FEATURE_NAMES)
-
-
 @pytest.fixture(scope="module")
 def cascade(ds):
-    with ServingStack(ds, _router(ds, CascadeRouting(num_samples=64)), latency_ms=5) as s:
+    with ServingStack(ds, fitted_router(ds, CascadeRouting(num_samples=64)), latency_ms=5) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def routing(ds):
-    with ServingStack(ds, _router(ds, Routing()), latency_ms=5) as s:
+    with ServingStack(ds, fitted_router(ds, Routing()), latency_ms=5) as s:
         yield s
 
 
@@ -186,7 +178,7 @@ def test_models_retrieve(cascade, ds):
 
 
 def test_metrics_count_requests_and_spend(ds):
-    with ServingStack(ds, _router(ds, CascadeRouting(num_samples=64))) as stack:
+    with ServingStack(ds, fitted_router(ds, CascadeRouting(num_samples=64))) as stack:
         client = _client(stack)
         for i in range(4):
             client.chat.completions.create(model=NAME, messages=_ask(ds, i))

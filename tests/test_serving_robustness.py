@@ -30,7 +30,6 @@ from tests.serving_helpers import (
     bind,
     fitted_router,
     scripted_server,
-    synthetic_dataset,
 )
 
 NAME = "cascade-routing"
@@ -38,9 +37,8 @@ COST = "x-cascade-routing-cost-usd"
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return synthetic_dataset(20, seed=4)
+SERVING_ROWS = 20  # queries of the conftest's ``ds``
+SERVING_SEED = 4
 
 
 @pytest.fixture(scope="module")
