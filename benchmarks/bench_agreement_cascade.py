@@ -136,16 +136,10 @@ def apply_rules(rules: dict[str, TaskRule], quality: np.ndarray, cost: np.ndarra
     return out_q, out_c
 
 
-def paired_ci(diff: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap CI of the mean of ``diff`` [N] (resampling queries)."""
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 def report_one(path: str, escalate: tuple[float, ...]) -> dict:
     from cascade_routing.calibration.binding import bind_split
     from cascade_routing.estimators.artifact import load_artifact
+    from cascade_routing.evaluation.compare import paired_interval
     from cascade_routing.evaluation.sweep import budget_sweep
     from cascade_routing.policies.fitting import query_uniforms
     from cascade_routing.policies.pool import nondominated_pool
@@ -183,8 +177,8 @@ def report_one(path: str, escalate: tuple[float, ...]) -> dict:
                                  texts=list(joint.dataset.queries), strategy=strategy, num_resamples=1)
             row[strategy] = [float(sweep.costs[0]), float(sweep.qualities[0])]
             row[f"{strategy}_equal_spend"] = [float(sweep.costs[1]), float(sweep.qualities[1])]
-            diff = q_agree - sweep.per_query_quality[1]
-            row[f"agreement_minus_{strategy}_equal_spend"] = [float(diff.mean()), *paired_ci(diff)]
+            row[f"agreement_minus_{strategy}_equal_spend"] = list(
+                paired_interval(q_agree, sweep.per_query_quality[1], num_resamples=2000))
         out["variants"].append(row)
         print(row, flush=True)
     return out

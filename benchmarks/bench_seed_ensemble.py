@@ -38,7 +38,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,37 +67,13 @@ class SeedEnsemble:
         return QualityEstimate(torch.stack(means).mean(0).float())
 
 
-def aurocs(estimator: QualityEstimator, quality: np.ndarray, eval_ran: torch.Tensor) -> dict[str, float]:
-    """Mean over models of the ex-ante, own-answer and post-hoc (run cells of ``eval_ran``) AUROC
-    against quality ≥ 0.5; models whose outcome does not vary on the rows are left out."""
-    from torchmetrics.functional.classification import binary_auroc
-
-    from cascade_routing.evaluation.revealed import own_answer_auroc
-
-    labels = torch.as_tensor(np.asarray(quality)) >= 0.5
-    n, m = labels.shape
-    rows = torch.arange(n)
-    ex = estimator.estimate(rows, torch.zeros(n, m, dtype=torch.bool)).mean.float()
-    post = estimator.estimate(rows, eval_ran).mean.float()
-    exante, posthoc = [], []
-    for j in range(m):
-        y = labels[:, j].long()
-        if 0 < int(y.sum()) < n:
-            exante.append(float(binary_auroc(ex[:, j], y)))
-        run = eval_ran[:, j]
-        if 0 < int(y[run].sum()) < int(run.sum()):
-            posthoc.append(float(binary_auroc(post[run, j], y[run])))
-    return {"exante_auroc": float(np.mean(exante)), "own_answer_auroc": own_answer_auroc(estimator, quality),
-            "posthoc_auroc": float(np.mean(posthoc))}
-
-
 def report_dataset(paths: list[str], seeds: int) -> dict:
     """Members' and ensemble's AUROCs and calibration-halves AUCs on the shared calibration split."""
     from bench_ran_set_bias import calibration_halves
 
     from cascade_routing.calibration.binding import bind_split
     from cascade_routing.estimators.artifact import load_artifact
-    from cascade_routing.training.heldout import datamodule_for
+    from cascade_routing.training.heldout import datamodule_for, estimate_aurocs
 
     members, splits, cost_estimator = [], [], None
     for path in paths:
@@ -118,7 +93,8 @@ def report_dataset(paths: list[str], seeds: int) -> dict:
     out: dict = {"artifacts": paths, "rows": int(split.dataset.quality.shape[0])}
     for name, estimator in candidates.items():
         halves = calibration_halves(estimator, cost_estimator, split.dataset, seeds)
-        out[name] = {**aurocs(estimator, split.dataset.quality, split.eval_ran),
+        aurocs = estimate_aurocs(estimator, split.dataset.quality, split.eval_ran, list(split.dataset.models))
+        out[name] = {**{k: aurocs[k] for k in ("exante_auroc", "own_answer_auroc", "posthoc_auroc")},
                      **{f"{s}_auc": halves[f"{s}_auc"] for s in REPORTED},
                      "cr_minus_routing_auc": halves["cr_minus_routing_auc"], "halvings": halves["halvings"]}
         print(f"{name}: {out[name]}", flush=True)

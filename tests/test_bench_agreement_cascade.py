@@ -78,10 +78,3 @@ def test_applying_rules_escalates_only_the_chosen_share_of_disagreements():
     np.testing.assert_array_equal(q0[:n], quality[:n, rules["mc"].stop])
     with pytest.raises(ValueError, match="'other' has no rule"):
         bench.apply_rules(rules, quality[:1], cost[:1], responses[:1], ["other"], 2, uniforms[:1], 1.0)
-
-
-def test_paired_ci_brackets_the_mean():
-    bench = _bench()
-    diff = np.random.default_rng(0).normal(0.1, 1.0, size=500)
-    low, high = bench.paired_ci(diff)
-    assert low < diff.mean() < high and high - low < 0.25

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cascade_routing.interfaces import QualityEstimate
+from cascade_routing.training.heldout import estimate_aurocs
 from tests.script_helpers import load_script
 
 
@@ -47,12 +48,15 @@ def test_the_ensemble_refuses_one_member_and_members_of_other_models():
 
 
 def test_aurocs_separate_ex_ante_own_answer_and_post_hoc_information():
-    """Ex-ante the estimate is the same for every row (AUROC 0.5); once a model ran it is its label
-    (AUROC 1), both after its own answer alone and over the evaluation ran-sets' run cells."""
-    bench = _bench()
+    """The AUROCs the benchmark reports (``heldout.estimate_aurocs``, also the evaluation's
+    ``estimator_metrics.json``): ex-ante the estimate is the same for every row (AUROC 0.5); once a
+    model ran it is its label (AUROC 1), both after its own answer alone and over the evaluation
+    ran-sets' run cells."""
     rng = np.random.default_rng(0)
     quality = (rng.random((200, 2)) < 0.5).astype(float)
     table = _Table(torch.full((200, 2), 0.5), torch.as_tensor(quality))
     eval_ran = torch.as_tensor(rng.random((200, 2)) < 0.6)
-    out = bench.aurocs(table, quality, eval_ran)
-    assert out == pytest.approx({"exante_auroc": 0.5, "own_answer_auroc": 1.0, "posthoc_auroc": 1.0})
+    out = estimate_aurocs(table, quality, eval_ran, ["a", "b"])
+    assert {k: out[k] for k in ("exante_auroc", "own_answer_auroc", "posthoc_auroc")} == pytest.approx(
+        {"exante_auroc": 0.5, "own_answer_auroc": 1.0, "posthoc_auroc": 1.0})
+    assert out["per_model"]["b"] == pytest.approx({"exante_auroc": 0.5, "own_answer_auroc": 1.0, "posthoc_auroc": 1.0})

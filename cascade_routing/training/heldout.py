@@ -103,49 +103,53 @@ def concat_splits(a: EncodedSplit, b: EncodedSplit) -> EncodedSplit:
 
 
 def estimator_metrics(artifact: EstimatorArtifact, split: EncodedSplit, baseline=None) -> dict:
-    """Per-model AUROC of three estimates of model m's quality on the split:
+    """:func:`estimate_aurocs` of the learned estimator (and of ``baseline``, if given) on the split,
+    after its evaluation ran-sets ``split.eval_ran``."""
+    ds = split.dataset
+    estimators = {"learned": bind_split(artifact, split)[0]}
+    if baseline is not None:
+        estimators["baseline"] = baseline.bind(ds.queries, ds.responses, ds.features, ds.tasks)
+    return {name: estimate_aurocs(qe, ds.quality, split.eval_ran, ds.models) for name, qe in estimators.items()}
+
+
+def estimate_aurocs(estimator, quality: np.ndarray, eval_ran: torch.Tensor, models: list[str]) -> dict:
+    """Per-model AUROC of three estimates of model m's quality [N, M] (labels: the quality as 0/1),
+    and their means over the models where they are defined (``per_model`` keyed by ``models``):
 
     - ``exante_auroc``: before any model ran;
     - ``own_answer_auroc``: after only m ran (what a cascade learns from m's own answer; its gain
       over ``exante_auroc`` bounds what running m first and deciding on can add over routing);
-    - ``posthoc_auroc``: after the split's evaluation ran-sets, over the cells where m ran.
+    - ``posthoc_auroc``: after the ran-sets ``eval_ran`` [N, M], over the cells where m ran.
     """
     from torchmetrics.functional.classification import binary_auroc
 
     from cascade_routing.evaluation.revealed import own_answer_aurocs
 
-    ds = split.dataset
-    n, m = ds.quality.shape
-    y = torch.from_numpy(ds.quality)
+    n, m = quality.shape
+    y = torch.from_numpy(np.asarray(quality))
     rows = torch.arange(n)
-    out: dict = {}
-    estimators = {"learned": bind_split(artifact, split)[0]}
-    if baseline is not None:
-        estimators["baseline"] = baseline.bind(ds.queries, ds.responses, ds.features, ds.tasks)
-    for name, qe in estimators.items():
-        ex = qe.estimate(rows, torch.zeros(n, m, dtype=torch.bool)).mean
-        post = qe.estimate(rows, split.eval_ran).mean
-        own = own_answer_aurocs(qe, y.long())
-        per = {}
-        for j, model in enumerate(ds.models):
-            yj = y[:, j]
-            entry = {}
-            if 0 < float(yj.sum()) < n:
-                entry["exante_auroc"] = float(binary_auroc(ex[:, j], yj.long()))
-                if own[j] is not None:
-                    entry["own_answer_auroc"] = own[j]
-            sel = split.eval_ran[:, j]
-            ys = yj[sel]
-            if sel.any() and 0 < float(ys.sum()) < ys.numel():
-                entry["posthoc_auroc"] = float(binary_auroc(post[sel, j], ys.long()))
-            per[model] = entry
-        means = {
-            k: float(np.mean([e[k] for e in per.values() if k in e]))
-            for k in ("exante_auroc", "own_answer_auroc", "posthoc_auroc")
-            if any(k in e for e in per.values())
-        }
-        out[name] = {"per_model": per, **means}
-    return out
+    ex = estimator.estimate(rows, torch.zeros(n, m, dtype=torch.bool)).mean
+    post = estimator.estimate(rows, eval_ran).mean
+    own = own_answer_aurocs(estimator, y.long())
+    per = {}
+    for j, model in enumerate(models):
+        yj = y[:, j]
+        entry = {}
+        if 0 < float(yj.sum()) < n:
+            entry["exante_auroc"] = float(binary_auroc(ex[:, j], yj.long()))
+            if own[j] is not None:
+                entry["own_answer_auroc"] = own[j]
+        sel = eval_ran[:, j]
+        ys = yj[sel]
+        if sel.any() and 0 < float(ys.sum()) < ys.numel():
+            entry["posthoc_auroc"] = float(binary_auroc(post[sel, j], ys.long()))
+        per[model] = entry
+    means = {
+        k: float(np.mean([e[k] for e in per.values() if k in e]))
+        for k in ("exante_auroc", "own_answer_auroc", "posthoc_auroc")
+        if any(k in e for e in per.values())
+    }
+    return {"per_model": per, **means}
 
 
 def _bound_estimators(art: EstimatorArtifact, dm: RoutingDataModule, table: EncodedSplit, estimators: tuple[str, ...],
