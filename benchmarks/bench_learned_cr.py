@@ -5,6 +5,10 @@ it runs the evaluation protocol (:func:`cascade_routing.training.heldout.evaluat
 budget on the calibration split, realised quality and cost on the test split) and reports:
 
 - AUC per strategy, learned and paper-style baseline estimator;
+- learned cascade routing's AUC minus learned routing's, and minus that of the best other strategy
+  in the table (any estimator, linear interpolation included), each with a 95% paired bootstrap CI
+  over test queries (:func:`cascade_routing.evaluation.metrics.paired_auc_interval`): whether a
+  miss is larger than the test split's noise;
 - per budget: mean test quality of learned cascade routing minus learned routing, paired over the
   test queries, with a 95% bootstrap CI (:func:`cascade_routing.evaluation.compare.compare_per_budget`);
 - budget adherence per strategy: realised mean test cost / budget (mean over the sweep with a 95%
@@ -62,6 +66,33 @@ def answer_signal(metrics: dict) -> dict:
     return {"exante_auroc": round(ex, 3), "own_answer_auroc": round(own, 3), "gain": round(own - ex, 3)}
 
 
+def paired_auc_gap(result, a, b) -> tuple[float, float, float]:
+    """AUC(a) − AUC(b) of two sweeps of ``result`` with its paired bootstrap 95% CI (the test split's
+    reference points, the protocol's resamples and seed)."""
+    from cascade_routing.evaluation.metrics import paired_auc_interval
+    from cascade_routing.evaluation.sweep import reference_points
+
+    ref = reference_points(result.extra["test_quality"], result.extra["test_cost"])
+    diff, low, high = paired_auc_interval((a.per_query_cost, a.per_query_quality), (b.per_query_cost, b.per_query_quality),
+                                          ref.c_min, ref.c_max, ref.q_lowest, result.config["num_resamples"],
+                                          result.config["seed"])
+    return round(diff, 3), round(low, 3), round(high, 3)
+
+
+def best_other_gap(result) -> dict:
+    """Learned cascade routing's AUC minus the best other strategy's (every estimator's curves, linear
+    interpolation included), with :func:`paired_auc_gap`'s CI."""
+    named = {}
+    for estimator, curves in result.curves.items():
+        for r in curves:
+            key = r.strategy if r.strategy == "linear_interpolation" else f"{estimator.split()[0]}/{r.strategy}"
+            named[key] = r
+    cr = named.pop("learned/cascade_routing")
+    best_name = max(named, key=lambda k: named[k].auc)
+    diff, low, high = paired_auc_gap(result, cr, named[best_name])
+    return {"strategy": best_name, "auc": round(named[best_name].auc, 3), "cr_minus_best": diff, "ci95": [low, high]}
+
+
 def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, resamples: int | None) -> dict:
     from cascade_routing.training.heldout import evaluate
     from cascade_routing.evaluation.compare import adherence_interval, budget_adherence, compare_per_budget, paired_interval
@@ -105,6 +136,8 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
     summary = {
         "auc": {f"{r['estimator']}/{r['strategy']}": r["auc"] for r in result.rows},
         "cr_minus_routing_auc": round(cr.auc - rt.auc, 3),
+        "cr_minus_routing_auc_ci95": list(paired_auc_gap(result, cr, rt)[1:]),
+        "best_other_strategy": best_other_gap(result),
         "per_budget_cr_minus_routing": {"min": round(float(cmp.diff[worst]), 4), "at_budget": cmp.worst[0],
                                          "min_ci95": [round(float(cmp.ci_low[worst]), 4), round(float(cmp.ci_high[worst]), 4)],
                                          "max": round(float(cmp.diff.max()), 4)},
@@ -164,14 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     summaries = with_earlier_results(out, {name: report_one(name, path, out, args.budgets_per_pair, args.resamples)
                                            for name, path in artifact_specs(parser, args.artifact)})
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))
-    lines = ["| dataset | CR − routing AUC | worst per-budget CR − routing [95% CI] "
+    lines = ["| dataset | CR − best other strategy AUC [95% paired CI] (that strategy) | CR − routing AUC [95% paired CI] | worst per-budget CR − routing [95% CI] "
              "| CR / routing / best model at the largest budget | CR − calibration's best model there [95% CI] "
              "| guard fired: routing; single model; cascade | calibration: CR − its routing, worst budget (budgets below) | AUROC ex-ante → after own answer |",
-             "|---|---:|---:|---|---|---|---|---|"]
+             "|---|---|---:|---:|---|---|---|---|---|"]
     for name, s in summaries.items():
         lb, pb, sig = s["largest_budget"], s["per_budget_cr_minus_routing"], s.get("answer_signal", {})
         ci = pb.get("min_ci95")
-        lines.append(f"| {name} | {s['cr_minus_routing_auc']:+.2f} | {pb['min']:+.4f}"
+        bo = s.get("best_other_strategy")
+        lines.append(f"| {name} | "
+                     + (f"{bo['cr_minus_best']:+.2f} [{bo['ci95'][0]:+.2f}, {bo['ci95'][1]:+.2f}] ({bo['strategy']})" if bo else "–")
+                     + f" | {s['cr_minus_routing_auc']:+.2f}"
+                     + (f" [{s['cr_minus_routing_auc_ci95'][0]:+.2f}, {s['cr_minus_routing_auc_ci95'][1]:+.2f}]"
+                        if "cr_minus_routing_auc_ci95" in s else "")
+                     + f" | {pb['min']:+.4f}"
                      + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
                      + f" | {lb['cascade_routing']:.3f} / {lb['routing']:.3f} / {lb['best_single_model']:.3f} "
                      + (f"| {lb['cr_minus_calibration_best_model']:+.4f} [{lb['cr_minus_calibration_best_model_ci95'][0]:+.4f}, "

@@ -81,3 +81,30 @@ def test_models_of_equal_mean_cost_are_a_clear_error():
     cost = np.full((3, 2), 0.01)
     with pytest.raises(ValueError, match=r"every model costs 0\.01 USD per query on average .* nothing to trade off"):
         linear_interpolation_sweep(quality, cost, np.array([0.01]))
+
+
+def test_paired_auc_interval_resamples_both_strategies_alike():
+    from cascade_routing.evaluation.metrics import auc, bootstrap_auc, paired_auc_interval
+
+    rng = np.random.default_rng(0)
+    n = 200
+    cost = np.stack([np.full(n, 1.0), np.full(n, 2.0), np.full(n, 3.0)])  # [P=3, N]
+    quality_b = (rng.random((3, n)) < np.array([[0.5], [0.6], [0.7]])).astype(np.float64)
+    quality_a = quality_b.copy()
+    quality_a[1, np.flatnonzero(quality_b[1] == 0)[:10]] = 1.0  # a answers 10 more queries at the middle budget
+    ref = (1.0, 3.0, 0.4)
+    diff, low, high = paired_auc_interval((cost, quality_a), (cost, quality_b), *ref, num_resamples=300)
+    expected = auc(cost.mean(1), quality_a.mean(1), *ref) - auc(cost.mean(1), quality_b.mean(1), *ref)
+    assert diff == pytest.approx(expected) and diff > 0
+    assert 0 < low <= diff <= high
+    # paired: the difference's CI is far narrower than either strategy's own AUC CI
+    own_low, own_high = bootstrap_auc(cost, quality_b, *ref, num_resamples=300)
+    assert high - low < 0.5 * (own_high - own_low)
+    assert paired_auc_interval((cost, quality_b), (cost, quality_b), *ref, num_resamples=50) == (0.0, 0.0, 0.0)
+
+
+def test_paired_auc_interval_refuses_other_queries():
+    from cascade_routing.evaluation.metrics import paired_auc_interval
+
+    with pytest.raises(ValueError, match="same N queries"):
+        paired_auc_interval((np.ones((2, 5)), np.ones((2, 5))), (np.ones((2, 6)), np.ones((2, 6))), 0.0, 1.0, 0.0)

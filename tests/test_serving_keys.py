@@ -105,3 +105,13 @@ def test_keys_document_errors_name_the_entry(tmp_path, monkeypatch):
     monkeypatch.setenv("CASCADE_ROUTING_API_KEYS", '{"keys": [{"name": "env", "key_env": "TEAM_KEY"}]}')
     keys = load_keys()
     assert [k.name for k in keys.values()] == ["env"]
+
+
+def test_a_key_budget_below_every_fitted_one_is_refused_at_start_naming_the_key(router, budgets):
+    from cascade_routing.serving.router import RouterError
+    from cascade_routing.serving.server import create_app
+
+    keys = parse_keys({"keys": [{"name": "team-a", "key": A, "budget": budgets[0]},
+                                {"name": "tiny", "key": B, "budget": min(budgets) * 1e-6}]}, "test")
+    with pytest.raises(RouterError, match=r"API key 'tiny': budget .*no fitted λ"):
+        create_app(router, {m: None for m in router.models}, budgets[1], keys=keys)

@@ -5,6 +5,7 @@ upstream attempts per request, the server's settings refused when out of range."
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -75,6 +76,28 @@ def test_a_slow_body_gets_408_and_never_holds_a_slot(ds, router):
         metrics = httpx.get(s.url + "/metrics", timeout=10).text
         assert 'cascade_routing_requests_total{status="408",stream="unknown"} 3.0' in metrics
         assert httpx.get(s.url + "/v1/routing/stats", timeout=10).json()["rejected_busy"] == 0
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_499_not_a_server_fault(ds, router):
+    """A client that closes its connection before its whole body arrived is counted as a client that
+    left (499 ``client_closed``), not as a server fault (500 ``internal_error``), and the server goes on."""
+    import socket
+
+    with ServingStack(ds, router) as s:
+        for _ in range(2):
+            with socket.create_connection((s.server.host, s.server.port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000\r\n\r\n{\"model\":")
+        metrics = ""
+        for _ in range(100):  # the server sees the disconnects shortly after
+            metrics = httpx.get(s.url + "/metrics", timeout=10).text
+            if 'cascade_routing_requests_total{status="499",stream="unknown"} 2.0' in metrics:
+                break
+            time.sleep(0.05)
+        assert 'cascade_routing_requests_total{status="499",stream="unknown"} 2.0' in metrics, metrics
+        assert 'cascade_routing_errors_total{kind="client_closed"} 2.0' in metrics
+        assert "internal_error" not in metrics
+        assert httpx.post(s.url + "/v1/chat/completions", json=_body(ds.queries[0]), timeout=10).status_code == 200
 
 
 @pytest.mark.parametrize("settings, words", [

@@ -13,6 +13,8 @@
   divided by ``c_max − c_min``, ×100.
 - :func:`linear_interpolation_curve`: the baseline that mixes consecutive non-dominated models.
 - :func:`bootstrap_auc`: percentile 95% CI over resampled test queries.
+- :func:`paired_auc_interval`: AUC(A) − AUC(B) of two strategies on the same test queries, with a
+  percentile CI from the same resamples for both (paired).
 """
 
 from __future__ import annotations
@@ -104,6 +106,27 @@ def bootstrap_auc(
         values[r] = auc(per_query_cost @ counts, per_query_quality @ counts, c_min, c_max, q_lowest)
     alpha = (1 - level) / 2
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def paired_auc_interval(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], c_min: float, c_max: float,
+    q_lowest: float, num_resamples: int = 500, seed: int = 0, level: float = 0.95,
+) -> tuple[float, float, float]:
+    """``(AUC(a) − AUC(b), low, high)`` for two strategies' per-query ``(cost [P_a, N], quality [P_a, N])``
+    and ``(cost [P_b, N], quality [P_b, N])`` on the same N test queries: resample r weighs the queries
+    by :func:`resample_weights` row r for both strategies, and the CI is the percentile interval of the
+    r differences. The reference (c_min, c_max, q_lowest) is held fixed, as in :func:`bootstrap_auc`."""
+    (pc_a, pq_a), (pc_b, pq_b) = a, b
+    n = pc_a.shape[1]
+    if pc_b.shape[1] != n or pq_a.shape != pc_a.shape or pq_b.shape != pc_b.shape:
+        raise ValueError(f"paired AUC needs both strategies' [P, N] cost and quality on the same N queries, got "
+                         f"{pc_a.shape}/{pq_a.shape} and {pc_b.shape}/{pq_b.shape}")
+    point = auc(pc_a.mean(1), pq_a.mean(1), c_min, c_max, q_lowest) - auc(pc_b.mean(1), pq_b.mean(1), c_min, c_max, q_lowest)
+    weights = resample_weights(n, num_resamples, seed)
+    diffs = np.array([auc(pc_a @ w, pq_a @ w, c_min, c_max, q_lowest) - auc(pc_b @ w, pq_b @ w, c_min, c_max, q_lowest)
+                      for w in weights])
+    alpha = (1 - level) / 2
+    return float(point), float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha))
 
 
 def paired_auc_gain_quantile(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from cascade_routing.serving.schema import RequestError
 
@@ -53,18 +53,23 @@ class ServerLimits:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or :class:`RequestError` 413 as soon as it exceeds ``limit`` bytes."""
+    """The request body, or :class:`RequestError` 413 as soon as it exceeds ``limit`` bytes (499
+    ``client_closed`` when the client disconnects before all of it arrived)."""
     too_large = RequestError(f"request body is larger than the server's limit of {limit} bytes", None, 413,
                              "request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's doing, not a server fault: 499 like any client that left
+        raise RequestError("the client closed the connection before its request body arrived", None, 499,
+                           "client_closed") from None
     return b"".join(chunks)
 
 

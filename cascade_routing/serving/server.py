@@ -225,7 +225,11 @@ class _ServerCore:
             raise RouterError(f"no backend configured for model(s) {missing} of the checkpoint")
         for key in (keys or {}).values():
             if key.budget is not None:
-                router.fitted_for(min(key.budget, self.server_budget) if self.server_budget is not None else key.budget)
+                try:
+                    router.fitted_for(min(key.budget, self.server_budget) if self.server_budget is not None
+                                      else key.budget)
+                except RouterError as err:
+                    raise RouterError(f"API key {key.name!r}: budget {key.budget}: {err}") from None
 
     # ------------------------------------------------------------------ shared helpers
     def publish_lambda(self, used_budget: float | None) -> None:

@@ -269,6 +269,7 @@ def evaluate(
     result = EvaluationResult(rows, curves, metrics, time.perf_counter() - t0, points=points, config=config,
                               extra={"best_single_quality": float(test_q.mean(0).max()),
                                      "test_quality": np.asarray(test_q, dtype=np.float64),
+                                     "test_cost": np.asarray(test_c, dtype=np.float64),
                                      "calibration_mean_quality": np.asarray(cal.quality, dtype=np.float64).mean(0),
                                      "models": list(art.models)})
     print_table(rows, metrics, dm.dataset_name)
