@@ -18,5 +18,17 @@ def main(args: list[str] | None = None):
     return lightning_cli(sys.argv[1:] if args is None else args)
 
 
+def run(args: list[str] | None = None) -> int:
+    """:func:`main` as a command: a library error (a config name that resolves to no file, a Trainer
+    setting this machine cannot run, an unknown dataset) prints ``error: ...`` and returns 2, as
+    ``cascade-routing train`` does."""
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -70,3 +70,24 @@ def test_import_refuses_an_unusable_max_length_before_writing_anything(tmp_path:
     assert "--max-length: must be at least 1, got 0" in capsys.readouterr().err and not out_dir.exists()
     assert main(["data", "import", str(table), "--mapping", mapping, "-o", str(out_dir), "--max-length", "2"]) == 2
     assert "--max-length 2: max_length 2 leaves no room" in capsys.readouterr().err and not out_dir.exists()
+
+
+def test_import_into_a_registered_name_prints_a_load_hint_that_reads_the_folder(tmp_path: Path, capsys,
+                                                                                 monkeypatch) -> None:
+    """A bare registered name loads the registered dataset, so the printed hint must say './name'."""
+    import warnings
+
+    from cascade_routing.data import load_dataset
+
+    table = tmp_path / "runs.jsonl"
+    table.write_text("".join(json.dumps({"q": f"q{i}", "a": i % 2, "ca": 0.1, "b": 1, "cb": 0.5}) + "\n" for i in range(4)))
+    mapping = '{query: q, models: {m-a: {quality: a, cost: ca}, m-b: {quality: b, cost: cb}}}'
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "import", str(table), "--mapping", mapping, "-o", "routellm-mt-bench"]) == 0
+    out = capsys.readouterr().out
+    assert "load_dataset('./routellm-mt-bench')" in out, out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_dataset("./routellm-mt-bench").num_queries == 4  # what the hint says reads the folder
+    assert main(["data", "import", str(table), "--mapping", mapping, "-o", "mine"]) == 0
+    assert "load_dataset('mine')" in capsys.readouterr().out

@@ -193,3 +193,27 @@ def test_version_1_artifact_without_carried_encoder_still_loads(student_artifact
     emb = np.zeros((4, art.network_config["embed_dim"]), np.float32)
     qe, _ = art.bind(ds.queries[:4], None, None, ds.tasks[:4], query_embeddings=emb)
     assert qe.estimate(torch.arange(4), torch.zeros(4, ds.num_models, dtype=torch.bool)).mean.shape == (4, ds.num_models)
+
+
+def test_distillation_refuses_zero_epochs_before_the_teacher_pass(tmp_path, monkeypatch, capsys):
+    """``epochs=0`` used to run the teacher over every text, train nothing and write the untrained student."""
+    import cascade_routing.training.distill as distill
+    from cascade_routing.cli import main
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(distill, "_load_teacher", no_teacher)
+    for kwargs in ({"epochs": 0}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match="epochs >= 1 and batch_size >= 1"):
+            distill_encoder(_texts(20), tmp_path / "student", **kwargs)
+    assert not (tmp_path / "student").exists()
+    base = ["distill-encoder", "--dataset", "routerbench-subset", "--out", str(tmp_path / "cli")]
+    for extra, message in ((["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+                           (["--batch-size", "-1"], "argument --batch-size: must be at least 1, got -1"),
+                           (["--split", "train=0.8"], "argument --split: not JSON"),
+                           (["--split", "[0.8, 0.2]"], "argument --split: expected a JSON object")):
+        with pytest.raises(SystemExit):
+            main(base + extra)
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "cli").exists()

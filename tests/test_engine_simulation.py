@@ -194,6 +194,23 @@ def test_reproduce_on_any_dataset_uses_its_non_dominated_models(tmp_path, capsys
     assert aucs["routing"] > aucs["linear_interpolation"] + 1, aucs
 
 
+def test_reproduce_refuses_two_pools_of_one_name(tmp_path, capsys):
+    """An unnamed pool is named by its size, so two unnamed pools of 2 models (or two NAME= pools of one
+    name) would keep only the last; refused before any work instead."""
+    from cascade_routing.cli import main
+    from cascade_routing.evaluation.reproduce import parse_pools
+
+    assert parse_pools(["a,b", "x=a,c", "a,b,c"]) == {"2 models": ["a", "b"], "x": ["a", "c"],
+                                                     "3 models": ["a", "b", "c"]}
+    for pools in (["mistral-7b-chat,gpt-4-1106", "mixtral-8x7b,gpt-4-1106"], ["p=mistral-7b-chat,gpt-4-1106",
+                                                                          "p=mixtral-8x7b,gpt-4-1106"]):
+        args = [arg for p in pools for arg in ("--pool", p)]
+        rc = main(["reproduce", "routerbench", "--out", str(tmp_path / "out"), "--quick", "--no-progress", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and "two pools are named" in err and "NAME=model,model" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_equals_gpu(data):
     quality, cost, _, _ = data

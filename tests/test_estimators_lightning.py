@@ -432,3 +432,20 @@ def test_the_data_module_refuses_a_length_or_split_it_cannot_use_before_encoding
     small = RoutingDataModule.from_dataset(make_synthetic_dataset(n=12), encoder_path=str(enc), cache_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match=r"has 12 queries, split \{.*'calibration': 2.*at least 4"):
         small.setup("fit")
+
+
+def test_train_py_reports_a_bad_config_like_the_console_script(tmp_path, capsys):
+    """``python train.py fit --config <typo>`` prints the error, not a traceback, exit status 2 (as
+    ``cascade-routing train`` does)."""
+    import subprocess
+    import sys
+
+    from cascade_routing.cli import main
+    from script_helpers import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", "routerbenchh"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: no config file 'routerbenchh'") and "Traceback" not in proc.stderr
+    assert main(["train", "fit", "--config", "routerbenchh"]) == 2
+    assert capsys.readouterr().err == proc.stderr

@@ -98,7 +98,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path(f"{Path(args.file).stem}-dataset")
     ds.save(out)
     _console().print(render_summary(summarize(ds)))
-    print(f"saved to {out} (load with cascade_routing.data.load_dataset({str(out)!r}))")
+    from cascade_routing.data.registry import list_datasets
+
+    # a bare registered name means the registered dataset (load_dataset), so the folder needs "./"
+    ref = f"./{out}" if str(out) in {spec.name for spec in list_datasets()} else str(out)
+    print(f"saved to {out} (load with cascade_routing.data.load_dataset({ref!r}))")
     print_input_warnings(warnings, str(out))
     return 0
 

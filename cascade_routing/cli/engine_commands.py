@@ -25,8 +25,9 @@ def limit_threads(threads: int) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from cascade_routing.evaluation.reproduce import reproduce_routerbench
+    from cascade_routing.evaluation.reproduce import parse_pools, reproduce_routerbench
 
+    pools = parse_pools(args.pool) if args.pool else None
     if args.threads > 0:
         limit_threads(args.threads)
     dataset = None
@@ -34,9 +35,6 @@ def _reproduce(args: argparse.Namespace) -> int:
         from cascade_routing.data import load_dataset
 
         dataset = load_dataset(args.dataset)
-    from cascade_routing.evaluation.reproduce import parse_pool
-
-    pools = dict(parse_pool(p) for p in args.pool) if args.pool else None
     result = reproduce_routerbench(
         out_dir=args.out, dataset=dataset, pools=pools, seed=args.seed, quick=args.quick,
         num_samples=args.num_samples, num_resamples=args.resamples, progress=not args.no_progress,

@@ -65,8 +65,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                     "(the step ExportArtifact runs at the end of fit).",
     )
     e.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
-    e.add_argument("--out", default=None, help="artifact path (default: artifacts/<root>.safetensors for "
-                                                "<root>/checkpoints/*.ckpt, as fit writes; else artifacts/<dataset>.safetensors)")
+    e.add_argument("--out", default=None, help="artifact path (default: artifacts/<name>.safetensors for "
+                                                "runs/<name>/checkpoints/*.ckpt, as fit writes; else artifacts/<dataset>.safetensors)")
     e.add_argument("--budgets-per-pair", type=positive_int, default=3, help="budgets per pair of the fitted λ tables")
     e.add_argument("--no-lambdas", action="store_true", help="skip fitting the λ tables")
     e.add_argument("--no-select", action="store_true", help="choose the uncertainty mode by val NLL only")
@@ -211,16 +211,27 @@ def _register_distill(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
     d.add_argument("--hidden", type=int, default=128)
     d.add_argument("--heads", type=int, default=4)
     d.add_argument("--intermediate", type=int, default=None, help="feed-forward width (default 4 x hidden)")
-    d.add_argument("--epochs", type=int, default=6)
-    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--epochs", type=positive_int, default=6)
+    d.add_argument("--batch-size", type=positive_int, default=32)
     d.add_argument("--lr", type=float, default=2e-3)
     d.add_argument("--answers", type=int, default=3000, help="train-split answers added to the train queries")
     d.add_argument("--max-length", type=int, default=128)
-    d.add_argument("--split", default=None,
+    d.add_argument("--split", type=_split_fractions, default=None,
                    help='split fractions as JSON (default {"train": 0.55, "val": 0.1, "calibration": 0.15, "test": 0.2})')
     d.add_argument("--split-seed", type=int, default=0)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_distill)
+
+
+def _split_fractions(text: str) -> dict:
+    """``--split``: a JSON object of split fractions."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object such as {{"train": 0.8, "test": 0.2}}, got {text!r}')
+    return value
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -232,7 +243,7 @@ def _distill(args: argparse.Namespace) -> int:
     res = distill_for_dataset(
         args.dataset, args.out, args.teacher,
         StudentConfig(args.layers, args.hidden, args.heads, args.intermediate),
-        split=json.loads(args.split) if args.split else None, split_seed=args.split_seed, answers=args.answers,
+        split=args.split, split_seed=args.split_seed, answers=args.answers,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, seed=args.seed,
     )
     print(f"student written to {res.path}: held-out relative MSE {res.heldout_loss_initial:.3f} -> "

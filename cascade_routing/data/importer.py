@@ -41,7 +41,7 @@ overflow the cost estimates later) is an error. A cost more than :data:`COST_OUT
 times the median of its model's cost column (when that median is > 0) is kept but warned about (a
 :class:`CostOutlierWarning` naming the row, model and column, also listed in
 ``metadata["conversion_report"]["notes"]``). Query ids, when mapped, must be present and unique, and the
-query text non-blank; with ``missing: drop`` a row whose quality/cost/feature cell is empty (or
+query text non-blank; with ``missing: drop`` a row whose query, quality, cost or feature cell is empty (or
 absent from a JSONL object) is dropped and listed in ``metadata["conversion_report"]``.
 """
 

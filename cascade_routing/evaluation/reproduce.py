@@ -78,6 +78,19 @@ def parse_pool(text: str) -> tuple[str, list[str]]:
     return (name.strip() or f"{len(names)} models"), names
 
 
+def parse_pools(texts: list[str]) -> dict[str, list[str]]:
+    """Each ``--pool`` text by :func:`parse_pool`, as name -> models; a name given twice (an unnamed
+    pool is named by its size, so two unnamed pools of one size share one) is a ``ValueError``."""
+    pools: dict[str, list[str]] = {}
+    for text in texts:
+        name, models = parse_pool(text)
+        if name in pools:
+            raise ValueError(f"two pools are named {name!r} ({','.join(pools[name])} and {','.join(models)}); "
+                             "give each its own name: NAME=model,model,...")
+        pools[name] = models
+    return pools
+
+
 def checked_device(device: str | torch.device) -> torch.device:
     """``torch.device(device)``, or ``ValueError`` naming the device when it is not a device name or
     this torch build cannot use it (a CUDA device on a CPU-only build or a machine without a GPU,

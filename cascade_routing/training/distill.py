@@ -189,6 +189,9 @@ def distill_encoder(
     texts = [str(t) for t in texts]
     if len(texts) < 2:
         raise ValueError(f"distillation needs at least 2 texts, got {len(texts)}")
+    if epochs < 1 or batch_size < 1:  # before the teacher pass, the slow part
+        raise ValueError(f"distillation needs epochs >= 1 and batch_size >= 1, got epochs={epochs}, "
+                         f"batch_size={batch_size}")
     teacher_path, tokenizer, teacher = _load_teacher(teacher_path)
     target = _teacher_targets(texts, teacher_path, tokenizer, teacher, teacher_embeddings, cache_dir, max_length,
                               progress)
