@@ -211,6 +211,39 @@ def test_reproduce_refuses_two_pools_of_one_name(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_reproduce_refuses_a_pool_of_one_model_by_name(tmp_path, capsys):
+    """``--pool a=<one model>`` ended in "every model costs ... nothing to trade off" deep in the sweep;
+    it is refused before any work, naming the pool, and so is a pool whose names resolve to one model
+    or a one-model pool given to the Python API."""
+    from cascade_routing.cli import main
+    from cascade_routing.evaluation.reproduce import parse_pool, reproduce_routerbench
+
+    for text in ("a=gpt-4-1106", "a=gpt-4-1106,gpt-4-1106"):
+        with pytest.raises(ValueError, match="pool 'a' has 1 model .*at least two models"):
+            parse_pool(text)
+    rc = main(["reproduce", "routerbench", "--out", str(tmp_path / "out"), "--quick", "--no-progress",
+               "--pool", "a=gpt-4-1106"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pool 'a' has 1 model (gpt-4-1106)" in err and "at least two models" in err, err
+    assert not (tmp_path / "out").exists()
+    quality, cost = make_data(60, 3, seed=2)
+    ds = RoutingDataset([f"q{i}" for i in range(60)], ["a", "b", "c"], quality, cost, name="toy")
+    with pytest.raises(ValueError, match="pool 'mine' has 1 model"):
+        reproduce_routerbench(out_dir=None, dataset=ds, pools={"mine": ["a", "a"]}, progress=False)
+
+
+def test_reproduce_on_a_small_dataset_says_the_fit_split_is_a_fraction_of_it():
+    """On fewer than ~40 rows the 5% fit split can have one row; the error names the dataset's rows, the
+    fit fraction and the rows needed, not only "needs at least 2 fit rows, got 1"."""
+    from cascade_routing.evaluation.reproduce import reproduce_routerbench
+
+    quality, cost = make_data(20, 3, seed=2)
+    ds = RoutingDataset([f"q{i}" for i in range(20)], ["a", "b", "c"], quality, cost, name="tiny")
+    with pytest.raises(ValueError, match=r"dataset 'tiny' has 20 rows and the fit split is 5% of them \(1 row\).*"
+                                         r"needs at least 2 fit rows: use a dataset of at least 40 rows"):
+        reproduce_routerbench(out_dir=None, dataset=ds, progress=False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_equals_gpu(data):
     quality, cost, _, _ = data

@@ -67,3 +67,14 @@ def test_train_eval_no_baseline_reaches_the_evaluation(monkeypatch):
     assert main(["train-eval", "--config", "routerbench", "--no-baseline", "--no-wandb"]) == 0
     assert main(["train-eval", "--config", "routerbench", "--no-wandb"]) == 0
     assert seen == [("learned",), ("learned", "baseline")]
+
+
+def test_evaluate_help_says_a_save_pretrained_folder_works(capsys):
+    """``evaluate --checkpoint`` reads a .safetensors file or a save_pretrained folder (load_artifact);
+    its help said .safetensors only."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ".safetensors file, or a folder written by EstimatorArtifact.save_pretrained" in help_text, help_text

@@ -148,6 +148,26 @@ def test_load_from_checkpoint_rebuilds_the_network(fitted):
         assert not torch.allclose(fresh.predict_logits(batch, ran)[0], got)
 
 
+def test_load_from_checkpoint_of_an_artifact_says_how_to_load_it(fitted, tmp_path):
+    """An exported artifact (.safetensors file or save_pretrained folder) given to the Lightning module's
+    ``load_from_checkpoint`` was Lightning's raw UnpicklingError (which suggests ``weights_only=False``);
+    it is a ValueError naming the file and the artifact loader, and the .ckpt still loads."""
+    from cascade_routing.estimators.artifact import load_artifact
+    from cascade_routing.training.module import QualityEstimatorModule
+
+    artifact = fitted["tmp"] / "artifacts" / "tiny.safetensors"
+    folder = tmp_path / "pretrained"
+    load_artifact(artifact).save_pretrained(folder)
+    for path in (artifact, str(artifact), folder):
+        with pytest.raises(ValueError, match="is an exported estimator artifact") as err:
+            QualityEstimatorModule.load_from_checkpoint(path, map_location="cpu")
+        assert str(path) in str(err.value) and "load_artifact(path)" in str(err.value)
+        assert "EstimatorArtifact.from_pretrained(path)" in str(err.value)
+    ckpt = fitted["tmp"] / "runs" / "tiny" / "checkpoints" / "best.ckpt"
+    assert QualityEstimatorModule.load_from_checkpoint(str(ckpt), map_location="cpu").models == \
+        ["model-0", "model-1", "model-2"]
+
+
 def test_validation_loss_does_not_depend_on_the_global_generator(fitted):
     """With sampled ran-masks (here 2^3 > ``max_enumerated_masks=4``), ``val/mean_loss`` (the
     checkpoint and early-stopping monitor) is the same under any global seed."""

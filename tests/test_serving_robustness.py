@@ -394,6 +394,27 @@ def test_the_cli_names_a_bad_budget(tmp_path, capsys):
     assert code != 0 and "budget must be a finite number >= 0, got nan" in capsys.readouterr().err
 
 
+def test_serve_on_a_taken_port_fails_before_loading_the_artifact(tmp_path, capsys):
+    """``serve`` on a port already listened on loaded the whole artifact, then exited 3 with uvicorn's
+    "address already in use"; it is refused first (the checkpoint here does not exist, so an error
+    about the port shows nothing was loaded), naming host:port, with one worker or several."""
+    from cascade_routing.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for workers in (1, 2):
+            with pytest.raises(RuntimeError, match=f"serve cannot listen on 127.0.0.1:{port}: Address already in use"):
+                serve(tmp_path / "missing.safetensors", tmp_path / "missing.yaml", 1.0, port=port, workers=workers,
+                      store=f"sqlite:///{tmp_path / 'spend.sqlite'}")
+        code = main(["serve", "--checkpoint", str(tmp_path / "missing.safetensors"), "--backends",
+                     str(tmp_path / "missing.yaml"), "--budget", "1", "--port", str(port)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"error: serve cannot listen on 127.0.0.1:{port}" in err, err
+    assert not (tmp_path / "spend.sqlite").exists()
+
+
 def test_the_router_and_batcher_refuse_non_finite_settings(ds, routing):
     fitted = next(iter(routing.fitted_table.values()))
     with pytest.raises(RouterError, match="budget must be a finite number >= 0, got nan"):

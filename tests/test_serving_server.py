@@ -96,6 +96,27 @@ def test_models_health_and_answer_shape(stack, ds, stand_in):
     assert stats["mean_cost"] == pytest.approx(stats["total_cost"] / stats["requests"])
 
 
+def test_request_ids_are_echoed_only_when_short_printable_ascii(stack, ds):
+    """A client's X-Request-ID of 1..MAX_REQUEST_ID_CHARS printable ASCII characters is echoed; a longer
+    one (20 KB was echoed whole, in the header, the trace and the logs) or one with other characters is
+    replaced by a fresh id, as an absent one is (the request is still served)."""
+    from cascade_routing.serving.server import MAX_REQUEST_ID_CHARS
+
+    body = {"model": NAME, "messages": [{"role": "user", "content": ds.queries[2]}]}
+    longest = "r" * (MAX_REQUEST_ID_CHARS - 2) + " ~"
+    for sent, echoed in ((longest, True), ("x" * (MAX_REQUEST_ID_CHARS + 1), False), ("y" * 20_000, False),
+                         (b"caf\xe9", False), ("a\tb", False)):
+        resp = httpx.post(stack.url + "/v1/chat/completions", headers={"X-Request-ID": sent}, json=body, timeout=10)
+        assert resp.status_code == 200, resp.text
+        rid = resp.headers["x-request-id"]
+        assert rid == resp.json()["routing"]["request_id"]
+        if echoed:
+            assert rid == sent
+        else:
+            assert len(rid) == 32 and int(rid, 16) >= 0, rid  # a fresh uuid4().hex
+    assert MAX_REQUEST_ID_CHARS == 128
+
+
 def test_end_to_end_equals_offline_simulation(stack, ds, stand_in):
     """Per query: same models run in the same order, same answer model, realised quality and cost."""
     router, sim, budget = stand_in

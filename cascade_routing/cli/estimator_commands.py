@@ -18,7 +18,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="AUC of routing / cascades / cascade routing with a trained estimator vs the paper-style baseline",
         description="λ fitted on the calibration split, AUC on the test split (the artifact's own split).",
     )
-    p.add_argument("--checkpoint", required=True, help="estimator artifact (.safetensors) written by train.py")
+    p.add_argument("--checkpoint", required=True,
+                   help="estimator artifact written by train.py: a .safetensors file, or a folder written by "
+                        "EstimatorArtifact.save_pretrained (estimator.safetensors inside)")
     p.add_argument("--dataset", default=None, help="dataset name or folder (default: the one it was trained on)")
     p.add_argument("--out", default="eval", help="output folder for results.csv, table.md, curves.png")
     p.add_argument("--budgets-per-pair", type=positive_int, default=protocol.BUDGETS_PER_PAIR,

@@ -16,6 +16,7 @@ title names the dataset.
 from __future__ import annotations
 
 import csv
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ PAPER_POOLS: dict[str, list[str]] = {
 }
 NOISE_LEVELS = ("low", "medium", "high")
 STRATEGIES = ("linear_interpolation", "routing", "threshold_cascade", "optimal_cascade", "cascade_routing")
+MIN_FIT_ROWS = 2  # the synthetic estimators' linear recalibration fits a slope and an intercept
 
 
 def resolve_models(available: list[str], wanted: list[str]) -> list[str]:
@@ -54,7 +56,8 @@ def resolve_models(available: list[str], wanted: list[str]) -> list[str]:
 
 def default_pools(dataset) -> dict[str, list[str]]:
     """The paper's pools when every one of their models is in ``dataset`` (RouterBench), else
-    ``{"non-dominated (k)": those models, "all (M)": []}`` (one pool when all models are non-dominated)."""
+    ``{"non-dominated (k)": those models, "all (M)": []}`` (one pool when all models are non-dominated,
+    or when only one is: a pool needs two models, :func:`check_pool`)."""
     try:
         for wanted in PAPER_POOLS.values():
             resolve_models(list(dataset.models), wanted)
@@ -63,19 +66,32 @@ def default_pools(dataset) -> dict[str, list[str]]:
         pass
     nd = nondominated_models(dataset.cost.mean(0), dataset.quality.mean(0))
     pools = {}
-    if len(nd) < len(dataset.models):
+    if 2 <= len(nd) < len(dataset.models):
         pools[f"non-dominated ({len(nd)})"] = [dataset.models[i] for i in sorted(nd)]
     pools[f"all ({len(dataset.models)})"] = []
     return pools
 
 
 def parse_pool(text: str) -> tuple[str, list[str]]:
-    """``NAME=model,model,...`` (names or unique prefixes) -> (NAME, models); ``model,...`` names itself."""
+    """``NAME=model,model,...`` (names or unique prefixes) -> (NAME, models); ``model,...`` names itself.
+    A pool of fewer than two different models is a ``ValueError`` naming it (:func:`check_pool`)."""
     name, _, models = text.rpartition("=")
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
         raise ValueError(f"pool {text!r} lists no models (expected NAME=model,model,...)")
-    return (name.strip() or f"{len(names)} models"), names
+    name = name.strip() or f"{len(names)} models"
+    check_pool(name, names)
+    return name, names
+
+
+def check_pool(name: str, models: list[str]) -> None:
+    """``ValueError`` naming pool ``name`` unless ``models`` holds at least two different models: with
+    one there is no cost to trade off (no budget between models, no AUC)."""
+    distinct = list(dict.fromkeys(models))
+    if len(distinct) < 2:
+        raise ValueError(f"pool {name!r} has {len(distinct)} model{'' if len(distinct) == 1 else 's'} "
+                         f"({','.join(distinct) or 'none'}); a pool needs at least two models: routing, "
+                         "cascades and their AUC trade cost between models (NAME=model,model,...)")
 
 
 def parse_pools(texts: list[str]) -> dict[str, list[str]]:
@@ -140,7 +156,10 @@ def reproduce_routerbench(
     ``pools``: name -> models (an empty list: all models), default :func:`default_pools`.
     ``device``: where the synthetic estimators' tables live; the engine follows them (``ValueError``
     if this torch cannot use it: :func:`checked_device`). ``budgets_per_pair`` and ``num_resamples``
-    below 1 are a ValueError before any work."""
+    below 1 are a ValueError before any work, and so are a pool of fewer than two different models
+    (:func:`check_pool`, naming the pool) and a dataset too small for a fit split of
+    :data:`MIN_FIT_ROWS` rows at ``fit_fraction`` (naming its rows, the fraction and the rows that make
+    one)."""
     from cascade_routing.data.splits import partition_indices
     from cascade_routing.evaluation.protocol import check_settings
 
@@ -157,9 +176,20 @@ def reproduce_routerbench(
         noise_levels = noise_levels[:1]
         budgets_per_pair = min(budgets_per_pair, 4)
         num_resamples = min(num_resamples, 100)
+    resolved: dict[str, list[str]] = {}
+    for pool_name, wanted in pools.items():
+        resolved[pool_name] = resolve_models(dataset.models, wanted) if wanted else list(dataset.models)
+        check_pool(pool_name, resolved[pool_name])
     split = partition_indices(dataset.num_queries, {"fit": fit_fraction, "test": 1 - fit_fraction},
                               groups=dataset.tasks, seed=seed)
     fit_rows, test_rows = split["fit"], split["test"]
+    if fit_rows.size < MIN_FIT_ROWS:
+        raise ValueError(
+            f"dataset {dataset.name!r} has {dataset.num_queries} rows and the fit split is {fit_fraction * 100:g}% "
+            f"of them ({fit_rows.size} row{'' if fit_rows.size == 1 else 's'}), but the synthetic estimators' linear "
+            f"recalibration needs at least {MIN_FIT_ROWS} fit rows: use a dataset of at least "
+            f"{math.ceil(MIN_FIT_ROWS / fit_fraction)} rows ({MIN_FIT_ROWS} fit rows at {fit_fraction * 100:g}%) "
+            "or a larger fit_fraction")
     jobs = [(p, n, s) for p in pools for n in noise_levels for s in strategies]
     bar = None
     if progress:
@@ -168,8 +198,7 @@ def reproduce_routerbench(
         bar = tqdm(total=len(jobs), desc=f"reproduce on {dataset.name}", unit="sweep")
     rows: list[dict] = []
     curves: dict[str, list[SweepResult]] = {}
-    for pool_name, wanted in pools.items():
-        names = resolve_models(dataset.models, wanted) if wanted else list(dataset.models)
+    for pool_name, names in resolved.items():
         _sweep_pool(pool_name, dataset.select_models(names), noise_levels, strategies, fit_rows, test_rows,
                     budgets_per_pair, num_resamples, num_samples, seed, device, rows, curves, bar)
     if bar is not None:

@@ -147,6 +147,10 @@ def serve(
     processes share the port (:mod:`cascade_routing.serving.workers`; the spend store must be a
     file or Redis). ``reuse_port``: bind with ``SO_REUSEPORT``, so other processes may listen on the
     same address (what each worker does).
+
+    ``host:port`` is bound (with ``workers`` > 1: checked free) right after the settings checks,
+    before the artifact loads: a port already taken is a ``RuntimeError`` naming it
+    (:func:`bound_socket`) within moments, not after the load.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -171,31 +175,35 @@ def serve(
         if (store or "").startswith("memory://"):
             raise ValueError("several workers need a shared spend store (sqlite:///FILE or redis://...), "
                              "not memory://, or each would keep its own accounts")
+        bound_socket(host, port).close()  # taken (by anyone, SO_REUSEPORT or not): fail here, not in N workers
         parameters = inspect.signature(serve).parameters
         settings = {k: v for k, v in locals().items() if k in parameters}
         return run_workers(workers, serve, {**settings, "workers": 1, "reuse_port": True})
 
-    if torch_threads is not None:
-        import torch
-
-        torch.set_num_threads(torch_threads)
-    keys = load_keys(api_keys)
-    executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="routing")
-    bind_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="binding") if bind_thread else None
-    router = CascadeRouter.from_checkpoint(checkpoint, budget=budget, strategy=strategy, name=name,
-                                           executor=executor, bind_executor=bind_executor, int8=int8)
-    if controller is not None and lambda_is_zero(router.fitted_for(budget)[1]):
-        log.warning("--budget-controller cannot act at budget %s: its fitted λ is 0 (the policy spends "
-                    "without a price there, and a multiple of 0 is 0); spend is not controlled", budget)
-    pool = BackendPool.from_yaml(backends, connection_pools=upstream_pools)
-    app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
-                     keys=keys, store=open_store(store), controller=controller)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
-                            timeout_keep_alive=max(1, int(keep_alive_s)),
-                            timeout_graceful_shutdown=int(math.ceil(limits.shutdown_timeout_s)), backlog=4096)
+    sock = bound_socket(host, port, reuse_port=reuse_port)
+    executor = bind_executor = None
     try:
-        DrainingServer(config).run(sockets=[reuse_port_socket(host, port)] if reuse_port else None)
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        keys = load_keys(api_keys)
+        executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="routing")
+        bind_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="binding") if bind_thread else None
+        router = CascadeRouter.from_checkpoint(checkpoint, budget=budget, strategy=strategy, name=name,
+                                               executor=executor, bind_executor=bind_executor, int8=int8)
+        if controller is not None and lambda_is_zero(router.fitted_for(budget)[1]):
+            log.warning("--budget-controller cannot act at budget %s: its fitted λ is 0 (the policy spends "
+                        "without a price there, and a multiple of 0 is 0); spend is not controlled", budget)
+        pool = BackendPool.from_yaml(backends, connection_pools=upstream_pools)
+        app = create_app(router, pool, budget, max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits,
+                         keys=keys, store=open_store(store), controller=controller)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+                                timeout_keep_alive=max(1, int(keep_alive_s)),
+                                timeout_graceful_shutdown=int(math.ceil(limits.shutdown_timeout_s)), backlog=4096)
+        DrainingServer(config).run(sockets=[sock])
     finally:
+        sock.close()
         for threads in (executor, bind_executor):
             if threads is not None:
                 threads.shutdown(wait=False, cancel_futures=True)
@@ -220,14 +228,26 @@ def check_serve_settings(budget: float, batch_window_ms: float, max_batch: int, 
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {value}")
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``(host, port)`` with ``SO_REUSEPORT`` (Linux: the kernel spreads
-    connections over every process listening this way on the address)."""
+def bound_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` (``SO_REUSEADDR``; with ``reuse_port`` also
+    ``SO_REUSEPORT``: Linux spreads connections over every process listening this way on the
+    address), not yet listening (uvicorn listens on it); ``RuntimeError`` naming ``host:port`` and
+    why when it cannot be bound (in use, not an address of this machine, a privileged port)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise RuntimeError(f"serve cannot listen on {host}:{port}: {err.strerror or err}") from err
     return sock
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """:func:`bound_socket` with ``SO_REUSEPORT`` (what each ``serve --workers N`` process binds)."""
+    return bound_socket(host, port, reuse_port=True)
 
 
 class DrainingServer(uvicorn.Server):

@@ -10,7 +10,9 @@ Endpoints:
   caller's cap (``min(server budget, key budget, B)``, then the largest fitted budget <= that);
   ``task`` is the query's task label. The answer is a ``chat.completion`` plus ``routing`` (models
   run, per-model and total cost, estimates at each step, failures, timing). ``X-Request-ID`` is
-  echoed (generated if absent) in the response header and in ``routing.request_id``.
+  echoed in the response header and in ``routing.request_id`` when it is 1 to
+  :data:`MAX_REQUEST_ID_CHARS` printable ASCII characters; absent or otherwise, a fresh id is
+  generated (:func:`request_id_of`).
   Every OpenAI chat parameter is forwarded or refused with 400 naming it
   (:mod:`cascade_routing.serving.params`); the answer's choices are the selected backend's own
   (tool calls, ``n`` choices, logprobs). ``stream: true`` answers with server-sent events
@@ -281,7 +283,7 @@ class _ServerCore:
         holds its place until it ends. Any unexpected exception is still answered in OpenAI's error
         shape (500 ``internal_error``, with ``spent`` and the cost header) and counted in /metrics."""
         arrived = time.monotonic()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request_id_of(request.headers.get("x-request-id"))
         headers = {"X-Request-ID": request_id}
         progress = RouteProgress()
         held = body_read = False
@@ -715,6 +717,19 @@ async def _then(chunks: AsyncIterator[Any], done: Any) -> AsyncIterator[Any]:
 
 
 COST_HEADER = "X-Cascade-Routing-Cost-USD"
+
+MAX_REQUEST_ID_CHARS = 128
+"""The longest client ``X-Request-ID`` the server echoes (:func:`request_id_of`)."""
+
+
+def request_id_of(header: str | None) -> str:
+    """The request's id: the client's ``X-Request-ID`` when it is 1 to :data:`MAX_REQUEST_ID_CHARS`
+    printable ASCII characters (space to ``~``), else (absent, longer, or other characters) a fresh
+    ``uuid4().hex``. The id is echoed in a response header, the trace and the logs, so it is bounded;
+    a bad one is replaced rather than refused, since the header is optional and only correlates logs."""
+    if header and len(header) <= MAX_REQUEST_ID_CHARS and header.isascii() and header.isprintable():
+        return header
+    return uuid.uuid4().hex
 
 RESERVED_OUTPUT_TOKENS = 4096
 """Output tokens per model a request without ``max_tokens`` / ``max_completion_tokens`` is assumed to

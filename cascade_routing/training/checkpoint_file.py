@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -36,3 +37,22 @@ def read_lightning_checkpoint(ckpt: str | Path) -> dict:
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ValueError(f"{path} loads but is not a Lightning checkpoint (no 'state_dict')")
     return state
+
+
+def refuse_artifact(ckpt: object, loader: str) -> None:
+    """``ValueError`` if ``ckpt`` is a local path to an exported estimator artifact (a safetensors file,
+    or a folder ``EstimatorArtifact.save_pretrained`` wrote) rather than a Lightning checkpoint: the
+    message says so and names the artifact loader. Anything else (a ``.ckpt``, a missing path, a URL,
+    a file object) passes, for ``loader`` to read or refuse; nothing is unpickled here."""
+    from cascade_routing.estimators.artifact import ARTIFACT_FILENAME, looks_like_safetensors
+
+    if not isinstance(ckpt, (str, os.PathLike)):
+        return
+    path = Path(ckpt)
+    artifact = path / ARTIFACT_FILENAME if path.is_dir() else path
+    if artifact.is_file() and looks_like_safetensors(artifact):
+        raise ValueError(
+            f"{path} is an exported estimator artifact (safetensors), not a Lightning training checkpoint: "
+            "load it with cascade_routing.estimators.artifact.load_artifact(path) or "
+            "EstimatorArtifact.from_pretrained(path) (its .network() is the trained QualityNetwork); "
+            f"{loader} reads the .ckpt that `train.py fit` writes (runs/<name>/checkpoints/best.ckpt)")

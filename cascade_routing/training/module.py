@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from cascade_routing.estimators.features import CONFIDENCE_ENCODINGS, CONFIDENCE_FEATURE, TEXT_STATISTICS, compose_features
 from cascade_routing.estimators.masks import all_masks, random_ran_masks
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
+from cascade_routing.training.checkpoint_file import refuse_artifact
 
 KINDS = ("exante", "posthoc")
 SPLITS = ("val", "test")
@@ -78,6 +79,15 @@ class QualityEstimatorModule(L.LightningModule):
             encoder's ``encoder_fingerprint`` (filled in by ``setup``; a checkpoint run on other data is
             refused when the task list or encoder differ, see :meth:`check_data`).
     """
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint`` of a training checkpoint (``.ckpt``), unchanged; an
+        exported estimator artifact (a ``.safetensors`` file or a ``save_pretrained`` folder) is a
+        ``ValueError`` saying what it is and how to load it
+        (:func:`~cascade_routing.training.checkpoint_file.refuse_artifact`), not an unpickling error."""
+        refuse_artifact(checkpoint_path, "QualityEstimatorModule.load_from_checkpoint")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def __init__(
         self,
