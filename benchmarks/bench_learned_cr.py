@@ -5,10 +5,11 @@ it runs the evaluation protocol (:func:`cascade_routing.training.heldout.evaluat
 budget on the calibration split, realised quality and cost on the test split) and reports:
 
 - AUC per strategy, learned and paper-style baseline estimator;
-- learned cascade routing's AUC minus learned routing's, and minus that of the best other strategy
-  in the table (any estimator, linear interpolation included), each with a 95% paired bootstrap CI
-  over test queries (:func:`cascade_routing.evaluation.metrics.paired_auc_interval`): whether a
-  miss is larger than the test split's noise;
+- learned cascade routing's AUC minus learned routing's, minus the paper-style baseline
+  estimator's cascade routing, and minus that of the best other strategy in the table (any
+  estimator, linear interpolation included), each with a 95% paired bootstrap CI over test queries
+  (:func:`cascade_routing.evaluation.metrics.paired_auc_interval`): whether a miss is larger than
+  the test split's noise;
 - per budget: mean test quality of learned cascade routing minus learned routing, paired over the
   test queries, with a 95% bootstrap CI (:func:`cascade_routing.evaluation.compare.compare_per_budget`);
 - budget adherence per strategy: realised mean test cost / budget (mean over the sweep with a 95%
@@ -138,6 +139,8 @@ def report_one(name: str, path: str, out: Path, budgets_per_pair: int | None, re
         "cr_minus_routing_auc": round(cr.auc - rt.auc, 3),
         "cr_minus_routing_auc_ci95": list(paired_auc_gap(result, cr, rt)[1:]),
         "best_other_strategy": best_other_gap(result),
+        "cr_minus_baseline_cr_auc": dict(zip(("diff", "low", "high"), paired_auc_gap(
+            result, cr, sweeps_by_strategy(result, "baseline")["cascade_routing"]))),
         "per_budget_cr_minus_routing": {"min": round(float(cmp.diff[worst]), 4), "at_budget": cmp.worst[0],
                                          "min_ci95": [round(float(cmp.ci_low[worst]), 4), round(float(cmp.ci_high[worst]), 4)],
                                          "max": round(float(cmp.diff.max()), 4)},
@@ -197,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     summaries = with_earlier_results(out, {name: report_one(name, path, out, args.budgets_per_pair, args.resamples)
                                            for name, path in artifact_specs(parser, args.artifact)})
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))
-    lines = ["| dataset | CR − best other strategy AUC [95% paired CI] (that strategy) | CR − routing AUC [95% paired CI] | worst per-budget CR − routing [95% CI] "
+    lines = ["| dataset | CR − best other strategy AUC [95% paired CI] (that strategy) | CR − routing AUC [95% paired CI] "
+             "| CR − baseline estimator's CR AUC [95% paired CI] | worst per-budget CR − routing [95% CI] "
              "| CR / routing / best model at the largest budget | CR − calibration's best model there [95% CI] "
              "| guard fired: routing; single model; cascade | calibration: CR − its routing, worst budget (budgets below) | AUROC ex-ante → after own answer |",
-             "|---|---|---:|---:|---|---|---|---|---|"]
+             "|---|---|---:|---:|---:|---|---|---|---|---|"]
     for name, s in summaries.items():
         lb, pb, sig = s["largest_budget"], s["per_budget_cr_minus_routing"], s.get("answer_signal", {})
         ci = pb.get("min_ci95")
@@ -210,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                      + f" | {s['cr_minus_routing_auc']:+.2f}"
                      + (f" [{s['cr_minus_routing_auc_ci95'][0]:+.2f}, {s['cr_minus_routing_auc_ci95'][1]:+.2f}]"
                         if "cr_minus_routing_auc_ci95" in s else "")
+                     + (" | {diff:+.2f} [{low:+.2f}, {high:+.2f}]".format(**s["cr_minus_baseline_cr_auc"])
+                        if "cr_minus_baseline_cr_auc" in s else " | –")
                      + f" | {pb['min']:+.4f}"
                      + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
                      + f" | {lb['cascade_routing']:.3f} / {lb['routing']:.3f} / {lb['best_single_model']:.3f} "
