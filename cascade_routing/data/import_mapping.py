@@ -11,6 +11,7 @@ is refused here, naming the key:
   the same quality column);
 - one column used twice among the models' quality, cost and response columns, or a model column
   that is also the query, id or task column;
+- a feature column that is a model's quality column (the estimator would be fed the label);
 - fewer than two models (there is nothing to route between).
 """
 
@@ -95,8 +96,12 @@ def _unique_key_loader():
 
 
 def read_utf8(path: Path) -> str:
-    """The text of ``path`` (a UTF-8 byte-order mark is dropped); not UTF-8 is an error naming the line."""
-    data = path.read_bytes()
+    """The text of ``path`` (a UTF-8 byte-order mark is dropped); not UTF-8, or a file the OS will not
+    let us read (permissions, ...), is a :class:`DatasetError` naming the file (and the line)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the file: {err.strerror or err}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -116,6 +121,8 @@ def load_mapping(mapping: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
     import yaml
 
     text = str(mapping)
+    if not text.strip():
+        raise DatasetError("the column mapping is empty: give a YAML/JSON file or an inline mapping")
     path = Path(text)
     where = "mapping"
     if path.is_dir():
@@ -218,6 +225,18 @@ def _check_distinct(spec: ImportSpec) -> None:
                 raise DatasetError(f"mapping: column {col!r} is both {owner[col]} and {this}; each model's "
                                    "quality, cost and response need their own column")
             owner[col] = this
+    _check_features_are_not_labels(spec)
+
+
+def _check_features_are_not_labels(spec: ImportSpec) -> None:
+    """No feature column is a model's quality column: the estimator would read the outcome it is meant
+    to predict (a shared feature such as ``tokens_in`` may serve several models; that is allowed)."""
+    quality_of = {cols.quality: m for m, cols in spec.models.items()}
+    for m, cols in spec.models.items():
+        for f, col in cols.features.items():
+            if col in quality_of:
+                raise DatasetError(f"mapping: model {m!r}'s feature {f!r} reads column {col!r}, which is model "
+                                   f"{quality_of[col]!r}'s quality; a feature must not be the outcome being predicted")
 
 
 def parse_mapping(mapping: Mapping[str, Any]) -> ImportSpec:

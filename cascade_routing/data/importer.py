@@ -28,21 +28,27 @@ or, when the columns follow a pattern, a list of model names and column template
 
 File type by extension: ``.csv`` (UTF-8, a byte-order mark is fine), ``.jsonl``/``.ndjson`` (one
 JSON object per line; lines end only at a line feed (CRLF is fine), so U+2028, U+2029 and U+0085
-inside a string are text), ``.parquet``. A CSV whose header is one cell holding ``;``, a tab or ``|`` (or whose
-rows do not have the header's cell count while the header holds ``;`` or a tab) is refused with a hint
-to save it comma-separated. The mapping is checked before any row is read
+inside a string are text), ``.parquet`` (one file, not a folder). A CSV whose header is one cell
+holding ``;``, a tab or ``|`` (or whose rows do not have the header's cell count while the header
+holds ``;`` or a tab) is refused with a hint to save it comma-separated. CSV quoting is strict: a
+quote that is never closed (it would swallow every later row into one cell) or text after a closing
+quote is an error naming the line. A repeated column (CSV header, Parquet schema) or a repeated key
+in a JSONL object is an error. The mapping is checked before any row is read
 (:mod:`cascade_routing.data.import_mapping`: unknown keys, templates without ``{model}``, one column
-for two models, fewer than two models are errors). Every problem raises :class:`DatasetError` naming
-the file, the data row (0-based, header and blank lines not counted) with its line in a text file,
-the model and the column. Quality is a number in [0, 1] or a boolean (``true``/``false`` in any
-case); cost and features are numbers. A cost above :data:`MAX_COST_USD` (1e6 USD: no single query
-costs a million dollars, so such a value is a unit or export mistake, and values near the float limit
-overflow the cost estimates later) is an error. A cost more than :data:`COST_OUTLIER_FACTOR` (1000)
-times the median of its model's cost column (when that median is > 0) is kept but warned about (a
-:class:`CostOutlierWarning` naming the row, model and column, also listed in
-``metadata["conversion_report"]["notes"]``). Query ids, when mapped, must be present and unique, and the
-query text non-blank; with ``missing: drop`` a row whose query, quality, cost or feature cell is empty (or
-absent from a JSONL object) is dropped and listed in ``metadata["conversion_report"]``.
+for two models, a feature column that is a quality column, fewer than two models are errors). Every
+problem raises :class:`DatasetError` naming the file, the data row (0-based, header and blank lines
+not counted) with its line in a text file, the model and the column; a file that cannot be read, or
+an output folder that cannot be written, names the path. Quality is a number in [0, 1] or a boolean
+(``true``/``false`` in any case); cost and features are numbers. A cost above :data:`MAX_COST_USD`
+(1e6 USD: no single query costs a million dollars, so such a value is a unit or export mistake, and
+values near the float limit overflow the cost estimates later) is an error. A cost more than
+:data:`COST_OUTLIER_FACTOR` (1000) times the median of its model's cost column (when that median
+is above 0) is kept but warned about (a :class:`CostOutlierWarning` naming the row, model and column, also
+listed in ``metadata["conversion_report"]["notes"]``). Query ids, when mapped, must be present and
+unique, and the query text non-blank; with ``missing: drop`` a row whose query, quality, cost or
+feature cell is empty (or absent from a JSONL object) is dropped and listed in
+``metadata["conversion_report"]``; when that drops every row, the error names the columns empty in
+every row.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ import math
 import os
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +115,9 @@ def _separator_hint(header: Sequence[str], *, mismatch: bool = False) -> str:
 def _read_csv(path: Path) -> tuple[list[SourceRow], set[str]]:
     """The data rows of a CSV file and its header's column names (every row has all of them)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
+    # strict: a quote left open (which would swallow every later row into one cell) or text after a
+    # closing quote is an error, not a guess
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), strict=True)
     header: list[str] | None = None
     rows: list[SourceRow] = []
     while True:
@@ -118,7 +127,8 @@ def _read_csv(path: Path) -> tuple[list[SourceRow], set[str]]:
         except StopIteration:
             break
         except csv.Error as err:
-            raise DatasetError(f"{path}: line {line}: malformed CSV: {err}") from None
+            hint = " (a quote opened on or after this line is never closed)" if "end of data" in str(err) else ""
+            raise DatasetError(f"{path}: line {line}: malformed CSV: {err}{hint}") from None
         if not cells:
             continue
         if header is None:
@@ -137,39 +147,83 @@ def _read_csv(path: Path) -> tuple[list[SourceRow], set[str]]:
     return rows, set(header or ())
 
 
+class _RepeatedKey(ValueError):
+    """A JSON object names the same key twice (``json.loads`` would keep the last value silently)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.loads`: the object as a dict; a repeated key raises
+    :class:`_RepeatedKey` naming it."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
+def _parse_json_line(path: Path, number: int, line: str) -> Any:
+    """The JSON value on line ``number`` (1-based) of ``path``; malformed JSON, a repeated key or
+    nesting too deep to parse is a :class:`DatasetError` naming the file and line."""
+    try:
+        return json.loads(line, object_pairs_hook=_unique_pairs)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: line {number} is not valid JSON: {err}") from None
+    except _RepeatedKey as err:
+        raise DatasetError(f"{path}: line {number}: the object repeats key {err.args[0]!r}; "
+                           "which value is meant is ambiguous, keep one") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: line {number}: JSON nested too deeply to read") from None
+
+
 def _read_jsonl(path: Path) -> list[SourceRow]:
     """One JSON object per line. Lines end at a line feed (a carriage return before it is dropped; the
     last line may lack it) and at nothing else: ``str.splitlines`` would also split at U+2028, U+2029,
-    U+0085 and other characters that ``json.dumps(..., ensure_ascii=False)`` leaves unescaped inside strings."""
+    U+0085 and other characters that ``json.dumps(..., ensure_ascii=False)`` leaves unescaped inside strings.
+    An object that repeats a key is an error (see :func:`_parse_json_line`)."""
     rows: list[SourceRow] = []
     for i, line in enumerate(read_utf8(path).split("\n")):
         line = line.removesuffix("\r")
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DatasetError(f"{path}: line {i + 1} is not valid JSON: {err}") from None
+        obj = _parse_json_line(path, i + 1, line)
         if not isinstance(obj, dict):
             raise DatasetError(f"{path}: line {i + 1} is not a JSON object")
         rows.append(SourceRow(len(rows), i + 1, obj))
     return rows
 
 
+def _read_parquet(path: Path) -> tuple[list[SourceRow], set[str]]:
+    """The rows and column names of a Parquet file. A repeated column name is an error (a row dict
+    would keep one of the two columns silently)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        seen: dict[str, int] = {}
+        for i, col in enumerate(names):
+            if col in seen:
+                raise DatasetError(f"{path}: the table repeats column {col!r} (positions {seen[col] + 1} and "
+                                   f"{i + 1}); rename one of them")
+            seen[col] = i
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DatasetError(f"{path}: cannot read Parquet: {err}") from None
+    return [SourceRow(i, None, r) for i, r in enumerate(table.to_pylist())], set(table.column_names)
+
+
 def _read_table(path: Path) -> tuple[list[SourceRow], set[str]]:
-    """The data rows of ``path`` and every column name that occurs in it."""
+    """The data rows of ``path`` and every column name that occurs in it. ``path`` must be one file
+    (a folder, such as a partitioned Parquet dataset, is an error saying so)."""
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder, not a table file; give the .csv, .jsonl/.ndjson or .parquet "
+                           "file itself (a partitioned Parquet folder must be written as one file)")
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     if suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DatasetError(f"{path}: cannot read Parquet: {err}") from None
-        return [SourceRow(i, None, r) for i, r in enumerate(table.to_pylist())], set(table.column_names)
+        return _read_parquet(path)
     if suffix == ".csv":
         return _read_csv(path)
     if suffix in (".jsonl", ".ndjson"):
@@ -261,6 +315,16 @@ def _cost_outliers(file: Path, spec: ImportSpec, cost: np.ndarray, wheres: list[
     return out
 
 
+def _always_empty(spec: ImportSpec, empty_counts: Mapping[str, int], num_rows: int) -> str:
+    """``"; empty in every row: column 'x' (model 'm', quality), ..."`` for the columns empty in all
+    ``num_rows`` rows (why ``missing: drop`` dropped everything); empty when there is none."""
+    roles = spec.columns()
+    cols = [c for c, n in empty_counts.items() if n == num_rows]
+    if not cols:
+        return ""
+    return "; empty in every row: " + ", ".join(f"column {c!r} ({roles.get(c, 'mapped')})" for c in cols)
+
+
 def import_table(
     path: str | os.PathLike[str], mapping: str | os.PathLike[str] | Mapping[str, Any], *, name: str | None = None
 ) -> RoutingDataset:
@@ -278,6 +342,7 @@ def import_table(
     queries, ids, tasks, qual, cost, resp, wheres = [], [], [], [], [], [], []
     feats: dict[str, list[list[float]]] = {f: [] for f in spec.feature_names}
     first_seen: dict[str, str] = {}
+    empty_counts: Counter[str] = Counter()  # column -> rows dropped with it empty
     for row in rows:
         where = row.where(file)
         qid = _label(row, spec.query_id, "query id", where) if spec.query_id else str(row.index)
@@ -298,6 +363,7 @@ def import_table(
                 raise DatasetError(f"{where}: empty cell in column {missing[0]!r} ({len(missing)} empty in this row); "
                                    "set `missing: drop` in the mapping to drop such rows")
             report.drop(file.name, row.index, qid, "incomplete", "empty cells: " + ", ".join(missing))
+            empty_counts.update(missing)
             continue
         queries.append(text)
         wheres.append(where)
@@ -312,7 +378,8 @@ def import_table(
     report.files[file.name] = {"read": len(rows), "kept": len(queries)}
     report.log()
     if not queries:
-        raise DatasetError(f"{file}: empty dataset (every row was dropped: {report.summary()})")
+        raise DatasetError(f"{file}: empty dataset (every row was dropped: {report.summary()})"
+                           + _always_empty(spec, empty_counts, len(rows)))
     cost_array = np.array(cost, dtype=np.float64)
     for message in _cost_outliers(file, spec, cost_array, wheres):
         report.notes.append(message)

@@ -42,10 +42,23 @@ def _col(kind: str, model: str, feature: str | None = None) -> str:
 
 
 def save_dataset(ds: RoutingDataset, path: str | os.PathLike[str]) -> Path:
-    """Write ``ds`` to folder ``path`` (created if needed; existing files are overwritten)."""
+    """Write ``ds`` to folder ``path`` (created if needed; existing files are overwritten). A folder
+    the OS will not let us create or write (a parent that is a file, no permission, a folder in the
+    way of a file, ...) is a :class:`DatasetError` naming the folder."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise DatasetError(f"cannot save dataset {ds.name!r}: {folder} exists and is not a folder")
+    try:
+        _write_folder(ds, folder)
+    except OSError as err:
+        culprit = err.filename2 or err.filename  # os.replace(tmp, target): the target is in the way
+        raise DatasetError(f"cannot save dataset {ds.name!r} to {folder}: {err.strerror or err}"
+                           + (f" ({culprit})" if culprit else "")) from None
+    return folder
+
+
+def _write_folder(ds: RoutingDataset, folder: Path) -> None:
+    """Create ``folder`` and write both files of the format into it (OS errors propagate)."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         meta_text = json.dumps(
@@ -81,10 +94,12 @@ def save_dataset(ds: RoutingDataset, path: str | os.PathLike[str]) -> Path:
             columns[_col("feature", model, feat)] = pa.array(ds.features[feat][:, j], type=pa.float64())
     table = pa.table(columns)
     tmp = folder / (TABLE_FILE + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, folder / TABLE_FILE)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, folder / TABLE_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
     (folder / META_FILE).write_text(meta_text + "\n", encoding="utf-8")
-    return folder
 
 
 def is_dataset_folder(path: str | os.PathLike[str]) -> bool:
