@@ -13,6 +13,7 @@ answering) and is addressed by row index, so that the engine never sees text:
 - :func:`bitmask`: the integer id of a ran-set, shared by policies (E[max] caches) and estimators
   (per-ran-set tables).
 - :func:`checked_queries`: the query texts (or tasks) an estimator is bound to, one string per query.
+- :func:`checked_row_ids`: row ids into such a table, checked (no bool masks, fractions or negatives).
 
 This module is pure torch: no Lightning, no transformers.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -104,4 +106,29 @@ def checked_queries(texts: Any, what: str = "queries", allow_none: bool = False)
     for i, text in enumerate(out):
         if not isinstance(text, str) and not (allow_none and text is None):
             raise TypeError(f"{what}[{i}] is of type {type(text).__name__}, not str")
+    return out
+
+
+def checked_row_ids(rows: Any, n: int, what: str = "query row ids",
+                    out_of_range: type[Exception] = ValueError) -> np.ndarray:
+    """``rows`` as int64 [K]: a 1-D sequence (list, array or tensor) of integer ids in [0, ``n``).
+
+    ``ValueError`` naming ``what`` for a bool mask (it would be read as the ids 0 and 1), a
+    fractional or non-finite id (it would be truncated to another row) or a shape other than 1-D
+    (a [K, 1] column); ``out_of_range`` for an id outside [0, n) (a negative one would silently
+    index from the end of the table). Estimators pass ``IndexError``, the error an out-of-range
+    index raises, which the rollout turns into a message naming the estimator."""
+    raw = np.asarray(rows.detach().cpu() if isinstance(rows, Tensor) else rows)
+    if raw.dtype == bool:
+        raise ValueError(f"{what} must be integer row ids, got a bool mask (use np.nonzero(mask)[0])")
+    if raw.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of row ids, got shape {raw.shape}")
+    if raw.size and not np.issubdtype(raw.dtype, np.integer):
+        numeric = np.issubdtype(raw.dtype, np.floating)
+        if not numeric or not np.all(np.isfinite(raw) & (raw == np.round(raw))):
+            raise ValueError(f"{what} must be integer row ids, got dtype {raw.dtype} with non-integer values")
+    out = raw.astype(np.int64)
+    bad = (out < 0) | (out >= n)
+    if bad.any():
+        raise out_of_range(f"{what} must lie in [0, {n}), got {int(out[bad][0])}")
     return out

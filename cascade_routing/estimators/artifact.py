@@ -304,8 +304,12 @@ class EstimatorArtifact:
 
         ``responses`` object [N, M] (None where not run) and ``features`` {name: float [N, M]} are
         read only where a model has run, so they may be filled in place as answers arrive;
-        ``features["cost"]`` (if given) is the exact cost of run models. ``query_embeddings`` /
-        ``answer_embedder`` override the encoder (e.g. with cached embeddings).
+        ``features["cost"]`` (if given) is the exact cost of run models. ``tasks``: one task label
+        (or None) per query; unknown or missing ones warn (:class:`UnseenTaskWarning`).
+        ``query_embeddings`` [N, D] (finite) / ``answer_embedder`` override the encoder (e.g. with
+        cached embeddings). ``uncertainty``: ``variance``, ``covariance`` or ``none`` (default: the
+        artifact's). Bad shapes, lengths, modes or non-finite embeddings raise :class:`ArtifactError`;
+        a single string for ``queries`` or ``tasks`` raises ``TypeError``.
         """
         queries = checked_queries(queries)
         if tasks is not None:
@@ -327,6 +331,9 @@ class EstimatorArtifact:
         q = torch.as_tensor(np.asarray(q, dtype=np.float32))
         if q.shape != (n, self.network_config["embed_dim"]):
             raise ArtifactError(f"query embeddings have shape {tuple(q.shape)}, expected ({n}, {self.network_config['embed_dim']})")
+        if not bool(torch.isfinite(q).all()):
+            row = int((~torch.isfinite(q)).any(1).nonzero()[0, 0])
+            raise ArtifactError(f"query embeddings must be finite; row {row} has NaN or inf")
         unseen = unseen_task_message(tasks, self.task_vocabulary)
         if unseen:
             warnings.warn(UnseenTaskWarning(unseen), stacklevel=2)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from cascade_routing.data.dataset import RoutingDataset
 from cascade_routing.data.prices import nonneg_lstsq
+from cascade_routing.interfaces import checked_row_ids
 
 
 @dataclass
@@ -128,10 +129,13 @@ class BoundCostEstimator:
         self.predicted = torch.as_tensor(cost_model.predict(queries, tasks), dtype=torch.float32)
 
     def estimate(self, queries: Tensor, ran: Tensor) -> Tensor:
-        """[B, M]: predicted cost, replaced by the recorded cost where ``ran``."""
-        rows = torch.as_tensor(queries, dtype=torch.long).cpu()
-        out = self.predicted[rows].clone()
+        """[B, M]: predicted cost, replaced by the recorded cost where ``ran``. ``queries``: row ids
+        in [0, N) of the bound table (``IndexError`` otherwise); ``ran``: [B, M] (``ValueError``)."""
+        rows = torch.from_numpy(checked_row_ids(queries, self.predicted.shape[0], out_of_range=IndexError))
         ran_cpu = torch.as_tensor(ran, dtype=torch.bool).cpu()
+        if tuple(ran_cpu.shape) != (rows.numel(), len(self.models)):
+            raise ValueError(f"ran must be [{rows.numel()}, {len(self.models)}], got {tuple(ran_cpu.shape)}")
+        out = self.predicted[rows].clone()
         b, c = torch.nonzero(ran_cpu, as_tuple=True)
         if b.numel():
             exact = self.cost_model.exact(self.features, rows[b].numpy(), c.numpy())

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.interfaces import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate, checked_row_ids
 from cascade_routing.estimators.features import AgreementCache, answer_features
 from cascade_routing.estimators.masks import bitmask, covered_ran_sets, ran_set_names
 from cascade_routing.estimators.network import QualityNetwork
@@ -145,12 +145,10 @@ class LearnedQualityEstimator:
     # ------------------------------------------------------------------ API
     def estimate(self, queries: Tensor, ran: Tensor) -> QualityEstimate:
         device = torch.as_tensor(ran).device
-        rows = torch.as_tensor(queries, dtype=torch.long).cpu().numpy()
+        rows = checked_row_ids(queries, self.query_emb.shape[0], out_of_range=IndexError)
         ran_np = torch.as_tensor(ran, dtype=torch.bool).cpu().numpy()
         if ran_np.shape != (rows.size, len(self.models)):
             raise ValueError(f"ran must be [{rows.size}, {len(self.models)}], got {ran_np.shape}")
-        if rows.size and (rows.min() < 0 or rows.max() >= self.query_emb.shape[0]):
-            raise IndexError(f"query row ids must lie in [0, {self.query_emb.shape[0]}), got {rows.min()}..{rows.max()}")
         ids = bitmask(torch.from_numpy(ran_np)).numpy()
         stores = {int(sid): self._store(int(sid)) for sid in np.unique(ids)}
         at_state = {sid: np.nonzero(ids == sid)[0] for sid in stores}

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import numbers
 from functools import lru_cache
 
 import numpy as np
@@ -26,8 +27,29 @@ import numpy as np
 from cascade_routing.policies.pool import nondominated_models  # one rule for pools and sweeps
 
 
+def _points(name: str, costs, qualities) -> tuple[np.ndarray, np.ndarray]:
+    """``costs``/``qualities`` as float64 1-D arrays of the same length with finite values, else a
+    ValueError naming ``name``'s inputs."""
+    c = np.asarray(costs, dtype=np.float64)
+    q = np.asarray(qualities, dtype=np.float64)
+    if c.ndim != 1 or c.shape != q.shape:
+        raise ValueError(f"{name} needs 1-D costs and qualities of the same length, got shapes {c.shape} and {q.shape}")
+    for what, x in (("cost", c), ("quality", q)):
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name}: {what} of point {int(np.nonzero(~np.isfinite(x))[0][0])} is {x[~np.isfinite(x)][0]}")
+    return c, q
+
+
 def sweep_budgets(mean_cost: np.ndarray, mean_quality: np.ndarray, per_pair: int = 10) -> np.ndarray:
-    """Budgets between consecutive non-dominated models (see module docstring)."""
+    """Budgets between consecutive non-dominated models (see module docstring): ``mean_cost`` and
+    ``mean_quality`` [M] per model (finite), ``per_pair`` an integer >= 1 (ValueError otherwise).
+    ``linspace(a, b, 1)`` is ``[a]``, so ``per_pair = 1`` gives the cheapest non-dominated model's
+    cost alone; from 2 on, every non-dominated model's cost is one of the budgets."""
+    if isinstance(per_pair, bool) or not isinstance(per_pair, numbers.Integral) or per_pair < 1:
+        raise ValueError(f"per_pair must be an integer >= 1, got {per_pair!r}")
+    mean_cost, mean_quality = _points("sweep_budgets", mean_cost, mean_quality)
+    if mean_cost.size == 0:
+        raise ValueError("sweep_budgets needs at least one model")
     nd = nondominated_models(mean_cost, mean_quality)
     costs = mean_cost[nd]
     if len(nd) == 1:
@@ -49,9 +71,13 @@ def protocol_budgets(test_mean_cost: np.ndarray, test_mean_quality: np.ndarray, 
 
 
 def auc(costs: np.ndarray, qualities: np.ndarray, c_min: float, c_max: float, q_lowest: float) -> float:
-    """The paper's AUC (×100) of the curve through points (costs[i], qualities[i]); see module docstring."""
-    costs = np.asarray(costs, dtype=np.float64)
-    qualities = np.asarray(qualities, dtype=np.float64)
+    """The paper's AUC (×100) of the curve through points (costs[i], qualities[i]); see module docstring.
+
+    ``costs``/``qualities``: 1-D, same length, finite; ``c_min`` < ``c_max`` and ``q_lowest`` finite
+    (ValueError otherwise)."""
+    costs, qualities = _points("AUC", costs, qualities)
+    if not all(np.isfinite(v) for v in (c_min, c_max, q_lowest)):
+        raise ValueError(f"AUC needs finite c_min, c_max and q_lowest, got {c_min}, {c_max}, {q_lowest}")
     if c_max <= c_min:
         raise ValueError(f"AUC needs c_max > c_min, got [{c_min}, {c_max}]")
     order = np.argsort(costs, kind="stable")
@@ -75,6 +101,25 @@ def linear_interpolation_curve(mean_cost: np.ndarray, mean_quality: np.ndarray, 
     return b, np.interp(b, c, q)
 
 
+def _per_query(cost, quality) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query ``cost``/``quality`` [P, N] (P, N >= 1, same shape, finite) as float64, else ValueError."""
+    c = np.asarray(cost, dtype=np.float64)
+    q = np.asarray(quality, dtype=np.float64)
+    if c.ndim != 2 or c.shape != q.shape or 0 in c.shape:
+        raise ValueError(f"bootstrap AUC needs per-query cost and quality of the same shape [P points >= 1, "
+                         f"N queries >= 1], got {c.shape} and {q.shape}")
+    if not (np.isfinite(c).all() and np.isfinite(q).all()):
+        raise ValueError("bootstrap AUC: per-query cost and quality must be finite")
+    return c, q
+
+
+def _check_bootstrap(num_resamples: int, level: float) -> None:
+    if isinstance(num_resamples, bool) or not isinstance(num_resamples, numbers.Integral) or num_resamples < 1:
+        raise ValueError(f"num_resamples must be an integer >= 1, got {num_resamples!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+
+
 @lru_cache(maxsize=8)
 def resample_weights(n: int, num_resamples: int, seed: int = 0) -> np.ndarray:
     """[R, n] read-only: row r is ``bincount(rng.integers(0, n, n)) / n`` (the r-th bootstrap resample
@@ -96,8 +141,10 @@ def bootstrap_auc(
 
     ``per_query_cost``/``per_query_quality`` are [P, N]: the realised cost/quality of each query at
     each of the P curve points (budgets). The reference costs/quality (c_min, c_max, q_lowest) are
-    held fixed.
+    held fixed. ``num_resamples`` >= 1, ``level`` in (0, 1); ValueError otherwise.
     """
+    per_query_cost, per_query_quality = _per_query(per_query_cost, per_query_quality)
+    _check_bootstrap(num_resamples, level)
     p, n = per_query_cost.shape
     weights = resample_weights(n, num_resamples, seed)
     values = np.empty(num_resamples)

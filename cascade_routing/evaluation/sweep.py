@@ -18,8 +18,10 @@ import torch
 
 from cascade_routing.evaluation.metrics import auc, bootstrap_auc, linear_interpolation_curve, nondominated_models
 from cascade_routing.evaluation.simulate import simulate
+from cascade_routing.interfaces import checked_queries, checked_row_ids
 from cascade_routing.policies.base import Policy
 from cascade_routing.policies.fitting import FittedLambda, fit_reachable_lambdas, query_uniforms
+from cascade_routing.policies.lambda_table import checked_budget
 
 
 @dataclass
@@ -69,6 +71,23 @@ def reference_points(quality: np.ndarray, cost: np.ndarray) -> Reference:
     return ref
 
 
+def _checked_rows(rows, n: int, name: str) -> np.ndarray:
+    """``rows`` as int64 [K >= 1] of ids in [0, n) (:func:`~cascade_routing.interfaces.checked_row_ids`);
+    ValueError naming ``name`` otherwise."""
+    out = checked_row_ids(rows, n, name)
+    if out.size == 0:
+        raise ValueError(f"{name} must hold at least one row id")
+    return out
+
+
+def _checked_budgets(budgets) -> list[float]:
+    """``budgets`` as a non-empty list of floats, each finite >= 0 (ValueError otherwise)."""
+    arr = np.asarray(budgets.cpu() if isinstance(budgets, torch.Tensor) else budgets, dtype=object)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"budgets must be a non-empty 1-D sequence of budgets, got shape {arr.shape}")
+    return [checked_budget(b) for b in arr]
+
+
 def linear_interpolation_sweep(quality: np.ndarray, cost: np.ndarray, budgets: np.ndarray,
                                num_resamples: int = 500, seed: int = 0) -> SweepResult:
     """The baseline: at each budget mix the two enclosing non-dominated models (per-query expectation)."""
@@ -109,12 +128,23 @@ def budget_sweep(
 ) -> SweepResult:
     """Refit λ per budget on ``fit_rows`` and simulate on ``test_rows`` (row ids into ``quality``/``cost``
     [N, M] and into the estimators' table). ``texts`` (all N) give the per-query λ-mix uniforms;
-    ``overshoot_correction``: see :mod:`cascade_routing.policies.fitting`."""
+    ``overshoot_correction``: see :mod:`cascade_routing.policies.fitting`.
+
+    ``budgets``: a non-empty 1-D sequence of finite budgets >= 0 (USD per query); one below what the
+    policy can spend on the fit rows is raised to that (module docstring). ValueError for a bad
+    budget, rows that are not non-empty integer ids in [0, N) (a bool mask is refused), or ``texts``
+    not one per row; bad ground truth raises :class:`~cascade_routing.policies.base.PolicyError`."""
     quality = np.asarray(quality, dtype=np.float64)
     cost = np.asarray(cost, dtype=np.float64)
-    fit_rows = np.asarray(fit_rows, dtype=np.int64)
-    test_rows = np.asarray(test_rows, dtype=np.int64)
+    if quality.ndim != 2 or cost.shape != quality.shape:
+        raise ValueError(f"quality and cost must both be [N, M], got shapes {quality.shape} and {cost.shape}")
+    fit_rows = _checked_rows(fit_rows, len(quality), "fit_rows")
+    test_rows = _checked_rows(test_rows, len(quality), "test_rows")
+    budgets = _checked_budgets(budgets)
     if texts is not None:
+        texts = checked_queries(texts, "texts")
+        if len(texts) != len(quality):
+            raise ValueError(f"texts must hold one text per row of quality/cost ({len(quality)}), got {len(texts)}")
         u_all = query_uniforms(texts)
     else:
         u_all = torch.rand(len(quality), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

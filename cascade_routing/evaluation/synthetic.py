@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade_routing.interfaces import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate, checked_row_ids
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,10 @@ def _table(values, models: list[str], name: str) -> np.ndarray:
 
 
 def _as_rows(fit_rows, n: int) -> np.ndarray:
-    rows = np.arange(n) if fit_rows is None else np.asarray(fit_rows, dtype=np.int64)
+    """``fit_rows`` (default: every row) as int64 [K], K >= 2; ValueError unless they are integer row
+    ids in [0, N) (a bool mask would be read as the ids 0 and 1, a negative id from the end, a [K, 1]
+    column would make σ a matrix)."""
+    rows = np.arange(n) if fit_rows is None else checked_row_ids(fit_rows, n, "fit_rows")
     if rows.size < 2:
         raise ValueError(f"the linear recalibration needs at least 2 fit rows, got {rows.size}")
     return rows
@@ -119,6 +122,8 @@ class SyntheticCostEstimator(_MovableTables):
     def __init__(self, cost: np.ndarray, models: list[str], noise: str | NoiseLevel = "low",
                  fit_rows=None, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
         c = _table(cost, models, "cost")
+        if not np.isfinite(c).all():
+            raise ValueError("cost has non-finite values")
         level = _noise(noise)
         rows = _as_rows(fit_rows, c.shape[0])
         rng = np.random.default_rng(seed + 1_000_003)
@@ -157,7 +162,13 @@ class OracleCostEstimator(_MovableTables):
 
 def synthetic_estimators(dataset, noise: str | NoiseLevel = "low", fit_rows=None, seed: int = 0,
                          dtype: torch.dtype = torch.float32):
-    """(quality, cost) synthetic estimators bound to every row of a RoutingDataset."""
+    """(quality, cost) synthetic estimators bound to every row of a RoutingDataset (module docstring).
+
+    ``noise``: a preset name (``"low"``, ``"medium"``, ``"high"``: :data:`NOISE_PRESETS`) or a
+    :class:`NoiseLevel`. ``fit_rows``: integer row ids in [0, N) (at least 2; default: every row)
+    on which each model's linear recalibration and σ are fitted: pass the λ-fitting rows, so the test
+    rows stay out of it. ``seed``: the noise draws (same seed, same estimators). ValueError for an
+    unknown preset, bad ``fit_rows`` or non-finite quality/cost."""
     return (
         SyntheticQualityEstimator(dataset.quality, dataset.models, noise, fit_rows, seed, dtype),
         SyntheticCostEstimator(dataset.cost, dataset.models, noise, fit_rows, seed, dtype),

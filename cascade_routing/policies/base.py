@@ -14,6 +14,7 @@ Pure torch; no Lightning, no transformers.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -144,12 +145,18 @@ def check_ground_truth(quality: Tensor, cost: Tensor, what: str) -> None:
 
 def checked_rows(rows, n: int) -> Tensor:
     """Query row ids in the estimators' table as long [N] (default 0..N-1); PolicyError unless they
-    are N integers >= 0 (a negative id would silently index from the end of the table)."""
+    are N integers >= 0 (a negative id would silently index from the end of the table, a fractional
+    one be truncated to another row)."""
     if rows is None:
         return torch.arange(n)
     rows = torch.as_tensor(rows)
     if rows.dtype == torch.bool:
         raise PolicyError("rows must be integer row ids, got a bool mask")
+    if rows.is_floating_point():
+        frac = ~torch.isfinite(rows) | (rows != torch.round(rows))
+        if bool(frac.any()):
+            i = int(frac.reshape(-1).nonzero()[0, 0])
+            raise PolicyError(f"rows must be integer row ids, got {rows.reshape(-1)[i].item()!r} at position {i}")
     rows = rows.to(torch.long)
     if rows.shape != (n,):
         raise PolicyError(f"rows must be [N={n}] (one row id per query), got shape {tuple(rows.shape)}")
@@ -170,10 +177,36 @@ def check_estimator_models(quality_estimator, cost_estimator, m: int) -> None:
 
 
 def checked_max_depth(max_depth: int | None) -> int | None:
-    """``max_depth`` unchanged; PolicyError below 1 (a policy that may run no model answers nothing)."""
-    if max_depth is not None and max_depth < 1:
+    """``max_depth`` as an int (None: no limit); PolicyError unless it is an integer >= 1 (a policy that
+    may run no model answers nothing; a fraction or a bool would silently become another depth)."""
+    if max_depth is None:
+        return None
+    if isinstance(max_depth, bool) or not isinstance(max_depth, numbers.Integral):
+        raise PolicyError(f"max_depth must be an integer >= 1 or None, got {max_depth!r} ({type(max_depth).__name__})")
+    if max_depth < 1:
         raise PolicyError(f"max_depth must be >= 1, got {max_depth}")
-    return max_depth
+    return int(max_depth)
+
+
+def checked_uniforms(uniforms, n: int) -> Tensor:
+    """The per-query λ-mix draws as float64 [N]; PolicyError unless they are N values in [0, 1] (a
+    NaN would silently put its query on ``lam_high`` whatever γ is)."""
+    u = torch.as_tensor(uniforms, dtype=torch.float64)
+    if u.shape != (n,):
+        raise PolicyError(f"uniforms must be [N={n}] (one per query), got shape {tuple(u.shape)}")
+    bad = ~((u >= 0) & (u <= 1))  # NaN fails both comparisons
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise PolicyError(f"uniforms must lie in [0, 1]; query {i} has {float(u[i])!r}")
+    return u
+
+
+def check_policy(policy) -> None:
+    """PolicyError unless ``policy`` is a policy object (has ``decide`` and ``select``), e.g. a
+    strategy name passed where :func:`~cascade_routing.policies.registry.make_policy` of it belongs."""
+    if not (callable(getattr(policy, "decide", None)) and callable(getattr(policy, "select", None))):
+        hint = f" (for a strategy name use make_policy({policy!r}))" if isinstance(policy, str) else ""
+        raise PolicyError(f"policy must be a Policy such as CascadeRouting(...), got {type(policy).__name__}{hint}")
 
 
 def checked_lambda_shapes(shapes) -> tuple[tuple[float, ...], ...] | None:

@@ -51,15 +51,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from cascade_routing.interfaces import checked_queries
 from cascade_routing.policies.lambda_table import checked_budget
 from cascade_routing.policies.base import (BudgetUnreachable, Policy, PolicyError, check_estimator_models,
-                                           check_ground_truth, checked_rows)
+                                           check_ground_truth, check_policy, checked_rows, checked_uniforms)
 from cascade_routing.policies.significance import DEFAULT_LEVEL, significantly_better
 
 
@@ -141,10 +143,20 @@ class FittedLambda:
 
 
 def as_fitted(lam) -> FittedLambda:
-    """A FittedLambda from a FittedLambda, a scalar λ or a per-step vector λ."""
+    """A FittedLambda from a FittedLambda, a scalar λ or a per-step vector λ [T] (each >= 0, not NaN);
+    PolicyError for anything else (a string, a [B, T] table: per-query λ is not a fit)."""
     if isinstance(lam, FittedLambda):
         return lam
-    t = torch.as_tensor(lam, dtype=torch.float64).reshape(-1)
+    if isinstance(lam, (str, bytes)):
+        raise PolicyError(f"λ must be a FittedLambda, a number or a per-step vector of numbers, got {lam!r}")
+    try:
+        t = torch.as_tensor(lam, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise PolicyError(f"λ must be a FittedLambda, a number or a per-step vector of numbers, got "
+                          f"{type(lam).__name__}: {err}") from None
+    if t.dim() > 1:
+        raise PolicyError(f"λ must be a scalar or a per-step vector [T], got shape {tuple(t.shape)}")
+    t = t.reshape(-1)
     return FittedLambda(t, t.clone(), 0.0)
 
 
@@ -197,6 +209,12 @@ def fit_lambda(
     else ``uniforms`` or seeded draws). ``shape`` [T] >= 0: fit λ_t = s·shape_t. Without ``shape``:
     the policy's ``lambda_shapes`` candidates, best by calibration quality (module docstring), or
     a constant λ when it has none. ``overshoot_correction``: see the module docstring.
+
+    ``budget``: a finite number >= 0, at least the cheapest model's mean cost on these rows
+    (:class:`~cascade_routing.policies.base.PolicyError` otherwise); a budget below what the policy
+    can spend at any λ (every query its cheapest model by estimate) raises
+    :class:`~cascade_routing.policies.base.BudgetUnreachable`, whose ``min_cost`` can be fitted.
+    Bad ``rows``, ``uniforms`` (N values in [0, 1]), ``shape`` or ground truth raise PolicyError.
     """
     return fit_lambdas(policy, quality_estimator, cost_estimator, quality, cost, [budget], queries,
                        uniforms=uniforms, rows=rows, shape=shape, cache=cache, max_iter=max_iter, rel_tol=rel_tol,
@@ -229,21 +247,27 @@ def fit_lambdas(
     """
     from cascade_routing.policies.lambda_search import drive, scale_search  # the bisection, batched
 
-    budgets = [float(b) for b in budgets]
+    check_policy(policy)
+    budgets = list(budgets)
     if not budgets:
         return []
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
+        raise PolicyError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     q, c = _checked_data(quality, cost)  # once, not per budget
     for b in budgets:
         _check_budget(c, b)
+    budgets = [float(b) for b in budgets]
     n = q.shape[0]
     check_estimator_models(quality_estimator, cost_estimator, q.shape[1])
     rows = None if rows is None else checked_rows(rows, n)
     if uniforms is None:
-        uniforms = query_uniforms(queries) if queries is not None else torch.rand(
+        uniforms = query_uniforms(checked_queries(queries)) if queries is not None else torch.rand(
             n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     uniforms = torch.as_tensor(uniforms, dtype=torch.float64)
     if uniforms.shape != (n,):
-        raise PolicyError(f"{uniforms.shape[0]} uniforms/texts for {n} calibration queries")
+        got = uniforms.shape[0] if uniforms.dim() == 1 else f"shape {tuple(uniforms.shape)} of"
+        raise PolicyError(f"{got} uniforms/texts for {n} calibration queries")
+    uniforms = checked_uniforms(uniforms, n)
     if cache is None:
         cache = {}
     shapes = getattr(policy, "lambda_shapes", None) if shape is None else None

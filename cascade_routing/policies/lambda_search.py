@@ -139,8 +139,8 @@ def scale_search(policy: Policy, cost: np.ndarray, budget: float, shape: Tensor 
     from cascade_routing.policies.overshoot import WINDOW_ROUNDS, expected_overshoot, window_scales
 
     v = torch.ones(1, dtype=torch.float64) if shape is None else torch.as_tensor(shape, dtype=torch.float64).reshape(-1)
-    if bool((v < 0).any()) or bool(torch.isnan(v).any()) or float(v.max()) <= 0:
-        raise PolicyError(f"λ shape must be >= 0 with a positive entry, got {v.tolist()}")
+    if v.numel() == 0 or bool((v < 0).any()) or bool(torch.isnan(v).any()) or float(v.max()) <= 0:
+        raise PolicyError(f"λ shape must be non-empty, >= 0 with a positive entry, got {v.tolist()}")
     seen: dict = {}
     slack = 1e-9 * budget + 1e-15  # float rounding of mean costs
     s_max = MAX_LAMBDA / float(v.max())

@@ -25,8 +25,16 @@ from cascade_routing.policies.base import Policy, PolicyError
 
 
 def nondominated_models(mean_cost: np.ndarray, mean_quality: np.ndarray) -> np.ndarray:
-    """Indices of non-dominated models, cheapest first (see module docstring)."""
-    order = np.argsort(np.asarray(mean_cost), kind="stable")
+    """Indices of non-dominated models, cheapest first (see module docstring). ``mean_cost`` and
+    ``mean_quality`` [M]: 1-D, same length, not NaN (PolicyError otherwise: a NaN quality would
+    silently drop its model)."""
+    mean_cost, mean_quality = np.asarray(mean_cost), np.asarray(mean_quality)
+    if mean_cost.ndim != 1 or mean_cost.shape != mean_quality.shape:
+        raise PolicyError(f"mean_cost and mean_quality must be 1-D, one entry per model, got shapes "
+                          f"{mean_cost.shape} and {mean_quality.shape}")
+    if np.isnan(mean_cost.astype(np.float64)).any() or np.isnan(mean_quality.astype(np.float64)).any():
+        raise PolicyError("NaN in mean_cost or mean_quality")
+    order = np.argsort(mean_cost, kind="stable")
     keep, best = [], -np.inf
     for i in order:
         if mean_quality[i] > best:

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cascade_routing.interfaces import QualityEstimate
 from cascade_routing.policies.base import (Policy, PolicyError, check_estimator_models, check_ground_truth,
-                                           checked_rows)
+                                           check_policy, checked_rows, checked_uniforms)
 from cascade_routing.policies.fitting import FittedLambda, as_fitted
 from cascade_routing.policies.step import decide_step, max_steps_at, select_step
 
@@ -82,6 +83,10 @@ def _estimate(estimator, kind: str, rows: Tensor, ran: Tensor, m: int):
     except IndexError as e:
         raise PolicyError(f"the {kind} estimator could not look up query rows {int(rows.min())}..{int(rows.max())} "
                           f"(rows must be row ids of its table): {e}") from e
+    expected = QualityEstimate if kind == "quality" else Tensor
+    if not isinstance(out, expected):
+        raise PolicyError(f"the {kind} estimator returned {type(out).__name__}, expected a {expected.__name__} "
+                          "(are the quality and cost estimators passed in that order?)")
     shape = tuple((out.mean if kind == "quality" else out).shape)
     if shape != (rows.shape[0], m):
         raise PolicyError(f"the {kind} estimator returned shape {shape}, expected [B={rows.shape[0]}, M={m}] like "
@@ -102,15 +107,21 @@ def simulate(
     seed: int = 0,
     lam_rows: Tensor | None = None,
 ) -> SimulationResult:
-    """Run ``policy`` on N queries with ground truth ``quality``/``cost`` [N, M].
+    """Run ``policy`` on N queries with ground truth ``quality``/``cost`` [N, M] (quality finite in
+    [0, 1], cost finite >= 0) and return a :class:`SimulationResult`.
 
-    ``rows`` (long [N]): row ids of these queries in the estimators' table (default 0..N-1).
-    ``uniforms`` [N] in [0, 1): the per-query draws for the λ tie mix (default: seeded by ``seed``).
+    ``fitted``: the λ to run at, a :class:`~cascade_routing.policies.fitting.FittedLambda` (from
+    :func:`~cascade_routing.policies.fitting.fit_lambda`), a scalar λ >= 0, or a per-step vector λ [T].
+    ``rows`` (integer [N], >= 0): row ids of these queries in the estimators' table (default 0..N-1).
+    ``uniforms`` [N] in [0, 1]: the per-query draws for the λ tie mix (default: seeded by ``seed``).
     ``cache``: optional memo of supermodel E[max] tables (cascade routing), reused across calls with
     the same policy and estimators (e.g. while fitting λ). ``lam_rows`` [N, T] (float64): λ of each
     query per step instead of ``fitted``'s (step t >= T uses column T-1; ``fitted`` still gives the
     depth limit), so many λ values run in one batch (:mod:`cascade_routing.policies.lambda_search`).
+    Bad input (shapes, NaN, negative λ or cost, rows outside the estimators' table, an estimator
+    returning the wrong type or shape) raises :class:`~cascade_routing.policies.base.PolicyError`.
     """
+    check_policy(policy)
     quality, cost, rows = rollout_inputs(quality, cost, rows)
     n, m = quality.shape
     if n == 0:
@@ -120,9 +131,7 @@ def simulate(
     if uniforms is None:
         gen = torch.Generator().manual_seed(seed)
         uniforms = torch.rand(n, generator=gen, dtype=torch.float64)
-    uniforms = torch.as_tensor(uniforms, dtype=torch.float64)
-    if uniforms.shape != (n,):
-        raise PolicyError(f"uniforms must be [N={n}], got shape {tuple(uniforms.shape)}")
+    uniforms = checked_uniforms(uniforms, n)
     use_low = uniforms < fitted.gamma
     if lam_rows is not None and (lam_rows.dim() != 2 or lam_rows.shape[0] != n or lam_rows.shape[1] == 0):
         raise PolicyError(f"lam_rows must be [N={n}, T >= 1], got shape {tuple(lam_rows.shape)}")
