@@ -129,9 +129,13 @@ def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | N
     from cascade_routing.cli.data_commands import print_input_warnings
     from cascade_routing.training.lightning_cli import lightning_cli
     from cascade_routing.evaluation import protocol
+    from cascade_routing.training.export import check_output_folder
 
     configs = [config] if isinstance(config, str) else list(config)
     args = ["fit"] + [a for c in configs for a in ("--config", c)] + list(overrides or [])
+    name = experiment_name(args) or "experiment"
+    out = out or os.path.join("eval", name)
+    check_output_folder(out, "--out")  # before training, not after it
     t0 = time.perf_counter()
     cli = lightning_cli(args, prog="cascade-routing train")  # its tip: `cascade-routing train fit --help`
     exports = [c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact)]
@@ -140,8 +144,7 @@ def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | N
     if exports[0].artifact_path is None:
         raise RuntimeError(f"training wrote no artifact (export skipped: {exports[0].skipped}); nothing to evaluate")
     train_s = time.perf_counter() - t0
-    name = experiment_name(args) or "experiment"
-    result = evaluate(str(exports[0].artifact_path), out_dir=out or os.path.join("eval", name),
+    result = evaluate(str(exports[0].artifact_path), out_dir=out,
                       budgets_per_pair=budgets_per_pair or protocol.BUDGETS_PER_PAIR,
                       num_resamples=num_resamples or protocol.NUM_RESAMPLES,
                       cache_dir=cli.datamodule.cache_dir, log_wandb=log_wandb, estimators=estimators)

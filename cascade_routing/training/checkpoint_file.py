@@ -12,7 +12,7 @@ def read_lightning_checkpoint(ckpt: str | Path) -> dict:
     """The dict of the Lightning checkpoint ``ckpt``, read by ``torch.load(weights_only=True)``: tensors
     and plain containers only, nothing unpickled that could run code.
 
-    ``FileNotFoundError`` if there is no such file; ``ValueError`` naming the file if it is a safetensors
+    ``FileNotFoundError`` if there is no such file; ``ValueError`` naming the file if it is a folder, a safetensors
     file (an estimator artifact is used as it is, not exported again), if ``weights_only`` loading refuses
     it (not a checkpoint, or one holding arbitrary Python objects: it is never retried unsafely), or if it
     loads but is not a Lightning checkpoint (no ``state_dict``).
@@ -20,6 +20,9 @@ def read_lightning_checkpoint(ckpt: str | Path) -> dict:
     from cascade_routing.estimators.artifact import looks_like_safetensors
 
     path = Path(ckpt)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint file: give the .ckpt itself (`train.py fit` writes "
+                         "runs/<name>/checkpoints/best.ckpt)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if looks_like_safetensors(path):
@@ -56,3 +59,19 @@ def refuse_artifact(ckpt: object, loader: str) -> None:
             "load it with cascade_routing.estimators.artifact.load_artifact(path) or "
             "EstimatorArtifact.from_pretrained(path) (its .network() is the trained QualityNetwork); "
             f"{loader} reads the .ckpt that `train.py fit` writes (runs/<name>/checkpoints/best.ckpt)")
+
+
+def check_training_checkpoint(ckpt: str | Path) -> dict:
+    """The dict of ``ckpt`` (:func:`read_lightning_checkpoint`) if it is a checkpoint ``train.py fit`` wrote:
+    a Lightning checkpoint whose ``hyper_parameters`` name the models and the network shape of a
+    ``QualityEstimatorModule``. Otherwise a ``ValueError`` naming the file and what it lacks (a foreign
+    Lightning checkpoint, a bare ``state_dict``), before Lightning reads it for ``--ckpt_path``."""
+    state = read_lightning_checkpoint(ckpt)
+    hparams = state.get("hyper_parameters")
+    missing = [key for key in ("models", "network_config") if not isinstance(hparams, dict) or not hparams.get(key)]
+    if "pytorch-lightning_version" not in state or missing:
+        lacks = "no 'pytorch-lightning_version'" if "pytorch-lightning_version" not in state else \
+            f"no {' or '.join(repr(k) for k in missing)} in its hyper_parameters"
+        raise ValueError(f"{ckpt} is not a checkpoint written by `train.py fit` ({lacks}): --ckpt_path takes a "
+                         "QualityEstimatorModule checkpoint such as runs/<name>/checkpoints/best.ckpt")
+    return state

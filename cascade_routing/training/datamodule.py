@@ -139,10 +139,10 @@ class RoutingDataModule(L.LightningDataModule):
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, **kwargs):
         """Lightning's ``load_from_checkpoint``, except that a setting the checkpoint predates takes the
         value it was trained with (:data:`SETTINGS_BEFORE_THEY_EXISTED`), not today's default."""
-        saved = checkpoint_data_settings(checkpoint_path)
+        saved = checkpoint_data_settings(checkpoint_path)  # read with weights_only=True, and so is the rest
         defaults = {k: saved[k] for k in SETTINGS_BEFORE_THEY_EXISTED}
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                            **{**defaults, **kwargs})
+                                            **{"weights_only": True, **defaults, **kwargs})
 
     def __init__(
         self,
@@ -169,6 +169,10 @@ class RoutingDataModule(L.LightningDataModule):
         missing = {"train", "val", "calibration", "test"} - set(self.split_fractions)
         if missing:
             raise ValueError(f"split needs the parts train, val, calibration, test; missing {sorted(missing)}")
+        for name, value, low in (("batch_size", batch_size, 1), ("encode_batch_size", encode_batch_size, 1),
+                                 ("split_seed", split_seed, 0), ("num_workers", num_workers, 0)):
+            if value < low:
+                raise ValueError(f"data.{name} must be >= {low}, got {value}")
         self.split_seed = split_seed
         self.max_length = max_length
         self.truncation = encoding.check_truncation(truncation)

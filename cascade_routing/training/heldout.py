@@ -69,7 +69,14 @@ def datamodule_for(artifact: EstimatorArtifact, dataset: str | None = None, cach
         answer_truncation=artifact.answer_truncation,
         cache_dir=cache_dir,
     )
-    artifact.check_models(dm.models, where=f"dataset {dm.dataset_name!r}")
+    try:
+        models = dm.models
+    except (ValueError, FileNotFoundError) as err:
+        if dataset is not None:
+            raise
+        raise ValueError(f"the artifact was trained on dataset {cfg['dataset']!r}, which cannot be loaded here "
+                         f"({err}); give the dataset with --dataset (evaluate(dataset=...))") from err
+    artifact.check_models(models, where=f"dataset {dm.dataset_name!r}")
     dm.setup("test")
     refresh_query_embeddings(artifact.network(), dm)
     return dm
@@ -245,6 +252,10 @@ def evaluate(
     protocol.check_settings(budgets_per_pair, num_resamples)
     protocol.check_names(strategies, STRATEGIES, "strategies")
     protocol.check_names(estimators, ESTIMATORS, "estimators")
+    if out_dir is not None:
+        from cascade_routing.training.export import check_output_folder
+
+        check_output_folder(out_dir, "evaluation output folder")
     t0 = time.perf_counter()
     art = load_artifact(checkpoint)
     dm = datamodule_for(art, dataset, cache_dir)
@@ -342,13 +353,14 @@ def log_to_wandb(result: EvaluationResult, dataset: str, artifact_path: str | No
 
     import wandb
 
-    from cascade_routing.training.loggers import wandb_mode
+    from cascade_routing.training.loggers import wandb_errors_as_value_errors, wandb_mode
 
     os.environ.setdefault("WANDB_SILENT", "true")
     own = wandb.run is None
     if own:
-        run = wandb.init(project="cascade-routing", job_type="evaluate", name=f"evaluate-{dataset}", mode=wandb_mode(),
-                         dir=str(result.out_dir), config=result.config)
+        with wandb_errors_as_value_errors():
+            run = wandb.init(project="cascade-routing", job_type="evaluate", name=f"evaluate-{dataset}",
+                             mode=wandb_mode(), dir=str(result.out_dir), config=result.config)
     else:
         run = wandb.run
         run.config.update({"evaluation": result.config}, allow_val_change=True)

@@ -8,18 +8,27 @@
   wandb run and group ``{name}``), so one experiment file names all of its outputs once.
 - The full resolved config goes to every wandb logger (``run.config``) as well as to
   ``<log_dir>/config.yaml``.
+- User errors are ``ValueError``s naming the problem (``train.py`` and ``cascade-routing`` print
+  ``error: ...``): a ``--ckpt_path`` that is not a checkpoint ``train.py fit`` wrote (checked with
+  ``torch.load(weights_only=True)`` before Lightning reads it, and Lightning then loads it with
+  ``weights_only=True`` too), an output folder that is a file, a config file that holds no settings,
+  wandb refusing to start (``WANDB_MODE=online`` without an account).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from cascade_routing.configs import expand_config_args
+from cascade_routing.configs import CONFIG_FLAGS, expand_config_args
+from cascade_routing.training.checkpoint_file import check_training_checkpoint
 from cascade_routing.training.datamodule import RoutingDataModule
+from cascade_routing.training.export import check_output_folder
+from cascade_routing.training.loggers import wandb_errors_as_value_errors
 from cascade_routing.training.module import QualityEstimatorModule
 
 class ConfigToLoggers(SaveConfigCallback):
@@ -35,10 +44,17 @@ class ConfigToLoggers(SaveConfigCallback):
 
 
 def _substitute(init_args, root: Path) -> None:
-    """Replace ``{root}`` / ``{name}`` in the string values of a Namespace of init args (in place)."""
+    """Replace ``{root}`` / ``{name}`` in the string values of a Namespace of init args (in place).
+    ``{name}`` is the root folder's name, resolved (``.`` is the current folder's name, as ``export --ckpt
+    ./checkpoints/best.ckpt`` names it), never empty."""
+    name = root.name or root.resolve().name or "experiment"
     for key, value in vars(init_args).items():
         if isinstance(value, str) and ("{root}" in value or "{name}" in value):
-            setattr(init_args, key, value.replace("{root}", str(root)).replace("{name}", root.name))
+            setattr(init_args, key, value.replace("{root}", str(root)).replace("{name}", name))
+
+
+# hyperparameters the module fills in from the data (setup); a config never sets them
+_DERIVED_HPARAMS = ("network_config", "models", "binary", "encoder_init_path", "trained_on")
 
 
 class CascadeLightningCLI(LightningCLI):
@@ -56,16 +72,77 @@ class CascadeLightningCLI(LightningCLI):
         # args are always built by this project (never mixed with sys.argv by accident): no warning
         self.config = parser.parse_args(args)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's: the model settings saved in a ``--ckpt_path`` checkpoint replace the config's. First
+        the file is checked (:func:`~cascade_routing.training.checkpoint_file.check_training_checkpoint`:
+        a folder, a foreign or corrupt file, a pickle of arbitrary objects, an estimator artifact are a
+        ``ValueError`` naming it, not an unpickling traceback); Lightning then loads it with
+        ``weights_only=True`` unless ``--weights_only`` says otherwise; a model setting of the config
+        that the checkpoint replaces with another value is named in a warning. ``validate`` and ``test``
+        need a ``--ckpt_path``: without one they would score the untrained initialisation."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand in ("validate", "test") and not ckpt_path:
+            root = self.config[subcommand].trainer.default_root_dir or "runs/<name>"
+            raise ValueError(f"{self.parser.prog} {subcommand} scores a trained network: give --ckpt_path (the checkpoint, e.g. "
+                             f"{root}/checkpoints/best.ckpt); without it the network is a fresh initialisation")
+        if not ckpt_path or "://" in str(ckpt_path) or not Path(ckpt_path).exists():
+            return super()._parse_ckpt_path()  # "best", "last", a URL or a missing file: Lightning's own errors
+        saved = check_training_checkpoint(ckpt_path)["hyper_parameters"]
+        asked = self.config[subcommand].model
+        asked = vars(asked.get("init_args", asked)) if asked is not None else {}
+        super()._parse_ckpt_path()
+        replaced = {k: (asked[k], v) for k, v in saved.items()
+                    if k in asked and k not in _DERIVED_HPARAMS and not k.startswith("_") and asked[k] != v}
+        if replaced:
+            warnings.warn(f"--ckpt_path {ckpt_path}: the checkpoint's model settings replace the config's: "
+                          + ", ".join(f"model.{k} {a!r} -> {v!r}" for k, (a, v) in replaced.items()), stacklevel=2)
+        if self.config[subcommand].get("weights_only") is None:
+            self.config[subcommand].weights_only = True
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         if not trainer.default_root_dir:  # a config of the user's own: name the run after its dataset
             trainer.default_root_dir = str(Path("runs") / Path(str(config.data.dataset)).name)
         root = Path(trainer.default_root_dir)
+        check_output_folder(root, "trainer.default_root_dir")
         for group in (trainer.logger, trainer.callbacks):
             for item in group if isinstance(group, list) else []:
                 if getattr(item, "init_args", None) is not None:
                     _substitute(item.init_args, root)
+                    _check_outputs(item)
+
+
+def _check_outputs(item) -> None:
+    """The folders a logger or callback (``class_path`` + ``init_args``) writes into: not files."""
+    name = str(item.class_path).rsplit(".", 1)[-1]
+    args = item.init_args
+    for key in ("save_dir", "dirpath"):
+        if isinstance(getattr(args, key, None), str):
+            check_output_folder(getattr(args, key), f"{name} {key}")
+    path = getattr(args, "path", None)
+    if name == "ExportArtifact" and isinstance(path, str):
+        if Path(path).is_dir():
+            raise ValueError(f"ExportArtifact path {path!r} is a folder; it names the artifact file to write")
+        check_output_folder(Path(path).parent, "ExportArtifact path's folder")
+
+
+def _check_config_files(args: list[str]) -> None:
+    """``ValueError`` naming a ``--config`` file that holds no settings (empty, or YAML that is not a mapping),
+    which LightningCLI reports as ``Unexpected config`` without the file's name."""
+    import yaml
+
+    for flag, value in zip(args, args[1:]):
+        if flag in CONFIG_FLAGS and "\n" not in value and Path(value).is_file():
+            try:
+                content = yaml.safe_load(Path(value).read_text())
+            except yaml.YAMLError as err:
+                raise ValueError(f"config {value}: not valid YAML ({err})") from None
+            if not isinstance(content, dict):
+                got = "nothing" if content is None else f"a {type(content).__name__}"
+                raise ValueError(f"config {value}: expected a mapping of settings (data:, model:, trainer:, ...), "
+                                 f"it holds {got}")
 
 
 def lightning_cli(args: list[str], run: bool = True, prog: str | None = None) -> CascadeLightningCLI:
@@ -79,16 +156,19 @@ def lightning_cli(args: list[str], run: bool = True, prog: str | None = None) ->
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("WANDB_SILENT", "true")
     configure_threads()
+    expanded = expand_config_args(list(args))
+    _check_config_files(expanded)
     try:
-        return CascadeLightningCLI(
-            QualityEstimatorModule,
-            RoutingDataModule,
-            seed_everything_default=0,
-            save_config_callback=ConfigToLoggers,
-            save_config_kwargs={"overwrite": True},
-            args=expand_config_args(list(args)),
-            run=run,
-            parser_kwargs={} if prog is None else {"prog": prog},
-        )
+        with wandb_errors_as_value_errors():
+            return CascadeLightningCLI(
+                QualityEstimatorModule,
+                RoutingDataModule,
+                seed_everything_default=0,
+                save_config_callback=ConfigToLoggers,
+                save_config_kwargs={"overwrite": True},
+                args=expanded,
+                run=run,
+                parser_kwargs={} if prog is None else {"prog": prog},
+            )
     except MisconfigurationException as err:  # e.g. a GPU config on a machine torch sees no GPU on
         raise ValueError(f"the Trainer cannot run this configuration: {err}") from err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 
 from lightning.pytorch.loggers import WandbLogger
 
@@ -11,6 +13,21 @@ def wandb_mode() -> str:
     """``"online"`` or ``"disabled"`` when ``WANDB_MODE`` says so, else ``"offline"`` (unset included)."""
     mode = os.environ.get("WANDB_MODE", "offline").strip().lower()
     return mode if mode in ("online", "disabled") else "offline"
+
+
+@contextmanager
+def wandb_errors_as_value_errors():
+    """wandb refusing to start (``UsageError``: ``WANDB_MODE=online`` without an API key, ...) as a
+    ``ValueError`` that says how to log offline instead."""
+    try:
+        yield
+    except Exception as err:
+        errors = sys.modules.get("wandb.errors")
+        if errors is None or not isinstance(err, errors.Error):
+            raise
+        raise ValueError(f"wandb could not start a run (WANDB_MODE={os.environ.get('WANDB_MODE', 'unset')}): "
+                         f"{str(err).rstrip('.')}; without a wandb account, unset WANDB_MODE (offline is the "
+                         "default) or set WANDB_MODE=disabled") from None
 
 
 class CascadeWandbLogger(WandbLogger):

@@ -85,8 +85,12 @@ class QualityEstimatorModule(L.LightningModule):
         """Lightning's ``load_from_checkpoint`` of a training checkpoint (``.ckpt``), unchanged; an
         exported estimator artifact (a ``.safetensors`` file or a ``save_pretrained`` folder) is a
         ``ValueError`` saying what it is and how to load it
-        (:func:`~cascade_routing.training.checkpoint_file.refuse_artifact`), not an unpickling error."""
+        (:func:`~cascade_routing.training.checkpoint_file.refuse_artifact`), not an unpickling error. The file
+        is read with ``weights_only=True`` unless the call says otherwise (Lightning leaves it to torch's
+        default, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into unpickling arbitrary objects)."""
         refuse_artifact(checkpoint_path, "QualityEstimatorModule.load_from_checkpoint")
+        if len(args) < 4:  # Lightning's positional order: map_location, hparams_file, strict, weights_only
+            kwargs.setdefault("weights_only", True)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def __init__(
@@ -112,8 +116,12 @@ class QualityEstimatorModule(L.LightningModule):
         trained_on: dict | None = None,
     ) -> None:
         super().__init__()
-        if singleton_masks < 0:
-            raise ValueError(f"model.singleton_masks must be >= 0, got {singleton_masks}")
+        for name, value, low in (("hidden", hidden, 1), ("masks_per_query", masks_per_query, 0),
+                                 ("singleton_masks", singleton_masks, 0), ("neighbours", neighbours, 0)):
+            if value < low:  # hidden 0 trained and exported an empty network; neighbours < 0 failed in topk
+                raise ValueError(f"model.{name} must be >= {low}, got {value}")
+        if not variance_weight >= 0:
+            raise ValueError(f"model.variance_weight must be >= 0, got {variance_weight}")
         if confidence_encoding not in CONFIDENCE_ENCODINGS:
             raise ValueError(f"model.confidence_encoding must be one of {CONFIDENCE_ENCODINGS}, got {confidence_encoding!r}")
         self.save_hyperparameters()
