@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -190,26 +192,25 @@ def test_a_config_file_without_settings_is_named(tmp_path, capsys):
         assert f"error: config {tmp_path / name}: expected a mapping of settings" in err and f"it holds {holds}" in err
 
 
-def test_wandb_online_without_an_account_is_one_error_line(tmp_path, monkeypatch, capsys):
+def test_wandb_online_without_an_account_is_one_error_line(tmp_path):
     """``WANDB_MODE=online`` with no API key was wandb's ``UsageError`` traceback (after encoding); it is
-    an ``error:`` line saying how to log offline. Unset, the mode is offline (another test)."""
+    an ``error:`` line saying how to log offline. Unset, the mode is offline (another test). Run as a
+    subprocess: wandb keeps its settings in a process-wide singleton, so in the test process an earlier
+    offline run would decide the mode."""
     cfg = _config(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "online")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     own = yaml.safe_load(cfg.read_text())
     own["compose"].append("logger/wandb_csv")
     del own["trainer"]["logger"]
     cfg.write_text(yaml.safe_dump(own))
-    import wandb
-
-    try:
-        assert _train_py().run(["fit", "--config", str(cfg), "--trainer.max_epochs=0"]) == 2
-    finally:
-        wandb.teardown()  # wandb keeps the online settings in a process-wide singleton: later tests log offline
-    err = capsys.readouterr().err
-    assert "error: wandb could not start a run (WANDB_MODE=online): " in err and "unset WANDB_MODE" in err
-    assert "Traceback" not in err
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="online", HOME=str(tmp_path / "home"))  # no ~/.netrc, no API key
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "train.py"), "fit", "--config", str(cfg),
+                           "--trainer.max_epochs=0"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: wandb could not start a run (WANDB_MODE=online): " in proc.stderr
+    assert "unset WANDB_MODE" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_ckpt_path_model_settings_that_replace_the_config_are_named(fitted):
