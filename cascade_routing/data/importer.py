@@ -112,6 +112,17 @@ def _separator_hint(header: Sequence[str], *, mismatch: bool = False) -> str:
     return ""
 
 
+def _check_unique_columns(path: Path, names: Sequence[str], where: str) -> None:
+    """DatasetError naming the first column of ``names`` that occurs twice and both positions (1-based):
+    a row dict would keep only one of the two columns."""
+    seen: dict[str, int] = {}
+    for i, col in enumerate(names):
+        if col in seen:
+            raise DatasetError(f"{path}: the {where} repeats column {col!r} (positions {seen[col] + 1} and "
+                               f"{i + 1}); rename one of them")
+        seen[col] = i
+
+
 def _read_csv(path: Path) -> tuple[list[SourceRow], set[str]]:
     """The data rows of a CSV file and its header's column names (every row has all of them)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -133,12 +144,7 @@ def _read_csv(path: Path) -> tuple[list[SourceRow], set[str]]:
             continue
         if header is None:
             header = cells
-            seen: dict[str, int] = {}
-            for i, col in enumerate(header):
-                if col in seen:
-                    raise DatasetError(f"{path}: the header repeats column {col!r} (positions {seen[col] + 1} and "
-                                       f"{i + 1}); rename one of them")
-                seen[col] = i
+            _check_unique_columns(path, header, "header")
             continue
         if len(cells) != len(header):
             raise DatasetError(f"{path}: data row {len(rows)} (line {line}) has {len(cells)} cells, the header has "
@@ -200,13 +206,7 @@ def _read_parquet(path: Path) -> tuple[list[SourceRow], set[str]]:
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
-        seen: dict[str, int] = {}
-        for i, col in enumerate(names):
-            if col in seen:
-                raise DatasetError(f"{path}: the table repeats column {col!r} (positions {seen[col] + 1} and "
-                                   f"{i + 1}); rename one of them")
-            seen[col] = i
+        _check_unique_columns(path, pq.read_schema(path).names, "table")
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise DatasetError(f"{path}: cannot read Parquet: {err}") from None
