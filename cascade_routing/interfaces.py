@@ -109,26 +109,33 @@ def checked_queries(texts: Any, what: str = "queries", allow_none: bool = False)
     return out
 
 
-def checked_row_ids(rows: Any, n: int, what: str = "query row ids",
+def checked_row_ids(rows: Any, n: int | None, what: str = "query row ids",
                     out_of_range: type[Exception] = ValueError) -> np.ndarray:
-    """``rows`` as int64 [K]: a 1-D sequence (list, array or tensor) of integer ids in [0, ``n``).
+    """``rows`` as int64 [K]: a 1-D sequence (list, array or tensor) of integer ids in [0, ``n``)
+    (``n=None``: ids >= 0, for callers that do not hold the table).
 
     ``ValueError`` naming ``what`` for a bool mask (it would be read as the ids 0 and 1), a
     fractional or non-finite id (it would be truncated to another row) or a shape other than 1-D
     (a [K, 1] column); ``out_of_range`` for an id outside [0, n) (a negative one would silently
-    index from the end of the table). Estimators pass ``IndexError``, the error an out-of-range
-    index raises, which the rollout turns into a message naming the estimator."""
+    index from the end of the table). Both name the first bad id and its position. Estimators pass
+    ``IndexError``, the error an out-of-range index raises, which the rollout turns into a message
+    naming the estimator."""
     raw = np.asarray(rows.detach().cpu() if isinstance(rows, Tensor) else rows)
     if raw.dtype == bool:
         raise ValueError(f"{what} must be integer row ids, got a bool mask (use np.nonzero(mask)[0])")
     if raw.ndim != 1:
         raise ValueError(f"{what} must be a 1-D sequence of row ids, got shape {raw.shape}")
     if raw.size and not np.issubdtype(raw.dtype, np.integer):
-        numeric = np.issubdtype(raw.dtype, np.floating)
-        if not numeric or not np.all(np.isfinite(raw) & (raw == np.round(raw))):
-            raise ValueError(f"{what} must be integer row ids, got dtype {raw.dtype} with non-integer values")
+        if not np.issubdtype(raw.dtype, np.floating):
+            raise ValueError(f"{what} must be integer row ids, got dtype {raw.dtype}")
+        fractional = ~np.isfinite(raw) | (raw != np.round(raw))
+        if fractional.any():
+            i = int(np.flatnonzero(fractional)[0])
+            raise ValueError(f"{what} must be integer row ids, got {raw[i].item()!r} at position {i}")
     out = raw.astype(np.int64)
-    bad = (out < 0) | (out >= n)
+    bad = (out < 0) if n is None else (out < 0) | (out >= n)
     if bad.any():
-        raise out_of_range(f"{what} must lie in [0, {n}), got {int(out[bad][0])}")
+        i = int(np.flatnonzero(bad)[0])
+        allowed = ">= 0" if n is None else f"in [0, {n})"
+        raise out_of_range(f"{what} must lie {allowed}, got {int(out[i])} at position {i}")
     return out

@@ -19,7 +19,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from cascade_routing.interfaces import QualityEstimate
+from cascade_routing.interfaces import QualityEstimate, checked_row_ids
 
 
 class PolicyError(ValueError):
@@ -144,26 +144,20 @@ def check_ground_truth(quality: Tensor, cost: Tensor, what: str) -> None:
 
 
 def checked_rows(rows, n: int) -> Tensor:
-    """Query row ids in the estimators' table as long [N] (default 0..N-1); PolicyError unless they
-    are N integers >= 0 (a negative id would silently index from the end of the table, a fractional
-    one be truncated to another row)."""
+    """Query row ids in the estimators' table as long [N] on the device of ``rows`` (default 0..N-1);
+    PolicyError unless they are N integers >= 0 (:func:`~cascade_routing.interfaces.checked_row_ids`:
+    a negative id would silently index from the end of the table, a fractional one be truncated to
+    another row). The upper bound is the estimator's to check: its table is not known here."""
     if rows is None:
         return torch.arange(n)
-    rows = torch.as_tensor(rows)
-    if rows.dtype == torch.bool:
-        raise PolicyError("rows must be integer row ids, got a bool mask")
-    if rows.is_floating_point():
-        frac = ~torch.isfinite(rows) | (rows != torch.round(rows))
-        if bool(frac.any()):
-            i = int(frac.reshape(-1).nonzero()[0, 0])
-            raise PolicyError(f"rows must be integer row ids, got {rows.reshape(-1)[i].item()!r} at position {i}")
-    rows = rows.to(torch.long)
-    if rows.shape != (n,):
-        raise PolicyError(f"rows must be [N={n}] (one row id per query), got shape {tuple(rows.shape)}")
-    if n and bool((rows < 0).any()):
-        i = int((rows < 0).nonzero()[0, 0])
-        raise PolicyError(f"rows must be row ids >= 0 in the estimators' table; query {i} has row {int(rows[i])}")
-    return rows
+    device = rows.device if isinstance(rows, Tensor) else None
+    try:
+        ids = checked_row_ids(rows, None, "rows")
+    except ValueError as e:
+        raise PolicyError(str(e)) from e
+    if ids.shape != (n,):
+        raise PolicyError(f"rows must be [N={n}] (one row id per query), got shape {tuple(ids.shape)}")
+    return torch.from_numpy(ids).to(device)
 
 
 def check_estimator_models(quality_estimator, cost_estimator, m: int) -> None:
