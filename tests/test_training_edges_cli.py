@@ -215,12 +215,14 @@ def test_wandb_online_without_an_account_is_one_error_line(tmp_path):
 
 def test_ckpt_path_model_settings_that_replace_the_config_are_named(fitted):
     """With ``--ckpt_path``, LightningCLI takes the model settings from the checkpoint; a different value
-    asked for on the command line or in a config was dropped silently. It is named in a warning."""
+    asked for on the command line or in a config was dropped silently. It is named in a warning, and
+    the run loads the checkpoint with ``weights_only=True``."""
     args = ["validate", "--config", str(fitted["cfg"]), "--ckpt_path", str(fitted["ckpt"])]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cli = _train_py().main([*args, "--model.hidden=16", "--model.lr=0.005"])
     assert cli.model.hparams.hidden == 32
+    assert cli.config.validate.weights_only is True  # Lightning loads the checked checkpoint weights_only
     messages = [str(w.message) for w in caught if "replace the config's" in str(w.message)]
     assert len(messages) == 1 and "model.hidden 16 -> 32" in messages[0] and "lr" not in messages[0], messages
     with warnings.catch_warnings(record=True) as caught:

@@ -71,34 +71,38 @@ class CascadeLightningCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # args are always built by this project (never mixed with sys.argv by accident): no warning
         self.config = parser.parse_args(args)
+        self._check_ckpt_path()
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning's: the model settings saved in a ``--ckpt_path`` checkpoint replace the config's. First
-        the file is checked (:func:`~cascade_routing.training.checkpoint_file.check_training_checkpoint`:
-        a folder, a foreign or corrupt file, a pickle of arbitrary objects, an estimator artifact are a
-        ``ValueError`` naming it, not an unpickling traceback); Lightning then loads it with
-        ``weights_only=True`` unless ``--weights_only`` says otherwise; a model setting of the config
-        that the checkpoint replaces with another value is named in a warning. ``validate`` and ``test``
-        need a ``--ckpt_path``: without one they would score the untrained initialisation."""
+    def _check_ckpt_path(self) -> None:
+        """The ``--ckpt_path`` checkpoint, checked before Lightning reads its model settings (which then
+        replace the config's). The file is checked first
+        (:func:`~cascade_routing.training.checkpoint_file.check_training_checkpoint`: a folder, a foreign
+        or corrupt file, a pickle of arbitrary objects, an estimator artifact are a ``ValueError``
+        naming it, not an unpickling traceback); Lightning then loads it with ``weights_only=True``
+        unless ``--weights_only`` says otherwise; a model setting of the config that the checkpoint
+        replaces with another value is named in a warning. ``validate`` and ``test`` need a
+        ``--ckpt_path``: without one they would score the untrained initialisation."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
         if subcommand in ("validate", "test") and not ckpt_path:
-            root = self.config[subcommand].trainer.default_root_dir or "runs/<name>"
+            root = config.trainer.default_root_dir or "runs/<name>"
             raise ValueError(f"{self.parser.prog} {subcommand} scores a trained network: give --ckpt_path (the checkpoint, e.g. "
                              f"{root}/checkpoints/best.ckpt); without it the network is a fresh initialisation")
         if not ckpt_path or "://" in str(ckpt_path) or not Path(ckpt_path).exists():
-            return super()._parse_ckpt_path()  # "best", "last", a URL or a missing file: Lightning's own errors
+            return  # "best", "last", a URL or a missing file: Lightning's own errors
         saved = check_training_checkpoint(ckpt_path)["hyper_parameters"]
-        asked = self.config[subcommand].model
+        asked = config.model
         asked = vars(asked.get("init_args", asked)) if asked is not None else {}
-        super()._parse_ckpt_path()
         replaced = {k: (asked[k], v) for k, v in saved.items()
                     if k in asked and k not in _DERIVED_HPARAMS and not k.startswith("_") and asked[k] != v}
         if replaced:
             warnings.warn(f"--ckpt_path {ckpt_path}: the checkpoint's model settings replace the config's: "
                           + ", ".join(f"model.{k} {a!r} -> {v!r}" for k, (a, v) in replaced.items()), stacklevel=2)
-        if self.config[subcommand].get("weights_only") is None:
-            self.config[subcommand].weights_only = True
+        if config.get("weights_only") is None:
+            config.weights_only = True
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
