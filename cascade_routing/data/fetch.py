@@ -10,12 +10,20 @@ Where files come from:
   ``$XDG_CACHE_HOME/cascade-routing/raw`` (default ``~/.cache/cascade-routing/raw``). On a
   mismatch the partial file is deleted and :class:`ChecksumError` names the file, URL, expected
   and actual hash. A cached file whose hash no longer matches is downloaded again.
+
+Several processes may share a cold cache: each downloads into its own temporary file
+(``.<name>.<pid>-<random>.part`` next to the target), verifies it, and publishes it with one atomic
+``os.replace``; a reader sees no file or a complete verified one, never a partial one, and no process
+deletes a file another one published. A cache folder that cannot be created or written (a file in
+the way, no permission, a read-only disk) is a :class:`DatasetError` naming the folder and the
+setting that moves the cache (:func:`ensure_cache_dir`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +34,11 @@ from tqdm.auto import tqdm
 from cascade_routing.data.errors import DatasetError
 
 DATA_DIR_ENV = "CASCADE_ROUTING_DATA_DIR"
+CACHE_ENV = "XDG_CACHE_HOME"
 CHUNK = 1 << 16
+#: What to change when the download cache cannot be written (part of the error message).
+RAW_CACHE_HINT = (f"set {CACHE_ENV} to a writable folder (the cache is ${CACHE_ENV}/cascade-routing, default "
+                  f"~/.cache/cascade-routing), or {DATA_DIR_ENV} to a local copy of the raw files")
 
 
 class ChecksumError(DatasetError):
@@ -54,8 +66,34 @@ class RemoteFile:
 
 def cache_root() -> Path:
     """``$XDG_CACHE_HOME/cascade-routing`` or ``~/.cache/cascade-routing``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache")
     return Path(base) / "cascade-routing"
+
+
+def ensure_cache_dir(path: Path, hint: str) -> Path:
+    """Create the cache folder ``path`` (and its parents) if needed and check that it is writable.
+
+    Called only right before something is written, so a read-only cache that already holds
+    everything still works. Raises :class:`DatasetError` naming ``path``, the reason (a file in the
+    way, no permission, a read-only disk, ...) and ``hint`` (the setting that moves the cache).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if err.filename and Path(err.filename) != path:
+            reason += f" ({err.filename})"
+        raise DatasetError(f"cannot use the cache folder {path}: {reason}; {hint}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DatasetError(f"cannot use the cache folder {path}: not writable; {hint}")
+    return path
+
+
+def unique_temp_path(target: Path, suffix: str = ".tmp") -> Path:
+    """A hidden name next to ``target`` that no other process or thread uses:
+    ``.<target name>.<pid>-<random>`` + ``suffix`` (same folder, so ``os.replace`` onto ``target`` is
+    atomic)."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
 def local_data_dir() -> Path | None:
@@ -94,9 +132,38 @@ def download_file(
     client: httpx.Client | None = None,
     progress: bool = True,
 ) -> Path:
-    """Stream ``url`` to ``dest``, verifying SHA-256; on mismatch delete it and raise."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    """Stream ``url`` to ``dest``, verifying SHA-256; on mismatch delete the download and raise.
+
+    The bytes go to a temporary file of this call alone (:func:`unique_temp_path`), which replaces
+    ``dest`` atomically once verified, so concurrent calls for the same ``dest`` (two processes on
+    a cold cache) each end with a complete verified ``dest``. Errors: :class:`DownloadError` (HTTP,
+    network), :class:`ChecksumError`, :class:`DatasetError` (``dest``'s folder cannot be written).
+    """
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(f"cannot create the folder {dest.parent} for {dest.name}: {err.strerror or err}") from None
+    part = unique_temp_path(dest, ".part")
+    try:
+        actual = _stream_to(url, part, dest.name, client=client, progress=progress)
+        if actual != expected_sha256:
+            raise ChecksumError(
+                f"checksum mismatch for {dest.name} downloaded from {url}: expected sha256 "
+                f"{expected_sha256}, got {actual}; the file was deleted"
+            )
+        os.replace(part, dest)
+    except OSError as err:
+        raise DatasetError(f"cannot write {dest}: {err.strerror or err}") from None
+    finally:
+        part.unlink(missing_ok=True)
+    return dest
+
+
+def _stream_to(url: str, part: Path, label: str, *, client: httpx.Client | None, progress: bool) -> str:
+    """Download ``url`` into the file ``part``; return the SHA-256 of the bytes received.
+
+    HTTP and network errors are :class:`DownloadError`; OS errors (writing ``part``) propagate.
+    """
     own = client is None
     client = client or httpx.Client(follow_redirects=True, timeout=httpx.Timeout(60.0))
     digest = hashlib.sha256()
@@ -106,33 +173,21 @@ def download_file(
                 raise DownloadError(f"download of {url} failed: HTTP {response.status_code}")
             total = int(response.headers.get("content-length") or 0) or None
             with open(part, "wb") as out, tqdm(
-                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
+                total=total, unit="B", unit_scale=True, desc=label, disable=not progress, leave=False
             ) as bar:
                 for chunk in response.iter_bytes(CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
     except httpx.HTTPError as err:
-        part.unlink(missing_ok=True)
         raise DownloadError(
             f"download of {url} failed: {err} (offline? set {DATA_DIR_ENV} to a local folder laid out "
             "like shared/data/raw)"
         ) from None
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
     finally:
         if own:
             client.close()
-    actual = digest.hexdigest()
-    if actual != expected_sha256:
-        part.unlink(missing_ok=True)
-        raise ChecksumError(
-            f"checksum mismatch for {dest.name} downloaded from {url}: expected sha256 "
-            f"{expected_sha256}, got {actual}; the file was deleted"
-        )
-    os.replace(part, dest)
-    return dest
+    return digest.hexdigest()
 
 
 def fetch_files(
@@ -157,16 +212,22 @@ def fetch_files(
             verify_file(path, f.sha256)
         return mirror
     root = cache_root() / "raw"
-    todo = []
-    for f in files:
-        path = root / f.folder / f.path
-        if path.is_file():
-            try:
-                verify_file(path, f.sha256)
-                continue
-            except ChecksumError:
-                path.unlink()
-        todo.append(f)
+    todo = [f for f in files if not _cached_and_valid(root / f.folder / f.path, f.sha256)]
     for f in tqdm(todo, desc="downloading", unit="file", disable=not progress or len(todo) < 2):
-        download_file(f.url, root / f.folder / f.path, f.sha256, client=client, progress=progress)
+        dest = root / f.folder / f.path
+        ensure_cache_dir(dest.parent, RAW_CACHE_HINT)
+        download_file(f.url, dest, f.sha256, client=client, progress=progress)
     return root
+
+
+def _cached_and_valid(path: Path, sha256: str) -> bool:
+    """True if the cached ``path`` exists and has the pinned hash. A damaged copy is left in place
+    (the download replaces it atomically): deleting it could delete the good copy another process
+    has just published under the same name."""
+    if not path.is_file():
+        return False
+    try:
+        verify_file(path, sha256)
+    except (ChecksumError, OSError):  # damaged, vanished or unreadable: download it again
+        return False
+    return True

@@ -7,10 +7,19 @@ else a verified download), converted once, and the result is cached as a saved d
 ``<cache>/converted/<name>-v<version>-<fingerprint>`` (``<cache>`` = ``$XDG_CACHE_HOME/cascade-routing``;
 the fingerprint hashes the converter's source files and the raw checksums, so an upgraded
 converter never reads a stale cache).
+
+Several processes may convert the same dataset at once (two runs on a cold cache): each saves its
+conversion into a private temporary folder next to the target, reads it back (validated), and
+publishes it with one atomic rename; the first to publish wins and the others keep its equivalent
+copy. A cached folder that is not a complete save (half-written, truncated, damaged) is treated as
+absent and rebuilt; it is renamed aside before the new one goes in, so nothing is deleted in place
+under a reader. A converted cache folder that cannot be created or written is a
+:class:`DatasetError` naming it and ``XDG_CACHE_HOME``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -27,8 +36,22 @@ import httpx
 from cascade_routing.data.checksums import SHA256
 from cascade_routing.data.dataset import RoutingDataset
 from cascade_routing.data.errors import DatasetError
-from cascade_routing.data.fetch import DownloadError, RemoteFile, cache_root, fetch_files
-from cascade_routing.data.storage import is_dataset_folder, load_dataset_folder
+from cascade_routing.data.fetch import (
+    CACHE_ENV,
+    DownloadError,
+    RemoteFile,
+    cache_root,
+    ensure_cache_dir,
+    fetch_files,
+    unique_temp_path,
+)
+from cascade_routing.data.storage import is_complete_dataset_folder, is_dataset_folder, load_dataset_folder
+
+#: What to change when the converted cache cannot be written (part of the error message).
+CONVERTED_CACHE_HINT = (f"set {CACHE_ENV} to a writable folder (the cache is ${CACHE_ENV}/cascade-routing, "
+                        "default ~/.cache/cascade-routing)")
+#: Attempts to publish a conversion while other processes keep replacing the same folder.
+PUBLISH_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -206,40 +229,81 @@ def fetch(
     """Obtain (download or local mirror), verify, convert and cache dataset ``name``.
 
     Returns the folder of the converted dataset (loadable with :meth:`RoutingDataset.load`).
-    The raw files are verified on every call; ``refresh`` re-converts even if cached. When they
-    cannot be downloaded (offline, without the ``CASCADE_ROUTING_DATA_DIR`` mirror that converted
-    them) and a converted copy is cached, that copy is used with a warning (it was converted from
-    verified files); a checksum mismatch is never passed over.
+    The raw files are verified on every call; ``refresh`` re-converts even if cached, and a cached
+    folder that is not a complete save is converted again. When the raw files cannot be downloaded
+    (offline, without the ``CASCADE_ROUTING_DATA_DIR`` mirror that converted them) and a converted
+    copy is cached, that copy is used with a warning (it was converted from verified files); a
+    checksum mismatch is never passed over. Safe to run in several processes at once.
     """
     spec = get_spec(name)
     target = converted_path(name)
     try:
         root = fetch_files(spec.files, client=client, progress=progress)
     except DownloadError as err:
-        if refresh or not is_dataset_folder(target):
+        if refresh or not is_complete_dataset_folder(target):
             raise
         warnings.warn(f"{name}: the raw files could not be downloaded to verify ({err}); using the converted "
                       f"copy cached at {target}", stacklevel=2)
         return target
-    if is_dataset_folder(target) and not refresh:
-        return target
+    if refresh or not is_complete_dataset_folder(target):
+        _convert_into_cache(spec, root, target, replace=refresh)
+    return target
+
+
+def _convert_into_cache(spec: DatasetSpec, root: Path, target: Path, *, replace: bool) -> RoutingDataset:
+    """Convert ``spec`` from the verified raw files under ``root``, save it to a private temporary
+    folder next to ``target``, read it back (validated) and publish it as ``target``
+    (:func:`_publish`); return the dataset as read back."""
     dataset = spec.convert(root / spec.folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    ensure_cache_dir(target.parent, CONVERTED_CACHE_HINT)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}-", dir=target.parent))
+    except OSError as err:
+        raise DatasetError(f"cannot use the cache folder {target.parent}: {err.strerror or err}; "
+                           f"{CONVERTED_CACHE_HINT}") from None
     try:
         dataset.save(tmp)
-        if is_dataset_folder(target) and not refresh:  # another process converted it meanwhile
-            return target
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp, target)  # atomic: readers never see a half-written folder
-        except OSError:  # another process won the race; its copy is equivalent
-            pass
+        loaded = load_dataset_folder(tmp)
+        _publish(tmp, target, replace=replace)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
+    return loaded
+
+
+def _publish(tmp: Path, target: Path, *, replace: bool) -> None:
+    """Rename the complete folder ``tmp`` to ``target`` atomically: a reader sees the old folder, no
+    folder, or the new complete one. An existing ``target`` is kept when it is complete and
+    ``replace`` is false (another process published an equivalent conversion meanwhile); otherwise it
+    is moved aside first (:func:`_move_aside`), never emptied in place."""
+    for _ in range(PUBLISH_ATTEMPTS):
+        try:
+            os.rename(tmp, target)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise DatasetError(f"cannot publish the converted dataset as {target}: {err.strerror or err}; "
+                                   f"{CONVERTED_CACHE_HINT}") from None
+        if not replace and is_complete_dataset_folder(target):
+            return
+        _move_aside(target)
+        replace = False  # replaced once: a complete copy published by another process since is as good
+    raise DatasetError(f"cannot publish the converted dataset as {target}: other processes kept replacing it")
+
+
+def _move_aside(target: Path) -> None:
+    """Rename ``target`` (a folder or a file in the way) to a unique hidden name and delete it there; a
+    ``target`` already gone (another process moved it) is fine."""
+    aside = unique_temp_path(target, ".old")
+    try:
+        os.rename(target, aside)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise DatasetError(f"cannot replace {target}: {err.strerror or err}; {CONVERTED_CACHE_HINT}") from None
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
 
 
 def load_dataset(name_or_path: str | os.PathLike[str], *, progress: bool = True) -> RoutingDataset:
@@ -256,11 +320,7 @@ def load_dataset(name_or_path: str | os.PathLike[str], *, progress: bool = True)
         warnings.warn(f"the folder {key!r} in the working directory has the name of a registered dataset; loading "
                       f"the registered one (pass './{key}' to read the folder)", stacklevel=2)
     if key in _REGISTRY:
-        folder = fetch(key, progress=progress)
-        try:
-            return load_dataset_folder(folder)
-        except DatasetError:  # a damaged cache entry: convert again from the verified raw files
-            return load_dataset_folder(fetch(key, progress=progress, refresh=True))
+        return _load_registered(key, progress=progress)
     if path.exists():
         raise DatasetError(
             f"{path}: not a saved dataset folder (needs metadata.json and data.parquet); "
@@ -269,3 +329,17 @@ def load_dataset(name_or_path: str | os.PathLike[str], *, progress: bool = True)
         )
     get_spec(key)  # raises the unknown-name error listing the registered names
     raise AssertionError("unreachable")
+
+
+def _load_registered(name: str, *, progress: bool) -> RoutingDataset:
+    """Dataset ``name`` from its converted cache (:func:`fetch`). If the cached folder does not load (damaged
+    beyond what :func:`fetch` checks, or replaced by another process while read), it is converted
+    again and the conversion is returned as read back from its private folder, so a concurrent
+    process replacing the cache cannot make this call fail."""
+    folder = fetch(name, progress=progress)
+    try:
+        return load_dataset_folder(folder)
+    except DatasetError:
+        spec = get_spec(name)
+        root = fetch_files(spec.files, progress=progress)
+        return _convert_into_cache(spec, root, folder, replace=True)

@@ -15,6 +15,13 @@ names may contain any character. Both files are plain and readable by pandas/pol
 
 :func:`load_dataset_folder` checks the format tag and version, that every listed column exists
 with the expected row count, and then re-runs the dataset's own validation.
+
+Saving writes both files under temporary names unique to the call, removes the old
+``metadata.json``, then moves the table and the metadata into place (each an atomic
+``os.replace``). A folder is only a dataset once ``metadata.json`` is there, so a reader never pairs
+a new table with stale metadata: it sees the old dataset, a folder without metadata (an error, or
+"absent" for :func:`is_complete_dataset_folder`), or the new dataset; a read that overlaps a save
+is detected (:func:`load_dataset_folder`). Concurrent saves to one folder leave one complete save.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import pyarrow.parquet as pq
 
 from cascade_routing.data.dataset import RoutingDataset
 from cascade_routing.data.errors import DatasetError
+from cascade_routing.data.fetch import unique_temp_path
 
 FORMAT_TAG = "cascade-routing-dataset"
 FORMAT_VERSION = 1
@@ -44,7 +52,8 @@ def _col(kind: str, model: str, feature: str | None = None) -> str:
 def save_dataset(ds: RoutingDataset, path: str | os.PathLike[str]) -> Path:
     """Write ``ds`` to folder ``path`` (created if needed; existing files are overwritten). A folder
     the OS will not let us create or write (a parent that is a file, no permission, a folder in the
-    way of a file, ...) is a :class:`DatasetError` naming the folder."""
+    way of a file, ...) is a :class:`DatasetError` naming the folder. Safe against concurrent
+    readers and writers of the same folder (module docstring); leaves no temporary file behind."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise DatasetError(f"cannot save dataset {ds.name!r}: {folder} exists and is not a folder")
@@ -92,20 +101,51 @@ def _write_folder(ds: RoutingDataset, folder: Path) -> None:
             columns[_col("response", model)] = pa.array(cells, type=pa.string())
         for feat in sorted(ds.features):
             columns[_col("feature", model, feat)] = pa.array(ds.features[feat][:, j], type=pa.float64())
-    table = pa.table(columns)
-    tmp = folder / (TABLE_FILE + ".tmp")
+    _publish_files(folder, pa.table(columns), meta_text + "\n")
+
+
+def _publish_files(folder: Path, table: pa.Table, meta_text: str) -> None:
+    """Write ``table`` and ``meta_text`` to temporary files of this call, then replace the folder's
+    files: the old metadata goes first, the new metadata last (OS errors propagate)."""
+    table_path, meta_path = folder / TABLE_FILE, folder / META_FILE
+    table_tmp, meta_tmp = unique_temp_path(table_path), unique_temp_path(meta_path)
     try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, folder / TABLE_FILE)
+        pq.write_table(table, table_tmp, compression="zstd")
+        meta_tmp.write_text(meta_text, encoding="utf-8")
+        meta_path.unlink(missing_ok=True)  # no moment where the new table meets the old metadata
+        os.replace(table_tmp, table_path)
+        os.replace(meta_tmp, meta_path)
     finally:
-        tmp.unlink(missing_ok=True)
-    (folder / META_FILE).write_text(meta_text + "\n", encoding="utf-8")
+        table_tmp.unlink(missing_ok=True)
+        meta_tmp.unlink(missing_ok=True)
 
 
 def is_dataset_folder(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` is a folder holding both files of the format."""
     p = Path(path)
     return p.is_dir() and (p / META_FILE).is_file() and (p / TABLE_FILE).is_file()
+
+
+def is_complete_dataset_folder(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` holds both files, valid metadata and a Parquet table whose footer reads and
+    whose row count matches it: a cheap check (no column is read) that tells a finished save from a
+    half-written, truncated or foreign folder."""
+    folder = Path(path)
+    try:
+        meta = _read_meta(folder)
+        return pq.read_metadata(folder / TABLE_FILE).num_rows == meta["num_queries"]
+    except (DatasetError, pa.ArrowInvalid, OSError):
+        return False
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int] | None:
+    """Identity of the file at ``path`` (inode, size, mtime, ctime), or None if there is none; a
+    save replaces ``metadata.json`` by a new file, so the stamp changes with every save."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
@@ -164,14 +204,19 @@ class _Columns:
 
 
 def load_dataset_folder(path: str | os.PathLike[str]) -> RoutingDataset:
-    """Read a folder written by :func:`save_dataset`, validating it."""
+    """Read a folder written by :func:`save_dataset`, validating it. A folder saved again while it
+    is read (another process) is a :class:`DatasetError` saying so, never a mix of two saves."""
     folder = Path(path)
+    before = _stamp(folder / META_FILE)
     meta = _read_meta(folder)
     table_path = folder / TABLE_FILE
     try:
         table = pq.read_table(table_path)
     except (pa.ArrowInvalid, OSError) as err:
         raise DatasetError(f"{table_path}: cannot read Parquet table: {err}") from None
+    if _stamp(folder / META_FILE) != before:
+        raise DatasetError(f"{folder}: the dataset was saved again while it was being read (by another "
+                           "process?); load it again")
     n = table.num_rows
     if n != meta["num_queries"]:
         raise DatasetError(f"{table_path}: {n} rows but {META_FILE} says num_queries={meta['num_queries']}")

@@ -16,6 +16,9 @@ fine-tune BERT for text classification?": a short head plus a long tail).
 
 :class:`EmbeddingCache` stores embeddings under ``cache_dir`` keyed by
 ``sha256(encoder fingerprint, mode, max_length, truncation, texts)`` so a second run skips the encoder.
+Each file is written under a name unique to the writer and moved into place atomically, so
+processes sharing the cache never see a partial file; a cached file that cannot be read (truncated,
+damaged) is computed again with a warning.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from cascade_routing.data.diagnostics import DEFAULT_QUERY_TRUNCATION, TRUNCATIONS  # noqa: F401  (re-exported)
+from cascade_routing.data.errors import DatasetError
+from cascade_routing.data.fetch import ensure_cache_dir, unique_temp_path
+
+#: What to change when the embedding cache cannot be written (part of the error message).
+EMBEDDING_CACHE_HINT = ("set CASCADE_ROUTING_CACHE_DIR (or XDG_CACHE_HOME) to a writable folder, or pass "
+                        "another cache_dir")
 
 #: Truncation settings (data module / artifact ``encoder`` keys) added after checkpoints and artifacts
 #: were first written, with what one saved before the setting existed was trained with: Hugging
@@ -353,18 +363,50 @@ class EmbeddingCache:
         compute,
         truncation: str = "right",
     ) -> np.ndarray:
-        """Load the cached array, or ``compute(texts)`` and store it atomically."""
+        """Load the cached array, or ``compute(texts)`` and store it atomically.
+
+        Safe with several processes (or threads) on one cache. A cached file that cannot be read or
+        does not hold a float32 [len(texts), D] array is computed again (with a warning) and replaced.
+        A cache folder that cannot be written is a :class:`DatasetError` naming it and the setting.
+        """
         file = self.path(self.key(encoder_path, mode, max_length, texts, truncation))
-        if file.exists():
-            arr = np.load(file, allow_pickle=False)
-            if arr.shape[0] == len(texts):
-                return arr
+        arr = self._load(file, len(texts))
+        if arr is not None:
+            return arr
         arr = np.asarray(compute(texts), dtype=np.float32)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, arr, allow_pickle=False)
-        os.replace(tmp, file)
+        self._store(file, arr)
         return arr
+
+    @staticmethod
+    def _load(file: Path, rows: int) -> np.ndarray | None:
+        """The array cached in ``file``, or None when there is none or it is unusable (warned)."""
+        if not file.is_file():
+            return None
+        try:
+            arr = np.load(file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            warnings.warn(f"embedding cache file {file} cannot be read ({err}); computing it again", stacklevel=3)
+            return None
+        if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[0] != rows or arr.dtype != np.float32:
+            found = f"a {arr.dtype} array of shape {arr.shape}" if isinstance(arr, np.ndarray) else "no array"
+            warnings.warn(f"embedding cache file {file} holds {found}, not float32 [{rows}, D]; computing it again",
+                          stacklevel=3)
+            return None
+        return arr
+
+    def _store(self, file: Path, arr: np.ndarray) -> None:
+        """Write ``arr`` to a temporary file of this writer alone, then move it onto ``file`` atomically."""
+        ensure_cache_dir(self.cache_dir, EMBEDDING_CACHE_HINT)
+        tmp = unique_temp_path(file)
+        try:
+            with open(tmp, "wb") as handle:
+                np.save(handle, arr, allow_pickle=False)
+            os.replace(tmp, file)
+        except OSError as err:
+            raise DatasetError(f"cannot write the embedding cache file {file}: {err.strerror or err}; "
+                               f"{EMBEDDING_CACHE_HINT}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def default_cache_dir() -> Path:
