@@ -5,8 +5,10 @@ Arrays are numpy on purpose (this layer does I/O); the engine converts to torch 
 
 Invariants enforced at construction (violations raise :class:`DatasetError` naming the field,
 row and model):
-- ``models`` are unique, non-empty strings, and are stored ordered by mean cost (cheapest first);
-  every per-model array is permuted with them. ``subset`` (and so ``split``) keeps the parent's
+- ``models`` are unique, non-empty strings, and are stored ordered by mean cost (cheapest first;
+  models of exactly equal mean cost, e.g. two flat per-query prices, best mean quality first, so the
+  worse one is the dominated one and a cheapest-model tie goes to the better model); every
+  per-model array is permuted with them. ``subset`` (and so ``split``) keeps the parent's
   order instead of re-sorting by the rows' own mean costs: two models whose mean costs nearly tie
   would otherwise swap columns between splits, and an estimator trained on one split would read
   another split's columns under the wrong names.
@@ -164,7 +166,7 @@ class RoutingDataset:
                 raise DatasetError(f"{where}: duplicate query id {dup!r}")
 
     def _sort_models_by_mean_cost(self) -> None:
-        order = np.argsort(self.cost.mean(axis=0), kind="stable")
+        order = np.lexsort((-self.quality.mean(axis=0), self.cost.mean(axis=0)))  # last key is the primary one
         if (order == np.arange(len(order))).all():
             return
         self.models = [self.models[i] for i in order]

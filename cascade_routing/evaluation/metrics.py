@@ -9,8 +9,11 @@
   those costs, and below that budget no policy can afford the model for every query there.
 - :func:`auc`: area under the linearly interpolated curve through the (cost, quality) points on
   ``[c_min, c_max]`` (cheapest and most expensive model's mean cost), extended flat to the right of the
-  last point and starting at ``(c_min, q_lowest)`` (the lowest single-model quality) on the left,
-  divided by ``c_max − c_min``, ×100.
+  last point and starting at ``(c_min, q_lowest)`` (the lowest single-model quality) on the left when
+  every point costs more than ``c_min``, divided by ``c_max − c_min``, ×100. A point at or left of
+  ``c_min`` is part of the curve, so the curve's value at ``c_min`` is interpolated through it (a
+  bootstrap resample moves the cheapest point's cost around the fixed ``c_min``; dropping it there
+  made a curve of one point, e.g. with a single non-dominated model, score ``q_lowest``).
 - :func:`linear_interpolation_curve`: the baseline that mixes consecutive non-dominated models.
 - :func:`bootstrap_auc`: percentile 95% CI over resampled test queries.
 - :func:`paired_auc_interval`: AUC(A) − AUC(B) of two strategies on the same test queries, with a
@@ -44,7 +47,10 @@ def sweep_budgets(mean_cost: np.ndarray, mean_quality: np.ndarray, per_pair: int
     """Budgets between consecutive non-dominated models (see module docstring): ``mean_cost`` and
     ``mean_quality`` [M] per model (finite), ``per_pair`` an integer >= 1 (ValueError otherwise).
     ``linspace(a, b, 1)`` is ``[a]``, so ``per_pair = 1`` gives the cheapest non-dominated model's
-    cost alone; from 2 on, every non-dominated model's cost is one of the budgets."""
+    cost alone; from 2 on, every non-dominated model's cost is one of the budgets. With a single
+    non-dominated model (the cheapest model is also the best on average) the grid is that model's
+    cost alone: there is nothing to trade, every strategy's curve is that model's point and its
+    :func:`auc` is flat at that model's quality, a result rather than an error."""
     if isinstance(per_pair, bool) or not isinstance(per_pair, numbers.Integral) or per_pair < 1:
         raise ValueError(f"per_pair must be an integer >= 1, got {per_pair!r}")
     mean_cost, mean_quality = _points("sweep_budgets", mean_cost, mean_quality)
@@ -81,11 +87,9 @@ def auc(costs: np.ndarray, qualities: np.ndarray, c_min: float, c_max: float, q_
     if c_max <= c_min:
         raise ValueError(f"AUC needs c_max > c_min, got [{c_min}, {c_max}]")
     order = np.argsort(costs, kind="stable")
-    x = np.concatenate([[c_min], costs[order]])
-    y = np.concatenate([[q_lowest], qualities[order]])
-    keep = x >= c_min  # points left of c_min are not part of the domain
-    keep[0] = True
-    x, y = x[keep], y[keep]
+    x, y = costs[order], qualities[order]
+    if x.size == 0 or x[0] > c_min:
+        x, y = np.concatenate([[c_min], x]), np.concatenate([[q_lowest], y])
     grid = np.union1d(x[(x >= c_min) & (x <= c_max)], [c_min, c_max])
     vals = np.interp(grid, x, y)  # flat beyond the last point
     area = np.trapezoid(vals, grid) if hasattr(np, "trapezoid") else np.trapz(vals, grid)

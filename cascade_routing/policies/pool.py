@@ -3,7 +3,8 @@
 A model is *dominated* when another model is no more expensive and better on average: in the
 cost–quality plane of the calibration rows (mean cost, mean quality per model) it lies below the
 frontier. :func:`nondominated_models` keeps, cheapest first, each model whose mean quality is strictly
-above that of every cheaper kept model (equal cost: the stable order decides). Running a dominated
+above that of every cheaper kept model (equal cost: the better model first, so the worse one is
+dominated; equal cost and quality: the lower index is kept). Running a dominated
 model inside a cascade or a supermodel spends budget that a frontier model would spend better on
 average, so cascades and cascade routing are restricted to the frontier (:class:`PooledPolicy`); the
 chain of a cascade is then the frontier in the models' index order, which is the dataset's cost order
@@ -34,7 +35,7 @@ def nondominated_models(mean_cost: np.ndarray, mean_quality: np.ndarray) -> np.n
                           f"{mean_cost.shape} and {mean_quality.shape}")
     if np.isnan(mean_cost.astype(np.float64)).any() or np.isnan(mean_quality.astype(np.float64)).any():
         raise PolicyError("NaN in mean_cost or mean_quality")
-    order = np.argsort(mean_cost, kind="stable")
+    order = np.lexsort((-mean_quality.astype(np.float64), mean_cost))  # by cost, then best first
     keep, best = [], -np.inf
     for i in order:
         if mean_quality[i] > best:

@@ -303,7 +303,9 @@ class RoutingDataModule(L.LightningDataModule):
         or training: ``data.max_length`` / ``data.answer_max_length`` beyond what the encoder accepts
         (or leaving no room for content), and splits too small to train and export on (every part
         non-empty, the calibration part at least
-        :data:`~cascade_routing.calibration.selection.MIN_CALIBRATION_ROWS` queries)."""
+        :data:`~cascade_routing.calibration.selection.MIN_CALIBRATION_ROWS` queries), models that
+        all cost the same (:meth:`check_costs_differ`) and a task label per query
+        (:meth:`check_tasks_group_queries`)."""
         from cascade_routing.calibration.selection import MIN_CALIBRATION_ROWS
 
         for name, length in (("max_length", self.max_length), ("answer_max_length", self.answer_max_length)):
@@ -312,6 +314,7 @@ class RoutingDataModule(L.LightningDataModule):
             except ValueError as err:
                 raise ValueError(f"data.{name}: {err}") from None
         ds = self.dataset
+        self.check_tasks_group_queries()
         parts = ds.split(self.split_fractions, seed=self.split_seed)
         sizes = {name: len(part.query_ids) for name, part in parts.items()}
         if min(sizes.values()) < 1 or sizes["calibration"] < MIN_CALIBRATION_ROWS:
@@ -320,7 +323,33 @@ class RoutingDataModule(L.LightningDataModule):
                 f"{self.split_fractions}: every part needs a query and the calibration part at least "
                 f"{MIN_CALIBRATION_ROWS} (λ fitting and the export's calibration halves); use more queries or a "
                 "larger calibration fraction")
+        self.check_costs_differ(parts)
         return parts
+
+    def check_tasks_group_queries(self) -> None:
+        """ValueError when every query of the dataset has a task label of its own (e.g. an id column
+        mapped as ``task``): such labels cannot stratify the split, a test query's task never occurs
+        in training (its task input would be untrained weights), and the task input would be N wide."""
+        ds = self.dataset
+        if ds.tasks is not None and ds.num_queries > 1 and len(set(ds.tasks)) == ds.num_queries:
+            raise ValueError(
+                f"dataset {self.dataset_name!r}: every one of its {ds.num_queries} queries has a task label of its "
+                f"own ({ds.tasks[0]!r}, {ds.tasks[1]!r}, ...), so tasks group nothing; give a task column that groups "
+                "queries (e.g. the benchmark or subject), or none")
+
+    def check_costs_differ(self, parts: dict[str, RoutingDataset]) -> None:
+        """ValueError naming the dataset (and split) when every model has the same mean cost on the
+        dataset or on its calibration or test part: λ fitting, the export's uncertainty selection and
+        the AUC trade quality against cost over [cheapest, costliest] model's mean cost, an empty
+        range then. Checked here so the error comes before training, not after it."""
+        for where, part in (("", self.dataset), (" (calibration split)", parts["calibration"]),
+                            (" (test split)", parts["test"])):
+            means = part.cost.mean(0)
+            if means.max() <= means.min():
+                raise ValueError(
+                    f"dataset {self.dataset_name!r}{where}: every model ({', '.join(part.models)}) costs "
+                    f"{means[0]:.6g} USD per query on average, so a cost budget has nothing to trade off: "
+                    "routing, cascades and their AUC need models of different cost (check the cost columns)")
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

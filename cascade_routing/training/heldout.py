@@ -119,9 +119,14 @@ def estimator_metrics(artifact: EstimatorArtifact, split: EncodedSplit, baseline
     return {name: estimate_aurocs(qe, ds.quality, split.eval_ran, ds.models) for name, qe in estimators.items()}
 
 
+AUROC_LABEL_THRESHOLD = 0.5  # graded quality q counts as a positive label when q >= this (0/1 quality: q itself)
+
+
 def estimate_aurocs(estimator, quality: np.ndarray, eval_ran: torch.Tensor, models: list[str]) -> dict:
-    """Per-model AUROC of three estimates of model m's quality [N, M] (labels: the quality as 0/1),
-    and their means over the models where they are defined (``per_model`` keyed by ``models``):
+    """Per-model AUROC of three estimates of model m's quality [N, M] (labels: quality ≥
+    :data:`AUROC_LABEL_THRESHOLD`, i.e. the quality itself for 0/1 quality; graded quality in [0, 1]
+    adds ``"auroc_labels"`` saying so), and their means over the models where they are defined, i.e.
+    where the labels take both values (``per_model`` keyed by ``models``):
 
     - ``exante_auroc``: before any model ran;
     - ``own_answer_auroc``: after only m ran (what a cascade learns from m's own answer; its gain
@@ -133,30 +138,33 @@ def estimate_aurocs(estimator, quality: np.ndarray, eval_ran: torch.Tensor, mode
     from cascade_routing.evaluation.revealed import own_answer_aurocs
 
     n, m = quality.shape
-    y = torch.from_numpy(np.asarray(quality))
+    quality = np.asarray(quality, dtype=np.float64)
+    # a cast to long would truncate graded quality (0.9 -> 0): every label 0, every AUROC 0 or undefined
+    y = torch.from_numpy(quality >= AUROC_LABEL_THRESHOLD).long()
     rows = torch.arange(n)
     ex = estimator.estimate(rows, torch.zeros(n, m, dtype=torch.bool)).mean
     post = estimator.estimate(rows, eval_ran).mean
-    own = own_answer_aurocs(estimator, y.long())
+    own = own_answer_aurocs(estimator, y)
     per = {}
     for j, model in enumerate(models):
         yj = y[:, j]
         entry = {}
-        if 0 < float(yj.sum()) < n:
-            entry["exante_auroc"] = float(binary_auroc(ex[:, j], yj.long()))
+        if 0 < int(yj.sum()) < n:
+            entry["exante_auroc"] = float(binary_auroc(ex[:, j], yj))
             if own[j] is not None:
                 entry["own_answer_auroc"] = own[j]
         sel = eval_ran[:, j]
         ys = yj[sel]
-        if sel.any() and 0 < float(ys.sum()) < ys.numel():
-            entry["posthoc_auroc"] = float(binary_auroc(post[sel, j], ys.long()))
+        if sel.any() and 0 < int(ys.sum()) < ys.numel():
+            entry["posthoc_auroc"] = float(binary_auroc(post[sel, j], ys))
         per[model] = entry
     means = {
         k: float(np.mean([e[k] for e in per.values() if k in e]))
         for k in ("exante_auroc", "own_answer_auroc", "posthoc_auroc")
         if any(k in e for e in per.values())
     }
-    return {"per_model": per, **means}
+    graded = {} if np.isin(quality, (0.0, 1.0)).all() else {"auroc_labels": f"quality >= {AUROC_LABEL_THRESHOLD}"}
+    return {"per_model": per, **means, **graded}
 
 
 def _bound_estimators(art: EstimatorArtifact, dm: RoutingDataModule, table: EncodedSplit, estimators: tuple[str, ...],
@@ -311,12 +319,25 @@ def print_table(rows: list[dict], metrics: dict, dataset: str) -> None:
     console.print(table)
     for est in ESTIMATORS:
         if est in metrics:
-            e = metrics[est]
-            console.print(
-                f"{est}: ex-ante AUROC (mean over models) {e.get('exante_auroc', float('nan')):.3f}, "
-                f"after its own answer only {e.get('own_answer_auroc', float('nan')):.3f}, "
-                f"post-hoc AUROC of run models {e.get('posthoc_auroc', float('nan')):.3f}"
-            )
+            console.print(auroc_line(est, metrics[est]))
+
+
+def auroc_line(estimator: str, metrics: dict) -> str:
+    """One line with :func:`estimate_aurocs`'s three means; a mean over fewer than all models says
+    how many, and a mean defined for no model (e.g. every model's test outcome constant) says
+    ``undefined`` rather than printing NaN."""
+    per = metrics.get("per_model", {})
+    defined = sum("exante_auroc" in e for e in per.values())
+    if not defined:
+        return f"{estimator}: AUROCs undefined: no model's outcome varies on the test split"
+    over = "models" if defined == len(per) else f"the {defined} of {len(per)} models whose test outcome varies"
+
+    def value(key: str) -> str:
+        return f"{metrics[key]:.3f}" if key in metrics else "undefined"
+
+    labels = f" (labels: {metrics['auroc_labels']})" if "auroc_labels" in metrics else ""
+    return (f"{estimator}: ex-ante AUROC (mean over {over}) {value('exante_auroc')}, after its own answer only "
+            f"{value('own_answer_auroc')}, post-hoc AUROC of run models {value('posthoc_auroc')}{labels}")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

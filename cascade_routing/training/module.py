@@ -62,7 +62,8 @@ class QualityEstimatorModule(L.LightningModule):
         encoder_lr: learning rate of the encoder when fine-tuning.
         neighbours: k of the neighbour prior over the training split's queries (0: off; needs a frozen
             encoder, since the memory holds fixed embeddings); capped at N_train − 1, and the
-            network config records the k used. See ``neighbours.py``.
+            network config records the k used (0, no prior, when the train split has one query).
+            See ``neighbours.py``.
         text_statistics: feed the query text statistics (``features.text_statistics``).
         query_embedding_input: also feed the query embedding itself to the query MLP (always on when
             fine-tuning the encoder, whose only path to the heads it is). Off by default: with neighbours and statistics on, feeding it lowered test AUROC on both
@@ -166,21 +167,23 @@ class QualityEstimatorModule(L.LightningModule):
             raise ValueError("model.neighbours needs a frozen encoder; set model.neighbours: 0 to fine-tune the encoder")
         if hp.neighbours and memory is None:
             raise ValueError("model.neighbours > 0 needs the training split's embeddings and qualities (memory)")
+        # a training query never counts itself, so one training query leaves no neighbour: k = 0, no prior
+        k = 0 if not hp.neighbours else min(int(hp.neighbours), int(memory[0].shape[0]) - 1)
         config = NetworkConfig(
             num_models=len(models), embed_dim=embed_dim, num_tasks=num_tasks, hidden=hp.hidden, dropout=hp.dropout,
             num_answer_features=4 + len(models),
             num_query_features=len(TEXT_STATISTICS) if hp.text_statistics else 0,
-            neighbours=0 if not hp.neighbours else min(int(hp.neighbours), int(memory[0].shape[0]) - 1),
-            memory_size=0 if not hp.neighbours else int(memory[0].shape[0]),
+            neighbours=k,
+            memory_size=int(memory[0].shape[0]) if k else 0,
             # a fine-tuned encoder reaches the heads only through q; so does everything without other inputs
             query_embedding_input=bool(
-                hp.query_embedding_input or hp.finetune_encoder or not (hp.neighbours or hp.text_statistics or num_tasks)
+                hp.query_embedding_input or hp.finetune_encoder or not (k or hp.text_statistics or num_tasks)
             ),
             confidence_encoding=hp.confidence_encoding if confidences else "logprob",
         )
         self.hparams.update(network_config=config.to_dict(), models=list(models), binary=bool(binary))
         self._build_network(config, list(models), bool(binary), encoder if hp.finetune_encoder else None)
-        if hp.neighbours:
+        if k:
             self.network.set_memory(*memory)
 
     def _build_network(self, config: NetworkConfig, models: list[str], binary: bool, encoder: nn.Module | None) -> None:
