@@ -37,15 +37,18 @@ def _reproduce(args: argparse.Namespace) -> int:
         dataset = load_dataset(args.dataset)
     result = reproduce_routerbench(
         out_dir=args.out, dataset=dataset, pools=pools, seed=args.seed, quick=args.quick,
-        num_samples=args.num_samples, num_resamples=args.resamples, progress=not args.no_progress,
-        device=args.device,
+        num_samples=args.num_samples, budgets_per_pair=args.budgets_per_pair, num_resamples=args.resamples,
+        progress=not args.no_progress, device=args.device,
     )
     print(f"wrote {result.out_dir}/results.csv, table.md, curves.png (+ .svg) in {result.seconds:.1f} s")
     return 0
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add this stage's subcommands (each sets `func`)."""
+    """Add this stage's subcommands (each sets `func`); defaults are reproduce_routerbench's
+    (:mod:`cascade_routing.evaluation.protocol`'s paper constants)."""
+    from cascade_routing.evaluation import protocol
+
     rep = subparsers.add_parser("reproduce", help="reproduce an experiment of the paper")
     rep_sub = rep.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     rb = rep_sub.add_parser(
@@ -59,7 +62,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                          "dataset's non-dominated models and all models")
     rb.add_argument("--seed", type=int, default=0)
     rb.add_argument("--num-samples", type=positive_int, default=128, help="quasi-random draws for E[max]")
-    rb.add_argument("--resamples", type=positive_int, default=500, help="bootstrap resamples for the CI")
+    rb.add_argument("--budgets-per-pair", type=positive_int, default=protocol.PAPER_BUDGETS_PER_PAIR,
+                    help="budgets between consecutive non-dominated models (default: %(default)s, the paper's)")
+    rb.add_argument("--resamples", type=positive_int, default=protocol.PAPER_NUM_RESAMPLES,
+                    help="bootstrap resamples for the CI (default: %(default)s)")
     rb.add_argument("--quick", action="store_true", help="first pool, low noise, 4 budgets per pair, at most 100 bootstrap resamples")
     rb.add_argument("--no-progress", action="store_true", help="no progress bar")
     rb.add_argument("--device", default="cpu", help="where the estimators' tables and the engine run (cpu, cuda)")

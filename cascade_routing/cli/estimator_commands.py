@@ -8,11 +8,13 @@ import json
 import os
 
 from cascade_routing.cli.arguments import positive_int
+from cascade_routing.evaluation import protocol
+from cascade_routing.evaluation.protocol import ESTIMATORS
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add this stage's subcommands (each sets `func`)."""
-    from cascade_routing.evaluation import protocol
+    """Add this stage's subcommands (each sets `func`); defaults are the wrapped functions' (the
+    shared constants of :mod:`cascade_routing.evaluation.protocol`)."""
     p = subparsers.add_parser(
         "evaluate",
         help="AUC of routing / cascades / cascade routing with a trained estimator vs the paper-style baseline",
@@ -69,7 +71,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     e.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
     e.add_argument("--out", default=None, help="artifact path (default: artifacts/<name>.safetensors for "
                                                 "runs/<name>/checkpoints/*.ckpt, as fit writes; else artifacts/<dataset>.safetensors)")
-    e.add_argument("--budgets-per-pair", type=positive_int, default=3, help="budgets per pair of the fitted λ tables")
+    e.add_argument("--budgets-per-pair", type=positive_int, default=protocol.EXPORT_BUDGETS_PER_PAIR,
+                   help="budgets per pair of the fitted λ tables (default: %(default)s)")
     e.add_argument("--no-lambdas", action="store_true", help="skip fitting the λ tables")
     e.add_argument("--no-select", action="store_true", help="choose the uncertainty mode by val NLL only")
     e.set_defaults(func=_export)
@@ -81,20 +84,19 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     _register_distill(subparsers)
 
 
-def _strategies(arg: str | None):
+def _strategies(arg: str | None) -> tuple[str, ...]:
+    """``--strategies a,b``: the names in order (none given: every strategy). Not checked here:
+    :func:`~cascade_routing.training.heldout.evaluate` checks them, so the CLI and the API refuse a
+    bad name with one message."""
     from cascade_routing.policies.registry import STRATEGIES
 
     if not arg:
         return STRATEGIES
-    chosen = tuple(s.strip() for s in arg.split(",") if s.strip())
-    bad = [s for s in chosen if s not in STRATEGIES]
-    if bad:
-        raise ValueError(f"unknown strategies {bad}; choose from {list(STRATEGIES)}")
-    return chosen
+    return tuple(s.strip() for s in arg.split(",") if s.strip())
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from cascade_routing.training.heldout import ESTIMATORS, evaluate
+    from cascade_routing.training.heldout import evaluate
     from cascade_routing.estimators.runtime import configure_threads
 
     configure_threads()
@@ -113,11 +115,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | None = None, out: str | None = None,
-               budgets_per_pair: int | None = None, num_resamples: int | None = None, log_wandb: bool = True,
-               estimators: tuple[str, ...] = ("learned", "baseline")):
+               budgets_per_pair: int = protocol.BUDGETS_PER_PAIR, num_resamples: int = protocol.NUM_RESAMPLES,
+               log_wandb: bool = True, estimators: tuple[str, ...] = ESTIMATORS):
     """Train with ``config`` (one or more config names / paths, composed in order; the project's
     LightningCLI, in-process) and evaluate the artifact it exports with the shared protocol
-    (``estimators``: as in :func:`~cascade_routing.training.heldout.evaluate`).
+    (``budgets_per_pair``, ``num_resamples``, ``estimators``: as in
+    :func:`~cascade_routing.training.heldout.evaluate`, and checked as it checks them, before training).
 
     One experiment is one wandb run: the training run stays open and the evaluation logs into it.
     """
@@ -128,9 +131,10 @@ def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | N
     from cascade_routing.training.export import ExportArtifact
     from cascade_routing.cli.data_commands import print_input_warnings
     from cascade_routing.training.lightning_cli import lightning_cli
-    from cascade_routing.evaluation import protocol
     from cascade_routing.training.export import check_output_folder
 
+    protocol.check_settings(budgets_per_pair, num_resamples)  # before training, not after it
+    protocol.check_names(estimators, ESTIMATORS, "estimators")
     configs = [config] if isinstance(config, str) else list(config)
     args = ["fit"] + [a for c in configs for a in ("--config", c)] + list(overrides or [])
     name = experiment_name(args) or "experiment"
@@ -144,10 +148,8 @@ def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | N
     if exports[0].artifact_path is None:
         raise RuntimeError(f"training wrote no artifact (export skipped: {exports[0].skipped}); nothing to evaluate")
     train_s = time.perf_counter() - t0
-    result = evaluate(str(exports[0].artifact_path), out_dir=out,
-                      budgets_per_pair=budgets_per_pair or protocol.BUDGETS_PER_PAIR,
-                      num_resamples=num_resamples or protocol.NUM_RESAMPLES,
-                      cache_dir=cli.datamodule.cache_dir, log_wandb=log_wandb, estimators=estimators)
+    result = evaluate(str(exports[0].artifact_path), out_dir=out, budgets_per_pair=budgets_per_pair,
+                      num_resamples=num_resamples, cache_dir=cli.datamodule.cache_dir, log_wandb=log_wandb, estimators=estimators)
     print(f"train {train_s:.0f} s, evaluate {result.seconds:.0f} s, total {time.perf_counter() - t0:.0f} s")
     print_input_warnings(cli.datamodule.input_messages, f"dataset {cli.datamodule.dataset_name!r}")  # again, last
     return result
@@ -171,7 +173,7 @@ def train_passthrough(args: argparse.Namespace) -> int:
 def _train_eval(args: argparse.Namespace) -> int:
     overrides = [o for o in (args.overrides or []) if o != "--"]
     train_eval(args.config or ["routerbench"], overrides, args.out, args.budgets_per_pair, args.resamples,
-               not args.no_wandb, estimators=("learned",) if args.no_baseline else ("learned", "baseline"))
+               not args.no_wandb, estimators=("learned",) if args.no_baseline else ESTIMATORS)
     return 0
 
 

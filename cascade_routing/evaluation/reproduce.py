@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cascade_routing.evaluation.protocol import PAPER_BUDGETS_PER_PAIR, PAPER_NUM_RESAMPLES
 from cascade_routing.evaluation.synthetic import synthetic_estimators
 from cascade_routing.evaluation.metrics import nondominated_models, sweep_budgets
 from cascade_routing.evaluation.plots import plot_curves
@@ -141,8 +142,8 @@ def reproduce_routerbench(
     noise_levels: tuple[str, ...] = NOISE_LEVELS,
     strategies: tuple[str, ...] = STRATEGIES,
     fit_fraction: float = 0.05,
-    budgets_per_pair: int = 10,
-    num_resamples: int = 500,
+    budgets_per_pair: int = PAPER_BUDGETS_PER_PAIR,
+    num_resamples: int = PAPER_NUM_RESAMPLES,
     num_samples: int = 128,
     seed: int = 0,
     quick: bool = False,

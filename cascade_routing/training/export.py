@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from cascade_routing.calibration.build import export_trained
+from cascade_routing.evaluation.protocol import EXPORT_BUDGETS_PER_PAIR, check_count
 
 
 def check_output_folder(path: str | os.PathLike, setting: str) -> None:
@@ -32,7 +33,7 @@ def check_output_folder(path: str | os.PathLike, setting: str) -> None:
 def export_checkpoint(
     ckpt: str | Path,
     path: str | Path | None = None,
-    budgets_per_pair: int = 3,
+    budgets_per_pair: int = EXPORT_BUDGETS_PER_PAIR,
     fit_lambdas: bool = True,
     select: bool = True,
     cache_dir: str | None = None,
@@ -45,11 +46,14 @@ def export_checkpoint(
     default: :func:`~cascade_routing.training.datamodule.checkpoint_data_settings`); then
     :func:`export_trained`. Without ``path``, a checkpoint at ``<root>/checkpoints/*.ckpt`` (what
     ``train.py fit`` writes) is exported to ``artifacts/<root name>.safetensors``, the file ``fit``
-    itself writes; any other to ``artifacts/<dataset>.safetensors``.
+    itself writes; any other to ``artifacts/<dataset>.safetensors``. ``budgets_per_pair`` below 1 (or
+    not an integer) is a ValueError naming it before anything loads, as ``export --budgets-per-pair``
+    refuses it.
     """
     from cascade_routing.training.datamodule import RoutingDataModule, checkpoint_data_settings
     from cascade_routing.training.module import QualityEstimatorModule
 
+    check_count("budgets_per_pair", budgets_per_pair)
     ckpt = Path(ckpt)
     if path is None and ckpt.resolve().parent.name == "checkpoints":
         path = Path("artifacts") / f"{ckpt.resolve().parent.parent.name}.safetensors"
@@ -79,20 +83,26 @@ class ExportArtifact(L.Callback):
 
     Args:
         path: output file (``.safetensors``); None: :func:`~cascade_routing.calibration.build.default_artifact_path`.
-        budgets_per_pair: budgets between consecutive non-dominated models for the λ tables.
+        budgets_per_pair: budgets between consecutive non-dominated models for the λ tables (an
+            integer >= 1: checked before training, in ``setup``, and by ``train.py`` before anything
+            loads, so a bad value never fails at the end of a fit).
         fit_lambdas: fit the λ/γ tables (set false for quick experiments).
         select_uncertainty: choose the default uncertainty mode by calibration-split decision
             quality (:func:`~cascade_routing.calibration.selection.select_uncertainty`); false: by val NLL.
     """
 
-    def __init__(self, path: str | None = None, budgets_per_pair: int = 3, fit_lambdas: bool = True,
-                 select_uncertainty: bool = True) -> None:
+    def __init__(self, path: str | None = None, budgets_per_pair: int = EXPORT_BUDGETS_PER_PAIR,
+                 fit_lambdas: bool = True, select_uncertainty: bool = True) -> None:
         self.path = path
         self.budgets_per_pair = budgets_per_pair
         self.fit_lambdas = fit_lambdas
         self.select_uncertainty = select_uncertainty
         self.artifact_path: Path | None = None
         self.skipped: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        """Before training: ``budgets_per_pair`` as ``export_checkpoint`` requires it (ValueError naming it)."""
+        check_count("ExportArtifact budgets_per_pair", self.budgets_per_pair)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.fast_dev_run or trainer.interrupted or trainer.global_step == 0:

@@ -30,13 +30,14 @@ import numpy as np
 import torch
 
 from cascade_routing.estimators.artifact import DEFAULT_ENCODER, EstimatorArtifact, load_artifact
+from cascade_routing.estimators.learned import UNCERTAINTY_MODES
 from cascade_routing.training.datamodule import EncodedSplit, RoutingDataModule
 from cascade_routing.evaluation import protocol
 from cascade_routing.calibration.binding import bind_split, refresh_query_embeddings
 from cascade_routing.calibration.lambda_tables import min_reachable_budget
 from cascade_routing.policies.registry import STRATEGIES, calibrated_policy
 
-ESTIMATORS = ("learned", "baseline")
+ESTIMATORS = protocol.ESTIMATORS
 
 
 @dataclass
@@ -253,13 +254,17 @@ def evaluate(
     """See the module docstring. Returns the table rows (one per estimator × strategy).
 
     ``uncertainty`` overrides the artifact's uncertainty method (variance, covariance, none).
-    Bad settings (``budgets_per_pair`` or ``num_resamples`` below 1, an unknown strategy or
-    estimator name) are a ValueError before anything loads (:func:`~cascade_routing.evaluation.
-    protocol.check_settings`, :func:`~cascade_routing.evaluation.protocol.check_names`).
+    Bad settings (``budgets_per_pair`` or ``num_resamples`` below 1, an unknown strategy, estimator
+    or uncertainty name) are a ValueError before anything loads (:func:`~cascade_routing.evaluation.
+    protocol.check_settings`, :func:`~cascade_routing.evaluation.protocol.check_names`); the CLI
+    passes its flags here unchecked beyond their type, so both refuse a bad value alike.
     """
     protocol.check_settings(budgets_per_pair, num_resamples)
     protocol.check_names(strategies, STRATEGIES, "strategies")
     protocol.check_names(estimators, ESTIMATORS, "estimators")
+    if uncertainty is not None and uncertainty not in UNCERTAINTY_MODES:
+        raise ValueError(f"uncertainty must be one of {list(UNCERTAINTY_MODES)} or None (the artifact's), "
+                         f"got {uncertainty!r}")
     if out_dir is not None:
         from cascade_routing.training.export import check_output_folder
 

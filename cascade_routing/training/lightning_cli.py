@@ -25,6 +25,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from cascade_routing.configs import CONFIG_FLAGS, expand_config_args
+from cascade_routing.evaluation.protocol import EXPORT_BUDGETS_PER_PAIR, check_count
 from cascade_routing.training.checkpoint_file import check_training_checkpoint
 from cascade_routing.training.datamodule import RoutingDataModule
 from cascade_routing.training.export import check_output_folder
@@ -119,9 +120,13 @@ class CascadeLightningCLI(LightningCLI):
 
 
 def _check_outputs(item) -> None:
-    """The folders a logger or callback (``class_path`` + ``init_args``) writes into: not files."""
+    """The folders a logger or callback (``class_path`` + ``init_args``) writes into: not files; and
+    ``ExportArtifact``'s ``budgets_per_pair`` an integer >= 1 (checked here, before anything loads, as
+    ``export --budgets-per-pair`` checks it)."""
     name = str(item.class_path).rsplit(".", 1)[-1]
     args = item.init_args
+    if name == "ExportArtifact":
+        check_count("ExportArtifact budgets_per_pair", getattr(args, "budgets_per_pair", EXPORT_BUDGETS_PER_PAIR))
     for key in ("save_dir", "dirpath"):
         if isinstance(getattr(args, key, None), str):
             check_output_folder(getattr(args, key), f"{name} {key}")
