@@ -50,7 +50,7 @@ from cascade_routing.estimators import encoding
 from cascade_routing.interfaces import checked_queries
 from cascade_routing.estimators.cost import BoundCostEstimator, CostModel
 from cascade_routing.estimators.features import UnseenTaskWarning, task_onehot, text_statistics, unseen_task_message
-from cascade_routing.estimators.learned import UNCERTAINTY_MODES, LearnedQualityEstimator, coverage_ids
+from cascade_routing.estimators.learned import LearnedQualityEstimator, check_uncertainty_mode, coverage_ids
 from cascade_routing.estimators.masks import on_all_sets
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 
@@ -325,8 +325,7 @@ class EstimatorArtifact:
         if tasks is not None and len(tasks) != n:
             raise ArtifactError(f"{len(tasks)} task labels for {n} queries")
         mode = uncertainty or self.uncertainty
-        if mode not in UNCERTAINTY_MODES:
-            raise ArtifactError(f"uncertainty must be one of {UNCERTAINTY_MODES}, got {mode!r}")
+        check_uncertainty_mode(mode, ArtifactError)
         q = self.embed_queries(queries) if query_embeddings is None else query_embeddings
         q = torch.as_tensor(np.asarray(q, dtype=np.float32))
         if q.shape != (n, self.network_config["embed_dim"]):

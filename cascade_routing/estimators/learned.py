@@ -33,6 +33,12 @@ UNCERTAINTY_MODES = ("variance", "covariance", "none")
 COV_JITTER = 1e-6
 
 
+def check_uncertainty_mode(mode: object, error: type[Exception] = ValueError) -> None:
+    """``error`` naming ``mode`` unless it is one of :data:`UNCERTAINTY_MODES`."""
+    if mode not in UNCERTAINTY_MODES:
+        raise error(f"uncertainty must be one of {UNCERTAINTY_MODES}, got {mode!r}")
+
+
 class UncoveredRanSetError(LookupError):
     """A covariance lookup of a ran-set outside the artifact's restricted table."""
 
@@ -70,8 +76,7 @@ class LearnedQualityEstimator:
         query_feat: Tensor | None = None,
         covariance_coverage: Mapping | None = None,
     ) -> None:
-        if uncertainty not in UNCERTAINTY_MODES:
-            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_MODES}, got {uncertainty!r}")
+        check_uncertainty_mode(uncertainty)
         if uncertainty == "covariance" and covariances is None:
             raise ValueError("uncertainty='covariance' needs the residual covariances (none in this artifact)")
         n, m = query_emb.shape[0], len(models)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cascade_routing.estimators.artifact import DEFAULT_ENCODER, EstimatorArtifact, load_artifact
-from cascade_routing.estimators.learned import UNCERTAINTY_MODES
+from cascade_routing.estimators.learned import check_uncertainty_mode
 from cascade_routing.training.datamodule import EncodedSplit, RoutingDataModule
 from cascade_routing.evaluation import protocol
 from cascade_routing.calibration.binding import bind_split, refresh_query_embeddings
@@ -262,9 +262,8 @@ def evaluate(
     protocol.check_settings(budgets_per_pair, num_resamples)
     protocol.check_names(strategies, STRATEGIES, "strategies")
     protocol.check_names(estimators, ESTIMATORS, "estimators")
-    if uncertainty is not None and uncertainty not in UNCERTAINTY_MODES:
-        raise ValueError(f"uncertainty must be one of {list(UNCERTAINTY_MODES)} or None (the artifact's), "
-                         f"got {uncertainty!r}")
+    if uncertainty is not None:  # None: the artifact's own
+        check_uncertainty_mode(uncertainty)
     if out_dir is not None:
         from cascade_routing.training.export import check_output_folder
 
