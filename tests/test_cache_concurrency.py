@@ -456,3 +456,26 @@ def test_download_file_leaves_no_temporary_file_on_a_checksum_mismatch(tmp_path:
     with pytest.raises(DatasetError, match="checksum mismatch"):
         download_file(slow_server, dest, "0" * 64, progress=False)
     assert list(dest.parent.iterdir()) == []
+
+
+def test_a_cold_load_reads_the_converted_folder_once(xdg: Path, raw_data_dir: Path, monkeypatch) -> None:
+    """The conversion is validated by reading its private copy back; that copy is what a cold
+    ``load_dataset`` returns, instead of reading the published folder a second time."""
+    import cascade_routing.data.registry as registry
+
+    monkeypatch.setenv("CASCADE_ROUTING_DATA_DIR", str(raw_data_dir))
+    reads: list[Path] = []
+    real = registry.load_dataset_folder
+    monkeypatch.setattr(registry, "load_dataset_folder", lambda path, *a, **k: reads.append(Path(path)) or real(path, *a, **k))
+    assert load_dataset(NAME, progress=False).num_queries == ROWS
+    assert len(reads) == 1 and reads[0] != converted_path(NAME)  # the private copy, before publishing
+    assert load_dataset(NAME, progress=False).num_queries == ROWS  # warm: the published folder, once
+    assert reads[1:] == [converted_path(NAME)]
+
+
+def test_download_file_into_a_folder_under_a_file_names_the_folder(tmp_path: Path, slow_server: str) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(DatasetError, match=re.escape(f"cannot use the cache folder {blocker}/out: Not a directory; "
+                                                     "choose a writable destination")):
+        download_file(slow_server, blocker / "out" / "file.bin", "0" * 64, progress=False)

@@ -75,7 +75,7 @@ def test_export_refuses_bad_budgets_per_pair_before_any_work(tmp_path, monkeypat
     with pytest.raises(ValueError, match="budgets_per_pair must be an integer >= 1, got 0"):
         export_checkpoint("missing.ckpt", "unused/x.safetensors", budgets_per_pair=0)
     with pytest.raises(ValueError, match="budgets_per_pair must be an integer >= 1, got 2.5"):
-        ExportArtifact(budgets_per_pair=2.5).setup(None, None, "fit")  # a Trainer's callback: before training
+        ExportArtifact(budgets_per_pair=2.5)  # refused when constructed, before any Trainer uses it
     monkeypatch.chdir(tmp_path)
     config = yaml.safe_load(_config(tmp_path).read_text())
     config["trainer"]["callbacks"] = [{"class_path": "cascade_routing.training.export.ExportArtifact",

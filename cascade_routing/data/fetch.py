@@ -131,18 +131,17 @@ def download_file(
     *,
     client: httpx.Client | None = None,
     progress: bool = True,
+    folder_hint: str = "choose a writable destination",
 ) -> Path:
     """Stream ``url`` to ``dest``, verifying SHA-256; on mismatch delete the download and raise.
 
     The bytes go to a temporary file of this call alone (:func:`unique_temp_path`), which replaces
     ``dest`` atomically once verified, so concurrent calls for the same ``dest`` (two processes on
     a cold cache) each end with a complete verified ``dest``. Errors: :class:`DownloadError` (HTTP,
-    network), :class:`ChecksumError`, :class:`DatasetError` (``dest``'s folder cannot be written).
+    network), :class:`ChecksumError`, :class:`DatasetError` (``dest``'s folder cannot be created or
+    written: :func:`ensure_cache_dir`'s message, ending with ``folder_hint``).
     """
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DatasetError(f"cannot create the folder {dest.parent} for {dest.name}: {err.strerror or err}") from None
+    ensure_cache_dir(dest.parent, folder_hint)
     part = unique_temp_path(dest, ".part")
     try:
         actual = _stream_to(url, part, dest.name, client=client, progress=progress)
@@ -214,9 +213,8 @@ def fetch_files(
     root = cache_root() / "raw"
     todo = [f for f in files if not _cached_and_valid(root / f.folder / f.path, f.sha256)]
     for f in tqdm(todo, desc="downloading", unit="file", disable=not progress or len(todo) < 2):
-        dest = root / f.folder / f.path
-        ensure_cache_dir(dest.parent, RAW_CACHE_HINT)
-        download_file(f.url, dest, f.sha256, client=client, progress=progress)
+        download_file(f.url, root / f.folder / f.path, f.sha256, client=client, progress=progress,
+                      folder_hint=RAW_CACHE_HINT)
     return root
 
 

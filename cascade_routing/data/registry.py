@@ -235,6 +235,13 @@ def fetch(
     copy is cached, that copy is used with a warning (it was converted from verified files); a
     checksum mismatch is never passed over. Safe to run in several processes at once.
     """
+    return _fetch(name, client=client, progress=progress, refresh=refresh)[0]
+
+
+def _fetch(name: str, *, client: httpx.Client | None = None, progress: bool = True,
+           refresh: bool = False) -> tuple[Path, RoutingDataset | None]:
+    """:func:`fetch`, plus the dataset as read back when this call converted it (else ``None``), so a
+    cold load does not read the folder it has just validated a second time."""
     spec = get_spec(name)
     target = converted_path(name)
     try:
@@ -243,11 +250,11 @@ def fetch(
         if refresh or not is_complete_dataset_folder(target):
             raise
         warnings.warn(f"{name}: the raw files could not be downloaded to verify ({err}); using the converted "
-                      f"copy cached at {target}", stacklevel=2)
-        return target
+                      f"copy cached at {target}", stacklevel=3)
+        return target, None
     if refresh or not is_complete_dataset_folder(target):
-        _convert_into_cache(spec, root, target, replace=refresh)
-    return target
+        return target, _convert_into_cache(spec, root, target, replace=refresh)
+    return target, None
 
 
 def _convert_into_cache(spec: DatasetSpec, root: Path, target: Path, *, replace: bool) -> RoutingDataset:
@@ -336,7 +343,9 @@ def _load_registered(name: str, *, progress: bool) -> RoutingDataset:
     beyond what :func:`fetch` checks, or replaced by another process while read), it is converted
     again and the conversion is returned as read back from its private folder, so a concurrent
     process replacing the cache cannot make this call fail."""
-    folder = fetch(name, progress=progress)
+    folder, converted = _fetch(name, progress=progress)
+    if converted is not None:
+        return converted
     try:
         return load_dataset_folder(folder)
     except DatasetError:

@@ -84,8 +84,8 @@ class ExportArtifact(L.Callback):
     Args:
         path: output file (``.safetensors``); None: :func:`~cascade_routing.calibration.build.default_artifact_path`.
         budgets_per_pair: budgets between consecutive non-dominated models for the λ tables (an
-            integer >= 1: checked before training, in ``setup``, and by ``train.py`` before anything
-            loads, so a bad value never fails at the end of a fit).
+            integer >= 1: checked when constructed, and by ``train.py`` before anything loads, so a
+            bad value never fails at the end of a fit).
         fit_lambdas: fit the λ/γ tables (set false for quick experiments).
         select_uncertainty: choose the default uncertainty mode by calibration-split decision
             quality (:func:`~cascade_routing.calibration.selection.select_uncertainty`); false: by val NLL.
@@ -93,16 +93,13 @@ class ExportArtifact(L.Callback):
 
     def __init__(self, path: str | None = None, budgets_per_pair: int = EXPORT_BUDGETS_PER_PAIR,
                  fit_lambdas: bool = True, select_uncertainty: bool = True) -> None:
+        check_count("ExportArtifact budgets_per_pair", budgets_per_pair)
         self.path = path
         self.budgets_per_pair = budgets_per_pair
         self.fit_lambdas = fit_lambdas
         self.select_uncertainty = select_uncertainty
         self.artifact_path: Path | None = None
         self.skipped: str | None = None
-
-    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        """Before training: ``budgets_per_pair`` as ``export_checkpoint`` requires it (ValueError naming it)."""
-        check_count("ExportArtifact budgets_per_pair", self.budgets_per_pair)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.fast_dev_run or trainer.interrupted or trainer.global_step == 0:
