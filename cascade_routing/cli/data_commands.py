@@ -87,12 +87,20 @@ def import_input_warnings(queries: list[str], max_length: int, truncation: str) 
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from cascade_routing.data.describe import render_summary, summarize
-    from cascade_routing.data.importer import import_table
+    """Import ``args.file`` with ``args.mapping`` and save it. Warnings about the data (costs far above
+    their column's median, queries the encoder cannot tell apart) are printed after the summary as
+    ``WARNING`` lines, not as Python warnings with a source line."""
+    import warnings
 
-    ds = import_table(args.file, args.mapping, name=args.name)
+    from cascade_routing.data.describe import render_summary, summarize
+    from cascade_routing.data.importer import CostOutlierWarning, import_table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CostOutlierWarning)  # the same text is in the report's notes
+        ds = import_table(args.file, args.mapping, name=args.name)
+    messages = list(ds.metadata["conversion_report"]["notes"])
     try:  # before saving: a --max-length the tokenizer cannot use must not leave a folder behind
-        warnings = import_input_warnings(list(ds.queries), args.max_length, args.truncation)
+        messages += import_input_warnings(list(ds.queries), args.max_length, args.truncation)
     except ValueError as err:
         raise ValueError(f"--max-length {args.max_length}: {err}") from None
     out = Path(args.output) if args.output else Path(f"{Path(args.file).stem}-dataset")
@@ -103,7 +111,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     # a bare registered name means the registered dataset (load_dataset), so the folder needs "./"
     ref = f"./{out}" if str(out) in {spec.name for spec in list_datasets()} else str(out)
     print(f"saved to {out} (load with cascade_routing.data.load_dataset({ref!r}))")
-    print_input_warnings(warnings, str(out))
+    print_input_warnings(messages, str(out))
     return 0
 
 

@@ -6,7 +6,9 @@ returns an :class:`ImportSpec`. Every mistake that would otherwise import wrong 
 is refused here, naming the key:
 
 - an unknown key (a misspelt ``querry_id`` would silently number the queries 0..N-1);
-- a column name that is not a string (a list, a number, null);
+- a column name that is not a string (a list, a number, null), or a model name that is not one;
+  a name YAML reads as a number or boolean (``3.5``, ``yes``) and an unquoted ``{model}``
+  template (YAML reads ``{`` as a mapping) get a hint to quote them;
 - a template without ``{model}`` in the list form with several models (every model would read
   the same quality column);
 - one column used twice among the models' quality, cost and response columns, or a model column
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +137,8 @@ def load_mapping(mapping: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
     try:
         value = yaml.load(text, Loader=_unique_key_loader())  # YAML is a superset of JSON
     except yaml.YAMLError as err:
-        raise DatasetError(f"{where}: cannot parse the column mapping: {err}") from None
+        hint = _UNQUOTED_TEMPLATE_HINT if re.search(r":\s*\{model\}", text) else ""
+        raise DatasetError(f"{where}: cannot parse the column mapping: {err}{hint}") from None
     if not isinstance(value, dict):
         raise DatasetError(f"{where}: the column mapping must be a mapping (see cascade_routing.data.importer)")
     return value
@@ -148,9 +152,28 @@ def _unknown_keys(given: Mapping[str, Any], allowed: tuple[str, ...], where: str
             raise DatasetError(f"{where}: unknown key {key!r}{hint}; allowed keys are {list(allowed)}")
 
 
-def _column(value: Any, where: str) -> str:
+_UNQUOTED_TEMPLATE_HINT = (f" (YAML reads an unquoted {MODEL_PLACEHOLDER} as a mapping: quote each template, e.g. "
+                           f"quality: \"{MODEL_PLACEHOLDER}_ok\")")
+
+
+def _quote_hint(value: Any) -> str:
+    """A hint for a value YAML parsed as something other than the string the user wrote: an unquoted
+    ``{model}`` (read as the mapping ``{'model': None}``) or a name such as ``3.5``, ``2024`` or ``yes``
+    (read as a number or boolean). Empty for anything else."""
+    if isinstance(value, Mapping) and len(value) == 1 and MODEL_PLACEHOLDER[1:-1] in value:
+        return _UNQUOTED_TEMPLATE_HINT
+    if isinstance(value, bool):
+        return " (YAML read it as a boolean: quote the name as written, e.g. 'yes')"
+    if isinstance(value, (int, float)):
+        return f" (YAML read it as a {type(value).__name__}: quote the name as written, e.g. '{value}')"
+    return ""
+
+
+def _column(value: Any, where: str, what: str = "a column name") -> str:
+    """``value`` when it is a non-blank string; otherwise a :class:`DatasetError` saying that the value
+    at ``where`` must be ``what`` (with a hint to quote it when YAML read it as another type)."""
     if not isinstance(value, str) or not value.strip():
-        raise DatasetError(f"{where} must be a column name (a non-empty string), got {value!r}")
+        raise DatasetError(f"{where} must be {what} (a non-empty string), got {value!r}{_quote_hint(value)}")
     return value
 
 
@@ -164,7 +187,7 @@ def _features(value: Any, where: str) -> dict[str, str]:
 
 
 def _template_models(spec: Mapping[str, Any], names: list[Any]) -> dict[str, ModelColumns]:
-    models = [_column(n, "mapping: each entry of 'models'") for n in names]
+    models = [_column(n, "mapping: each entry of 'models'", "a model name") for n in names]
     if len(set(models)) != len(models):
         raise DatasetError(f"mapping: duplicate model names in {models}")
     templates = {key: _column(spec[key], f"mapping: {key!r}") for key in ("quality", "cost", "response")
@@ -194,7 +217,7 @@ def _explicit_models(models: Mapping[Any, Any], spec: Mapping[str, Any]) -> dict
                                "with one entry per model, give it inside each model's entry")
     out = {}
     for name, entry in models.items():
-        m = _column(name, "mapping: a model name")
+        m = _column(name, "mapping: each key of 'models'", "a model name")
         where = f"mapping: model {m!r}"
         if not isinstance(entry, Mapping):
             raise DatasetError(f"{where} must map quality/cost/response/features to columns, e.g. "

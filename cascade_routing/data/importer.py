@@ -33,20 +33,26 @@ holding ``;``, a tab or ``|`` (or whose rows do not have the header's cell count
 holds ``;`` or a tab) is refused with a hint to save it comma-separated. CSV quoting is strict: a
 quote that is never closed (it would swallow every later row into one cell) or text after a closing
 quote is an error naming the line. A repeated column (CSV header, Parquet schema) or a repeated key
-in a JSONL object is an error. The mapping is checked before any row is read
-(:mod:`cascade_routing.data.import_mapping`: unknown keys, templates without ``{model}``, one column
-for two models, a feature column that is a quality column, fewer than two models are errors). Every
+in a JSONL object is an error, except a repeated unnamed (blank) column, such as the trailing empty
+columns of a spreadsheet export: no mapping can name it, so it is ignored like any unmapped column.
+A missing column names the nearest column the file has (``' a_ok'`` for ``'a_ok'``). The mapping is
+checked before any row is read (:mod:`cascade_routing.data.import_mapping`: unknown keys, templates
+without ``{model}``, one column for two models, a feature column that is a quality column, fewer than
+two models are errors). Every
 problem raises :class:`DatasetError` naming the file, the data row (0-based, header and blank lines
 not counted) with its line in a text file, the model and the column; a file that cannot be read, or
-an output folder that cannot be written, names the path. Quality is a number in [0, 1] or a boolean
+an output folder that cannot be written, names the path; an empty or absent cell names its model and
+role (quality, cost, feature) too. Quality is a number in [0, 1] or a boolean
 (``true``/``false`` in any case); cost and features are numbers. A cost above :data:`MAX_COST_USD`
 (1e6 USD: no single query costs a million dollars, so such a value is a unit or export mistake, and
 values near the float limit overflow the cost estimates later) is an error. A cost more than
 :data:`COST_OUTLIER_FACTOR` (1000) times the median of its model's cost column (when that median
 is above 0) is kept but warned about (a :class:`CostOutlierWarning` naming the row, model and column, also
-listed in ``metadata["conversion_report"]["notes"]``). Query ids, when mapped, must be present and
-unique, and the query text non-blank; with ``missing: drop`` a row whose query, quality, cost or
-feature cell is empty (or absent from a JSONL object) is dropped and listed in
+listed in ``metadata["conversion_report"]["notes"]``). Query ids and task labels, when mapped, must
+be present in every row (``missing: drop`` does not drop a row for them), and ids unique; the query
+text must be non-blank. A NaN number (JSONL ``NaN``, a Parquet float NaN, as pandas writes a missing
+value) is an empty cell; the text ``nan`` in a CSV is not a number. With ``missing: drop`` a row whose
+query, quality, cost or feature cell is empty (or absent from a JSONL object) is dropped and listed in
 ``metadata["conversion_report"]``; when that drops every row, the error names the columns empty in
 every row.
 """
@@ -54,6 +60,7 @@ every row.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import math
@@ -114,9 +121,12 @@ def _separator_hint(header: Sequence[str], *, mismatch: bool = False) -> str:
 
 def _check_unique_columns(path: Path, names: Sequence[str], where: str) -> None:
     """DatasetError naming the first column of ``names`` that occurs twice and both positions (1-based):
-    a row dict would keep only one of the two columns."""
+    a row dict would keep only one of the two columns. Blank names are skipped: no mapping can name
+    such a column (a spreadsheet's trailing empty columns), so which of them a row dict keeps is moot."""
     seen: dict[str, int] = {}
     for i, col in enumerate(names):
+        if not col.strip():
+            continue
         if col in seen:
             raise DatasetError(f"{path}: the {where} repeats column {col!r} (positions {seen[col] + 1} and "
                                f"{i + 1}); rename one of them")
@@ -169,8 +179,9 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _parse_json_line(path: Path, number: int, line: str) -> Any:
-    """The JSON value on line ``number`` (1-based) of ``path``; malformed JSON, a repeated key or
-    nesting too deep to parse is a :class:`DatasetError` naming the file and line."""
+    """The JSON value on line ``number`` (1-based) of ``path``; malformed JSON, a repeated key, a
+    number Python will not read (an integer of thousands of digits) or nesting too deep to parse is a
+    :class:`DatasetError` naming the file and line."""
     try:
         return json.loads(line, object_pairs_hook=_unique_pairs)
     except json.JSONDecodeError as err:
@@ -178,6 +189,8 @@ def _parse_json_line(path: Path, number: int, line: str) -> Any:
     except _RepeatedKey as err:
         raise DatasetError(f"{path}: line {number}: the object repeats key {err.args[0]!r}; "
                            "which value is meant is ambiguous, keep one") from None
+    except ValueError as err:  # e.g. an integer of more than sys.get_int_max_str_digits() digits
+        raise DatasetError(f"{path}: line {number}: cannot read a value: {err}") from None
     except RecursionError:
         raise DatasetError(f"{path}: line {number}: JSON nested too deeply to read") from None
 
@@ -229,15 +242,21 @@ def _read_table(path: Path) -> tuple[list[SourceRow], set[str]]:
     if suffix in (".jsonl", ".ndjson"):
         rows = _read_jsonl(path)  # objects may differ in their keys
         return rows, set().union(*(r.cells.keys() for r in rows))
-    raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .csv, .jsonl/.ndjson or .parquet)")
+    hint = (" (a .json file: write one object per line as .jsonl, e.g. pandas "
+            "to_json(path, orient='records', lines=True))" if suffix == ".json" else "")
+    raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .csv, .jsonl/.ndjson or .parquet){hint}")
 
 
 def _check_columns(file: Path, spec: ImportSpec, columns: set[str]) -> None:
+    """DatasetError naming the first mapped column that ``columns`` lacks, its role, the nearest column
+    the file has (a case or whitespace slip: ``' a_ok'`` for ``'a_ok'``) and every column."""
     for col, role in spec.columns().items():
         if col not in columns:
             who = "" if role in ("query", "query_id", "task") else f" ({role})"
+            close = difflib.get_close_matches(col, list(columns), n=1, cutoff=0.8)
+            near = f" (did you mean {close[0]!r}?)" if close else ""
             hint = _separator_hint(sorted(columns)) if file.suffix.lower() == ".csv" else ""
-            raise DatasetError(f"{file}: missing column {col!r}{who}; columns are {sorted(columns)}{hint}")
+            raise DatasetError(f"{file}: missing column {col!r}{who}{near}; columns are {sorted(columns)}{hint}")
 
 
 def _is_empty(value: Any) -> bool:
@@ -342,6 +361,7 @@ def import_table(
     queries, ids, tasks, qual, cost, resp, wheres = [], [], [], [], [], [], []
     feats: dict[str, list[list[float]]] = {f: [] for f in spec.feature_names}
     first_seen: dict[str, str] = {}
+    roles = spec.columns()
     empty_counts: Counter[str] = Counter()  # column -> rows dropped with it empty
     for row in rows:
         where = row.where(file)
@@ -360,7 +380,9 @@ def import_table(
                                f"{type(text).__name__} {text!r}")
         if missing:
             if spec.missing == "error":
-                raise DatasetError(f"{where}: empty cell in column {missing[0]!r} ({len(missing)} empty in this row); "
+                state = "empty" if missing[0] in row.cells else "absent"
+                raise DatasetError(f"{where}: {state} cell in column {missing[0]!r} ({roles[missing[0]]}; "
+                                   f"{len(missing)} empty or absent in this row); "
                                    "set `missing: drop` in the mapping to drop such rows")
             report.drop(file.name, row.index, qid, "incomplete", "empty cells: " + ", ".join(missing))
             empty_counts.update(missing)
