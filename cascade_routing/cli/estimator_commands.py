@@ -204,6 +204,19 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _register_distill(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``distill-encoder``: its defaults are those of :func:`~cascade_routing.training.distill.distill_encoder`,
+    :func:`~cascade_routing.training.distill.distill_for_dataset` and
+    :class:`~cascade_routing.training.distill.StudentConfig`, read from them."""
+    import dataclasses
+    import inspect
+
+    from cascade_routing.cli.arguments import non_negative_int
+    from cascade_routing.estimators.encoding import TRUNCATIONS
+    from cascade_routing.training.distill import StudentConfig, distill_encoder, distill_for_dataset
+
+    default = {name: p.default for fn in (distill_encoder, distill_for_dataset)
+               for name, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+    default.update((f.name, f.default) for f in dataclasses.fields(StudentConfig))
     d = subparsers.add_parser(
         "distill-encoder",
         help="distil a small student encoder from the frozen MiniLM teacher on a dataset's train split",
@@ -214,19 +227,26 @@ def _register_distill(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
     d.add_argument("--dataset", required=True, help="dataset name or folder")
     d.add_argument("--out", required=True, help="output folder (Hugging Face model + tokenizer)")
     d.add_argument("--teacher", default=None, help="teacher encoder folder (default: all-MiniLM-L6-v2)")
-    d.add_argument("--layers", type=int, default=2)
-    d.add_argument("--hidden", type=int, default=128)
-    d.add_argument("--heads", type=int, default=4)
-    d.add_argument("--intermediate", type=int, default=None, help="feed-forward width (default 4 x hidden)")
-    d.add_argument("--epochs", type=positive_int, default=6)
-    d.add_argument("--batch-size", type=positive_int, default=32)
-    d.add_argument("--lr", type=float, default=2e-3)
-    d.add_argument("--answers", type=int, default=3000, help="train-split answers added to the train queries")
-    d.add_argument("--max-length", type=int, default=128)
+    d.add_argument("--layers", type=positive_int, default=default["layers"], help="default: %(default)s")
+    d.add_argument("--hidden", type=positive_int, default=default["hidden"], help="default: %(default)s")
+    d.add_argument("--heads", type=positive_int, default=default["heads"], help="default: %(default)s")
+    d.add_argument("--intermediate", type=positive_int, default=default["intermediate"],
+                   help="feed-forward width (default 4 x hidden)")
+    d.add_argument("--epochs", type=positive_int, default=default["epochs"], help="default: %(default)s")
+    d.add_argument("--batch-size", type=positive_int, default=default["batch_size"], help="default: %(default)s")
+    d.add_argument("--lr", type=float, default=default["lr"], help="default: %(default)s")
+    d.add_argument("--answers", type=non_negative_int, default=default["answers"],
+                   help="train-split answers added to the train queries (default: %(default)s)")
+    d.add_argument("--max-length", type=positive_int, default=default["max_length"],
+                   help="tokens kept per text, as data.max_length (default: %(default)s)")
+    d.add_argument("--truncation", choices=TRUNCATIONS, default=default["truncation"],
+                   help="which tokens of a longer text are kept: right (the start), left (the end; "
+                        "data.truncation's default), head_tail (default: %(default)s)")
     d.add_argument("--split", type=_split_fractions, default=None,
-                   help='split fractions as JSON (default {"train": 0.55, "val": 0.1, "calibration": 0.15, "test": 0.2})')
-    d.add_argument("--split-seed", type=int, default=0)
-    d.add_argument("--seed", type=int, default=0)
+                   help="split fractions as JSON, as data.split (default: the data module's, "
+                        '{"train": 0.55, "val": 0.1, "calibration": 0.15, "test": 0.2})')
+    d.add_argument("--split-seed", type=int, default=default["split_seed"], help="default: %(default)s")
+    d.add_argument("--seed", type=int, default=default["seed"], help="default: %(default)s")
     d.set_defaults(func=_distill)
 
 
@@ -252,6 +272,7 @@ def _distill(args: argparse.Namespace) -> int:
         StudentConfig(args.layers, args.hidden, args.heads, args.intermediate),
         split=args.split, split_seed=args.split_seed, answers=args.answers,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, seed=args.seed,
+        truncation=args.truncation,
     )
     print(f"student written to {res.path}: held-out relative MSE {res.heldout_loss_initial:.3f} -> "
           f"{res.heldout_loss_final:.3f} ({res.texts_train} train texts, {res.seconds:.0f} s)")

@@ -18,7 +18,10 @@ teacher's projected on the top-``H`` principal directions of the teacher's word 
 (truncated SVD), so the bag of words is right from step 0 and training mostly fits context.
 
 Training texts: the TRAIN split's queries (the same split as the data module) and, optionally, a
-seeded sample of train-split answers; never val / calibration / test rows.
+seeded sample of train-split answers; never val / calibration / test rows. Each text is cut to
+``max_length`` tokens by ``truncation`` (:func:`~cascade_routing.estimators.encoding.tokenize`),
+for teacher and student alike; default ``"right"`` (the text's start), what the shipped students
+were distilled with, although the data module cuts queries ``"left"`` by default (``data.truncation``).
 """
 
 from __future__ import annotations
@@ -49,10 +52,14 @@ class StudentConfig:
     intermediate: int | None = None  # None: 4 * hidden
 
     def __post_init__(self) -> None:
+        if self.layers < 1 or self.hidden < 1 or self.heads < 1:
+            raise ValueError(f"student needs layers, hidden and heads >= 1, got layers={self.layers}, "
+                             f"hidden={self.hidden}, heads={self.heads}")
+        if self.intermediate is not None and self.intermediate < 1:
+            raise ValueError(f"student intermediate (feed-forward width) must be >= 1 or None (4 x hidden), "
+                             f"got {self.intermediate}")
         if self.hidden % self.heads:
             raise ValueError(f"student hidden size {self.hidden} is not divisible by {self.heads} attention heads")
-        if self.layers < 1 or self.hidden < 1:
-            raise ValueError(f"student needs >= 1 layer and hidden >= 1, got layers={self.layers}, hidden={self.hidden}")
 
 
 @dataclass
@@ -67,10 +74,11 @@ class DistillResult:
     texts_heldout: int
     epochs: int
     seed: int
-    heldout_loss_initial: float  # relative MSE on held-out distillation texts, before training
-    heldout_loss_final: float
+    # relative MSE on the held-out distillation texts before training / after; None without held-out texts
+    heldout_loss_initial: float | None
+    heldout_loss_final: float | None
     train_loss_per_epoch: list[float] = field(default_factory=list)
-    heldout_loss_per_epoch: list[float] = field(default_factory=list)
+    heldout_loss_per_epoch: list[float | None] = field(default_factory=list)
     seconds: float = 0.0
     sources: dict = field(default_factory=dict)
 
@@ -172,15 +180,24 @@ def distill_encoder(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     sources: dict | None = None,
+    truncation: str = "right",
 ) -> DistillResult:
     """Train a student on ``texts`` to match the teacher's mean-pooled embeddings; save it to ``out``.
 
-    ``teacher_embeddings`` [len(texts), D] skips the teacher (else they come from the
-    embedding cache, computing what is missing). A seeded ``heldout_fraction`` of the texts is
-    kept out of training to report the loss before/after (relative MSE, module docstring).
+    Each text is cut to ``max_length`` tokens by ``truncation`` (one of
+    :data:`~cascade_routing.estimators.encoding.TRUNCATIONS`, :func:`encoding.tokenize`), for the
+    teacher and the student alike (recorded in the report's ``sources``). ``teacher_embeddings``
+    [len(texts), D] skips the teacher (else they come from the embedding cache, computing what is
+    missing). A seeded ``heldout_fraction`` (in [0, 1)) of the
+    texts is kept out of training to report the loss before/after (relative MSE, module docstring;
+    None in the report when there are no held-out texts); at least 2 texts must remain to train on.
     ``out`` receives ``save_pretrained`` of the student (safetensors), the teacher's tokenizer
     files and ``distillation.json`` (:class:`DistillResult`). AdamW with linear warm-up (5%) and
     cosine decay; gradient norm clipped at 1; batches of similar length.
+
+    Bad settings (epochs, batch size, learning rate, held-out fraction, truncation, ``max_length`` beyond the
+    teacher's tokenizer, ``out`` a file or the teacher's own folder) are a ``ValueError``
+    naming them before the teacher pass, the slow part.
     """
     from transformers import BertModel
 
@@ -192,9 +209,15 @@ def distill_encoder(
     if epochs < 1 or batch_size < 1:  # before the teacher pass, the slow part
         raise ValueError(f"distillation needs epochs >= 1 and batch_size >= 1, got epochs={epochs}, "
                          f"batch_size={batch_size}")
-    teacher_path, tokenizer, teacher = _load_teacher(teacher_path)
+    if not lr > 0:
+        raise ValueError(f"distillation needs a learning rate lr > 0, got {lr}")
+    n_held = _heldout_count(len(texts), heldout_fraction)
+    encoding.check_truncation(truncation)
+    teacher_path = encoding.resolve_encoder_path(teacher_path)
+    _check_out(out, teacher_path)
+    teacher_path, tokenizer, teacher = _load_teacher(teacher_path, max_length)
     target = _teacher_targets(texts, teacher_path, tokenizer, teacher, teacher_embeddings, cache_dir, max_length,
-                              progress)
+                              progress, truncation)
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -205,9 +228,8 @@ def distill_encoder(
     net = _Distiller(model, target.shape[1])
 
     perm = torch.randperm(len(texts), generator=gen)
-    n_held = max(1, int(round(heldout_fraction * len(texts)))) if heldout_fraction > 0 else 0
     held, train = perm[:n_held], perm[n_held:]
-    token_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    token_ids = encoding.tokenize(texts, tokenizer, max_length, truncation)
     loss = _RelativeLoss(net, token_ids, int(tokenizer.pad_token_id or 0), target, train)
 
     # the bias of the projection starts at the teacher's mean embedding
@@ -228,22 +250,56 @@ def distill_encoder(
         texts_heldout=int(held.numel()),
         epochs=epochs,
         seed=seed,
-        heldout_loss_initial=round(initial, 5),
-        heldout_loss_final=held_curve[-1] if held_curve else round(initial, 5),
+        heldout_loss_initial=_finite(initial),
+        heldout_loss_final=_finite(held_curve[-1]),
         train_loss_per_epoch=train_curve,
-        heldout_loss_per_epoch=held_curve,
+        heldout_loss_per_epoch=[_finite(v) for v in held_curve],
         seconds=round(time.perf_counter() - t0, 1),
         sources={**(sources or {}), "embedding_variance_kept_by_init": round(kept, 4), "lr": lr,
-                 "batch_size": batch_size, "max_length": max_length,
+                 "batch_size": batch_size, "max_length": max_length, "truncation": truncation,
+                 "heldout_fraction": heldout_fraction,
                  "loss": "relative MSE of a linear projection of the student's mean-pooled output to the teacher's"},
     )
-    (out / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    (out / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
     return result
 
 
-def _load_teacher(teacher_path: str | None):
+def _finite(value: float) -> float | None:
+    """``value`` rounded to 5 decimals, or None for nan (no held-out texts): JSON has no NaN."""
+    return None if math.isnan(value) else round(value, 5)
+
+
+def _heldout_count(n: int, heldout_fraction: float) -> int:
+    """How many of ``n`` texts are held out (at least 1 when the fraction is positive); ``ValueError``
+    unless ``heldout_fraction`` is in [0, 1) and leaves at least 2 texts to train on (the loss divides
+    by the variance of their teacher embeddings)."""
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    n_held = max(1, int(round(heldout_fraction * n))) if heldout_fraction > 0 else 0
+    if n - n_held < 2:
+        raise ValueError(f"heldout_fraction {heldout_fraction} of {n} texts holds out {n_held} and leaves "
+                         f"{n - n_held} to train on; distillation needs at least 2")
+    return n_held
+
+
+def _check_out(out: str | Path, teacher_path: str) -> None:
+    """``ValueError`` when the output folder ``out`` (or a folder above it) is a file, or is the teacher's
+    folder (saving there would overwrite the teacher's weights)."""
+    out = Path(out)
+    for part in (out, *out.parents):  # the first that exists must be a folder
+        if part.exists():
+            if not part.is_dir():
+                raise ValueError(f"output folder {str(out)!r}: {part} is a file, not a folder")
+            break
+    if out.resolve() == Path(teacher_path).resolve():
+        raise ValueError(f"output folder {str(out)!r} is the teacher's folder; saving the student there would "
+                         "overwrite the teacher")
+
+
+def _load_teacher(teacher_path: str | None, max_length: int | None = None):
     """(resolved path, tokenizer, encoder model) of the teacher; its tokenizer must fit its vocabulary
-    (the student shares both)."""
+    (the student shares both), and ``max_length`` (when given) its tokenizer (:func:`encoding.check_max_length`:
+    at most its ``model_max_length``, room for content next to the special tokens)."""
     teacher_path = encoding.resolve_encoder_path(teacher_path)
     tokenizer = encoding.load_tokenizer(teacher_path)
     teacher = encoding.load_encoder_model(teacher_path)
@@ -252,24 +308,35 @@ def _load_teacher(teacher_path: str | None):
             f"teacher tokenizer at {teacher_path!r} has {len(tokenizer)} tokens but the teacher's vocabulary has "
             f"{teacher.config.vocab_size}; the student shares both, so they must agree"
         )
+    if max_length is not None:
+        try:
+            encoding.check_max_length(tokenizer, max_length)
+        except ValueError as err:
+            raise ValueError(f"max_length: {err} (teacher {teacher_path!r})") from None
     return teacher_path, tokenizer, teacher
 
 
 def _teacher_targets(texts: list[str], teacher_path: str, tokenizer, teacher, teacher_embeddings: np.ndarray | None,
-                     cache_dir: str | Path | None, max_length: int, progress: bool) -> Tensor:
-    """[len(texts), D] float32 teacher embeddings: the given ones, else from the embedding cache
-    (computing what is missing with the teacher)."""
+                     cache_dir: str | Path | None, max_length: int, progress: bool,
+                     truncation: str = "right") -> Tensor:
+    """[len(texts), D] float32 teacher embeddings: the given ones (finite, one row per text), else from
+    the embedding cache (computing what is missing with the teacher), each text cut by ``truncation``."""
     if teacher_embeddings is None:
         cache = encoding.EmbeddingCache(cache_dir or encoding.default_cache_dir())
         teacher_enc = encoding.TextEncoder(teacher)
         teacher_embeddings = cache.get_or_compute(
             texts, teacher_path, "transformer", max_length,
             lambda t: encoding.encode_texts(t, tokenizer, teacher_enc, "transformer", max_length,
-                                            progress="teacher embeddings" if progress else None),
+                                            progress="teacher embeddings" if progress else None,
+                                            truncation=truncation),
+            truncation,
         )
     target = torch.as_tensor(np.asarray(teacher_embeddings, dtype=np.float32))
-    if target.shape[0] != len(texts):
-        raise ValueError(f"{target.shape[0]} teacher embeddings for {len(texts)} texts")
+    if target.ndim != 2 or target.shape[0] != len(texts):
+        raise ValueError(f"teacher_embeddings of shape {tuple(target.shape)} for {len(texts)} texts; "
+                         f"expected [{len(texts)}, D]")
+    if not torch.isfinite(target).all():
+        raise ValueError("teacher_embeddings hold non-finite values (nan or inf)")
     return target
 
 
@@ -310,7 +377,8 @@ class _RelativeLoss:
 
 def _train_student(loss: _RelativeLoss, train: Tensor, held: Tensor, epochs: int, batch_size: int, lr: float,
                    gen: torch.Generator, progress: str | None) -> tuple[list[float], list[float]]:
-    """AdamW (weight decay 0.01), linear warm-up over 5% of the steps then cosine decay, gradient norm
+    """AdamW (weight decay 0.01) at learning rate ``lr · min(1, (s + 1)/w) · ½(1 + cos(π s/S))`` at step
+    ``s`` of ``S`` (linear warm-up over ``w = max(1, ⌊S/20⌋)`` steps, 5%, times a cosine decay), gradient norm
     clipped at 1, batches of similar length drawn from ``gen``; returns the mean training loss and the
     held-out loss per epoch (``progress``: the bar's label, None: no bar)."""
     net = loss.net
@@ -372,9 +440,14 @@ def train_split_texts(
     The split is the data module's (:class:`RoutingDataModule` with the same ``split`` /
     ``split_seed``), so no val / calibration / test text is used. Answers: a seeded sample of the
     distinct non-empty train-split responses not already among the texts (all of them if fewer).
+    ``ValueError`` when ``answers`` is negative or ``split`` has no ``"train"`` part.
     """
     from cascade_routing.training.datamodule import DEFAULT_SPLIT, load_routing_dataset
 
+    if answers < 0:
+        raise ValueError(f"answers (train-split answers added to the texts) must be >= 0, got {answers}")
+    if split is not None and "train" not in split:
+        raise ValueError(f"split {dict(split)} has no 'train' part; distillation uses the train split's texts")
     ds = load_routing_dataset(dataset)
     parts = ds.split(dict(split or DEFAULT_SPLIT), seed=split_seed)
     train = parts["train"]
@@ -403,6 +476,7 @@ def distill_for_dataset(
     answers: int = 3000,
     **kwargs,
 ) -> DistillResult:
-    """:func:`train_split_texts` then :func:`distill_encoder` (teacher embeddings cached on disk)."""
+    """:func:`train_split_texts` then :func:`distill_encoder` (teacher embeddings cached on disk); ``kwargs``
+    are :func:`distill_encoder`'s (``seed`` also draws the answers)."""
     texts, info = train_split_texts(dataset, split, split_seed, answers, kwargs.get("seed", 0))
     return distill_encoder(texts, out, teacher_path, student, sources=info, **kwargs)
