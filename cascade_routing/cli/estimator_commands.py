@@ -56,7 +56,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     t.add_argument("--out", default=None, help="evaluation output folder (default: eval/<config name>)")
     t.add_argument("--budgets-per-pair", type=positive_int, default=protocol.BUDGETS_PER_PAIR)
     t.add_argument("--resamples", type=positive_int, default=protocol.NUM_RESAMPLES)
-    t.add_argument("--no-wandb", action="store_true")
+    t.add_argument("--no-wandb", action="store_true",
+                   help="no wandb run at all, for training or evaluation (the CSV logs stay)")
     t.add_argument("--no-baseline", action="store_true", help="skip the paper-style baseline estimator")
     t.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="extra LightningCLI arguments after the options, e.g. -- --trainer.max_epochs=5")
@@ -123,6 +124,7 @@ def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | N
     :func:`~cascade_routing.training.heldout.evaluate`, and checked as it checks them, before training).
 
     One experiment is one wandb run: the training run stays open and the evaluation logs into it.
+    ``log_wandb=False``: no wandb run at all (the config's wandb loggers are dropped; CSV logs stay).
     """
     import time
 
@@ -141,7 +143,7 @@ def train_eval(config: str | list[str] = "routerbench", overrides: list[str] | N
     out = out or os.path.join("eval", name)
     check_output_folder(out, "--out")  # before training, not after it
     t0 = time.perf_counter()
-    cli = lightning_cli(args, prog="cascade-routing train")  # its tip: `cascade-routing train fit --help`
+    cli = lightning_cli(args, prog="cascade-routing train", log_wandb=log_wandb)  # tip: `cascade-routing train fit --help`
     exports = [c for c in cli.trainer.callbacks if isinstance(c, ExportArtifact)]
     if not exports:
         raise RuntimeError(f"config {configs} has no ExportArtifact callback, so training wrote no artifact")

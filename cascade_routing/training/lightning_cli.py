@@ -8,6 +8,8 @@
   wandb run and group ``{name}``), so one experiment file names all of its outputs once.
 - The full resolved config goes to every wandb logger (``run.config``) as well as to
   ``<log_dir>/config.yaml``.
+- ``lightning_cli(..., log_wandb=False)`` drops the config's wandb loggers (CSV and the others stay),
+  for a caller that was told not to log to wandb (``train-eval --no-wandb``).
 - User errors are ``ValueError``s naming the problem (``train.py`` and ``cascade-routing`` print
   ``error: ...``): a ``--ckpt_path`` that is not a checkpoint ``train.py fit`` wrote (checked with
   ``torch.load(weights_only=True)`` before Lightning reads it, and Lightning then loads it with
@@ -17,6 +19,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from pathlib import Path
@@ -30,7 +33,7 @@ from cascade_routing.training.checkpoint_file import check_training_checkpoint
 from cascade_routing.training.datamodule import RoutingDataModule
 from cascade_routing.training.export import check_output_folder
 from cascade_routing.training.loggers import wandb_errors_as_value_errors
-from cascade_routing.training.module import QualityEstimatorModule
+from cascade_routing.training.module import DERIVED_HPARAMS, QualityEstimatorModule
 
 class ConfigToLoggers(SaveConfigCallback):
     """Writes ``config.yaml`` (Lightning's default) and puts the full resolved config into wandb."""
@@ -54,8 +57,9 @@ def _substitute(init_args, root: Path) -> None:
             setattr(init_args, key, value.replace("{root}", str(root)).replace("{name}", name))
 
 
-# hyperparameters the module fills in from the data (setup); a config never sets them
-_DERIVED_HPARAMS = ("network_config", "models", "binary", "encoder_init_path", "trained_on")
+LOGGING_HELP = ("Logging (logger/wandb_csv): CSV plus wandb, offline by default (no account needed); "
+                "WANDB_MODE=online syncs (needs a wandb API key), WANDB_MODE=disabled writes no wandb run, "
+                "--trainer.logger=false logs nothing.")
 
 
 class CascadeLightningCLI(LightningCLI):
@@ -63,7 +67,13 @@ class CascadeLightningCLI(LightningCLI):
 
     Subcommands: ``fit``, ``validate``, ``test``. There is no ``predict``: estimates for new queries
     come from the exported artifact (``EstimatorArtifact.bind``), which also carries the λ tables.
+
+    ``log_wandb=False``: the config's wandb loggers (any ``WandbLogger`` subclass) are left out.
     """
+
+    def __init__(self, *args, log_wandb: bool = True, **kwargs) -> None:
+        self.log_wandb = log_wandb
+        super().__init__(*args, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -98,7 +108,7 @@ class CascadeLightningCLI(LightningCLI):
         asked = config.model
         asked = vars(asked.get("init_args", asked)) if asked is not None else {}
         replaced = {k: (asked[k], v) for k, v in saved.items()
-                    if k in asked and k not in _DERIVED_HPARAMS and not k.startswith("_") and asked[k] != v}
+                    if k in asked and k not in DERIVED_HPARAMS and not k.startswith("_") and asked[k] != v}
         if replaced:
             warnings.warn(f"--ckpt_path {ckpt_path}: the checkpoint's model settings replace the config's: "
                           + ", ".join(f"model.{k} {a!r} -> {v!r}" for k, (a, v) in replaced.items()), stacklevel=2)
@@ -112,11 +122,32 @@ class CascadeLightningCLI(LightningCLI):
             trainer.default_root_dir = str(Path("runs") / Path(str(config.data.dataset)).name)
         root = Path(trainer.default_root_dir)
         check_output_folder(root, "trainer.default_root_dir")
+        if not self.log_wandb:
+            trainer.logger = _without_wandb(trainer.logger)
         for group in (trainer.logger, trainer.callbacks):
             for item in group if isinstance(group, list) else []:
                 if getattr(item, "init_args", None) is not None:
                     _substitute(item.init_args, root)
                     _check_outputs(item)
+
+
+def _without_wandb(logger):
+    """The ``trainer.logger`` setting without its wandb loggers: a list loses them (an empty list:
+    no logger), a single wandb logger becomes ``False``; ``True`` / ``False`` / None and other
+    loggers are kept."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    def is_wandb(item) -> bool:
+        module, _, name = str(getattr(item, "class_path", "")).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name, None) if module else None
+        except ImportError:
+            return False
+        return isinstance(cls, type) and issubclass(cls, WandbLogger)
+
+    if isinstance(logger, list):
+        return [item for item in logger if not is_wandb(item)]
+    return False if is_wandb(logger) else logger
 
 
 def _check_outputs(item) -> None:
@@ -154,9 +185,18 @@ def _check_config_files(args: list[str]) -> None:
                                  f"it holds {got}")
 
 
-def lightning_cli(args: list[str], run: bool = True, prog: str | None = None) -> CascadeLightningCLI:
+def _parser_kwargs(prog: str | None) -> dict:
+    """LightningCLI's ``parser_kwargs``: ``prog`` (if given) and :data:`LOGGING_HELP` as the epilog of
+    the main parser and of each subcommand's, so ``--help`` says how wandb runs."""
+    kwargs: dict = {"epilog": LOGGING_HELP, **({} if prog is None else {"prog": prog})}
+    return {**kwargs, **{name: {"epilog": LOGGING_HELP} for name in CascadeLightningCLI.subcommands()}}
+
+
+def lightning_cli(args: list[str], run: bool = True, prog: str | None = None,
+                  log_wandb: bool = True) -> CascadeLightningCLI:
     """Build (and with ``run``, execute the subcommand of) the project's LightningCLI on ``args``.
     ``prog``: the command name its usage lines and error tips give (default: the script's name).
+    ``log_wandb=False``: no wandb logger even where the config has one (the CSV logger stays).
     A configuration the Trainer refuses (Lightning's ``MisconfigurationException``, e.g. a GPU
     accelerator where torch sees none) is a ``ValueError`` saying so."""
     from cascade_routing.estimators.runtime import configure_threads
@@ -177,7 +217,8 @@ def lightning_cli(args: list[str], run: bool = True, prog: str | None = None) ->
                 save_config_kwargs={"overwrite": True},
                 args=expanded,
                 run=run,
-                parser_kwargs={} if prog is None else {"prog": prog},
+                parser_kwargs=_parser_kwargs(prog),
+                log_wandb=log_wandb,
             )
     except MisconfigurationException as err:  # e.g. a GPU config on a machine torch sees no GPU on
         raise ValueError(f"the Trainer cannot run this configuration: {err}") from err

@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+# ids of the wandb runs CascadeWandbLogger started in this process (the one left open for evaluation, see
+# CascadeWandbLogger.experiment)
+_STARTED_RUNS: set[str] = set()
 
 
 def wandb_mode() -> str:
@@ -32,6 +38,12 @@ def wandb_errors_as_value_errors():
 
 class CascadeWandbLogger(WandbLogger):
     """``WandbLogger`` whose ``offline`` defaults to True (``WANDB_MODE=online`` or ``offline: false`` to sync).
+
+    Each logger is its own wandb run. Its run stays open after ``fit`` (``train-eval`` logs the
+    evaluation into it); the next ``CascadeWandbLogger`` in the process finishes such a run before it
+    starts its own, where ``WandbLogger`` would log a second experiment into the first one's run. A
+    run the caller opened itself (``wandb.init`` before training, as a sweep agent does) is reused,
+    as ``WandbLogger`` does.
 
     Args:
         project: wandb project name.
@@ -65,3 +77,19 @@ class CascadeWandbLogger(WandbLogger):
         # Lightning passes anonymous=None, which wandb >= 0.19 answers with a deprecation warning on every run
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """The wandb run, started on first use (see the class doc: a run an earlier ``CascadeWandbLogger``
+        left open is finished first, never reused)."""
+        import wandb
+
+        starting = self._experiment is None
+        if starting and wandb.run is not None and wandb.run.id in _STARTED_RUNS:
+            wandb.run.finish()
+        started_here = starting and wandb.run is None
+        run = super().experiment
+        if started_here and getattr(run, "id", None):
+            _STARTED_RUNS.add(run.id)
+        return run

@@ -17,11 +17,17 @@ Loss per (row, mask), averaged over models:
 Metrics (torchmetrics, per model, per split val/test, ex-ante and post-hoc separately): AUROC,
 Brier score (``MeanSquaredError`` on probabilities) and expected calibration error. Ex-ante uses
 the empty mask; post-hoc uses the split's fixed ``eval_ran`` masks and scores only run models.
+
+Logged (CSV and wandb alike): ``train/{loss,mean_loss,var_loss}_step`` every ``log_every_n_steps`` and
+``..._epoch`` (the epoch's mean); per validation epoch ``val/loss``, ``val/mean_loss``,
+``val/{exante,posthoc}/{auroc,brier,ece}/<model>`` and their ``..._mean`` over models (``test/...``
+likewise); the hyperparameters, with those ``setup`` derives from the data (:meth:`on_train_start`).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 
 import lightning as L
@@ -32,11 +38,13 @@ from torch import Tensor, nn
 from cascade_routing.estimators.features import CONFIDENCE_ENCODINGS, CONFIDENCE_FEATURE, TEXT_STATISTICS, compose_features
 from cascade_routing.estimators.masks import all_masks, random_ran_masks
 from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
-from cascade_routing.training.checkpoint_file import refuse_artifact
+from cascade_routing.training.checkpoint_file import check_training_checkpoint, refuse_artifact
 
 KINDS = ("exante", "posthoc")
 SPLITS = ("val", "test")
 EVAL_MASK_SEED = 0  # validation/test batch b draws its sampled ran-masks with seed EVAL_MASK_SEED + b
+# hyperparameters setup fills in from the data (a config never sets them; logged once training starts)
+DERIVED_HPARAMS = ("network_config", "models", "binary", "encoder_init_path", "trained_on")
 
 
 class QualityEstimatorModule(L.LightningModule):
@@ -88,11 +96,29 @@ class QualityEstimatorModule(L.LightningModule):
         ``ValueError`` saying what it is and how to load it
         (:func:`~cascade_routing.training.checkpoint_file.refuse_artifact`), not an unpickling error. The file
         is read with ``weights_only=True`` unless the call says otherwise (Lightning leaves it to torch's
-        default, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into unpickling arbitrary objects)."""
+        default, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into unpickling arbitrary objects).
+
+        When loading a local file that way fails, the file is checked
+        (:func:`~cascade_routing.training.checkpoint_file.check_training_checkpoint`): a missing file is a
+        ``FileNotFoundError``, a corrupt or truncated file, a pickle of arbitrary objects or a checkpoint
+        ``train.py fit`` did not write a ``ValueError`` naming the file and what it is (not torch's bare
+        ``OSError``, an ``UnpicklingError`` advising ``weights_only=False``, or a ``KeyError``); any
+        other failure is raised as it is."""
         refuse_artifact(checkpoint_path, "QualityEstimatorModule.load_from_checkpoint")
         if len(args) < 4:  # Lightning's positional order: map_location, hparams_file, strict, weights_only
             kwargs.setdefault("weights_only", True)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except Exception:
+            weights_only = args[3] if len(args) >= 4 else kwargs.get("weights_only")
+            if not (weights_only and isinstance(checkpoint_path, (str, os.PathLike))
+                    and "://" not in str(checkpoint_path)):
+                raise
+            try:
+                check_training_checkpoint(checkpoint_path)
+            except (ValueError, FileNotFoundError) as err:
+                raise err from None
+            raise
 
     def __init__(
         self,
@@ -223,6 +249,18 @@ class QualityEstimatorModule(L.LightningModule):
         self.build(dm.models, dm.embed_dim, len(dm.task_vocabulary), dm.binary_quality, encoder, memory, confidences)
         self.hparams.update(trained_on=self._data_identity(dm))
 
+    def on_train_start(self) -> None:
+        """Log the hyperparameters :meth:`setup` derived from the data (:data:`DERIVED_HPARAMS`: models,
+        network shape, the data's identity) to every logger. Lightning logs the values ``__init__``
+        received, which are None for a network built from the data, so the CSV ``hparams.yaml`` and the
+        wandb config would say ``models: null``; skipped where Lightning's own hyperparameter logging is
+        off (``Trainer(enable_autolog_hparams=False)``, ``save_hyperparameters(logger=False)``)."""
+        if not (getattr(self.trainer, "enable_autolog_hparams", True) and getattr(self, "_log_hyperparams", True)):
+            return
+        derived = {key: self.hparams[key] for key in DERIVED_HPARAMS if key in self.hparams}
+        for logger in self.loggers:
+            logger.log_hyperparams(derived)
+
     def _data_identity(self, dm) -> dict:
         from cascade_routing.estimators.encoding import encoder_fingerprint
 
@@ -312,9 +350,11 @@ class QualityEstimatorModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, parts = self.loss(batch)
         bsz = batch["quality"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bsz, sync_dist=True)
-        self.log("train/mean_loss", parts["mean_loss"], batch_size=bsz, sync_dist=True)
-        self.log("train/var_loss", parts["var_loss"], batch_size=bsz, sync_dist=True)
+        # per step (train/loss_step, every trainer.log_every_n_steps) and the epoch's mean (train/loss_epoch,
+        # what compares with val/loss: an epoch shorter than log_every_n_steps logs no step value at all)
+        for name, value in (("loss", loss), ("mean_loss", parts["mean_loss"]), ("var_loss", parts["var_loss"])):
+            self.log(f"train/{name}", value, prog_bar=name == "loss", on_step=True, on_epoch=True, batch_size=bsz,
+                     sync_dist=True)
         return loss
 
     def _eval_step(self, batch: dict, batch_idx: int, split: str) -> Tensor:
