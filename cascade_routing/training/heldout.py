@@ -254,7 +254,8 @@ def evaluate(
     """See the module docstring. Returns the table rows (one per estimator × strategy).
 
     ``uncertainty`` overrides the artifact's uncertainty method (variance, covariance, none).
-    Bad settings (``budgets_per_pair`` or ``num_resamples`` below 1, an unknown strategy, estimator
+    ``out_dir=None`` writes nothing: no output files and no wandb run, whatever ``log_wandb`` says
+    (the offline run lives under ``out_dir``). Bad settings (``budgets_per_pair`` or ``num_resamples`` below 1, an unknown strategy, estimator
     or uncertainty name) are a ValueError before anything loads (:func:`~cascade_routing.evaluation.
     protocol.check_settings`, :func:`~cascade_routing.evaluation.protocol.check_names`); the CLI
     passes its flags here unchecked beyond their type, so both refuse a bad value alike.
