@@ -7,6 +7,8 @@ Each wraps a public function: :func:`cascade_routing.serving.server.serve` and
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 
 def _failure(text: str) -> tuple[str, str]:
@@ -31,7 +33,17 @@ def _fractions(text: str) -> dict[str, float]:
     return out
 
 
+def _show_warning(message: "Warning | str", category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` for ``serve``: one ``WARNING <Category>: <message>`` line on stderr
+    (no source file and line), for its startup checks (a budget above the fitted table, backends the
+    checkpoint lacks, prices far from the checkpoint's) and for warnings while it serves."""
+    print(f"WARNING {category.__name__}: {message}", file=file or sys.stderr, flush=True)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import warnings
+
     from cascade_routing.policies.controller import ControllerConfig
     from cascade_routing.serving.limits import ServerLimits
     from cascade_routing.serving.runner import serve
@@ -44,14 +56,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.budget_controller:
         controller = ControllerConfig(window=args.controller_window, k_p=args.controller_kp,
                                       k_i=args.controller_ki, max_factor=args.controller_max_factor)
-    return serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host, port=args.port,
-                 name=args.name, log_level=args.log_level, compute_threads=args.compute_threads,
-                 bind_thread=args.bind_thread,
-                 max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                 torch_threads=args.torch_threads or None, limits=limits, api_keys=args.api_keys, store=args.store or DEFAULT_STORE,
-                 keep_alive_s=args.keep_alive_s, shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8,
-                 controller=controller, upstream_pools=args.upstream_pools, workers=args.workers,
-                 header_timeout_s=args.header_timeout_s)
+    with warnings.catch_warnings():  # restores showwarning when the server stops (or an in-process caller's)
+        warnings.showwarning = _show_warning
+        return serve(args.checkpoint, args.backends, args.budget, strategy=args.strategy, host=args.host,
+                     port=args.port, name=args.name, log_level=args.log_level, compute_threads=args.compute_threads,
+                     bind_thread=args.bind_thread, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                     torch_threads=args.torch_threads or None, limits=limits, api_keys=args.api_keys,
+                     store=args.store or DEFAULT_STORE, keep_alive_s=args.keep_alive_s,
+                     shutdown_timeout_s=args.shutdown_timeout_s, int8=args.int8, controller=controller,
+                     upstream_pools=args.upstream_pools, workers=args.workers, header_timeout_s=args.header_timeout_s)
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -11,7 +11,9 @@ from cascade_routing.serving.backends import (
     load_backend_configs,
     parse_backends,
 )
+from cascade_routing.serving.backend_config import PriceMismatchWarning, UnusedBackendWarning, check_backends_match
 from cascade_routing.serving.router import (
+    BudgetAboveFittedWarning,
     CascadeRouter,
     MissingConfidenceWarning,
     NoModelAvailableError,
@@ -22,6 +24,7 @@ from cascade_routing.serving.router import (
 
 __all__ = [
     "Answer", "Backend", "BackendConfig", "BackendConfigError", "BackendError", "BackendPool",
-    "CascadeRouter", "MissingConfidenceWarning", "NoModelAvailableError", "RouteResult", "RouterError", "StepTrace",
-    "load_backend_configs", "parse_backends",
+    "BudgetAboveFittedWarning", "CascadeRouter", "MissingConfidenceWarning", "NoModelAvailableError",
+    "PriceMismatchWarning", "RouteResult", "RouterError", "StepTrace", "UnusedBackendWarning",
+    "check_backends_match", "load_backend_configs", "parse_backends",
 ]

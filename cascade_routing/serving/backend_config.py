@@ -23,22 +23,42 @@ YAML layout (see ``configs/backends.example.yaml``)::
         price_per_1m_output_tokens: 0.60      # USD; or price_per_output_token
 
 :func:`load_backend_configs` / :func:`parse_backends` check every field and raise
-:class:`BackendConfigError` naming the file, model and field.
+:class:`BackendConfigError` naming the file, model and field. :func:`check_backends_match` checks
+the file against a checkpoint when a server starts: every model of the checkpoint needs an entry
+(an error naming the file, the missing models and the file's nearest other names); entries the
+checkpoint lacks are never called (:class:`UnusedBackendWarning`); the order of the entries does not
+matter. Prices far from the checkpoint's cost model warn (:class:`PriceMismatchWarning`).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 
 class BackendConfigError(ValueError):
     """The backends YAML is malformed; the message names the file, model and field."""
+
+
+class UnusedBackendWarning(UserWarning):
+    """The backends YAML configures models the checkpoint does not have: they are never called."""
+
+
+class PriceMismatchWarning(UserWarning):
+    """A model's prices in the backends YAML make every request cost far more, or far less, than the
+    checkpoint's cost model (fitted on its training data) estimates: spend will not meet the budget."""
+
+
+#: :func:`price_mismatches` flags a model when every request costs more than this many times, or
+#: less than 1 / this of, what the checkpoint's per-token prices say
+PRICE_MISMATCH_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,7 @@ class BackendConfig:
     breaker_failures: int = 5
     breaker_reset_s: float = 10.0
     extra_body: Mapping[str, Any] = field(default_factory=dict)
+    source: str | None = None  # the file (or document name) the entry was read from, for messages
 
     @property
     def url(self) -> str:
@@ -172,6 +193,7 @@ def _model_config(entry: Any, source: str, i: int, defaults: Mapping[str, Any], 
         breaker_failures=breaker_failures,
         breaker_reset_s=breaker_reset_s,
         extra_body=dict(entry.get("extra_body") or {}),
+        source=source,
     )
 
 
@@ -197,3 +219,87 @@ def load_backend_configs(path: "str | os.PathLike[str]") -> dict[str, BackendCon
     except yaml.YAMLError as err:
         raise BackendConfigError(f"{path}: not valid YAML: {err}") from None
     return parse_backends(data, source=str(path))
+
+
+def _sources(configs: Mapping[str, BackendConfig]) -> str:
+    """The file(s) the entries were read from, for messages (``<backends>`` when built in code)."""
+    return ", ".join(sorted({c.source or "<backends>" for c in configs.values()}))
+
+
+def check_backends_match(configs: Mapping[str, BackendConfig], models: Sequence[str],
+                         prices: Mapping[str, Mapping[str, float]] | None = None) -> None:
+    """Check a backends file against a checkpoint's ``models`` (and ``prices``, as
+    ``EstimatorArtifact.prices``) before a server starts.
+
+    :class:`BackendConfigError` when a model of the checkpoint has no entry: the message names the
+    file, the missing models, the checkpoint's models and, for each missing one, the closest name
+    the file has that the checkpoint lacks (a likely typo). Entries are looked up by name, so their
+    order does not matter. Entries for models the checkpoint does not have are never called:
+    :class:`UnusedBackendWarning` naming them. :class:`PriceMismatchWarning` for each model of
+    :func:`price_mismatches`.
+    """
+    where = _sources(configs)
+    missing = [m for m in models if m not in configs]
+    unused = [name for name in configs if name not in set(models)]
+    if missing:
+        hints = []
+        for m in missing:
+            close = difflib.get_close_matches(m, unused, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{close[0]!r} for {m!r}?")
+        raise BackendConfigError(
+            f"{where}: no entry for model(s) {missing} of the checkpoint (its models: {list(models)}; "
+            f"a backend's 'name' must be the checkpoint's model name)"
+            + (f"; the file has {unused}, which the checkpoint does not" if unused else "")
+            + (f"; did you mean {' '.join(hints)}" if hints else "")
+        )
+    if unused:
+        warnings.warn(UnusedBackendWarning(
+            f"{where}: model(s) {unused} are not in the checkpoint (its models: {list(models)}); "
+            "they are never called"), stacklevel=2)
+    for message in price_mismatches(configs, prices or {}):
+        warnings.warn(PriceMismatchWarning(message), stacklevel=2)
+
+
+def price_mismatches(configs: Mapping[str, BackendConfig], prices: Mapping[str, Mapping[str, float]],
+                     factor: float = PRICE_MISMATCH_FACTOR) -> list[str]:
+    """One message per model whose YAML prices make EVERY request cost more than ``factor`` times, or
+    less than ``1 / factor`` of, what the checkpoint prices it at.
+
+    ``prices``: model -> ``{"input_per_token", "output_per_token"}`` (``EstimatorArtifact.prices``;
+    a cost model fitted without token counts has neither, and its models are skipped: there is
+    nothing per token to compare; so are backends with ``trust_reported_cost``, whose cost is the
+    endpoint's own figure). A request's cost ratio (YAML / checkpoint) lies between the
+    input and output price ratios, so a model is flagged only when both lie beyond ``factor`` on the
+    same side (a price of 0 on one side: ratio 0 or infinity; 0 on both: that kind is ignored),
+    which no mix of input and output tokens can explain.
+    """
+    out = []
+    for name, config in configs.items():
+        known = prices.get(name) or {}
+        if config.trust_reported_cost or "input_per_token" not in known or "output_per_token" not in known:
+            continue
+        ratios = []
+        pairs = ((config.price_in, known["input_per_token"]), (config.price_out, known["output_per_token"]))
+        for ours, theirs in pairs:
+            if theirs > 0:
+                ratios.append(ours / theirs)
+            elif ours > 0:
+                ratios.append(math.inf)
+        if not ratios:
+            continue
+        low, high = min(ratios), max(ratios)
+        if low <= factor and high >= 1 / factor:
+            continue
+        span = f"{low:.3g}x" if low == high else f"{low:.3g}x to {high:.3g}x"
+        hint = (" (a per-1M price given as price_per_input_token / price_per_output_token?)" if low >= 1e5 else
+                " (a per-token price given as price_per_1m_input_tokens / price_per_1m_output_tokens?)"
+                if high <= 1e-5 else "")
+        out.append(
+            f"{config.source or '<backends>'}: model {name!r} costs {config.price_in * 1e6:.4g} / "
+            f"{config.price_out * 1e6:.4g} USD per 1M input / output tokens, the checkpoint's cost model "
+            f"{known['input_per_token'] * 1e6:.4g} / {known['output_per_token'] * 1e6:.4g} (fitted on its "
+            f"training data): every request costs {span} what the router estimates before running it, so "
+            f"the spend will not meet the budget{hint}"
+        )
+    return out

@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 
 from cascade_routing.interfaces import CostEstimator, QualityEstimate, QualityEstimator, checked_queries
-from cascade_routing.estimators.features import CONFIDENCE_FEATURE
-from cascade_routing.policies.lambda_table import checked_budget, lookup_fitted
+from cascade_routing.estimators.features import CONFIDENCE_FEATURE, UnseenTaskWarning
+from cascade_routing.policies.lambda_table import BUDGET_RTOL, checked_budget, lookup_fitted
 from cascade_routing.policies.step import FittedLike, decide_step, max_steps_at, select_step
 from cascade_routing.serving.backends import Answer, BackendError, RequestRejectedError
 
@@ -73,6 +73,11 @@ def check_budget(budget: Any) -> float:
         return checked_budget(budget)
     except ValueError as err:
         raise RouterError(str(err)) from None
+
+
+class BudgetAboveFittedWarning(UserWarning):
+    """The router's budget is above every budget its λ table was fitted at: it routes with the
+    largest one's λ, so it spends about that budget's calibration spend, not up to its own."""
 
 
 class MissingConfidenceWarning(UserWarning):
@@ -266,7 +271,22 @@ class CascadeRouter:
                 budget = next(iter(table))
             self.default_budget = float(budget)
             self.fitted_for(self.default_budget)  # validate now
+            self._warn_above_table(self.default_budget)
         self._index = {m: i for i, m in enumerate(self.models)}
+
+    def _warn_above_table(self, budget: float) -> None:
+        """:class:`BudgetAboveFittedWarning` when ``budget`` is above every fitted budget (beyond the
+        lookup's rounding slack): the largest one's λ is used, so the spend stays near that one."""
+        top = max(self.budgets, default=None)
+        if top is None or budget <= top * (1 + BUDGET_RTOL):
+            return
+        spend = getattr(self.fitted_table[top], "calibration_cost", None)
+        warnings.warn(BudgetAboveFittedWarning(
+            f"budget {budget:.6g} is above the largest fitted budget {top:.6g} (fitted: "
+            f"{[float(f'{b:.6g}') for b in self.budgets]}): every query routes with that budget's λ, so the "
+            f"mean spend stays near {top:.6g}"
+            + (f" (its calibration spend: {spend:.6g})" if spend is not None else "")
+            + f" per query, not up to {budget:.6g}"), stacklevel=3)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -280,12 +300,35 @@ class CascadeRouter:
         **kwargs: Any,
     ) -> "CascadeRouter":
         """Load an estimator artifact and build the router for ``strategy`` at ``budget``
-        (``int8``: quantise a carried encoder, see :mod:`cascade_routing.serving.checkpoint`)."""
+        (``int8``: quantise a carried encoder, see :mod:`cascade_routing.serving.checkpoint`).
+
+        Everything a request needs is loaded and checked here, not on the first request: a budget
+        below every fitted one is a :class:`RouterError` naming the checkpoint and the strategy
+        (one above every fitted one warns, :class:`BudgetAboveFittedWarning`), and one query is
+        bound (:meth:`check_binder`), so an encoder or tokenizer folder the artifact refers to but
+        does not carry, missing or changed, is an ``ArtifactError`` (or ``FileNotFoundError``)
+        naming it.
+        """
         from cascade_routing.serving.checkpoint import router_parts
 
         check_budget(budget)  # before the (slow) load
         parts = router_parts(path, strategy, int8=int8)
-        return cls(budget=budget, name=name, **{**parts, **kwargs})
+        try:
+            router = cls(budget=budget, name=name, **{**parts, **kwargs})
+        except RouterError as err:
+            raise RouterError(f"checkpoint {str(path)!r}, strategy {strategy!r}: {err}") from None
+        router.check_binder()
+        return router
+
+    def check_binder(self) -> None:
+        """Bind one probe query, as a request would be bound: the binder loads what it needs now
+        (e.g. the artifact's encoder and tokenizer) and raises what it would raise on the first
+        request (e.g. an ``ArtifactError`` or ``FileNotFoundError`` naming a missing encoder or
+        tokenizer folder). The probe carries the first task label the router knows (None without
+        any); an :class:`UnseenTaskWarning` about it is not shown."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnseenTaskWarning)
+            _State(self, ["cascade-routing startup check"], [self.tasks[0]] if self.tasks else None)
 
     # ------------------------------------------------------------------ λ
     @property

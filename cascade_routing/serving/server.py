@@ -83,6 +83,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cascade_routing.policies.controller import BudgetControllers, ControllerConfig, lam_in_use
 from cascade_routing.serving.accounts import ALL, Reservation, SpendLedger, SpendReservations
+from cascade_routing.serving.backend_config import check_backends_match
 from cascade_routing.serving.backends import REQUEST_LIMITS, BackendPool, RequestLimits, RequestRejectedError
 from cascade_routing.serving.batching import ComputeBatcher
 from cascade_routing.serving.chat_stream import StreamOutcome, default_error_event, start_stream
@@ -168,6 +169,11 @@ def create_app(router: CascadeRouter, backends: BackendPool, budget: float | Non
     ``/health`` needs ``Authorization: Bearer <key>``. ``store``: where the spend accounts live
     (default: in memory). ``controller``: settings of the online λ controller (one per budget in
     use); None serves the fitted λ unchanged.
+
+    Startup checks: every model of the router needs a backend (a ``BackendPool``'s file is checked
+    by :func:`~cascade_routing.serving.backend_config.check_backends_match`: a
+    ``BackendConfigError`` naming the file and the missing models; entries the router lacks and
+    prices far from the checkpoint's warn), and ``budget`` and the keys' budgets need a fitted λ.
     """
     s = _ServerCore(router, backends, budget, max_batch, batch_window_ms, limits, keys, store, request_model,
                     controller)
@@ -222,6 +228,9 @@ class _ServerCore:
         self.controllers = BudgetControllers(controller) if controller is not None else None
         self.metrics = ServerMetrics(self.server_budget)
         self.app: FastAPI | None = None
+        configs = getattr(backends, "configs", None)
+        if configs is not None:  # a BackendPool: its file against the checkpoint (names, prices)
+            check_backends_match(configs, router.models, router.prices)
         missing = [m for m in router.models if m not in backends]
         if missing:
             raise RouterError(f"no backend configured for model(s) {missing} of the checkpoint")
