@@ -218,7 +218,9 @@ class EstimatorArtifact:
         if not Path(path).is_dir():
             raise ArtifactError(
                 f"artifact {self.source or ''} needs the tokenizer folder {path!r}, which does not exist "
-                "(the student's own vocabulary differs from the default MiniLM's; keep its folder)"
+                "(the artifact carries its encoder's weights, but that encoder's vocabulary differs from the "
+                "default MiniLM's, so its tokenizer is read from the encoder's folder: copy that folder along "
+                "with the artifact, to the same path)"
             )
         want = self.encoder.get("tokenizer_fingerprint")
         got = encoding.tokenizer_fingerprint(path)
