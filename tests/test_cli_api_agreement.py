@@ -142,3 +142,37 @@ def test_reproduce_takes_budgets_per_pair_like_the_function(monkeypatch):
     assert exit_.value.code == 2
     with pytest.raises(ValueError, match="budgets_per_pair must be an integer >= 1, got 0"):
         function(out_dir=None, budgets_per_pair=0, progress=False)
+
+
+def test_serve_flags_default_to_the_python_apis_defaults():
+    """``cascade-routing serve`` spells its defaults out (the parser does not import the server); each
+    must be what ``runner.serve``, ``ControllerConfig`` and ``ServerLimits`` use when called without
+    it, and the limits' help texts must state the limits' defaults."""
+    import dataclasses
+
+    from cascade_routing.cli import build_parser
+    from cascade_routing.policies.controller import ControllerConfig
+    from cascade_routing.serving.limits import ServerLimits
+    from cascade_routing.serving.runner import DEFAULT_STORE, serve
+
+    fn = _function_defaults(serve)
+    cli = _cli_defaults(["serve", "--checkpoint", "c", "--backends", "b", "--budget", "1"])
+    for key in ("strategy", "host", "port", "name", "log_level", "compute_threads", "bind_thread", "max_batch",
+                "batch_window_ms", "torch_threads", "keep_alive_s", "shutdown_timeout_s", "int8", "upstream_pools",
+                "workers", "header_timeout_s", "api_keys"):
+        assert cli[key] == fn[key], key
+    assert fn["store"] == DEFAULT_STORE and cli["store"] is None  # the CLI passes `args.store or DEFAULT_STORE`
+    controller = {f.name: f.default for f in dataclasses.fields(ControllerConfig)}
+    assert (cli["controller_window"], cli["controller_kp"], cli["controller_ki"], cli["controller_max_factor"]) == \
+        (controller["window"], controller["k_p"], controller["k_i"], controller["max_factor"])
+    limits = ServerLimits()
+    assert cli["shutdown_timeout_s"] == limits.shutdown_timeout_s
+    serve_parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.values()
+                        if a.prog.endswith(" serve"))
+    helps = {a.dest: " ".join((a.help or "").split()) for a in serve_parser._actions}
+    assert helps["max_body_bytes"].startswith(f"(default {limits.max_body_bytes >> 20} MiB)")
+    assert helps["max_prompt_chars"].startswith(f"(default {limits.max_prompt_chars:,})")
+    assert helps["max_concurrent"].startswith(f"(default {limits.max_concurrent})")
+    assert helps["deadline_s"].startswith(f"(default {limits.deadline_s:g})")
+    assert helps["body_timeout_s"].startswith(f"(default {limits.body_timeout_s:g})")
+    assert helps["max_upstream_attempts"].startswith(f"(default {limits.max_upstream_attempts})")
