@@ -7,9 +7,10 @@ Startup refuses, naming the file and the models, a backends file without an entr
 checkpoint's models (a typo gets the file's nearest name); it warns about entries the checkpoint
 lacks (never called) and about prices that make every request cost far more or less than the
 checkpoint's cost model says; the entries' order does not matter. A budget below every fitted one is
-an error naming the checkpoint; one above every fitted one warns (the largest one's λ is used). An
-encoder or tokenizer folder the artifact refers to and does not carry is an error naming it at
-startup, not a 500 on every request.
+an error naming the checkpoint; one above every fitted one warns (the largest one's λ is used). The
+exported artifact carries its encoder and tokenizer and starts without the encoder folder; an
+encoder or tokenizer folder an artifact refers to and does not carry (one written before tokenizers
+were embedded) is an error naming it at startup, not a 500 on every request.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def own(tmp_path_factory):
 
     art = load_artifact(artifact)
     assert art.models == MODELS and art.cost_model.mode == "tokens"  # per-token prices to compare with
-    assert art.encoder.get("carried") == "frozen"  # the weights travel; the tokenizer is referenced
+    assert art.encoder.get("carried") == "frozen" and art.tokenizer_files  # the weights and tokenizer travel
     budgets = sorted(art.fitted["cascade_routing"])
     split = data.split(art.data_config["split"], seed=art.data_config.get("split_seed", 0))
     return {"tmp": tmp, "artifact": artifact, "encoder": encoder, "budgets": budgets, "test": split["test"],
@@ -203,21 +204,34 @@ def encoder_gone(own):
         away.rename(own["encoder"])
 
 
-def test_a_missing_encoder_folder_is_refused_at_startup_naming_it(own, encoder_gone):
-    """The artifact carries the encoder's weights but refers to its tokenizer folder: with the folder
-    gone, the router started and answered every request with a 500; now startup refuses, naming it."""
+@pytest.fixture(scope="module")
+def older(own) -> Path:
+    """The artifact as written before tokenizers were embedded: it carries the encoder's weights but
+    refers to its tokenizer folder."""
+    from cascade_routing.estimators.artifact import load_artifact
+
+    art = load_artifact(own["artifact"])
+    art.tokenizer_files = {}
+    return art.save(own["tmp"] / "older.safetensors")
+
+
+def test_a_missing_encoder_folder_is_refused_at_startup_naming_it(own, older, encoder_gone):
+    """An artifact that refers to its tokenizer folder: with the folder gone, the router started and
+    answered every request with a 500; now startup refuses, naming it. The exported artifact embeds
+    its tokenizer and starts without the folder."""
     with pytest.raises(ValueError, match="tokenizer folder") as err:
-        CascadeRouter.from_checkpoint(own["artifact"], budget=own["budgets"][2])
+        CascadeRouter.from_checkpoint(older, budget=own["budgets"][2])
     assert encoder_gone in str(err.value)
+    CascadeRouter.from_checkpoint(own["artifact"], budget=own["budgets"][2])
 
 
-def _cli_serve(own, backends: Path, budget: float, monkeypatch) -> int:
-    """``cascade-routing serve`` in this process; a server that passes its startup checks returns at
-    once instead of serving (exit status 0)."""
+def _cli_serve(own, backends: Path, budget: float, monkeypatch, checkpoint: Path | None = None) -> int:
+    """``cascade-routing serve`` of ``checkpoint`` (default: the exported artifact) in this process; a
+    server that passes its startup checks returns at once instead of serving (exit status 0)."""
     from cascade_routing.serving import runner
 
     monkeypatch.setattr(runner.DrainingServer, "run", lambda self, sockets=None: None)
-    return cli_main(["serve", "--checkpoint", str(own["artifact"]), "--backends", str(backends),
+    return cli_main(["serve", "--checkpoint", str(checkpoint or own["artifact"]), "--backends", str(backends),
                      "--budget", str(budget), "--port", "0", "--store", "memory://", "--torch-threads", "0"])
 
 
@@ -235,13 +249,15 @@ def test_the_cli_refuses_a_backends_file_and_warns_like_the_api(own, tmp_path, c
     assert "WARNING" not in capsys.readouterr().err
 
 
-def test_the_cli_refuses_a_missing_encoder_folder(own, encoder_gone, tmp_path, capsys, monkeypatch):
-    """``serve`` started and answered 500 to every request; now it exits 2 naming the folder."""
+def test_the_cli_refuses_a_missing_encoder_folder(own, older, encoder_gone, tmp_path, capsys, monkeypatch):
+    """``serve`` of an artifact that refers to its tokenizer folder started and answered 500 to every
+    request; now it exits 2 naming the folder. The exported artifact serves without the folder."""
     path = tmp_path / "backends.yaml"
     path.write_text(yaml.safe_dump(_doc(own)))
-    assert _cli_serve(own, path, own["budgets"][2], monkeypatch) == 2
+    assert _cli_serve(own, path, own["budgets"][2], monkeypatch, checkpoint=older) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and encoder_gone in err and "Traceback" not in err, err
+    assert _cli_serve(own, path, own["budgets"][2], monkeypatch) == 0
 
 
 def test_the_users_artifact_serves_through_the_replay_of_its_own_data(own):

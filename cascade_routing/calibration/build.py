@@ -135,6 +135,7 @@ def build_artifact(
         data_config=datamodule.data_config(),
         train_config={k: v for k, v in module.hparams.items() if not str(k).startswith('_')},  # not LightningCLI's _instantiator
     )
+    art.embed_tokenizer()  # a carried encoder's own tokenizer travels in the file too (no folder needed)
     art.pools = {strategy: frontier for strategy in strategies if strategy in POOLED_STRATEGIES}
     if select_modes:
         sel = select_uncertainty(art, cal, tuple(select_modes), tuple(select_scales), seed=selection_seed,

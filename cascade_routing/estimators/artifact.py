@@ -20,13 +20,22 @@ network is rebuilt without the encoder folder. ``encoder["carried"]`` says what 
 - ``"frozen"``: a non-default frozen encoder (e.g. a distilled student, ``distill.py``), carried
   whole; it embeds queries *and* answers, and the tokenizer is ``encoder["tokenizer"]``:
   ``"default"`` (the MiniLM tokenizer, used when the vocabularies match by
-  :func:`~cascade_routing.estimators.encoding.tokenizer_fingerprint`) or a folder path, checked
-  against ``encoder["tokenizer_fingerprint"]`` -- no student folder needed;
-- ``"finetuned"``: a fine-tuned query encoder; answers still use the frozen encoder at ``path``.
+  :func:`~cascade_routing.estimators.encoding.tokenizer_fingerprint`; nothing embedded) or, for an
+  encoder with a vocabulary of its own, its fast tokenizer's files carried in the file as uint8
+  tensors ``tokenizer/<name>`` (``tokenizer.json``, ``tokenizer_config.json``, see
+  :data:`TOKENIZER_FILES`; listed in ``encoder["tokenizer_files"]``), checked against
+  ``encoder["tokenizer_fingerprint"]`` -- no encoder folder needed. ``encoder["tokenizer"]`` still
+  records the folder path, which is read instead only when no files are embedded (artifacts written
+  before they were, or a tokenizer that cannot be embedded, :meth:`EstimatorArtifact.embed_tokenizer`);
+- ``"finetuned"``: a fine-tuned query encoder; answers still use the frozen encoder at ``path``,
+  so a non-default one needs that folder (weights and tokenizer; :meth:`EstimatorArtifact.encoder_path`).
 
 Version 1 files (no ``hf_config``; encoder config read from the folder) still load.
 
-Loading never unpickles anything: safetensors holds only raw tensors, JSON holds only data.
+Loading never unpickles anything: safetensors holds only raw tensors, JSON holds only data; an
+embedded tokenizer is JSON files read by ``transformers``/``tokenizers`` from a temporary folder,
+offline and without remote code (:func:`tokenizer_from_files`). Embedded tokenizers add only
+optional keys and tensors: readers that predate them ignore both and read the recorded folder.
 :func:`load_artifact` raises :class:`ArtifactError` naming the problem for a missing, corrupt or
 foreign file, a pickle, a wrong format version, or a model list that does not match.
 """
@@ -36,6 +45,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass, field, fields
@@ -57,7 +67,13 @@ from cascade_routing.estimators.network import NetworkConfig, QualityNetwork
 FORMAT_TAG = "cascade-routing-estimator"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 2 added encoder["hf_config" / "carried" / "tokenizer" / "tokenizer_fingerprint"]
+# (and later, optional, encoder["tokenizer_files"] with tensors tokenizer/<name>)
 DEFAULT_ENCODER = "default"
+#: The files of a fast (``tokenizers``) tokenizer an artifact may carry, as uint8 tensors
+#: ``tokenizer/<name>``: what ``save_pretrained`` writes for one, without the slow tokenizer's files.
+#: No other name is written or read back.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_TENSOR_PREFIX = "tokenizer/"
 
 
 class ArtifactError(ValueError):
@@ -90,6 +106,8 @@ class EstimatorArtifact:
     metrics: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     source: str | None = None
+    # file name -> bytes of the carried frozen encoder's tokenizer (embed_tokenizer); empty: none embedded
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict, repr=False)
     _network: QualityNetwork | None = field(default=None, repr=False)
     _text: tuple | None = field(default=None, repr=False)
     _answer_tokenizer: Any = field(default=None, repr=False)
@@ -211,16 +229,20 @@ class EstimatorArtifact:
         finally:
             hf_logging.set_verbosity(verbosity)
 
-    def tokenizer_path(self) -> str:
-        """Folder of the tokenizer of a carried frozen encoder (checked by fingerprint)."""
-        ref = self.encoder.get("tokenizer", DEFAULT_ENCODER)
+    def tokenizer_path(self, folder: str | os.PathLike[str] | None = None) -> str:
+        """Folder of the tokenizer of a carried frozen encoder (``folder``, default: the recorded
+        ``encoder["tokenizer"]``), checked by fingerprint; :class:`ArtifactError` when it is missing or
+        holds another vocabulary. Not read when the artifact embeds the tokenizer (:meth:`tokenizer`)."""
+        ref = self.encoder.get("tokenizer", DEFAULT_ENCODER) if folder is None else os.fspath(folder)
         path = encoding.default_encoder_path() if ref == DEFAULT_ENCODER else str(ref)
         if not Path(path).is_dir():
             raise ArtifactError(
                 f"artifact {self.source or ''} needs the tokenizer folder {path!r}, which does not exist "
                 "(the artifact carries its encoder's weights, but that encoder's vocabulary differs from the "
-                "default MiniLM's, so its tokenizer is read from the encoder's folder: copy that folder along "
-                "with the artifact, to the same path)"
+                "default MiniLM's, and this artifact does not embed its tokenizer (written before artifacts "
+                "did, or one that cannot be embedded), so it is read from the encoder's folder: copy that "
+                "folder along with the artifact, to the same path, or embed it: "
+                "art.embed_tokenizer(folder); art.save(path))"
             )
         want = self.encoder.get("tokenizer_fingerprint")
         got = encoding.tokenizer_fingerprint(path)
@@ -231,9 +253,76 @@ class EstimatorArtifact:
             )
         return path
 
+    def embed_tokenizer(self, folder: str | os.PathLike[str] | None = None) -> bool:
+        """Carry the tokenizer of a carried frozen encoder with a vocabulary of its own inside the
+        artifact (:attr:`tokenizer_files`, written by :meth:`save`), so the file needs no encoder folder.
+
+        Applies only to ``carried="frozen"`` with a tokenizer folder (not ``"default"``); otherwise
+        nothing is embedded and False returned (the default MiniLM ships with the library; a fine-tuned
+        artifact needs its frozen encoder's folder anyway). The tokenizer is read from ``folder``
+        (default: the recorded ``encoder["tokenizer"]``; :meth:`tokenizer_path` checks it exists and
+        has ``encoder["tokenizer_fingerprint"]``, else :class:`ArtifactError`). Its files
+        (:data:`TOKENIZER_FILES` of ``save_pretrained``) are kept only if the tokenizer read back from
+        them alone has the same fingerprint, special tokens and token ids on probe texts (with the
+        artifact's query and answer truncation); otherwise -- e.g. a slow-only tokenizer -- a warning
+        says so and the artifact keeps referring to the folder. Returns whether the tokenizer is
+        embedded (already embedded and no ``folder``: True, nothing read). Re-embedding an older
+        artifact: ``art = load_artifact(p); art.embed_tokenizer(folder); art.save(p)``.
+        """
+        if self.encoder.get("carried") != "frozen" or self.encoder.get("tokenizer", DEFAULT_ENCODER) == DEFAULT_ENCODER:
+            return False
+        if self.tokenizer_files and folder is None:
+            return True
+        path = self.tokenizer_path(folder)
+        tok = encoding.load_tokenizer(path)
+        try:
+            files = tokenizer_files_of(tok)
+            why = self._tokenization_differs(tok, tokenizer_from_files(files, f"the tokenizer of {path!r}"))
+        except ArtifactError as err:
+            why = str(err)
+        if why:
+            warnings.warn(f"the tokenizer of {path!r} is not embedded in the artifact ({why}); the artifact "
+                          "refers to that folder: copy it along with the artifact, to the same path", stacklevel=2)
+            return False
+        self.tokenizer_files = files
+        return True
+
+    def _tokenization_differs(self, want, got) -> str | None:
+        """Why tokenizer ``got`` (read back from embedded files) would not give ``want``'s token ids, or None."""
+        if encoding.tokenizer_object_fingerprint(want) != encoding.tokenizer_object_fingerprint(got):
+            return "its vocabulary fingerprint changes when read back from its files"
+        for attr in ("pad_token_id", "all_special_ids", "model_max_length", "__len__"):
+            a, b = getattr(want, attr), getattr(got, attr)
+            if (a() if callable(a) else a) != (b() if callable(b) else b):
+                return f"its {attr.strip('_')} changes when read back from its files"
+        probes = _probe_texts(want)
+        if want(probes, verbose=False)["input_ids"] != got(probes, verbose=False)["input_ids"]:
+            return "read back from its files it gives other token ids"
+        settings = {(int(self.encoder["max_length"]), self.query_truncation)}
+        if "answer_max_length" in self.encoder:
+            settings.add((int(self.encoder["answer_max_length"]), self.answer_truncation))
+        for max_length, truncation in sorted(settings):
+            if encoding.tokenize(probes, want, max_length, truncation) != encoding.tokenize(probes, got, max_length, truncation):
+                return f"read back from its files it gives other token ids at max_length {max_length}, {truncation} truncation"
+        return None
+
     def encoder_path(self) -> str:
+        """Folder of the frozen encoder the artifact does not carry: the default MiniLM (``path`` is
+        ``"default"``) or the folder recorded at export. A non-default one is needed by a fine-tuned
+        artifact (answers are embedded by the frozen encoder it was fine-tuned from, with that
+        folder's tokenizer) and by a format-1 artifact (weights, config and tokenizer read from the
+        folder); :class:`ArtifactError` naming it, and why, when it is missing."""
         path = self.encoder.get("path", DEFAULT_ENCODER)
-        return encoding.resolve_encoder_path(None if path == DEFAULT_ENCODER else path)
+        if path == DEFAULT_ENCODER:
+            return encoding.resolve_encoder_path(None)
+        if not Path(str(path)).is_dir():
+            why = ("it carries only its fine-tuned query encoder; answers are embedded by the frozen encoder it "
+                   "was fine-tuned from, and queries and answers are tokenized by that folder's tokenizer"
+                   if self.encoder.get("carried") == "finetuned"
+                   else "it refers to its encoder by path: weights, config and tokenizer are read from that folder")
+            raise ArtifactError(f"artifact {self.source or ''} needs the encoder folder {str(path)!r}, which does not "
+                                f"exist ({why}): copy that folder along with the artifact, to the same path")
+        return str(path)
 
     def _text_encoders(self):
         with self._lazy_lock:
@@ -241,7 +330,7 @@ class EstimatorArtifact:
 
     def _load_text_encoders(self):
         if self._text is None and self.encoder.get("carried") == "frozen":
-            tok = encoding.load_tokenizer(self.tokenizer_path())
+            tok = self._carried_tokenizer()
             enc = self.network().encoder
             vocab = int(enc.model.config.vocab_size)
             if len(tok) > vocab:
@@ -259,6 +348,20 @@ class EstimatorArtifact:
                 )
             self._text = (encoding.load_tokenizer(path), encoding.TextEncoder.from_path(path))
         return self._text
+
+    def _carried_tokenizer(self):
+        """The carried frozen encoder's tokenizer: the embedded one (:attr:`tokenizer_files`), else the
+        folder's (:meth:`tokenizer_path`); checked against ``encoder["tokenizer_fingerprint"]``."""
+        if not self.tokenizer_files:
+            return encoding.load_tokenizer(self.tokenizer_path())
+        tok = tokenizer_from_files(self.tokenizer_files, f"artifact {self.source or ''}")
+        want, got = self.encoder.get("tokenizer_fingerprint"), encoding.tokenizer_object_fingerprint(tok)
+        if want and got != want:
+            raise ArtifactError(
+                f"the tokenizer embedded in artifact {self.source or ''} (vocabulary fingerprint {got}) is not the "
+                f"one its encoder was trained with (fingerprint {want}): the file was altered or is corrupt"
+            )
+        return tok
 
     def embed_queries(self, queries: list[str], batch_size: int = 64) -> np.ndarray:
         """[N, D] query embeddings (the fine-tuned encoder when the artifact carries one)."""
@@ -361,12 +464,15 @@ class EstimatorArtifact:
 
     # ------------------------------------------------------------------ persistence
     def payload(self) -> dict:
+        encoder = {k: v for k, v in self.encoder.items() if k != "tokenizer_files"}
+        if self.tokenizer_files:
+            encoder["tokenizer_files"] = sorted(self.tokenizer_files)
         return {
             "models": self.models,
             "network_config": self.network_config,
             "cost_model": self.cost_model.to_dict(),
             "prices": self.prices,
-            "encoder": self.encoder,
+            "encoder": encoder,
             "task_vocabulary": self.task_vocabulary,
             "binary": self.binary,
             "uncertainty": self.uncertainty,
@@ -395,6 +501,8 @@ class EstimatorArtifact:
             if self.covariance_coverage is not None:  # only the covered rows (the others are NaN)
                 table = table[coverage_ids(self.covariance_coverage, self.models)]
             tensors["covariances"] = table.contiguous()
+        for name, data in sorted(self.tokenizer_files.items()):  # readers that predate them ignore these
+            tensors[TOKENIZER_TENSOR_PREFIX + name] = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
         # version 2 only adds optional encoder keys, so a loaded version-1 artifact is written as valid version 2
         meta = {"format": FORMAT_TAG, "format_version": str(FORMAT_VERSION), "payload": json.dumps(self.payload())}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -554,6 +662,7 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
     path = Path(path)
     meta, tensors = _read_file(path)
     art = _from_payload(path, meta, tensors)
+    art.tokenizer_files = _embedded_tokenizer_files(art, path, tensors)
     _check_consistent(art, path)
     if art.covariances is not None:
         art.covariances = _covariances_on_all_sets(art, path)
@@ -561,6 +670,105 @@ def load_artifact(path: str | os.PathLike[str], expected_models: list[str] | Non
         art.check_models(list(expected_models), where="the expected model list")
     art.network()  # fail now, not at first use, if the weights do not fit
     return art
+
+
+def _embedded_tokenizer_files(art: EstimatorArtifact, path: Path, tensors: dict[str, Tensor]) -> dict[str, bytes]:
+    """The tokenizer files a file embeds (``tokenizer/<name>`` uint8 tensors, listed in
+    ``encoder["tokenizer_files"]``); :class:`ArtifactError` for a name outside :data:`TOKENIZER_FILES`,
+    a list that does not match the tensors, or a tensor that is not 1-D uint8. Nothing is parsed here."""
+    stored = {k[len(TOKENIZER_TENSOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(TOKENIZER_TENSOR_PREFIX)}
+    listed = art.encoder.get("tokenizer_files")
+    if not stored and not listed:
+        return {}
+    if not isinstance(listed, list) or sorted(map(str, listed)) != sorted(stored):
+        raise ArtifactError(f"checkpoint {str(path)!r} lists the embedded tokenizer files {listed!r} but holds "
+                            f"{sorted(stored)}: the file is corrupt or was edited")
+    unknown = sorted(set(stored) - set(TOKENIZER_FILES))
+    if unknown or "tokenizer.json" not in stored:
+        raise ArtifactError(f"checkpoint {str(path)!r} embeds the tokenizer files {sorted(stored)}; an embedded "
+                            f"tokenizer is tokenizer.json plus some of {list(TOKENIZER_FILES[1:])} "
+                            "(refused without reading them)")
+    for name, t in stored.items():
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise ArtifactError(f"checkpoint {str(path)!r}: tensor {TOKENIZER_TENSOR_PREFIX}{name} is {t.dtype} "
+                                f"{tuple(t.shape)}, expected the file's bytes (uint8, 1-D)")
+    return {name: t.numpy().tobytes() for name, t in sorted(stored.items())}
+
+
+def tokenizer_files_of(tok) -> dict[str, bytes]:
+    """The files of the fast tokenizer ``tok`` that :func:`tokenizer_from_files` reads back: those of
+    :data:`TOKENIZER_FILES` that ``save_pretrained`` writes (``tokenizer.json`` without its
+    indentation). :class:`ArtifactError` for a tokenizer that is not a fast (``tokenizers``) one."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise ArtifactError(f"{type(tok).__name__} is not a fast (tokenizers) tokenizer, the only kind an "
+                            "artifact embeds")
+    with tempfile.TemporaryDirectory(prefix="cascade-routing-tokenizer-") as tmp:
+        tok.save_pretrained(tmp)
+        files = {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.name in TOKENIZER_FILES and f.is_file()}
+    if "tokenizer.json" not in files:
+        raise ArtifactError(f"{type(tok).__name__}.save_pretrained wrote no tokenizer.json")
+    files["tokenizer.json"] = json.dumps(json.loads(files["tokenizer.json"]), ensure_ascii=False,
+                                         separators=(",", ":")).encode()
+    return files
+
+
+#: tokenizer_config.json keys an embedded tokenizer may not set (nor any ``*_file`` / ``*_files`` key,
+#: which would make transformers read other files): ``auto_map`` names code to import.
+_REFUSED_TOKENIZER_KEYS = ("auto_map",)
+
+
+def tokenizer_from_files(files: Mapping[str, bytes], where: str = "the artifact") -> Any:
+    """The fast tokenizer of ``files`` (name -> bytes, as :func:`tokenizer_files_of` gives), loaded by
+    ``transformers`` from a temporary folder (local files only, no remote code) that is removed
+    afterwards. :class:`ArtifactError` naming ``where`` for a name outside :data:`TOKENIZER_FILES`, no
+    ``tokenizer.json``, a ``tokenizer_config.json`` that is not a JSON object or names files or code
+    (``*_file``, ``auto_map``), files ``transformers`` cannot read, or a tokenizer that is not a fast one."""
+    from transformers import PreTrainedTokenizerFast
+
+    unknown = sorted(set(files) - set(TOKENIZER_FILES))
+    if unknown or "tokenizer.json" not in files:
+        raise ArtifactError(f"{where}: an embedded tokenizer is tokenizer.json plus some of "
+                            f"{list(TOKENIZER_FILES[1:])}, not {sorted(files)}")
+    if "tokenizer_config.json" in files:
+        try:
+            config = json.loads(files["tokenizer_config.json"])
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ArtifactError(f"{where}: the embedded tokenizer_config.json is not JSON: {err}") from None
+        if not isinstance(config, dict):
+            raise ArtifactError(f"{where}: the embedded tokenizer_config.json is not a JSON object")
+        refused = sorted(k for k, v in config.items()
+                         if v is not None and (k in _REFUSED_TOKENIZER_KEYS or k.endswith(("_file", "_files"))))
+        if refused:
+            raise ArtifactError(f"{where}: the embedded tokenizer_config.json sets {refused}, which would make "
+                                "transformers read other files or code; refused")
+    try:
+        with tempfile.TemporaryDirectory(prefix="cascade-routing-tokenizer-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(bytes(data))
+            try:
+                tok = encoding.load_tokenizer(tmp)
+            except Exception as err:  # noqa: BLE001 -- the tokenizers parser raises plain Exception for bad JSON
+                raise ArtifactError(f"{where}: its embedded tokenizer cannot be read: {type(err).__name__}: "
+                                    f"{err}") from None
+    except OSError as err:
+        raise ArtifactError(f"{where}: cannot write its embedded tokenizer to a temporary folder ({err}); set "
+                            "TMPDIR to a writable folder") from None
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise ArtifactError(f"{where}: its embedded tokenizer loads as {type(tok).__name__}, not a fast tokenizer")
+    return tok
+
+
+def _probe_texts(tok) -> list[str]:
+    """Texts whose token ids must not change when a tokenizer is read back from its files: every
+    200th-or-so vocabulary entry, accents, CJK, emoji, control whitespace, and texts far longer
+    than any max_length (truncation)."""
+    vocab = tok.get_vocab()
+    words = [w.removeprefix("##") for w in sorted(vocab, key=vocab.__getitem__)[:: max(1, len(vocab) // 200)]]
+    sample = " ".join(words)
+    return ["", "Hello, World!", "naïve CAFÉ — 日本語 🙂\ttab\nnew line  spaces", sample,
+            " ".join([sample] * 8), "x" * 3000]
 
 
 def _covariances_on_all_sets(art: EstimatorArtifact, path: Path) -> Tensor:
@@ -593,7 +801,9 @@ def encoder_reference(datamodule, network) -> tuple[dict, dict[str, Tensor]]:
     - a non-default frozen encoder (a distilled student): its weights are added as
       ``encoder.model.*`` (the fine-tuned encoder's keys), ``carried="frozen"``, with its
       ``hf_config`` and a tokenizer reference (``"default"`` when its vocabulary fingerprint equals
-      the default MiniLM's), so the artifact works without the encoder folder.
+      the default MiniLM's, else the folder, whose tokenizer
+      :meth:`EstimatorArtifact.embed_tokenizer` then embeds), so the artifact works without the
+      encoder folder.
     """
     enc_path = datamodule.resolved_encoder_path
     is_default = datamodule.encoder_path in (None, DEFAULT_ENCODER)

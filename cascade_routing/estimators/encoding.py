@@ -71,9 +71,10 @@ def resolve_encoder_path(path: str | None) -> str:
 
 
 def load_tokenizer(path: str):
+    """The tokenizer in the folder ``path``: local files only, never code from the folder."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
 def load_encoder_model(path: str) -> nn.Module:
@@ -109,7 +110,11 @@ def encoder_fingerprint(path: str) -> str:
 def tokenizer_fingerprint(path: str) -> str:
     """Stable id of a tokenizer's behaviour: its class, vocabulary (token -> id), normaliser and
     pre-tokeniser. Two folders with the same fingerprint map every text to the same token ids."""
-    tok = load_tokenizer(path)
+    return tokenizer_object_fingerprint(load_tokenizer(path))
+
+
+def tokenizer_object_fingerprint(tok) -> str:
+    """:func:`tokenizer_fingerprint` of a loaded tokenizer (e.g. one read from an artifact, not a folder)."""
     h = hashlib.sha256()
     h.update(type(tok).__name__.removesuffix("Fast").encode())
     h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
