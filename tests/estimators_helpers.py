@@ -100,3 +100,34 @@ def train_tiny(tmp_path: Path, n: int = 240, m: int = 3, epochs: int = 4, seed: 
     )
     trainer.fit(module, dm)
     return module, dm, trainer, ds
+
+
+def fit_tiny_artifact(tmp: Path, dataset: Path, encoder: Path, callbacks: list | None = None) -> Path:
+    """``train.py fit`` (1 epoch, frozen ``encoder``, no logger) on the saved dataset folder ``dataset``,
+    run in ``tmp`` so the exported artifact lands at ``tmp/artifacts/tiny.safetensors`` (returned).
+    ``callbacks``: the trainer's callbacks setting (None: the shipped ExportArtifact)."""
+    import os
+
+    import yaml
+
+    from tests.script_helpers import load_script
+
+    trainer = {"max_epochs": 1, "default_root_dir": str(tmp / "runs" / "tiny"), "logger": False,
+               "enable_progress_bar": False, "enable_model_summary": False}
+    if callbacks is not None:
+        trainer.update(enable_checkpointing=False, callbacks=callbacks)
+    config = {
+        "compose": ["model/frozen", "trainer/cpu"],
+        "data": {"dataset": str(dataset), "encoder_path": str(encoder), "cache_dir": str(tmp / "cache"),
+                 "batch_size": 32},
+        "model": {"hidden": 32, "lr": 0.005, "neighbours": 20},
+        "trainer": trainer,
+    }
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
+    old = os.getcwd()
+    os.chdir(tmp)  # artifacts/ lands here
+    try:
+        load_script("train.py").main(["fit", "--config", str(tmp / "tiny.yaml")])
+    finally:
+        os.chdir(old)
+    return tmp / "artifacts" / "tiny.safetensors"

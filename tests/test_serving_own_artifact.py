@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import csv
-import os
 import random
 import warnings
 from pathlib import Path
@@ -32,7 +31,7 @@ from cascade_routing.serving import CascadeRouter
 from cascade_routing.serving.backends import BackendPool, parse_backends
 from cascade_routing.serving.replay import backends_document
 from cascade_routing.serving.server import create_app
-from estimators_helpers import WORDS, make_tiny_encoder
+from estimators_helpers import WORDS, fit_tiny_artifact, make_tiny_encoder
 from tests.serving_helpers import ServingStack
 
 MODELS = ["cheap", "mid", "big"]
@@ -64,7 +63,6 @@ def _write_runs(path: Path, n: int = 150) -> None:
 def own(tmp_path_factory):
     """``data import`` of the table, then ``train.py fit`` (1 epoch) on it: the exported artifact."""
     from cascade_routing.data.importer import import_table
-    from tests.script_helpers import load_script
 
     tmp = tmp_path_factory.mktemp("own")
     _write_runs(tmp / "runs.csv")
@@ -74,22 +72,7 @@ def own(tmp_path_factory):
     data = import_table(tmp / "runs.csv", mapping)
     data.save(tmp / "my-data")
     encoder = make_tiny_encoder(tmp / "encoder")
-    config = {
-        "compose": ["model/frozen", "trainer/cpu"],
-        "data": {"dataset": str(tmp / "my-data"), "encoder_path": str(encoder), "cache_dir": str(tmp / "cache"),
-                 "batch_size": 32},
-        "model": {"hidden": 32, "lr": 0.005, "neighbours": 20},
-        "trainer": {"max_epochs": 1, "default_root_dir": str(tmp / "runs" / "tiny"), "logger": False,
-                    "enable_progress_bar": False, "enable_model_summary": False},
-    }
-    (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
-    old = os.getcwd()
-    os.chdir(tmp)  # artifacts/ lands here
-    try:
-        load_script("train.py").main(["fit", "--config", str(tmp / "tiny.yaml")])
-    finally:
-        os.chdir(old)
-    artifact = tmp / "artifacts" / "tiny.safetensors"
+    artifact = fit_tiny_artifact(tmp, tmp / "my-data", encoder)
     assert artifact.is_file()
     from cascade_routing.estimators.artifact import load_artifact
 

@@ -41,7 +41,9 @@ class BudgetComparison:
 
 def compare_per_budget(a, b, num_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> BudgetComparison:
     """Paired per-budget differences of sweep results ``a`` − ``b`` (see module docstring)."""
-    if a.per_query_quality.shape != b.per_query_quality.shape or not np.allclose(a.budgets, b.budgets):
+    # no absolute tolerance: budgets are USD per query, and allclose's default atol (1e-8) equated 1e-9 and 5e-9
+    if (a.per_query_quality.shape != b.per_query_quality.shape
+            or not np.allclose(a.budgets, b.budgets, atol=0.0)):
         raise ValueError(f"sweeps {a.strategy!r} and {b.strategy!r} do not share budgets and test queries")
     diff_q = a.per_query_quality - b.per_query_quality  # [P, N]
     low, high = _bootstrap_interval(diff_q, num_resamples, seed, level)

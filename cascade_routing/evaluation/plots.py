@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -42,8 +43,10 @@ def auc_text(auc: float) -> str:
 
 
 def plot_curves(panels: dict[str, list], path: str | Path, ncols: int = 3, num_resamples: int = 200,
-                seed: int = 0) -> list[Path]:
-    """One panel per key (title) with the curves of its SweepResults (label: strategy, AUC).
+                seed: int = 0, title: str | None = None) -> list[Path]:
+    """One panel per key (title) with the curves of its SweepResults (label: strategy, AUC), the
+    figure titled ``title`` if given. A curve whose points all cost the same (one non-dominated model)
+    draws its band as an error bar, which a shaded band of zero width would not show.
 
     Writes ``path`` with suffix ``.png`` and ``.svg``; returns both paths.
     """
@@ -52,22 +55,29 @@ def plot_curves(panels: dict[str, list], path: str | Path, ncols: int = 3, num_r
     ncols = min(ncols, n)
     nrows = (n + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
-    for ax, (title, results) in zip(axes.flat, panels.items()):
+    for ax, (panel, results) in zip(axes.flat, panels.items()):
         for res in results:
             style = "--" if res.strategy == "linear_interpolation" else "-"
             (line,) = ax.plot(res.costs, res.qualities, style, marker=".", ms=3,
-                              label=f"{res.strategy} ({auc_text(res.auc)})")
+                              label=f"{res.strategy} (AUC {auc_text(res.auc)})")
             low, high = quality_band(res.per_query_quality, num_resamples, seed)
-            ax.fill_between(res.costs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+            if np.ptp(np.asarray(res.costs, dtype=np.float64)) > 0:
+                ax.fill_between(res.costs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+            else:
+                q = np.asarray(res.qualities, dtype=np.float64)
+                ax.errorbar(res.costs, q, yerr=np.clip([q - low, high - q], 0, None), fmt="none",
+                            color=line.get_color(), alpha=0.5, capsize=3)
         ax.set_xscale("log")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(panel, fontsize=9)
         ax.set_xlabel("mean cost per query (USD, log scale)", fontsize=8)
         ax.set_ylabel("mean quality (95% bootstrap band)", fontsize=8)
         ax.tick_params(which="both", labelsize=7)
         _label_minor_ticks(ax)
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=6, loc="best")  # where it hides the fewest points (lower right covered some)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     out = [path.with_suffix(".png"), path.with_suffix(".svg")]

@@ -11,10 +11,11 @@ artifact's cost estimator, so the comparison isolates quality estimation. The li
 interpolation between models is reported as a reference. Budgets per pair and bootstrap resamples
 default to the shared protocol (:mod:`cascade_routing.evaluation.protocol`). Writes ``results.csv``
 (AUC per estimator × strategy), ``points.csv`` (the per-budget points behind each curve: budget,
-realised mean cost, mean quality with its bootstrap band), ``table.md``, ``curves.png``/``.svg`` and
-``estimator_metrics.json``, prints the table and logs all of it to wandb (offline unless
-``WANDB_MODE=online``): the AUC table and the points as ``wandb.Table``s, the points as a native line
-plot, the artifact file as a wandb Artifact.
+realised mean cost, mean quality with its bootstrap band), ``table.md``, ``curves.png``/``.svg``,
+``estimator_metrics.json`` and ``evaluation.json`` (:func:`describe_evaluation`: dataset, split sizes,
+settings, budgets, units, the single-model points behind each AUC, notes), prints the table and logs
+all of it to wandb (offline unless ``WANDB_MODE=online``): the AUC table and the points as
+``wandb.Table``s, the points as a native line plot, the artifact file as a wandb Artifact.
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ def _test_budgets(art: EstimatorArtifact, cal: EncodedSplit, test_q: np.ndarray,
     budgets = protocol_budgets(test_c.mean(0), test_q.mean(0), np.asarray(cal.dataset.cost).mean(0), budgets_per_pair)
     fit_ce = bind_split(art, cal)[1]
     floor = min_reachable_budget(fit_ce, cal.dataset.cost) * (1 + 1e-6)
-    return np.maximum(budgets, floor), int((budgets < floor).sum())
+    # budgets raised to the same floor are one budget (one point per budget in points.csv, not copies)
+    return np.unique(np.maximum(budgets, floor)), int((budgets < floor).sum())
 
 
 def _sweeps(data, bound: dict, cost_est, fit_rows: np.ndarray, test_rows: np.ndarray, budgets: np.ndarray,
@@ -290,13 +292,14 @@ def evaluate(
               "estimators": list(estimators), "budgets_per_pair": budgets_per_pair, "num_resamples": num_resamples,
               "seed": seed, "uncertainty": uncertainty or art.uncertainty, "data_config": art.data_config,
               "train_config": art.train_config, "network_config": art.network_config}
+    description = describe_evaluation(config, list(art.models), test_q, test_c, n_cal, budgets)
     result = EvaluationResult(rows, curves, metrics, time.perf_counter() - t0, points=points, config=config,
                               extra={"best_single_quality": float(test_q.mean(0).max()),
                                      "test_quality": np.asarray(test_q, dtype=np.float64),
                                      "test_cost": np.asarray(test_c, dtype=np.float64),
                                      "calibration_mean_quality": np.asarray(cal.quality, dtype=np.float64).mean(0),
-                                     "models": list(art.models)})
-    print_table(rows, metrics, dm.dataset_name)
+                                     "models": list(art.models), "description": description})
+    print_table(rows, metrics, dm.dataset_name, caption=description["caption"], notes=description["notes"])
     if out_dir is not None:
         result.out_dir = write_outputs(result, Path(out_dir))
         if log_wandb:
@@ -304,18 +307,64 @@ def evaluate(
     return result
 
 
-def format_markdown(rows: list[dict]) -> str:
-    lines = ["| estimator | strategy | AUC | 95% CI |", "|---|---|---:|---|"]
+def describe_evaluation(config: dict, models: list[str], test_q: np.ndarray, test_c: np.ndarray, n_cal: int,
+                        budgets: np.ndarray) -> dict:
+    """What an evaluation folder's numbers are (written as ``evaluation.json``): the dataset, split sizes,
+    protocol settings and budgets, the units of ``results.csv`` / ``points.csv``, the test split's
+    single-model points with the AUC's reference ``c_min``, ``c_max``, ``q_lowest``
+    (:func:`~cascade_routing.evaluation.metrics.auc`; with them each AUC is recomputable from
+    ``points.csv``), a one-line ``caption`` (printed and in ``table.md``) and ``notes`` on degenerate data."""
+    from cascade_routing.evaluation.metrics import nondominated_models
+
+    mc = np.asarray(test_c, dtype=np.float64).mean(0)
+    mq = np.asarray(test_q, dtype=np.float64).mean(0)
+    nd = [int(i) for i in nondominated_models(mc, mq)]
+    n_test, r = int(np.asarray(test_q).shape[0]), config["num_resamples"]
+    notes = []
+    if len(nd) == 1:
+        notes.append(f"{models[nd[0]]} is the cheapest model on the test split and also the best on average "
+                     f"(mean quality {mq[nd[0]]:.4f}), so the budget grid is its cost alone, every strategy's "
+                     "curve is that model's point and every AUC is its mean quality ×100: a result, not an error")
+    caption = (f"AUC ×100 on the test split of {config['dataset']} ({n_test} queries; λ fitted per budget on the "
+               f"calibration split, {n_cal} queries); 95% CI: percentile bootstrap over {r} resamples of the "
+               "test queries")
+    return {
+        "dataset": config["dataset"], "checkpoint": config["checkpoint"], "split": "test", "test_queries": n_test,
+        "lambda_fitted_on": "calibration", "calibration_queries": int(n_cal),
+        **{k: config[k] for k in ("estimators", "strategies", "budgets_per_pair", "num_resamples", "seed",
+                                  "uncertainty")},
+        "budgets": [float(b) for b in budgets],
+        "units": {
+            "budget": "USD per query: the mean cost per query that λ (and γ) are fitted to on the calibration split",
+            "mean_cost": "USD per query: realised mean cost on the test split",
+            "mean_quality": "realised mean quality on the test split, on the dataset's quality scale",
+            "quality_ci_low/high": "percentile bootstrap 95% band of mean_quality (test queries resampled)",
+            "auc": "area under the (mean_cost, mean_quality) curve on [c_min, c_max] over (c_max - c_min), ×100 "
+                   "(cascade_routing.evaluation.metrics.auc)",
+            "ci_low/high": "percentile bootstrap 95% CI of the AUC (test queries resampled)",
+            "seconds": "wall-clock seconds of the sweep",
+        },
+        "auc_reference": {"c_min": float(mc.min()), "c_max": float(mc.max()), "q_lowest": float(mq.min())},
+        "models": [{"model": m, "test_mean_cost": float(mc[j]), "test_mean_quality": float(mq[j]),
+                    "nondominated": j in nd} for j, m in enumerate(models)],
+        "caption": caption,
+        "notes": notes,
+    }
+
+
+def format_markdown(rows: list[dict], caption: str | None = None) -> str:
+    lines = ([caption, ""] if caption else []) + ["| estimator | strategy | AUC | 95% CI |", "|---|---|---:|---|"]
     for r in rows:
         lines.append(f"| {r['estimator']} | {r['strategy']} | {r['auc']:.2f} | [{r['ci_low']:.2f}, {r['ci_high']:.2f}] |")
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: list[dict], metrics: dict, dataset: str) -> None:
+def print_table(rows: list[dict], metrics: dict, dataset: str, caption: str | None = None,
+                notes: list[str] | tuple = ()) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"AUC on the test split of {dataset} (λ fitted on the calibration split)")
+    table = Table(title=caption or f"AUC on the test split of {dataset} (λ fitted on the calibration split)")
     for col in ("estimator", "strategy", "AUC", "95% CI"):
         table.add_column(col)
     for r in rows:
@@ -325,6 +374,8 @@ def print_table(rows: list[dict], metrics: dict, dataset: str) -> None:
     for est in ESTIMATORS:
         if est in metrics:
             console.print(auroc_line(est, metrics[est]))
+    for note in notes:
+        console.print(f"note: {note}", markup=False)
 
 
 def auroc_line(estimator: str, metrics: dict) -> str:
@@ -356,13 +407,21 @@ def write_outputs(result: EvaluationResult, out: Path) -> Path:
     from cascade_routing.evaluation.plots import plot_curves
 
     out.mkdir(parents=True, exist_ok=True)
+    description = result.extra.get("description")
     _write_csv(out / "results.csv", result.rows)
     if result.points:
         _write_csv(out / "points.csv", result.points)
-    (out / "table.md").write_text(format_markdown(result.rows))
+    (out / "table.md").write_text(format_markdown(result.rows, description and description["caption"]))
     (out / "estimator_metrics.json").write_text(json.dumps(result.estimator_metrics, indent=2))
-    plot_curves(result.curves, out / "curves.png", ncols=2, num_resamples=result.config.get("num_resamples", 200))
-    print(f"wrote {out / 'results.csv'}, {out / 'points.csv'}, {out / 'table.md'}, {out / 'curves.png'} (+ .svg)")
+    if description is not None:
+        (out / "evaluation.json").write_text(json.dumps(description, indent=2, ensure_ascii=False))
+    # the bands drawn are points.csv's: the same resamples and seed
+    plot_curves(result.curves, out / "curves.png", ncols=2, num_resamples=result.config.get("num_resamples", 200),
+                seed=result.config.get("seed", 0),
+                title=description and (f"test split of {description['dataset']} ({description['test_queries']} "
+                                       "queries; λ fitted on the calibration split)"))
+    print(f"wrote {out / 'results.csv'}, {out / 'points.csv'}, {out / 'table.md'}, {out / 'curves.png'} (+ .svg)"
+          + (f", {out / 'evaluation.json'}" if description is not None else ""))
     return out
 
 
