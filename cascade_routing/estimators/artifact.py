@@ -806,7 +806,9 @@ def encoder_reference(datamodule, network) -> tuple[dict, dict[str, Tensor]]:
       encoder folder.
     """
     enc_path = datamodule.resolved_encoder_path
-    is_default = datamodule.encoder_path in (None, DEFAULT_ENCODER)
+    # MiniLM's own folder given by path is the default too: referenced, not carried (91 MB)
+    is_default = (datamodule.encoder_path in (None, DEFAULT_ENCODER)
+                  or Path(enc_path).resolve() == Path(encoding.default_encoder_path()).resolve())
     ref = {
         "path": DEFAULT_ENCODER if is_default else str(Path(enc_path).resolve()),
         "fingerprint": encoding.encoder_fingerprint(enc_path),

@@ -23,6 +23,7 @@ damaged) is computed again with a warning.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -93,18 +94,45 @@ def load_encoder_model(path: str) -> nn.Module:
             hf_logging.enable_progress_bar()
 
 
+ENCODER_FILE_SUFFIXES = (".safetensors", ".bin", ".txt", ".json")  # weights, vocabulary, configs
+
+
 def encoder_fingerprint(path: str) -> str:
-    """Stable id of an encoder folder: its config plus the names and sizes of its weight files."""
+    """Stable id of an encoder folder: its config plus the names and sizes of its weight files (the
+    same after a copy to another machine; recorded in artifacts). A retrained encoder of the same
+    shapes has the same one: :func:`encoder_content_fingerprint` tells them apart."""
     folder = Path(path)
     h = hashlib.sha256()
     cfg = folder / "config.json"
     if cfg.exists():
         h.update(cfg.read_bytes())
     for f in sorted(folder.iterdir()):
-        if f.suffix in {".safetensors", ".bin", ".txt", ".json"} and f.is_file():
+        if f.suffix in ENCODER_FILE_SUFFIXES and f.is_file():
             h.update(f.name.encode())
             h.update(str(f.stat().st_size).encode())
     return h.hexdigest()[:16]
+
+
+def encoder_content_fingerprint(path: str) -> str:
+    """Id of an encoder folder's contents: :func:`encoder_fingerprint` plus a SHA-256 of the bytes of
+    the files it lists. Unlike names and sizes, it changes when an encoder retrained with the same
+    shapes is saved over the same folder, so it keys cached embeddings (:meth:`EmbeddingCache.key`).
+    Hashed once per process for each (folder, file names, sizes, modification times)."""
+    folder = Path(path)
+    files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
+                  if f.suffix in ENCODER_FILE_SUFFIXES and f.is_file())
+    return _hash_encoder_files(str(folder.resolve()), files, encoder_fingerprint(path))
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_encoder_files(folder: str, files: tuple, base: str) -> str:
+    digest = hashlib.sha256(base.encode())
+    for name, _size, _mtime in files:
+        digest.update(name.encode() + b"\x00")
+        with open(Path(folder) / name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def tokenizer_fingerprint(path: str) -> str:
@@ -350,7 +378,8 @@ class EmbeddingCache:
 
     def key(self, encoder_path: str, mode: str, max_length: int, texts: list[str], truncation: str = "right") -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([encoder_fingerprint(encoder_path), mode, max_length, check_truncation(truncation)]).encode())
+        h.update(json.dumps([encoder_content_fingerprint(encoder_path), mode, max_length,
+                             check_truncation(truncation)]).encode())
         for t in texts:
             h.update(t.encode("utf-8", "replace"))
             h.update(b"\x00")
