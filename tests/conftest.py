@@ -17,6 +17,18 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("CASCADE_ROUTING_DATA_DIR", str(SHARED_RAW))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: on a shared 2-core machine two threads spin
+    (estimators/runtime.py), and tiny models run several times faster on one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def raw_data_dir() -> Path:
     """The local mirror laid out like ``shared/data/raw`` (the CASCADE_ROUTING_DATA_DIR setting)."""

@@ -35,13 +35,7 @@ from cascade_routing.estimators.artifact import (
 from estimators_helpers import WORDS, train_tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the shared 2-core machine runs tiny models faster without spinning threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextlib.contextmanager

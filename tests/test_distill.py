@@ -16,13 +16,7 @@ from cascade_routing.training.distill import StudentConfig, distill_encoder, ini
 from estimators_helpers import WORDS, make_synthetic_dataset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads spin (runtime.py); ~10x faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_teacher(folder, hidden: int = 32):

@@ -15,9 +15,10 @@ from cascade_routing.estimators import encoding
 from cascade_routing.training.distill import StudentConfig, distill_encoder
 
 from estimators_helpers import WORDS
-from tests.test_distill import _one_thread, _texts, _tiny_teacher  # noqa: F401  (_one_thread: autouse fixture)
+from tests.test_distill import _texts, _tiny_teacher
 
 TINY = StudentConfig(layers=1, hidden=16, heads=2)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
